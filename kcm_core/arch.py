@@ -1,0 +1,286 @@
+"""Where the feed-forward neurons live, for every supported architecture family.
+
+All architecture knowledge sits in ``FAMILIES``: one row per family, naming the attribute paths of
+the transformer layers, the FFN projections inside a layer, and the config fields that give sizes.
+Nothing else in ``kcm_core`` tests a model's name or type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture family stores its FFN blocks and sizes.
+
+    Paths are dotted attribute paths; each field is a tuple of candidates tried in order (the first
+    that exists wins), so one row covers small layout changes between ``transformers`` releases.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: tuple[str, ...]          # relative to the base model, e.g. "encoder.layer"
+    up: tuple[str, ...]              # relative to one layer
+    down: tuple[str, ...]
+    gate: tuple[str, ...] = ()       # gated MLPs only (LLaMA-style)
+    transposed: bool = False         # GPT-2's Conv1D stores weights as (in, out)
+    hidden_field: tuple[str, ...] = ("hidden_size",)
+    layers_field: tuple[str, ...] = ("num_hidden_layers",)
+    heads_field: tuple[str, ...] = ("num_attention_heads",)
+    kv_heads_field: tuple[str, ...] = ()
+    width_field: tuple[str, ...] = ("intermediate_size",)
+    # What to use when the width field is None (GPT-2's n_inner=None means 4 * n_embd).
+    width_default_factor: int = 4
+    vision: bool = False             # sequence length is patches + 1, no padding
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="bert",
+        model_types=("bert", "roberta", "xlm-roberta", "electra", "camembert"),
+        layers=("encoder.layer",),
+        up=("intermediate.dense",),
+        down=("output.dense",),
+    ),
+    Family(
+        name="distilbert",
+        model_types=("distilbert",),
+        layers=("transformer.layer",),
+        up=("ffn.lin1",),
+        down=("ffn.lin2",),
+        hidden_field=("dim",),
+        layers_field=("n_layers",),
+        heads_field=("n_heads",),
+        width_field=("hidden_dim",),
+    ),
+    Family(
+        name="gpt2",
+        model_types=("gpt2",),
+        layers=("h",),
+        up=("mlp.c_fc",),
+        down=("mlp.c_proj",),
+        transposed=True,
+        hidden_field=("n_embd",),
+        layers_field=("n_layer",),
+        heads_field=("n_head",),
+        width_field=("n_inner",),
+    ),
+    Family(
+        name="llama",
+        model_types=("llama", "mistral", "qwen2"),
+        layers=("layers",),
+        up=("mlp.up_proj",),
+        gate=("mlp.gate_proj",),
+        down=("mlp.down_proj",),
+        kv_heads_field=("num_key_value_heads",),
+    ),
+    Family(
+        name="vit",
+        model_types=("vit",),
+        layers=("layers", "encoder.layer"),
+        up=("mlp.fc1", "intermediate.dense"),
+        down=("mlp.fc2", "output.dense"),
+        vision=True,
+    ),
+)
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
+
+
+def family_for_config(config) -> Family:
+    """The family row for a ``transformers`` config, or a ``ValueError`` naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    raise ValueError(
+        f"Unsupported architecture: model_type {model_type!r} ({type(config).__name__}). "
+        f"KCM Explorer supports model types {', '.join(SUPPORTED_MODEL_TYPES)} "
+        "(BERT-family encoders, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2 gated MLPs, ViT)."
+    )
+
+
+def family_for_model(model: nn.Module) -> Family:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(
+            f"Unsupported model class {type(model).__name__}: it has no Hugging Face config. "
+            f"Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    try:
+        return family_for_config(config)
+    except ValueError as err:
+        raise ValueError(f"{type(model).__name__}: {err}") from None
+
+
+def _get_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj
+
+
+def _first(root: nn.Module, candidates: Iterable[str]):
+    for path in candidates:
+        obj = _get_path(root, path)
+        if obj is not None:
+            return path, obj
+    return None, None
+
+
+def config_value(config, fields: tuple[str, ...], default=None):
+    for name in fields:
+        if hasattr(config, name):
+            return getattr(config, name)
+    return default
+
+
+@dataclass(frozen=True)
+class FFNBlock:
+    """One layer's feed-forward block: the modules and their qualified names in the model."""
+
+    index: int
+    up: nn.Module
+    down: nn.Module
+    gate: nn.Module | None
+    transposed: bool
+    up_name: str
+    down_name: str
+    gate_name: str | None
+
+    @property
+    def width(self) -> int:
+        """Current number of neurons (rows of the up-projection)."""
+        w = self.up.weight
+        return int(w.shape[1] if self.transposed else w.shape[0])
+
+    def down_rows(self):
+        """The down-projection weights as one row per neuron, shape (N, d)."""
+        w = self.down.weight
+        return w if self.transposed else w.t()
+
+    def up_cols(self):
+        """The up-projection weights as one row per neuron, shape (N, d)."""
+        w = self.up.weight
+        return w.t() if self.transposed else w
+
+    def gate_cols(self):
+        if self.gate is None:
+            return None
+        return self.gate.weight.t() if self.transposed else self.gate.weight
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The backbone under any task head (``model.base_model`` for Hugging Face models)."""
+    return getattr(model, "base_model", model)
+
+
+def transformer_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The qualified name and the module list of ``model``'s transformer layers."""
+    family = family_for_model(model)
+    base = base_model(model)
+    layers_path, layers = _first(base, family.layers)
+    if layers is None:
+        raise ValueError(
+            f"{type(model).__name__}: could not find its transformer layers at any of {family.layers}; "
+            "this transformers release may have changed the layout."
+        )
+    return _module_prefix(model, base) + layers_path, layers
+
+
+def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
+    """Every FFN block of ``model`` in layer order; raises ``ValueError`` for unsupported models."""
+    family = family_for_model(model)
+    layers_path, layers = transformer_layers(model)
+    blocks = []
+    for i, layer in enumerate(layers):
+        up_path, up = _first(layer, family.up)
+        down_path, down = _first(layer, family.down)
+        gate_path, gate = _first(layer, family.gate) if family.gate else (None, None)
+        if up is None or down is None or (family.gate and gate is None):
+            raise ValueError(
+                f"{type(model).__name__}: layer {i} has no FFN at {family.up} / {family.down}."
+            )
+        stem = f"{layers_path}.{i}."
+        blocks.append(
+            FFNBlock(
+                index=i,
+                up=up,
+                down=down,
+                gate=gate,
+                transposed=family.transposed,
+                up_name=stem + up_path,
+                down_name=stem + down_path,
+                gate_name=stem + gate_path if gate_path else None,
+            )
+        )
+    return blocks
+
+
+def _module_prefix(model: nn.Module, base: nn.Module) -> str:
+    if base is model:
+        return ""
+    for name, module in model.named_children():
+        if module is base:
+            return name + "."
+    return ""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that the FLOPs model needs, read from a config alone (no weights)."""
+
+    family: str
+    model_type: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn_width: tuple[int, ...]   # per layer (pruned models may differ per layer)
+    gated: bool
+    vision: bool
+    vocab_size: int
+    max_positions: int
+    num_labels: int
+    image_tokens: int            # ViT: patches + 1; else 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+def model_shape(config) -> ModelShape:
+    family = family_for_config(config)
+    layers = int(config_value(config, family.layers_field))
+    hidden = int(config_value(config, family.hidden_field))
+    heads = int(config_value(config, family.heads_field))
+    kv_heads = int(config_value(config, family.kv_heads_field, heads) or heads)
+    width = config_value(config, family.width_field)
+    if width is None:
+        width = family.width_default_factor * hidden
+    widths = tuple(int(w) for w in getattr(config, "kcm_ffn_widths", None) or [width] * layers)
+    image_tokens = 0
+    if family.vision:
+        image_tokens = (int(config.image_size) // int(config.patch_size)) ** 2 + 1
+    return ModelShape(
+        family=family.name,
+        model_type=config.model_type,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        ffn_width=widths,
+        gated=bool(family.gate),
+        vision=family.vision,
+        vocab_size=int(getattr(config, "vocab_size", 0) or 0),
+        max_positions=int(
+            config_value(config, ("max_position_embeddings", "n_positions"), image_tokens) or 0
+        ),
+        num_labels=int(getattr(config, "num_labels", 0) or 0),
+        image_tokens=image_tokens,
+    )

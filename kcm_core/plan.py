@@ -1,0 +1,134 @@
+"""``KeepPlan``: which neurons each layer keeps, and with what scale. Plain data.
+
+A plan is produced by a selector (``kcm_core.select``), refined by ``kcm_core.scaling``, and realised by
+``kcm_core.realise`` either softly (masking a copy) or hard (slicing into smaller layers). It can be saved
+as JSON beside an export and loaded back.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerKeep:
+    """One layer's decision. ``keep_idx`` are the neurons that stay, sorted ascending."""
+
+    keep_idx: tuple[int, ...]
+    width: int                                  # neurons before pruning
+    scales: tuple[float, ...] | None = None     # one per kept neuron, same order as keep_idx
+
+    def __post_init__(self):
+        if list(self.keep_idx) != sorted(set(self.keep_idx)):
+            raise ValueError("keep_idx must be sorted and unique")
+        if self.keep_idx and not (0 <= self.keep_idx[0] and self.keep_idx[-1] < self.width):
+            raise ValueError(f"keep_idx out of range for width {self.width}")
+        if self.scales is not None and len(self.scales) != len(self.keep_idx):
+            raise ValueError(
+                f"{len(self.scales)} scales for {len(self.keep_idx)} kept neurons"
+            )
+
+    @property
+    def kept(self) -> int:
+        return len(self.keep_idx)
+
+    def keep_mask(self) -> torch.Tensor:
+        """Boolean mask of length ``width``; True means keep."""
+        mask = torch.zeros(self.width, dtype=torch.bool)
+        mask[list(self.keep_idx)] = True
+        return mask
+
+    def drop_idx(self) -> tuple[int, ...]:
+        kept = set(self.keep_idx)
+        return tuple(i for i in range(self.width) if i not in kept)
+
+    def scale_vector(self) -> torch.Tensor:
+        """Per-neuron multiplier of length ``width``: the scale for kept neurons, 0 for dropped ones."""
+        vec = torch.zeros(self.width, dtype=torch.float64)
+        if self.keep_idx:
+            idx = torch.tensor(self.keep_idx, dtype=torch.long)
+            vec[idx] = 1.0 if self.scales is None else torch.tensor(self.scales, dtype=torch.float64)
+        return vec
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """Per layer, which FFN neurons stay and their scales; plus how the plan was made."""
+
+    layers: tuple[LayerKeep, ...]
+    method: str = ""
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def keep_all(cls, widths: Sequence[int]) -> "KeepPlan":
+        return cls(tuple(LayerKeep(tuple(range(w)), w) for w in widths), method="dense")
+
+    @classmethod
+    def from_masks(cls, masks: Sequence[torch.Tensor], method: str = "", info=None) -> "KeepPlan":
+        layers = tuple(
+            LayerKeep(tuple(int(i) for i in torch.nonzero(m, as_tuple=False).flatten()), int(m.numel()))
+            for m in masks
+        )
+        return cls(layers, method=method, info=dict(info or {}))
+
+    @property
+    def kept_counts(self) -> list[int]:
+        return [layer.kept for layer in self.layers]
+
+    @property
+    def widths(self) -> list[int]:
+        return [layer.width for layer in self.layers]
+
+    @property
+    def total_kept(self) -> int:
+        return sum(self.kept_counts)
+
+    @property
+    def has_scales(self) -> bool:
+        return any(layer.scales is not None for layer in self.layers)
+
+    def with_scales(self, scales: Sequence[Sequence[float] | None], **info) -> "KeepPlan":
+        layers = tuple(
+            replace(layer, scales=None if s is None else tuple(float(x) for x in s))
+            for layer, s in zip(self.layers, scales)
+        )
+        return KeepPlan(layers, method=self.method, info={**self.info, **info})
+
+    def without_scales(self) -> "KeepPlan":
+        return self.with_scales([None] * len(self.layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "info": self.info,
+            "layers": [
+                {
+                    "width": layer.width,
+                    "keep_idx": list(layer.keep_idx),
+                    "scales": None if layer.scales is None else list(layer.scales),
+                }
+                for layer in self.layers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "KeepPlan":
+        layers = tuple(
+            LayerKeep(
+                tuple(int(i) for i in layer["keep_idx"]),
+                int(layer["width"]),
+                None if layer.get("scales") is None else tuple(float(s) for s in layer["scales"]),
+            )
+            for layer in data["layers"]
+        )
+        return cls(layers, method=data.get("method", ""), info=dict(data.get("info", {})))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "KeepPlan":
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,131 @@
+"""Two realisations of a ``KeepPlan``: masking a copy, and slicing into physically smaller layers.
+
+Both return a new model and leave the caller's untouched. Masking multiplies each neuron's column of
+the down-projection by its scale (0 for a dropped neuron): same shapes, no speed gain, handy for
+comparison. Slicing builds smaller up/gate/down layers with the kept rows, scales folded in, same dtype
+and device: this is what makes a model faster and smaller. ``tests/test_realise.py`` checks that the two
+agree to 1e-5.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from torch import nn
+
+from .arch import FFNBlock, family_for_model, ffn_blocks
+from .plan import KeepPlan
+
+
+def _check_plan(blocks: list[FFNBlock], plan: KeepPlan) -> None:
+    if len(plan.layers) != len(blocks):
+        raise ValueError(f"plan has {len(plan.layers)} layers, the model has {len(blocks)}")
+    for block, layer in zip(blocks, plan.layers):
+        if layer.width != block.width:
+            raise ValueError(
+                f"plan expects {layer.width} neurons in layer {block.index}, the model has {block.width}"
+            )
+
+
+def mask_copy(model: nn.Module, plan: KeepPlan) -> nn.Module:
+    """A copy of ``model`` in which dropped neurons output zero and kept ones are scaled."""
+    masked = copy.deepcopy(model)
+    blocks = ffn_blocks(masked)
+    _check_plan(blocks, plan)
+    with torch.no_grad():
+        for block, layer in zip(blocks, plan.layers):
+            w = block.down.weight
+            vec = layer.scale_vector().to(device=w.device, dtype=w.dtype)
+            if block.transposed:
+                w.mul_(vec[:, None])     # Conv1D weight: (N, d)
+            else:
+                w.mul_(vec[None, :])     # Linear weight: (d, N)
+    return masked
+
+
+def _linear_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A new layer of ``old``'s kind holding ``weight`` and ``bias`` exactly (no re-initialisation)."""
+    new = copy.copy(old)           # keeps the class and plain attributes, e.g. Conv1D.nf
+    new._parameters = dict(old._parameters)
+    new.weight = nn.Parameter(weight.detach().clone(), requires_grad=old.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=old.bias.requires_grad)
+    if isinstance(old, nn.Linear):
+        new.in_features, new.out_features = weight.shape[1], weight.shape[0]
+    elif hasattr(old, "nf"):        # transformers' Conv1D: weight (nx, nf)
+        new.nf = weight.shape[1]
+        if hasattr(old, "nx"):
+            new.nx = weight.shape[0]
+    return new
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def _slice_up(layer: nn.Module, keep: torch.Tensor, transposed: bool) -> nn.Module:
+    w = layer.weight[:, keep] if transposed else layer.weight[keep]
+    b = layer.bias[keep] if layer.bias is not None else None
+    return _linear_like(layer, w, b)
+
+
+def _slice_down(layer: nn.Module, keep: torch.Tensor, scales: torch.Tensor, transposed: bool) -> nn.Module:
+    if transposed:
+        w = layer.weight[keep] * scales[:, None]          # (k, d)
+    else:
+        w = layer.weight[:, keep] * scales[None, :]       # (d, k)
+    new = _linear_like(layer, w, layer.bias)
+    if transposed and w.shape[0] == 0:
+        new.__class__ = _emptied_conv1d_class(type(layer))
+    return new
+
+
+@functools.cache
+def _emptied_conv1d_class(base: type) -> type:
+    """Conv1D's forward cannot reshape a zero-width input; an emptied FFN outputs only its bias."""
+
+    class EmptiedConv1D(base):
+        def forward(self, x):
+            out = self.bias.expand(*x.shape[:-1], self.bias.shape[0])
+            return out.clone()
+
+    EmptiedConv1D.__name__ = EmptiedConv1D.__qualname__ = f"Emptied{base.__name__}"
+    return EmptiedConv1D
+
+
+def slice_model(model: nn.Module, plan: KeepPlan) -> nn.Module:
+    """A new, physically smaller model: each FFN keeps only the plan's neurons, scales folded in.
+
+    Its config records the new widths: the family's width field when all layers agree (a stock
+    ``from_pretrained`` then loads it), else ``kcm_ffn_widths`` for ``kcm_core.load_pruned``.
+    """
+    family = family_for_model(model)
+    sliced = copy.deepcopy(model)
+    blocks = ffn_blocks(sliced)
+    _check_plan(blocks, plan)
+    with torch.no_grad():
+        for block, layer in zip(blocks, plan.layers):
+            device = block.up.weight.device
+            keep = torch.tensor(layer.keep_idx, dtype=torch.long, device=device)
+            scales = layer.scale_vector()[list(layer.keep_idx)].to(device=device,
+                                                                   dtype=block.down.weight.dtype)
+            _set_module(sliced, block.up_name, _slice_up(block.up, keep, block.transposed))
+            if block.gate is not None:
+                _set_module(sliced, block.gate_name, _slice_up(block.gate, keep, block.transposed))
+            _set_module(sliced, block.down_name, _slice_down(block.down, keep, scales, block.transposed))
+    record_widths(sliced.config, family.width_field[0], plan.kept_counts)
+    return sliced
+
+
+def record_widths(config, width_field: str, widths: list[int]) -> None:
+    """Write per-layer FFN widths into ``config`` (stock field when uniform, else kcm_ffn_widths)."""
+    if len(set(widths)) == 1:
+        setattr(config, width_field, widths[0])
+        if hasattr(config, "kcm_ffn_widths"):
+            delattr(config, "kcm_ffn_widths")
+    else:
+        setattr(config, width_field, max(widths))
+        config.kcm_ffn_widths = list(widths)

@@ -1,0 +1,140 @@
+"""Scaling: fit one real-valued scale per kept neuron so each pruned FFN reproduces the unpruned one.
+
+Label-free, layer by layer (Kwon et al.'s mask tuning, as METHOD.md states it). For layer l, with ``H``
+the kept activations (tokens x k) from the model whose earlier layers are already pruned and scaled,
+``W`` the kept down-projection rows (k x d) and ``T`` the unpruned model's FFN output minus bias
+(tokens x d; teacher = the unpruned model on its own inputs), solve the ridge problem
+
+    min_s ||A s - vec(T)||^2 + ridge * ||s - 1||^2,   A[:, i] = vec(H[:, i] W[i, :])
+
+through its k x k normal equations ``A^T A = (H^T H) * (W W^T)``, ``A^T b = sum_t H * (T W^T)``; ``A``
+itself is never built. If a solve fails or a scale leaves [-bound, bound], scaling stops from that
+layer on (those layers keep scale 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .arch import ffn_blocks
+from .plan import KeepPlan
+from .realise import mask_copy
+from .runtime import Batch, Progress, eval_mode, hooks, model_device, model_inputs, tell, token_mask
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    ridge: float = 1.0      # pull toward s = 1 (Kwon: s = 1 + delta, damping 1)
+    bound: float = 10.0     # a scale outside [-bound, bound] stops scaling from that layer on
+
+    def __post_init__(self):
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+        if not self.bound > 0:
+            raise ValueError(f"bound must be > 0, got {self.bound}")
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the layer of interest has been seen."""
+
+
+def _down_bias(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)
+
+
+def teacher_targets(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """Each layer's FFN output minus bias on the real tokens, concatenated over batches: (tokens, d)."""
+    blocks = ffn_blocks(model)
+    device = model_device(model)
+    out: list[list[torch.Tensor]] = [[] for _ in blocks]
+    current: dict[str, Batch] = {}
+
+    def make_hook(i: int):
+        def hook(module, _args, y):
+            bias = _down_bias(module)
+            y = y - bias if bias is not None else y                       # (B, T, d)
+            keep = token_mask(current["batch"], y.shape, y.device)
+            out[i].append(y[keep].float().cpu())
+        return hook
+
+    handles = [b.down.register_forward_hook(make_hook(i)) for i, b in enumerate(blocks)]
+    with hooks(handles), eval_mode(model), torch.no_grad():
+        for batch in batches:
+            current["batch"] = batch
+            model(**model_inputs(batch, device))
+    return [torch.cat(parts) if parts else torch.zeros(0) for parts in out]
+
+
+def fit_scales(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch],
+               config: ScaleConfig = ScaleConfig(), progress: Progress | None = None,
+               targets: list[torch.Tensor] | None = None) -> KeepPlan:
+    """Return ``plan`` with fitted scales; ``plan.info['scaled_layers']`` says how many got them.
+
+    ``targets`` (from ``teacher_targets(model, batches)``) do not depend on the plan: pass them to fit
+    several plans on the same data without recomputing the teacher.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("scaling needs unlabeled data: the sample is empty")
+    if targets is None:
+        tell(progress, "scaling: teacher outputs", 0.0)
+        targets = teacher_targets(model, batches)
+    student = mask_copy(model, plan.without_scales())
+    blocks = ffn_blocks(student)
+    device = model_device(student)
+    scales: list[list[float] | None] = [None] * len(blocks)
+    stopped_at = None
+    for li, (block, layer) in enumerate(zip(blocks, plan.layers)):
+        tell(progress, f"scaling: layer {li + 1}/{len(blocks)}", li / len(blocks))
+        if layer.kept == 0:
+            scales[li] = []
+            continue
+        keep = torch.tensor(layer.keep_idx, dtype=torch.long, device=device)
+        w_kept = block.down_rows().detach()[keep].double()              # (k, d)
+        gram_h = torch.zeros(layer.kept, layer.kept, dtype=torch.float64, device=device)
+        rhs = torch.zeros(layer.kept, dtype=torch.float64, device=device)
+        cursor = {"row": 0, "batch": None}
+        target = targets[li].to(device)
+
+        def hook(_module, args):
+            h = args[0]                                                  # (B, T, N)
+            mask = token_mask(cursor["batch"], h.shape, h.device)
+            h = h[mask][:, keep].double()                                # (tokens, k)
+            t = target[cursor["row"]: cursor["row"] + h.shape[0]].double()  # (tokens, d)
+            cursor["row"] += h.shape[0]
+            gram_h.add_(h.t() @ h)
+            rhs.add_((h * (t @ w_kept.t())).sum(0))
+            raise _StopForward
+
+        handles = [block.down.register_forward_pre_hook(hook)]
+        with hooks(handles), eval_mode(student), torch.no_grad():
+            for batch in batches:
+                cursor["batch"] = batch
+                try:
+                    student(**model_inputs(batch, device))
+                except _StopForward:
+                    pass
+        gram = gram_h * (w_kept @ w_kept.t())                            # (k, k)
+        eye = torch.eye(layer.kept, dtype=torch.float64, device=device)
+        try:
+            s = torch.linalg.solve(gram + config.ridge * eye, rhs + config.ridge)
+        except RuntimeError:
+            s = None
+        if s is None or not torch.isfinite(s).all() or s.abs().max() > config.bound:
+            stopped_at = li
+            break
+        scales[li] = s.cpu().tolist()
+        with torch.no_grad():   # fold into the student so later layers see scaled inputs
+            w = block.down.weight
+            cols = s.to(w.dtype)
+            if block.transposed:
+                w[keep] *= cols[:, None]
+            else:
+                w[:, keep] *= cols[None, :]
+    tell(progress, "scaling: done", 1.0)
+    scaled = sum(1 for s in scales if s is not None)
+    return plan.with_scales(scales, scaled_layers=scaled, scaling_stopped_at=stopped_at,
+                            scale_ridge=config.ridge)

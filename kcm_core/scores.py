@@ -1,0 +1,137 @@
+"""Scorers: one number per FFN neuron, larger = more worth keeping. Scorers never choose; see select.py.
+
+Every scorer returns ``LayerScores``: a list with one float32 CPU tensor of shape (N_l,) per layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+from .activations import NeuronStats
+from .arch import ffn_blocks
+from .hull import HullConfig, HullFit, kernel_hull
+from .runtime import (LABEL_KEYS, Batch, Progress, eval_mode, hooks, model_device, model_inputs,
+                      tell)
+
+LayerScores = list[torch.Tensor]
+Statistic = Literal["mean", "mean_abs", "rms"]
+Normalisation = Literal["minmax", "zscore", "none"]
+
+
+@dataclass(frozen=True)
+class D2Config:
+    """How D2 turns activation statistics into a per-layer score.
+
+    statistic: "mean" (the paper: mean post-activation output), "mean_abs", or "rms" (L2 norm per token).
+    normalise: "minmax" to [0, 1] per layer (keeps the product with R2 non-negative), "zscore", "none".
+    """
+
+    statistic: Statistic = "mean"
+    normalise: Normalisation = "minmax"
+
+    def __post_init__(self):
+        if self.statistic not in ("mean", "mean_abs", "rms"):
+            raise ValueError(f"D2 statistic must be mean, mean_abs or rms, got {self.statistic!r}")
+        if self.normalise not in ("minmax", "zscore", "none"):
+            raise ValueError(f"D2 normalise must be minmax, zscore or none, got {self.normalise!r}")
+
+
+def normalise(x: torch.Tensor, how: Normalisation) -> torch.Tensor:
+    """Per-layer normalisation; a constant layer maps to all ones under minmax, zeros under zscore."""
+    x = x.float()
+    if how == "none" or x.numel() == 0:
+        return x.clone()
+    if how == "minmax":
+        lo, hi = x.min(), x.max()
+        return torch.ones_like(x) if hi <= lo else (x - lo) / (hi - lo)
+    std = x.std(unbiased=False)
+    return torch.zeros_like(x) if std == 0 else (x - x.mean()) / std
+
+
+def r2(model: nn.Module, config: HullConfig = HullConfig(),
+       progress: Progress | None = None) -> tuple[LayerScores, list[HullFit]]:
+    """R2 per layer: the kernel-hull self-weight of each row of the down-projection (weights only)."""
+    blocks = ffn_blocks(model)
+    fits = []
+    for i, block in enumerate(blocks):
+        tell(progress, f"R2: layer {i + 1}/{len(blocks)}", i / len(blocks))
+        with torch.no_grad():
+            fits.append(kernel_hull(block.down_rows().detach(), config))
+    tell(progress, "R2: done", 1.0)
+    return [f.scores for f in fits], fits
+
+
+def d2(stats: NeuronStats, config: D2Config = D2Config()) -> LayerScores:
+    """D2 per layer: the chosen activation statistic, normalised per layer."""
+    raw = getattr(stats, config.statistic)
+    return [normalise(x, config.normalise) for x in raw]
+
+
+def r2d2(r2_scores: LayerScores, d2_scores: LayerScores) -> LayerScores:
+    """KCM's merge: the elementwise product of R2 and normalised D2, per layer."""
+    return [a.float() * b.float() for a, b in zip(r2_scores, d2_scores)]
+
+
+def weight_magnitude(model: nn.Module) -> LayerScores:
+    """``||W1[:, i]||_2 * ||W2[i, :]||_2`` (times the gate row's norm for gated MLPs); no data."""
+    out = []
+    with torch.no_grad():
+        for block in ffn_blocks(model):
+            score = block.up_cols().float().norm(dim=1) * block.down_rows().float().norm(dim=1)
+            if block.gate is not None:
+                score = score * block.gate_cols().float().norm(dim=1)
+            out.append(score.cpu())
+    return out
+
+
+def output_magnitude(model: nn.Module, stats: NeuronStats) -> LayerScores:
+    """Mean magnitude of each neuron's output contribution: ``E|h_i| * ||W2[i, :]||_2``."""
+    with torch.no_grad():
+        return [m * b.down_rows().float().norm(dim=1).cpu()
+                for m, b in zip(stats.mean_abs, ffn_blocks(model))]
+
+
+def random_scores(widths: Iterable[int], seed: int) -> LayerScores:
+    """Uniform random scores from an explicit seed: the floor every method must beat."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return [torch.rand(int(w), generator=gen) for w in widths]
+
+
+def mask_gradients(model: nn.Module, batches: Iterable[Batch], *, squared: bool = True,
+                   progress: Progress | None = None, total: int | None = None) -> LayerScores:
+    """Gradient of the task loss with respect to a mask of ones on every neuron, summed over batches.
+
+    With ``squared`` (Kwon et al.'s Fisher importance) each batch adds ``grad^2``; without, ``|grad|``.
+    Uses ``torch.autograd.grad`` so no ``.grad`` is written into the caller's parameters.
+    """
+    blocks = ffn_blocks(model)
+    device = model_device(model)
+    masks = [torch.ones(b.width, device=device, requires_grad=True) for b in blocks]
+    acc = [torch.zeros(b.width, dtype=torch.float64) for b in blocks]
+
+    def make_hook(i: int):
+        def hook(_module, args):
+            return (args[0] * masks[i].to(args[0].dtype),) + tuple(args[1:])
+        return hook
+
+    handles = [b.down.register_forward_pre_hook(make_hook(i)) for i, b in enumerate(blocks)]
+    seen = 0
+    with hooks(handles), eval_mode(model), torch.enable_grad():
+        for step, batch in enumerate(batches):
+            labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+            if labels is None:
+                raise ValueError("this method needs labeled data: the batches carry no labels")
+            out = model(**model_inputs(batch, device), labels=labels.to(device))
+            grads = torch.autograd.grad(out.loss, masks)
+            for a, g in zip(acc, grads):
+                g = g.detach().double().cpu()
+                a += g * g if squared else g.abs()
+            seen += 1
+            if total:
+                tell(progress, f"gradients: batch {step + 1}/{total}", (step + 1) / total)
+    if seen == 0:
+        raise ValueError("no labeled data: the batches are empty")
+    return [a.float() for a in acc]

@@ -1,0 +1,158 @@
+"""Selection: scores plus a global FLOPs budget become a ``KeepPlan``. Selectors never score."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .arch import ModelShape
+from .flops import keep_count
+from .plan import KeepPlan, LayerKeep
+
+
+def _check_scores(scores: Sequence[torch.Tensor], widths: Sequence[int]) -> None:
+    if len(scores) != len(widths):
+        raise ValueError(f"{len(scores)} score vectors for {len(widths)} layers")
+    for i, (s, w) in enumerate(zip(scores, widths)):
+        if s.numel() != w:
+            raise ValueError(f"layer {i}: {s.numel()} scores for {w} neurons")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"layer {i}: scores contain NaN or infinite values")
+
+
+def _layer_order(score: torch.Tensor) -> torch.Tensor:
+    """Neuron indices from best to worst; a stable sort sends ties to the lower index."""
+    return torch.sort(-score.double(), stable=True).indices
+
+
+def select_top_k(scores: Sequence[torch.Tensor], k: int, *, min_per_layer: int = 0,
+                 method: str = "", info: dict | None = None) -> KeepPlan:
+    """Keep the ``k`` best neurons pooled over all layers; no per-layer quota beyond ``min_per_layer``."""
+    widths = [int(s.numel()) for s in scores]
+    reserved = [min(min_per_layer, w) for w in widths]
+    if k < sum(reserved):
+        raise ValueError(
+            f"min_per_layer={min_per_layer} needs {sum(reserved)} neurons but the budget keeps only {k}"
+        )
+    masks = [torch.zeros(w, dtype=torch.bool) for w in widths]
+    for m, s, r in zip(masks, scores, reserved):
+        m[_layer_order(s)[:r]] = True
+    pooled = torch.cat([s.double() for s in scores]) if scores else torch.zeros(0)
+    taken = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
+    # Stable sort over the layer-major pool: ties go to the lower layer, then the lower neuron index.
+    order = torch.sort(-pooled, stable=True).indices
+    order = order[~taken[order]][: max(0, k - sum(reserved))]
+    taken[order] = True
+    return KeepPlan.from_masks(list(torch.split(taken, widths)), method=method, info=dict(info or {}))
+
+
+def select(scores: Sequence[torch.Tensor], shape: ModelShape, budget: float, seq_len: float, *,
+           multiple: int = 1, min_per_layer: int = 0, uniform: bool = False,
+           method: str = "") -> KeepPlan:
+    """Turn per-layer scores into a plan that fits ``budget`` relative FLOPs at ``seq_len``.
+
+    multiple: round each layer's kept width to a multiple of this (8, 16, 64 help real speed);
+        widths are rounded down where needed so the budget still holds.
+    min_per_layer: each layer keeps at least this many (its best) neurons.
+    uniform: every layer keeps the same width (needed for a stock ``from_pretrained`` export).
+    """
+    if not (isinstance(multiple, int) and multiple >= 1):
+        raise ValueError(f"multiple must be a positive integer, got {multiple!r}")
+    if not (isinstance(min_per_layer, int) and min_per_layer >= 0):
+        raise ValueError(f"min_per_layer must be a non-negative integer, got {min_per_layer!r}")
+    widths = list(shape.ffn_width)
+    _check_scores(scores, widths)
+    k = keep_count(shape, seq_len, budget)
+    info = {"budget": budget, "seq_len": seq_len, "k": k, "multiple": multiple,
+            "min_per_layer": min_per_layer, "uniform": uniform}
+    if uniform:
+        width = min(k // len(widths), min(widths))
+        width = max(width - width % multiple, 0)
+        if width < min_per_layer:
+            raise ValueError(
+                f"a uniform plan at budget {budget} keeps {width} neurons per layer, "
+                f"below min_per_layer={min_per_layer}"
+            )
+        counts = [width] * len(widths)
+    else:
+        plan = select_top_k(scores, k, min_per_layer=min_per_layer, method=method, info=info)
+        if multiple == 1:
+            return plan
+        counts = _round_counts(plan.kept_counts, scores, widths, k, multiple, min_per_layer)
+    layers = []
+    for s, w, c in zip(scores, widths, counts):
+        keep = sorted(int(i) for i in _layer_order(s)[:c])
+        layers.append(LayerKeep(tuple(keep), w))
+    return KeepPlan(tuple(layers), method=method, info=info)
+
+
+def _round_counts(counts: list[int], scores, widths, k: int, multiple: int,
+                  min_per_layer: int) -> list[int]:
+    """Round per-layer counts to ``multiple``, then trade whole groups so the total stays <= k.
+
+    A layer may always keep all of its neurons even when its width is not a multiple.
+    """
+    sorted_scores = [s.double()[_layer_order(s)] for s in scores]
+    floor_of = [min(w, math.ceil(min_per_layer / multiple) * multiple) for w in widths]
+
+    def snap(c: int, w: int) -> int:
+        return w if c >= w else min(w, multiple * round(c / multiple))
+
+    counts = [max(snap(c, w), f) for c, w, f in zip(counts, widths, floor_of)]
+
+    def group_value(i: int, lo: int, hi: int) -> float:
+        return float(sorted_scores[i][lo:hi].sum())
+
+    while sum(counts) > k:   # drop the cheapest group
+        candidates = [(group_value(i, c - _step_down(c, multiple), c), i)
+                      for i, c in enumerate(counts) if c - _step_down(c, multiple) >= floor_of[i] and c > 0]
+        if not candidates:
+            raise ValueError(f"cannot round widths to multiples of {multiple} within the budget")
+        _, i = min(candidates)
+        counts[i] -= _step_down(counts[i], multiple)
+    while True:              # add the most valuable group that still fits
+        candidates = [(group_value(i, c, min(c + multiple, widths[i])), i)
+                      for i, c in enumerate(counts)
+                      if c < widths[i] and sum(counts) + min(multiple, widths[i] - c) <= k]
+        if not candidates:
+            return counts
+        _, i = max(candidates)
+        counts[i] = min(counts[i] + multiple, widths[i])
+
+
+def _step_down(count: int, multiple: int) -> int:
+    """How many neurons one rounding step removes from ``count`` (back onto the multiple grid)."""
+    rem = count % multiple
+    return rem if rem else multiple
+
+
+def refine_with_gradients(plan: KeepPlan, base_scores: Sequence[torch.Tensor],
+                          grad_scores: Sequence[torch.Tensor], *, within_layer: bool = False) -> KeepPlan:
+    """Limited-label refinement of METHOD.md: swap the lowest-``base_scores`` kept neuron for the
+    highest-``grad_scores`` dropped one while that raises the kept set's total gradient score.
+
+    Every neuron costs the same FLOPs, so the budget holds. ``within_layer`` restricts swaps to one
+    layer at a time, keeping each layer's width (needed for uniform or rounded plans).
+    """
+    widths = plan.widths
+    _check_scores(base_scores, widths)
+    _check_scores(grad_scores, widths)
+    groups = [[i] for i in range(len(widths))] if within_layer else [list(range(len(widths)))]
+    masks = [layer.keep_mask() for layer in plan.layers]
+    swaps = 0
+    for group in groups:
+        kept, dropped = [], []
+        for li in group:
+            for n in range(widths[li]):
+                entry = (float(base_scores[li][n]), float(grad_scores[li][n]), li, n)
+                (kept if masks[li][n] else dropped).append(entry)
+        kept.sort(key=lambda e: (e[0], e[2], e[3]))          # lowest R2D2 first
+        dropped.sort(key=lambda e: (-e[1], e[2], e[3]))      # highest gradient first
+        for out_entry, in_entry in zip(kept, dropped):
+            if in_entry[1] <= out_entry[1]:
+                break
+            masks[out_entry[2]][out_entry[3]] = False
+            masks[in_entry[2]][in_entry[3]] = True
+            swaps += 1
+    return KeepPlan.from_masks(masks, method=plan.method, info={**plan.info, "label_swaps": swaps})
