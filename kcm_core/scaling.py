@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .arch import ffn_blocks
+from .arch import ffn_blocks, transformer_layers
 from .plan import KeepPlan
 from .realise import mask_copy
 from .runtime import Batch, Progress, eval_mode, hooks, model_device, model_inputs, tell, token_mask
@@ -68,13 +68,69 @@ def teacher_targets(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Te
     return [torch.cat(parts) if parts else torch.zeros(0) for parts in out]
 
 
+class _Replay(nn.Module):
+    """Stands in for the transformer layers before the one being fitted: it returns that earlier
+    layer's recorded output for the current batch, so the layers in front are not recomputed.
+    Attribute reads fall through to the layer it replaces (some models read e.g. attention_type)."""
+
+    def __init__(self, original: nn.Module, outputs: list, state: dict):
+        super().__init__()
+        object.__setattr__(self, "_original", original)
+        object.__setattr__(self, "_outputs", outputs)
+        object.__setattr__(self, "_state", state)
+
+    def forward(self, *args, **kwargs):
+        return self._outputs[self._state["batch"]]
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+
+def _detached(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_detached(o) for o in obj)
+    return obj
+
+
+def _run_layer(student: nn.Module, layers: nn.ModuleList, li: int, batches: Sequence[Batch],
+               recorded: list | None, stop_module: nn.Module, stop_hook) -> None:
+    """Run every batch up to ``stop_module`` (whose hook raises _StopForward), replaying the
+    recorded output of layer ``li - 1`` in place of layers ``0 .. li-1`` when ``recorded`` is given."""
+    device = model_device(student)
+    state = {"batch": 0}
+    originals = [layers[j] for j in range(li)] if recorded is not None else []
+    handles = [stop_hook(stop_module)]
+    try:
+        for j, original in enumerate(originals):
+            layers[j] = _Replay(original, recorded, state)
+        with hooks(handles), eval_mode(student), torch.no_grad():
+            for b, batch in enumerate(batches):
+                state["batch"] = b
+                state["mask"] = batch
+                try:
+                    student(**model_inputs(batch, device))
+                except _StopForward:
+                    continue
+                raise RuntimeError("the forward pass did not reach the layer being fitted")
+    finally:
+        for j, original in enumerate(originals):
+            layers[j] = original
+
+
 def fit_scales(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch],
                config: ScaleConfig = ScaleConfig(), progress: Progress | None = None,
                targets: list[torch.Tensor] | None = None) -> KeepPlan:
     """Return ``plan`` with fitted scales; ``plan.info['scaled_layers']`` says how many got them.
 
     ``targets`` (from ``teacher_targets(model, batches)``) do not depend on the plan: pass them to fit
-    several plans on the same data without recomputing the teacher.
+    several plans on the same data without recomputing the teacher. The student (a masked copy) is
+    run one layer at a time: each layer's scaled output is recorded and replayed into the next fit,
+    so fitting all layers costs about two forward passes, not one per layer.
     """
     batches = list(batches)
     if not batches:
@@ -84,57 +140,83 @@ def fit_scales(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch],
         targets = teacher_targets(model, batches)
     student = mask_copy(model, plan.without_scales())
     blocks = ffn_blocks(student)
+    _, layers = transformer_layers(student)
     device = model_device(student)
     scales: list[list[float] | None] = [None] * len(blocks)
     stopped_at = None
+    recorded: list | None = None          # output of layer li - 1 per batch, scales folded in
     for li, (block, layer) in enumerate(zip(blocks, plan.layers)):
         tell(progress, f"scaling: layer {li + 1}/{len(blocks)}", li / len(blocks))
-        if layer.kept == 0:
+        if layer.kept > 0:
+            s = _solve_layer(student, layers, li, block, layer.keep_idx, batches, recorded,
+                             targets[li].to(device), config)
+            if s is None:
+                stopped_at = li
+                break
+            scales[li] = s.cpu().tolist()
+            with torch.no_grad():   # fold into the student so later layers see scaled inputs
+                keep = torch.tensor(layer.keep_idx, dtype=torch.long, device=device)
+                w = block.down.weight
+                cols = s.to(w.dtype)
+                if block.transposed:
+                    w[keep] *= cols[:, None]
+                else:
+                    w[:, keep] *= cols[None, :]
+        else:
             scales[li] = []
-            continue
-        keep = torch.tensor(layer.keep_idx, dtype=torch.long, device=device)
-        w_kept = block.down_rows().detach()[keep].double()              # (k, d)
-        gram_h = torch.zeros(layer.kept, layer.kept, dtype=torch.float64, device=device)
-        rhs = torch.zeros(layer.kept, dtype=torch.float64, device=device)
-        cursor = {"row": 0, "batch": None}
-        target = targets[li].to(device)
+        if li + 1 < len(blocks):
+            recorded = _record_layer_output(student, layers, li, batches, recorded)
+    tell(progress, "scaling: done", 1.0)
+    scaled = sum(1 for s in scales if s is not None)
+    return plan.with_scales(scales, scaled_layers=scaled, scaling_stopped_at=stopped_at,
+                            scale_ridge=config.ridge)
 
+
+def _solve_layer(student, layers, li, block, keep_idx, batches, recorded, target,
+                 config: ScaleConfig) -> torch.Tensor | None:
+    """Accumulate the k x k normal equations of layer ``li`` over all batches and solve them."""
+    device = model_device(student)
+    keep = torch.tensor(keep_idx, dtype=torch.long, device=device)
+    k = len(keep_idx)
+    w_kept = block.down_rows().detach()[keep].double()                  # (k, d)
+    gram_h = torch.zeros(k, k, dtype=torch.float64, device=device)
+    rhs = torch.zeros(k, dtype=torch.float64, device=device)
+    cursor = {"row": 0, "b": 0}
+
+    def stop_hook(module):
         def hook(_module, args):
             h = args[0]                                                  # (B, T, N)
-            mask = token_mask(cursor["batch"], h.shape, h.device)
+            mask = token_mask(batches[cursor["b"]], h.shape, h.device)
+            cursor["b"] += 1
             h = h[mask][:, keep].double()                                # (tokens, k)
             t = target[cursor["row"]: cursor["row"] + h.shape[0]].double()  # (tokens, d)
             cursor["row"] += h.shape[0]
             gram_h.add_(h.t() @ h)
             rhs.add_((h * (t @ w_kept.t())).sum(0))
             raise _StopForward
+        return module.register_forward_pre_hook(hook)
 
-        handles = [block.down.register_forward_pre_hook(hook)]
-        with hooks(handles), eval_mode(student), torch.no_grad():
-            for batch in batches:
-                cursor["batch"] = batch
-                try:
-                    student(**model_inputs(batch, device))
-                except _StopForward:
-                    pass
-        gram = gram_h * (w_kept @ w_kept.t())                            # (k, k)
-        eye = torch.eye(layer.kept, dtype=torch.float64, device=device)
-        try:
-            s = torch.linalg.solve(gram + config.ridge * eye, rhs + config.ridge)
-        except RuntimeError:
-            s = None
-        if s is None or not torch.isfinite(s).all() or s.abs().max() > config.bound:
-            stopped_at = li
-            break
-        scales[li] = s.cpu().tolist()
-        with torch.no_grad():   # fold into the student so later layers see scaled inputs
-            w = block.down.weight
-            cols = s.to(w.dtype)
-            if block.transposed:
-                w[keep] *= cols[:, None]
-            else:
-                w[:, keep] *= cols[None, :]
-    tell(progress, "scaling: done", 1.0)
-    scaled = sum(1 for s in scales if s is not None)
-    return plan.with_scales(scales, scaled_layers=scaled, scaling_stopped_at=stopped_at,
-                            scale_ridge=config.ridge)
+    _run_layer(student, layers, li, batches, recorded, block.down, stop_hook)
+    gram = gram_h * (w_kept @ w_kept.t())                                # (k, k)
+    eye = torch.eye(k, dtype=torch.float64, device=device)
+    try:
+        s = torch.linalg.solve(gram + config.ridge * eye, rhs + config.ridge)
+    except RuntimeError:
+        return None
+    if not torch.isfinite(s).all() or s.abs().max() > config.bound:
+        return None
+    return s
+
+
+def _record_layer_output(student, layers, li, batches, recorded) -> list:
+    """Layer ``li``'s output for every batch (scales folded in), to replay into the next fit."""
+    out: list = []
+
+    def stop_hook(module):
+        def hook(_module, _args, output):
+            out.append(_detached(output))
+            raise _StopForward
+        return module.register_forward_hook(hook)
+
+    _run_layer(student, layers, li, batches, recorded, layers[li], stop_hook)
+    return out
