@@ -1,0 +1,379 @@
+"""Command line: ``python -m kcm_core {flops,prune,evaluate,export,finetune,demo}``.
+
+JSON goes to stdout (or files), progress to stderr. Bad input exits with code 2 and one clear line,
+never a traceback. The word ``demo`` stands for the prepared demo wherever a model or data source
+is expected (its model folder; its train split as the unlabeled sample, its test split for evaluation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .runtime import Progress
+
+DEMO = "demo"
+
+
+class StderrProgress:
+    """Prints progress lines to stderr, at most one per stage change or 10% step."""
+
+    def __init__(self) -> None:
+        self._last: tuple[str, int] | None = None
+
+    def __call__(self, message: str, fraction: float) -> None:
+        stage = message.split(":")[0]
+        key = (stage, int(fraction * 10))
+        if key != self._last:
+            self._last = key
+            print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+
+def _json_out(data: Any, path: str | None = None) -> None:
+    text = json.dumps(data, indent=2, default=str)
+    if path:
+        Path(path).write_text(text + "\n")
+    print(text)
+
+
+# --------------------------------------------------------------------------- sources
+
+def _resolve_model_path(name: str, progress: Progress) -> str:
+    if name == DEMO:
+        from . import demo
+        return str(demo.prepare_demo(progress=progress)["model_dir"])
+    return name
+
+
+def _load_data(args, progress: Progress, split: str = "train"):
+    """The data source named by ``args.data`` as ``TextData``."""
+    from . import data as D
+    if args.data == DEMO:
+        from . import demo
+        demo.prepare_demo(progress=progress)
+        return demo.load_demo_split(split)
+    return D.load_text_data(args.data, text_column=args.text_column,
+                            text_pair_column=args.text_pair_column,
+                            label_column=args.label_column, split=args.split,
+                            config_name=args.data_config)
+
+
+def _limit(data, samples: int | None, seed: int):
+    if samples is None or samples >= len(data):
+        return data
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data), generator=gen)[:samples].sort().values.tolist()
+    return data.subset(idx)
+
+
+def _environment() -> dict[str, str]:
+    import torch
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "platform": platform.platform(),
+            "threads": str(torch.get_num_threads())}
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_flops(args) -> dict:
+    from .arch import model_shape
+    from .flops import cost_report, flops_floor, keep_count
+    from .models import load_config
+    progress = StderrProgress()
+    config = load_config(_resolve_model_path(args.model, progress))
+    shape = model_shape(config)
+    seq_len = args.seq_len or (shape.image_tokens if shape.vision else 128)
+    report = cost_report(shape, seq_len).to_dict()
+    report["params"]["note"] = "estimated from the config (no weights read)"
+    report["floor_relative_flops"] = flops_floor(shape, seq_len)
+    report["model"] = args.model
+    if args.flops is not None:
+        k = keep_count(shape, seq_len, args.flops)
+        report["budget"] = {"relative_flops": args.flops, "keep_neurons": k,
+                            "total_neurons": sum(shape.ffn_width)}
+    return report
+
+
+def _prune_config(args):
+    from .hull import HullConfig
+    from .pipeline import PruneConfig
+    from .scaling import ScaleConfig
+    from .scores import D2Config
+    return PruneConfig(
+        method=args.method, budget=args.flops, seq_len=args.seq_len, seed=args.seed,
+        hull=HullConfig(sigma=args.sigma, sigma_mode=args.sigma_mode, alpha=args.alpha,
+                        stop_rule=args.stop_rule, max_iter=args.max_iter),
+        d2=D2Config(statistic=args.d2_statistic, normalise=args.d2_normalise),
+        scale=ScaleConfig(ridge=args.ridge), scale_samples=args.scale_samples,
+        label_samples=args.label_samples, multiple=args.multiple,
+        min_per_layer=args.min_per_layer, uniform=args.uniform,
+    )
+
+
+def cmd_prune(args) -> dict:
+    from . import data as D
+    from .evaluate import evaluate_classifier
+    from .export import save_pruned
+    from .flops import count_params, relative_flops
+    from .arch import model_shape
+    from .models import load_model
+    from .pipeline import method, prune
+
+    out_dir = Path(args.out)
+    if out_dir.exists() and not args.overwrite:
+        raise ValueError(f"output folder {out_dir} already exists; choose another --out or pass --overwrite")
+    config = _prune_config(args)                      # validates options before any heavy work
+    progress = StderrProgress()
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    model_path = _resolve_model_path(args.model, progress)
+    model, tokenizer = load_model(model_path)
+    times["load"] = time.perf_counter() - start
+
+    sample = _limit(_load_data(args, progress, "train"), args.samples, args.seed)
+    unlabeled = D.make_batches(sample, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
+                               with_labels=False)
+    spec = method(config.method)
+    labeled = None
+    if spec.uses_labels:
+        if not sample.has_labels:
+            raise ValueError(f"method {spec.name!r} needs labels: name the label column with --label-column")
+        labeled = D.make_batches(_limit(sample, config.label_samples, args.seed), tokenizer,
+                                 max_len=args.max_len, batch_size=args.batch_size)
+    result = prune(model, config, unlabeled, labeled, progress)
+    times.update(result.seconds)
+
+    evaluation: dict[str, Any] = {}
+    eval_data = _evaluation_data(args, sample, progress)
+    if eval_data is not None:
+        t = time.perf_counter()
+        batches = D.make_batches(eval_data, tokenizer, max_len=args.max_len,
+                                 batch_size=args.batch_size)
+        before = evaluate_classifier(model, batches, seed=args.seed, progress=progress)
+        after = evaluate_classifier(result.model, batches, reference=before.predictions,
+                                    seed=args.seed, progress=progress)
+        evaluation = {"data": eval_data.source, "examples": len(eval_data),
+                      "before": before.to_dict(), "after": after.to_dict()}
+        times["evaluation"] = time.perf_counter() - t
+
+    shape = model_shape(model.config)
+    params_before, params_after = count_params(model).total, count_params(result.model).total
+    report = {
+        "model": {"source": args.model, "path": str(Path(model_path).resolve())
+                  if Path(model_path).exists() else model_path,
+                  "class": type(model).__name__, "model_type": shape.model_type},
+        "data": {"source": sample.source, "samples": len(sample), "max_len": args.max_len},
+        "method": config.method,
+        "options": config.to_dict(),
+        "seq_len": result.seq_len,
+        "relative_flops": {"target": config.budget,
+                           "achieved": relative_flops(shape, result.seq_len, result.plan.kept_counts),
+                           "unit": "encoder MACs at seq_len, relative to the unpruned model"},
+        "neurons": {"kept_per_layer": result.plan.kept_counts,
+                    "width_per_layer": result.plan.widths,
+                    "kept": result.plan.total_kept, "total": sum(result.plan.widths)},
+        "params": {"before": params_before, "after": params_after},
+        "evaluation": evaluation,
+        "details": result.details,
+        "scaling": {k: result.plan.info.get(k) for k in ("scaled_layers", "scaling_stopped_at")},
+        "seconds": times,
+        "environment": _environment(),
+    }
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    export = save_pruned(result.model, out_dir, plan=result.plan, report=report, tokenizer=tokenizer,
+                         formats=formats, overwrite=args.overwrite, progress=progress)
+    report["export"] = _export_summary(export)
+    report["out"] = str(out_dir)
+    return report
+
+
+def _export_summary(export) -> dict:
+    from dataclasses import asdict, is_dataclass
+    return asdict(export) if is_dataclass(export) else dict(export)
+
+
+def _evaluation_data(args, sample, progress):
+    from . import data as D
+    if getattr(args, "eval_data", None):
+        return D.load_text_data(args.eval_data, text_column=args.text_column,
+                                text_pair_column=args.text_pair_column,
+                                label_column=args.label_column, split=args.eval_split)
+    if args.data == DEMO:
+        from . import demo
+        return demo.load_demo_split("test")
+    return sample if sample.has_labels else None
+
+
+def cmd_evaluate(args) -> dict:
+    from . import data as D
+    from .evaluate import evaluate_classifier
+    from .export import load_pruned
+    progress = StderrProgress()
+    model_path = _resolve_model_path(args.model, progress)
+    model, tokenizer = load_pruned(model_path, with_tokenizer=True)
+    data = demo_test(progress) if args.data == DEMO else D.load_text_data(
+        args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
+        label_column=args.label_column, split=args.split, config_name=args.data_config)
+    if not data.has_labels:
+        raise ValueError("evaluate needs labels: name the label column with --label-column")
+    batches = D.make_batches(data, tokenizer, max_len=args.max_len, batch_size=args.batch_size)
+    result = evaluate_classifier(model, batches, seed=args.seed, progress=progress)
+    return {"model": args.model, "data": data.source, "examples": len(data), **result.to_dict()}
+
+
+def demo_test(progress):
+    from . import demo
+    demo.prepare_demo(progress=progress)
+    return demo.load_demo_split("test")
+
+
+def cmd_export(args) -> dict:
+    from .export import load_pruned, save_pruned
+    from .plan import KeepPlan
+    model, tokenizer = load_pruned(args.model, with_tokenizer=True)
+    plan_file = Path(args.model) / "kcm_plan.json"
+    plan = KeepPlan.from_json(plan_file.read_text()) if plan_file.exists() else None
+    report_file = Path(args.model) / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else None
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    export = save_pruned(model, Path(args.out), plan=plan, report=report, tokenizer=tokenizer,
+                         formats=formats, overwrite=args.overwrite, progress=StderrProgress())
+    return _export_summary(export)
+
+
+def cmd_finetune(args) -> dict:
+    from . import data as D
+    from .finetune import FinetuneConfig, finetune
+    progress = StderrProgress()
+    train = D.load_text_data(args.data, text_column=args.text_column,
+                             text_pair_column=args.text_pair_column, label_column=args.label_column,
+                             split=args.split, config_name=args.data_config)
+    eval_data = None
+    if args.eval_data:
+        eval_data = D.load_text_data(args.eval_data, text_column=args.text_column,
+                                     text_pair_column=args.text_pair_column,
+                                     label_column=args.label_column, split=args.eval_split)
+    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                            max_len=args.max_len, seed=args.seed)
+    return finetune(_resolve_model_path(args.model, progress), train, Path(args.out), config,
+                    eval_data=eval_data, progress=progress, overwrite=args.overwrite)
+
+
+def cmd_demo(args) -> dict:
+    from . import demo
+    if args.action == "prepare":
+        return demo.prepare_demo(progress=StderrProgress())
+    return {"ready": demo.demo_ready(), "folder": str(demo.demo_dir()),
+            "data_source": demo.DATA_SOURCE, "data_terms": demo.DATA_TERMS}
+
+
+# --------------------------------------------------------------------------- parser
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required,
+                   help="'demo', a CSV/TSV/JSON/JSONL/Parquet/TXT file, or a hub dataset name")
+    p.add_argument("--text-column", help="column holding the text (default: text or sentence)")
+    p.add_argument("--text-pair-column", help="second text column for pair tasks (MRPC, QNLI, MNLI)")
+    p.add_argument("--label-column", help="column holding labels (enables accuracy, label methods)")
+    p.add_argument("--split", help="split of a hub dataset (e.g. train, validation)")
+    p.add_argument("--data-config", help="config of a hub dataset (e.g. sst2 for glue)")
+    p.add_argument("--max-len", type=int, default=128, help="truncate texts to this many tokens")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import METHODS
+    parser = argparse.ArgumentParser(prog="python -m kcm_core", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("flops", help="per-block cost of a model (needs only its config.json)")
+    p.add_argument("--model", required=True, help="folder with config.json, a hub id, or 'demo'")
+    p.add_argument("--seq-len", type=float, help="tokens per sequence (default 128; ViT: patches + 1)")
+    p.add_argument("--flops", type=float, help="relative FLOPs budget: also report the kept-neuron count")
+    p.add_argument("--json", dest="json_out", help="also write the JSON to this file")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("prune", help="score, select, scale, slice and save a pruned model")
+    p.add_argument("--model", required=True, help="model folder, hub id, or 'demo'")
+    _add_data_args(p)
+    p.add_argument("--flops", type=float, required=True, help="fraction of FLOPs to keep, e.g. 0.6")
+    p.add_argument("--method", default="kcm", choices=list(METHODS))
+    p.add_argument("--out", required=True, help="output folder (refused if it exists, see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--samples", type=int, default=2048, help="unlabeled sequences to score with")
+    p.add_argument("--seq-len", type=float, help="sequence length for FLOPs (default: sample mean)")
+    p.add_argument("--eval-data", help="labeled data for accuracy (default: demo test split, or --data)")
+    p.add_argument("--eval-split", help="split of --eval-data when it is a hub dataset")
+    p.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple (8, 16, 64)")
+    p.add_argument("--min-per-layer", type=int, default=0, help="neurons every layer keeps at least")
+    p.add_argument("--uniform", action="store_true",
+                   help="same width in every layer (stock from_pretrained can load the result)")
+    p.add_argument("--sigma", type=float, default=1.0, help="R2 kernel bandwidth (see --sigma-mode)")
+    p.add_argument("--sigma-mode", default="median", choices=["median", "fixed"],
+                   help="median: sigma x median pairwise distance; fixed: sigma as given (paper: 1)")
+    p.add_argument("--alpha", type=float, default=0.01, help="R2 stopping tolerance")
+    p.add_argument("--stop-rule", default="absolute", choices=["absolute", "signed"])
+    p.add_argument("--max-iter", type=int, default=200, help="R2 iteration cap")
+    p.add_argument("--d2-statistic", default="mean", choices=["mean", "mean_abs", "rms"])
+    p.add_argument("--d2-normalise", default="minmax", choices=["minmax", "zscore", "none"])
+    p.add_argument("--ridge", type=float, default=1.0, help="scaling: pull toward scale 1")
+    p.add_argument("--scale-samples", type=int, default=512, help="sequences used by scaling")
+    p.add_argument("--label-samples", type=int, default=512, help="labeled sequences for label methods")
+    p.add_argument("--format", default="hf", help="comma list of export formats: hf, onnx")
+    p.add_argument("--json", dest="json_out", help="also write the report JSON to this file")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("evaluate", help="accuracy of a (pruned) model on labeled data")
+    p.add_argument("--model", required=True, help="pruned folder, model folder, hub id, or 'demo'")
+    _add_data_args(p)
+    p.add_argument("--json", dest="json_out")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="re-export a pruned folder (e.g. add ONNX)")
+    p.add_argument("--model", required=True, help="a folder written by prune")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="hf,onnx", help="comma list: hf, onnx")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", dest="json_out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("finetune", help="fine-tune a classifier on labeled data")
+    p.add_argument("--model", required=True)
+    _add_data_args(p)
+    p.add_argument("--eval-data", help="labeled data to report accuracy on")
+    p.add_argument("--eval-split")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--json", dest="json_out")
+    p.set_defaults(func=cmd_finetune, max_len=64)
+
+    p = sub.add_parser("demo", help="the embedded demo: 'prepare' builds it, 'info' describes it")
+    p.add_argument("action", choices=["prepare", "info"])
+    p.add_argument("--json", dest="json_out")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    _json_out(result, getattr(args, "json_out", None))
+    return 0
