@@ -15,6 +15,7 @@ from torch import nn
 from . import scores as S
 from .activations import NeuronStats, collect_stats
 from .arch import ModelShape, model_shape
+from .flops import check_budget
 from .hull import HullConfig
 from .plan import KeepPlan
 from .realise import slice_model
@@ -110,12 +111,16 @@ class MethodScores:
 
 
 def mean_length(batches: Sequence[Batch]) -> float:
-    """Average number of real tokens per sequence (attention mask), or the token count for images."""
+    """Average number of real tokens per sequence: the attention mask's ones, or every position of
+    ``input_ids`` when a batch has no mask (as ``token_mask`` counts them); 0.0 for images."""
     tokens = sequences = 0
     for batch in batches:
         mask = batch.get("attention_mask")
         if mask is None:
-            return 0.0
+            mask = batch.get("input_ids")
+            if mask is None:
+                return 0.0
+            mask = torch.ones_like(mask)
         tokens += int(mask.sum())
         sequences += int(mask.shape[0])
     return tokens / sequences if sequences else 0.0
@@ -234,6 +239,7 @@ def prune(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = ()
     unlabeled = list(unlabeled)
     shape = model_shape(model.config)
     seq_len = resolve_seq_len(shape, unlabeled, config.seq_len)
+    check_budget(shape, seq_len, config.budget)      # before any scoring work
     if method_scores is None:
         method_scores = compute_scores(model, config, unlabeled, labeled, progress)
     seconds = dict(method_scores.seconds)
