@@ -35,6 +35,10 @@ class Family:
     # What to use when the width field is None (GPT-2's n_inner=None means 4 * n_embd).
     width_default_factor: int = 4
     vision: bool = False             # sequence length is patches + 1, no padding
+    # Parameter layout, for estimates from a config alone (no weights read):
+    qkv_bias: bool = True            # Q, K, V projections carry biases
+    dense_bias: bool = True          # output projection, FFN and two LayerNorms with biases
+    pooler: bool = False             # a d x d pooler sits before the classifier (BERT family)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -44,6 +48,7 @@ FAMILIES: tuple[Family, ...] = (
         layers=("encoder.layer",),
         up=("intermediate.dense",),
         down=("output.dense",),
+        pooler=True,
     ),
     Family(
         name="distilbert",
@@ -70,12 +75,25 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="llama",
-        model_types=("llama", "mistral", "qwen2"),
+        model_types=("llama", "mistral"),
         layers=("layers",),
         up=("mlp.up_proj",),
         gate=("mlp.gate_proj",),
         down=("mlp.down_proj",),
         kv_heads_field=("num_key_value_heads",),
+        qkv_bias=False,
+        dense_bias=False,
+    ),
+    Family(
+        name="qwen2",                # LLaMA's layout, but its Q, K, V projections carry biases
+        model_types=("qwen2",),
+        layers=("layers",),
+        up=("mlp.up_proj",),
+        gate=("mlp.gate_proj",),
+        down=("mlp.down_proj",),
+        kv_heads_field=("num_key_value_heads",),
+        qkv_bias=True,
+        dense_bias=False,
     ),
     Family(
         name="vit",
@@ -248,6 +266,9 @@ class ModelShape:
     max_positions: int
     num_labels: int
     image_tokens: int            # ViT: patches + 1; else 0
+    qkv_bias: bool
+    dense_bias: bool
+    head: str                    # "lm", "classifier", "pooled-classifier" or "none" (from architectures)
 
     @property
     def head_dim(self) -> int:
@@ -283,4 +304,17 @@ def model_shape(config) -> ModelShape:
         ),
         num_labels=int(getattr(config, "num_labels", 0) or 0),
         image_tokens=image_tokens,
+        qkv_bias=family.qkv_bias or bool(getattr(config, "attention_bias", False)),
+        dense_bias=family.dense_bias,
+        head=_head_kind(config, family),
     )
+
+
+def _head_kind(config, family: Family) -> str:
+    """What sits on top of the layers, read from the config's ``architectures`` list."""
+    names = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in names or "LMHead" in names:
+        return "lm"
+    if "Classification" in names:
+        return "pooled-classifier" if family.pooler else "classifier"
+    return "none"

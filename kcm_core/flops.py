@@ -190,15 +190,18 @@ class CostReport:
 
 
 def estimate_layer_params(shape: ModelShape, neurons: int) -> int:
-    """Parameters of one layer from the config (biases as BERT has them; LLaMA has none)."""
+    """Parameters of one layer from the config alone, following the family's bias layout."""
     d, dh = shape.hidden, shape.head_dim
-    q_out = shape.heads * dh
-    kv_out = shape.kv_heads * dh
-    if shape.family == "llama":
-        attn = d * (q_out + 2 * kv_out) + q_out * d
-        return attn + 3 * d * neurons + 2 * d
-    attn = d * (q_out + 2 * kv_out) + (q_out + 2 * kv_out) + q_out * d + d
-    return attn + 2 * d * neurons + neurons + d + 4 * d   # + two LayerNorms
+    q_out, kv_out = shape.heads * dh, shape.kv_heads * dh
+    up_rows = (2 if shape.gated else 1) * neurons
+    weights = d * (q_out + 2 * kv_out) + q_out * d + up_rows * d + neurons * d
+    biases = (q_out + 2 * kv_out) if shape.qkv_bias else 0
+    if shape.dense_bias:       # output projection, FFN up and down, two LayerNorms (weight + bias)
+        biases += d + up_rows + d + 2 * d
+        norms = 2 * d
+    else:                      # RMSNorm: weight only
+        norms = 2 * d
+    return weights + biases + norms
 
 
 def cost_report(shape: ModelShape, seq_len: float, kept: Sequence[int] | None = None,
@@ -207,10 +210,11 @@ def cost_report(shape: ModelShape, seq_len: float, kept: Sequence[int] | None = 
     without, they are estimated from the config."""
     rows = tuple(layer_costs(shape, seq_len, kept))
     d = shape.hidden
-    if shape.family == "gpt2" or shape.num_labels == 0:
-        head_macs = seq_len * d * shape.vocab_size if shape.family in ("gpt2", "llama") else 0.0
-    else:
-        head_macs = d * d + d * shape.num_labels     # pooler + classifier on one token
+    head_macs = {
+        "lm": seq_len * d * shape.vocab_size,                   # logits for every position
+        "pooled-classifier": d * d + d * shape.num_labels,      # pooler + classifier on one token
+        "classifier": d * shape.num_labels,
+    }.get(shape.head, 0.0)
     if params is None:
         layer_params = tuple(estimate_layer_params(shape, row.neurons) for row in rows)
         embedding_params = (shape.vocab_size + shape.max_positions) * d

@@ -4,6 +4,7 @@ Every scorer returns ``LayerScores``: a list with one float32 CPU tensor of shap
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Literal
 
@@ -100,6 +101,19 @@ def random_scores(widths: Iterable[int], seed: int) -> LayerScores:
     return [torch.rand(int(w), generator=gen) for w in widths]
 
 
+@contextlib.contextmanager
+def _config_restored(model: nn.Module):
+    """Hugging Face task heads write ``config.problem_type`` on their first call with labels; put it
+    back, since the caller's config (shared with every user of a cached model) must not change."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "problem_type", None)
+    try:
+        yield
+    finally:
+        if hasattr(config, "problem_type"):
+            config.problem_type = before
+
+
 def mask_gradients(model: nn.Module, batches: Iterable[Batch], *, squared: bool = True,
                    progress: Progress | None = None, total: int | None = None) -> LayerScores:
     """Gradient of the task loss with respect to a mask of ones on every neuron, summed over batches.
@@ -119,7 +133,7 @@ def mask_gradients(model: nn.Module, batches: Iterable[Batch], *, squared: bool 
 
     handles = [b.down.register_forward_pre_hook(make_hook(i)) for i, b in enumerate(blocks)]
     seen = 0
-    with hooks(handles), eval_mode(model), torch.enable_grad():
+    with hooks(handles), eval_mode(model), _config_restored(model), torch.enable_grad():
         for step, batch in enumerate(batches):
             labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
             if labels is None:

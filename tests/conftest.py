@@ -1,0 +1,151 @@
+"""Shared tiny-model fixtures for the whole suite. CPU only, no network, built from configs in memory.
+
+Odd, distinct sizes (hidden 32, FFN width 37, 4 heads, vocab 99) so a transposed dimension fails
+loudly instead of broadcasting silently (Hugging Face's ``BertModelTester`` habit).
+
+Fixtures (each returns a factory, so one test can build several models):
+
+``tiny_model(family, task="classification", *, layers=2, dtype=None, attn=None, seed=0)``
+    A freshly built, seeded model in eval mode. ``family`` is one of ``TINY_FAMILIES`` (bert, roberta,
+    electra, xlm-roberta, distilbert, gpt2, llama, mistral, qwen2, vit). ``task`` is
+    "classification" (``*ForSequenceClassification`` / ``ViTForImageClassification``, 2 labels),
+    "base" (the bare backbone, ``AutoModel``) or "causal-lm" (decoder families only).
+    ``attn="eager"`` forces eager attention (``FlopCounterMode`` does not see SDPA on CPU).
+
+``tiny_batches(model, *, n_batches=2, batch_size=4, seq_len=9, labels=True, seed=0)``
+    A list of batches for ``model``: ``input_ids`` with ``attention_mask`` (right padding on some
+    rows, padded positions hold the pad id) and ``labels``; ``pixel_values`` (and labels) for ViT.
+
+The same factories are importable as plain functions (``from conftest import build_tiny_model``)
+for module-level parametrisation.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spin-waiting
+# made the core suite about 6x slower (measured: 119 s with 2 threads, 20 s with 1).
+torch.set_num_threads(1)
+
+HIDDEN, WIDTH, HEADS, KV_HEADS, VOCAB = 32, 37, 4, 2, 99
+IMAGE, PATCH = 16, 4
+
+TEXT_FAMILIES = ("bert", "roberta", "electra", "xlm-roberta", "distilbert", "gpt2", "llama",
+                 "mistral", "qwen2")
+DECODER_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+TINY_FAMILIES = TEXT_FAMILIES + ("vit",)
+
+
+def tiny_config(family: str, layers: int = 2, attn: str | None = None, **overrides):
+    """A tiny ``transformers`` config of ``family`` with the suite's odd sizes."""
+    bert_like = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers,
+                     num_attention_heads=HEADS, intermediate_size=WIDTH)
+    gated = dict(bert_like, num_key_value_heads=KV_HEADS, pad_token_id=0)
+    if family == "bert":
+        kw, cls = bert_like, T.BertConfig
+    elif family == "roberta":
+        kw, cls = dict(bert_like, pad_token_id=1), T.RobertaConfig
+    elif family == "xlm-roberta":
+        kw, cls = dict(bert_like, pad_token_id=1), T.XLMRobertaConfig
+    elif family == "electra":
+        kw, cls = dict(bert_like, embedding_size=HIDDEN), T.ElectraConfig
+    elif family == "distilbert":
+        kw = dict(vocab_size=VOCAB, dim=HIDDEN, n_layers=layers, n_heads=HEADS, hidden_dim=WIDTH)
+        cls = T.DistilBertConfig
+    elif family == "gpt2":
+        kw = dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=layers, n_head=HEADS, n_inner=WIDTH,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        cls = T.GPT2Config
+    elif family == "llama":
+        kw, cls = gated, T.LlamaConfig
+    elif family == "mistral":
+        kw, cls = gated, T.MistralConfig
+    elif family == "qwen2":
+        kw, cls = gated, T.Qwen2Config
+    elif family == "vit":
+        kw = dict(hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
+                  intermediate_size=WIDTH, image_size=IMAGE, patch_size=PATCH, num_channels=3)
+        cls = T.ViTConfig
+    else:
+        raise KeyError(f"no tiny config for family {family!r}")
+    kw = {**kw, **overrides}
+    if attn is not None:
+        kw["attn_implementation"] = attn
+    return cls(**kw)
+
+
+def build_tiny_model(family: str, task: str = "classification", *, layers: int = 2,
+                     dtype: torch.dtype | None = None, attn: str | None = None, seed: int = 0,
+                     **overrides):
+    """A seeded tiny model of ``family`` in eval mode (see the module docstring)."""
+    config = tiny_config(family, layers=layers, attn=attn, **overrides)
+    torch.manual_seed(seed)
+    if task == "classification":
+        if family == "vit":
+            model = T.ViTForImageClassification(config)
+        else:
+            model = T.AutoModelForSequenceClassification.from_config(config)
+    elif task == "base":
+        model = T.AutoModel.from_config(config)
+    elif task == "causal-lm":
+        if family not in DECODER_FAMILIES:
+            raise KeyError(f"{family} has no causal-LM head in this suite")
+        model = T.AutoModelForCausalLM.from_config(config)
+    else:
+        raise KeyError(f"unknown task {task!r}")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def pad_id(model) -> int:
+    pad = getattr(model.config, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def make_batches(model, *, n_batches: int = 2, batch_size: int = 4, seq_len: int = 9,
+                 labels: bool = True, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Batches for ``model``; text rows 1 and 3 of every batch end in padding (see module doc)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_labels = int(getattr(model.config, "num_labels", 2) or 2)
+    batches = []
+    for _ in range(n_batches):
+        batch: dict[str, torch.Tensor] = {}
+        if model.config.model_type == "vit":
+            size = model.config.image_size
+            batch["pixel_values"] = torch.randn(batch_size, 3, size, size, generator=gen)
+        else:
+            ids = torch.randint(2, VOCAB, (batch_size, seq_len), generator=gen)
+            mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+            for row in range(1, batch_size, 2):              # row 1: 3 pads, row 3: 5 pads
+                mask[row, max(1, seq_len - (row + 2)):] = 0
+            ids = ids.masked_fill(mask == 0, pad_id(model))
+            batch["input_ids"], batch["attention_mask"] = ids, mask
+        if labels:
+            batch["labels"] = torch.randint(0, num_labels, (batch_size,), generator=gen)
+        batches.append(batch)
+    return batches
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory: ``tiny_model(family, task="classification", *, layers=2, dtype=None, attn=None)``."""
+    return build_tiny_model
+
+
+@pytest.fixture
+def tiny_batches():
+    """Factory: ``tiny_batches(model, *, n_batches=2, batch_size=4, seq_len=9, labels=True)``."""
+    return make_batches
+
+
+def state_snapshot(model) -> dict[str, torch.Tensor]:
+    """A detached copy of every tensor in ``model.state_dict()``, to prove it was not changed."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model, snapshot: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == snapshot.keys() and all(torch.equal(now[k], snapshot[k]) for k in snapshot)
