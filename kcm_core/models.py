@@ -1,0 +1,238 @@
+"""Loading models and configs from a local folder or the Hugging Face hub, with clear failures.
+
+Every failure a user can cause (a mistyped path, no network, an unsupported architecture, a
+checkpoint with NaN weights) becomes one ``ValueError`` sentence. The architecture check runs on the
+config, before any weights are read, so an unsupported model fails in milliseconds.
+
+The word ``"demo"`` is not handled here: the CLI and the app resolve it through ``kcm_core.demo``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from .arch import family_for_config
+from .runtime import check_finite, default_device
+
+# task -> name of the transformers Auto class that builds it
+TASKS: dict[str, str] = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "base": "AutoModel",
+    "image-classification": "AutoModelForImageClassification",
+}
+HUB_TIMEOUT_S = 5.0  # the reachability probe; a dead network fails in seconds, not after retries
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- quiet transformers
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' progress bars and warnings for the block, then restore the caller's settings.
+
+    The library reports through ``progress`` callbacks; "Loading weights" bars and the notice that a
+    new classification head was initialised would otherwise land on the caller's stderr.
+    """
+    from transformers.utils import logging as hf_logging
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------- hub access
+
+def hub_offline() -> bool:
+    """True when the user switched the hub off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def check_hub(repo_id: str, *, kind: str = "model", what: str | None = None,
+              timeout: float = HUB_TIMEOUT_S) -> None:
+    """Ask the hub about ``repo_id`` once, with a short timeout; raise one clear ``ValueError``.
+
+    ``kind`` is ``"model"`` or ``"dataset"``; ``what`` names the action for the message. This probe
+    replaces the long retry loops a plain ``from_pretrained`` runs into when the network is down.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    what = what or f"load {kind} {repo_id!r}"
+    api = HfApi()
+    probe = api.model_info if kind == "model" else api.dataset_info
+    try:
+        probe(repo_id, timeout=timeout)
+    except GatedRepoError:
+        raise ValueError(f"{kind} {repo_id!r} is gated on the Hugging Face hub; accept its terms and log "
+                         "in (`hf auth login`), or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"no {kind} {repo_id!r} on the Hugging Face hub (or it is private); check the "
+                         "name or pass a local folder") from None
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", "an error")
+        raise ValueError(f"the Hugging Face hub answered {status} when asked to {what}; try again later "
+                         "or pass a local folder") from None
+    except Exception as err:  # connection refused, DNS, timeout, proxy: all mean "unreachable"
+        raise ValueError(f"could not reach the Hugging Face hub to {what} from this machine "
+                         f"({type(err).__name__}); pass a local folder instead") from None
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    if not _HUB_ID.match(name) or ".." in name:
+        return False
+    head = name.split("/")[0]
+    # "out/model" is a local path when "out" exists here; a hub id never starts with a local folder.
+    return "/" not in name or not Path(head).exists()
+
+
+def _resolve(name_or_path: str | os.PathLike) -> tuple[str, bool]:
+    """``(location, is_local)``; raises ``ValueError`` for paths that do not exist."""
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"model must be a folder or a hub id, got {name_or_path!r}")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json; give a model folder saved with save_pretrained "
+                             "or a hub id")
+        return str(path), True
+    if path.exists():
+        raise ValueError(f"{path} is a file; give a model folder with config.json or a hub id")
+    if not _looks_like_hub_id(name_or_path):
+        raise ValueError(f"no model folder at {name_or_path}; give a local folder with config.json or a "
+                         "hub id")
+    return name_or_path, False
+
+
+def _hub_kwargs(location: str, is_local: bool) -> dict[str, Any]:
+    """``from_pretrained`` options: local files only for folders and offline mode, else a probe first."""
+    if is_local:
+        return {"local_files_only": True}
+    if hub_offline():
+        return {"local_files_only": True}
+    check_hub(location, kind="model")
+    return {}
+
+
+def _offline_error(location: str, err: Exception) -> ValueError:
+    return ValueError(f"model {location!r} is not in the local Hugging Face cache and the hub is offline "
+                      f"(HF_HUB_OFFLINE is set) ({type(err).__name__}); pass a local folder instead")
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config(name_or_path: str | os.PathLike):
+    """The ``transformers`` config of a folder (``config.json`` alone is enough) or hub id."""
+    from transformers import AutoConfig
+    location, is_local = _resolve(name_or_path)
+    kwargs = _hub_kwargs(location, is_local)
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(location, **kwargs)
+    except OSError as err:
+        if not is_local and kwargs.get("local_files_only"):
+            raise _offline_error(location, err) from None
+        raise ValueError(f"could not read the config of {location}: {err}") from None
+    except ValueError as err:  # unknown model_type, malformed JSON
+        raise ValueError(f"could not read the config of {location}: {str(err).splitlines()[0]}") from None
+
+
+def load_model(name_or_path: str | os.PathLike, *, task: str = "sequence-classification",
+               device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+               config_updates: Mapping[str, Any] | None = None,
+               **from_pretrained: Any) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, tokenizer)`` in eval mode on ``device`` (default: ``default_device()``).
+
+    ``task`` picks the head: ``sequence-classification``, ``causal-lm``, ``base`` or
+    ``image-classification`` (which returns an image processor in place of the tokenizer). Extra
+    keyword arguments go to ``from_pretrained`` (e.g. ``num_labels``). A tokenizer without a pad token
+    gets its end-of-text token as pad, and the model's ``pad_token_id`` follows, so GPT-2 classifiers
+    accept padded batches.
+    """
+    import transformers
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    torch_dtype = _dtype(dtype)
+    target = _device(device)
+    config = load_config(name_or_path)
+    family = family_for_config(config)            # unsupported architectures stop here, before weights
+    for key, value in (config_updates or {}).items():
+        setattr(config, key, value)
+    location, is_local = _resolve(name_or_path)
+    kwargs = {"local_files_only": True} if is_local or hub_offline() else {}
+    auto = getattr(transformers, TASKS[task])
+    if torch_dtype is not None:  # None keeps transformers' own default
+        kwargs["dtype"] = torch_dtype
+    try:
+        with quiet_transformers():
+            model = auto.from_pretrained(location, config=config, **kwargs, **from_pretrained)
+    except OSError as err:
+        if not is_local and kwargs.get("local_files_only"):
+            raise _offline_error(location, err) from None
+        raise ValueError(f"could not load the weights of {location}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:  # e.g. no class for this task and config
+        raise ValueError(f"cannot load {location} for task {task!r}: {str(err).splitlines()[0]}") from None
+    check_finite(model)
+    processor = _load_processor(location, {k: v for k, v in kwargs.items() if k != "dtype"},
+                                vision=family.vision or task == "image-classification")
+    if getattr(processor, "pad_token", "n/a") is None and getattr(processor, "eos_token", None) is not None:
+        processor.pad_token = processor.eos_token   # our own fresh tokenizer: safe to set
+    if getattr(model.config, "pad_token_id", None) is None and getattr(processor, "pad_token_id", None) is not None:
+        model.config.pad_token_id = processor.pad_token_id
+    model.to(target)
+    model.eval()
+    return model, processor
+
+
+def _load_processor(location: str, kwargs: dict[str, Any], vision: bool):
+    from transformers import AutoImageProcessor, AutoTokenizer
+    loader = AutoImageProcessor if vision else AutoTokenizer
+    kind = "image processor" if vision else "tokenizer"
+    advice = f"save one with {kind.replace(' ', '_')}.save_pretrained into the model folder"
+    try:
+        with quiet_transformers():
+            processor = loader.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"{location} has no usable {kind} ({type(err).__name__}); {advice}") from None
+    # Without tokenizer files transformers 5 builds a tokenizer holding only its special tokens,
+    # which would turn every word into [UNK] without a word of warning.
+    if not vision and len(processor) <= len(set(processor.all_special_ids)):
+        raise ValueError(f"{location} has no usable tokenizer (its vocabulary holds only special tokens: "
+                         f"the tokenizer files are missing); {advice}")
+    return processor
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype must be a torch dtype or one of auto, {', '.join(_DTYPES)}, got {dtype!r}")
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be like 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
