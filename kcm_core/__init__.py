@@ -5,6 +5,7 @@ under a FLOPs budget into a ``KeepPlan``, fit label-free scales, and realise the
 or slicing into smaller layers. No Streamlit, no printing, no downloads inside library calls.
 """
 from .arch import FAMILIES, SUPPORTED_MODEL_TYPES, ffn_blocks, model_shape
+from .export import ExportResult, load_pruned, save_pruned
 from .flops import cost_report, count_params, keep_count, relative_flops
 from .hull import HullConfig, kernel_hull, r2_scores
 from .pipeline import METHODS, MethodScores, PruneConfig, compute_scores, make_plan, prune
@@ -19,4 +20,5 @@ __all__ = [
     "keep_count", "relative_flops", "HullConfig", "kernel_hull", "r2_scores", "METHODS",
     "MethodScores", "PruneConfig", "compute_scores", "make_plan", "prune", "KeepPlan", "LayerKeep",
     "mask_copy", "slice_model", "ScaleConfig", "fit_scales", "D2Config", "select",
+    "ExportResult", "load_pruned", "save_pruned",
 ]

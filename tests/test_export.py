@@ -1,0 +1,242 @@
+"""Exports reload where they should: stock ``transformers`` for uniform widths (in a fresh process with no
+project code), ``load_pruned`` for per-layer widths, ONNX Runtime with other batch and sequence sizes
+than the trace; and the folder appears whole or not at all.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+import kcm_core.export as E
+from kcm_core import KeepPlan, LayerKeep, ffn_blocks, load_pruned, save_pruned, slice_model
+
+WIDTH = 37
+CONFIGS = {
+    "bert": lambda: T.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, intermediate_size=WIDTH, num_labels=3),
+    "distilbert": lambda: T.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4,
+                                             hidden_dim=WIDTH, num_labels=3),
+    "gpt2": lambda: T.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_inner=WIDTH,
+                                 pad_token_id=0, num_labels=3),
+    "llama": lambda: T.LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=WIDTH, pad_token_id=0, num_labels=3),
+    "vit": lambda: T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=WIDTH, image_size=16, patch_size=4, num_labels=3),
+}
+FAMILIES = list(CONFIGS)
+
+
+def make_model(family: str):
+    torch.manual_seed(0)
+    config = CONFIGS[family]()
+    if family == "vit":
+        return T.ViTForImageClassification(config).eval()
+    return T.AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def inputs(family: str, batch: int, seq: int, seed: int = 5) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=gen)}
+    out = {"input_ids": torch.randint(1, 99, (batch, seq), generator=gen),
+           "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    out["attention_mask"][0, seq - 3:] = 0
+    if family == "bert":
+        out["token_type_ids"] = torch.randint(0, 2, (batch, seq), generator=gen)
+    return out
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+UNIFORM = KeepPlan((LayerKeep(tuple(range(0, 36, 2)), WIDTH), LayerKeep(tuple(range(3, 21)), WIDTH)))
+PER_LAYER = KeepPlan((LayerKeep((1, 4, 5, 9, 20, 36), WIDTH), LayerKeep((), WIDTH)))   # layer 1 emptied
+
+
+VERIFIED = ("bert", "gpt2", "vit")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Every family, exported once with a uniform and once with a per-layer (emptied) plan.
+
+    Fresh interpreters cost seconds each, so: the uniform exports are all reloaded by one independent
+    stock-transformers process below; per-layer exports of bert (Linear), gpt2 (transposed Conv1D,
+    emptied layer swapped to a project class) and vit (image probe) also run save_pruned's own
+    fresh-process check (load_pruned); every per-layer export is reloaded in-process by the tests.
+    """
+    root = tmp_path_factory.mktemp("exports")
+    made = {}
+    for family in FAMILIES:
+        model = make_model(family)
+        for kind, plan in (("uniform", UNIFORM), ("per_layer", PER_LAYER)):
+            pruned = slice_model(model, plan)
+            result = save_pruned(pruned, root / f"{family}-{kind}", plan=plan,
+                                 report={"method": "hand-made", "relative_flops": {"achieved": 0.5}},
+                                 verify=kind == "per_layer" and family in VERIFIED)
+            made[family, kind] = (pruned, result)
+    return made
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_uniform_export_is_stock_loadable(exports, family):
+    pruned, result = exports[family, "uniform"]
+    assert result.loader == "transformers"
+    config = json.loads((result.out_dir / "config.json").read_text())
+    assert "kcm_ffn_widths" not in config
+    assert {"model.safetensors", "kcm_plan.json", "report.json", "report.md"} <= set(result.files)
+    assert not any(f.startswith(".kcm_probe") for f in result.files)
+    reloaded = load_pruned(result.out_dir)                           # the uniform path of load_pruned
+    batch = inputs(family, 4, 9)
+    assert torch.allclose(logits(reloaded, batch), logits(pruned, batch), atol=1e-5)
+
+
+def test_stock_transformers_loads_uniform_exports_without_project_code(exports, tmp_path):
+    """One fresh interpreter (python -I: no cwd, no PYTHONPATH) loads every uniform export."""
+    folders = {family: str(exports[family, "uniform"][1].out_dir) for family in FAMILIES}
+    batches = {family: {k: v.numpy() for k, v in inputs(family, 2, 7).items()} for family in FAMILIES}
+    for family, batch in batches.items():
+        np.savez(tmp_path / f"{family}-in.npz", **batch)
+    script = r"""
+import json, sys
+import numpy as np, torch, transformers
+folders, where = json.loads(sys.argv[1]), sys.argv[2]
+for family, folder in folders.items():
+    auto = transformers.AutoModelForImageClassification if family == "vit" else \
+        transformers.AutoModelForSequenceClassification
+    model = auto.from_pretrained(folder).eval()
+    batch = {k: torch.from_numpy(v) for k, v in np.load(f"{where}/{family}-in.npz").items()}
+    with torch.no_grad():
+        np.save(f"{where}/{family}-out.npy", model(**batch).logits.numpy())
+assert not any(m.split(".")[0] == "kcm_core" for m in sys.modules), "project code was imported"
+"""
+    done = subprocess.run([sys.executable, "-I", "-c", script, json.dumps(folders), str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for family in FAMILIES:
+        pruned = exports[family, "uniform"][0]
+        expected = logits(pruned, {k: torch.from_numpy(v) for k, v in batches[family].items()})
+        got = torch.from_numpy(np.load(tmp_path / f"{family}-out.npy"))
+        assert (got - expected).abs().max() <= 1e-4, family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_layer_export_loads_with_load_pruned(exports, family):
+    pruned, result = exports[family, "per_layer"]
+    assert result.loader == "kcm_core.load_pruned"
+    assert result.reloaded_ok == (family in VERIFIED)
+    assert result.max_abs_diff.get("hf", 0.0) <= 1e-4
+    config = json.loads((result.out_dir / "config.json").read_text())
+    assert config["kcm_ffn_widths"] == [6, 0]
+    reloaded, tokenizer = load_pruned(result.out_dir, device="cpu", with_tokenizer=True)
+    assert tokenizer is None
+    assert [b.width for b in ffn_blocks(reloaded)] == [6, 0]
+    assert reloaded.config.kcm_ffn_widths == [6, 0]
+    batch = inputs(family, 3, 12)
+    assert torch.allclose(logits(reloaded, batch), logits(pruned, batch), atol=1e-5)
+    assert KeepPlan.from_json((result.out_dir / "kcm_plan.json").read_text()) == PER_LAYER
+
+
+def test_emptied_gpt2_needs_the_project_loader(tmp_path):
+    """Stock GPT-2 Conv1D cannot run zero width, so even a uniform all-empty plan records its widths."""
+    pruned = slice_model(make_model("gpt2"), KeepPlan((LayerKeep((), WIDTH), LayerKeep((), WIDTH))))
+    result = save_pruned(pruned, tmp_path / "gpt2-empty")
+    assert result.loader == "kcm_core.load_pruned" and result.max_abs_diff["hf"] <= 1e-4
+    batch = inputs("gpt2", 2, 6)
+    assert torch.allclose(logits(load_pruned(result.out_dir), batch), logits(pruned, batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_onnx_matches_pytorch_on_other_shapes(tmp_path, family):
+    import onnxruntime as ort
+
+    pruned = slice_model(make_model(family), PER_LAYER)
+    result = save_pruned(pruned, tmp_path / "onnx", formats=("onnx",))
+    assert result.onnx_exporter == "dynamo" and result.max_abs_diff["onnx"] <= 1e-4
+    assert "model.safetensors" not in result.files
+    session = ort.InferenceSession(str(result.out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch_size, seq in ((5, 17), (1, 4)):          # the trace used batch 2, sequence 8
+        batch = inputs(family, batch_size, seq, seed=9)
+        got = session.run(None, {k: v.numpy() for k, v in batch.items()})[0]
+        assert np.abs(got - logits(pruned, batch).numpy()).max() <= 1e-4
+
+
+def test_export_leaves_the_callers_model_alone(tmp_path):
+    pruned = slice_model(make_model("bert"), UNIFORM)
+    pruned.config.architectures = None
+    config, state = pruned.config.to_dict(), {k: v.clone() for k, v in pruned.state_dict().items()}
+    save_pruned(pruned, tmp_path / "out", verify=False)
+    assert pruned.config.to_dict() == config
+    assert all(torch.equal(v, state[k]) for k, v in pruned.state_dict().items())
+
+
+def test_refuses_to_overwrite_then_overwrites(tmp_path):
+    model = make_model("bert")
+    target = tmp_path / "out"
+    save_pruned(slice_model(model, UNIFORM), target, verify=False)
+    with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
+        save_pruned(slice_model(model, PER_LAYER), target)
+    assert json.loads((target / "config.json").read_text())["intermediate_size"] == 18
+    save_pruned(slice_model(model, PER_LAYER), target, overwrite=True, verify=False)
+    assert json.loads((target / "config.json").read_text())["kcm_ffn_widths"] == [6, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]        # no .tmp or .old left
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch, existing):
+    model = slice_model(make_model("bert"), UNIFORM)
+    target = tmp_path / "out"
+    if existing:
+        save_pruned(model, target, verify=False)
+    before = sorted(p.name for p in target.iterdir()) if existing else None
+
+    def interrupted(*args, **kwargs):
+        assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())    # midway
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "_verify", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_pruned(model, target, formats=("hf",), overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
+    if existing:
+        assert sorted(p.name for p in target.iterdir()) == before
+
+
+# Stand-ins for the fresh process (numpy only, so they start in a fraction of a second).
+WRONG_OUTPUTS = r"""
+import json, sys
+import numpy as np
+folder, jobs = sys.argv[1], json.loads(sys.argv[2])
+np.savez(folder + "/.kcm_probe_out.npz", **{fmt: np.full((3, 3), 0.5, np.float32) for fmt, _, _ in jobs})
+print("{}")
+"""
+CRASHES = "import sys; sys.exit('cannot load: simulated failure')"
+
+
+@pytest.mark.parametrize("child, message", [(WRONG_OUTPUTS, "differs from the in-memory model"),
+                                            (CRASHES, "failed to reload in a fresh process")],
+                         ids=["wrong-outputs", "crash"])
+def test_a_failed_reload_raises_and_leaves_nothing(tmp_path, monkeypatch, child, message):
+    model = slice_model(make_model("bert"), UNIFORM)
+    monkeypatch.setattr(E, "_CHILD", child)
+    with pytest.raises(ValueError, match=message):
+        save_pruned(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_fail_at_the_door(tmp_path):
+    model = make_model("bert")
+    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
+        save_pruned(model, tmp_path / "out", formats=("hf", "tflite"))
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_pruned(tmp_path / "missing")
+    with pytest.raises(ValueError, match="Unsupported"):
+        save_pruned(torch.nn.Linear(2, 2), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
