@@ -1,0 +1,160 @@
+"""Chart data as plain DataFrames: what every figure shows, computed without Streamlit or Plotly."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kcm_core.arch import ModelShape
+from kcm_core.flops import BLOCK_LABELS, BLOCKS, CostReport, cost_report
+from kcm_core.plan import KeepPlan
+
+MAC_UNITS = {"MACs": 1.0, "MFLOPs": 2e-6, "MMACs": 1e-6}
+
+
+# --------------------------------------------------------------------------- cost
+
+def cost_frame(report: CostReport, unit: str = "MMACs") -> pd.DataFrame:
+    """Long table (row per layer x block) of one sequence's cost, plus the head outside the count.
+
+    ``unit``: "MMACs" (millions of multiply-accumulates) or "MFLOPs" (= 2 x MMACs).
+    """
+    scale = MAC_UNITS[unit]
+    rows = []
+    for layer in report.layers:
+        for block in BLOCKS:
+            rows.append({"part": f"layer {layer.index}", "block": block, "label": BLOCK_LABELS[block],
+                         "value": getattr(layer, block) * scale, "counted": True})
+    rows.append({"part": "head", "block": "head", "label": "pooler + classifier (outside the count)",
+                 "value": report.head_macs * scale, "counted": False})
+    return pd.DataFrame(rows)
+
+
+def param_frame(report: CostReport, shape: ModelShape) -> pd.DataFrame:
+    """Long table of parameters: per layer split into attention and FFN, plus embeddings and head."""
+    d = shape.hidden
+    rows = [{"part": "embeddings", "block": "embeddings", "label": "embeddings, norms, pooler",
+             "value": float(report.embedding_params)}]
+    for layer, total in zip(report.layers, report.layer_params):
+        up = layer.neurons * d * (2 if shape.gated else 1) + (0 if shape.family == "llama" else layer.neurons)
+        down = layer.neurons * d
+        rows += [
+            {"part": f"layer {layer.index}", "block": "qkv+attn_out", "label": "attention and norms",
+             "value": float(total - up - down)},
+            {"part": f"layer {layer.index}", "block": "ffn_up", "label": BLOCK_LABELS["ffn_up"], "value": float(up)},
+            {"part": f"layer {layer.index}", "block": "ffn_down", "label": BLOCK_LABELS["ffn_down"],
+             "value": float(down)},
+        ]
+    rows.append({"part": "head", "block": "head", "label": "task head", "value": float(report.head_params)})
+    return pd.DataFrame(rows)
+
+
+def attention_share_curve(shape: ModelShape, lengths: Iterable[float]) -> pd.DataFrame:
+    """Share of the counted MACs in attention matrix products, attention projections and FFN,
+    as a function of sequence length: the s^2 term grows, so FFN pruning saves less on long inputs."""
+    rows = []
+    for s in lengths:
+        report = cost_report(shape, float(s))
+        total = report.encoder_macs
+        matmul = sum(r.attn_matmul for r in report.layers)
+        proj = sum(r.qkv + r.attn_out for r in report.layers)
+        rows.append({"seq_len": float(s), "attention matrix products": matmul / total,
+                     "attention projections": proj / total, "FFN": report.ffn_share})
+    return pd.DataFrame(rows)
+
+
+def savings_table(ffn_share: float, fractions: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 1.0)) -> pd.DataFrame:
+    """Removing a fraction x of FFN neurons removes x * ffn_share of the counted FLOPs."""
+    return pd.DataFrame({"neurons pruned": list(fractions),
+                         "FLOPs saved": [x * ffn_share for x in fractions],
+                         "relative FLOPs": [1 - x * ffn_share for x in fractions]})
+
+
+# --------------------------------------------------------------------------- scores
+
+def score_frame(columns: Mapping[str, Sequence[torch.Tensor]]) -> pd.DataFrame:
+    """One row per neuron (layer, neuron) with one column per score kind."""
+    first = next(iter(columns.values()))
+    layer = np.concatenate([np.full(t.numel(), i) for i, t in enumerate(first)])
+    neuron = np.concatenate([np.arange(t.numel()) for t in first])
+    data: dict[str, Any] = {"layer": layer, "neuron": neuron}
+    for name, per_layer in columns.items():
+        data[name] = torch.cat([t.float().flatten() for t in per_layer]).numpy()
+    return pd.DataFrame(data)
+
+
+def rank_heatmap(frame: pd.DataFrame, column: str, bins: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(layers x bins) matrix of each layer's scores sorted from best to worst, averaged into ``bins``
+    rank bins, and the bin centres as a fraction of the layer's width (0 = best)."""
+    layers = sorted(frame["layer"].unique())
+    out = np.zeros((len(layers), bins))
+    for row, layer in enumerate(layers):
+        values = np.sort(frame.loc[frame["layer"] == layer, column].to_numpy())[::-1]
+        edges = np.linspace(0, len(values), bins + 1).astype(int)
+        out[row] = [values[a:max(b, a + 1)].mean() if len(values) else np.nan
+                    for a, b in zip(edges[:-1], edges[1:])]
+    centres = (np.arange(bins) + 0.5) / bins
+    return out, centres
+
+
+def top_bottom(frame: pd.DataFrame, layer: int, column: str, n: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The ``n`` best and ``n`` worst neurons of one layer by ``column`` (stable: ties by index)."""
+    rows = frame[frame["layer"] == layer]
+    best = rows.sort_values([column, "neuron"], ascending=[False, True], kind="stable").head(n)
+    worst = rows.sort_values([column, "neuron"], ascending=[True, True], kind="stable").head(n)
+    return best.reset_index(drop=True), worst.reset_index(drop=True)
+
+
+def selected_neurons(frame: pd.DataFrame, selection: Any) -> pd.DataFrame:
+    """The rows of ``frame`` picked in a Plotly selection (Streamlit's ``PlotlyState``, a dict, or None).
+
+    The scatter is one trace in ``frame`` order, so each selected point's index is its row.
+    """
+    if not selection:
+        return frame.iloc[0:0]
+    sel = selection.get("selection", selection) if isinstance(selection, Mapping) else getattr(
+        selection, "selection", None)
+    if sel is None:
+        return frame.iloc[0:0]
+    indices = sel.get("point_indices") if isinstance(sel, Mapping) else getattr(sel, "point_indices", None)
+    if not indices:
+        points = sel.get("points", []) if isinstance(sel, Mapping) else getattr(sel, "points", [])
+        indices = [p.get("point_index", p.get("pointIndex")) for p in points]
+    indices = sorted({int(i) for i in indices if i is not None and 0 <= int(i) < len(frame)})
+    return frame.iloc[indices].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- prune
+
+def kept_frame(plan: KeepPlan) -> pd.DataFrame:
+    """Kept and pruned neurons per layer."""
+    return pd.DataFrame({"layer": list(range(len(plan.layers))), "kept": plan.kept_counts,
+                         "pruned": [w - k for w, k in zip(plan.widths, plan.kept_counts)],
+                         "width": plan.widths})
+
+
+def comparison_frame(results: Iterable[Any]) -> pd.DataFrame:
+    """Rows of (method, budget, relative FLOPs, accuracy and its 95% interval, agreement, speedup)
+    from ``engine.BudgetResult`` objects."""
+    rows = []
+    for r in results:
+        acc = r.accuracy or {}
+        agr = r.agreement or {}
+        lo, hi = acc.get("ci95", [np.nan, np.nan])
+        rows.append({"method": r.method, "budget": r.budget, "relative_flops": r.relative_flops,
+                     "accuracy": acc.get("value", np.nan), "acc_low": lo, "acc_high": hi,
+                     "agreement": agr.get("value", np.nan), "speedup": r.measured_speedup})
+    return pd.DataFrame(rows, columns=["method", "budget", "relative_flops", "accuracy", "acc_low",
+                                       "acc_high", "agreement", "speedup"])
+
+
+BUDGET_OPTIONS = [round(0.05 * i, 2) for i in range(1, 21)]
+
+
+def budget_grid(floor: float, points: int = 5, top: float = 0.9) -> list[float]:
+    """Evenly spaced budgets from just above the floor to ``top``, rounded to 0.05 and unique."""
+    low = min(top, np.ceil((floor + 0.02) * 20) / 20)
+    grid = np.linspace(low, top, points)
+    return sorted({round(float(np.round(g * 20) / 20), 2) for g in grid})

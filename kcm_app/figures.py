@@ -1,0 +1,159 @@
+"""Plotly figures from the chart data of ``kcm_app.charts``; one colour per method/block, units on axes."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from kcm_core.flops import BLOCK_LABELS
+
+from .theme import (BLOCK_COLORS, DROPPED_COLOR, HULL_COLOR, KEPT_COLOR, METHOD_COLORS, SCORE_COLORS,
+                    base_layout, method_label)
+
+BLOCK_NAMES = {**BLOCK_LABELS, "head": "task head", "embeddings": "embeddings, norms, pooler",
+               "qkv+attn_out": "attention and norms", "attention": "attention, norms, activation"}
+
+
+def stacked_blocks(frame: pd.DataFrame, value: str, y_title: str, title: str) -> go.Figure:
+    """A stacked bar per part (layer, embeddings, head) from a long (part, block, value) table."""
+    fig = go.Figure()
+    parts = list(dict.fromkeys(frame["part"]))
+    for block in dict.fromkeys(frame["block"]):
+        rows = frame[frame["block"] == block].set_index("part")
+        fig.add_bar(name=BLOCK_NAMES.get(block, block), x=parts,
+                    y=[rows[value].get(p, 0.0) for p in parts],
+                    marker_color=BLOCK_COLORS.get(block.split("+")[0], "#888888"),
+                    hovertemplate="%{x}<br>" + BLOCK_NAMES.get(block, block) + ": %{y:,.3g}<extra></extra>")
+    fig.update_layout(**base_layout(barmode="stack", title=title, yaxis_title=y_title,
+                                    xaxis_title="part of the model"))
+    return fig
+
+
+def share_curve(frame: pd.DataFrame, current: float) -> go.Figure:
+    """Share of counted MACs per kind of block vs sequence length, the current length marked."""
+    fig = go.Figure()
+    colors = {"attention matrix products": BLOCK_COLORS["attn_matmul"],
+              "attention projections": BLOCK_COLORS["qkv"], "FFN": BLOCK_COLORS["ffn_up"]}
+    for column, color in colors.items():
+        fig.add_scatter(x=frame["seq_len"], y=frame[column] * 100, name=column, mode="lines",
+                        line=dict(color=color, width=3),
+                        hovertemplate="s = %{x:.0f} tokens<br>%{y:.1f}%<extra>" + column + "</extra>")
+    # a trace, not add_vline: shapes on a log axis take log10 coordinates
+    fig.add_scatter(x=[current, current], y=[0, 100], mode="lines", name=f"s = {current:g}",
+                    line=dict(color="#555555", dash="dot", width=1.5), hoverinfo="skip")
+    fig.update_layout(**base_layout(title="Where the MACs go as sequences get longer",
+                                    xaxis_title="sequence length s (tokens)", xaxis_type="log",
+                                    yaxis_title="share of counted MACs (%)", yaxis_range=[0, 100]))
+    return fig
+
+
+def score_histograms(frame: pd.DataFrame, column: str, color: str | None = None) -> go.Figure:
+    """Per-layer distributions of one score (violin per layer)."""
+    fig = go.Figure()
+    color = color or SCORE_COLORS.get(column, METHOD_COLORS.get(column, "#555555"))
+    for layer in sorted(frame["layer"].unique()):
+        fig.add_violin(y=frame.loc[frame["layer"] == layer, column], name=f"layer {layer}",
+                       line_color=color, fillcolor=color, opacity=0.55, points=False,
+                       meanline_visible=True, showlegend=False)
+    fig.update_layout(**base_layout(title=f"{column} per layer", xaxis_title="layer",
+                                    yaxis_title=f"{column} score (unitless)"))
+    return fig
+
+
+def r2_d2_scatter(frame: pd.DataFrame) -> go.Figure:
+    """R2 vs D2, one WebGL point per neuron coloured by layer; hover names layer and neuron."""
+    fig = go.Figure(go.Scattergl(
+        x=frame["d2"], y=frame["r2"], mode="markers",
+        marker=dict(size=5, color=frame["layer"], colorscale="Viridis", opacity=0.7,
+                    colorbar=dict(title="layer")),
+        customdata=np.c_[frame["layer"], frame["neuron"], frame["r2d2"]],
+        hovertemplate="layer %{customdata[0]}, neuron %{customdata[1]}<br>R2 %{y:.4g}, D2 %{x:.3f}"
+                      "<br>R2D2 %{customdata[2]:.4g}<extra></extra>"))
+    fig.update_layout(**base_layout(title="R2 (weights) vs D2 (activations), one point per neuron",
+                                    xaxis_title="D2: normalised mean activation (0 to 1)",
+                                    yaxis_title="R2: kernel-hull self-weight diag(C)",
+                                    dragmode="lasso", height=460))
+    return fig
+
+
+def rank_heatmap(matrix: np.ndarray, centres: np.ndarray, column: str) -> go.Figure:
+    fig = go.Figure(go.Heatmap(
+        z=matrix, x=centres * 100, y=[f"layer {i}" for i in range(matrix.shape[0])],
+        colorscale="Viridis", colorbar=dict(title=column),
+        hovertemplate="%{y}, rank %{x:.0f}%<br>" + column + " %{z:.4g}<extra></extra>"))
+    fig.update_layout(**base_layout(title=f"{column} by layer and rank (best on the left)",
+                                    xaxis_title="rank within the layer (% of its neurons, 0 = best)",
+                                    yaxis_title="layer", height=320))
+    return fig
+
+
+def projection(coords: np.ndarray, r2: np.ndarray, kept: np.ndarray | None, picks: np.ndarray,
+               title: str) -> go.Figure:
+    """One point per neuron: grey if pruned at the current budget, orange if kept; R2's picks ringed."""
+    fig = go.Figure()
+    kept = np.ones(len(coords), dtype=bool) if kept is None else kept
+    idx = np.arange(len(coords))
+    for mask, name, color in ((~kept, "pruned at this budget", DROPPED_COLOR),
+                              (kept, "kept at this budget", KEPT_COLOR)):
+        fig.add_scattergl(x=coords[mask, 0], y=coords[mask, 1], mode="markers", name=name,
+                          marker=dict(color=color, size=6, opacity=0.75),
+                          customdata=np.c_[idx[mask], r2[mask]],
+                          hovertemplate="neuron %{customdata[0]}<br>R2 %{customdata[1]:.4g}<extra></extra>")
+    fig.add_scattergl(x=coords[picks, 0], y=coords[picks, 1], mode="markers", name="top R2 (hull picks)",
+                      marker=dict(symbol="circle-open", color=HULL_COLOR, size=12, line=dict(width=2)),
+                      hoverinfo="skip")
+    fig.update_layout(**base_layout(title=title, xaxis_title="component 1 (arbitrary units)",
+                                    yaxis_title="component 2 (arbitrary units)", height=480))
+    return fig
+
+
+def toy_figure(frame: pd.DataFrame, vertices: Sequence[int], sigma: float) -> go.Figure:
+    """The teaching cloud: size by R2, R2's picks filled, the true hull drawn."""
+    fig = go.Figure()
+    ring = list(vertices) + list(vertices[:1])
+    fig.add_scatter(x=frame["x"].iloc[ring], y=frame["y"].iloc[ring], mode="lines", name="convex hull",
+                    line=dict(color=HULL_COLOR, dash="dot"))
+    size = 6 + 24 * (frame["r2"] - frame["r2"].min()) / max(frame["r2"].max() - frame["r2"].min(), 1e-12)
+    fig.add_scatter(x=frame["x"], y=frame["y"], mode="markers", name="points (size = R2)",
+                    marker=dict(size=size, color=np.where(frame["picked"], KEPT_COLOR, DROPPED_COLOR),
+                                line=dict(color="#333333", width=0.5)),
+                    customdata=frame["r2"],
+                    hovertemplate="R2 %{customdata:.4g}<extra></extra>")
+    fig.update_layout(**base_layout(title=f"R2's picks at sigma = {sigma:g} (orange)",
+                                    xaxis_title="x (plane units)", yaxis_title="y (plane units)",
+                                    height=420, yaxis_scaleanchor="x"))
+    return fig
+
+
+def kept_per_layer(frame: pd.DataFrame, method: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_bar(x=frame["layer"], y=frame["kept"], name="kept", marker_color=METHOD_COLORS[method])
+    fig.add_bar(x=frame["layer"], y=frame["pruned"], name="pruned", marker_color=DROPPED_COLOR)
+    fig.update_layout(**base_layout(barmode="stack", title="FFN neurons kept per layer",
+                                    xaxis_title="layer", yaxis_title="neurons", height=320,
+                                    xaxis_dtick=1))
+    return fig
+
+
+def comparison(frame: pd.DataFrame, dense_accuracy: float | None, current: float | None) -> go.Figure:
+    """Accuracy (with 95% intervals) vs relative FLOPs, one line per method."""
+    fig = go.Figure()
+    for name in dict.fromkeys(frame["method"]):
+        rows = frame[frame["method"] == name].sort_values("relative_flops")
+        fig.add_scatter(
+            x=rows["relative_flops"] * 100, y=rows["accuracy"] * 100, name=method_label(name),
+            mode="lines+markers", line=dict(color=METHOD_COLORS[name], width=2.5),
+            error_y=dict(type="data", symmetric=False, array=(rows["acc_high"] - rows["accuracy"]) * 100,
+                         arrayminus=(rows["accuracy"] - rows["acc_low"]) * 100, thickness=1),
+            hovertemplate=method_label(name) + "<br>%{x:.1f}% FLOPs: %{y:.1f}%<extra></extra>")
+    if dense_accuracy is not None:
+        fig.add_hline(y=dense_accuracy * 100, line_color=METHOD_COLORS["dense"], line_dash="dash",
+                      annotation_text="unpruned")
+    if current is not None:
+        fig.add_vline(x=current * 100, line_dash="dot", line_color="#888888")
+    fig.update_layout(**base_layout(title="Accuracy vs relative FLOPs (95% bootstrap intervals)",
+                                    xaxis_title="relative FLOPs (% of the unpruned encoder's MACs)",
+                                    yaxis_title="test accuracy (%)", height=430))
+    return fig

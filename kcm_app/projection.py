@@ -1,0 +1,41 @@
+"""2-D projections of one layer's down-projection rows (one point per neuron): PCA and UMAP."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from kcm_core.arch import ffn_blocks
+
+
+def layer_points(model: nn.Module, layer: int) -> np.ndarray:
+    """The (N, d) rows of ``layer``'s down-projection, as float32 numpy (a copy; weights unchanged)."""
+    blocks = ffn_blocks(model)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer must be in [0, {len(blocks) - 1}], got {layer}")
+    with torch.no_grad():
+        return blocks[layer].down_rows().detach().float().cpu().numpy().copy()
+
+
+def pca_2d(points: np.ndarray) -> np.ndarray:
+    """Projection onto the two leading principal components (deterministic signs), (N, 2)."""
+    centred = points - points.mean(0, keepdims=True)
+    if len(points) < 2:
+        return np.zeros((len(points), 2))
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    comps = vt[:2]
+    comps *= np.sign(comps[:, [int(np.argmax(np.abs(c))) for c in comps]].diagonal())[:, None]
+    out = centred @ comps.T
+    return out if out.shape[1] == 2 else np.c_[out, np.zeros(len(out))]
+
+
+def umap_2d(points: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+    """UMAP to 2-D with an explicit seed (umap-learn is imported only when called)."""
+    try:
+        import umap
+    except ImportError as err:  # pragma: no cover - umap-learn is in requirements.txt
+        raise ValueError("UMAP needs umap-learn: pip install umap-learn") from err
+    if len(points) <= n_neighbors + 1:
+        return pca_2d(points)
+    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, n_jobs=1)
+    return np.asarray(reducer.fit_transform(points), dtype=np.float64)

@@ -1,0 +1,150 @@
+"""Heavy objects cached once for every browser session (``st.cache_resource``), keyed by ids.
+
+Models are keyed by ``sources.model_key``; data by the (frozen, hashable) choices; the workspace by
+both plus the sample settings. The cached objects are shared: nothing here or downstream changes them
+(see ``kcm_app.engine``). Work that shows progress (building a workspace, scoring, evaluating) is not a cached function: it
+goes through a ``SharedStore`` (itself a cached resource), so its progress bar can be drawn while it
+runs without Streamlit replaying elements on a cache hit.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+import torch
+
+from kcm_core.arch import model_shape
+from kcm_core.pipeline import resolve_seq_len
+from kcm_core.runtime import Progress, tell
+
+from .engine import Workspace
+from .sources import (BATCH_SIZE, EVAL_LIMIT, DataChoice, ModelChoice, SampleChoice,
+                      batches_fingerprint, model_key)
+from .store import SharedStore
+
+UPLOADS = Path(tempfile.gettempdir()) / "kcm-explorer-uploads"
+
+
+@st.cache_resource(show_spinner=False)
+def store(name: str) -> SharedStore:
+    """One result store per kind of result, shared by all sessions."""
+    return SharedStore(max_entries={"results": 512, "workspaces": 6}.get(name, 64))
+
+
+def demo_summary(_progress: Progress | None = None) -> dict:
+    """The prepared demo (prepared now, with progress, on a first start)."""
+    from kcm_core import demo
+    return demo.prepare_demo(progress=_progress)
+
+
+def demo_ready() -> bool:
+    from kcm_core import demo
+    return bool(demo.demo_ready())
+
+
+def model_path(choice: ModelChoice, progress: Progress | None = None) -> str:
+    if choice.kind == "demo":
+        return str(demo_summary(progress)["model_dir"])
+    return choice.ref.strip()
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _load_model(key: str, path: str) -> tuple[Any, Any]:
+    from kcm_core.models import load_model
+    model, tokenizer = load_model(path)
+    if model.training:   # a freshly built object, before anyone shares it
+        model.eval()
+    return model, tokenizer
+
+
+def load_model(choice: ModelChoice, progress: Progress | None = None) -> tuple[str, Any, Any]:
+    """(model key, model, tokenizer): loaded once per model id for all sessions."""
+    path = model_path(choice, progress)
+    key = model_key(choice, path)
+    tell(progress, f"loading model {choice.describe()}", 0.5)
+    model, tokenizer = _load_model(key, path)
+    return key, model, tokenizer
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def load_data(choice: DataChoice, role: str = "train") -> Any:
+    """The chosen data as ``kcm_core.data.TextData`` (the demo's train or test split)."""
+    if choice.kind == "demo":
+        from kcm_core import demo
+        return demo.load_demo_split("train" if role == "train" else "test")
+    from kcm_core.data import load_text_data
+    return load_text_data(choice.ref.strip(), text_column=choice.text_column,
+                          text_pair_column=choice.text_pair_column, label_column=choice.label_column,
+                          split=choice.split, config_name=choice.config_name)
+
+
+def _seeded_order(n: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def _by_length(data: Any, tokenizer: Any) -> Any:
+    """The same examples ordered by token count, so evaluation batches carry little padding."""
+    texts = list(getattr(data, "texts"))
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
+    return data.subset(order)
+
+
+def split_data(choice: DataChoice, sample: SampleChoice) -> tuple[Any, Any | None, str]:
+    """(scoring sample, labeled evaluation data or None, where the evaluation data came from)."""
+    train = load_data(choice, "train")
+    if len(train) == 0:
+        raise ValueError(f"the data {choice.describe()} holds no examples")
+    order = _seeded_order(len(train), sample.seed)
+    scoring = train.subset(sorted(order[: sample.size]))
+    if choice.kind == "demo":
+        return scoring, load_data(choice, "test"), "the demo's test split"
+    if not getattr(train, "has_labels", False):
+        return scoring, None, "none (no label column)"
+    rest = sorted(order[sample.size:])[:EVAL_LIMIT]
+    if len(rest) >= 20:
+        return scoring, train.subset(rest), f"{len(rest)} held-out examples of the same data"
+    return scoring, train.subset(sorted(order[:EVAL_LIMIT])), (
+        "the scoring sample itself (too few examples to hold some out)")
+
+
+def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _tokenizer: Any,
+               _progress: Progress | None = None) -> Workspace:
+    from kcm_core.data import make_batches
+    tell(_progress, "reading data", 0.6)
+    scoring, evaluation, eval_source = split_data(data, sample)
+    tell(_progress, "tokenising", 0.8)
+    unlabeled = tuple(make_batches(scoring, _tokenizer, max_len=sample.max_len, batch_size=BATCH_SIZE,
+                                   with_labels=False))
+    labeled = eval_batches = None
+    if getattr(scoring, "has_labels", False):
+        labeled = tuple(make_batches(scoring, _tokenizer, max_len=sample.max_len,
+                                     batch_size=BATCH_SIZE, with_labels=True))
+    if evaluation is not None and getattr(evaluation, "has_labels", False):
+        eval_batches = tuple(make_batches(_by_length(evaluation, _tokenizer), _tokenizer,
+                                          max_len=sample.max_len, batch_size=64, with_labels=True))
+    shape = model_shape(_model.config)
+    info = {"model": key, "model_name": _model_name(key), "data": data.describe(), "data_source": str(getattr(scoring, "source", "")),
+            "sample": len(scoring), "eval_examples": len(evaluation) if eval_batches else 0,
+            "eval_source": eval_source, "max_len": sample.max_len, "seed": sample.seed,
+            "labels": labeled is not None}
+    return Workspace(model_key=key, model=_model, tokenizer=_tokenizer, shape=shape,
+                     data_key=batches_fingerprint(unlabeled, labeled, eval_batches),
+                     unlabeled=unlabeled, labeled=labeled, eval_batches=eval_batches,
+                     seq_len=round(resolve_seq_len(shape, unlabeled, None), 2), info=info)
+
+
+def _model_name(key: str) -> str:
+    kind, _, rest = key.partition(":")
+    return "the embedded demo" if kind == "demo" else rest.split("@")[0]
+
+
+def workspace(model: ModelChoice, data: DataChoice, sample: SampleChoice,
+              progress: Progress | None = None) -> Workspace:
+    """Model + data + batches for the sidebar's choices (built once per combination)."""
+    key, net, tokenizer = load_model(model, progress)
+    return store("workspaces").get_or_compute(
+        (key, data, sample), lambda: _workspace(key, data, sample, net, tokenizer, progress))

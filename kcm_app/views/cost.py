@@ -1,0 +1,69 @@
+"""Page 2 body: per-block cost, the formula, the FFN share, measured latency per block."""
+from __future__ import annotations
+
+import streamlit as st
+
+from kcm_core.flops import cost_report, count_params
+
+from .. import charts, engine, figures, resources, ui
+from ..engine import Workspace
+from ..latency import block_latency
+
+FORMULA = (r"\mathrm{MAC}_{\mathrm{head}} = 4\,s\,d\,d_h + 2\,s^2 d_h,\qquad "
+           r"\mathrm{MAC}_{\mathrm{neuron}} = 2\,s\,d,\qquad "
+           r"\mathrm{MAC} = \sum_l \left(H_l\,\mathrm{MAC}_{\mathrm{head}} + N_l\,\mathrm{MAC}_{\mathrm{neuron}}\right)")
+
+
+def page(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
+    report = cost_report(ws.shape, seq_len, params=count_params(ws.model))
+    st.latex(FORMULA)
+    st.caption(f"d = {ws.shape.hidden}, d_h = {ws.shape.head_dim}, H = {ws.shape.heads} heads, "
+               f"N = FFN neurons per layer, s = {seq_len:g} tokens. Counted: encoder layers only "
+               "(FLOPs = 2 x MACs); embeddings, LayerNorm, softmax, activation, pooler and head are left "
+               "out (the head is drawn for reference).")
+    share = report.ffn_share
+    a, b, c = st.columns(3)
+    a.metric("Encoder cost per sequence", f"{report.encoder_macs / 1e6:,.1f} MMACs",
+             help="Millions of multiply-accumulates for one sequence of s tokens")
+    b.metric("FFN share of the counted MACs", f"{share:.1%}")
+    c.metric("Floor of FFN-only pruning", f"{1 - share:.1%} of FLOPs",
+             help="What remains with every FFN neuron removed: attention is not pruned")
+    st.markdown(f"**Why removing x% of neurons saves less than x% of FLOPs.** Only the FFN is pruned and "
+                f"it carries {share:.0%} of the counted MACs at s = {seq_len:g}; removing a fraction x of "
+                f"its neurons saves x x {share:.2f} of the FLOPs. Attention (projections and the s^2 "
+                "matrix products) stays, and its share grows with the sequence length.")
+    tab_macs, tab_params = st.tabs(["MACs per block", "Parameters per block"])
+    with tab_macs:
+        frame = charts.cost_frame(report, unit)
+        st.plotly_chart(figures.stacked_blocks(frame, "value", f"{unit} per sequence",
+                                               f"Cost per layer at s = {seq_len:g} tokens"), key="cost_macs")
+    with tab_params:
+        st.plotly_chart(figures.stacked_blocks(charts.param_frame(report, ws.shape), "value", "parameters",
+                                               "Parameters per layer"), key="cost_params")
+    left, right = st.columns([3, 2])
+    with left:
+        lengths = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+        st.plotly_chart(figures.share_curve(charts.attention_share_curve(ws.shape, lengths), seq_len),
+                        key="cost_share")
+    with right:
+        st.dataframe(charts.savings_table(share) * 100, hide_index=True,
+                     column_config={c: st.column_config.NumberColumn(format="%.1f %%")
+                                    for c in ("neurons pruned", "FLOPs saved", "relative FLOPs")})
+    st.subheader("Measured latency per block")
+    limit = ws.shape.max_positions or round(seq_len)
+    length = max(2, min(round(seq_len), limit))
+    key = ("latency", ws.model_key, length)
+    store = resources.store("results")
+    if measure or key in store:
+        with st.spinner("Timing every block (5 forward passes)..."), ui.core_errors(runtime=True):
+            batch = engine.timing_batch(ws, length)
+            frame = store.get_or_compute(key, lambda: block_latency(ws.model, batch))
+        st.plotly_chart(figures.stacked_blocks(frame, "ms", "milliseconds per forward pass",
+                                               f"Measured time per block, batch {engine.TIMING_BATCH} x {length} tokens"),
+                        key="cost_latency")
+        st.caption(ui.caption_env(length, engine.TIMING_BATCH) + " Other sessions running at the same "
+                   "time slow the numbers down." + (f" Timed at {length} tokens, the model's longest input."
+                                                    if length < round(seq_len) else ""))
+    else:
+        st.caption("Press 'Measure latency' to time every block of this model at this sequence length.")
+

@@ -1,0 +1,78 @@
+"""Page 6 body: physically prune, save (Hugging Face folder and/or ONNX), download with a report."""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from kcm_core.flops import cost_report
+from kcm_core.realise import slice_model
+
+from .. import charts, engine, figures, report, resources, ui
+from ..engine import Workspace
+
+ZIP_LIMIT = 512 * 2**20      # offer a zip download up to this size
+
+
+def zip_folder(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, path.relative_to(folder.parent))
+    return buffer.getvalue()
+
+
+def page_figures(ws: Workspace, result: engine.BudgetResult) -> dict:
+    cost = cost_report(ws.shape, ws.seq_len, kept=result.plan.kept_counts)
+    figs = {"Kept neurons per layer": figures.kept_per_layer(charts.kept_frame(result.plan), result.method),
+            "Cost of the pruned model per block": figures.stacked_blocks(
+                charts.cost_frame(cost, "MMACs"), "value", "MMACs per sequence",
+                f"Pruned model at s = {ws.seq_len:g} tokens")}
+    return figs
+
+
+def page(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: bool) -> None:
+    config = ui.prune_config()
+    store = resources.store("results")
+    st.markdown(f"**{config.method}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page).")
+    with ui.progress("Preparing the plan") as bar, ui.core_errors():
+        result = engine.evaluate_budget(ws, config, store, bar)
+        dense = engine.reference(ws, store).accuracy.to_dict() if ws.eval_batches else None
+    data = report.build_report(ws, config, result, dense)
+    name = f"kcm-{config.method}-{config.budget:.2f}"
+    cols = st.columns(3)
+    cols[0].download_button("Report (JSON)", report.report_json(data), f"{name}.json", "application/json",
+                            key="dl_report_json", help="Plan, numbers and environment")
+    cols[1].download_button("Report (Markdown)", report.report_markdown(data), f"{name}.md", "text/markdown",
+                            key="dl_report_md", help="The same report for people")
+    cols[2].download_button("Figures (HTML)", report.figures_html(page_figures(ws, result), name),
+                            f"{name}-figures.html", "text/html", key="dl_figures",
+                            help="Interactive figures in one offline HTML file")
+    with st.container(border=True):
+        st.markdown(report.report_markdown(data, heading="####"))
+    if not go:
+        return
+    if not formats:
+        st.error("Choose at least one export format.")
+        return
+    from kcm_core.export import save_pruned
+    target = Path(out_dir).expanduser()
+    with st.status(f"Slicing and saving to {target}", expanded=True) as box, ui.core_errors():
+        bar = ui.ProgressBar("Exporting", container=box.empty())
+        pruned = slice_model(ws.model, result.plan)        # a new model; the shared one is untouched
+        summary = save_pruned(pruned, target, plan=result.plan, report=data, tokenizer=ws.tokenizer,
+                              formats=tuple(formats), overwrite=overwrite, progress=bar)
+        box.update(label=f"Saved to {target}", state="complete")
+    st.json(json.dumps(asdict(summary) if is_dataclass(summary) else dict(summary), default=str),
+            expanded=False)
+    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    if size <= ZIP_LIMIT:
+        st.download_button("Download the pruned model (zip)", zip_folder(target), f"{target.name}.zip",
+                           "application/zip", key="dl_model", help="Everything written to the folder")
+    else:
+        st.info(f"The folder holds {size / 2**20:.0f} MiB; copy it from {target} on this machine.")

@@ -1,0 +1,64 @@
+"""Page 1 body: architecture, data provenance, the unpruned model's accuracy."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from kcm_core.flops import count_params
+
+from .. import engine, resources, ui
+from ..engine import Workspace
+
+
+def architecture(ws: Workspace) -> pd.DataFrame:
+    s = ws.shape
+    params = count_params(ws.model)
+    rows = [("model class", type(ws.model).__name__), ("family / model type", f"{s.family} / {s.model_type}"),
+            ("layers", s.layers), ("attention heads per layer", s.heads), ("hidden size d", s.hidden),
+            ("FFN width per layer", ", ".join(map(str, s.ffn_width))),
+            ("FFN neurons in all", sum(s.ffn_width)), ("parameters", f"{params.total:,}"),
+            ("  of which in the layers", f"{sum(params.layers):,}"),
+            ("  embeddings and other backbone", f"{params.embeddings:,}"), ("  task head", f"{params.head:,}")]
+    return pd.DataFrame(rows, columns=["property", "value"]).astype(str).set_index("property")
+
+
+def provenance(ws: Workspace) -> pd.DataFrame:
+    i = ws.info
+    rows = [("source chosen", i["data"]), ("data read from", i["data_source"] or i["data"]),
+            ("unlabeled sequences for scoring", i["sample"]),
+            ("mean real tokens per sequence (FLOPs are counted at this length)", f"{ws.seq_len:g}"),
+            ("max sequence length", i["max_len"]), ("seed", i["seed"]),
+            ("labels", "yes" if i["labels"] else "no"),
+            ("evaluation data", f"{i['eval_examples']} examples: {i['eval_source']}")]
+    return pd.DataFrame(rows, columns=["property", "value"]).astype(str).set_index("property")
+
+
+def page(ws: Workspace, score_now: bool) -> None:
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Architecture")
+        st.table(architecture(ws))
+    with right:
+        st.subheader("Data")
+        st.table(provenance(ws))
+        if ws.info["data"].startswith("Demo"):
+            from kcm_core import demo
+            st.caption(demo.DATA_SOURCE)
+            with st.expander("Terms of use"):
+                st.write(demo.DATA_TERMS)
+    st.subheader("Unpruned model")
+    if ws.eval_batches is None:
+        st.info("The data has no labels, so accuracy cannot be measured. Name a label column in the "
+                "sidebar; every label-free method still works.")
+    else:
+        with ui.progress("Evaluating the unpruned model") as bar, ui.core_errors():
+            dense = engine.reference(ws, resources.store("results"), bar)
+        acc = dense.accuracy
+        st.metric("Accuracy (unpruned)", f"{acc.value:.1%}",
+                  help=f"95% bootstrap interval {acc.low:.1%} to {acc.high:.1%} over {acc.n} examples")
+        st.caption(f"95% interval {acc.low:.1%} to {acc.high:.1%} on {acc.n} examples "
+                   f"({ws.info['eval_source']}).")
+    if score_now:
+        with ui.progress("Scoring with KCM") as bar, ui.core_errors():
+            scores = engine.method_scores(ws, ui.prune_config(method="kcm"), resources.store("results"), bar)
+        st.success(f"KCM scores ready (R2 iterations per layer: {scores.details.get('r2_iterations')}).")

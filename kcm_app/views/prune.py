@@ -1,0 +1,108 @@
+"""Page 5 body: the budget slider with live readouts (a fragment), and the method comparison."""
+from __future__ import annotations
+
+import streamlit as st
+
+from kcm_core.pipeline import METHODS
+
+from .. import charts, engine, figures, resources, state, ui
+from ..engine import APP_SCALE_SAMPLES, Workspace
+
+
+
+def default_methods(options: list[str]) -> list[str]:
+    """The comparison's default lines: KCM against weight magnitude, random, and (with labels)
+    Mask-Tuning; the other methods can be added."""
+    return [m for m in ("kcm", "weight-magnitude", "random", "mask-tuning") if m in options]
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+@st.fragment
+def readouts(ws: Workspace) -> None:
+    """Moving the slider reruns only this function, not the page."""
+    low = state.clamp_budget(0.0, ws.floor)
+    st.session_state["budget"] = state.clamp_budget(st.session_state["budget"], ws.floor)
+    st.session_state["w_budget"] = st.session_state["budget"]
+    budget = st.slider("Relative FLOPs to keep", min_value=low, max_value=1.0, step=0.01, key="w_budget",
+                       on_change=ui.copy_widget, args=("w_budget", "budget"), format="%.2f",
+                       help="Fraction of the unpruned encoder's FLOPs the pruned model may use, counted at "
+                            f"the sample's mean length s = {ws.seq_len:g} tokens. Only FFN neurons are "
+                            f"pruned, so the floor is {ws.floor:.1%}.")
+    ui.sync_url()
+    config = ui.prune_config(budget=float(budget))
+    store = resources.store("results")
+    with ui.progress(f"Scoring with {METHODS[config.method].label}") as bar, ui.core_errors():
+        scores = engine.method_scores(ws, config, store, bar)
+    with ui.core_errors():
+        fast = engine.readout(ws, scores, config, store)
+    st.caption(f"= {fast.neurons_pruned:.1%} of FFN neurons pruned ({fast.neurons_kept:,} of "
+               f"{fast.neurons_total:,} kept).")
+    cols = st.columns(4)
+    cols[0].metric("Relative FLOPs", _pct(fast.relative_flops), help="Encoder MACs after / before, at s")
+    cols[1].metric("Parameters", f"{fast.params_after:,}", f"{fast.relative_params - 1:+.1%}",
+                   delta_color="inverse", help="Exact count of the sliced model")
+    cols[2].metric("Neurons pruned", _pct(fast.neurons_pruned))
+    cols[3].metric("Estimated speedup", f"{fast.estimated_speedup:.2f}x", help="1 / relative FLOPs")
+    st.plotly_chart(figures.kept_per_layer(charts.kept_frame(fast.plan), config.method), key="prune_kept")
+    label = "Evaluating this budget" if engine.is_evaluated(ws, config, store) else "New budget"
+    with ui.progress(label) as bar, ui.core_errors():
+        slow = engine.evaluate_budget(ws, config, store, bar)
+    cols = st.columns(3)
+    if slow.accuracy:
+        dense = engine.reference(ws, store).accuracy
+        cols[0].metric("Accuracy", _pct(slow.accuracy["value"]), f"{slow.accuracy['value'] - dense.value:+.1%}",
+                       help=f"Change vs the unpruned model ({dense.value:.1%})")
+        cols[1].metric("Agreement with unpruned", _pct(slow.agreement["value"]),
+                       help="Share of test examples where the pruned model predicts what the unpruned one does")
+    else:
+        cols[0].info("No labels: accuracy unavailable.")
+    cols[2].metric("Measured speedup", f"{slow.measured_speedup:.2f}x",
+                   help=f"Wall time of the unpruned / the sliced model, {slow.timed_on}")
+    st.caption(readout_note(ws, slow))
+
+
+def readout_note(ws: Workspace, slow: engine.BudgetResult) -> str:
+    """What the slow readouts were measured on."""
+    parts = []
+    if slow.accuracy:
+        lo, hi = slow.accuracy["ci95"]
+        parts.append(f"Accuracy of the physically sliced model on {ws.info['eval_examples']} examples "
+                     f"(95% interval {lo:.1%} to {hi:.1%}).")
+    scaled = slow.plan.info.get("scaled_layers")
+    parts.append(f"Scales fitted on the first {APP_SCALE_SAMPLES} unlabeled sequences ({scaled} layers "
+                 "scaled) to keep a new budget within seconds." if scaled is not None
+                 else "This method does not scale.")
+    parts.append(f"Speed: {slow.dense_seconds * 1e3:.1f} ms unpruned vs {slow.pruned_seconds * 1e3:.1f} ms sliced, "
+                 f"{slow.timed_on}; {ui.threads_note()} Other sessions computing at the same time "
+                 "disturb it.")
+    return " ".join(parts)
+
+
+@st.fragment
+def compare(ws: Workspace, methods: list[str], budgets: list[float], run: bool) -> None:
+    """Accuracy vs relative FLOPs for several methods; computed on request, stored for everyone."""
+    if not ws.has_labels:
+        st.info("The comparison needs labeled evaluation data (name a label column in the sidebar).")
+        return
+    store = resources.store("results")
+    base = ui.prune_config()
+    done = all(engine.is_evaluated(ws, _config(base, m, b), store) for m in methods for b in budgets)
+    if not (run or done):
+        st.caption(f"{len(methods) * len(budgets)} (method, budget) pairs; press 'Compare' to evaluate "
+                   "those not stored yet.")
+        return
+    with ui.progress("Comparing methods") as bar, ui.core_errors():
+        results = engine.comparison(ws, methods, budgets, base, store, bar)
+    frame = charts.comparison_frame(results)
+    dense = engine.reference(ws, store).accuracy.value
+    st.plotly_chart(figures.comparison(frame, dense, st.session_state.get("budget")), key="prune_compare")
+    st.caption("Intervals overlap? Then the methods are not distinguishable on this test set. Random uses "
+               "one seed (the sidebar's).")
+
+
+def _config(base, name: str, budget: float):
+    from dataclasses import replace
+    return replace(base, method=name, budget=float(budget))

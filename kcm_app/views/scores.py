@@ -1,0 +1,54 @@
+"""Page 3 body: R2, D2, R2D2 and the baselines per neuron."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from kcm_core import scores as S
+
+from .. import charts, engine, figures, resources, ui
+from ..engine import Workspace
+
+SCORES = {"r2d2": "R2D2 (KCM)", "r2": "R2 (kernel hull, weights)", "d2": "D2 (activations)",
+          "weight_magnitude": "Weight magnitude", "output_magnitude": "Output magnitude",
+          "fisher": "Fisher (labels)"}
+
+
+def score_table(ws: Workspace, bar) -> pd.DataFrame:
+    """Every score kind per neuron, from the shared components (computed once for all sessions)."""
+    store = resources.store("results")
+    config = ui.prune_config(method="kcm")
+    r2, _ = engine.r2_fits(ws, config, store, bar)
+    stats = engine.neuron_stats(ws, store, bar)
+    d2 = S.d2(stats, config.d2)
+    columns = {"r2d2": S.r2d2(r2, d2), "r2": r2, "d2": d2,
+               "weight_magnitude": S.weight_magnitude(ws.model),
+               "output_magnitude": S.output_magnitude(ws.model, stats)}
+    if ws.labeled is not None:
+        columns["fisher"] = engine.gradient_scores(ws, ui.prune_config(method="mask-tuning"), store, bar)
+    return charts.score_frame(columns)
+
+
+def page(ws: Workspace, column: str, layer: int, top_n: int) -> None:
+    with ui.progress("Scoring neurons") as bar, ui.core_errors():
+        frame = score_table(ws, bar)
+    if column not in frame:
+        st.warning(f"{SCORES[column]} needs labels; showing R2D2 instead.")
+        column = "r2d2"
+    st.plotly_chart(figures.score_histograms(frame, column), key="scores_violin")
+    st.subheader("R2 vs D2")
+    st.caption("Each point is one FFN neuron. Drag a box or lasso to list the neurons you pick.")
+    event = st.plotly_chart(figures.r2_d2_scatter(frame), key="scores_scatter", on_select="rerun",
+                            selection_mode=("points", "box", "lasso"))
+    picked = charts.selected_neurons(frame, event)
+    if len(picked):
+        st.markdown(f"**{len(picked)} neurons selected**")
+        st.dataframe(picked, hide_index=True, height=220)
+    matrix, centres = charts.rank_heatmap(frame, column)
+    st.plotly_chart(figures.rank_heatmap(matrix, centres, column), key="scores_heatmap")
+    best, worst = charts.top_bottom(frame, layer, column, top_n)
+    left, right = st.columns(2)
+    left.markdown(f"**Top {top_n} of layer {layer}** by {SCORES[column]}")
+    left.dataframe(best, hide_index=True)
+    right.markdown(f"**Bottom {top_n} of layer {layer}**")
+    right.dataframe(worst, hide_index=True)

@@ -1,0 +1,187 @@
+"""Every page through the entry point (``AppTest.from_file("app.py")``) on a tiny model and CSV.
+
+``KCM_APP_MODEL`` / ``KCM_APP_DATA`` point the app at a tiny BERT written into a temporary folder;
+the real demo and the network are never touched. Widgets are found by key.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app_tiny import write_tiny
+from conftest import state_snapshot, same_state
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGES = ["pages/1_model.py", "pages/2_cost.py", "pages/3_scores.py", "pages/4_hull.py",
+         "pages/5_prune.py", "pages/6_export.py"]
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("tiny-app"))
+
+
+@pytest.fixture
+def app(tiny_files, monkeypatch):
+    model_dir, csv = tiny_files
+    monkeypatch.setenv("KCM_APP_MODEL", str(model_dir))
+    monkeypatch.setenv("KCM_APP_DATA", str(csv))
+
+    def make(page: str | None = None, **query) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        at.query_params.update(query)
+        at.run()
+        if page:
+            at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+    return make
+
+
+def metric(at: AppTest, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; have {[m.label for m in at.metric]}"
+    return found[0]
+
+
+def test_every_page_runs_without_exception(app):
+    at = app()
+    assert at.title[0].value == "Model and data"
+    assert metric(at, "Accuracy (unpruned)").endswith("%")
+    for page in PAGES[1:]:
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert not at.error, (page, [e.value for e in at.error])
+
+
+def test_sidebar_shows_the_tiny_model_and_data(app, tiny_files):
+    at = app()
+    assert at.session_state["model_kind"] == "folder"
+    assert at.session_state["model_ref"] == str(tiny_files[0])
+    tables = " ".join(str(t.value.to_dict()) for t in at.table)
+    assert "BertForSequenceClassification" in tables and "37" in tables and "data.csv" in tables
+
+
+def test_budget_slider_updates_the_readouts_and_the_url(app):
+    at = app("pages/5_prune.py")
+    before = metric(at, "Relative FLOPs")
+    params_before = metric(at, "Parameters")
+    at.slider(key="w_budget").set_value(0.9).run()
+    assert not at.exception
+    assert metric(at, "Relative FLOPs") != before
+    assert metric(at, "Parameters") != params_before
+    assert at.session_state["budget"] == 0.9
+    assert at.query_params["budget"] == "0.90"
+    assert metric(at, "Accuracy").endswith("%")
+
+
+def test_method_selector_changes_method_and_url(app):
+    at = app("pages/5_prune.py", budget="0.8")
+    kept_kcm = at.session_state["budget"], metric(at, "Relative FLOPs")
+    at.selectbox(key="w_method").set_value("random").run()
+    assert not at.exception
+    assert at.session_state["method"] == "random"
+    assert at.query_params["method"] == "random"
+    assert kept_kcm[0] == 0.8
+
+
+def test_a_link_restores_budget_and_method(app):
+    at = app("pages/5_prune.py", budget="0.85", method="weight-magnitude")
+    assert at.slider(key="w_budget").value == 0.85
+    assert at.selectbox(key="w_method").value == "weight-magnitude"
+    # the view survives a page switch and comes back
+    at.switch_page("pages/2_cost.py").run()
+    assert at.query_params["budget"] == "0.85"
+    at.switch_page("pages/5_prune.py").run()
+    assert at.slider(key="w_budget").value == 0.85
+
+
+def test_two_sessions_keep_their_own_numbers(app):
+    a = app("pages/5_prune.py", budget="0.8")
+    b = app("pages/5_prune.py", budget="0.95")
+    a_flops, b_flops = metric(a, "Relative FLOPs"), metric(b, "Relative FLOPs")
+    assert a_flops != b_flops
+    b.slider(key="w_budget").set_value(0.7).run()
+    a.run()
+    assert metric(a, "Relative FLOPs") == a_flops
+    assert a.session_state["budget"] == 0.8
+
+
+def test_the_cached_model_is_never_changed(app):
+    at = app()
+    from kcm_app import resources
+    ws = at.session_state["workspace"]
+    snapshot = state_snapshot(ws.model)
+    for page in PAGES[1:5]:
+        at.switch_page(page).run()
+    at.slider(key="w_budget").set_value(0.75).run()
+    at.selectbox(key="w_method").set_value("d2").run()
+    assert same_state(ws.model, snapshot)
+    assert not ws.model.training
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in ws.model.modules())
+    assert resources is not None
+
+
+def test_compare_button_draws_the_comparison(app):
+    at = app("pages/5_prune.py")
+    at.multiselect(key="compare_methods").set_value(["kcm", "random"])
+    at.multiselect(key="compare_budgets").set_value([0.8, 0.95])
+    at.button(key="compare_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    charts = [c for c in at.get("plotly_chart")]
+    assert any("Accuracy vs relative FLOPs" in c.proto.spec for c in charts)
+
+
+def test_cost_page_measures_latency(app):
+    at = app("pages/2_cost.py")
+    share = metric(at, "FFN share of the counted MACs")
+    at.select_slider(key="cost_seq_len").set_value(1024).run()
+    assert metric(at, "FFN share of the counted MACs") != share
+    at.button(key="cost_measure").click().run()
+    assert not at.exception
+    assert any("Measured time per block" in c.proto.spec for c in at.get("plotly_chart"))
+
+
+def test_hull_page_sigma_controls(app):
+    at = app("pages/4_hull.py")
+    at.select_slider(key="hull_sigma").set_value(2.0).run()
+    at.select_slider(key="toy_sigma").set_value(1.6).run()
+    assert not at.exception
+    assert any("100% of the hull" in c.value for c in at.caption)
+
+
+def test_scores_page_lists_top_and_bottom(app):
+    at = app("pages/3_scores.py")
+    at.selectbox(key="scores_column").set_value("d2").run()
+    at.number_input(key="scores_layer").set_value(1).run()
+    assert not at.exception
+    assert any("Top 10 of layer 1" in m.value for m in at.markdown)
+
+
+def test_missing_model_explains_what_to_do(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("KCM_APP_MODEL", str(tmp_path / "nothing-here"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception
+    assert any("nothing-here" in e.value for e in at.error)
+    assert any("No model is loaded yet" in i.value for i in at.info)
+
+
+def test_export_saves_a_loadable_model_and_offers_downloads(app, tmp_path):
+    at = app("pages/6_export.py", budget="0.8")
+    out = tmp_path / "pruned"
+    at.text_input(key="export_dir").set_value(str(out))
+    at.button(key="export_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    from kcm_core.export import load_pruned
+    model = load_pruned(out)
+    ws = at.session_state["workspace"]
+    kept = [b.up.weight.shape[0] for b in __import__("kcm_core").ffn_blocks(model)]
+    assert sum(kept) < sum(ws.shape.ffn_width)
+    labels = {b.proto.label for b in at.get("download_button")}
+    assert {"Report (JSON)", "Report (Markdown)", "Figures (HTML)",
+            "Download the pruned model (zip)"} <= labels

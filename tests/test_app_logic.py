@@ -1,0 +1,304 @@
+"""The app's pure parts, without Streamlit: URL state, the shared store, chart data, the engine's
+isolation (the shared model is never changed) and its equivalence with ``kcm_core.pipeline``."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import same_state, state_snapshot
+from kcm_app import charts, engine, report, state, toy
+from kcm_app.projection import layer_points, pca_2d
+from kcm_app.sources import DataChoice, ModelChoice, SampleChoice, batches_fingerprint, env_defaults, upload_path
+from kcm_app.store import SharedStore
+from kcm_app.theme import METHOD_COLORS
+from kcm_core.arch import model_shape
+from kcm_core.flops import cost_report, count_params, relative_flops
+from kcm_core.pipeline import METHODS, PruneConfig, compute_scores, resolve_seq_len
+from kcm_core.realise import slice_model
+
+
+def make_ws(model, batches) -> engine.Workspace:
+    unlabeled = tuple({k: v for k, v in b.items() if k != "labels"} for b in batches)
+    shape = model_shape(model.config)
+    return engine.Workspace(
+        model_key="tiny", model=model, tokenizer=None, shape=shape,
+        data_key=batches_fingerprint(unlabeled, batches, batches), unlabeled=unlabeled,
+        labeled=tuple(batches), eval_batches=tuple(batches),
+        seq_len=resolve_seq_len(shape, unlabeled, None), info={"eval_examples": 8})
+
+
+@pytest.fixture
+def ws(tiny_model, tiny_batches):
+    model = tiny_model("bert")
+    return make_ws(model, tiny_batches(model, n_batches=3, batch_size=4))
+
+
+# --------------------------------------------------------------------------- state and sources
+
+def test_every_method_has_one_colour():
+    assert set(METHODS) <= set(METHOD_COLORS)
+    assert len({METHOD_COLORS[m] for m in METHODS}) == len(METHODS)
+
+
+def test_query_parsing_keeps_valid_values_only():
+    assert state.parse_query({"budget": "0.45", "method": "random", "multiple": "8"}) == {
+        "budget": 0.45, "method": "random", "multiple": 8}
+    assert state.parse_query({"budget": ["0.3", "0.7"]}) == {"budget": 0.7}
+    assert state.parse_query({"budget": "1.7", "method": "nope", "multiple": "3"}) == {}
+    assert state.parse_query({"budget": "nan"}) == {}
+    assert state.query_for({"budget": 0.6, "method": "kcm"}) == {"budget": "0.60", "method": "kcm",
+                                                                 "multiple": "1"}
+    assert state.parse_query(state.query_for({"budget": 0.55, "method": "d2", "multiple": 16})) == {
+        "budget": 0.55, "method": "d2", "multiple": 16}
+
+
+def test_budget_is_clamped_to_the_reachable_range():
+    assert state.clamp_budget(0.2, floor=0.3412) == 0.35
+    assert state.clamp_budget(0.6, floor=0.3412) == 0.6
+    assert state.clamp_budget(1.3, floor=0.3412) == 1.0
+
+
+def test_env_defaults_choose_demo_or_the_named_files():
+    model, data = env_defaults({})
+    assert (model.kind, data.kind) == ("demo", "demo")
+    model, data = env_defaults({"KCM_APP_MODEL": "/m", "KCM_APP_DATA": "/d.csv"})
+    assert model == ModelChoice("folder", "/m")
+    assert (data.kind, data.ref, data.label_column) == ("file", "/d.csv", None)
+
+
+def test_bad_choices_raise_value_errors_with_the_value():
+    with pytest.raises(ValueError, match="model source"):
+        ModelChoice("ftp", "x")
+    with pytest.raises(ValueError, match="folder"):
+        ModelChoice("folder", " ")
+    with pytest.raises(ValueError, match="sample size"):
+        SampleChoice(size=0)
+    with pytest.raises(ValueError, match="data source"):
+        DataChoice("s3", "x")
+
+
+def test_fingerprint_follows_the_tokens(tiny_model, tiny_batches):
+    model = tiny_model("bert")
+    a = tiny_batches(model, seed=0)
+    b = tiny_batches(model, seed=1)
+    assert batches_fingerprint(a) == batches_fingerprint(tiny_batches(model, seed=0))
+    assert batches_fingerprint(a) != batches_fingerprint(b)
+    assert batches_fingerprint(a, None) != batches_fingerprint(a, a)
+
+
+def test_upload_path_is_named_by_content(tmp_path):
+    p1 = upload_path("x.CSV", b"text\nhi\n", tmp_path)
+    p2 = upload_path("y.csv", b"text\nhi\n", tmp_path)
+    assert p1 == p2 and p1.suffix == ".csv" and p1.read_bytes() == b"text\nhi\n"
+
+
+# --------------------------------------------------------------------------- store
+
+def test_store_computes_once_for_concurrent_callers():
+    store, calls = SharedStore(), []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.2)
+        return 42
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(store.get_or_compute("k", slow))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [42] * 4 and len(calls) == 1
+
+
+def test_store_evicts_least_recent_and_stores_no_failures():
+    store = SharedStore(max_entries=2)
+    store.put("a", 1)
+    store.put("b", 2)
+    assert store.get("a") == 1          # a is now the most recent
+    store.put("c", 3)
+    assert store.keys() == ["a", "c"]
+    with pytest.raises(ValueError):
+        store.get_or_compute("bad", lambda: (_ for _ in ()).throw(ValueError("boom")))
+    assert "bad" not in store
+    with pytest.raises(ValueError, match="max_entries"):
+        SharedStore(0)
+
+
+# --------------------------------------------------------------------------- chart data
+
+def test_cost_frame_adds_up_to_the_report(ws):
+    report_ = cost_report(ws.shape, 25.0)
+    frame = charts.cost_frame(report_, "MMACs")
+    counted = frame[frame["counted"]]["value"].sum()
+    assert counted == pytest.approx(report_.encoder_macs / 1e6)
+    flops = charts.cost_frame(report_, "MFLOPs")
+    assert flops["value"].sum() == pytest.approx(2 * frame["value"].sum())
+    assert set(frame["block"]) == {"qkv", "attn_out", "attn_matmul", "ffn_up", "ffn_down", "head"}
+
+
+def test_param_frame_matches_the_real_count(ws):
+    report_ = cost_report(ws.shape, 25.0, params=count_params(ws.model))
+    frame = charts.param_frame(report_, ws.shape)
+    assert frame["value"].sum() == count_params(ws.model).total
+
+
+def test_attention_share_grows_with_length(ws):
+    curve = charts.attention_share_curve(ws.shape, [8, 64, 512])
+    assert list(curve["attention matrix products"]) == sorted(curve["attention matrix products"])
+    assert list(curve["FFN"]) == sorted(curve["FFN"], reverse=True)
+    sums = curve[["attention matrix products", "attention projections", "FFN"]].sum(axis=1)
+    assert np.allclose(sums, 1.0)
+
+
+def test_savings_table_is_linear_in_the_ffn_share():
+    table = charts.savings_table(0.6, (0.5, 1.0))
+    assert list(table["FLOPs saved"]) == [0.3, 0.6]
+    assert list(table["relative FLOPs"]) == [0.7, 0.4]
+
+
+def score_columns():
+    return {"r2": [torch.tensor([0.3, 0.1, 0.2]), torch.tensor([0.5, 0.4])],
+            "d2": [torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.0, 1.0])]}
+
+
+def test_score_frame_heatmap_and_extremes():
+    frame = charts.score_frame(score_columns())
+    assert list(frame["layer"]) == [0, 0, 0, 1, 1] and list(frame["neuron"]) == [0, 1, 2, 0, 1]
+    matrix, centres = charts.rank_heatmap(frame, "r2", bins=2)
+    assert matrix.shape == (2, 2) and matrix[0, 0] >= matrix[0, 1]
+    assert list(centres) == [0.25, 0.75]
+    best, worst = charts.top_bottom(frame, 0, "r2", n=2)
+    assert list(best["neuron"]) == [0, 2] and list(worst["neuron"]) == [1, 2]
+
+
+def test_selected_neurons_reads_plotly_selections():
+    frame = charts.score_frame(score_columns())
+    assert charts.selected_neurons(frame, None).empty
+    picked = charts.selected_neurons(frame, {"selection": {"point_indices": [4, 0, 99]}})
+    assert list(zip(picked["layer"], picked["neuron"])) == [(0, 0), (1, 1)]
+    picked = charts.selected_neurons(frame, {"selection": {"points": [{"point_index": 3}]}})
+    assert list(picked["layer"]) == [1]
+
+
+def test_budget_grid_stays_above_the_floor():
+    grid = charts.budget_grid(0.34)
+    assert grid[0] >= 0.36 and grid[-1] == 0.9 and grid == sorted(set(grid))
+    assert all(g in charts.BUDGET_OPTIONS for g in grid)
+
+
+# --------------------------------------------------------------------------- teaching view, projection
+
+def test_hull_vertices_of_a_square_with_inner_points():
+    pts = np.array([[0, 0], [1, 0], [1, 1], [0, 1], [0.5, 0.5], [0.2, 0.7]], dtype=float)
+    assert sorted(toy.hull_vertices(pts)) == [0, 1, 2, 3]
+
+
+def test_r2_picks_the_hull_at_a_wide_sigma_and_not_at_a_tiny_one():
+    points = toy.toy_points()
+    np.testing.assert_allclose(points, toy.make_toy_points(), atol=1e-9)
+    assert toy.hit_rate(toy.toy_r2(points, sigma=1.0)) == 1.0
+    assert toy.hit_rate(toy.toy_r2(points, sigma=0.05)) < 0.5
+
+
+def test_pca_is_deterministic_and_two_dimensional(ws):
+    pts = layer_points(ws.model, 1)
+    assert pts.shape == (37, 32)
+    a, b = pca_2d(pts), pca_2d(pts.copy())
+    assert a.shape == (37, 2) and np.array_equal(a, b)
+    with pytest.raises(ValueError, match="layer"):
+        layer_points(ws.model, 5)
+
+
+# --------------------------------------------------------------------------- engine
+
+@pytest.mark.parametrize("name", [m for m in METHODS])
+def test_method_scores_equal_compute_scores(ws, name):
+    config = PruneConfig(method=name, seed=3)
+    ours = engine.method_scores(ws, config, SharedStore())
+    theirs = compute_scores(ws.model, config, ws.unlabeled, ws.labeled)
+    for a, b in zip(ours.scores, theirs.scores):
+        torch.testing.assert_close(a, b)
+    if theirs.grad_scores is not None:
+        for a, b in zip(ours.grad_scores, theirs.grad_scores):
+            torch.testing.assert_close(a, b)
+
+
+def test_readout_counts_match_the_sliced_model(ws):
+    store = SharedStore()
+    config = PruneConfig(method="kcm", budget=0.85)
+    scores = engine.method_scores(ws, config, store)
+    fast = engine.readout(ws, scores, config, store)
+    sliced = slice_model(ws.model, fast.plan)
+    assert fast.params_after == count_params(sliced).total
+    assert fast.relative_flops == pytest.approx(relative_flops(ws.shape, ws.seq_len, fast.plan.kept_counts))
+    assert fast.relative_flops <= 0.85 + 1e-9
+    assert fast.neurons_kept == engine.neurons_for_budget(ws, 0.85)
+
+
+def test_pruned_fraction_maps_back_to_flops(ws):
+    assert engine.budget_for_pruned_fraction(ws, 0.0) == pytest.approx(1.0)
+    assert engine.budget_for_pruned_fraction(ws, 1.0) == pytest.approx(ws.floor)
+    with pytest.raises(ValueError, match="fraction"):
+        engine.budget_for_pruned_fraction(ws, 1.5)
+
+
+def test_engine_never_changes_the_shared_model(ws):
+    snapshot = state_snapshot(ws.model)
+    flags = [m.training for m in ws.model.modules()]
+    store = SharedStore()
+    for name in METHODS:
+        engine.evaluate_budget(ws, PruneConfig(method=name, budget=0.8, scale_samples=4), store)
+    from kcm_app.latency import block_latency
+    block_latency(ws.model, engine.timing_batch(ws), repeats=1)
+    assert same_state(ws.model, snapshot)
+    assert [m.training for m in ws.model.modules()] == flags
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in ws.model.modules())
+
+
+def test_evaluate_budget_is_stored_and_reused(ws):
+    store = SharedStore()
+    config = PruneConfig(method="kcm", budget=0.8, scale_samples=4)
+    assert not engine.is_evaluated(ws, config, store)
+    first = engine.evaluate_budget(ws, config, store)
+    assert engine.is_evaluated(ws, config, store)
+    assert engine.evaluate_budget(ws, config, store) is first
+    assert first.accuracy["n"] == 12 and 0 <= first.agreement["value"] <= 1
+    assert first.plan.info["scaled_layers"] == 2
+    assert first.relative_flops <= 0.8 + 1e-9
+
+
+def test_comparison_reports_every_pair_in_order(ws):
+    results = engine.comparison(ws, ["random", "weight-magnitude"], [0.8, 0.9],
+                                PruneConfig(scale_samples=4), SharedStore())
+    frame = charts.comparison_frame(results)
+    assert list(zip(frame["method"], frame["budget"])) == [
+        ("random", 0.8), ("random", 0.9), ("weight-magnitude", 0.8), ("weight-magnitude", 0.9)]
+    assert (frame["acc_low"] <= frame["accuracy"]).all() and (frame["accuracy"] <= frame["acc_high"]).all()
+
+
+def test_block_latency_has_every_block(ws):
+    from kcm_app.latency import block_latency
+    frame = block_latency(ws.model, engine.timing_batch(ws), repeats=2)
+    assert set(frame["part"]) == {"layer 0", "layer 1", "embeddings + head"}
+    assert (frame["ms"] >= 0).all()
+
+
+def test_report_holds_plan_numbers_and_environment(ws):
+    store = SharedStore()
+    config = PruneConfig(method="kcm", budget=0.8, scale_samples=4)
+    result = engine.evaluate_budget(ws, config, store)
+    ws.info.update(data="tiny", data_source="memory", sample=12, max_len=9, seed=0, eval_source="same")
+    data = report.build_report(ws, config, result, engine.reference(ws, store).accuracy.to_dict())
+    assert data["plan"]["layers"][0]["keep_idx"] == list(result.plan.layers[0].keep_idx)
+    assert data["environment"]["torch"] == torch.__version__
+    md = report.report_markdown(data)
+    assert "KCM (R2D2)" in md and f"{result.relative_flops:.4f}" in md
+    import plotly.graph_objects as go
+    html = report.figures_html({"a": go.Figure(), "b": go.Figure()}, "t")
+    assert html.count("<h2") == 2 and html.count("plotly.js v") <= 1
+    assert isinstance(charts.kept_frame(result.plan), pd.DataFrame)
