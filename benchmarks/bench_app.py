@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")    # as app.py sets it, before torch loads
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -140,6 +142,8 @@ def main() -> None:
                 if line.startswith("model name")), platform.processor())
     data["environment"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                            "threads": torch.get_num_threads(), "python": platform.python_version(),
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                           "load_average_at_end": os.getloadavg(),
                            "cpu": cpu}
     data["targets"] = {"readout_ms": 100, "evaluated_budget_s": 1, "new_budget_s": 5}
     RESULTS.mkdir(exist_ok=True)

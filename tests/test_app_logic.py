@@ -269,6 +269,7 @@ def test_evaluate_budget_is_stored_and_reused(ws):
     assert engine.evaluate_budget(ws, config, store) is first
     assert first.accuracy["n"] == 12 and 0 <= first.agreement["value"] <= 1
     assert first.plan.info["scaled_layers"] == 2
+    assert first.dense_seconds > 0 and first.pruned_seconds > 0 and "alternately" in first.timed_on
     assert first.relative_flops <= 0.8 + 1e-9
 
 
