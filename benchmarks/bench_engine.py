@@ -29,6 +29,9 @@ import kcm_core  # noqa: E402
 from kcm_core.hull import HullConfig, kernel_hull  # noqa: E402
 from kcm_core.arch import ffn_blocks  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import cpu_name  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -120,7 +123,7 @@ def main() -> None:
         runs[name] = run(name, builder, args.samples)
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
            "threads": torch.get_num_threads(), "python": platform.python_version(),
-           "cpu": _cpu_name(), "device": "cpu"}
+           "cpu": cpu_name(), "device": "cpu"}
     RESULTS.mkdir(exist_ok=True)
     out = {"environment": env, "runs": runs}
     path = RESULTS / "engine.json"
@@ -130,16 +133,6 @@ def main() -> None:
     path.write_text(json.dumps(old, indent=2))
     (RESULTS / "engine.md").write_text(markdown(old))
     print(json.dumps(out, indent=2))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown(data: dict) -> str:
