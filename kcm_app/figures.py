@@ -142,12 +142,14 @@ def comparison(frame: pd.DataFrame, dense_accuracy: float | None, current: float
     fig = go.Figure()
     for name in dict.fromkeys(frame["method"]):
         rows = frame[frame["method"] == name].sort_values("relative_flops")
+        seeds = int(rows["seeds"].max()) if "seeds" in rows else 1
+        label = method_label(name) + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
         fig.add_scatter(
-            x=rows["relative_flops"] * 100, y=rows["accuracy"] * 100, name=method_label(name),
+            x=rows["relative_flops"] * 100, y=rows["accuracy"] * 100, name=label,
             mode="lines+markers", line=dict(color=METHOD_COLORS[name], width=2.5),
             error_y=dict(type="data", symmetric=False, array=(rows["acc_high"] - rows["accuracy"]) * 100,
                          arrayminus=(rows["accuracy"] - rows["acc_low"]) * 100, thickness=1),
-            hovertemplate=method_label(name) + "<br>%{x:.1f}% FLOPs: %{y:.1f}%<extra></extra>")
+            hovertemplate=label + "<br>%{x:.1f}% FLOPs: %{y:.1f}%<extra></extra>")
     if dense_accuracy is not None:
         fig.add_hline(y=dense_accuracy * 100, line_color=METHOD_COLORS["dense"], line_dash="dash",
                       annotation_text="unpruned")

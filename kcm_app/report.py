@@ -8,12 +8,12 @@ import plotly.graph_objects as go
 
 from kcm_core.pipeline import METHODS, PruneConfig
 
-from .engine import BudgetResult, Workspace
+from .engine import BudgetResult, SpeedResult, Workspace
 from .latency import environment
 
 
 def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
-                 dense_accuracy: Mapping | None) -> dict[str, Any]:
+                 dense_accuracy: Mapping | None, speed: SpeedResult) -> dict[str, Any]:
     """Everything needed to understand (and redo) one pruned model."""
     plan = result.plan
     return {
@@ -32,9 +32,9 @@ def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
         "params": {"after": result.params_after},
         "evaluation": {"before": dict(dense_accuracy) if dense_accuracy else None,
                        "after": result.accuracy, "agreement": result.agreement},
-        "speed": {"dense_s": result.dense_seconds, "pruned_s": result.pruned_seconds,
-                  "timed_on": result.timed_on,
-                  "measured_speedup": result.measured_speedup,
+        "speed": {"dense_s": speed.dense_seconds, "pruned_s": speed.pruned_seconds,
+                  "timed_on": speed.timed_on,
+                  "measured_speedup": speed.measured_speedup,
                   "estimated_speedup": 1 / result.relative_flops},
         "scaling": {k: plan.info.get(k) for k in ("scaled_layers", "scaling_stopped_at")},
         "plan": plan.to_dict(),

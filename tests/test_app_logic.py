@@ -214,6 +214,7 @@ def test_pca_is_deterministic_and_two_dimensional(ws):
         layer_points(ws.model, 5)
 
 
+
 # --------------------------------------------------------------------------- engine
 
 @pytest.mark.parametrize("name", [m for m in METHODS])
@@ -253,6 +254,7 @@ def test_engine_never_changes_the_shared_model(ws):
     store = SharedStore()
     for name in METHODS:
         engine.evaluate_budget(ws, PruneConfig(method=name, budget=0.8, scale_samples=4), store)
+    engine.measure_speed(ws, PruneConfig(method="kcm", budget=0.8, scale_samples=4), store)
     from kcm_app.latency import block_latency
     block_latency(ws.model, engine.timing_batch(ws), repeats=1)
     assert same_state(ws.model, snapshot)
@@ -269,17 +271,45 @@ def test_evaluate_budget_is_stored_and_reused(ws):
     assert engine.evaluate_budget(ws, config, store) is first
     assert first.accuracy["n"] == 12 and 0 <= first.agreement["value"] <= 1
     assert first.plan.info["scaled_layers"] == 2
-    assert first.dense_seconds > 0 and first.pruned_seconds > 0 and "alternately" in first.timed_on
     assert first.relative_flops <= 0.8 + 1e-9
 
 
+def test_speed_is_measured_apart_and_stored(ws):
+    store = SharedStore()
+    config = PruneConfig(method="kcm", budget=0.8, scale_samples=4)
+    speed = engine.measure_speed(ws, config, store)         # evaluates the budget first when needed
+    assert engine.is_evaluated(ws, config, store)
+    assert speed.dense_seconds > 0 and speed.pruned_seconds > 0 and "alternately" in speed.timed_on
+    assert speed.measured_speedup == speed.dense_seconds / speed.pruned_seconds
+    assert engine.measure_speed(ws, config, store) is speed
+
+
 def test_comparison_reports_every_pair_in_order(ws):
-    results = engine.comparison(ws, ["random", "weight-magnitude"], [0.8, 0.9],
+    results = engine.comparison(ws, ["weight-magnitude", "d2"], [0.8, 0.9],
                                 PruneConfig(scale_samples=4), SharedStore())
     frame = charts.comparison_frame(results)
     assert list(zip(frame["method"], frame["budget"])) == [
-        ("random", 0.8), ("random", 0.9), ("weight-magnitude", 0.8), ("weight-magnitude", 0.9)]
+        ("weight-magnitude", 0.8), ("weight-magnitude", 0.9), ("d2", 0.8), ("d2", 0.9)]
     assert (frame["acc_low"] <= frame["accuracy"]).all() and (frame["accuracy"] <= frame["acc_high"]).all()
+    assert (frame["seeds"] == 1).all()
+
+
+def test_comparison_draws_random_with_several_seeds(ws):
+    base = PruneConfig(scale_samples=4, seed=5)
+    configs = engine.comparison_configs(["random", "kcm"], [0.8, 0.9], base, random_seeds=3)
+    assert [(c.method, c.seed, c.budget) for c in configs] == [
+        ("random", 5, 0.8), ("random", 5, 0.9), ("random", 6, 0.8), ("random", 6, 0.9),
+        ("random", 7, 0.8), ("random", 7, 0.9), ("kcm", 5, 0.8), ("kcm", 5, 0.9)]
+    results = engine.comparison(ws, ["random"], [0.8], base, SharedStore(), random_seeds=3)
+    assert [r.seed for r in results] == [5, 6, 7]
+    assert len({r.plan.layers[0].keep_idx for r in results}) > 1       # three different draws
+    frame = charts.comparison_frame(results)
+    row = frame.iloc[0]
+    accs = [r.accuracy["value"] for r in results]
+    assert len(frame) == 1 and row["seeds"] == 3
+    assert row["accuracy"] == pytest.approx(sum(accs) / 3)
+    assert row["acc_low"] == min(r.accuracy["ci95"][0] for r in results)
+    assert row["acc_high"] == max(r.accuracy["ci95"][1] for r in results)
 
 
 def test_block_latency_has_every_block(ws):
@@ -294,7 +324,8 @@ def test_report_holds_plan_numbers_and_environment(ws):
     config = PruneConfig(method="kcm", budget=0.8, scale_samples=4)
     result = engine.evaluate_budget(ws, config, store)
     ws.info.update(data="tiny", data_source="memory", sample=12, max_len=9, seed=0, eval_source="same")
-    data = report.build_report(ws, config, result, engine.reference(ws, store).accuracy.to_dict())
+    data = report.build_report(ws, config, result, engine.reference(ws, store).accuracy.to_dict(),
+                               engine.measure_speed(ws, config, store))
     assert data["plan"]["layers"][0]["keep_idx"] == list(result.plan.layers[0].keep_idx)
     assert data["environment"]["torch"] == torch.__version__
     md = report.report_markdown(data)

@@ -43,7 +43,8 @@ def page(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: b
     with ui.progress("Preparing the plan") as bar, ui.core_errors():
         result = engine.evaluate_budget(ws, config, store, bar)
         dense = engine.reference(ws, store).accuracy.to_dict() if ws.eval_batches else None
-    data = report.build_report(ws, config, result, dense)
+        speed = engine.measure_speed(ws, config, store)
+    data = report.build_report(ws, config, result, dense, speed)
     name = f"kcm-{config.method}-{config.budget:.2f}"
     cols = st.columns(3)
     cols[0].download_button("Report (JSON)", report.report_json(data), f"{name}.json", "application/json",

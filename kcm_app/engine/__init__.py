@@ -1,0 +1,36 @@
+"""The app's calls into ``kcm_core``, each result stored once for all sessions. No Streamlit here.
+
+- ``workspace``: the loaded model and data (``Workspace``) and the private-copy rule;
+- ``scoring``: neuron scores per method, from shared components;
+- ``readouts``: what a slider move shows at once (plan, FLOPs, parameters; no forward pass);
+- ``evaluations``: a plan scaled, sliced and evaluated (accuracy, agreement), and the comparison;
+- ``speed``: the sliced plan timed against the unpruned model.
+
+Isolation rules (STYLE habit 6), applied in these modules:
+- the shared model (``Workspace.model``) is only *read*: forward passes, ``slice_model``,
+  ``mask_copy`` and ``fit_scales`` (which work on copies they make themselves);
+- every core call that registers hooks (activation statistics, gradients, teacher targets, timing)
+  gets a private ``copy.deepcopy`` of the model, so a hook can never fire in another session's
+  forward pass;
+- every result goes into a ``SharedStore`` under a key of hashable ids (model id, data fingerprint,
+  method, hyper-parameters, budget) and is never mutated afterwards; sessions differ only in which
+  keys they ask for, so two browsers never see each other's numbers.
+"""
+from .evaluations import (APP_SCALE_SAMPLES, RANDOM_SEEDS, BudgetResult, budget_key, comparison,
+                          comparison_configs, evaluate_budget, is_evaluated, reference, reference_run,
+                          scaled_plan, teacher)
+from .readouts import (Readout, budget_for_pruned_fraction, model_params, neurons_for_budget,
+                       params_per_neuron, readout)
+from .scoring import gradient_scores, method_scores, neuron_stats, r2_fits, score_key
+from .speed import TIMING_BATCH, TIMING_REPEATS, SpeedResult, measure_speed, paired_seconds, timing_batch
+from .workspace import Workspace, private_copy, take
+
+__all__ = [
+    "APP_SCALE_SAMPLES", "RANDOM_SEEDS", "TIMING_BATCH", "TIMING_REPEATS",
+    "BudgetResult", "Readout", "SpeedResult", "Workspace",
+    "budget_for_pruned_fraction", "budget_key", "comparison", "comparison_configs", "evaluate_budget",
+    "gradient_scores", "is_evaluated", "measure_speed", "method_scores", "model_params",
+    "neuron_stats", "neurons_for_budget", "paired_seconds", "params_per_neuron", "private_copy",
+    "r2_fits", "readout", "reference", "reference_run", "scaled_plan", "score_key", "take", "teacher",
+    "timing_batch",
+]

@@ -1,0 +1,152 @@
+"""The slow readouts: a plan realised (selected, scaled, sliced) and evaluated on the labeled test
+data, stored per (method, hyper-parameters, budget); and the method comparison built from them."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from kcm_core.evaluate import ClassifierEval, evaluate_classifier
+from kcm_core.flops import count_params, relative_flops
+from kcm_core.pipeline import MethodScores, PruneConfig, make_plan, method
+from kcm_core.plan import KeepPlan
+from kcm_core.realise import slice_model
+from kcm_core.runtime import Batch, Progress, tell
+from kcm_core.scaling import fit_scales, teacher_targets
+
+from ..store import SharedStore
+from .scoring import method_scores, score_key
+from .workspace import Workspace, private_copy, take
+
+# How many sequences the scaling step fits on in the app (the CLI default is 512). Its cost grows with
+# the token count times k^2 (float64 Gram matrices), so a small sample keeps a new budget quick; on the
+# demo, 32, 64, 128 and 512 sequences gave the same accuracy within the 95% intervals at 50% and 60%
+# of FLOPs (weight magnitude + scale, 800 test sentences). Shown on the Prune page.
+APP_SCALE_SAMPLES = 64
+
+# Random selection is drawn with this many seeds (the sidebar's seed and the next ones) in the
+# comparison, so its line shows the spread between draws rather than one lucky or unlucky draw.
+RANDOM_SEEDS = 3
+
+
+def reference_run(ws: Workspace, store: SharedStore,
+                  progress: Progress | None = None) -> tuple[ClassifierEval, float]:
+    """The unpruned model on the evaluation data, and the wall time that took (seconds)."""
+    if ws.eval_batches is None:
+        raise ValueError("no labeled evaluation data: choose data with a label column to see accuracy")
+
+    def compute():
+        start = time.perf_counter()
+        result = evaluate_classifier(ws.model, ws.eval_batches, progress=progress)
+        return result, time.perf_counter() - start
+    return store.get_or_compute(("dense", ws.model_key, ws.data_key), compute)
+
+
+def reference(ws: Workspace, store: SharedStore, progress: Progress | None = None) -> ClassifierEval:
+    """The unpruned model's evaluation (its predictions are the agreement reference)."""
+    return reference_run(ws, store, progress)[0]
+
+
+def teacher(ws: Workspace, scale_samples: int, store: SharedStore) -> tuple[list[Batch], list[torch.Tensor]]:
+    """The scaling sample and the unpruned model's FFN outputs on it (computed once)."""
+    batches = take(ws.unlabeled, scale_samples)
+
+    def compute():
+        return batches, teacher_targets(private_copy(ws.model), batches)
+    return store.get_or_compute(("teacher", ws.model_key, ws.data_key, scale_samples), compute)
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """A plan realised and evaluated: the accuracy readouts of the Prune page. Speed is measured
+    separately (``engine.speed``), after these are on screen."""
+
+    method: str
+    budget: float
+    seed: int                        # the method's seed (only random selection depends on it)
+    plan: KeepPlan                   # with scales when the method scales
+    relative_flops: float
+    params_after: int
+    accuracy: dict | None            # Rate.to_dict(): value, ci95, n
+    agreement: dict | None
+    seconds: dict                    # wall time of each stage of this evaluation
+
+
+def budget_key(ws: Workspace, config: PruneConfig) -> tuple:
+    return ("budget",) + score_key(ws, config) + (
+        round(config.budget, 6), config.scale, config.scale_samples, config.multiple,
+        config.min_per_layer, config.uniform)
+
+
+def scaled_plan(ws: Workspace, scores: MethodScores, config: PruneConfig, store: SharedStore,
+                progress: Progress | None = None) -> KeepPlan:
+    """Select, then fit scales when the method scales (teacher targets reused)."""
+    plan = make_plan(ws.model, scores, config, ws.seq_len)
+    if method(config.method).scaled:
+        batches, targets = teacher(ws, config.scale_samples, store)
+        plan = fit_scales(ws.model, plan, batches, config.scale, progress, targets=targets)
+    return replace(plan, info={**plan.info, "seq_len": ws.seq_len})
+
+
+def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
+                    progress: Progress | None = None) -> BudgetResult:
+    """Plan, scale, slice and evaluate one budget; stored per (method, hyper-parameters, budget)."""
+    def compute() -> BudgetResult:
+        seconds: dict[str, float] = {}
+        t = time.perf_counter()
+        scores = method_scores(ws, config, store, progress)
+        dense = reference(ws, store, progress) if ws.eval_batches is not None else None
+        seconds["scores"] = time.perf_counter() - t
+        t = time.perf_counter()
+        plan = scaled_plan(ws, scores, config, store, progress)
+        seconds["select+scale"] = time.perf_counter() - t
+        t = time.perf_counter()
+        pruned = slice_model(ws.model, plan)
+        seconds["slice"] = time.perf_counter() - t
+        result = None
+        if dense is not None:
+            t = time.perf_counter()
+            result = evaluate_classifier(pruned, ws.eval_batches, reference=dense.predictions,
+                                         progress=progress)
+            seconds["evaluate"] = time.perf_counter() - t
+        return BudgetResult(
+            method=config.method, budget=config.budget, seed=config.seed, plan=plan,
+            relative_flops=relative_flops(ws.shape, ws.seq_len, plan.kept_counts),
+            params_after=count_params(pruned).total,
+            accuracy=result.accuracy.to_dict() if result and result.accuracy else None,
+            agreement=result.agreement.to_dict() if result and result.agreement else None,
+            seconds=seconds)
+    return store.get_or_compute(budget_key(ws, config), compute)
+
+
+def is_evaluated(ws: Workspace, config: PruneConfig, store: SharedStore) -> bool:
+    return budget_key(ws, config) in store
+
+
+def comparison_configs(methods: Sequence[str], budgets: Sequence[float], base: PruneConfig,
+                       random_seeds: int = RANDOM_SEEDS) -> list[PruneConfig]:
+    """Every (method, budget) pair to evaluate, method-major; random selection once per seed
+    (``base.seed``, ``base.seed + 1``, ...)."""
+    configs = []
+    for name in methods:
+        seeds = [base.seed + i for i in range(random_seeds)] if name == "random" else [base.seed]
+        configs += [replace(base, method=name, budget=float(b), seed=s) for s in seeds for b in budgets]
+    return configs
+
+
+def comparison(ws: Workspace, methods: Sequence[str], budgets: Sequence[float], base: PruneConfig,
+               store: SharedStore, progress: Progress | None = None,
+               random_seeds: int = RANDOM_SEEDS) -> list[BudgetResult]:
+    """Every configuration of ``comparison_configs`` evaluated (stored ones are reused), in order."""
+    configs = comparison_configs(methods, budgets, base, random_seeds)
+    results = []
+    for i, config in enumerate(configs):
+        label = method(config.method).label + (f" (seed {config.seed})" if config.method == "random" else "")
+
+        def step(message: str, fraction: float, i=i, label=label, budget=config.budget) -> None:
+            tell(progress, f"{label} at {budget:.2f}: {message}", (i + fraction) / len(configs))
+        results.append(evaluate_budget(ws, config, store, step))
+    tell(progress, "comparison: done", 1.0)
+    return results

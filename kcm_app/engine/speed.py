@@ -1,0 +1,74 @@
+"""Measured speed of a sliced plan against the unpruned model, on this machine, stored per budget.
+
+Kept apart from the accuracy evaluation so the Prune page can show accuracy first and time after."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kcm_core.pipeline import PruneConfig
+from kcm_core.realise import slice_model
+from kcm_core.runtime import model_inputs
+
+from ..store import SharedStore
+from .evaluations import budget_key, evaluate_budget
+from .workspace import Workspace
+
+TIMING_BATCH = 16          # sequences per timed forward pass (measured speedup)
+TIMING_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    """Forward time of the unpruned and the sliced model on the same batch (seconds, medians)."""
+
+    dense_seconds: float
+    pruned_seconds: float
+    timed_on: str                    # what was timed, in words
+
+    @property
+    def measured_speedup(self) -> float:
+        return self.dense_seconds / self.pruned_seconds if self.pruned_seconds else float("nan")
+
+
+def timing_batch(ws: Workspace, length: int | None = None) -> dict[str, torch.Tensor]:
+    """A fixed batch of ``TIMING_BATCH`` sequences of ``length`` tokens (default: the sample's mean)."""
+    length = max(2, round(ws.seq_len if length is None else length))
+    gen = torch.Generator().manual_seed(0)
+    vocab = max(ws.shape.vocab_size, 2)
+    ids = torch.randint(1, vocab, (TIMING_BATCH, length), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def paired_seconds(dense: nn.Module, pruned: nn.Module, batch: dict[str, torch.Tensor],
+                   repeats: int = TIMING_REPEATS) -> tuple[float, float]:
+    """Median forward time of each model, timed alternately so that a change in machine load
+    (another session computing) hits both alike."""
+    inputs = model_inputs(batch, next(dense.parameters()).device)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    with torch.inference_mode():
+        dense(**inputs)
+        pruned(**inputs)
+        for _ in range(repeats):
+            for i, model in enumerate((dense, pruned)):
+                start = time.perf_counter()
+                model(**inputs)
+                times[i].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def measure_speed(ws: Workspace, config: PruneConfig, store: SharedStore) -> SpeedResult:
+    """Time the plan of ``config`` (evaluated first if it is not stored yet), sliced again from the
+    shared model, against the unpruned model."""
+    def compute() -> SpeedResult:
+        result = evaluate_budget(ws, config, store)
+        batch = timing_batch(ws)
+        dense, pruned = paired_seconds(ws.model, slice_model(ws.model, result.plan), batch)
+        timed_on = (f"a batch of {TIMING_BATCH} x {batch['input_ids'].shape[1]} tokens, the two models "
+                    f"timed alternately, median of {TIMING_REPEATS}")
+        return SpeedResult(dense, pruned, timed_on)
+    return store.get_or_compute(("speed",) + budget_key(ws, config), compute)
