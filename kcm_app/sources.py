@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -50,6 +51,9 @@ class DataChoice:
     def __post_init__(self):
         if self.kind not in DATA_KINDS:
             raise ValueError(f"data source must be one of {', '.join(DATA_KINDS)}, got {self.kind!r}")
+        if self.kind == "upload" and not self.ref.strip():
+            raise ValueError("no file uploaded yet: drop a CSV, TSV, JSON, JSONL, Parquet or TXT file on the "
+                             "uploader (one text per row; a label column enables accuracy)")
         if self.kind != "demo" and not self.ref.strip():
             raise ValueError(f"name the {DATA_KINDS[self.kind].lower()} to read")
 
@@ -108,12 +112,17 @@ def batches_fingerprint(*groups: Sequence[Mapping[str, torch.Tensor]] | None) ->
 
 
 def upload_path(name: str, content: bytes, folder: Path) -> Path:
-    """Where an uploaded file is kept: named by its content hash (same upload, same path)."""
-    suffix = Path(name).suffix.lower() or ".txt"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"upload-{hashlib.sha1(content).hexdigest()[:16]}{suffix}"
+    """Where an uploaded file is kept: a folder named by its content hash (same upload, same path)
+    holding the file under its own name, so messages about it name what the user uploaded."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).strip("._") or "upload"
+    if not Path(base).suffix:
+        base += ".txt"
+    path = folder / hashlib.sha1(content).hexdigest()[:16] / base
     if not path.exists():
-        path.write_bytes(content)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(content)
+        tmp.replace(path)                          # a reader never sees a half-written upload
     return path
 
 

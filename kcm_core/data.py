@@ -152,7 +152,7 @@ def _load_local(path: Path, text_column: str | None, text_pair_column: str | Non
         raise ValueError(f"cannot read {path.name}: unsupported file type {suffix or '(none)'!r}; "
                          f"use one of {', '.join(SUPPORTED_SUFFIXES)}")
     if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty")
+        raise ValueError(f"{path} is empty (0 bytes): choose a file with one text per row")
     if suffix in _TEXT_SUFFIXES:
         _check_utf8(path)
     if suffix == ".txt":

@@ -1,7 +1,8 @@
 """Every page through the entry point (``AppTest.from_file("app.py")``) on a tiny model and CSV.
 
 ``KCM_APP_MODEL`` / ``KCM_APP_DATA`` point the app at a tiny BERT written into a temporary folder;
-the real demo and the network are never touched. Widgets are found by key.
+the real demo and the network are never touched. Widgets are found by key. Every run goes through
+the entry point (``kcm_app.apptest.entry_point_runs``), so the sidebar is drawn on each rerun.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_tiny import write_tiny
+from kcm_app.apptest import entry_point_runs
 from conftest import state_snapshot, same_state
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -22,6 +24,13 @@ TIMEOUT = 120
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     return write_tiny(tmp_path_factory.mktemp("tiny-app"))
+
+
+@pytest.fixture(autouse=True)
+def through_the_entry_point():
+    """Every rerun goes through app.py (sidebar and navigation), as on the server."""
+    with entry_point_runs():
+        yield
 
 
 @pytest.fixture
@@ -55,6 +64,7 @@ def test_every_page_runs_without_exception(app):
         at.switch_page(page).run()
         assert not at.exception, (page, [e.value for e in at.exception])
         assert not at.error, (page, [e.value for e in at.error])
+        assert at.radio(key="data_kind").value == "file", page          # the shared sidebar is drawn
 
 
 def test_sidebar_shows_the_tiny_model_and_data(app, tiny_files):
@@ -132,7 +142,8 @@ def test_compare_button_draws_the_comparison(app):
     at.button(key="compare_run").click().run()
     assert not at.exception, [e.value for e in at.exception]
     charts = [c for c in at.get("plotly_chart")]
-    assert any("Accuracy vs relative FLOPs" in c.proto.spec for c in charts)
+    spec = next(c.proto.spec for c in charts if "Accuracy vs relative FLOPs" in c.proto.spec)
+    assert "Random (mean of 3 seeds)" in spec and "KCM" in spec
 
 
 def test_cost_page_measures_latency(app):
@@ -151,6 +162,40 @@ def test_hull_page_sigma_controls(app):
     at.select_slider(key="toy_sigma").set_value(1.6).run()
     assert not at.exception
     assert any("100% of the hull" in c.value for c in at.caption)
+
+
+def test_hull_page_computes_umap_after_showing_pca(app):
+    at = app("pages/4_hull.py")
+    titles = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("down-projection rows, PCA" in t for t in titles)
+    at.radio(key="hull_projection").set_value("UMAP").run()
+    assert not at.exception, [e.value for e in at.exception]
+    titles = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("down-projection rows, UMAP" in t for t in titles)
+    from kcm_app import resources
+    ws = at.session_state["workspace"]
+    coords = resources.store("results").get(("umap", ws.model_key, 0, 0))
+    assert coords.shape == (ws.shape.ffn_width[0], 2)
+
+
+def test_upload_field_loads_the_file_and_reports_bad_ones(app, tiny_files):
+    at = app()
+    at.radio(key="data_kind").set_value("upload").run()
+    assert not at.exception
+    assert any("no file uploaded yet" in e.value for e in at.error)
+    at.file_uploader(key="data_upload").upload("reviews.csv", tiny_files[1].read_bytes(), "text/csv").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    ws = at.session_state["workspace"]
+    assert ws.info["data_source"].endswith("reviews.csv") and ws.info["eval_examples"] == 96
+    assert metric(at, "Accuracy (unpruned)").endswith("%")
+    # a named text column the file lacks: the message names it and lists what is there
+    at.text_input(key="text_column").set_value("review")
+    at.file_uploader(key="data_upload").upload("stars.csv", b"comment,stars\nnice,1\nbad,0\n", "text/csv").run()
+    assert not at.exception
+    assert any("no text column 'review'" in e.value and "comment, stars" in e.value for e in at.error)
+    assert any("No model is loaded yet" in i.value for i in at.info)
+    at.file_uploader(key="data_upload").upload("empty.csv", b"", "text/csv").run()
+    assert any("empty.csv is empty" in e.value for e in at.error)
 
 
 def test_scores_page_lists_top_and_bottom(app):

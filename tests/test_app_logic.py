@@ -12,7 +12,7 @@ import torch
 
 from conftest import same_state, state_snapshot
 from kcm_app import charts, engine, report, state, toy
-from kcm_app.projection import layer_points, pca_2d
+from kcm_app.projection import layer_points, pca_2d, umap_2d
 from kcm_app.sources import DataChoice, ModelChoice, SampleChoice, batches_fingerprint, env_defaults, upload_path
 from kcm_app.store import SharedStore
 from kcm_app.theme import METHOD_COLORS
@@ -91,10 +91,14 @@ def test_fingerprint_follows_the_tokens(tiny_model, tiny_batches):
     assert batches_fingerprint(a, None) != batches_fingerprint(a, a)
 
 
-def test_upload_path_is_named_by_content(tmp_path):
-    p1 = upload_path("x.CSV", b"text\nhi\n", tmp_path)
-    p2 = upload_path("y.csv", b"text\nhi\n", tmp_path)
-    assert p1 == p2 and p1.suffix == ".csv" and p1.read_bytes() == b"text\nhi\n"
+def test_upload_path_is_named_by_content_and_keeps_the_file_name(tmp_path):
+    p1 = upload_path("my reviews.CSV", b"text\nhi\n", tmp_path)
+    assert p1 == upload_path("my reviews.CSV", b"text\nhi\n", tmp_path)      # same upload, same path
+    assert p1.name == "my_reviews.CSV" and p1.read_bytes() == b"text\nhi\n"
+    assert upload_path("my reviews.CSV", b"text\nho\n", tmp_path).parent != p1.parent
+    escaped = upload_path("../../etc/passwd", b"x", tmp_path)
+    assert escaped.parent.parent == tmp_path and escaped.name == "passwd.txt"
+    assert not list(tmp_path.rglob("*.part"))
 
 
 # --------------------------------------------------------------------------- store
@@ -213,6 +217,21 @@ def test_pca_is_deterministic_and_two_dimensional(ws):
     with pytest.raises(ValueError, match="layer"):
         layer_points(ws.model, 5)
 
+
+def test_umap_keeps_neighbours_together_and_follows_its_seed():
+    # two tight, far-apart clusters of 30 points in 12-D: UMAP must keep them apart in 2-D
+    rng = np.random.default_rng(0)
+    centres = np.zeros((2, 12))
+    centres[1, 0] = 50.0
+    points = np.concatenate([c + rng.normal(size=(30, 12)) for c in centres]).astype(np.float32)
+    a, b, c = umap_2d(points, seed=0), umap_2d(points, seed=0), umap_2d(points, seed=1)
+    assert a.shape == (60, 2) and np.isfinite(a).all()
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    within = max(np.linalg.norm(a[:30] - a[:30].mean(0), axis=1).max(),
+                 np.linalg.norm(a[30:] - a[30:].mean(0), axis=1).max())
+    assert np.linalg.norm(a[:30].mean(0) - a[30:].mean(0)) > 2 * within
+    few = points[:10]                                   # too few points for 15 neighbours: PCA
+    assert np.array_equal(umap_2d(few), pca_2d(few))
 
 
 # --------------------------------------------------------------------------- engine

@@ -1,9 +1,11 @@
 """The real app in a real browser: ``streamlit run app.py`` on 127.0.0.1 with the tiny model, driven
-by Playwright in headless Debian Chromium. Moves the budget slider and checks the readouts change.
+by Playwright in headless Debian Chromium. Moves the budget slider and checks the readouts change;
+draws a lasso on the R2 vs D2 scatter and checks the picked neurons are listed.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -43,8 +45,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
     raise TimeoutError(f"streamlit did not answer at {url} within {timeout} s")
 
 
-@pytest.fixture
-def server(tmp_path):
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("browser")
     model_dir, csv = write_tiny(tmp_path / "tiny")
     port = free_port()
     env = {**os.environ, "KCM_APP_MODEL": str(model_dir), "KCM_APP_DATA": str(csv)}
@@ -73,29 +76,74 @@ def metric_value(page, label: str) -> str:
     return box.get_by_test_id("stMetricValue").inner_text(timeout=60_000)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed")
-def test_slider_moves_readouts_in_a_real_browser(server, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture
+def browser():
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian chromium is not installed (scripts/test.sh installs it)")
+    from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        chromium = p.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{server}/prune?budget=0.8&method=kcm", wait_until="domcontentloaded")
-            expect(page.get_by_test_id("stMetric").filter(has_text="Accuracy").first).to_be_visible(
-                timeout=90_000)
-            before = metric_value(page, "Relative FLOPs")
-            params_before = metric_value(page, "Parameters")
-            thumb = page.get_by_role("slider", name="Relative FLOPs to keep")
-            assert thumb.input_value() == "0.8"
-            thumb.focus()
-            for _ in range(10):
-                page.keyboard.press("ArrowRight")
-            expect(page.get_by_test_id("stMetric").filter(has_text="Relative FLOPs").first
-                   .get_by_test_id("stMetricValue")).not_to_have_text(before, timeout=60_000)
-            assert metric_value(page, "Parameters") != params_before
-            page.wait_for_function("() => window.location.search.includes('budget=0.90')", timeout=30_000)
-            shot = tmp_path / "prune.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+def test_slider_moves_readouts_in_a_real_browser(server, browser, tmp_path):
+    from playwright.sync_api import expect
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{server}/prune?budget=0.8&method=kcm", wait_until="domcontentloaded")
+    expect(page.get_by_test_id("stMetric").filter(has_text="Accuracy").first).to_be_visible(timeout=90_000)
+    before = metric_value(page, "Relative FLOPs")
+    params_before = metric_value(page, "Parameters")
+    thumb = page.get_by_role("slider", name="Relative FLOPs to keep")
+    assert thumb.input_value() == "0.8"
+    thumb.focus()
+    for _ in range(10):
+        page.keyboard.press("ArrowRight")
+    expect(page.get_by_test_id("stMetric").filter(has_text="Relative FLOPs").first
+           .get_by_test_id("stMetricValue")).not_to_have_text(before, timeout=60_000)
+    assert metric_value(page, "Parameters") != params_before
+    page.wait_for_function("() => window.location.search.includes('budget=0.90')", timeout=30_000)
+    shot = tmp_path / "prune.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+def lasso(page, area, fractions: list[tuple[float, float]]) -> None:
+    """Drag a closed lasso through points given as fractions of ``area``'s box (x right, y down)."""
+    box = area.bounding_box()
+    points = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in fractions]
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for x, y in points[1:] + points[:1]:
+        page.mouse.move(x, y, steps=8)
+    page.mouse.up()
+
+
+def selected_after_lasso(browser, url: str, fractions: list[tuple[float, float]]) -> int:
+    """Open the Scores page in a new session, lasso through ``fractions`` of the plot area, and
+    return the count the page lists."""
+    from playwright.sync_api import expect
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{url}/scores", wait_until="domcontentloaded")
+        chart = page.locator(".st-key-scores_scatter")
+        area = chart.locator(".nsewdrag").first            # the plot area Plotly takes drags on
+        expect(area).to_be_visible(timeout=90_000)
+        chart.scroll_into_view_if_needed()
+        picked = page.get_by_text(re.compile(r"^\d+ neurons selected$"))
+        expect(picked).to_have_count(0)
+        lasso(page, area, fractions)
+        expect(picked).to_be_visible(timeout=60_000)
+        expect(page.locator(".stDataFrame, [data-testid='stDataFrame']").first).to_be_visible()
+        return int(picked.inner_text().split()[0])
+    finally:
+        page.close()
+
+
+def test_lasso_on_the_scatter_lists_the_picked_neurons(server, browser):
+    whole = selected_after_lasso(browser, server, [(0.02, 0.02), (0.98, 0.02), (0.98, 0.98), (0.02, 0.98)])
+    assert whole == 2 * 37                                   # 2 layers x 37 neurons, all inside
+    left = selected_after_lasso(browser, server, [(0.02, 0.02), (0.5, 0.02), (0.5, 0.98), (0.02, 0.98)])
+    assert 0 < left < whole
