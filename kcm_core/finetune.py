@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .data import TextData, align_labels, check_labels_for_model, make_batches
+from .evaluate import labels_of, predict
 from .runtime import Progress, default_device, model_inputs, tell
 
 
@@ -170,20 +171,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 @torch.no_grad()
 def accuracy_of(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     """Fraction of correct argmax predictions of a classifier over labeled ``batches``."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct, seen = 0, 0
-    try:
-        for batch in batches:
-            logits = model(**model_inputs(batch, device)).logits  # (B, C)
-            correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
-            seen += batch["labels"].shape[0]
-    finally:
-        model.train(was_training)
-    if seen == 0:
+    labels = labels_of(batches)
+    if labels is None or labels.numel() == 0:
         raise ValueError("no labeled sequences to score")
-    return correct / seen
+    return float((predict(model, batches) == labels).float().mean())
 
 
 def _save(model, tokenizer, summary: dict, folder: Path) -> None:

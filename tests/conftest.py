@@ -100,6 +100,22 @@ def build_tiny_model(family: str, task: str = "classification", *, layers: int =
     return model.eval()
 
 
+def save_tiny_encoder(folder, words):
+    """Save a seeded tiny ``BertModel`` (no head) with a WordPiece tokenizer over ``words`` to
+    ``folder`` (the shape of a base encoder that fine-tuning or the demo starts from)."""
+    from pathlib import Path
+    folder = Path(folder)
+    vocab = folder.parent / "vocab.txt"
+    vocab.parent.mkdir(parents=True, exist_ok=True)
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
+                             num_attention_heads=HEADS, intermediate_size=WIDTH,
+                             max_position_embeddings=64)).save_pretrained(folder)
+    T.BertTokenizerFast(vocab=str(vocab)).save_pretrained(folder)
+    return folder
+
+
 def pad_id(model) -> int:
     pad = getattr(model.config, "pad_token_id", None)
     return 0 if pad is None else int(pad)

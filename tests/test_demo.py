@@ -9,8 +9,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoConfig, BertConfig, BertModel, BertTokenizerFast
+from transformers import AutoConfig
+
+from conftest import save_tiny_encoder
 
 from kcm_core import demo
 
@@ -40,15 +41,8 @@ def fake_sdist(folder: Path, rows: list[tuple[str, str]] | None = None,
 
 @pytest.fixture
 def encoder(tmp_path: Path) -> Path:
-    folder = tmp_path / "encoder"
-    vocab = tmp_path / "vocab.txt"
     words = "a the good great fun bad awful dull film movie plot acting very not and is".split()
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(folder)
-    BertTokenizerFast(vocab=str(vocab)).save_pretrained(folder)
-    return folder
+    return save_tiny_encoder(tmp_path / "encoder", words)
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoConfig, BertConfig, BertModel, BertTokenizerFast
+from transformers import AutoConfig
+
+from conftest import save_tiny_encoder
 
 import kcm_core.finetune as F
 from kcm_core.data import TextData
@@ -24,14 +25,7 @@ FAST = FinetuneConfig(epochs=8, lr=3e-3, batch_size=8, max_len=16)
 @pytest.fixture
 def encoder(tmp_path: Path) -> Path:
     """A saved tiny base encoder (no head: finetune must add one) with its own tokenizer."""
-    folder = tmp_path / "encoder"
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(folder)
-    BertTokenizerFast(vocab=str(vocab)).save_pretrained(folder)
-    return folder
+    return save_tiny_encoder(tmp_path / "encoder", WORDS)
 
 
 def siblings(folder: Path) -> list[str]:
