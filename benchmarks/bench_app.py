@@ -87,7 +87,7 @@ def engine_run(method: str, budgets: list[float], samples: int) -> dict:
 def apptest_run(method: str, budgets: list[float]) -> dict:
     """Whole Prune-page reruns through AppTest (the same process-wide caches as the server)."""
     from streamlit.testing.v1 import AppTest
-    from kcm_app.apptest import entry_point_runs
+    from kcm_app.testing import entry_point_runs
     with entry_point_runs():                 # every rerun through app.py (sidebar too), as on the server
         return _apptest_moves(AppTest, method, budgets)
 

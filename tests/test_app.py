@@ -2,7 +2,7 @@
 
 ``KCM_APP_MODEL`` / ``KCM_APP_DATA`` point the app at a tiny BERT written into a temporary folder;
 the real demo and the network are never touched. Widgets are found by key. Every run goes through
-the entry point (``kcm_app.apptest.entry_point_runs``), so the sidebar is drawn on each rerun.
+the entry point (``kcm_app.testing.entry_point_runs``), so the sidebar is drawn on each rerun.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_tiny import write_tiny
-from kcm_app.apptest import entry_point_runs
+from kcm_app.testing import entry_point_runs
 from conftest import state_snapshot, same_state
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")

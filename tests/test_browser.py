@@ -7,68 +7,25 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from app_tiny import write_tiny
+from kcm_app.testing import lasso, serve
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
 
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"streamlit did not answer at {url} within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("browser")
     model_dir, csv = write_tiny(tmp_path / "tiny")
-    port = free_port()
     env = {**os.environ, "KCM_APP_MODEL": str(model_dir), "KCM_APP_DATA": str(csv)}
-    log = open(tmp_path / "streamlit.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
+    with open(tmp_path / "streamlit.log", "w") as log, serve(env, log) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def metric_value(page, label: str) -> str:
@@ -108,17 +65,6 @@ def test_slider_moves_readouts_in_a_real_browser(server, browser, tmp_path):
     shot = tmp_path / "prune.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-
-
-def lasso(page, area, fractions: list[tuple[float, float]]) -> None:
-    """Drag a closed lasso through points given as fractions of ``area``'s box (x right, y down)."""
-    box = area.bounding_box()
-    points = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in fractions]
-    page.mouse.move(*points[0])
-    page.mouse.down()
-    for x, y in points[1:] + points[:1]:
-        page.mouse.move(x, y, steps=8)
-    page.mouse.up()
 
 
 def selected_after_lasso(browser, url: str, fractions: list[tuple[float, float]]) -> int:

@@ -1,0 +1,100 @@
+"""Screenshots of every page of the real app on the embedded demo, for the README.
+
+    python scripts/screenshots.py [--out assets/screenshots] [--port 8599]
+
+Starts ``streamlit run app.py`` on 127.0.0.1 (the demo must be prepared: ``python -m kcm_core demo
+prepare``), drives headless Debian Chromium with Playwright (``executable_path`` = ``which chromium``)
+through the six pages with one typical interaction each (latency measured, a lasso on the scatter,
+UMAP, the method comparison), and writes ``1-model.png`` ... ``6-export.png``. Minutes on two cores:
+the first visit of a page computes what it shows.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from kcm_app.testing import environment_without_app_choices, lasso, serve  # noqa: E402
+VIEWPORT = {"width": 1440, "height": 2000}
+WAIT_MS = 600_000          # a page's first visit on the demo computes scores (tens of seconds)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def settle(page) -> None:
+    """Wait until the app has finished running (no spinner, no 'running' status)."""
+    page.wait_for_timeout(1500)
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]') && "
+        "!document.querySelector('[data-testid=\"stSpinner\"]')", timeout=WAIT_MS)
+    page.wait_for_timeout(1500)
+
+
+def measure_latency(page) -> None:
+    page.get_by_role("button", name="Measure latency").click()
+
+
+def lasso_the_upper_right(page) -> None:
+    chart = page.locator(".st-key-scores_scatter")
+    chart.scroll_into_view_if_needed()
+    lasso(page, chart.locator(".nsewdrag").first, [(0.55, 0.05), (0.98, 0.05), (0.98, 0.5), (0.55, 0.5)])
+
+
+def show_umap(page) -> None:
+    page.get_by_test_id("stRadio").filter(has_text="Projection").get_by_text("UMAP").click()
+
+
+def compare_methods(page) -> None:
+    page.get_by_role("button", name="Compare").click()
+
+
+# (file, page URL, the interaction shown)
+STEPS = (("1-model.png", "model?budget=0.60&method=kcm", None),
+         ("2-cost.png", "cost", measure_latency),
+         ("3-scores.png", "scores", lasso_the_upper_right),
+         ("4-hull.png", "hull", show_umap),
+         ("5-prune.png", "prune?budget=0.60&method=kcm", compare_methods),
+         ("6-export.png", "export", None))
+
+
+def shoot(url: str, out: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        raise SystemExit("Debian chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport=VIEWPORT)
+        for name, path, interaction in STEPS:
+            log(f"  {path}")
+            page.goto(f"{url}/{path}", wait_until="domcontentloaded")
+            expect(page.get_by_test_id("stSidebar")).to_be_visible(timeout=WAIT_MS)
+            settle(page)
+            if interaction is not None:
+                interaction(page)
+                settle(page)
+            page.screenshot(path=str(out / name))
+        browser.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "assets" / "screenshots")
+    parser.add_argument("--port", type=int, default=8599)
+    args = parser.parse_args()
+    from kcm_core.demo import demo_ready
+    if not demo_ready():
+        raise SystemExit("the demo is not prepared: python -m kcm_core demo prepare")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with serve(environment_without_app_choices(), port=args.port) as url:
+        shoot(url, args.out)
+    log(f"wrote {', '.join(sorted(p.name for p in args.out.glob('*.png')))} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
