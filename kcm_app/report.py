@@ -49,6 +49,14 @@ def _pct(rate: Mapping | None) -> str:
     return f"{rate['value']:.1%} (95% CI {lo:.1%} to {hi:.1%}, n = {rate['n']})"
 
 
+def _scaling(info: Mapping) -> str:
+    if info.get("scaled_layers") is None:
+        return "none (this method does not scale)"
+    stopped = info.get("scaling_stopped_at")
+    return f"{info['scaled_layers']} layers scaled" + (
+        f"; stopped at layer {stopped} (a solve failed or a scale left the bound)" if stopped is not None else "")
+
+
 def report_markdown(report: Mapping[str, Any], heading: str = "#") -> str:
     r = report
     ev = r["evaluation"]
@@ -68,7 +76,7 @@ def report_markdown(report: Mapping[str, Any], heading: str = "#") -> str:
         f"measured {r['speed']['measured_speedup']:.2f}x, estimated {r['speed']['estimated_speedup']:.2f}x)",
         f"- Data: {r['data']['data']} ({r['data']['sample']} unlabeled sequences, max length "
         f"{r['data']['max_len']}, seed {r['data']['seed']}); evaluation: {r['data']['eval_source']}",
-        f"- Scaling: {r['scaling']}",
+        f"- Scaling: {_scaling(r['scaling'])}",
         f"- Environment: torch {env['torch']}, transformers {env['transformers']}, {env['threads']} threads, "
         f"{env['device']}, Python {env['python']}", "",
         "The full plan (kept neuron indices and scales per layer) is in `report.json` and `kcm_plan.json`.",

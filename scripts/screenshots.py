@@ -27,12 +27,10 @@ def log(msg: str) -> None:
 
 
 def settle(page) -> None:
-    """Wait until the app has finished running (no spinner, no 'running' status)."""
+    """Wait until the app's script run has finished, then let the charts draw."""
     page.wait_for_timeout(1500)
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]') && "
-        "!document.querySelector('[data-testid=\"stSpinner\"]')", timeout=WAIT_MS)
-    page.wait_for_timeout(1500)
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=WAIT_MS)
+    page.wait_for_timeout(2000)
 
 
 def measure_latency(page) -> None:
@@ -54,7 +52,7 @@ def compare_methods(page) -> None:
 
 
 # (file, page URL, the interaction shown)
-STEPS = (("1-model.png", "model?budget=0.60&method=kcm", None),
+STEPS = (("1-model.png", "?budget=0.60&method=kcm", None),            # the first page lives at /
          ("2-cost.png", "cost", measure_latency),
          ("3-scores.png", "scores", lasso_the_upper_right),
          ("4-hull.png", "hull", show_umap),
@@ -78,6 +76,8 @@ def shoot(url: str, out: Path) -> None:
             if interaction is not None:
                 interaction(page)
                 settle(page)
+            page.mouse.move(VIEWPORT["width"] - 5, VIEWPORT["height"] - 5)   # no tooltip in the picture
+            page.wait_for_timeout(500)
             page.screenshot(path=str(out / name))
         browser.close()
 

@@ -349,6 +349,7 @@ def test_report_holds_plan_numbers_and_environment(ws):
     assert data["environment"]["torch"] == torch.__version__
     md = report.report_markdown(data)
     assert "KCM (R2D2)" in md and f"{result.relative_flops:.4f}" in md
+    assert "- Scaling: 2 layers scaled\n" in md
     import plotly.graph_objects as go
     html = report.figures_html({"a": go.Figure(), "b": go.Figure()}, "t")
     assert html.count("<h2") == 2 and html.count("plotly.js v") <= 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from kcm_core.flops import cost_report
+from kcm_core.pipeline import METHODS
 from kcm_core.realise import slice_model
 
 from .. import charts, engine, figures, report, resources, ui
@@ -39,7 +40,7 @@ def page_figures(ws: Workspace, result: engine.BudgetResult) -> dict:
 def page(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: bool) -> None:
     config = ui.prune_config()
     store = resources.store("results")
-    st.markdown(f"**{config.method}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page).")
+    st.markdown(f"**{METHODS[config.method].label}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page).")
     with ui.progress("Preparing the plan") as bar, ui.core_errors():
         result = engine.evaluate_budget(ws, config, store, bar)
         dense = engine.reference(ws, store).accuracy.to_dict() if ws.eval_batches else None

@@ -7,6 +7,7 @@ import streamlit as st
 import torch
 
 from kcm_core.hull import HullConfig, kernel_hull
+from kcm_core.pipeline import METHODS
 
 from .. import engine, figures, projection, resources, toy, ui
 from ..engine import Workspace
@@ -25,11 +26,12 @@ def kept_mask(ws: Workspace, layer: int) -> tuple[np.ndarray | None, str]:
     """The current method's kept neurons in ``layer`` at the current budget (scores computed once)."""
     config = ui.prune_config()
     store = resources.store("results")
-    with ui.progress(f"Scoring with {config.method}") as bar, ui.core_errors():
+    label = METHODS[config.method].label
+    with ui.progress(f"Scoring with {label}") as bar, ui.core_errors():
         scores = engine.method_scores(ws, config, store, bar)
         plan = engine.readout(ws, scores, config, store).plan
     kept = plan.layers[layer]
-    return kept.keep_mask().numpy(), (f"Orange: kept by {config.method} at {config.budget:.2f} relative "
+    return kept.keep_mask().numpy(), (f"Orange: kept by {label} at {config.budget:.2f} relative "
                                       f"FLOPs ({kept.kept} of {kept.width} in this layer).")
 
 
