@@ -16,7 +16,7 @@ from kcm_core.runtime import Batch
 class Workspace:
     """Everything one view needs about the loaded model and data. Built by ``kcm_app.resources``.
 
-    ``model`` is shared by every session: read it, never change it (see the module docstring).
+    ``model`` is shared by every session: read it, never change it (see ``kcm_app.engine``).
     """
 
     model_key: str
