@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -77,22 +76,17 @@ def engine_run(method: str, budgets: list[float], samples: int) -> dict:
             f"({result.seconds}), timing +{speed_s:.2f} s, accuracy {result.accuracy['value']:.3f}, "
             f"speedup {speed.measured_speedup:.2f}x")
     return {"method": method, "demo_prepare_s": prep, "workspace_s": load,
-            "sample_sequences": ws.info["sample"], "eval_examples": ws.info["eval_examples"],
+            "sample_sequences": ws.info.sample, "eval_examples": ws.info.eval_examples,
             "seq_len": ws.seq_len, "scale_samples": engine.APP_SCALE_SAMPLES,
             "dense_accuracy": dense.accuracy.to_dict(), "dense_eval_s": dense_s,
-            "scores_s": score_s, "score_details": scores.details, "threads": torch.get_num_threads(),
+            "scores_s": score_s, "score_details": scores.details.to_dict(), "threads": torch.get_num_threads(),
             "budgets": rows}
 
 
 def apptest_run(method: str, budgets: list[float]) -> dict:
     """Whole Prune-page reruns through AppTest (the same process-wide caches as the server)."""
     from streamlit.testing.v1 import AppTest
-    from kcm_app.testing import entry_point_runs
-    with entry_point_runs():                 # every rerun through app.py (sidebar too), as on the server
-        return _apptest_moves(AppTest, method, budgets)
-
-
-def _apptest_moves(AppTest, method: str, budgets: list[float]) -> dict:
+    # every rerun goes through app.py (sidebar too), as on the server: see kcm_app.ui.entry_guard
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=900)
     at.query_params.update({"method": method, "budget": f"{budgets[0]:.2f}"})
     _, first = timed(at.run)
@@ -144,20 +138,17 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512, help="unlabeled sequences (sidebar default)")
     parser.add_argument("--no-apptest", action="store_true")
     args = parser.parse_args()
-    import torch
-    import transformers
+    from dataclasses import asdict
+
+    from kcm_core.report import Environment
     log("engine readouts on the demo")
     data = {"engine": engine_run(args.method, args.budgets, args.samples)}
     if not args.no_apptest:
         log("AppTest reruns")
         data["apptest"] = apptest_run(args.method, args.budgets)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    data["environment"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "threads": torch.get_num_threads(), "python": platform.python_version(),
+    data["environment"] = {**asdict(Environment.here()),
                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                           "load_average_at_end": os.getloadavg(),
-                           "cpu": cpu}
+                           "load_average_at_end": os.getloadavg()}
     data["targets"] = {"readout_ms": 100, "evaluated_budget_s": 1, "new_budget_s": 5}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "app.json").write_text(json.dumps(data, indent=2, default=str) + "\n")

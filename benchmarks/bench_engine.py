@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+from dataclasses import asdict
 import sys
 import time
 from pathlib import Path
@@ -30,7 +30,7 @@ from kcm_core.hull import HullConfig, kernel_hull  # noqa: E402
 from kcm_core.arch import ffn_blocks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import cpu_name  # noqa: E402
+from kcm_core.report import Environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -106,7 +106,7 @@ def run(name: str, builder, samples: int) -> dict:
         "total_seconds": total,
         "kept_neurons": result.plan.total_kept,
         "kept_per_layer": result.plan.kept_counts,
-        "r2_iterations": result.details.get("r2_iterations"),
+        "r2_iterations": result.details.r2_iterations,
         "stop_rules_layer0": rules,
     }
 
@@ -121,9 +121,7 @@ def main() -> None:
         if args.only and args.only != name:
             continue
         runs[name] = run(name, builder, args.samples)
-    env = {"torch": torch.__version__, "transformers": transformers.__version__,
-           "threads": torch.get_num_threads(), "python": platform.python_version(),
-           "cpu": cpu_name(), "device": "cpu"}
+    env = asdict(Environment.here())
     RESULTS.mkdir(exist_ok=True)
     out = {"environment": env, "runs": runs}
     path = RESULTS / "engine.json"

@@ -1,11 +1,12 @@
 """Accuracy of every pruning method at five FLOPs budgets on the demo, over seeds, with intervals.
 
 The demo model (MiniLM-L6 fine-tuned on movie-review polarity) is pruned by every method in
-``kcm_core.pipeline.METHODS`` at relative FLOPs 0.9 ... 0.5 (counted at the unlabeled sample's average
-length). Per seed: the unlabeled sample is 2048 demo train sentences (all, if fewer) drawn in a
-seed-dependent order, its first 512 with their labels are the labeled set of the label-using methods,
-and the seed is the method's own seed (random scores). Scores are computed once per method and seed
-and reused for every budget (they do not depend on it). Accuracy and agreement with the unpruned
+``kcm_core.methods.METHODS`` at relative FLOPs 0.9 ... 0.5 (counted at the unlabeled sample's average
+length). Per seed: the unlabeled sample is 2048 demo train sentences (all, if fewer), the same subset
+``python -m kcm_core prune --samples`` draws (``TextData.sample``) but in the order it was drawn
+(``shuffled=True``); its first 512 with their labels are the labeled set of the label-using methods;
+the seed is also the method's own seed (random scores). Scores are computed once per method and
+seed and reused for every budget (they do not depend on it). Accuracy and agreement with the unpruned
 model are measured on the 800 test sentences.
 
 Per method and budget the results give the mean over seeds, the spread between seeds (min to max,
@@ -27,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+from dataclasses import asdict
 import statistics
 import sys
 import time
@@ -37,13 +38,14 @@ from pathlib import Path
 # Passive OpenMP waiting: on a shared 2-core machine spinning threads stall each other (see bench_speed).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
-import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.evaluate import bootstrap_interval, evaluate_classifier  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
-from kcm_core.pipeline import METHODS, PruneConfig, compute_scores, method, prune  # noqa: E402
+from kcm_core.report import Environment  # noqa: E402
+from kcm_core.methods import METHODS, method  # noqa: E402
+from kcm_core.pipeline import PruneConfig, compute_scores, prune  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
@@ -112,9 +114,9 @@ def main() -> int:
 
     rows = []
     for seed in seeds:
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(train), generator=gen).tolist()
-        sample = train.subset(order[:min(samples, len(train))])
+        # The CLI's --samples subset, in the order it was drawn: scaling uses its first 512 and the
+        # label-using methods its first `labeled_n` (the order the published results were made with).
+        sample = train.sample(samples, seed, shuffled=True)
         unlabeled = make_batches(sample, tokenizer, max_len=max_len, batch_size=64, with_labels=False)
         labeled = make_batches(sample.subset(range(min(labeled_n, len(sample)))), tokenizer,
                                max_len=max_len, batch_size=32)
@@ -145,8 +147,9 @@ def main() -> int:
                     "seq_len": result.seq_len, "kept_per_layer": result.plan.kept_counts,
                     "seconds": {"scoring": score_s, "pruning": prune_s, "evaluation": eval_s,
                                 **{f"stage_{k}": v for k, v in result.seconds.items()}},
-                    "details": {k: v for k, v in result.details.items() if k != "r2_sigma"},
-                    "scaling": {k: result.plan.info.get(k) for k in ("scaled_layers", "scaling_stopped_at")},
+                    "details": {k: v for k, v in result.details.to_dict().items() if k != "r2_sigma"},
+                    "scaling": {"scaled_layers": result.plan.info.scaled_layers,
+                                "scaling_stopped_at": result.plan.info.scaling_stopped_at},
                 })
                 log(f"    {name} @ {budget}: accuracy {ev.accuracy.value:.4f} "
                     f"(agreement {ev.agreement.value:.4f}) [{score_s:.0f}s scoring, {prune_s:.0f}s pruning]")
@@ -165,8 +168,7 @@ def main() -> int:
     data = {
         "settings": settings,
         "unpruned": {"accuracy": dense.accuracy.to_dict(), "hits": "".join(map(str, dense_hits.tolist()))},
-        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "python": platform.python_version(), "threads": args.threads, "device": "cpu",
+        "environment": {**asdict(Environment.here()), "threads": args.threads,
                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "paper_bert_base_sst2_at_0.6": PAPER_SST2_AT_06,
         "rows": rows,

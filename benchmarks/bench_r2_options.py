@@ -61,10 +61,10 @@ def main() -> None:
                            method_scores=scores)
             ev = evaluate_classifier(result.model, test, reference=dense.predictions)
             rows.append({"sigma_mode": mode, "sigma": sigma, "stop_rule": rule, "budget": budget,
-                         "r2_iterations": scores.details["r2_iterations"], "r2_seconds": r2_seconds,
+                         "r2_iterations": scores.details.r2_iterations, "r2_seconds": r2_seconds,
                          "accuracy": ev.accuracy.to_dict(), "agreement": ev.agreement.to_dict()})
             print(f"{mode} sigma={sigma} {rule} budget={budget}: acc {ev.accuracy.value:.3f} "
-                  f"iters {scores.details['r2_iterations']}", file=sys.stderr, flush=True)
+                  f"iters {scores.details.r2_iterations}", file=sys.stderr, flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = {"dense_accuracy": dense.accuracy.to_dict(), "rows": rows, "torch": torch.__version__}
     (RESULTS / "r2_options.json").write_text(json.dumps(out, indent=2))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+from dataclasses import asdict
 import statistics
 import sys
 import tempfile
@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kcm_core  # noqa: E402
 from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
+from kcm_core.report import Environment  # noqa: E402
 from kcm_core.pipeline import PruneConfig, compute_scores, prune  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,11 +73,10 @@ def demo_subject(samples: int):
     summary = demo.prepare_demo()                 # returns at once: demo_ready() was checked
     model, tokenizer = load_model(summary["model_dir"], device="cpu")
     train = demo.load_demo_split("train")
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(train), generator=gen)[:samples].tolist()
-    batches = make_batches(train.subset(idx), tokenizer, max_len=128, batch_size=64, with_labels=False)
+    sample = train.sample(samples, seed=0, shuffled=True)   # as drawn (its first 512 scale)
+    batches = make_batches(sample, tokenizer, max_len=128, batch_size=64, with_labels=False)
     desc = (f"demo model: all-MiniLM-L6-v2 fine-tuned on sentence polarity ({summary['model_dir']}); "
-            f"unlabeled sample: {len(idx)} demo train sentences")
+            f"unlabeled sample: {len(sample)} demo train sentences")
     return model.eval(), batches, "demo", desc
 
 
@@ -266,22 +266,11 @@ def onnx_timings(variants: dict, config, warmup: int, repeats: int) -> list[dict
 
 def environment(threads: int, load_before) -> dict:
     import onnxruntime
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-            "threads": threads, "torch_threads": torch.get_num_threads(), "cpu": cpu_name(),
-            "logical_cpus": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    return {**asdict(Environment.here()), "onnxruntime": onnxruntime.__version__,
+            "threads": threads, "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average_before": list(load_before),
             "load_average_after": list(os.getloadavg()), "device": "cpu"}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown(data: dict) -> str:

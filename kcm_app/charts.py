@@ -34,12 +34,11 @@ def cost_frame(report: CostReport, unit: str = "MMACs") -> pd.DataFrame:
 
 def param_frame(report: CostReport, shape: ModelShape) -> pd.DataFrame:
     """Long table of parameters: per layer split into attention and FFN, plus embeddings and head."""
-    d = shape.hidden
     rows = [{"part": "embeddings", "block": "embeddings", "label": "embeddings, norms, pooler",
              "value": float(report.embedding_params)}]
     for layer, total in zip(report.layers, report.layer_params):
-        up = layer.neurons * d * (2 if shape.gated else 1) + (0 if shape.family == "llama" else layer.neurons)
-        down = layer.neurons * d
+        up = ffn_up_params(shape, layer.neurons)
+        down = layer.neurons * shape.hidden            # the down projection's bias is d, not per neuron
         rows += [
             {"part": f"layer {layer.index}", "block": "qkv+attn_out", "label": "attention and norms",
              "value": float(total - up - down)},
@@ -49,6 +48,14 @@ def param_frame(report: CostReport, shape: ModelShape) -> pd.DataFrame:
         ]
     rows.append({"part": "head", "block": "head", "label": "task head", "value": float(report.head_params)})
     return pd.DataFrame(rows)
+
+
+def ffn_up_params(shape: ModelShape, neurons: int) -> int:
+    """Parameters of one layer's up projection (and gate, in gated MLPs): a d-vector per neuron each,
+    plus a bias per neuron where the family's dense layers carry biases (BERT, GPT-2, ViT; not LLaMA,
+    Mistral or Qwen2: the adapter table's ``dense_bias``)."""
+    projections = 2 if shape.gated else 1
+    return projections * neurons * (shape.hidden + int(shape.dense_bias))
 
 
 def attention_share_curve(shape: ModelShape, lengths: Iterable[float]) -> pd.DataFrame:

@@ -7,7 +7,6 @@ activation); whatever the layers do not account for is embeddings and head.
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
 
@@ -64,11 +63,3 @@ def block_latency(model: nn.Module, batch: dict[str, torch.Tensor], repeats: int
     rows.append({"part": "embeddings + head", "block": "head",
                  "ms": max(statistics.median(totals) * 1e3 - layers_total, 0.0)})
     return pd.DataFrame(rows)
-
-
-def environment() -> dict[str, str]:
-    """What produced a timing: torch version, threads, CPU."""
-    import transformers
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": str(torch.get_num_threads()), "python": platform.python_version(),
-            "machine": platform.machine(), "device": "cpu" if not torch.cuda.is_available() else "cuda"}

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import streamlit as st
-import torch
 
 from kcm_core.arch import model_shape
 from kcm_core.pipeline import resolve_seq_len
 from kcm_core.runtime import Progress, tell
 
-from .engine import Workspace
+from .engine import Workspace, WorkspaceInfo
 from .sources import (BATCH_SIZE, EVAL_LIMIT, DataChoice, ModelChoice, SampleChoice,
                       batches_fingerprint, model_key)
 from .store import SharedStore
@@ -80,11 +79,6 @@ def load_data(choice: DataChoice, role: str = "train") -> Any:
                           split=choice.split, config_name=choice.config_name)
 
 
-def _seeded_order(n: int, seed: int) -> list[int]:
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n, generator=gen).tolist()
-
-
 def _by_length(data: Any, tokenizer: Any) -> Any:
     """The same examples ordered by token count, so evaluation batches carry little padding."""
     texts = list(getattr(data, "texts"))
@@ -94,20 +88,26 @@ def _by_length(data: Any, tokenizer: Any) -> Any:
 
 
 def split_data(choice: DataChoice, sample: SampleChoice) -> tuple[Any, Any | None, str]:
-    """(scoring sample, labeled evaluation data or None, where the evaluation data came from)."""
+    """(scoring sample, labeled evaluation data or None, where the evaluation data came from).
+
+    The scoring sample is ``TextData.sample(size, seed)``, the same subset the CLI's ``--samples``
+    draws. Without a separate test split, up to ``EVAL_LIMIT`` of the rows it left out (in file order)
+    are held out for evaluation.
+    """
+    from kcm_core.data import seeded_indices
     train = load_data(choice, "train")
     if len(train) == 0:
         raise ValueError(f"the data {choice.describe()} holds no examples")
-    order = _seeded_order(len(train), sample.seed)
-    scoring = train.subset(sorted(order[: sample.size]))
+    scoring = train.sample(sample.size, sample.seed)
     if choice.kind == "demo":
         return scoring, load_data(choice, "test"), "the demo's test split"
     if not getattr(train, "has_labels", False):
         return scoring, None, "none (no label column)"
-    rest = sorted(order[sample.size:])[:EVAL_LIMIT]
+    chosen = set(seeded_indices(len(train), sample.size, sample.seed))
+    rest = [i for i in range(len(train)) if i not in chosen][:EVAL_LIMIT]
     if len(rest) >= 20:
         return scoring, train.subset(rest), f"{len(rest)} held-out examples of the same data"
-    return scoring, train.subset(sorted(order[:EVAL_LIMIT])), (
+    return scoring, train.sample(EVAL_LIMIT, sample.seed), (
         "the scoring sample itself (too few examples to hold some out)")
 
 
@@ -127,10 +127,10 @@ def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _t
         eval_batches = tuple(make_batches(_by_length(evaluation, _tokenizer), _tokenizer,
                                           max_len=sample.max_len, batch_size=64, with_labels=True))
     shape = model_shape(_model.config)
-    info = {"model": key, "model_name": _model_name(key), "data": data.describe(), "data_source": str(getattr(scoring, "source", "")),
-            "sample": len(scoring), "eval_examples": len(evaluation) if eval_batches else 0,
-            "eval_source": eval_source, "max_len": sample.max_len, "seed": sample.seed,
-            "labels": labeled is not None}
+    info = WorkspaceInfo(model_path=key, model_name=_model_name(key), data=data.describe(),
+                         data_source=str(getattr(scoring, "source", "")), sample=len(scoring),
+                         eval_examples=len(evaluation) if eval_batches else 0, eval_source=eval_source,
+                         max_len=sample.max_len, seed=sample.seed, labels=labeled is not None)
     return Workspace(model_key=key, model=_model, tokenizer=_tokenizer, shape=shape,
                      data_key=batches_fingerprint(unlabeled, labeled, eval_batches),
                      unlabeled=unlabeled, labeled=labeled, eval_batches=eval_batches,

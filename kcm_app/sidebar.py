@@ -10,23 +10,9 @@ from .sources import (DATA_KINDS, MODEL_KINDS, DataChoice, ModelChoice, SampleCh
 MAX_LENS = [32, 64, 128, 256, 512]
 
 
-def _defaults() -> None:
-    model, data = env_defaults()
-    for key, value in {"model_kind": model.kind, "model_ref": model.ref, "data_kind": data.kind,
-                       "data_ref": data.ref, "text_column": data.text_column or "",
-                       "text_pair_column": "", "label_column": data.label_column or "",
-                       "data_split": "", "data_config": "", "sample_size": 512, "max_len": 128,
-                       "seed": 0}.items():
-        st.session_state.setdefault(key, value)
-
-
-def _opt(key: str) -> str | None:
-    return (st.session_state.get(key) or "").strip() or None
-
-
 def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
     """Draw the sidebar widgets and return the choices they make (may raise ValueError)."""
-    _defaults()
+    state.set_defaults(state.sidebar_defaults(*env_defaults()))
     st.subheader("Model")
     kind = st.radio("Source", list(MODEL_KINDS), format_func=MODEL_KINDS.get, key="model_kind",
                     help="The embedded demo is a small sentiment classifier prepared on first start. "
@@ -37,11 +23,11 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
     data_kind = st.radio("Unlabeled sample from", list(DATA_KINDS), format_func=DATA_KINDS.get,
                          key="data_kind", help="Texts the model sees while scoring (labels are optional; "
                          "with a label column the app also reports accuracy).")
-    ref = _opt("data_ref") or ""
+    ref = state.text("data_ref") or ""
     if data_kind in ("file", "hub"):
         st.text_input("Path or dataset name", key="data_ref",
                       help="CSV, TSV, JSON, JSONL, Parquet or TXT file; or a hub dataset such as glue")
-        ref = _opt("data_ref") or ""
+        ref = state.text("data_ref") or ""
     elif data_kind == "upload":
         upload = st.file_uploader("File", type=["csv", "tsv", "json", "jsonl", "parquet", "txt"],
                                   key="data_upload", help="Kept on this machine in a temporary folder.")
@@ -54,19 +40,18 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
             st.text_input("Split", key="data_split", help="Hub datasets: train, validation, ...")
             st.text_input("Config", key="data_config", help="Hub datasets: e.g. sst2 for glue")
     st.subheader("Sample")
-    st.number_input("Unlabeled sequences", min_value=8, max_value=4096, step=64, key="sample_size",
+    st.number_input("Unlabeled sequences", min_value=8, max_value=4096, step=64, key=state.SAMPLE_SIZE,
                     help="How many sequences the scorers see (the paper: 2048; 512 to 4096 give the same "
                          "result).")
-    st.select_slider("Max sequence length (tokens)", MAX_LENS, key="max_len",
+    st.select_slider("Max sequence length (tokens)", MAX_LENS, key=state.MAX_LEN,
                      help="Longer texts are truncated to this many tokens.")
-    st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key="seed",
+    st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=state.SEED,
                     help="Draws the sample and seeds the random baseline.")
-    model = ModelChoice(kind, (_opt("model_ref") or "") if kind != "demo" else "")
-    data = DataChoice(data_kind, ref if data_kind != "demo" else "", text_column=_opt("text_column"),
-                      text_pair_column=_opt("text_pair_column"), label_column=_opt("label_column"),
-                      split=_opt("data_split"), config_name=_opt("data_config"))
-    sample = SampleChoice(int(st.session_state["sample_size"]), int(st.session_state["max_len"]),
-                          int(st.session_state["seed"]))
+    model = ModelChoice(kind, (state.text("model_ref") or "") if kind != "demo" else "")
+    data = DataChoice(data_kind, ref if data_kind != "demo" else "", text_column=state.text("text_column"),
+                      text_pair_column=state.text("text_pair_column"), label_column=state.text("label_column"),
+                      split=state.text("data_split"), config_name=state.text("data_config"))
+    sample = SampleChoice(state.integer(state.SAMPLE_SIZE), state.integer(state.MAX_LEN), state.seed())
     return model, data, sample
 
 
@@ -75,7 +60,7 @@ def load() -> None:
     with st.sidebar:
         with ui.core_errors(stop=False):
             model, data, sample = choices()
-            st.session_state[ui.WS] = None
+            state.set_workspace(None)
             first_demo = model.kind == "demo" and not resources.demo_ready()
             label = ("Preparing the embedded demo (first start only)" if first_demo
                      else "Loading model and data")
@@ -83,8 +68,8 @@ def load() -> None:
                 bar = ui.ProgressBar(label, container=box.empty())
                 ws = resources.workspace(model, data, sample, bar)
                 bar.clear()
-                box.update(label=f"Loaded: {ws.info['model_name']}", state="complete",
+                box.update(label=f"Loaded: {ws.info.model_name}", state="complete",
                            expanded=False)
-            st.session_state[ui.WS] = ws
+            state.set_workspace(ws)
             # a shared link (or the default 0.6) may ask for less than this model can reach
-            st.session_state["budget"] = state.clamp_budget(st.session_state["budget"], ws.floor)
+            state.set_budget(state.clamp_budget(state.budget(), ws.floor))

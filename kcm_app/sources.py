@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -124,7 +124,3 @@ def upload_path(name: str, content: bytes, folder: Path) -> Path:
         tmp.write_bytes(content)
         tmp.replace(path)                          # a reader never sees a half-written upload
     return path
-
-
-def describe_data(data: Any) -> str:
-    return str(getattr(data, "source", "") or "")

@@ -1,16 +1,26 @@
 """The session-state schema and the URL: which values a view is made of, and how a link restores them.
 
-Persistent keys (``budget``, ``method``, ``multiple``) live in ``st.session_state`` under their own names; widgets
-use ``w_``-prefixed keys and copy into them on change, because Streamlit forgets a widget's key on a
-page that does not draw the widget. The page itself is the URL path (``st.navigation``).
+Every read and write of ``st.session_state`` in the app goes through this module, so the keys, their
+types and their defaults are written down once. The parsing functions (``parse_query``, ``query_for``,
+``clamp_budget``) are plain Python; the accessors below them import Streamlit only when called, so
+importing this module needs no running app.
+
+Persistent keys (``budget``, ``method``, ``multiple``) live in ``st.session_state`` under their own
+names; widgets use ``w_``-prefixed keys and copy into them on change, because Streamlit forgets a
+widget's key on a page that does not draw the widget. The sidebar's widgets are drawn on every page,
+so they keep their own keys. The page itself is the URL path (``st.navigation``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
 
-from kcm_core.pipeline import METHODS
+from kcm_core.methods import METHODS
+
+if TYPE_CHECKING:
+    from .engine import Workspace
+    from .sources import DataChoice, ModelChoice
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,19 @@ MULTIPLES = (1, 8, 16, 64)
 
 DEFAULTS = ViewState()
 URL_KEYS = tuple(f.name for f in fields(ViewState))
+
+# Keys of values that are not widgets: the view's (URL_KEYS) ...
+BUDGET, METHOD, MULTIPLE = URL_KEYS
+# ... and the session's.
+WORKSPACE = "workspace"          # the loaded Workspace, or None while nothing is loaded
+INITIALISED = "_initialised"     # defaults and the link's values were written (once per session)
+ENTRY = "_entry"                 # app.py set this for the page it is about to run (one run only)
+
+# Widget keys: the view's widgets, each copied into its persistent value on change ...
+W_BUDGET, W_METHOD, W_MULTIPLE = "w_budget", "w_method", "w_multiple"
+PERSISTENT = {W_BUDGET: BUDGET, W_METHOD: METHOD, W_MULTIPLE: MULTIPLE}
+# ... and the sidebar's, which keep their own keys (drawn on every page; see ``sidebar_defaults``).
+SAMPLE_SIZE, MAX_LEN, SEED = "sample_size", "max_len", "seed"
 
 
 def parse_budget(text: Any) -> float | None:
@@ -66,7 +89,119 @@ def clamp_budget(budget: float, floor: float) -> float:
     return min(1.0, max(low, round(float(budget), 2)))
 
 
+def initial_values(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A new session's view: the defaults, overridden by what a shared link carries."""
+    return {**vars(DEFAULTS), **parse_query(params)}
+
+
+def sidebar_defaults(model: ModelChoice, data: DataChoice) -> dict[str, Any]:
+    """The sidebar widgets' start values: the start-up model and data (``sources.env_defaults``) and
+    the sample settings."""
+    return {"model_kind": model.kind, "model_ref": model.ref, "data_kind": data.kind,
+            "data_ref": data.ref, "text_column": data.text_column or "", "text_pair_column": "",
+            "label_column": data.label_column or "", "data_split": "", "data_config": "",
+            SAMPLE_SIZE: 512, MAX_LEN: 128, SEED: 0}
+
+
 def _last(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return value[-1] if value else None
     return value
+
+
+# --------------------------------------------------------------------------- accessors (need a run)
+
+def _session() -> MutableMapping[str, Any]:
+    import streamlit as st          # here, not at the top: the parsing above stays Streamlit-free
+    return st.session_state
+
+
+def initialise(values: Mapping[str, Any]) -> None:
+    """Write ``values`` where the session has none yet, once per session (a link counts on arrival;
+    afterwards the widgets own the values)."""
+    session = _session()
+    if session.get(INITIALISED):
+        return
+    for key, value in values.items():
+        session.setdefault(key, value)
+    session[INITIALISED] = True
+
+
+def set_defaults(values: Mapping[str, Any]) -> None:
+    """Fill in keys the session lacks (widget keys Streamlit dropped come back at their default)."""
+    session = _session()
+    for key, value in values.items():
+        session.setdefault(key, value)
+
+
+def budget() -> float:
+    return float(_session().get(BUDGET, DEFAULTS.budget))
+
+
+def set_budget(value: float) -> None:
+    _session()[BUDGET] = float(value)
+
+
+def method() -> str:
+    return str(_session().get(METHOD, DEFAULTS.method))
+
+
+def set_method(name: str) -> None:
+    _session()[METHOD] = name
+
+
+def multiple() -> int:
+    return int(_session().get(MULTIPLE, DEFAULTS.multiple))
+
+
+def seed() -> int:
+    return int(_session().get(SEED, 0))
+
+
+def view() -> dict[str, Any]:
+    """The values a link reproduces (``URL_KEYS``)."""
+    return {BUDGET: budget(), METHOD: method(), MULTIPLE: multiple()}
+
+
+def workspace() -> Workspace | None:
+    return _session().get(WORKSPACE)
+
+
+def set_workspace(ws: Workspace | None) -> None:
+    _session()[WORKSPACE] = ws
+
+
+def text(key: str) -> str | None:
+    """A sidebar text field's value, stripped; None when empty."""
+    return (_session().get(key) or "").strip() or None
+
+
+def integer(key: str) -> int:
+    return int(_session()[key])
+
+
+def persistent_widget(widget_key: str) -> dict[str, Any]:
+    """Keyword arguments for one of the view's widgets (``W_BUDGET``, ...), called right before drawing
+    it: the widget shows the persistent value (it may have changed on another page or through a link,
+    and Streamlit dropped the widget's key on pages that did not draw it), and a change is copied back."""
+    key = PERSISTENT[widget_key]
+    session = _session()
+    session[widget_key] = session[key]
+    return dict(key=widget_key, on_change=copy_widget, args=(widget_key, key))
+
+
+def copy_widget(widget_key: str, key: str) -> None:
+    """on_change callback: a widget's value becomes the persistent session value."""
+    session = _session()
+    session[key] = session[widget_key]
+
+
+def mark_entry() -> None:
+    """app.py, right before ``page.run()``: this run came through the entry point."""
+    _session()[ENTRY] = True
+
+
+def take_entry_mark() -> bool:
+    """A page, first thing: did app.py run before it in this run? Consumes the mark, so the next
+    run has to set it again."""
+    return bool(_session().pop(ENTRY, False))

@@ -1,11 +1,9 @@
-"""Driving the app from tests, benchmarks and scripts: ``AppTest`` the way the server runs it, a real
-server on localhost, and a lasso in a real browser. Nothing here is imported by the app itself.
+"""Driving the app from tests, benchmarks and scripts: a real server on localhost, and a lasso in a
+real browser. Nothing here is imported by the app itself.
 
-``entry_point_runs``: Streamlit treats a ``pages/`` folder beside the entry point the old (MPA v1) way until the first
-``st.navigation`` call of a process; the server then keeps the new way, so every rerun goes through
-``app.py`` (sidebar included) and on to the page. ``AppTest`` resets that flag before *every* run, so
-from the second run on it executes the current page script alone: no sidebar, and the sidebar's
-widget state is dropped. ``entry_point_runs`` undoes the reset for the runs inside it.
+``AppTest.from_file("app.py")`` needs no help: every run goes through the entry point, because a page
+that Streamlit runs on its own (the ``pages/`` folder's old mode, which ``AppTest`` falls back to on
+every run after the first) runs app.py in its place, in the same run (``kcm_app.ui.entry_guard``).
 """
 from __future__ import annotations
 
@@ -20,26 +18,6 @@ from pathlib import Path
 from typing import IO, Iterator, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextlib.contextmanager
-def entry_point_runs() -> Iterator[None]:
-    """Within the block, every ``AppTest.run`` goes through the entry point, as on the server."""
-    import streamlit.testing.v1.app_test as app_test
-    from streamlit.runtime.pages_manager import PagesManager
-
-    class EntryPointPages(PagesManager):
-        def __init__(self, *args, **kwargs):
-            PagesManager.uses_pages_directory = False      # what the server has after st.navigation
-            super().__init__(*args, **kwargs)
-
-    original = app_test.PagesManager
-    app_test.PagesManager = EntryPointPages
-    try:
-        yield
-    finally:
-        app_test.PagesManager = original
-        PagesManager.uses_pages_directory = None
 
 
 def free_port() -> int:

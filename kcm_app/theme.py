@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kcm_core.pipeline import METHODS
+from kcm_core.methods import METHODS
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

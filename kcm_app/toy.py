@@ -22,15 +22,6 @@ def toy_points(path: Path = TOY_CSV) -> np.ndarray:
     return frame[["x", "y"]].to_numpy(dtype=np.float64)
 
 
-def make_toy_points(n: int = 60, seed: int = 0) -> np.ndarray:
-    """A reproducible cloud: a Gaussian blob plus a few points on a ring (clear hull vertices)."""
-    rng = np.random.default_rng(seed)
-    blob = rng.normal(0.0, 0.45, size=(n - 8, 2))
-    angles = np.linspace(0, 2 * np.pi, 8, endpoint=False) + 0.3
-    ring = np.c_[np.cos(angles), np.sin(angles)] * 1.6
-    return np.round(np.r_[blob, ring], 4)
-
-
 def hull_vertices(points: np.ndarray) -> list[int]:
     """Indices of the ordinary convex hull's vertices, counter-clockwise (Andrew's monotone chain)."""
     order = sorted(range(len(points)), key=lambda i: (points[i, 0], points[i, 1]))

@@ -1,20 +1,21 @@
-"""Streamlit helpers shared by the entry point and the pages: state, URL, progress, errors, guards."""
+"""Streamlit helpers shared by the entry point and the pages: navigation, the entry guard, URL,
+progress, errors. Session values are read and written through ``kcm_app.state``."""
 from __future__ import annotations
 
 import contextlib
+import runpy
 import time
 from pathlib import Path
 from typing import Iterator
 
 import streamlit as st
 
-from kcm_core.pipeline import METHODS, PruneConfig
+from kcm_core.pipeline import PruneConfig
 
 from . import state, theme
 from .engine import APP_SCALE_SAMPLES, Workspace
 
-WS = "workspace"
-ENTRY = "_entry_ran"
+ENTRY_POINT = Path(__file__).resolve().parents[1] / "app.py"
 
 # (script, title, icon, url path): the pages registered with st.navigation by app.py
 PAGES = (
@@ -34,85 +35,50 @@ def pages() -> list:
             for i, (script, title, icon, url) in enumerate(PAGES)]
 
 
-def mark_entry() -> None:
-    st.session_state[ENTRY] = True
+def run_page(page) -> None:
+    """app.py's last step: run the chosen page, marked as coming through the entry point."""
+    state.mark_entry()
+    page.run()
 
 
-def entry_guard(script: str) -> None:
-    """Send a page that runs without the entry point back through it.
+def entry_guard() -> bool:
+    """True when app.py ran this page: draw it. Otherwise run app.py here and return False.
 
-    Until the first ``st.navigation`` call of a server process, Streamlit treats a ``pages/`` folder
-    the old way: a deep link (``/prune``) as the very first request runs that script alone, without
-    app.py's sidebar. Registering the navigation (which ends the old mode) and switching to the same
-    page reruns it through app.py, with the link's query parameters.
+    Streamlit runs a ``pages/`` folder beside the entry point the old (MPA v1) way until the first
+    ``st.navigation`` call of a process: the page script alone, without app.py's sidebar. That is
+    what a deep link (``/prune``) gets as the very first request to a fresh server, and what
+    ``AppTest`` does on every run after the first (it forgets the navigation before each run).
+    app.py marks each run it hands to a page (``run_page``). An unmarked page runs app.py itself,
+    in this same run: its ``st.navigation`` (public API) ends the old mode and picks this page by its
+    URL path, then draws the sidebar and runs this page again, marked. Staying in the same run (no
+    ``st.switch_page``) keeps the request's widget events: a button click survives the detour.
     """
-    if st.session_state.get(ENTRY):
-        return
-    nav = pages()
-    st.navigation(nav, position="hidden")
-    name = Path(script).name
-    target = next(p for p, spec in zip(nav, PAGES) if Path(spec[0]).name == name)
-    st.switch_page(target, query_params=st.query_params.to_dict())
+    if state.take_entry_mark():
+        return True
+    runpy.run_path(str(ENTRY_POINT))
+    return False
 
 
 # --------------------------------------------------------------------------- state and URL
 
 def init_state() -> None:
     """Defaults first, then whatever a shared link carries (once per session)."""
-    if st.session_state.get("_initialised"):
-        return
-    values = {**vars(state.DEFAULTS), **state.parse_query(st.query_params.to_dict())}
-    for key, value in values.items():
-        st.session_state.setdefault(key, value)
-    st.session_state["_initialised"] = True
+    state.initialise(state.initial_values(st.query_params.to_dict()))
 
 
 def sync_url() -> None:
-    """Write the view (budget, method) into the URL so that a copied link reproduces it."""
-    wanted = state.query_for({k: st.session_state[k] for k in state.URL_KEYS})
+    """Write the view (budget, method, multiple) into the URL so that a copied link reproduces it."""
+    wanted = state.query_for(state.view())
     if {k: st.query_params.get(k) for k in wanted} != wanted:
         st.query_params.update(wanted)
 
 
-def copy_widget(widget_key: str, key: str) -> None:
-    """on_change callback: a widget's value becomes the persistent session value."""
-    st.session_state[key] = st.session_state[widget_key]
-
-
 def prune_config(**overrides) -> PruneConfig:
     """The session's method and budget with the app's settings (small scaling sample)."""
-    values = dict(method=st.session_state.get("method", state.DEFAULTS.method),
-                  budget=float(st.session_state.get("budget", state.DEFAULTS.budget)),
-                  multiple=int(st.session_state.get("multiple", state.DEFAULTS.multiple)),
-                  scale_samples=APP_SCALE_SAMPLES, seed=int(st.session_state.get("seed", 0)))
+    values = dict(method=state.method(), budget=state.budget(), multiple=state.multiple(),
+                  scale_samples=APP_SCALE_SAMPLES, seed=state.seed())
     values.update(overrides)
     return PruneConfig(**values)
-
-
-def method_options(ws: Workspace) -> list[str]:
-    """Every method; the label-using ones only when the data has labels."""
-    return [m for m, spec in METHODS.items() if ws.has_labels or not spec.uses_labels]
-
-
-def method_select(ws: Workspace, container) -> str:
-    """The method selector (its value is kept across pages and written to the URL)."""
-    options = method_options(ws)
-    if st.session_state["method"] not in options:
-        st.session_state["method"] = state.DEFAULTS.method
-    st.session_state["w_method"] = st.session_state["method"]
-    return container.selectbox(
-        "Method", options, format_func=theme.method_label, key="w_method", on_change=copy_widget,
-        args=("w_method", "method"),
-        help="How neurons are ranked (one colour per method on every chart); label-using methods "
-             "appear when the data has labels")
-
-
-def multiple_select(container) -> int:
-    st.session_state["w_multiple"] = st.session_state["multiple"]
-    return container.selectbox(
-        "Round widths to a multiple of", state.MULTIPLES, key="w_multiple", on_change=copy_widget,
-        args=("w_multiple", "multiple"),
-        help="Multiples of 8, 16 or 64 run faster on most hardware; the budget still holds")
 
 
 # --------------------------------------------------------------------------- page furniture
@@ -121,13 +87,9 @@ def style() -> None:
     st.markdown(f"<style>{theme.css()}</style>", unsafe_allow_html=True)
 
 
-def workspace() -> Workspace | None:
-    return st.session_state.get(WS)
-
-
 def require_workspace() -> Workspace:
     """The loaded model and data, or an explanation of what to do first (and stop the page)."""
-    ws = workspace()
+    ws = state.workspace()
     if ws is None:
         st.info("No model is loaded yet. Choose a model and data in the sidebar (the embedded demo is "
                 "the default); this page fills in once they load.")

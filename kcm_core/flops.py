@@ -196,11 +196,9 @@ def estimate_layer_params(shape: ModelShape, neurons: int) -> int:
     up_rows = (2 if shape.gated else 1) * neurons
     weights = d * (q_out + 2 * kv_out) + q_out * d + up_rows * d + neurons * d
     biases = (q_out + 2 * kv_out) if shape.qkv_bias else 0
-    if shape.dense_bias:       # output projection, FFN up and down, two LayerNorms (weight + bias)
+    if shape.dense_bias:       # output projection, FFN up and down, and the two LayerNorms' biases
         biases += d + up_rows + d + 2 * d
-        norms = 2 * d
-    else:                      # RMSNorm: weight only
-        norms = 2 * d
+    norms = 2 * d              # two norm weights (LayerNorm or RMSNorm)
     return weights + biases + norms
 
 

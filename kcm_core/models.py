@@ -26,6 +26,9 @@ TASKS: dict[str, str] = {
     "base": "AutoModel",
     "image-classification": "AutoModelForImageClassification",
 }
+# the end of a class name in config.architectures -> the task it was saved for
+ARCHITECTURE_TASKS = (("ForSequenceClassification", "sequence-classification"), ("ForCausalLM", "causal-lm"),
+                      ("LMHeadModel", "causal-lm"), ("ForImageClassification", "image-classification"))
 HUB_TIMEOUT_S = 5.0  # the reachability probe; a dead network fails in seconds, not after retries
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -156,25 +159,46 @@ def load_config(name_or_path: str | os.PathLike):
         raise ValueError(f"could not read the config of {location}: {str(err).splitlines()[0]}") from None
 
 
-def load_model(name_or_path: str | os.PathLike, *, task: str = "sequence-classification",
+def task_for_config(config) -> str:
+    """The task a model was saved for, from the class its config names (``config.architectures``).
+
+    A config naming a bare backbone (``BertModel``) gives ``base``; one naming no class at all (built
+    by hand, never saved with a model) gives ``sequence-classification``, this project's first task.
+    """
+    names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        return "sequence-classification"
+    for suffix, task in ARCHITECTURE_TASKS:
+        if names[0].endswith(suffix):
+            return task
+    return "base"
+
+
+def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
                device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
                config_updates: Mapping[str, Any] | None = None,
                **from_pretrained: Any) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)`` in eval mode on ``device`` (default: ``default_device()``).
 
     ``task`` picks the head: ``sequence-classification``, ``causal-lm``, ``base`` or
-    ``image-classification`` (which returns an image processor in place of the tokenizer). Extra
+    ``image-classification`` (which returns an image processor in place of the tokenizer); ``None``
+    (the default) loads the class the model was saved as (``task_for_config``), so a model keeps its
+    head. A folder written by ``save_pruned`` with per-layer widths (``kcm_ffn_widths`` in its config)
+    is rebuilt through ``kcm_core.export.load_pruned``, so pruned models load and prune again. Extra
     keyword arguments go to ``from_pretrained`` (e.g. ``num_labels``). A tokenizer without a pad token
     gets its end-of-text token as pad, and the model's ``pad_token_id`` follows, so GPT-2 classifiers
     accept padded batches.
     """
     import transformers
-    if task not in TASKS:
+    if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     torch_dtype = _dtype(dtype)
     target = _device(device)
     config = load_config(name_or_path)
     family = family_for_config(config)            # unsupported architectures stop here, before weights
+    task = task or task_for_config(config)
+    if getattr(config, "kcm_ffn_widths", None):
+        return _load_per_layer_widths(name_or_path, config, task, target, torch_dtype, family)
     for key, value in (config_updates or {}).items():
         setattr(config, key, value)
     location, is_local = _resolve(name_or_path)
@@ -194,6 +218,11 @@ def load_model(name_or_path: str | os.PathLike, *, task: str = "sequence-classif
     check_finite(model)
     processor = _load_processor(location, {k: v for k, v in kwargs.items() if k != "dtype"},
                                 vision=family.vision or task == "image-classification")
+    return _ready(model, processor, target)
+
+
+def _ready(model: torch.nn.Module, processor, target: torch.device) -> tuple[torch.nn.Module, Any]:
+    """Pad token for tokenizers without one (GPT-2), model on ``target`` in eval mode."""
     if getattr(processor, "pad_token", "n/a") is None and getattr(processor, "eos_token", None) is not None:
         processor.pad_token = processor.eos_token   # our own fresh tokenizer: safe to set
     if getattr(model.config, "pad_token_id", None) is None and getattr(processor, "pad_token_id", None) is not None:
@@ -201,6 +230,22 @@ def load_model(name_or_path: str | os.PathLike, *, task: str = "sequence-classif
     model.to(target)
     model.eval()
     return model, processor
+
+
+def _load_per_layer_widths(name_or_path, config, task: str, target: torch.device, torch_dtype, family):
+    """A pruned folder with per-layer FFN widths: ``load_pruned`` rebuilds it (same class, same head)."""
+    from .export.loading import load_pruned
+    location, is_local = _resolve(name_or_path)
+    if not is_local:
+        raise ValueError(f"{location}: per-layer FFN widths (kcm_ffn_widths) load from a local folder only")
+    saved = task_for_config(config)
+    if task != saved:
+        raise ValueError(f"{location} was saved as {config.architectures[0]} ({saved}); a pruned folder "
+                         f"with per-layer widths loads only as what it was saved, not as {task}")
+    model = load_pruned(location, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
+    check_finite(model)
+    processor = _load_processor(location, {"local_files_only": True}, vision=family.vision)
+    return _ready(model, processor, target)
 
 
 def _load_processor(location: str, kwargs: dict[str, Any], vision: bool):

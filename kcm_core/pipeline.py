@@ -1,4 +1,5 @@
-"""The methods, and the verbs chained: score -> select (-> refine) -> scale -> slice.
+"""The verbs chained: score -> select (-> refine) -> scale -> slice, for the methods of
+``kcm_core.methods``.
 
 ``compute_scores`` depends on the method and data only, not the budget, so callers (the app, the
 benchmarks) compute it once and call ``make_plan`` for every budget.
@@ -6,7 +7,7 @@ benchmarks) compute it once and call ``make_plan`` for every budget.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -15,49 +16,15 @@ from torch import nn
 from . import scores as S
 from .activations import NeuronStats, collect_stats
 from .arch import ModelShape, model_shape
+from .data import mean_length
 from .flops import check_budget
 from .hull import HullConfig
 from .plan import KeepPlan
 from .realise import slice_model
-from .runtime import Batch, Progress, check_finite, tell
+from .methods import MethodScores, ScoreDetails, method, score_with
+from .runtime import Batch, Progress, check_finite, take_sequences, tell
 from .scaling import ScaleConfig, fit_scales
 from .select import refine_with_gradients, select
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    label: str
-    uses_data: bool
-    uses_labels: bool
-    scaled: bool
-    description: str
-
-
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("kcm", "KCM (R2D2)", True, False, True,
-           "R2 (kernel hull on weights) x D2 (activations), global top-k, then scaling"),
-    Method("r2", "R2 only", False, False, True, "kernel-hull score on weights alone, then scaling"),
-    Method("d2", "D2 only", True, False, True, "activation score alone, then scaling"),
-    Method("weight-magnitude", "Weight magnitude", False, False, False,
-           "||W1[:, i]|| * ||W2[i, :]||, no data, no scaling"),
-    Method("weight-magnitude-scale", "Weight magnitude + scale", True, False, True,
-           "weight magnitude, then scaling on unlabeled data"),
-    Method("output-magnitude", "Output magnitude", True, False, False,
-           "mean |activation| * ||W2[i, :]|| on unlabeled data, no scaling"),
-    Method("random", "Random", False, False, False, "uniform random scores from the seed"),
-    Method("mask-tuning", "Mask-Tuning (labels)", True, True, True,
-           "Kwon et al.: Fisher importance from labeled data, global top-k, then scaling"),
-    Method("kcm-labels", "KCM + labels", True, True, True,
-           "KCM, then greedy swaps by the gradient of a few labeled batches, then scaling"),
-)}
-
-
-def method(name: str) -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
 @dataclass(frozen=True)
@@ -99,33 +66,6 @@ class PruneConfig:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class MethodScores:
-    """A method's per-neuron scores, independent of the budget, plus how they were obtained."""
-
-    method: str
-    scores: list[torch.Tensor]
-    grad_scores: list[torch.Tensor] | None = None     # kcm-labels only
-    details: dict[str, Any] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-def mean_length(batches: Sequence[Batch]) -> float:
-    """Average number of real tokens per sequence: the attention mask's ones, or every position of
-    ``input_ids`` when a batch has no mask (as ``token_mask`` counts them); 0.0 for images."""
-    tokens = sequences = 0
-    for batch in batches:
-        mask = batch.get("attention_mask")
-        if mask is None:
-            mask = batch.get("input_ids")
-            if mask is None:
-                return 0.0
-            mask = torch.ones_like(mask)
-        tokens += int(mask.sum())
-        sequences += int(mask.shape[0])
-    return tokens / sequences if sequences else 0.0
-
-
 def resolve_seq_len(shape: ModelShape, batches: Sequence[Batch], seq_len: float | None) -> float:
     if seq_len is not None:
         return float(seq_len)
@@ -137,78 +77,53 @@ def resolve_seq_len(shape: ModelShape, batches: Sequence[Batch], seq_len: float 
     return length
 
 
-def _take(batches: Sequence[Batch], sequences: int | None) -> list[Batch]:
-    if sequences is None:
-        return list(batches)
-    out, n = [], 0
-    for batch in batches:
-        if n >= sequences:
-            break
-        out.append(batch)
-        n += int(next(iter(batch.values())).shape[0])
-    return out
+class LocalSources:
+    """Score components computed lazily in this process, each at most once, with its wall time."""
+
+    def __init__(self, model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch],
+                 labeled: Sequence[Batch] | None, progress: Progress | None) -> None:
+        self.model, self.config = model, config
+        self._unlabeled, self._labeled, self._progress = unlabeled, labeled, progress
+        self._cache: dict[str, Any] = {}
+        self.seconds: dict[str, float] = {}
+
+    def _once(self, name: str, stage: str, compute):
+        if name not in self._cache:
+            start = time.perf_counter()
+            self._cache[name] = compute()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+        return self._cache[name]
+
+    def r2(self):
+        return self._once("r2", "r2", lambda: S.r2(self.model, self.config.hull, self._progress))
+
+    def stats(self) -> NeuronStats:
+        return self._once("stats", "d2", lambda: collect_stats(
+            self.model, self._unlabeled, self._progress, len(self._unlabeled)))
+
+    def grads(self) -> list[torch.Tensor]:
+        return self._once("grads", "gradients", lambda: S.mask_gradients(
+            self.model, take_sequences(self._labeled, self.config.label_samples), squared=True,
+            progress=self._progress))
 
 
 def compute_scores(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = (),
                    labeled: Sequence[Batch] | None = None,
                    progress: Progress | None = None) -> MethodScores:
-    """Score every FFN neuron with ``config.method``. The model is not modified."""
+    """Score every FFN neuron with ``config.method`` (its row in ``kcm_core.methods``).
+    The model is not modified."""
     spec = method(config.method)
     check_finite(model)
-    if spec.uses_data and not unlabeled:
+    if "stats" in spec.needs and not unlabeled:
         raise ValueError(f"method {spec.name!r} needs unlabeled data, and none was given")
     if spec.uses_labels and not labeled:
         raise ValueError(f"method {spec.name!r} needs labeled data; give a label column, or "
                          "choose a label-free method such as 'kcm'")
-    seconds: dict[str, float] = {}
-    details: dict[str, Any] = {}
-    stats: NeuronStats | None = None
-
-    def timed(stage: str, fn, *args, **kwargs):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
-        return out
-
-    def get_stats() -> NeuronStats:
-        nonlocal stats
-        if stats is None:
-            stats = timed("d2", collect_stats, model, unlabeled, progress, len(unlabeled))
-            details["tokens"] = stats.tokens
-            details["sequences"] = stats.sequences
-        return stats
-
-    def get_r2() -> list[torch.Tensor]:
-        r2_scores, fits = timed("r2", S.r2, model, config.hull, progress)
-        details["r2_iterations"] = [f.iterations for f in fits]
-        details["r2_converged"] = all(f.converged for f in fits)
-        details["r2_sigma"] = [f.sigma for f in fits]
-        return r2_scores
-
-    name = spec.name
-    grads = None
-    if name in ("kcm", "kcm-labels"):
-        r2_scores = get_r2()
-        scores = S.r2d2(r2_scores, S.d2(get_stats(), config.d2))
-        if name == "kcm-labels":
-            grads = timed("gradients", S.mask_gradients, model, _take(labeled, config.label_samples),
-                          squared=True, progress=progress)
-    elif name == "r2":
-        scores = get_r2()
-    elif name == "d2":
-        scores = S.d2(get_stats(), config.d2)
-    elif name in ("weight-magnitude", "weight-magnitude-scale"):
-        scores = timed("weights", S.weight_magnitude, model)
-    elif name == "output-magnitude":
-        scores = S.output_magnitude(model, get_stats())
-    elif name == "random":
-        scores = S.random_scores(model_shape(model.config).ffn_width, config.seed)
-    elif name == "mask-tuning":
-        scores = timed("gradients", S.mask_gradients, model, _take(labeled, config.label_samples),
-                       squared=True, progress=progress)
-    else:  # pragma: no cover - METHODS and this switch are kept in step by tests
-        raise ValueError(f"method {name!r} has no scorer")
-    return MethodScores(name, scores, grads, details, seconds)
+    sources = LocalSources(model, config, list(unlabeled), labeled, progress)
+    start = time.perf_counter()
+    result = score_with(spec, sources)
+    seconds = {**sources.seconds, "scoring": time.perf_counter() - start}
+    return replace(result, seconds=seconds)
 
 
 def make_plan(model: nn.Module, method_scores: MethodScores, config: PruneConfig,
@@ -217,7 +132,7 @@ def make_plan(model: nn.Module, method_scores: MethodScores, config: PruneConfig
     shape = model_shape(model.config)
     plan = select(method_scores.scores, shape, config.budget, seq_len, multiple=config.multiple,
                   min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method)
-    if method_scores.grad_scores is not None:
+    if method(config.method).refine:
         plan = refine_with_gradients(plan, method_scores.scores, method_scores.grad_scores,
                                      within_layer=config.uniform or config.multiple > 1)
     return plan
@@ -229,7 +144,7 @@ class PruneResult:
     model: nn.Module            # physically sliced
     seq_len: float
     seconds: dict[str, float]
-    details: dict[str, Any]
+    details: ScoreDetails
 
 
 def prune(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = (),
@@ -242,17 +157,20 @@ def prune(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = ()
     check_budget(shape, seq_len, config.budget)      # before any scoring work
     if method_scores is None:
         method_scores = compute_scores(model, config, unlabeled, labeled, progress)
-    seconds = dict(method_scores.seconds)
+    seconds = dict(method_scores.seconds or {})
     start = time.perf_counter()
     plan = make_plan(model, method_scores, config, seq_len)
     seconds["selection"] = time.perf_counter() - start
     if method(config.method).scaled:
+        if not unlabeled:
+            raise ValueError(f"method {config.method!r} fits scales on unlabeled data, and none was given")
         start = time.perf_counter()
-        plan = fit_scales(model, plan, _take(unlabeled, config.scale_samples), config.scale, progress)
+        plan = fit_scales(model, plan, take_sequences(unlabeled, config.scale_samples), config.scale,
+                          progress)
         seconds["scaling"] = time.perf_counter() - start
     start = time.perf_counter()
     tell(progress, "slicing", 0.0)
     pruned = slice_model(model, plan)
     seconds["slicing"] = time.perf_counter() - start
-    plan = replace(plan, info={**plan.info, "seq_len": seq_len})
-    return PruneResult(plan, pruned, seq_len, seconds, dict(method_scores.details))
+    plan = replace(plan, info=plan.info.updated(seq_len=seq_len))
+    return PruneResult(plan, pruned, seq_len, seconds, method_scores.details)

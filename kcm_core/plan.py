@@ -7,8 +7,8 @@ as JSON beside an export and loaded back.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -55,24 +55,58 @@ class LayerKeep:
 
 
 @dataclass(frozen=True)
+class PlanInfo:
+    """How a plan was made: the selector's inputs, the gradient refinement and the scaling fit.
+    ``None`` means the stage did not record it (e.g. a method that does not scale)."""
+
+    budget: float | None = None           # relative FLOPs asked for
+    seq_len: float | None = None          # the sequence length the FLOPs are counted at
+    k: int | None = None                  # neurons the budget keeps, pooled over layers
+    multiple: int | None = None
+    min_per_layer: int | None = None
+    uniform: bool | None = None
+    label_swaps: int | None = None        # greedy gradient swaps (kcm-labels)
+    scaled_layers: int | None = None      # layers that got fitted scales
+    scaling_stopped_at: int | None = None  # first layer whose solve failed or left the bound
+    scale_ridge: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "PlanInfo":
+        """Known fields only: a plan written by a later version still loads."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def updated(self, **values: Any) -> "PlanInfo":
+        return replace(self, **values)
+
+
+@dataclass(frozen=True)
 class KeepPlan:
     """Per layer, which FFN neurons stay and their scales; plus how the plan was made."""
 
     layers: tuple[LayerKeep, ...]
     method: str = ""
-    info: dict[str, Any] = field(default_factory=dict, compare=False)
+    info: PlanInfo = field(default_factory=PlanInfo, compare=False)
+
+    def __post_init__(self):
+        if not isinstance(self.info, PlanInfo):        # a mapping, e.g. from JSON
+            object.__setattr__(self, "info", PlanInfo.from_dict(self.info))
 
     @classmethod
     def keep_all(cls, widths: Sequence[int]) -> "KeepPlan":
         return cls(tuple(LayerKeep(tuple(range(w)), w) for w in widths), method="dense")
 
     @classmethod
-    def from_masks(cls, masks: Sequence[torch.Tensor], method: str = "", info=None) -> "KeepPlan":
+    def from_masks(cls, masks: Sequence[torch.Tensor], method: str = "",
+                   info: PlanInfo | Mapping[str, Any] | None = None) -> "KeepPlan":
         layers = tuple(
             LayerKeep(tuple(int(i) for i in torch.nonzero(m, as_tuple=False).flatten()), int(m.numel()))
             for m in masks
         )
-        return cls(layers, method=method, info=dict(info or {}))
+        return cls(layers, method=method, info=info if isinstance(info, PlanInfo) else PlanInfo.from_dict(info))
 
     @property
     def kept_counts(self) -> list[int]:
@@ -95,7 +129,7 @@ class KeepPlan:
             replace(layer, scales=None if s is None else tuple(float(x) for x in s))
             for layer, s in zip(self.layers, scales)
         )
-        return KeepPlan(layers, method=self.method, info={**self.info, **info})
+        return KeepPlan(layers, method=self.method, info=self.info.updated(**info))
 
     def without_scales(self) -> "KeepPlan":
         return self.with_scales([None] * len(self.layers))
@@ -103,7 +137,7 @@ class KeepPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
-            "info": self.info,
+            "info": self.info.to_dict(),
             "layers": [
                 {
                     "width": layer.width,
@@ -124,7 +158,7 @@ class KeepPlan:
             )
             for layer in data["layers"]
         )
-        return cls(layers, method=data.get("method", ""), info=dict(data.get("info", {})))
+        return cls(layers, method=data.get("method", ""), info=PlanInfo.from_dict(data.get("info")))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

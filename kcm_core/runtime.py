@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -75,9 +75,19 @@ def hooks(handles: list) -> Iterator[None]:
         handles.clear()
 
 
-def counted(batches: Iterable[Batch]) -> tuple[list[Batch], int]:
-    items = list(batches)
-    return items, len(items)
+def take_sequences(batches: Sequence[Batch] | None, sequences: int | None) -> list[Batch]:
+    """The first whole batches that hold at least ``sequences`` sequences (all of them for None)."""
+    if batches is None:
+        return []
+    if sequences is None:
+        return list(batches)
+    out, n = [], 0
+    for batch in batches:
+        if n >= sequences:
+            break
+        out.append(batch)
+        n += int(next(iter(batch.values())).shape[0])
+    return out
 
 
 def tell(progress: Progress | None, message: str, fraction: float) -> None:

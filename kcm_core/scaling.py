@@ -13,8 +13,9 @@ layer on (those layers keep scale 1).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -116,7 +117,8 @@ def _run_layer(student: nn.Module, layers: nn.ModuleList, li: int, batches: Sequ
                     student(**model_inputs(batch, device))
                 except _StopForward:
                     continue
-                raise RuntimeError("the forward pass did not reach the layer being fitted")
+                raise ValueError(f"scaling: the forward pass never reached layer {li}; this model's "
+                                 "layers do not run in the order the adapter table gives")
     finally:
         for j, original in enumerate(originals):
             layers[j] = original
@@ -135,6 +137,24 @@ def fit_scales(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch],
     batches = list(batches)
     if not batches:
         raise ValueError("scaling needs unlabeled data: the sample is empty")
+    with _forward_errors_as_value_errors():
+        return _fit(model, plan, batches, config, progress, targets)
+
+
+@contextlib.contextmanager
+def _forward_errors_as_value_errors() -> Iterator[None]:
+    """torch's errors from a calibration forward pass (a sequence longer than the model's positions,
+    a token id outside its vocabulary) become one ``ValueError`` that says what to check."""
+    try:
+        yield
+    except (RuntimeError, IndexError) as err:
+        raise ValueError(f"scaling: the model fails on the calibration data ({str(err).splitlines()[0]}); "
+                         "check the maximum length against the model's positions and that the "
+                         "tokenizer belongs to the model") from err
+
+
+def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleConfig,
+         progress: Progress | None, targets: list[torch.Tensor] | None) -> KeepPlan:
     if targets is None:
         tell(progress, "scaling: teacher outputs", 0.0)
         targets = teacher_targets(model, batches)

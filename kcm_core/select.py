@@ -8,7 +8,7 @@ import torch
 
 from .arch import ModelShape
 from .flops import keep_count
-from .plan import KeepPlan, LayerKeep
+from .plan import KeepPlan, LayerKeep, PlanInfo
 
 
 def _check_scores(scores: Sequence[torch.Tensor], widths: Sequence[int]) -> None:
@@ -27,7 +27,7 @@ def _layer_order(score: torch.Tensor) -> torch.Tensor:
 
 
 def select_top_k(scores: Sequence[torch.Tensor], k: int, *, min_per_layer: int = 0,
-                 method: str = "", info: dict | None = None) -> KeepPlan:
+                 method: str = "", info: PlanInfo | None = None) -> KeepPlan:
     """Keep the ``k`` best neurons pooled over all layers; no per-layer quota beyond ``min_per_layer``."""
     widths = [int(s.numel()) for s in scores]
     reserved = [min(min_per_layer, w) for w in widths]
@@ -44,7 +44,7 @@ def select_top_k(scores: Sequence[torch.Tensor], k: int, *, min_per_layer: int =
     order = torch.sort(-pooled, stable=True).indices
     order = order[~taken[order]][: max(0, k - sum(reserved))]
     taken[order] = True
-    return KeepPlan.from_masks(list(torch.split(taken, widths)), method=method, info=dict(info or {}))
+    return KeepPlan.from_masks(list(torch.split(taken, widths)), method=method, info=info)
 
 
 def select(scores: Sequence[torch.Tensor], shape: ModelShape, budget: float, seq_len: float, *,
@@ -64,8 +64,8 @@ def select(scores: Sequence[torch.Tensor], shape: ModelShape, budget: float, seq
     widths = list(shape.ffn_width)
     _check_scores(scores, widths)
     k = keep_count(shape, seq_len, budget)
-    info = {"budget": budget, "seq_len": seq_len, "k": k, "multiple": multiple,
-            "min_per_layer": min_per_layer, "uniform": uniform}
+    info = PlanInfo(budget=budget, seq_len=seq_len, k=k, multiple=multiple,
+                    min_per_layer=min_per_layer, uniform=uniform)
     if uniform:
         width = min(k // len(widths), min(widths))
         width = max(width - width % multiple, 0)
@@ -155,4 +155,4 @@ def refine_with_gradients(plan: KeepPlan, base_scores: Sequence[torch.Tensor],
             masks[out_entry[2]][out_entry[3]] = False
             masks[in_entry[2]][in_entry[3]] = True
             swaps += 1
-    return KeepPlan.from_masks(masks, method=plan.method, info={**plan.info, "label_swaps": swaps})
+    return KeepPlan.from_masks(masks, method=plan.method, info=plan.info.updated(label_swaps=swaps))

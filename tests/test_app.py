@@ -2,17 +2,20 @@
 
 ``KCM_APP_MODEL`` / ``KCM_APP_DATA`` point the app at a tiny BERT written into a temporary folder;
 the real demo and the network are never touched. Widgets are found by key. Every run goes through
-the entry point (``kcm_app.testing.entry_point_runs``), so the sidebar is drawn on each rerun.
+the entry point, so the sidebar is drawn on each rerun: a page that ``AppTest`` runs on its own runs
+app.py in its place, in the same run (``kcm_app.ui.entry_guard``).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_tiny import write_tiny
-from kcm_app.testing import entry_point_runs
+from kcm_app import state
+from kcm_core.report import SCHEMA
 from conftest import state_snapshot, same_state
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -24,13 +27,6 @@ TIMEOUT = 120
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     return write_tiny(tmp_path_factory.mktemp("tiny-app"))
-
-
-@pytest.fixture(autouse=True)
-def through_the_entry_point():
-    """Every rerun goes through app.py (sidebar and navigation), as on the server."""
-    with entry_point_runs():
-        yield
 
 
 @pytest.fixture
@@ -65,6 +61,22 @@ def test_every_page_runs_without_exception(app):
         assert not at.exception, (page, [e.value for e in at.exception])
         assert not at.error, (page, [e.value for e in at.error])
         assert at.radio(key="data_kind").value == "file", page          # the shared sidebar is drawn
+
+
+def test_sidebar_values_survive_reruns_and_page_switches(app):
+    # From its second run on, AppTest runs the current page script on its own (the pages/ folder's
+    # old mode); the page's guard runs app.py in its place within the same run, so the sidebar is
+    # drawn every time and its widgets keep their values (button clicks too: the tests below).
+    at = app()
+    at.number_input(key="seed").set_value(3).run()
+    at.select_slider(key="max_len").set_value(64).run()
+    for page, title in (("pages/5_prune.py", "Prune"), ("pages/2_cost.py", "Cost")):
+        at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert [t.value for t in at.title] == [title]
+        assert at.number_input(key="seed").value == 3 and at.select_slider(key="max_len").value == 64
+    assert at.session_state["seed"] == 3
+    assert state.ENTRY not in at.session_state          # the entry mark lives for one run only
 
 
 def test_sidebar_shows_the_tiny_model_and_data(app, tiny_files):
@@ -186,7 +198,7 @@ def test_upload_field_loads_the_file_and_reports_bad_ones(app, tiny_files):
     at.file_uploader(key="data_upload").upload("reviews.csv", tiny_files[1].read_bytes(), "text/csv").run()
     assert not at.exception and not at.error, [e.value for e in at.error]
     ws = at.session_state["workspace"]
-    assert ws.info["data_source"].endswith("reviews.csv") and ws.info["eval_examples"] == 96
+    assert ws.info.data_source.endswith("reviews.csv") and ws.info.eval_examples == 96
     assert metric(at, "Accuracy (unpruned)").endswith("%")
     # a named text column the file lacks: the message names it and lists what is there
     at.text_input(key="text_column").set_value("review")
@@ -230,3 +242,25 @@ def test_export_saves_a_loadable_model_and_offers_downloads(app, tmp_path):
     labels = {b.proto.label for b in at.get("download_button")}
     assert {"Report (JSON)", "Report (Markdown)", "Figures (HTML)",
             "Download the pruned model (zip)"} <= labels
+    # The saved report is the one the CLI writes: method by its label, accuracy before and after.
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == SCHEMA and report["method"]["label"] == "KCM (R2D2)"
+    assert set(report["evaluation"]["before"]) == {"accuracy"}
+    assert set(report["evaluation"]["after"]) == {"accuracy", "agreement"}
+    markdown = (out / "report.md").read_text()
+    assert "with KCM (R2D2)" in markdown and "{'" not in markdown
+    assert "- Accuracy before: " in markdown and "- Accuracy after: " in markdown
+
+
+def test_an_exported_per_layer_model_opens_and_prunes_again(app, tmp_path, monkeypatch):
+    """One loader: the app's local folder takes an export with per-layer widths."""
+    at = app("pages/6_export.py", budget="0.8")
+    out = tmp_path / "pruned"
+    at.text_input(key="export_dir").set_value(str(out))
+    at.button(key="export_go").click().run()
+    widths = json.loads((out / "config.json").read_text())["kcm_ffn_widths"]
+    monkeypatch.setenv("KCM_APP_MODEL", str(out))
+    again = app("pages/5_prune.py", budget="0.9")
+    ws = again.session_state["workspace"]
+    assert list(ws.shape.ffn_width) == widths and type(ws.model).__name__ == "BertForSequenceClassification"
+    assert not again.error, [e.value for e in again.error]

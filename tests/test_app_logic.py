@@ -2,8 +2,12 @@
 isolation (the shared model is never changed) and its equivalence with ``kcm_core.pipeline``."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,10 +20,15 @@ from kcm_app.projection import layer_points, pca_2d, umap_2d
 from kcm_app.sources import DataChoice, ModelChoice, SampleChoice, batches_fingerprint, env_defaults, upload_path
 from kcm_app.store import SharedStore
 from kcm_app.theme import METHOD_COLORS
-from kcm_core.arch import model_shape
+from kcm_core.arch import ffn_blocks, model_shape
 from kcm_core.flops import cost_report, count_params, relative_flops
-from kcm_core.pipeline import METHODS, PruneConfig, compute_scores, resolve_seq_len
+from kcm_core.methods import METHODS
+from kcm_core.pipeline import PruneConfig, compute_scores, resolve_seq_len
 from kcm_core.realise import slice_model
+from kcm_core.report import SCHEMA
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_ws(model, batches) -> engine.Workspace:
@@ -29,7 +38,9 @@ def make_ws(model, batches) -> engine.Workspace:
         model_key="tiny", model=model, tokenizer=None, shape=shape,
         data_key=batches_fingerprint(unlabeled, batches, batches), unlabeled=unlabeled,
         labeled=tuple(batches), eval_batches=tuple(batches),
-        seq_len=resolve_seq_len(shape, unlabeled, None), info={"eval_examples": 8})
+        seq_len=resolve_seq_len(shape, unlabeled, None),
+        info=engine.WorkspaceInfo(model_name="tiny", data="tiny", data_source="memory", sample=12,
+                                  eval_examples=8, eval_source="same", max_len=9))
 
 
 @pytest.fixture
@@ -55,6 +66,29 @@ def test_query_parsing_keeps_valid_values_only():
                                                                  "multiple": "1"}
     assert state.parse_query(state.query_for({"budget": 0.55, "method": "d2", "multiple": 16})) == {
         "budget": 0.55, "method": "d2", "multiple": 16}
+
+
+def test_a_new_session_starts_from_the_defaults_and_the_link():
+    assert state.initial_values({}) == {"budget": 0.6, "method": "kcm", "multiple": 1}
+    assert state.initial_values({"budget": "0.45", "method": "nope", "multiple": "16"}) == {
+        "budget": 0.45, "method": "kcm", "multiple": 16}
+
+
+def test_sidebar_defaults_follow_the_start_up_choices():
+    values = state.sidebar_defaults(*env_defaults({"KCM_APP_MODEL": "/m", "KCM_APP_DATA": "/d.csv",
+                                                   "KCM_APP_LABEL_COLUMN": "y"}))
+    assert (values["model_kind"], values["model_ref"], values["data_kind"], values["data_ref"]) == (
+        "folder", "/m", "file", "/d.csv")
+    assert (values["label_column"], values["text_column"], values[state.SEED]) == ("y", "", 0)
+    assert state.sidebar_defaults(*env_defaults({}))["model_kind"] == "demo"
+
+
+def test_the_state_schema_imports_without_streamlit():
+    # the parsing is plain Python; only the accessors need a running app (they import it when called)
+    probe = "import sys, kcm_app.state; print(any(m.split('.')[0] == 'streamlit' for m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
 
 
 def test_budget_is_clamped_to_the_reachable_range():
@@ -151,6 +185,21 @@ def test_param_frame_matches_the_real_count(ws):
     assert frame["value"].sum() == count_params(ws.model).total
 
 
+@pytest.mark.parametrize("family, up_per_layer", [("bert", 37 * 32 + 37), ("gpt2", 37 * 32 + 37),
+                                                  ("llama", 2 * 37 * 32), ("qwen2", 2 * 37 * 32)])
+def test_param_frame_counts_the_ffn_as_the_model_stores_it(tiny_model, family, up_per_layer):
+    # Qwen2, like LLaMA, has no bias in its MLP (only on Q, K, V): no per-neuron bias in its up share
+    model = tiny_model(family)
+    shape = model_shape(model.config)
+    frame = charts.param_frame(cost_report(shape, 25.0, params=count_params(model)), shape)
+    blocks = ffn_blocks(model)
+    up = [sum(p.numel() for m in (b.up, b.gate) if m is not None for p in m.parameters()) for b in blocks]
+    assert up == [up_per_layer] * 2
+    assert frame.loc[frame["block"] == "ffn_up", "value"].tolist() == up
+    assert frame.loc[frame["block"] == "ffn_down", "value"].tolist() == [b.down.weight.numel() for b in blocks]
+    assert frame["value"].sum() == count_params(model).total
+
+
 def test_attention_share_grows_with_length(ws):
     curve = charts.attention_share_curve(ws.shape, [8, 64, 512])
     assert list(curve["attention matrix products"]) == sorted(curve["attention matrix products"])
@@ -204,7 +253,6 @@ def test_hull_vertices_of_a_square_with_inner_points():
 
 def test_r2_picks_the_hull_at_a_wide_sigma_and_not_at_a_tiny_one():
     points = toy.toy_points()
-    np.testing.assert_allclose(points, toy.make_toy_points(), atol=1e-9)
     assert toy.hit_rate(toy.toy_r2(points, sigma=1.0)) == 1.0
     assert toy.hit_rate(toy.toy_r2(points, sigma=0.05)) < 0.5
 
@@ -289,7 +337,7 @@ def test_evaluate_budget_is_stored_and_reused(ws):
     assert engine.is_evaluated(ws, config, store)
     assert engine.evaluate_budget(ws, config, store) is first
     assert first.accuracy["n"] == 12 and 0 <= first.agreement["value"] <= 1
-    assert first.plan.info["scaled_layers"] == 2
+    assert first.plan.info.scaled_layers == 2
     assert first.relative_flops <= 0.8 + 1e-9
 
 
@@ -342,13 +390,17 @@ def test_report_holds_plan_numbers_and_environment(ws):
     store = SharedStore()
     config = PruneConfig(method="kcm", budget=0.8, scale_samples=4)
     result = engine.evaluate_budget(ws, config, store)
-    ws.info.update(data="tiny", data_source="memory", sample=12, max_len=9, seed=0, eval_source="same")
-    data = report.build_report(ws, config, result, engine.reference(ws, store).accuracy.to_dict(),
-                               engine.measure_speed(ws, config, store))
-    assert data["plan"]["layers"][0]["keep_idx"] == list(result.plan.layers[0].keep_idx)
-    assert data["environment"]["torch"] == torch.__version__
+    dense = engine.reference(ws, store).accuracy
+    data = report.build_report(ws, config, result, dense.to_dict(), engine.measure_speed(ws, config, store))
+    as_json = json.loads(report.report_json(data))
+    assert as_json["schema"] == SCHEMA and as_json["method"]["label"] == "KCM (R2D2)"
+    assert as_json["neurons"]["kept_per_layer"] == result.plan.kept_counts
+    assert as_json["evaluation"]["before"]["accuracy"]["value"] == dense.value
+    assert as_json["evaluation"]["after"]["accuracy"] == result.accuracy
+    assert as_json["environment"]["torch"] == torch.__version__
     md = report.report_markdown(data)
-    assert "KCM (R2D2)" in md and f"{result.relative_flops:.4f}" in md
+    assert "with KCM (R2D2)" in md and f"{result.relative_flops:.4f}" in md
+    assert f"- Accuracy before: {dense.value:.1%}" in md and "- Accuracy after: " in md
     assert "- Scaling: 2 layers scaled\n" in md
     import plotly.graph_objects as go
     html = report.figures_html({"a": go.Figure(), "b": go.Figure()}, "t")

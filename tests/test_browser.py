@@ -49,8 +49,16 @@ def browser():
 def test_slider_moves_readouts_in_a_real_browser(server, browser, tmp_path):
     from playwright.sync_api import expect
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    # The server's first request, and a deep link: Streamlit runs pages/5_prune.py on its own until the
+    # process's first st.navigation call; the page's guard runs app.py instead (sidebar, navigation).
     page.goto(f"{server}/prune?budget=0.8&method=kcm", wait_until="domcontentloaded")
     expect(page.get_by_test_id("stMetric").filter(has_text="Accuracy").first).to_be_visible(timeout=90_000)
+    sidebar = page.get_by_test_id("stSidebar")
+    expect(sidebar.get_by_text("Unlabeled sequences")).to_be_visible()
+    links = sidebar.get_by_test_id("stSidebarNavLink").all_inner_texts()      # "icon name\n\nTitle"
+    assert [text.splitlines()[-1] for text in links] == [
+        "Model and data", "Cost", "Neuron scores", "Kernel hull", "Prune", "Export"]
+    assert page.get_by_role("heading", name="Prune").count() == 1
     before = metric_value(page, "Relative FLOPs")
     params_before = metric_value(page, "Parameters")
     thumb = page.get_by_role("slider", name="Relative FLOPs to keep")

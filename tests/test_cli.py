@@ -13,6 +13,7 @@ from kcm_core import cli
 from kcm_core.arch import model_shape
 from kcm_core.export import load_pruned
 from kcm_core.flops import keep_count
+from kcm_core.report import SCHEMA
 
 WORDS = "the a good bad movie film great awful fun dull plot acting i love hate it was is very not".split()
 
@@ -78,6 +79,32 @@ def test_prune_writes_a_loadable_folder_and_a_full_report(workdir, capsys, tmp_p
     model = load_pruned(out_dir)
     widths = [b.up.weight.shape[0] for b in __import__("kcm_core").ffn_blocks(model)]
     assert widths == report["neurons"]["kept_per_layer"]
+    assert report["schema"] == SCHEMA and report["method"]["label"] == "KCM (R2D2)"
+    markdown = (out_dir / "report.md").read_text()
+    assert "with KCM (R2D2)" in markdown and "{'" not in markdown
+    assert "- Accuracy before: " in markdown and "- Accuracy after: " in markdown
+
+
+def test_a_pruned_folder_with_per_layer_widths_evaluates_and_prunes_again(workdir, capsys, tmp_path):
+    """One loader: the per-layer export goes through load_pruned wherever a model is named."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    code, out, err = run_cli(capsys, "prune", "--model", workdir / "tiny", "--data", workdir / "data.csv",
+                             "--flops", 0.85, "--method", "kcm", "--out", first)
+    assert code == 0, err
+    widths = json.loads(out)["neurons"]["kept_per_layer"]
+    assert len(set(widths)) > 1 and json.loads((first / "config.json").read_text())["kcm_ffn_widths"] == widths
+    code, out, err = run_cli(capsys, "evaluate", "--model", first, "--data", workdir / "data.csv",
+                             "--label-column", "label")
+    assert code == 0, err
+    assert json.loads(out)["examples"] == 48
+    code, out, err = run_cli(capsys, "prune", "--model", first, "--data", workdir / "data.csv",
+                             "--flops", 0.9, "--method", "kcm", "--out", second)
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["neurons"]["width_per_layer"] == widths
+    assert again["neurons"]["kept"] < sum(widths)
+    assert [b.width for b in __import__("kcm_core").ffn_blocks(load_pruned(second))] == \
+        again["neurons"]["kept_per_layer"]
 
 
 def test_prune_is_deterministic_for_a_seed(workdir, capsys, tmp_path):
@@ -136,3 +163,71 @@ def test_unsupported_architecture_from_the_shell(tmp_path):
     assert proc.returncode == 2
     assert "Unsupported architecture: model_type 't5'" in proc.stderr
     assert "bert" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- data sources
+
+def refuse_hub(*args, **kwargs):
+    raise AssertionError("went to the Hugging Face hub")
+
+
+@pytest.fixture
+def fake_demo(monkeypatch):
+    """The prepared demo without a download: small train/test splits; the splits read are recorded."""
+    import kcm_core.data as D
+    import kcm_core.demo as demo
+    from kcm_core.data import TextData
+    read: list[str] = []
+
+    def load_split(name, cache_dir=None):
+        read.append(name)
+        n = 16 if name == "train" else 8
+        texts = tuple(("good fun film" if i % 2 else "bad dull plot") + f" {WORDS[i]}" for i in range(n))
+        return TextData(texts=texts, labels=tuple(i % 2 for i in range(n)),
+                        label_names=demo.LABEL_NAMES, source=f"fake demo {name} split")
+
+    monkeypatch.setattr(demo, "prepare_demo", lambda *a, **k: {})
+    monkeypatch.setattr(demo, "load_demo_split", load_split)
+    monkeypatch.setattr(D, "_load_hub", refuse_hub)
+    return read
+
+
+def test_finetune_on_the_demo_uses_its_splits(workdir, capsys, tmp_path, fake_demo):
+    code, out, err = run_cli(capsys, "finetune", "--model", workdir / "tiny", "--data", "demo",
+                             "--eval-data", "demo", "--out", tmp_path / "ft", "--epochs", 1,
+                             "--batch-size", 8, "--max-len", 16)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert fake_demo == ["train", "test"]
+    assert summary["train_source"] == "fake demo train split" and summary["train_examples"] == 16
+    assert summary["eval_source"] == "fake demo test split" and summary["eval_examples"] == 8
+    assert summary["label_names"] == ["negative", "positive"]
+
+
+def test_hub_eval_data_keeps_the_data_config(monkeypatch):
+    import datasets
+    import kcm_core.models as M
+    calls = []
+
+    def load_dataset(name, config_name=None, split=None, **kwargs):
+        calls.append((name, config_name, split))
+        return datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1]})
+
+    monkeypatch.setattr(M, "hub_offline", lambda: False)
+    monkeypatch.setattr(M, "check_hub", lambda *a, **k: None)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    args = cli.build_parser().parse_args([
+        "prune", "--model", "m", "--data", "glue", "--data-config", "sst2", "--split", "train",
+        "--eval-data", "glue", "--eval-split", "validation", "--flops", "0.8", "--out", "o"])
+    evaluation = cli._evaluation_data(args, None, None)
+    assert calls == [("glue", "sst2", "validation")]
+    assert evaluation.source == "hub:glue/sst2 [validation]" and evaluation.labels == (0, 1)
+
+
+def test_samples_subset_is_the_shared_seeded_sample(workdir):
+    from kcm_core.data import load_text_data
+    data = load_text_data(workdir / "data.csv")
+    assert cli._limit(data, 10, 3) == data.sample(10, 3)
+    rows = (2, 5, 10, 15, 28, 29, 32, 34, 36, 39)   # sorted(randperm(48, seed 3)[:10]), as always
+    assert cli._limit(data, 10, 3).texts == tuple(data.texts[i] for i in rows)
+    assert cli._limit(data, None, 3) is data and cli._limit(data, 48, 3) is data

@@ -10,7 +10,7 @@ import torch
 from transformers import BertTokenizerFast, GPT2TokenizerFast
 
 from kcm_core import data as D
-from kcm_core.data import TextData, average_length, check_labels_for_model, load_text_data, make_batches
+from kcm_core.data import TextData, check_labels_for_model, load_text_data, make_batches, mean_length
 
 WORDS = "the a film movie is was good great fun bad awful dull not very plot".split()
 
@@ -78,6 +78,43 @@ def test_text_pairs(tmp_path, tokenizer):
     # [CLS] the film [SEP] a movie [SEP]: the second segment is marked with token type 1
     assert batch["input_ids"][0].tolist() == [2, 5, 7, 3, 6, 8, 3]
     assert batch["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_local_files_never_go_through_datasets(tmp_path, monkeypatch):
+    import datasets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a local file went through datasets.load_dataset")
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    for name, text in (("d.csv", "text,label\na,1\nb,0\n"), ("d.tsv", "text\tlabel\na\t1\nb\t0\n"),
+                       ("d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')):
+        assert load_text_data(write(tmp_path / name, text)).labels == (1, 0)
+
+
+def test_json_file_as_lines_or_object_of_columns_keeps_value_types(tmp_path):
+    lines = write(tmp_path / "lines.json", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
+    assert load_text_data(lines).texts == ("a", "b")
+    pretty = write(tmp_path / "cols.json", json.dumps({"text": ["a", "b"], "label": [0, 1]}, indent=2))
+    assert load_text_data(pretty).labels == (0, 1)
+    # Strings stay strings: no number or date guessing from text that looks like one.
+    typed = write(tmp_path / "t.jsonl",
+                  '{"date": "2020-01-01", "label": "1"}\n{"date": "007", "label": "0"}\n')
+    d = load_text_data(typed)
+    assert d.texts == ("2020-01-01", "007") and d.labels == (1, 0) and d.label_names == ("0", "1")
+
+
+def test_mixed_label_types_and_unparsable_files(tmp_path):
+    mixed = write(tmp_path / "m.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "pos"}\n')
+    with pytest.raises(ValueError, match=r"mixes value types \(int, str\)"):
+        load_text_data(mixed)
+    with pytest.raises(ValueError, match=r"could not read .*bad.csv as CSV: ParserError: Error tokenizing"):
+        load_text_data(write(tmp_path / "bad.csv", "text,label\na,1\nb,0,extra,more\n"))
+    with pytest.raises(ValueError, match=r"could not read .*bad.jsonl as JSON: ValueError"):
+        load_text_data(write(tmp_path / "bad.jsonl", '{"text": "a"}\n{"text": \n'))
+    with pytest.raises(ValueError, match="as CSV: EmptyDataError: No columns to parse from file"):
+        load_text_data(write(tmp_path / "blank.csv", "\n\n"))
+    with pytest.raises(ValueError, match="has no rows"):
+        load_text_data(write(tmp_path / "empty.json", "[]"))
 
 
 # --------------------------------------------------------------------------- errors
@@ -195,6 +232,29 @@ def test_limit_is_seeded_and_keeps_file_order(tmp_path):
     assert a.texts != load_text_data(src, limit=10, seed=2).texts
     assert len(a) == 10 and list(a.texts) == sorted(a.texts, key=lambda t: int(t.split()[1]))
     assert len(load_text_data(src, limit=500)) == 50
+    assert a.texts == load_text_data(src).sample(10, seed=1).texts
+    assert a.source == f"{src} (random 10 of 50, seed 1)"
+
+
+def test_seeded_indices_known_answer_and_nesting():
+    # The first n of torch.randperm(total) from a generator seeded with the seed, sorted: with seed 0
+    # randperm(10) starts 4, 1, 7, 5. The CLI's --samples subset has always been drawn this way.
+    assert D.seeded_indices(10, 3, seed=0) == [1, 4, 7]
+    assert D.seeded_indices(10, 4, seed=0) == [1, 4, 5, 7]              # a larger subset contains it
+    assert D.seeded_indices(10, 3, seed=1) != [1, 4, 7]
+    assert D.seeded_indices(10, None, seed=0) == D.seeded_indices(10, 99, seed=0) == list(range(10))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"sample size must be a positive integer or None, got {bad!r}"):
+            D.seeded_indices(10, bad, seed=0)
+
+
+def test_textdata_sample_keeps_order_names_and_source():
+    d = TextData(texts=tuple("abcdefghij"), labels=(0, 1) * 5, label_names=("n", "p"), source="s")
+    sub = d.sample(3, seed=0)
+    assert sub.texts == ("b", "e", "h") and sub.labels == (1, 0, 1)
+    assert sub.label_names == ("n", "p") and sub.source == "s"
+    assert d.sample(10, seed=0) is d and d.sample(None, seed=5) is d
+    assert d.sample(3, seed=0) == sub
 
 
 # --------------------------------------------------------------------------- hub (never the network)
@@ -252,7 +312,7 @@ def test_make_batches_dynamic_padding_labels_order(tokenizer):
     assert set(batches[0]) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
     assert batches[0]["labels"].dtype == torch.long and batches[1]["labels"].tolist() == [0, 0]
     assert batches[0]["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
-    assert average_length(batches) == (3 + 6 + 3 + 7) / 4
+    assert mean_length(batches) == (3 + 6 + 3 + 7) / 4
     assert "labels" not in make_batches(d, tokenizer, with_labels=False)[0]
 
 
@@ -263,8 +323,7 @@ def test_make_batches_truncates_and_validates(tokenizer):
         make_batches(d, tokenizer, max_len=0)
     with pytest.raises(ValueError, match="data is empty"):
         make_batches(TextData(texts=()), tokenizer)
-    with pytest.raises(ValueError, match="batch list is empty"):
-        average_length([])
+    assert mean_length([]) == 0.0                               # no sequences: no length
 
 
 def test_make_batches_pads_gpt2_style_tokenizer_on_a_copy():
@@ -275,3 +334,12 @@ def test_make_batches_pads_gpt2_style_tokenizer_on_a_copy():
     assert batch["input_ids"].tolist()[1] == [1, 0, 0]          # padded with the end-of-text id
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert tok.pad_token is None                                 # the caller's tokenizer is untouched
+
+
+def test_shuffled_sample_is_the_same_subset_in_the_order_drawn():
+    """The benchmarks' order (their first rows scale) and the CLI's subset come from one draw."""
+    from kcm_core.data import seeded_indices
+    drawn = seeded_indices(50, 12, seed=4, shuffled=True)
+    assert drawn == torch.randperm(50, generator=torch.Generator().manual_seed(4))[:12].tolist()
+    assert sorted(drawn) == seeded_indices(50, 12, seed=4) and drawn != sorted(drawn)
+    assert sorted(seeded_indices(5, None, seed=1, shuffled=True)) == [0, 1, 2, 3, 4]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kcm_core.evaluate import (Rate, bootstrap_interval, evaluate_classifier, labels_of, perplexity,
-                               predict)
+from kcm_core.evaluate import (Rate, bootstrap_interval, evaluate_classifier, labels_of,
+                               paired_difference, perplexity, predict)
 
 
 class Echo(nn.Module):
@@ -72,6 +72,54 @@ def test_rate_of_hits():
     rate = Rate.of(torch.tensor([True, False, True, True]), seed=0)
     assert rate.value == 0.75 and rate.n == 4 and rate.low <= 0.75 <= rate.high
     assert rate.to_dict() == {"value": 0.75, "ci95": [rate.low, rate.high], "n": 4}
+
+
+def test_bootstrap_interval_edge_cases_and_inputs():
+    assert bootstrap_interval(torch.tensor([1.0])) == (1.0, 1.0)    # one example: no spread
+    hits = [1, 0, 1, 1, 0, 1, 1, 1]
+    assert bootstrap_interval(hits, seed=5) == bootstrap_interval(torch.tensor(hits).bool(), seed=5)
+
+
+def correctness(both_right: int, a_only: int, b_only: int, both_wrong: int):
+    a = [1] * both_right + [1] * a_only + [0] * b_only + [0] * both_wrong
+    b = [1] * both_right + [0] * a_only + [1] * b_only + [0] * both_wrong
+    return torch.tensor(a), torch.tensor(b)
+
+
+def test_paired_difference_mcnemar_known_answers():
+    a, b = correctness(5, 10, 0, 5)
+    diff = paired_difference(a, b, seed=0)
+    assert (diff.a_only, diff.b_only, diff.n) == (10, 0, 20)
+    assert diff.value == pytest.approx(0.5)
+    assert diff.p_value == pytest.approx(2 * 0.5 ** 10)                # exact: both tails of 10 heads
+    assert diff.low <= 0.5 <= diff.high and diff.low > 0
+    swapped = paired_difference(b, a, seed=0)
+    assert swapped.value == pytest.approx(-0.5) and swapped.p_value == pytest.approx(diff.p_value)
+    # 7 against 2 discordant: 2 * P(X <= 2), X ~ Binomial(9, 1/2) = 2 * (1 + 9 + 36) / 512
+    assert paired_difference(*correctness(3, 7, 2, 0)).p_value == pytest.approx(92 / 512)
+    assert paired_difference(*correctness(4, 5, 5, 4)).p_value == pytest.approx(1.0)
+    same = paired_difference([1, 0, 1, 1], [1, 0, 1, 1], seed=2)
+    assert (same.value, same.low, same.high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+    assert same.to_dict() == {"value": 0.0, "ci95": [0.0, 0.0], "n": 4, "a_only": 0, "b_only": 0,
+                              "mcnemar_p": 1.0}
+
+
+def test_paired_difference_interval_is_paired_and_seeded():
+    # B is right wherever A is, plus on 8 more: no resample can have A ahead, so the interval ends at
+    # or below 0; resampling the examples independently for each model would not guarantee that.
+    a, b = correctness(60, 0, 8, 32)
+    diff = paired_difference(a, b, seed=1)
+    assert diff.value == pytest.approx(-0.08)
+    assert diff.low < -0.08 < diff.high <= 0.0
+    assert paired_difference(a, b, seed=1) == diff
+    assert paired_difference(a, b, seed=2) != diff
+
+
+def test_paired_difference_rejects_bad_input():
+    with pytest.raises(ValueError, match="a_correct has 3 examples but b_correct has 2"):
+        paired_difference([1, 0, 1], [1, 0])
+    with pytest.raises(ValueError, match="only 0/1"):
+        paired_difference([1, 2], [1, 0])
 
 
 def manual_nll(model, batches) -> tuple[float, int]:

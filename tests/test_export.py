@@ -5,14 +5,19 @@ than the trace; and the folder appears whole or not at all.
 import json
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 import transformers as T
 
-import kcm_core.export as E
-from kcm_core import KeepPlan, LayerKeep, ffn_blocks, load_pruned, save_pruned, slice_model
+import kcm_core.export.saving as S
+import kcm_core.export.verify as V
+from kcm_core import (KeepPlan, LayerKeep, PruneConfig, count_params, ffn_blocks, load_pruned, method,
+                      save_pruned, slice_model)
+from kcm_core.methods import ScoreDetails
+from kcm_core.report import SCHEMA, build_report
 
 WIDTH = 37
 CONFIGS = {
@@ -79,10 +84,18 @@ def exports(tmp_path_factory):
         for kind, plan in (("uniform", UNIFORM), ("per_layer", PER_LAYER)):
             pruned = slice_model(model, plan)
             result = save_pruned(pruned, root / f"{family}-{kind}", plan=plan,
-                                 report={"method": "hand-made", "relative_flops": {"achieved": 0.5}},
+                                 report=run_report(model, pruned, plan),
                                  verify=kind == "per_layer" and family in VERIFIED)
             made[family, kind] = (pruned, result)
     return made
+
+
+def run_report(model, pruned, plan):
+    """The report the CLI would write for this plan (real producer; no evaluation data)."""
+    return build_report(model=model, source="tiny", path=None, spec=method("random"),
+                        config=PruneConfig(method="random", budget=0.9), data={"source": "none"},
+                        plan=plan, seq_len=9.0, achieved_flops=0.9, params_before=count_params(model).total,
+                        params_after=count_params(pruned).total, details=ScoreDetails())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -92,6 +105,9 @@ def test_uniform_export_is_stock_loadable(exports, family):
     config = json.loads((result.out_dir / "config.json").read_text())
     assert "kcm_ffn_widths" not in config
     assert {"model.safetensors", "kcm_plan.json", "report.json", "report.md"} <= set(result.files)
+    assert json.loads((result.out_dir / "report.json").read_text())["schema"] == SCHEMA
+    markdown = (result.out_dir / "report.md").read_text()
+    assert "Pruned tiny with Random" in markdown and "## Loading" in markdown and "{'" not in markdown
     assert not any(f.startswith(".kcm_probe") for f in result.files)
     reloaded = load_pruned(result.out_dir)                           # the uniform path of load_pruned
     batch = inputs(family, 4, 9)
@@ -201,7 +217,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch, existing):
         assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())    # midway
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(E, "_verify", interrupted)
+    monkeypatch.setattr(S, "verify_reload", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_pruned(model, target, formats=("hf",), overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
@@ -225,7 +241,9 @@ CRASHES = "import sys; sys.exit('cannot load: simulated failure')"
                          ids=["wrong-outputs", "crash"])
 def test_a_failed_reload_raises_and_leaves_nothing(tmp_path, monkeypatch, child, message):
     model = slice_model(make_model("bert"), UNIFORM)
-    monkeypatch.setattr(E, "_CHILD", child)
+    script = tmp_path.parent / f"{tmp_path.name}-child.py"
+    script.write_text(child)
+    monkeypatch.setattr(V, "reload_check", types.SimpleNamespace(__file__=str(script)))
     with pytest.raises(ValueError, match=message):
         save_pruned(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

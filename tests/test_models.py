@@ -92,11 +92,23 @@ def test_gpt2_classifier_gets_a_pad_token(tmp_path):
     tok = GPT2TokenizerFast(vocab=vocab, merges=[("a", "b"), ("Ġ", "a"), ("Ġ", "b")])
     GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    model, loaded = load_model(str(tmp_path), device="cpu")
+    model, loaded = load_model(str(tmp_path), device="cpu", task="sequence-classification")
     assert loaded.pad_token == "<|endoftext|>" and model.config.pad_token_id == 0
     with torch.no_grad():
         logits = model(**loaded(["ab a b", "a"], padding=True, return_tensors="pt")).logits
     assert logits.shape == (2, 2)
+
+
+def test_a_model_keeps_the_head_it_was_saved_with(tmp_path):
+    """Without a task, the class in config.architectures decides: an LM stays an LM, a bare encoder
+    stays bare (no freshly initialised classification head is slipped in)."""
+    GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(
+        tmp_path / "lm")
+    GPT2TokenizerFast(vocab={"<|endoftext|>": 0, "a": 1}, merges=[]).save_pretrained(tmp_path / "lm")
+    model, _ = load_model(str(tmp_path / "lm"), device="cpu")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    classifier, _ = load_model(str(tiny_bert_dir(tmp_path)), device="cpu")
+    assert type(classifier).__name__ == "BertForSequenceClassification"
 
 
 # --------------------------------------------------------------------------- hub (monkeypatched)

@@ -7,7 +7,8 @@ from conftest import WIDTH, same_state, state_snapshot
 from kcm_core import METHODS, PruneConfig, compute_scores, make_plan, model_shape, prune
 from kcm_core.arch import ffn_blocks
 from kcm_core.flops import relative_flops
-from kcm_core.pipeline import mean_length, resolve_seq_len
+from kcm_core.data import mean_length
+from kcm_core.pipeline import resolve_seq_len
 
 BUDGET = 0.8
 
@@ -35,22 +36,22 @@ def test_every_method_runs_end_to_end(bert_and_data, name):
                    progress=lambda m, f: messages.append((m, f)))
     shape = model_shape(model.config)
     assert result.seq_len == mean_length(unlabeled) == (36 - 8) / 4
-    assert result.plan.method == name and result.plan.info["seq_len"] == result.seq_len
+    assert result.plan.method == name and result.plan.info.seq_len == result.seq_len
     assert relative_flops(shape, result.seq_len, result.plan.kept_counts) <= BUDGET
     assert 0 < result.plan.total_kept < 3 * WIDTH
     assert [b.width for b in ffn_blocks(result.model)] == result.plan.kept_counts
     assert result.plan.has_scales == spec.scaled
     if spec.scaled:
-        assert result.plan.info["scaled_layers"] == 3
+        assert result.plan.info.scaled_layers == 3
     out = logits(result.model, unlabeled)
     assert out.shape == (8, 2) and bool(torch.isfinite(out).all())
     assert "selection" in result.seconds and "slicing" in result.seconds
     assert all(0.0 <= f <= 1.0 for _, f in messages)
     assert same_state(model, snapshot)
     if name == "kcm-labels":
-        assert "label_swaps" in result.plan.info
+        assert result.plan.info.label_swaps is not None
     if name in ("kcm", "r2"):
-        assert len(result.details["r2_iterations"]) == 3
+        assert len(result.details.r2_iterations) == 3
 
 
 @pytest.mark.parametrize("name", sorted(n for n, m in METHODS.items() if m.uses_labels))
@@ -155,7 +156,7 @@ def test_scores_are_reused_across_budgets(bert_and_data):
     config = PruneConfig(method="kcm", budget=0.9)
     scores = compute_scores(model, config, unlabeled)
     assert [s.shape[0] for s in scores.scores] == [WIDTH] * 3
-    assert scores.details["tokens"] == 2 * (36 - 8) and scores.details["sequences"] == 8
+    assert scores.details.tokens == 2 * (36 - 8) and scores.details.sequences == 8
     seq = mean_length(unlabeled)
     kept = [make_plan(model, scores, PruneConfig(method="kcm", budget=b), seq).total_kept
             for b in (0.95, 0.9, 0.8, 0.7)]

@@ -214,7 +214,7 @@ def test_keep_plan_json_round_trip():
     )
     back = KeepPlan.from_json(plan.to_json())
     assert back == plan
-    assert back.info == plan.info and back.method == "kcm"
+    assert back.info == plan.info and back.method == "kcm" and back.info.seq_len == 25.16
     assert [layer.scales for layer in back.layers] == [(1.5, -0.25, 1e-3), (), None]
     assert back.kept_counts == [3, 0, 2] and back.widths == [WIDTH, WIDTH, 11]
     assert KeepPlan.from_json(back.to_json()).to_json() == plan.to_json()

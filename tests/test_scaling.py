@@ -42,8 +42,8 @@ def test_fitted_scales_reduce_the_error_against_the_unpruned_model(tiny_model, t
     snapshot = state_snapshot(model)
     plan = half_plan()
     fitted = fit_scales(model, plan, batches)
-    assert fitted.info["scaled_layers"] == 3 and fitted.info["scaling_stopped_at"] is None
-    assert fitted.info["scale_ridge"] == 1.0
+    assert fitted.info.scaled_layers == 3 and fitted.info.scaling_stopped_at is None
+    assert fitted.info.scale_ridge == 1.0
     assert [layer.keep_idx for layer in fitted.layers] == [layer.keep_idx for layer in plan.layers]
     assert all(len(layer.scales) == layer.kept for layer in fitted.layers)
     assert max(abs(s - 1) for layer in fitted.layers for s in layer.scales) > 1e-3
@@ -72,7 +72,7 @@ def test_keep_all_plan_gets_scales_of_one(tiny_model, tiny_batches):
 def test_huge_ridge_keeps_scales_at_one(tiny_model, tiny_batches):
     model = tiny_model("llama", layers=3)
     fitted = fit_scales(model, half_plan(), tiny_batches(model), ScaleConfig(ridge=1e9))
-    assert fitted.info["scaled_layers"] == 3
+    assert fitted.info.scaled_layers == 3
     assert max(abs(s - 1) for layer in fitted.layers for s in layer.scales) < 1e-6
     free = fit_scales(model, half_plan(), tiny_batches(model), ScaleConfig(ridge=1e-6))
     assert max(abs(s - 1) for layer in free.layers for s in layer.scales) > 1e-2
@@ -82,13 +82,13 @@ def test_tiny_bound_stops_scaling_and_says_where(tiny_model, tiny_batches):
     model = tiny_model("bert", layers=3)
     batches = tiny_batches(model)
     stopped = fit_scales(model, half_plan(), batches, ScaleConfig(bound=1e-3))
-    assert stopped.info["scaled_layers"] == 0 and stopped.info["scaling_stopped_at"] == 0
+    assert stopped.info.scaled_layers == 0 and stopped.info.scaling_stopped_at == 0
     assert [layer.scales for layer in stopped.layers] == [None, None, None]
     # An emptied layer 0 needs no scales; the stop then happens at layer 1.
     plan = KeepPlan((LayerKeep((), WIDTH),) + half_plan().layers[1:])
     stopped = fit_scales(model, plan, batches, ScaleConfig(bound=1e-3))
-    assert stopped.info["scaled_layers"] == 1 < 3
-    assert stopped.info["scaling_stopped_at"] == 1
+    assert stopped.info.scaled_layers == 1 < 3
+    assert stopped.info.scaling_stopped_at == 1
     assert [layer.scales for layer in stopped.layers] == [(), None, None]
 
 
@@ -108,7 +108,7 @@ def test_scaling_an_emptied_layer_and_reports_progress(tiny_model, tiny_batches)
                      LayerKeep(tuple(range(20)), WIDTH)))
     calls = []
     fitted = fit_scales(model, plan, tiny_batches(model), progress=lambda m, f: calls.append(f))
-    assert fitted.info["scaled_layers"] == 3 and fitted.layers[1].scales == ()
+    assert fitted.info.scaled_layers == 3 and fitted.layers[1].scales == ()
     assert calls[-1] == 1.0 and all(0.0 <= f <= 1.0 for f in calls)
     assert calls == sorted(calls)
 
@@ -132,3 +132,11 @@ def test_scales_are_folded_into_the_down_projection_columns(tiny_model, tiny_bat
     for old, new, layer in zip(ffn_blocks(model), ffn_blocks(masked), fitted.layers):
         expected = old.down.weight.detach() * layer.scale_vector().float()[None, :]
         assert torch.allclose(new.down.weight, expected)
+
+
+def test_a_calibration_batch_the_model_cannot_run_is_a_clear_value_error(tiny_model, tiny_batches):
+    """Sequences longer than the model's positions used to escape as torch's RuntimeError."""
+    model = tiny_model("bert", layers=2, max_position_embeddings=8)
+    batches = tiny_batches(model, seq_len=12, labels=False)
+    with pytest.raises(ValueError, match="scaling: the model fails on the calibration data"):
+        fit_scales(model, half_plan(layers=2), batches)

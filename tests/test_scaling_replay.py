@@ -83,7 +83,7 @@ def test_replayed_fit_equals_full_pass_reference(family):
     batches = _batches()
     fitted = fit_scales(model, plan, batches, ScaleConfig(ridge=1e-6))
     expected = reference_scales(model, plan, batches, ridge=1e-6)
-    assert fitted.info["scaled_layers"] == 3
+    assert fitted.info.scaled_layers == 3
     for layer, ref in zip(fitted.layers, expected):
         got = torch.tensor(layer.scales, dtype=torch.float64)
         assert torch.allclose(got, ref, atol=1e-6, rtol=1e-6), (got - ref).abs().max()

@@ -56,7 +56,7 @@ def test_budget_holds_and_one_more_neuron_would_exceed_it(shape, budget):
         more = list(counts)
         more[next(i for i, c in enumerate(counts) if c < WIDTH)] += 1
         assert relative_flops(shape, SEQ, more) > budget
-    assert plan.method == "random" and plan.info["k"] == plan.total_kept
+    assert plan.method == "random" and plan.info.k == plan.total_kept
 
 
 def test_min_per_layer_keeps_each_layers_best(shape):
@@ -144,17 +144,17 @@ def test_refine_with_gradients_keeps_the_count_and_raises_the_gradient_score():
     refined = refine_with_gradients(plan, base, grads)
     assert refined.total_kept == plan.total_kept
     assert grad_total(refined) > grad_total(plan)
-    assert refined.info["label_swaps"] > 0 and refined.method == "kcm"
+    assert refined.info.label_swaps > 0 and refined.method == "kcm"
     # Only the kept sets changed, and only by swaps that each raised the gradient score.
     out_in = [(set(a.keep_idx) - set(b.keep_idx), set(b.keep_idx) - set(a.keep_idx))
               for a, b in zip(plan.layers, refined.layers)]
-    assert sum(len(o) for o, _ in out_in) == refined.info["label_swaps"]
+    assert sum(len(o) for o, _ in out_in) == refined.info.label_swaps
     within = refine_with_gradients(plan, base, grads, within_layer=True)
     assert within.kept_counts == plan.kept_counts
-    assert grad_total(within) > grad_total(plan) and within.info["label_swaps"] > 0
+    assert grad_total(within) > grad_total(plan) and within.info.label_swaps > 0
     # Gradients that already agree with the plan change nothing.
     same = refine_with_gradients(plan, base, base)
-    assert kept_idx(same) == kept_idx(plan) and same.info["label_swaps"] == 0
+    assert kept_idx(same) == kept_idx(plan) and same.info.label_swaps == 0
 
 
 def test_same_seed_same_plan_random(shape):

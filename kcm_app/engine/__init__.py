@@ -21,16 +21,16 @@ from .evaluations import (APP_SCALE_SAMPLES, RANDOM_SEEDS, BudgetResult, budget_
                           scaled_plan, teacher)
 from .readouts import (Readout, budget_for_pruned_fraction, model_params, neurons_for_budget,
                        params_per_neuron, readout)
-from .scoring import gradient_scores, method_scores, neuron_stats, r2_fits, score_key
+from .scoring import component_key, gradient_scores, method_scores, neuron_stats, r2_fits, score_key
 from .speed import TIMING_BATCH, TIMING_REPEATS, SpeedResult, measure_speed, paired_seconds, timing_batch
-from .workspace import Workspace, private_copy, take
+from .workspace import Workspace, WorkspaceInfo, private_copy
 
 __all__ = [
     "APP_SCALE_SAMPLES", "RANDOM_SEEDS", "TIMING_BATCH", "TIMING_REPEATS",
-    "BudgetResult", "Readout", "SpeedResult", "Workspace",
+    "BudgetResult", "Readout", "SpeedResult", "Workspace", "WorkspaceInfo",
     "budget_for_pruned_fraction", "budget_key", "comparison", "comparison_configs", "evaluate_budget",
     "gradient_scores", "is_evaluated", "measure_speed", "method_scores", "model_params",
     "neuron_stats", "neurons_for_budget", "paired_seconds", "params_per_neuron", "private_copy",
-    "r2_fits", "readout", "reference", "reference_run", "scaled_plan", "score_key", "take", "teacher",
+    "r2_fits", "readout", "reference", "reference_run", "scaled_plan", "score_key", "component_key", "teacher",
     "timing_batch",
 ]

@@ -10,15 +10,16 @@ import torch
 
 from kcm_core.evaluate import ClassifierEval, evaluate_classifier
 from kcm_core.flops import count_params, relative_flops
-from kcm_core.pipeline import MethodScores, PruneConfig, make_plan, method
+from kcm_core.methods import MethodScores, ScoreDetails, method
+from kcm_core.pipeline import PruneConfig, make_plan
 from kcm_core.plan import KeepPlan
 from kcm_core.realise import slice_model
-from kcm_core.runtime import Batch, Progress, tell
+from kcm_core.runtime import Batch, Progress, take_sequences, tell
 from kcm_core.scaling import fit_scales, teacher_targets
 
 from ..store import SharedStore
 from .scoring import method_scores, score_key
-from .workspace import Workspace, private_copy, take
+from .workspace import Workspace, private_copy
 
 # How many sequences the scaling step fits on in the app (the CLI default is 512). Its cost grows with
 # the token count times k^2 (float64 Gram matrices), so a small sample keeps a new budget quick; on the
@@ -51,7 +52,7 @@ def reference(ws: Workspace, store: SharedStore, progress: Progress | None = Non
 
 def teacher(ws: Workspace, scale_samples: int, store: SharedStore) -> tuple[list[Batch], list[torch.Tensor]]:
     """The scaling sample and the unpruned model's FFN outputs on it (computed once)."""
-    batches = take(ws.unlabeled, scale_samples)
+    batches = take_sequences(ws.unlabeled, scale_samples)
 
     def compute():
         return batches, teacher_targets(private_copy(ws.model), batches)
@@ -72,6 +73,7 @@ class BudgetResult:
     accuracy: dict | None            # Rate.to_dict(): value, ci95, n
     agreement: dict | None
     seconds: dict                    # wall time of each stage of this evaluation
+    details: ScoreDetails = ScoreDetails()   # how the method's scores were obtained
 
 
 def budget_key(ws: Workspace, config: PruneConfig) -> tuple:
@@ -87,7 +89,7 @@ def scaled_plan(ws: Workspace, scores: MethodScores, config: PruneConfig, store:
     if method(config.method).scaled:
         batches, targets = teacher(ws, config.scale_samples, store)
         plan = fit_scales(ws.model, plan, batches, config.scale, progress, targets=targets)
-    return replace(plan, info={**plan.info, "seq_len": ws.seq_len})
+    return replace(plan, info=plan.info.updated(seq_len=ws.seq_len))
 
 
 def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
@@ -117,7 +119,7 @@ def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
             params_after=count_params(pruned).total,
             accuracy=result.accuracy.to_dict() if result and result.accuracy else None,
             agreement=result.agreement.to_dict() if result and result.agreement else None,
-            seconds=seconds)
+            seconds=seconds, details=scores.details)
     return store.get_or_compute(budget_key(ws, config), compute)
 
 

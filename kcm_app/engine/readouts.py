@@ -7,7 +7,8 @@ from torch import nn
 
 from kcm_core.arch import ffn_blocks
 from kcm_core.flops import count_params, keep_count, relative_flops
-from kcm_core.pipeline import MethodScores, PruneConfig, make_plan
+from kcm_core.methods import MethodScores
+from kcm_core.pipeline import PruneConfig, make_plan
 from kcm_core.plan import KeepPlan
 
 from ..store import SharedStore

@@ -1,41 +1,49 @@
 """Neuron scores per method, assembled from components stored once for all sessions (the kernel hull
-and the activation statistics are shared by KCM, R2, D2 and Output-Magnitude)."""
+and the activation statistics are shared by KCM, R2, D2 and Output-Magnitude). The method table
+(``kcm_core.methods``) says which components a method needs; this module only says where they live."""
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
 from kcm_core import scores as S
 from kcm_core.activations import NeuronStats, collect_stats
 from kcm_core.hull import HullFit
-from kcm_core.pipeline import MethodScores, PruneConfig, method
-from kcm_core.runtime import Progress
+from kcm_core.methods import Method, MethodScores, method, score_with
+from kcm_core.pipeline import PruneConfig
+from kcm_core.runtime import Progress, take_sequences
 
 from ..store import SharedStore
-from .workspace import Workspace, private_copy, take
+from .workspace import Workspace, private_copy
+
+
+def component_key(ws: Workspace, config: PruneConfig, component: str) -> tuple:
+    """What one score component depends on: never the budget, the scaling or the rounding."""
+    if component == "r2":
+        return ("r2", ws.model_key, config.hull)
+    if component == "stats":
+        return ("stats", ws.model_key, ws.data_key)
+    if component == "grads":
+        return ("grads", ws.model_key, ws.data_key, config.label_samples)
+    raise ValueError(f"unknown score component {component!r}")
 
 
 def score_key(ws: Workspace, config: PruneConfig) -> tuple:
-    """What a method's scores depend on: never the budget, the scaling or the rounding."""
+    """What a method's scores depend on: its components' keys, plus D2's options or the seed."""
     spec = method(config.method)
     key: tuple = (ws.model_key, config.method)
-    if config.method in ("kcm", "kcm-labels", "r2"):
-        key += (config.hull,)
-    if spec.uses_data:
-        key += (ws.data_key, config.d2)
-    if spec.uses_labels:
-        key += (config.label_samples,)
-    if config.method == "random":
+    for component in sorted(spec.needs):
+        key += component_key(ws, config, component)
+    if "stats" in spec.needs:
+        key += (config.d2,)
+    if spec.seeded:
         key += (config.seed,)
     return key
-
 
 
 def r2_fits(ws: Workspace, config: PruneConfig, store: SharedStore,
             progress: Progress | None = None) -> tuple[list[torch.Tensor], list[HullFit]]:
     """R2 per layer (weights only); shared by KCM, R2 and the Scores page."""
-    return store.get_or_compute(("r2", ws.model_key, config.hull),
+    return store.get_or_compute(component_key(ws, config, "r2"),
                                 lambda: S.r2(ws.model, config.hull, progress))
 
 
@@ -51,47 +59,36 @@ def gradient_scores(ws: Workspace, config: PruneConfig, store: SharedStore,
     """Fisher importance (squared mask gradients) from the labeled sample (a private copy)."""
     if ws.labeled is None:
         raise ValueError(f"method {config.method!r} needs labeled data: choose data with a label column")
-    batches = ws.labeled if config.label_samples is None else take(ws.labeled, config.label_samples)
+    batches = take_sequences(ws.labeled, config.label_samples)
 
     def compute() -> list[torch.Tensor]:
         return S.mask_gradients(private_copy(ws.model), batches, squared=True, progress=progress,
                                 total=len(batches))
-    return store.get_or_compute(("grads", ws.model_key, ws.data_key, config.label_samples), compute)
+    return store.get_or_compute(component_key(ws, config, "grads"), compute)
+
+
+class SharedSources:
+    """``kcm_core.methods.ScoreSources`` served from the store shared by every session."""
+
+    def __init__(self, ws: Workspace, config: PruneConfig, store: SharedStore,
+                 progress: Progress | None) -> None:
+        self.model, self.config = ws.model, config
+        self._ws, self._store, self._progress = ws, store, progress
+
+    def r2(self):
+        return r2_fits(self._ws, self.config, self._store, self._progress)
+
+    def stats(self) -> NeuronStats:
+        return neuron_stats(self._ws, self._store, self._progress)
+
+    def grads(self) -> list[torch.Tensor]:
+        return gradient_scores(self._ws, self.config, self._store, self._progress)
 
 
 def method_scores(ws: Workspace, config: PruneConfig, store: SharedStore,
                   progress: Progress | None = None) -> MethodScores:
-    """``kcm_core.pipeline.compute_scores``'s result, assembled from shared components so that the
-    kernel hull and the activation statistics are computed once for KCM, R2, D2 and Output-Magnitude.
-    ``tests/test_app_logic.py`` checks that it equals ``compute_scores``."""
-    def compute() -> MethodScores:
-        name = method(config.method).name
-        details: dict[str, Any] = {}
-        grads = None
-        if name in ("kcm", "kcm-labels", "r2"):
-            r2, fits = r2_fits(ws, config, store, progress)
-            details.update(r2_iterations=[f.iterations for f in fits],
-                           r2_converged=all(f.converged for f in fits), r2_sigma=[f.sigma for f in fits])
-        if name in ("kcm", "kcm-labels", "d2", "output-magnitude"):
-            stats = neuron_stats(ws, store, progress)
-            details.update(tokens=stats.tokens, sequences=stats.sequences)
-        if name in ("kcm", "kcm-labels"):
-            scores = S.r2d2(r2, S.d2(stats, config.d2))
-            if name == "kcm-labels":
-                grads = gradient_scores(ws, config, store, progress)
-        elif name == "r2":
-            scores = r2
-        elif name == "d2":
-            scores = S.d2(stats, config.d2)
-        elif name in ("weight-magnitude", "weight-magnitude-scale"):
-            scores = S.weight_magnitude(ws.model)
-        elif name == "output-magnitude":
-            scores = S.output_magnitude(ws.model, stats)
-        elif name == "random":
-            scores = S.random_scores(ws.widths, config.seed)
-        elif name == "mask-tuning":
-            scores = gradient_scores(ws, config, store, progress)
-        else:  # pragma: no cover - METHODS and this switch move together (tested)
-            raise ValueError(f"method {name!r} has no scorer in the app")
-        return MethodScores(name, scores, grads, details)
-    return store.get_or_compute(("scores",) + score_key(ws, config), compute)
+    """``kcm_core.pipeline.compute_scores``'s result from shared components (equal to it: tested in
+    ``tests/test_app_logic.py``)."""
+    spec: Method = method(config.method)
+    return store.get_or_compute(("scores",) + score_key(ws, config),
+                                lambda: score_with(spec, SharedSources(ws, config, store, progress)))

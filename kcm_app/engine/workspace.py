@@ -3,13 +3,30 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
 from kcm_core.arch import ModelShape
 from kcm_core.flops import flops_floor
 from kcm_core.runtime import Batch
+
+
+@dataclass(frozen=True)
+class WorkspaceInfo:
+    """Where the loaded model and data came from, in words and counts (what the pages and the report
+    show)."""
+
+    model_path: str = ""          # the sidebar's model choice (a key: "demo:...", "local:<path>", ...)
+    model_name: str = ""          # for people: "the embedded demo", a folder, a hub id
+    data: str = ""                # the data choice, described
+    data_source: str = ""         # the file or dataset the examples were read from
+    sample: int = 0               # unlabeled sequences in the scoring sample
+    eval_examples: int = 0        # labeled evaluation examples (0: no accuracy)
+    eval_source: str = ""         # where the evaluation examples came from
+    max_len: int = 0
+    seed: int = 0
+    labels: bool = False          # whether the scoring sample has labels
 
 
 @dataclass(frozen=True)
@@ -28,7 +45,7 @@ class Workspace:
     labeled: tuple[Batch, ...] | None  # the same sample with labels (label-using methods)
     eval_batches: tuple[Batch, ...] | None
     seq_len: float                     # mean real tokens per sequence of the scoring sample
-    info: dict = field(default_factory=dict, compare=False, hash=False)
+    info: WorkspaceInfo = field(default_factory=WorkspaceInfo, compare=False, hash=False)
 
     @property
     def has_labels(self) -> bool:
@@ -46,14 +63,3 @@ class Workspace:
 def private_copy(model: nn.Module) -> nn.Module:
     """A session-private deep copy, for core calls that register hooks."""
     return copy.deepcopy(model)
-
-
-def take(batches: Sequence[Batch], sequences: int) -> list[Batch]:
-    """The first batches holding at least ``sequences`` sequences (whole batches)."""
-    out, n = [], 0
-    for batch in batches:
-        if n >= sequences:
-            break
-        out.append(batch)
-        n += int(batch["input_ids"].shape[0])
-    return out

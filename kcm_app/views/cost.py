@@ -14,7 +14,31 @@ FORMULA = (r"\mathrm{MAC}_{\mathrm{head}} = 4\,s\,d\,d_h + 2\,s^2 d_h,\qquad "
            r"\mathrm{MAC} = \sum_l \left(H_l\,\mathrm{MAC}_{\mathrm{head}} + N_l\,\mathrm{MAC}_{\mathrm{neuron}}\right)")
 
 
-def page(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
+SEQ_LENS = [8, 16, 25, 32, 64, 128, 256, 512, 1024, 2048]
+START_LENS = [8, 16, 25, 32, 64, 128, 256, 512]      # the slider starts near the sample's mean length
+
+
+def page() -> None:
+    """The whole page: title, the loaded workspace (or why there is none), the controls, the body."""
+    st.title("Cost")
+    ws = ui.require_workspace()
+    body(ws, *controls(ws))
+
+
+def controls(ws: Workspace) -> tuple[float, str, bool]:
+    """Sequence length (tokens), unit, and whether 'Measure latency' was pressed."""
+    left, mid, right = st.columns([3, 1, 1])
+    seq_len = left.select_slider("Sequence length s (tokens)", SEQ_LENS,
+                                 value=min(START_LENS, key=lambda v: abs(v - ws.seq_len)), key="cost_seq_len",
+                                 help="Attention's s^2 term grows with length, so the FFN's share shrinks")
+    unit = mid.radio("Unit", ["MMACs", "MFLOPs"], key="cost_unit", horizontal=True,
+                     help="Millions of multiply-accumulates; FLOPs = 2 x MACs")
+    measure = right.button("Measure latency", key="cost_measure",
+                           help="Times every block of this model on this machine (a private copy)")
+    return float(seq_len), unit, measure
+
+
+def body(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
     report = cost_report(ws.shape, seq_len, params=count_params(ws.model))
     st.latex(FORMULA)
     st.caption(f"d = {ws.shape.hidden}, d_h = {ws.shape.head_dim}, H = {ws.shape.heads} heads, "

@@ -10,10 +10,10 @@ from pathlib import Path
 import streamlit as st
 
 from kcm_core.flops import cost_report
-from kcm_core.pipeline import METHODS
+from kcm_core.methods import METHODS
 from kcm_core.realise import slice_model
 
-from .. import charts, engine, figures, report, resources, ui
+from .. import charts, engine, figures, report, resources, state, ui
 from ..engine import Workspace
 
 ZIP_LIMIT = 512 * 2**20      # offer a zip download up to this size
@@ -37,7 +37,28 @@ def page_figures(ws: Workspace, result: engine.BudgetResult) -> dict:
     return figs
 
 
-def page(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: bool) -> None:
+def page() -> None:
+    """The whole page: title, the loaded workspace (or why there is none), the controls, the body."""
+    st.title("Export")
+    ws = ui.require_workspace()
+    body(ws, *controls())
+
+
+def controls() -> tuple[str, list[str], bool, bool]:
+    """Output folder, formats, overwrite, and whether 'Prune and save' was pressed."""
+    left, mid, right = st.columns([3, 2, 1])
+    out_dir = left.text_input("Output folder", f"out/kcm-{state.method()}-{state.budget():.2f}", key="export_dir",
+                              help="Created on this machine; refused if it exists unless 'overwrite' is ticked")
+    formats = mid.multiselect("Formats", ["hf", "onnx"], ["hf"], key="export_formats",
+                              help="hf: safetensors + config (stock from_pretrained when widths are uniform); "
+                                   "onnx: loads anywhere")
+    overwrite = right.checkbox("Overwrite", key="export_overwrite", help="Replace an existing folder")
+    go = st.button("Prune and save", type="primary", key="export_go",
+                   help="Slices the model physically, saves it, reloads it to check, and offers a zip")
+    return out_dir, formats, overwrite, go
+
+
+def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: bool) -> None:
     config = ui.prune_config()
     store = resources.store("results")
     st.markdown(f"**{METHODS[config.method].label}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page).")

@@ -7,9 +7,9 @@ import streamlit as st
 import torch
 
 from kcm_core.hull import HullConfig, kernel_hull
-from kcm_core.pipeline import METHODS
+from kcm_core.methods import METHODS
 
-from .. import engine, figures, projection, resources, toy, ui
+from .. import engine, figures, projection, resources, state, toy, ui
 from ..engine import Workspace
 
 PICK_SHARE = 0.05       # the top 5% of a layer by R2 are drawn as the hull picks
@@ -48,7 +48,31 @@ def projection_coords(ws: Workspace, layer: int, kind: str, seed: int, placehold
         return store.get_or_compute(key, lambda: projection.umap_2d(points, seed=seed))
 
 
-def page(ws: Workspace, layer: int, sigma: float, alpha: float, kind: str, toy_sigma: float) -> None:
+def page() -> None:
+    """The whole page: title, the loaded workspace (or why there is none), the controls, the body."""
+    st.title("Kernel hull")
+    ws = ui.require_workspace()
+    body(ws, *controls(ws))
+
+
+def controls(ws: Workspace) -> tuple[int, float, float, str, float]:
+    """Layer, kernel sigma (x median distance), alpha, projection kind, and the toy cloud's sigma."""
+    cols = st.columns(5)
+    layer = cols[0].number_input("Layer", 0, ws.shape.layers - 1, 0, key="hull_layer",
+                                 help="Which layer's down-projection rows to draw (one point per neuron)")
+    sigma = cols[1].select_slider("sigma (x median distance)", [0.1, 0.25, 0.5, 1.0, 2.0, 4.0], 1.0,
+                                  key="hull_sigma", help="Kernel bandwidth relative to the median pairwise "
+                                                         "distance")
+    alpha = cols[2].select_slider("alpha", [0.001, 0.005, 0.01, 0.05, 0.1], 0.01, key="hull_alpha",
+                                  help="Stop when the relative change of C falls below alpha")
+    kind = cols[3].radio("Projection", ["PCA", "UMAP"], key="hull_projection", horizontal=True,
+                         help="PCA is instant; UMAP shows neighbourhoods better and takes seconds")
+    toy_sigma = cols[4].select_slider("Toy sigma (plane units)", [0.05, 0.1, 0.2, 0.4, 0.8, 1.6], 0.4,
+                                      key="toy_sigma", help="Bandwidth for the 2-D teaching cloud on the right")
+    return int(layer), float(sigma), float(alpha), kind, float(toy_sigma)
+
+
+def body(ws: Workspace, layer: int, sigma: float, alpha: float, kind: str, toy_sigma: float) -> None:
     left, right = st.columns([3, 2])
     with left:
         with st.spinner(f"Fitting the kernel hull of layer {layer}..."), ui.core_errors():
@@ -62,7 +86,7 @@ def page(ws: Workspace, layer: int, sigma: float, alpha: float, kind: str, toy_s
             chart.plotly_chart(figures.projection(coords, r2, kept, picks,
                                                   f"Layer {layer}: down-projection rows, {name}"),
                                key=f"hull_proj_{name[:4]}")
-        coords = projection_coords(ws, layer, kind, int(st.session_state.get("seed", 0)), st.empty(), draw)
+        coords = projection_coords(ws, layer, kind, state.seed(), st.empty(), draw)
         draw(coords, kind)
         st.caption(f"{note} Rings: the top {PICK_SHARE:.0%} by R2. Kernel sigma = {sigma:g} x median "
                    f"distance = {fit.sigma:.4g}; {fit.iterations} iterations "

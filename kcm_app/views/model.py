@@ -24,16 +24,26 @@ def architecture(ws: Workspace) -> pd.DataFrame:
 
 def provenance(ws: Workspace) -> pd.DataFrame:
     i = ws.info
-    rows = [("source chosen", i["data"]), ("data read from", i["data_source"] or i["data"]),
-            ("unlabeled sequences for scoring", i["sample"]),
+    rows = [("source chosen", i.data), ("data read from", i.data_source or i.data),
+            ("unlabeled sequences for scoring", i.sample),
             ("mean real tokens per sequence (FLOPs are counted at this length)", f"{ws.seq_len:g}"),
-            ("max sequence length", i["max_len"]), ("seed", i["seed"]),
-            ("labels", "yes" if i["labels"] else "no"),
-            ("evaluation data", f"{i['eval_examples']} examples: {i['eval_source']}")]
+            ("max sequence length", i.max_len), ("seed", i.seed),
+            ("labels", "yes" if i.labels else "no"),
+            ("evaluation data", f"{i.eval_examples} examples: {i.eval_source}")]
     return pd.DataFrame(rows, columns=["property", "value"]).astype(str).set_index("property")
 
 
-def page(ws: Workspace, score_now: bool) -> None:
+def page() -> None:
+    """The whole page: title, the loaded workspace (or why there is none), the button, the body."""
+    st.title("Model and data")
+    ws = ui.require_workspace()
+    score_now = st.button("Score all neurons with KCM now", key="score_now",
+                          help="Runs R2 (kernel hull on the weights) and D2 (activations on the sample) "
+                               "once; every page reuses the result.")
+    body(ws, score_now)
+
+
+def body(ws: Workspace, score_now: bool) -> None:
     left, right = st.columns(2)
     with left:
         st.subheader("Architecture")
@@ -41,7 +51,7 @@ def page(ws: Workspace, score_now: bool) -> None:
     with right:
         st.subheader("Data")
         st.table(provenance(ws))
-        if ws.info["data"].startswith("Demo"):
+        if ws.info.data.startswith("Demo"):
             from kcm_core import demo
             st.caption(demo.DATA_SOURCE)
             with st.expander("Terms of use"):
@@ -57,8 +67,9 @@ def page(ws: Workspace, score_now: bool) -> None:
         st.metric("Accuracy (unpruned)", f"{acc.value:.1%}",
                   help=f"95% bootstrap interval {acc.low:.1%} to {acc.high:.1%} over {acc.n} examples")
         st.caption(f"95% interval {acc.low:.1%} to {acc.high:.1%} on {acc.n} examples "
-                   f"({ws.info['eval_source']}).")
+                   f"({ws.info.eval_source}).")
     if score_now:
         with ui.progress("Scoring with KCM") as bar, ui.core_errors():
             scores = engine.method_scores(ws, ui.prune_config(method="kcm"), resources.store("results"), bar)
-        st.success(f"KCM scores ready (R2 iterations per layer: {scores.details.get('r2_iterations')}).")
+        iterations = scores.details.to_dict().get("r2_iterations")      # a list, as before; None if absent
+        st.success(f"KCM scores ready (R2 iterations per layer: {iterations}).")

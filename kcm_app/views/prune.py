@@ -3,10 +3,58 @@ from __future__ import annotations
 
 import streamlit as st
 
-from kcm_core.pipeline import METHODS
+from kcm_core.methods import METHODS
 
-from .. import charts, engine, figures, resources, state, ui
+from .. import charts, engine, figures, resources, state, theme, ui
 from ..engine import APP_SCALE_SAMPLES, Workspace
+
+
+def page() -> None:
+    """The whole page: title, the method and rounding, the live readouts, the comparison."""
+    st.title("Prune")
+    ws = ui.require_workspace()
+    left, right = st.columns([3, 1])
+    method_select(ws, left)
+    multiple_select(right)
+    readouts(ws)
+    st.divider()
+    st.subheader("Compare methods")
+    compare(ws, *compare_controls(ws))
+
+
+def method_options(ws: Workspace) -> list[str]:
+    """Every method; the label-using ones only when the data has labels."""
+    return [m for m, spec in METHODS.items() if ws.has_labels or not spec.uses_labels]
+
+
+def method_select(ws: Workspace, container) -> str:
+    """The method selector (its value is kept across pages and written to the URL)."""
+    options = method_options(ws)
+    if state.method() not in options:
+        state.set_method(state.DEFAULTS.method)
+    return container.selectbox(
+        "Method", options, format_func=theme.method_label, **state.persistent_widget(state.W_METHOD),
+        help="How neurons are ranked (one colour per method on every chart); label-using methods "
+             "appear when the data has labels")
+
+
+def multiple_select(container) -> int:
+    return container.selectbox(
+        "Round widths to a multiple of", state.MULTIPLES, **state.persistent_widget(state.W_MULTIPLE),
+        help="Multiples of 8, 16 or 64 run faster on most hardware; the budget still holds")
+
+
+def compare_controls(ws: Workspace) -> tuple[list[str], list[float], bool]:
+    """Methods, budgets (those above this model's floor, ascending), and whether 'Compare' was pressed."""
+    left, mid, right = st.columns([3, 2, 1])
+    options = method_options(ws)
+    methods = left.multiselect("Methods", options, default=default_methods(options),
+                               format_func=theme.method_label, key="compare_methods", help="One line per method")
+    budgets = mid.multiselect("Relative FLOPs", charts.BUDGET_OPTIONS,
+                              default=charts.budget_grid(ws.floor, points=3), key="compare_budgets",
+                              help="Budgets to evaluate (each one: select, scale, slice, evaluate)")
+    run = right.button("Compare", key="compare_run", help="Evaluates the pairs not stored yet, with progress")
+    return methods, sorted(b for b in budgets if b >= ws.floor), run
 
 
 def default_methods(options: list[str]) -> list[str]:
@@ -23,10 +71,9 @@ def _pct(x: float) -> str:
 def readouts(ws: Workspace) -> None:
     """Moving the slider reruns only this function, not the page."""
     low = state.clamp_budget(0.0, ws.floor)
-    st.session_state["budget"] = state.clamp_budget(st.session_state["budget"], ws.floor)
-    st.session_state["w_budget"] = st.session_state["budget"]
-    budget = st.slider("Relative FLOPs to keep", min_value=low, max_value=1.0, step=0.01, key="w_budget",
-                       on_change=ui.copy_widget, args=("w_budget", "budget"), format="%.2f",
+    state.set_budget(state.clamp_budget(state.budget(), ws.floor))
+    budget = st.slider("Relative FLOPs to keep", min_value=low, max_value=1.0, step=0.01, format="%.2f",
+                       **state.persistent_widget(state.W_BUDGET),
                        help="Fraction of the unpruned encoder's FLOPs the pruned model may use, counted at "
                             f"the sample's mean length s = {ws.seq_len:g} tokens. Only FFN neurons are "
                             f"pruned, so the floor is {ws.floor:.1%}.")
@@ -71,9 +118,9 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
     parts = []
     if slow.accuracy:
         lo, hi = slow.accuracy["ci95"]
-        parts.append(f"Accuracy of the physically sliced model on {ws.info['eval_examples']} examples "
+        parts.append(f"Accuracy of the physically sliced model on {ws.info.eval_examples} examples "
                      f"(95% interval {lo:.1%} to {hi:.1%}).")
-    scaled = slow.plan.info.get("scaled_layers")
+    scaled = slow.plan.info.scaled_layers
     parts.append(f"Scales fitted on the first {APP_SCALE_SAMPLES} unlabeled sequences ({scaled} layers "
                  "scaled) to keep a new budget within seconds." if scaled is not None
                  else "This method does not scale.")
@@ -101,7 +148,7 @@ def compare(ws: Workspace, methods: list[str], budgets: list[float], run: bool) 
         results = engine.comparison(ws, methods, budgets, base, store, bar)
     frame = charts.comparison_frame(results)
     dense = engine.reference(ws, store).accuracy.value
-    st.plotly_chart(figures.comparison(frame, dense, st.session_state.get("budget")), key="prune_compare")
+    st.plotly_chart(figures.comparison(frame, dense, state.budget()), key="prune_compare")
     st.caption("Intervals overlap? Then the methods are not distinguishable on this test set. Random is "
                f"drawn with {engine.RANDOM_SEEDS} seeds (the sidebar's and the next ones): its line is their "
                "mean and its bars span all of their 95% intervals.")

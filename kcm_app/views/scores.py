@@ -29,7 +29,26 @@ def score_table(ws: Workspace, bar) -> pd.DataFrame:
     return charts.score_frame(columns)
 
 
-def page(ws: Workspace, column: str, layer: int, top_n: int) -> None:
+def page() -> None:
+    """The whole page: title, the loaded workspace (or why there is none), the controls, the body."""
+    st.title("Neuron scores")
+    ws = ui.require_workspace()
+    body(ws, *controls(ws))
+
+
+def controls(ws: Workspace) -> tuple[str, int, int]:
+    """The score shown, the layer for the tables, and how many rows at each end."""
+    left, mid, right = st.columns([2, 1, 1])
+    column = left.selectbox("Score", list(SCORES), format_func=SCORES.get, key="scores_column",
+                            help="R2D2 = R2 x normalised D2 is KCM's score; the others are its parts and "
+                                 "baselines")
+    layer = mid.number_input("Layer", 0, ws.shape.layers - 1, 0, key="scores_layer",
+                             help="Layer for the top/bottom tables")
+    top_n = right.number_input("Rows", 3, 50, 10, key="scores_top_n", help="Neurons listed at each end")
+    return column, int(layer), int(top_n)
+
+
+def body(ws: Workspace, column: str, layer: int, top_n: int) -> None:
     with ui.progress("Scoring neurons") as bar, ui.core_errors():
         frame = score_table(ws, bar)
     if column not in frame:

@@ -1,0 +1,151 @@
+"""Loading a saved model folder: stock ``from_pretrained`` for uniform widths, and the sliced rebuild
+for per-layer widths (``kcm_ffn_widths`` in ``config.json``). ``kcm_core.models.load_model`` sends
+every folder with per-layer widths here, so a pruned model can be loaded, evaluated and pruned again.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..arch import family_for_config, ffn_blocks
+from ..plan import KeepPlan, LayerKeep
+from ..realise import slice_model
+from .files import ONNX_FILE
+
+
+def load_pruned(path: str | os.PathLike, device: str | torch.device | None = None, *,
+                with_tokenizer: bool = False, dtype: torch.dtype | None = None):
+    """Load a folder written by ``save_pruned`` (or any saved ``transformers`` model folder).
+
+    Uniform widths load through the stock ``from_pretrained`` of the class named in
+    ``config.architectures``; per-layer widths (``kcm_ffn_widths`` in the config) are rebuilt by
+    slicing a model made from the config and loading the safetensors state dict strictly.
+    Returns the model in eval mode, or ``(model, tokenizer)`` with ``with_tokenizer=True`` (the
+    tokenizer, or image processor, is None when the folder has none). Never downloads anything.
+    """
+    import transformers
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{str(path)!r} is not a folder; load_pruned reads folders written by "
+                         "save_pruned or save_pretrained (hub ids: kcm_core.models.load_model)")
+    if not (folder / "config.json").exists():
+        hint = " It holds only ONNX: load model.onnx with onnxruntime." if (folder / ONNX_FILE).exists() else ""
+        raise ValueError(f"{folder} has no config.json.{hint}")
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    cls = _model_class(config)
+    from ..models import quiet_transformers
+    with quiet_transformers():
+        if getattr(config, "kcm_ffn_widths", None):
+            model = _load_sliced(folder, config, cls)
+        else:
+            model = cls.from_pretrained(folder, local_files_only=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    if not with_tokenizer:
+        return model
+    return model, _load_preprocessor(folder)
+
+
+def _model_class(config) -> type:
+    import transformers
+
+    names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        raise ValueError("the config names no model class (config.architectures is empty); "
+                         "save the model with save_pruned or save_pretrained")
+    cls = getattr(transformers, names[0], None)
+    if cls is None:
+        raise ValueError(f"config.architectures names {names[0]!r}, which transformers "
+                         f"{transformers.__version__} does not provide")
+    return cls
+
+
+def _load_sliced(folder: Path, config, cls: type) -> nn.Module:
+    """Build at the widest layer's width, slice every layer to its recorded width, load strictly."""
+    try:
+        from transformers.initialization import no_init_weights        # transformers 5
+    except ImportError:                                                 # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    family = family_for_config(config)
+    widths = [int(w) for w in config.kcm_ffn_widths]
+    build = copy.deepcopy(config)
+    del build.kcm_ffn_widths
+    setattr(build, family.width_field[0], max(widths))
+    with no_init_weights():                 # every tensor is overwritten below
+        full = cls(build)
+    layers = len(ffn_blocks(full))
+    if layers != len(widths):
+        raise ValueError(f"{folder}: config records {len(widths)} FFN widths for {layers} layers")
+    keep_plan = KeepPlan(tuple(LayerKeep(tuple(range(w)), max(widths)) for w in widths), method="reload")
+    model = slice_model(full, keep_plan)    # also records the widths in model.config
+    del full
+    state = _read_safetensors(folder)
+    floats = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(floats) == 1:
+        model = model.to(floats.pop())
+    _load_state_strict(model, state, folder)
+    return model
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{folder} has no model.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    return state
+
+
+def _load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], folder: Path) -> None:
+    """``load_state_dict`` that tolerates only keys that ``save_pretrained`` drops as tied copies."""
+    own = model.state_dict()
+    bad_shapes = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad_shapes:
+        raise ValueError(f"{folder}: tensor shapes do not match the recorded widths: {bad_shapes[:5]}")
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys)
+    if missing and hasattr(model, "tie_weights"):
+        model.tie_weights()
+        groups: dict[int, set[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), set()).add(name)
+        missing = {k for k in missing if not (groups.get(id(_get_param(model, k)), set()) & set(state))}
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{folder}: weights do not match the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(result.unexpected_keys)[:5]}")
+
+
+def _get_param(model: nn.Module, name: str):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return getattr(module, attr, None)
+
+
+def _load_preprocessor(folder: Path):
+    import transformers
+
+    if any((folder / f).exists() for f in ("tokenizer_config.json", "tokenizer.json", "vocab.txt",
+                                           "vocab.json", "tokenizer.model")):
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if (folder / "preprocessor_config.json").exists():
+        return transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    return None

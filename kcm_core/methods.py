@@ -1,0 +1,170 @@
+"""The method table: every way of scoring neurons, as one row each.
+
+A ``Method`` names the *components* its score is made of (``r2``: the kernel hull of the weights;
+``stats``: activation statistics on unlabeled data; ``grads``: Fisher importance from labeled data;
+nothing: the weights alone) and a ``score`` function that combines them. Components are fetched from a
+``ScoreSources`` object: ``kcm_core.pipeline`` computes them lazily in-process, and the app serves them
+from a store shared by every browser session, so the kernel hull is computed once for KCM, R2 and the
+Scores page. Adding a method is one row here; nothing else switches on method names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from . import scores as S
+from .activations import NeuronStats
+from .arch import ffn_blocks
+from .hull import HullFit
+
+if TYPE_CHECKING:
+    from .pipeline import PruneConfig
+
+LayerScores = list[torch.Tensor]
+COMPONENTS = ("r2", "stats", "grads")
+
+
+class ScoreSources(Protocol):
+    """What a method's score is made of; each component is computed at most once per source."""
+
+    model: nn.Module
+    config: "PruneConfig"
+
+    def r2(self) -> tuple[LayerScores, list[HullFit]]: ...
+
+    def stats(self) -> NeuronStats: ...
+
+    def grads(self) -> LayerScores: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way of scoring neurons.
+
+    needs: the components the score is built from (a subset of ``COMPONENTS``).
+    scaled: whether the selection is followed by the label-free scaling step (which needs unlabeled data).
+    refine: whether the selection is refined by greedy gradient swaps (needs ``grads``).
+    seeded: whether the score depends on ``PruneConfig.seed``.
+    """
+
+    name: str
+    label: str
+    description: str
+    needs: frozenset[str]
+    score: Callable[[ScoreSources], LayerScores]
+    scaled: bool = False
+    refine: bool = False
+    seeded: bool = False
+
+    def __post_init__(self):
+        unknown = set(self.needs) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"method {self.name!r} needs unknown components {sorted(unknown)}")
+        if self.refine and "grads" not in self.needs:
+            raise ValueError(f"method {self.name!r} refines by gradients but does not need them")
+
+    @property
+    def uses_labels(self) -> bool:
+        return "grads" in self.needs
+
+    @property
+    def uses_data(self) -> bool:
+        """Whether unlabeled data is needed at all (for the scores or for the scaling step)."""
+        return bool(self.needs) or self.scaled
+
+
+def _kcm(src: ScoreSources) -> LayerScores:
+    return S.r2d2(src.r2()[0], S.d2(src.stats(), src.config.d2))
+
+
+def _weights(src: ScoreSources) -> LayerScores:
+    return S.weight_magnitude(src.model)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("kcm", "KCM (R2D2)",
+           "R2 (kernel hull on weights) x D2 (activations), global top-k, then scaling",
+           frozenset({"r2", "stats"}), _kcm, scaled=True),
+    Method("r2", "R2 only", "kernel-hull score on weights alone, then scaling",
+           frozenset({"r2"}), lambda src: src.r2()[0], scaled=True),
+    Method("d2", "D2 only", "activation score alone, then scaling",
+           frozenset({"stats"}), lambda src: S.d2(src.stats(), src.config.d2), scaled=True),
+    Method("weight-magnitude", "Weight magnitude", "||W1[:, i]|| * ||W2[i, :]||, no data, no scaling",
+           frozenset(), _weights),
+    Method("weight-magnitude-scale", "Weight magnitude + scale",
+           "weight magnitude, then scaling on unlabeled data", frozenset(), _weights, scaled=True),
+    Method("output-magnitude", "Output magnitude",
+           "mean |activation| * ||W2[i, :]|| on unlabeled data, no scaling",
+           frozenset({"stats"}), lambda src: S.output_magnitude(src.model, src.stats())),
+    Method("random", "Random", "uniform random scores from the seed", frozenset(),
+           lambda src: S.random_scores([b.width for b in ffn_blocks(src.model)], src.config.seed),
+           seeded=True),
+    Method("mask-tuning", "Mask-Tuning (labels)",
+           "Kwon et al.: Fisher importance from labeled data, global top-k, then scaling",
+           frozenset({"grads"}), lambda src: src.grads(), scaled=True),
+    Method("kcm-labels", "KCM + labels",
+           "KCM, then greedy swaps by the gradient of a few labeled batches, then scaling",
+           frozenset({"r2", "stats", "grads"}), _kcm, scaled=True, refine=True),
+)}
+
+
+def method(name: str) -> Method:
+    """The row for ``name``; an unknown name raises ``ValueError`` listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+@dataclass(frozen=True)
+class ScoreDetails:
+    """How a method's scores were obtained (what the report and the app show beside them)."""
+
+    r2_iterations: tuple[int, ...] | None = None
+    r2_converged: bool | None = None
+    r2_sigma: tuple[float, ...] | None = None
+    tokens: int | None = None            # non-padding tokens the activation statistics saw
+    sequences: int | None = None
+
+    @classmethod
+    def of(cls, fits: list[HullFit] | None = None, stats: NeuronStats | None = None) -> "ScoreDetails":
+        values: dict[str, Any] = {}
+        if fits is not None:
+            values.update(r2_iterations=tuple(f.iterations for f in fits),
+                          r2_converged=all(f.converged for f in fits),
+                          r2_sigma=tuple(float(f.sigma) for f in fits))
+        if stats is not None:
+            values.update(tokens=stats.tokens, sequences=stats.sequences)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recorded fields only (JSON-ready)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+@dataclass(frozen=True)
+class MethodScores:
+    """A method's per-neuron scores, independent of the budget, plus how they were obtained."""
+
+    method: str
+    scores: LayerScores
+    grad_scores: LayerScores | None = None      # methods that refine by gradients
+    details: ScoreDetails = ScoreDetails()
+    seconds: dict[str, float] | None = None     # wall time per component computed for this call
+
+
+def score_with(spec: Method, sources: ScoreSources, seconds: dict[str, float] | None = None) -> MethodScores:
+    """Run ``spec``'s row against ``sources`` and record what was used."""
+    scores = spec.score(sources)
+    grads = sources.grads() if spec.refine else None
+    fits = sources.r2()[1] if "r2" in spec.needs else None
+    stats = sources.stats() if "stats" in spec.needs else None
+    return MethodScores(spec.name, scores, grads, ScoreDetails.of(fits, stats), dict(seconds or {}))
