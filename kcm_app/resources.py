@@ -8,8 +8,6 @@ runs without Streamlit replaying elements on a cache hit.
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -18,12 +16,11 @@ from kcm_core.arch import model_shape
 from kcm_core.pipeline import resolve_seq_len
 from kcm_core.runtime import Progress, tell
 
+from . import server
 from .engine import Workspace, WorkspaceInfo
 from .sources import (BATCH_SIZE, EVAL_LIMIT, DataChoice, ModelChoice, SampleChoice,
-                      batches_fingerprint, model_key)
+                      batches_fingerprint, is_upload, model_key)
 from .store import SharedStore
-
-UPLOADS = Path(tempfile.gettempdir()) / "kcm-explorer-uploads"
 
 
 @st.cache_resource(show_spinner=False)
@@ -44,9 +41,28 @@ def demo_ready() -> bool:
 
 
 def model_path(choice: ModelChoice, progress: Progress | None = None) -> str:
+    """The folder or hub id to load; on a shared server, refused (before any read) when it is a local
+    folder outside the allowed roots or a hub id the server does not allow (``kcm_app.server``)."""
     if choice.kind == "demo":
         return str(demo_summary(progress)["model_dir"])
-    return choice.ref.strip()
+    if choice.kind == "hub":
+        server.check_hub("model")
+        return choice.ref.strip()
+    return server.confine(choice.ref, "model folder")
+
+
+def data_source(choice: DataChoice) -> str:
+    """The file or hub name to read for ``choice``, checked like ``model_path`` (uploads must be
+    files this server process wrote into its private upload folder)."""
+    if choice.kind == "hub":
+        server.check_hub("dataset")
+        return choice.ref.strip()
+    if choice.kind == "upload":
+        server.check_uploads()
+        if server.settings().shared and not is_upload(choice.ref.strip()):
+            raise ValueError("that upload is no longer on this server; upload the file again")
+        return choice.ref.strip()
+    return server.confine(choice.ref, "data file")
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -74,7 +90,7 @@ def load_data(choice: DataChoice, role: str = "train") -> Any:
         from kcm_core import demo
         return demo.load_demo_split("train" if role == "train" else "test")
     from kcm_core.data import load_text_data
-    return load_text_data(choice.ref.strip(), text_column=choice.text_column,
+    return load_text_data(data_source(choice), text_column=choice.text_column,
                           text_pair_column=choice.text_pair_column, label_column=choice.label_column,
                           split=choice.split, config_name=choice.config_name)
 
@@ -113,9 +129,13 @@ def split_data(choice: DataChoice, sample: SampleChoice) -> tuple[Any, Any | Non
 
 def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _tokenizer: Any,
                _progress: Progress | None = None) -> Workspace:
-    from kcm_core.data import make_batches
+    from kcm_core.data import labels_for_model, make_batches
     tell(_progress, "reading data", 0.6)
     scoring, evaluation, eval_source = split_data(data, sample)
+    # The model's class ids, or one clear refusal (a label it cannot predict would score as wrong
+    # and break the label-using scores), exactly as the CLI maps them.
+    scoring = labels_for_model(scoring, _model.config)
+    evaluation = None if evaluation is None else labels_for_model(evaluation, _model.config)
     tell(_progress, "tokenising", 0.8)
     unlabeled = tuple(make_batches(scoring, _tokenizer, max_len=sample.max_len, batch_size=BATCH_SIZE,
                                    with_labels=False))
@@ -145,6 +165,8 @@ def _model_name(key: str) -> str:
 def workspace(model: ModelChoice, data: DataChoice, sample: SampleChoice,
               progress: Progress | None = None) -> Workspace:
     """Model + data + batches for the sidebar's choices (built once per combination)."""
+    if data.kind != "demo":
+        data_source(data)                # refused before any cache lookup, on every run
     key, net, tokenizer = load_model(model, progress)
     return store("workspaces").get_or_compute(
         (key, data, sample), lambda: _workspace(key, data, sample, net, tokenizer, progress))

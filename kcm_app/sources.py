@@ -7,10 +7,15 @@ instead of the embedded demo (the tests use them with a tiny model); ``KCM_APP_T
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+import shutil
+import stat
+import tempfile
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -75,6 +80,29 @@ class SampleChoice:
         if not (isinstance(self.max_len, int) and self.max_len >= 8):
             raise ValueError(f"sequence length must be an integer >= 8, got {self.max_len!r}")
 
+    def fitted(self, positions: int | None) -> SampleChoice:
+        """This choice with ``max_len`` shortened to a model's ``positions`` (None: no limit); longer
+        inputs would crash the model's forward pass."""
+        if positions is None or self.max_len <= positions:
+            return self
+        return replace(self, max_len=positions)
+
+
+def max_len_choices(lengths: Sequence[int], positions: int | None) -> list[int]:
+    """The slider's lengths that a model with ``positions`` takes, ending at ``positions`` itself when
+    it falls between two of them (100 positions: 32, 64, 100); all of them for a model without a limit."""
+    if positions is None:
+        return list(lengths)
+    fit = [n for n in lengths if n <= positions]
+    if positions < max(lengths) and positions not in fit:
+        fit.append(positions)
+    return fit
+
+
+def nearest_choice(value: int, choices: Sequence[int]) -> int:
+    """``value`` when it is a choice, else the longest choice below it (the shortest if none is)."""
+    return max((c for c in choices if c <= value), default=min(choices))
+
 
 def env_defaults(environ: Mapping[str, str] = os.environ) -> tuple[ModelChoice, DataChoice]:
     """The start-up model and data: the demo, unless the ``KCM_APP_*`` variables name others."""
@@ -111,16 +139,52 @@ def batches_fingerprint(*groups: Sequence[Mapping[str, torch.Tensor]] | None) ->
     return h.hexdigest()[:16]
 
 
+_uploads: Path | None = None
+
+
+def _private(folder: Path) -> bool:
+    """Still our own 0700 folder (a temp cleaner may have removed it, someone may have replaced it)."""
+    try:
+        info = folder.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077
+
+
+def upload_dir() -> Path:
+    """This server process's private upload folder: made once with ``mkdtemp`` (mode 0700, a fresh
+    unguessable name, so no other local user can pre-create or read what lands there) and removed
+    when the process exits."""
+    global _uploads
+    if _uploads is None or not _private(_uploads):
+        _uploads = Path(tempfile.mkdtemp(prefix="kcm-uploads-"))
+        atexit.register(shutil.rmtree, _uploads, ignore_errors=True)
+    return _uploads
+
+
+def is_upload(path: str | os.PathLike) -> bool:
+    """True for a file that ``upload_path`` wrote into ``upload_dir()``."""
+    return _uploads is not None and Path(path).resolve().parent.parent == _uploads.resolve()
+
+
 def upload_path(name: str, content: bytes, folder: Path) -> Path:
     """Where an uploaded file is kept: a folder named by its content hash (same upload, same path)
-    holding the file under its own name, so messages about it name what the user uploaded."""
+    holding the file under its own name, so messages about it name what the user uploaded. Folders
+    are made 0700 and the file 0600: an upload is one user's data."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name).strip("._") or "upload"
     if not Path(base).suffix:
         base += ".txt"
     path = folder / hashlib.sha1(content).hexdigest()[:16] / base
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(content)
-        tmp.replace(path)                          # a reader never sees a half-written upload
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+        # O_EXCL: never write through a file or link someone else put there first
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(content)
+            tmp.replace(path)                      # a reader never sees a half-written upload
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path

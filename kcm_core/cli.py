@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,10 +34,58 @@ class StderrProgress:
 
 
 def _json_out(data: Any, path: str | None = None) -> None:
+    """Print ``data`` as JSON, then write it to ``path`` (atomically; missing folders are created).
+
+    Printed first, so a full disk or a refused write loses nothing: that becomes one ``ValueError``
+    naming the file, and the JSON is still on stdout."""
+    from .atomic import write_text_atomic
     text = json.dumps(data, indent=2, default=str)
+    print(text, flush=True)
     if path:
-        Path(path).write_text(text + "\n")
-    print(text)
+        target = Path(path).expanduser()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(target, text + "\n")
+        except OSError as err:
+            raise ValueError(f"could not write --json {path}: {err.strerror or err} (the JSON was "
+                             "printed to stdout above)") from err
+
+
+def _check_output(args, markers: Sequence[str] | None, kind: str = "export") -> Path | None:
+    """Refuse a bad ``--out`` and ``--json`` now, before any heavy work: ``--out`` equal to, inside or
+    around ``--model`` / ``--data`` / ``--eval-data``, an existing path without ``--overwrite``, one
+    that is not an earlier ``kind`` (``markers``) with it, or a folder that cannot be written; ``--json``
+    a folder, a source, or unwritable. Returns ``--out`` (None for commands without one)."""
+    from .atomic import check_protected, check_replaceable, check_writable
+    sources = _source_paths(args)
+    out = Path(args.out).expanduser() if getattr(args, "out", None) else None
+    if out is not None:
+        check_protected(out, sources, "--out")
+        if out.exists() or out.is_symlink():
+            if not args.overwrite:
+                raise ValueError(f"output folder {out} already exists; choose another --out or pass "
+                                 "--overwrite")
+            check_replaceable(out, markers or (), kind=kind)
+        check_writable(out, "--out")
+    json_path = getattr(args, "json_out", None)
+    if json_path:
+        target = Path(json_path).expanduser()
+        if target.is_dir():
+            raise ValueError(f"--json {json_path} is a folder; give a file name for the JSON report")
+        if out is not None and target.absolute() == out.absolute():
+            raise ValueError(f"--json {json_path} is the --out folder; give the JSON its own file name")
+        check_protected(target, sources, "--json")
+        check_writable(target, "--json file")
+    return out
+
+
+def _source_paths(args) -> list[str]:
+    """What the command reads from disk (the demo's cache folder when a source is 'demo')."""
+    paths = [getattr(args, name, None) for name in ("model", "data", "eval_data")]
+    if DEMO in paths:
+        from . import demo
+        paths.append(str(demo.demo_dir()))
+    return [p for p in paths if p and p != DEMO]
 
 
 # --------------------------------------------------------------------------- sources
@@ -82,7 +131,7 @@ def cmd_flops(args) -> dict:
     progress = StderrProgress()
     config = load_config(_resolve_model_path(args.model, progress))
     shape = model_shape(config)
-    seq_len = args.seq_len or (shape.image_tokens if shape.vision else 128)
+    seq_len = args.seq_len if args.seq_len is not None else (shape.image_tokens if shape.vision else 128)
     report = cost_report(shape, seq_len).to_dict()
     report["params"]["note"] = "estimated from the config (no weights read)"
     report["floor_relative_flops"] = flops_floor(shape, seq_len)
@@ -117,22 +166,29 @@ def cmd_prune(args) -> dict:
     from .flops import count_params, relative_flops
     from .arch import model_shape
     from .methods import method
-    from .models import load_model
+    from .models import fit_max_len, load_model
     from .pipeline import prune
+    from .select import check_multiple
     from .report import Evaluation, build_report
 
-    out_dir = Path(args.out)
-    if out_dir.exists() and not args.overwrite:
-        raise ValueError(f"output folder {out_dir} already exists; choose another --out or pass --overwrite")
+    from .export.saving import EXPORT_MARKERS
+    out_dir = _check_output(args, EXPORT_MARKERS)     # before any heavy work
     config = _prune_config(args)                      # validates options before any heavy work
     progress = StderrProgress()
     times: dict[str, float] = {}
     start = time.perf_counter()
     model_path = _resolve_model_path(args.model, progress)
     model, tokenizer = load_model(model_path)
+    args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before any data work
+    check_multiple(args.multiple, model_shape(model.config).ffn_width)             # before scoring
     times["load"] = time.perf_counter() - start
 
-    sample = _limit(_load_data(args, progress, "train"), args.samples, args.seed)
+    # Labels become the model's class ids (or are refused) before any work: scoring and evaluation
+    # must agree with what the model predicts.
+    sample = D.labels_for_model(_limit(_load_data(args, progress, "train"), args.samples, args.seed),
+                                model.config)
+    eval_data = _evaluation_data(args, sample, progress)
+    eval_data = None if eval_data is None else D.labels_for_model(eval_data, model.config)
     unlabeled = D.make_batches(sample, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
                                with_labels=False)
     spec = method(config.method)
@@ -146,7 +202,6 @@ def cmd_prune(args) -> dict:
     times.update(result.seconds)
 
     evaluation = None
-    eval_data = _evaluation_data(args, sample, progress)
     if eval_data is not None:
         t = time.perf_counter()
         batches = D.make_batches(eval_data, tokenizer, max_len=args.max_len,
@@ -169,7 +224,8 @@ def cmd_prune(args) -> dict:
         details=result.details, evaluation=evaluation, seconds=times)
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     export = save_pruned(result.model, out_dir, plan=result.plan, report=report, tokenizer=tokenizer,
-                         formats=formats, overwrite=args.overwrite, progress=progress)
+                         formats=formats, overwrite=args.overwrite, progress=progress,
+                         protected=_source_paths(args))
     return {**report.to_dict(), "export": export.to_dict(), "out": str(out_dir)}
 
 
@@ -187,15 +243,17 @@ def _evaluation_data(args, sample, progress):
 def cmd_evaluate(args) -> dict:
     from . import data as D
     from .evaluate import evaluate_classifier
-    from .models import load_model
+    from .models import fit_max_len, load_model
     progress = StderrProgress()
     model_path = _resolve_model_path(args.model, progress)
-    model, tokenizer = load_model(model_path)
+    model, tokenizer = load_model(model_path)                 # refuses damaged and NaN checkpoints
+    args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before reading data
     data = demo_test(progress) if args.data == DEMO else D.load_text_data(
         args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
         label_column=args.label_column, split=args.split, config_name=args.data_config)
     if not data.has_labels:
         raise ValueError("evaluate needs labels: name the label column with --label-column")
+    data = D.labels_for_model(data, model.config)      # the model's class ids, or a clear refusal
     batches = D.make_batches(data, tokenizer, max_len=args.max_len, batch_size=args.batch_size)
     result = evaluate_classifier(model, batches, seed=args.seed, progress=progress)
     return {"model": args.model, "data": data.source, "examples": len(data), **result.to_dict()}
@@ -212,26 +270,43 @@ def cmd_export(args) -> dict:
     from .models import load_model
     from .plan import KeepPlan
     from .report import PruneReport
-    model, tokenizer = load_model(args.model)
-    plan_file = Path(args.model) / PLAN_FILE
-    plan = KeepPlan.from_json(plan_file.read_text()) if plan_file.exists() else None
-    report_file = Path(args.model) / REPORT_FILE
-    report = PruneReport.from_dict(json.loads(report_file.read_text())) if report_file.exists() else None
+    from .export.saving import EXPORT_MARKERS
+    out_dir = _check_output(args, EXPORT_MARKERS)     # before any heavy work
+    model, tokenizer = load_model(args.model)                 # refuses damaged and NaN checkpoints
+    plan = _read_saved(Path(args.model) / PLAN_FILE, KeepPlan.from_json)
+    report = _read_saved(Path(args.model) / REPORT_FILE,
+                         lambda text: PruneReport.from_dict(json.loads(text)))
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    export = save_pruned(model, Path(args.out), plan=plan, report=report, tokenizer=tokenizer,
-                         formats=formats, overwrite=args.overwrite, progress=StderrProgress())
+    export = save_pruned(model, out_dir, plan=plan, report=report, tokenizer=tokenizer,
+                         formats=formats, overwrite=args.overwrite, progress=StderrProgress(),
+                         protected=_source_paths(args))
     return export.to_dict()
 
 
+def _read_saved(path: Path, parse):
+    """``parse(text)`` of a file a prune run saved beside the model, None when there is none; a damaged
+    one is a ``ValueError`` naming it (its parser raises whatever malformed JSON leads it to)."""
+    from .models import one_line
+    if not path.exists():
+        return None
+    try:
+        return parse(path.read_text())
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is damaged ({type(err).__name__}: {one_line(err)}); delete it to export "
+                         "without it, or prune the model again") from None
+
+
 def cmd_finetune(args) -> dict:
-    from .finetune import FinetuneConfig, finetune
+    from .finetune import FINETUNE_MARKERS, FinetuneConfig, finetune
+    out_dir = _check_output(args, FINETUNE_MARKERS, "fine-tune output")     # before any heavy work
     progress = StderrProgress()
     train = _load_data(args, progress, "train")
     eval_data = _load_data(args, progress, "test", evaluation=True) if args.eval_data else None
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                             max_len=args.max_len, seed=args.seed)
-    return finetune(_resolve_model_path(args.model, progress), train, Path(args.out), config,
-                    eval_data=eval_data, progress=progress, overwrite=args.overwrite)
+    return finetune(_resolve_model_path(args.model, progress), train, out_dir, config,
+                    eval_data=eval_data, progress=progress, overwrite=args.overwrite,
+                    protected=_source_paths(args))
 
 
 def cmd_demo(args) -> dict:
@@ -244,6 +319,34 @@ def cmd_demo(args) -> dict:
 
 # --------------------------------------------------------------------------- parser
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error convention: one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """A positive, finite number: 0 is refused, not taken as "not given" (``--seq-len 0``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required,
                    help="'demo', a CSV/TSV/JSON/JSONL/Parquet/TXT file, or a hub dataset name")
@@ -252,20 +355,23 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--label-column", help="column holding labels (enables accuracy, label methods)")
     p.add_argument("--split", help="split of a hub dataset (e.g. train, validation)")
     p.add_argument("--data-config", help="config of a hub dataset (e.g. sst2 for glue)")
-    p.add_argument("--max-len", type=int, default=128, help="truncate texts to this many tokens")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-len", type=_positive_int,
+                   help="truncate texts to this many tokens (default 128, or the model's positions when "
+                        "fewer; more than its positions is refused)")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
-    parser = argparse.ArgumentParser(prog="python -m kcm_core", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m kcm_core", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("flops", help="per-block cost of a model (needs only its config.json)")
     p.add_argument("--model", required=True, help="folder with config.json, a hub id, or 'demo'")
-    p.add_argument("--seq-len", type=float, help="tokens per sequence (default 128; ViT: patches + 1)")
+    p.add_argument("--seq-len", type=_positive_float,
+                   help="tokens per sequence (default 128; ViT: patches + 1)")
     p.add_argument("--flops", type=float, help="relative FLOPs budget: also report the kept-neuron count")
     p.add_argument("--json", dest="json_out", help="also write the JSON to this file")
     p.set_defaults(func=cmd_flops)
@@ -277,11 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="kcm", choices=list(METHODS))
     p.add_argument("--out", required=True, help="output folder (refused if it exists, see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--samples", type=int, default=2048, help="unlabeled sequences to score with")
-    p.add_argument("--seq-len", type=float, help="sequence length for FLOPs (default: sample mean)")
+    p.add_argument("--samples", type=_positive_int, default=2048, help="unlabeled sequences to score with")
+    p.add_argument("--seq-len", type=_positive_float, help="sequence length for FLOPs (default: sample mean)")
     p.add_argument("--eval-data", help="labeled data for accuracy (default: demo test split, or --data)")
     p.add_argument("--eval-split", help="split of --eval-data when it is a hub dataset")
-    p.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple (8, 16, 64)")
+    p.add_argument("--multiple", type=_positive_int, default=1,
+                   help="round kept widths to a multiple (8, 16, 64), at most the widest layer")
     p.add_argument("--min-per-layer", type=int, default=0, help="neurons every layer keeps at least")
     p.add_argument("--uniform", action="store_true",
                    help="same width in every layer (stock from_pretrained can load the result)")
@@ -334,15 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit code: 0, 2 for bad input (one line on stderr), 130 on Ctrl-C.
+
+    Bad input, damaged or refused files, and a full or read-only disk (``clear_error_types``) become
+    one line; any other exception is a bug and keeps its traceback.
+    """
+    from .models import clear_error_types, one_line
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:              # --help (0), or a bad option: _Parser printed one line
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         result = args.func(args)
-    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        _json_out(result, getattr(args, "json_out", None))
+    except clear_error_types() as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    _json_out(result, getattr(args, "json_out", None))
     return 0

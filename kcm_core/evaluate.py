@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .runtime import LABEL_KEYS, Batch, Progress, eval_mode, model_device, model_inputs, tell
+from .runtime import (LABEL_KEYS, Batch, Progress, check_finite, eval_mode, model_device, model_inputs,
+                      tell)
 
 
 def predict(model: nn.Module, batches: Sequence[Batch], progress: Progress | None = None) -> torch.Tensor:
@@ -145,13 +146,31 @@ def paired_difference(a_correct, b_correct, seed: int = 0) -> PairedDifference:
 def evaluate_classifier(model: nn.Module, batches: Sequence[Batch],
                         reference: torch.Tensor | None = None, seed: int = 0,
                         progress: Progress | None = None) -> ClassifierEval:
-    """Accuracy (when the batches carry labels) and agreement with ``reference`` predictions."""
+    """Accuracy (when the batches carry labels) and agreement with ``reference`` predictions.
+
+    Refuses a model with NaN or infinite weights (its predictions mean nothing) and labels outside
+    the model's classes (they could never be right; map them with ``data.labels_for_model``).
+    """
+    check_finite(model)
     batches = list(batches)
-    preds = predict(model, batches, progress)
     labels = labels_of(batches)
+    _check_label_range(labels, model)
+    preds = predict(model, batches, progress)
     accuracy = Rate.of(preds == labels, seed) if labels is not None else None
     agreement = Rate.of(preds == reference, seed) if reference is not None else None
     return ClassifierEval(accuracy, agreement, preds)
+
+
+def _check_label_range(labels: torch.Tensor | None, model: nn.Module) -> None:
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    if labels is None or not labels.numel() or not classes:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        bad = low if low < 0 else high
+        raise ValueError(f"the evaluation batches hold label {bad} but the model predicts only classes "
+                         f"0-{classes - 1}; map the data's labels to the model's classes with "
+                         "kcm_core.data.labels_for_model before making batches")
 
 
 def perplexity(model: nn.Module, batches: Sequence[Batch], progress: Progress | None = None) -> float:

@@ -11,15 +11,19 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from .atomic import atomic_folder
-from .data import TextData, align_labels, check_labels_for_model, make_batches
+from .atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
+from .data import TextData, check_labels_for_model, labels_for_classes, make_batches, training_classes
 from .evaluate import labels_of, predict
 from .runtime import Progress, default_device, model_inputs, tell
+
+# What makes a folder recognisably an earlier fine-tune output, the only thing ``overwrite`` replaces.
+FINETUNE_MARKERS = ("finetune.json", "config.json")
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,16 @@ def _finite(value) -> bool:
 
 def finetune(model_path: str | os.PathLike, train: TextData, out_dir: str | os.PathLike,
              config: FinetuneConfig = FinetuneConfig(), eval_data: TextData | None = None,
-             progress: Progress | None = None, *, overwrite: bool = False) -> dict:
+             progress: Progress | None = None, *, overwrite: bool = False,
+             protected: Sequence[str | os.PathLike] = ()) -> dict:
     """Train a ``num_labels = train.num_classes`` classifier from ``model_path``; save it to ``out_dir``.
 
     ``model_path`` is a model folder or hub id (a base encoder gets a fresh head; a classifier with a
     different label count has its head replaced). The label names of ``train`` become the model's
     ``id2label``. ``eval_data`` (labeled, same label names) is scored after training. ``out_dir`` is
-    refused if it exists, unless ``overwrite``. Returns a JSON-ready summary.
+    refused if it exists, unless ``overwrite`` and it is an earlier fine-tune output (holds
+    ``finetune.json`` and ``config.json``); never a file, a link, or ``model_path`` and the
+    ``protected`` paths (the data files), nor a folder inside or around them. Returns a JSON-ready summary.
     """
     from .models import load_model
     if not isinstance(config, FinetuneConfig):
@@ -69,28 +76,28 @@ def finetune(model_path: str | os.PathLike, train: TextData, out_dir: str | os.P
     if not train.has_labels:
         raise ValueError(f"{train.source or 'the training data'} has no labels; fine-tuning needs a "
                          "label column")
+    # The training labels define the fresh head's classes (labels 1, 2 become classes "1", "2");
+    # from here on their positions are the head's class ids.
+    train = replace(training_classes(train), labels_by_name=False)
     num_labels = train.num_classes
     check_labels_for_model(train, num_labels)
+    names = train.label_names or tuple(f"LABEL_{i}" for i in range(num_labels))
     if eval_data is not None:
         if not eval_data.has_labels:
             raise ValueError(f"{eval_data.source or 'the evaluation data'} has no labels to score against")
-        eval_data = align_labels(eval_data, train.label_names)
-        if eval_data.num_classes > num_labels:
-            raise ValueError(f"{eval_data.source or 'the evaluation data'} has {eval_data.num_classes} "
-                             f"classes but the training data has {num_labels}")
+        # Matched to the new head exactly as a later `evaluate` of the saved model will match them.
+        eval_data = labels_for_classes(eval_data, dict(enumerate(names)))
     out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not overwrite:
-        raise ValueError(f"output folder {out_dir} already exists; choose another or pass overwrite=True")
+    check_output(out_dir, overwrite, [model_path, *protected])
 
     start = time.perf_counter()
     tell(progress, "fine-tune: loading model", 0.0)
-    names = train.label_names or tuple(f"LABEL_{i}" for i in range(num_labels))
     torch.manual_seed(config.seed)                # the new head's initialisation, then dropout
     model, tokenizer = load_model(
         model_path, task="sequence-classification", device=default_device(),
         config_updates={"num_labels": num_labels, "id2label": dict(enumerate(names)),
                         "label2id": {n: i for i, n in enumerate(names)}},
-        ignore_mismatched_sizes=True)
+        allow_new_head=True)      # a fresh (or resized) head is the point of fine-tuning
     device = next(model.parameters()).device
     losses = _train(model, tokenizer, train, config, device, progress)
 
@@ -187,8 +194,22 @@ def _save(model, tokenizer, summary: dict, folder: Path) -> None:
     (folder / "finetune.json").write_text(json.dumps(saved, indent=2) + "\n")
 
 
+def check_output(out_dir: Path, overwrite: bool, protected: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse, before training, an ``out_dir`` that overlaps what the run reads, exists (without
+    ``overwrite``), is not an earlier fine-tune output, or cannot be written."""
+    check_protected(out_dir, protected)
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise ValueError(f"output folder {out_dir} already exists; choose another or pass "
+                             "overwrite=True")
+        check_replaceable(out_dir, FINETUNE_MARKERS, kind="fine-tune output")
+    check_writable(out_dir)
+
+
 def save_atomically(out_dir: Path, write, *, overwrite: bool = False) -> None:
     """Call ``write(tmp)`` on a fresh temporary sibling of ``out_dir``, then rename it into place
-    (``kcm_core.atomic.atomic_folder``: on any failure nothing is left and ``out_dir`` is untouched)."""
-    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+    (``kcm_core.atomic.atomic_folder``: on any failure nothing is left and ``out_dir`` is untouched;
+    a full disk becomes one ``ValueError``; overwrite replaces only an earlier fine-tune output)."""
+    with disk_errors(out_dir), atomic_folder(out_dir, overwrite=overwrite,
+                                             markers=FINETUNE_MARKERS) as tmp:
         write(tmp)

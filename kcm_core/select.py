@@ -47,6 +47,17 @@ def select_top_k(scores: Sequence[torch.Tensor], k: int, *, min_per_layer: int =
     return KeepPlan.from_masks(list(torch.split(taken, widths)), method=method, info=info)
 
 
+def check_multiple(multiple: int, widths: Sequence[int]) -> None:
+    """Refuse a rounding multiple that is not a positive integer or exceeds the widest layer (every
+    layer would be kept whole or emptied); callers run it before scoring, ``select`` again."""
+    if not (isinstance(multiple, int) and not isinstance(multiple, bool) and multiple >= 1):
+        raise ValueError(f"multiple must be a positive integer, got {multiple!r}")
+    if widths and multiple > max(widths):
+        widest = max(widths)
+        raise ValueError(f"multiple {multiple} is larger than the widest FFN layer ({widest} neurons), so "
+                         f"every layer would be kept whole or emptied; choose a multiple of at most {widest}")
+
+
 def select(scores: Sequence[torch.Tensor], shape: ModelShape, budget: float, seq_len: float, *,
            multiple: int = 1, min_per_layer: int = 0, uniform: bool = False,
            method: str = "") -> KeepPlan:
@@ -57,8 +68,7 @@ def select(scores: Sequence[torch.Tensor], shape: ModelShape, budget: float, seq
     min_per_layer: each layer keeps at least this many (its best) neurons.
     uniform: every layer keeps the same width (needed for a stock ``from_pretrained`` export).
     """
-    if not (isinstance(multiple, int) and multiple >= 1):
-        raise ValueError(f"multiple must be a positive integer, got {multiple!r}")
+    check_multiple(multiple, shape.ffn_width)
     if not (isinstance(min_per_layer, int) and min_per_layer >= 0):
         raise ValueError(f"min_per_layer must be a non-negative integer, got {min_per_layer!r}")
     widths = list(shape.ffn_width)
@@ -80,6 +90,11 @@ def select(scores: Sequence[torch.Tensor], shape: ModelShape, budget: float, seq
         if multiple == 1:
             return plan
         counts = _round_counts(plan.kept_counts, scores, widths, k, multiple, min_per_layer)
+    if multiple > 1 and k > 0 and not any(counts):
+        # the budget keeps k neurons but no layer fits one whole group: an empty model, not a plan
+        raise ValueError(f"multiple {multiple} empties every layer at budget {budget}: the budget keeps {k} "
+                         f"neurons ({k // len(widths)} per layer), fewer than one group of {multiple} in any "
+                         "layer; choose a smaller multiple or a larger budget")
     layers = []
     for s, w, c in zip(scores, widths, counts):
         keep = sorted(int(i) for i in _layer_order(s)[:c])

@@ -150,10 +150,15 @@ def test_existing_output_is_refused_unless_overwrite(workdir, capsys, tmp_path):
             "--method", "weight-magnitude", "--out", out_dir]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and "already exists" in err
+    code, _, err = run_cli(capsys, *argv, "--overwrite")          # someone's folder: never replaced
+    assert code == 2 and "is not an earlier export" in err
     assert (out_dir / "keep.txt").read_text() == "mine"
-    code, _, err = run_cli(capsys, *argv, "--overwrite")
+    export = tmp_path / "export"                                  # an earlier export: replaced
+    assert run_cli(capsys, *argv[:-1], export)[0] == 0
+    (export / "stale.txt").write_text("from the first run")
+    code, _, err = run_cli(capsys, *argv[:-1], export, "--overwrite")
     assert code == 0, err
-    assert not (out_dir / "keep.txt").exists() and (out_dir / "kcm_plan.json").exists()
+    assert not (export / "stale.txt").exists() and (export / "kcm_plan.json").exists()
 
 
 def test_unsupported_architecture_from_the_shell(tmp_path):

@@ -60,7 +60,7 @@ def test_parquet(tmp_path):
     pd.DataFrame({"id": [7, 8], "review": ["good", "bad"], "stars": [5, 1]}).to_parquet(path)
     d = load_text_data(str(path), label_column="stars")
     assert d.texts == ("good", "bad")             # first string column
-    assert d.labels == (1, 0) and d.label_names == ("1", "5")
+    assert d.labels == (5, 1) and d.label_names is None     # integers are class ids: never renumbered
 
 
 def test_txt_one_text_per_line_blank_lines_dropped(tmp_path):
@@ -172,7 +172,7 @@ def test_missing_text_value_names_row(tmp_path):
 @pytest.mark.parametrize("values, labels, names", [
     ([0, 1, 1, 0], (0, 1, 1, 0), None),                 # already 0..C-1: kept
     ([-1, 1, 1, -1], (0, 1, 1, 0), ("-1", "1")),        # sorted unique, mapped in order
-    ([2, 0, 2, 0], (1, 0, 1, 0), ("0", "2")),           # gaps are closed
+    ([2, 0, 2, 0], (2, 0, 2, 0), None),                 # integers are class ids: gaps are kept
     ([True, False, True, False], (1, 0, 1, 0), None),
     (["pos", "neg", "pos", "neg"], (1, 0, 1, 0), ("neg", "pos")),
 ])

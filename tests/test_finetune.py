@@ -58,16 +58,22 @@ def test_same_seed_same_model(encoder, tmp_path):
 
 
 def test_refuses_existing_folder_unless_overwrite(encoder, tmp_path):
+    # overwrite replaces an earlier fine-tune output only: someone's folder is never touched
     out = tmp_path / "clf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     cfg = FinetuneConfig(epochs=1, batch_size=16, max_len=16)
     with pytest.raises(ValueError, match="already exists; choose another or pass overwrite=True"):
         finetune(str(encoder), TRAIN, out, cfg)
+    with pytest.raises(ValueError, match="is not an earlier fine-tune output"):
+        finetune(str(encoder), TRAIN, out, cfg, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
-    finetune(str(encoder), TRAIN, out, cfg, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
-    assert siblings(out) == ["clf", "encoder", "vocab.txt"]
+    done = tmp_path / "done"
+    finetune(str(encoder), TRAIN, done, cfg)
+    (done / "stale.txt").write_text("from the first run")
+    finetune(str(encoder), TRAIN, done, cfg, overwrite=True)
+    assert not (done / "stale.txt").exists() and (done / "finetune.json").is_file()
+    assert siblings(out) == ["clf", "done", "encoder", "vocab.txt"]
 
 
 def test_failed_save_leaves_nothing(encoder, tmp_path, monkeypatch):

@@ -92,7 +92,9 @@ def test_gpt2_classifier_gets_a_pad_token(tmp_path):
     tok = GPT2TokenizerFast(vocab=vocab, merges=[("a", "b"), ("Ġ", "a"), ("Ġ", "b")])
     GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=64)).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    model, loaded = load_model(str(tmp_path), device="cpu", task="sequence-classification")
+    # an LM checkpoint has no classifier: the new, untrained head is an explicit choice
+    model, loaded = load_model(str(tmp_path), device="cpu", task="sequence-classification",
+                               allow_new_head=True)
     assert loaded.pad_token == "<|endoftext|>" and model.config.pad_token_id == 0
     with torch.no_grad():
         logits = model(**loaded(["ab a b", "a"], padding=True, return_tensors="pt")).logits

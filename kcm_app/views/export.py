@@ -6,6 +6,7 @@ import json
 import zipfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Sequence
 
 import streamlit as st
 
@@ -13,19 +14,30 @@ from kcm_core.flops import cost_report
 from kcm_core.methods import METHODS
 from kcm_core.realise import slice_model
 
-from .. import charts, engine, figures, report, resources, state, ui
+from .. import charts, engine, figures, report, resources, server, state, ui
 from ..engine import Workspace
 
 ZIP_LIMIT = 512 * 2**20      # offer a zip download up to this size
 
 
-def zip_folder(folder: Path) -> bytes:
+def zip_folder(folder: Path, files: Sequence[str]) -> bytes:
+    """The export just written: exactly ``files`` (``ExportResult.files``, relative to ``folder``),
+    skipping links and anything that resolves outside ``folder``, so nothing else on the server is
+    ever copied into the download."""
+    root = folder.resolve()
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                zf.write(path, path.relative_to(folder.parent))
+        for name in sorted(files):
+            path = folder / name
+            if path.is_symlink() or not path.is_file() or root not in path.resolve().parents:
+                continue
+            zf.write(path, Path(folder.name) / name)
     return buffer.getvalue()
+
+
+def written_size(folder: Path, files: Sequence[str]) -> int:
+    return sum((folder / name).stat().st_size for name in files
+               if (folder / name).is_file() and not (folder / name).is_symlink())
 
 
 def page_figures(ws: Workspace, result: engine.BudgetResult) -> dict:
@@ -52,13 +64,27 @@ def controls() -> tuple[str, list[str], bool, bool]:
     formats = mid.multiselect("Formats", ["hf", "onnx"], ["hf"], key="export_formats",
                               help="hf: safetensors + config (stock from_pretrained when widths are uniform); "
                                    "onnx: loads anywhere")
-    overwrite = right.checkbox("Overwrite", key="export_overwrite", help="Replace an existing folder")
+    overwrite = right.checkbox("Overwrite", key="export_overwrite",
+                               help="Replace an existing folder, only if it holds an earlier export")
     go = st.button("Prune and save", type="primary", key="export_go",
                    help="Slices the model physically, saves it, reloads it to check, and offers a zip")
     return out_dir, formats, overwrite, go
 
 
+def export_target(out_dir: str) -> Path | None:
+    """The absolute folder the export will write, shown under the button; None (with the reason
+    shown instead) when a shared server refuses it."""
+    try:
+        target = server.export_folder(out_dir)             # confined on a shared server
+    except ValueError as err:
+        st.warning(str(err))
+        return None
+    st.caption(f"Writes to `{target}` on this machine.")
+    return target
+
+
 def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: bool) -> None:
+    target = export_target(out_dir)
     config = ui.prune_config()
     store = resources.store("results")
     st.markdown(f"**{METHODS[config.method].label}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page).")
@@ -78,24 +104,25 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: b
                             help="Interactive figures in one offline HTML file")
     with st.container(border=True):
         st.markdown(report.report_markdown(data, heading="####"))
-    if not go:
+    if not go or target is None:
         return
     if not formats:
         st.error("Choose at least one export format.")
         return
     from kcm_core.export import save_pruned
-    target = Path(out_dir).expanduser()
     with st.status(f"Slicing and saving to {target}", expanded=True) as box, ui.core_errors():
         bar = ui.ProgressBar("Exporting", container=box.empty())
         pruned = slice_model(ws.model, result.plan)        # a new model; the shared one is untouched
         summary = save_pruned(pruned, target, plan=result.plan, report=data, tokenizer=ws.tokenizer,
-                              formats=tuple(formats), overwrite=overwrite, progress=bar)
+                              formats=tuple(formats), overwrite=overwrite, progress=bar,
+                              protected=[ws.info.data_source])
         box.update(label=f"Saved to {target}", state="complete")
     st.json(json.dumps(asdict(summary) if is_dataclass(summary) else dict(summary), default=str),
             expanded=False)
-    size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    size = written_size(target, summary.files)
     if size <= ZIP_LIMIT:
-        st.download_button("Download the pruned model (zip)", zip_folder(target), f"{target.name}.zip",
-                           "application/zip", key="dl_model", help="Everything written to the folder")
+        st.download_button("Download the pruned model (zip)", zip_folder(target, summary.files),
+                           f"{target.name}.zip", "application/zip", key="dl_model",
+                           help="Everything this export wrote to the folder")
     else:
         st.info(f"The folder holds {size / 2**20:.0f} MiB; copy it from {target} on this machine.")

@@ -45,7 +45,7 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device | None = Non
         if getattr(config, "kcm_ffn_widths", None):
             model = _load_sliced(folder, config, cls)
         else:
-            model = cls.from_pretrained(folder, local_files_only=True)
+            model = _load_stock(folder, cls)
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:
@@ -68,6 +68,21 @@ def _model_class(config) -> type:
         raise ValueError(f"config.architectures names {names[0]!r}, which transformers "
                          f"{transformers.__version__} does not provide")
     return cls
+
+
+def _load_stock(folder: Path, cls: type) -> nn.Module:
+    """``cls.from_pretrained``, refusing damaged files and weights that do not all fit (as ``load_model``)."""
+    from ..models import check_loading_info, weights_error, weights_error_types
+    try:
+        # mismatches come back named in the loading info (not as a RuntimeError about a hidden report)
+        model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True,
+                                          ignore_mismatched_sizes=True)
+    except OSError as err:
+        raise ValueError(f"could not load the weights of {folder}: {str(err).splitlines()[0]}") from None
+    except weights_error_types() as err:
+        raise weights_error(folder, err) from None
+    check_loading_info(model, info, folder, saved_as=cls.__name__)
+    return model
 
 
 def _load_sliced(folder: Path, config, cls: type) -> nn.Module:
@@ -99,7 +114,10 @@ def _load_sliced(folder: Path, config, cls: type) -> nn.Module:
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from ..models import weights_error
 
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -110,7 +128,10 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{folder} has no model.safetensors")
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(load_file(str(folder / name)))
+        try:
+            state.update(load_file(str(folder / name)))
+        except SafetensorError as err:          # truncated or corrupt: one sentence, not the Rust error
+            raise weights_error(folder, err) from None
     return state
 
 

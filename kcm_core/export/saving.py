@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..arch import family_for_model, ffn_blocks
-from ..atomic import atomic_folder
+from ..atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
 from ..plan import KeepPlan
 from ..realise import record_widths
 from ..report import Environment, PruneReport, render_markdown
@@ -24,6 +24,9 @@ from .files import (EXPORT_FILE, FORMATS, ONNX_FILE, PLAN_FILE, PROBE_FILE, PROB
 from .onnx import write_onnx
 from .probe import PROBE_BATCH, PROBE_SEQ, IOSpec, io_spec, probe_inputs, run_torch, tolerance
 from .verify import verify as verify_reload
+
+# What makes a folder recognisably an earlier export, the only thing ``overwrite`` may replace.
+EXPORT_MARKERS = (EXPORT_FILE, "config.json")
 
 _target_locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -52,7 +55,8 @@ class ExportResult:
 def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, plan: KeepPlan | None = None,
                 report: PruneReport | None = None, tokenizer=None,
                 formats: Sequence[str] = ("hf",), overwrite: bool = False, verify: bool = True,
-                progress: Progress | None = None) -> ExportResult:
+                progress: Progress | None = None,
+                protected: Sequence[str | os.PathLike] = ()) -> ExportResult:
     """Write ``model`` (a sliced model) to ``out_dir`` in ``formats``, verified and atomically.
 
     formats: any of ``"hf"`` (safetensors + config + tokenizer; stock-loadable when widths are uniform)
@@ -60,23 +64,44 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, plan: KeepPlan 
         (``kcm_core.report``) and ``export.json`` are written in every case.
     verify: reload every format in a fresh process and compare with ``model`` on a fixed probe; a
         difference above ``TOLERANCE`` (1e-4 for fp32) raises ``ValueError`` and leaves nothing.
-    The model is not modified. Raises ``ValueError`` if ``out_dir`` exists and ``overwrite`` is False.
+    overwrite: replace an existing ``out_dir`` only if it is an earlier export (holds ``export.json``
+        and ``config.json``); a file, a link or any other folder is refused, whatever ``overwrite``.
+    protected: paths this run reads (model folder, data file); ``out_dir`` may not be, lie inside or
+        contain one. The folder ``model`` was loaded from (``config.name_or_path``) is always protected.
+    The model is not modified. Raises ``ValueError`` for a refused ``out_dir`` (before any work), and
+    for a full disk or a refused write during it (leaving nothing).
     """
     formats = _check_formats(formats)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
     family_for_model(model)                  # unsupported models fail at the door
-    if (out_dir.exists() or out_dir.is_symlink()) and not overwrite:
-        raise ValueError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite)")
+    _check_target(out_dir, overwrite, [*protected, _loaded_from(model)])
     lock = _lock_for(out_dir)
     if not lock.acquire(blocking=False):
         raise ValueError(f"another export to {out_dir} is running in this process")
     try:
-        with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+        with disk_errors(out_dir), atomic_folder(out_dir, overwrite=overwrite,
+                                                 markers=EXPORT_MARKERS) as tmp:
             result = _write(model, tmp, out_dir, plan, report, tokenizer, formats, verify, progress)
     finally:
         lock.release()
     tell(progress, "export: done", 1.0)
     return result
+
+
+def _check_target(out_dir: Path, overwrite: bool, protected: Sequence) -> None:
+    """Everything about ``out_dir`` that can be refused before the work starts."""
+    check_protected(out_dir, protected)
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise ValueError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite)")
+        check_replaceable(out_dir, EXPORT_MARKERS, kind="export")
+    check_writable(out_dir)
+
+
+def _loaded_from(model: nn.Module) -> str:
+    """The local folder ``model`` came from, if any (``from_pretrained`` records it in the config)."""
+    path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return path if path and Path(path).expanduser().is_dir() else ""
 
 
 def _write(model, tmp: Path, out_dir: Path, plan, report, tokenizer, formats, verify,
