@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_lm import DEMO_LM, evaluate_lm_command, is_causal_lm, prune_lm
 from .runtime import Progress
 
 DEMO = "demo"
+CLASSIFIER_SAMPLES = 2048      # --samples default for classifiers (sequences); LMs: see cli_lm
 
 
 class StderrProgress:
@@ -45,6 +47,9 @@ def _resolve_model_path(name: str, progress: Progress) -> str:
     if name == DEMO:
         from . import demo
         return str(demo.prepare_demo(progress=progress)["model_dir"])
+    if name == DEMO_LM:
+        from . import demo_lm
+        return str(demo_lm.prepare_lm_demo(progress=progress)["model_dir"])
     return name
 
 
@@ -131,6 +136,10 @@ def cmd_prune(args) -> dict:
     model_path = _resolve_model_path(args.model, progress)
     model, tokenizer = load_model(model_path)
     times["load"] = time.perf_counter() - start
+    if is_causal_lm(model):
+        return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress)
+    if args.samples is None:
+        args.samples = CLASSIFIER_SAMPLES
 
     sample = _limit(_load_data(args, progress, "train"), args.samples, args.seed)
     unlabeled = D.make_batches(sample, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
@@ -191,6 +200,8 @@ def cmd_evaluate(args) -> dict:
     progress = StderrProgress()
     model_path = _resolve_model_path(args.model, progress)
     model, tokenizer = load_model(model_path)
+    if is_causal_lm(model):
+        return evaluate_lm_command(args, model, tokenizer, progress)
     data = demo_test(progress) if args.data == DEMO else D.load_text_data(
         args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
         label_column=args.label_column, split=args.split, config_name=args.data_config)
@@ -235,11 +246,19 @@ def cmd_finetune(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    from . import demo
-    if args.action == "prepare":
-        return demo.prepare_demo(progress=StderrProgress())
-    return {"ready": demo.demo_ready(), "folder": str(demo.demo_dir()),
+    from . import demo, demo_lm
+    which = getattr(args, "which", "classifier")
+    out: dict = {}
+    if which in ("classifier", "all"):
+        out["classifier"] = demo.prepare_demo(progress=StderrProgress()) if args.action == "prepare" else {
+            "ready": demo.demo_ready(), "folder": str(demo.demo_dir()),
             "data_source": demo.DATA_SOURCE, "data_terms": demo.DATA_TERMS}
+    if which in ("lm", "all"):
+        out["lm"] = demo_lm.prepare_lm_demo(progress=StderrProgress()) if args.action == "prepare" else {
+            "ready": demo_lm.lm_demo_ready(), "folder": str(demo_lm.lm_demo_dir()),
+            "model_source": demo_lm.MODEL_SOURCE, "text_source": demo_lm.TEXT_SOURCE,
+            "text_terms": demo_lm.TEXT_TERMS}
+    return out[which] if which != "all" else out
 
 
 # --------------------------------------------------------------------------- parser
@@ -253,7 +272,12 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--split", help="split of a hub dataset (e.g. train, validation)")
     p.add_argument("--data-config", help="config of a hub dataset (e.g. sst2 for glue)")
     p.add_argument("--max-len", type=int, default=128, help="truncate texts to this many tokens")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="sequences per forward pass (language models: blocks, at most 4)")
+    p.add_argument("--block-size", type=int, default=256,
+                   help="language models: tokens per block (calibration and evaluation text)")
+    p.add_argument("--eval-blocks", type=int, default=32,
+                   help="language models: held-out blocks to measure perplexity on")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -277,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="kcm", choices=list(METHODS))
     p.add_argument("--out", required=True, help="output folder (refused if it exists, see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--samples", type=int, default=2048, help="unlabeled sequences to score with")
+    p.add_argument("--samples", type=int, default=None,
+                   help="unlabeled sequences to score with (default 2048; language models: calibration "
+                        "blocks, default 32)")
     p.add_argument("--seq-len", type=float, help="sequence length for FLOPs (default: sample mean)")
     p.add_argument("--eval-data", help="labeled data for accuracy (default: demo test split, or --data)")
     p.add_argument("--eval-split", help="split of --eval-data when it is a hub dataset")
@@ -326,8 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out")
     p.set_defaults(func=cmd_finetune, max_len=64)
 
-    p = sub.add_parser("demo", help="the embedded demo: 'prepare' builds it, 'info' describes it")
+    p = sub.add_parser("demo", help="the embedded demos: 'prepare' builds one, 'info' describes it")
     p.add_argument("action", choices=["prepare", "info"])
+    p.add_argument("which", nargs="?", default="classifier", choices=["classifier", "lm", "all"],
+                   help="classifier (MiniLM on sentence polarity; the default), lm (SmolLM2-135M on "
+                        "movie reviews) or all")
     p.add_argument("--json", dest="json_out")
     p.set_defaults(func=cmd_demo)
     return parser

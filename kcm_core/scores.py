@@ -95,6 +95,25 @@ def output_magnitude(model: nn.Module, stats: NeuronStats) -> LayerScores:
                 for m, b in zip(stats.mean_abs, ffn_blocks(model))]
 
 
+def wanda_sp(model: nn.Module, stats: NeuronStats) -> LayerScores:
+    """Structured Wanda (as FLAP's authors define the baseline): ``||W2[i, :]||_2 * ||x_i||_2``, the
+    down-projection row's norm times the L2 norm of the neuron's input over all calibration tokens."""
+    scale = float(stats.tokens) ** 0.5          # rms * sqrt(tokens) = the L2 norm over tokens
+    with torch.no_grad():
+        return [r * scale * b.down_rows().float().norm(dim=1).cpu()
+                for r, b in zip(stats.rms, ffn_blocks(model))]
+
+
+def flap(model: nn.Module, stats: NeuronStats) -> LayerScores:
+    """FLAP's fluctuation metric ``Var(x_i) * ||W2[i, :]||_2^2``, standardised per layer (z-score, as
+    FLAP does before its global ranking) so that layers of different scales compete fairly."""
+    if not stats.var:
+        raise ValueError("these activation statistics carry no variances; collect them again")
+    with torch.no_grad():
+        raw = [v * b.down_rows().float().norm(dim=1).pow(2).cpu() for v, b in zip(stats.var, ffn_blocks(model))]
+    return [normalise(x, "zscore") for x in raw]
+
+
 def random_scores(widths: Iterable[int], seed: int) -> LayerScores:
     """Uniform random scores from an explicit seed: the floor every method must beat."""
     gen = torch.Generator().manual_seed(int(seed))
