@@ -10,10 +10,11 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli_lm import DEMO_LM, evaluate_lm_command, is_causal_lm, prune_lm
+from .cli_lm import DEMO_LM, LM_SCALE_BLOCKS, evaluate_lm_command, is_causal_lm, prune_lm
 from .runtime import Progress
 
 DEMO = "demo"
@@ -109,7 +110,7 @@ def _prune_config(args):
         hull=HullConfig(sigma=args.sigma, sigma_mode=args.sigma_mode, alpha=args.alpha,
                         stop_rule=args.stop_rule, max_iter=args.max_iter),
         d2=D2Config(statistic=args.d2_statistic, normalise=args.d2_normalise),
-        scale=ScaleConfig(ridge=args.ridge), scale_samples=args.scale_samples,
+        scale=ScaleConfig(ridge=args.ridge), scale_samples=args.scale_samples or 512,
         label_samples=args.label_samples, multiple=args.multiple,
         min_per_layer=args.min_per_layer, uniform=args.uniform,
     )
@@ -137,6 +138,7 @@ def cmd_prune(args) -> dict:
     model, tokenizer = load_model(model_path)
     times["load"] = time.perf_counter() - start
     if is_causal_lm(model):
+        config = replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)
         return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress)
     if args.samples is None:
         args.samples = CLASSIFIER_SAMPLES
@@ -317,10 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.01, help="R2 stopping tolerance")
     p.add_argument("--stop-rule", default="absolute", choices=["absolute", "signed"])
     p.add_argument("--max-iter", type=int, default=200, help="R2 iteration cap")
-    p.add_argument("--d2-statistic", default="mean", choices=["mean", "mean_abs", "rms"])
+    p.add_argument("--d2-statistic", default="auto", choices=["auto", "mean", "mean_abs", "rms"],
+                   help="auto: mean for ungated FFNs, mean_abs for gated MLPs (see README Options)")
     p.add_argument("--d2-normalise", default="minmax", choices=["minmax", "zscore", "none"])
     p.add_argument("--ridge", type=float, default=1.0, help="scaling: pull toward scale 1")
-    p.add_argument("--scale-samples", type=int, default=512, help="sequences used by scaling")
+    p.add_argument("--scale-samples", type=int, default=None,
+                   help="sequences used by scaling (default 512; language models: blocks, default 8)")
     p.add_argument("--label-samples", type=int, default=512, help="labeled sequences for label methods")
     p.add_argument("--format", default="hf", help="comma list of export formats: hf, onnx")
     p.add_argument("--json", dest="json_out", help="also write the report JSON to this file")

@@ -14,6 +14,7 @@ from pathlib import Path
 DEMO_LM = "demo-lm"
 CALIBRATION_BLOCKS = 32        # --samples default for language models: 8,192 tokens at block size 256
 MAX_BATCH = 4
+LM_SCALE_BLOCKS = 8            # --scale-samples default for language models: the first 8 calibration blocks
 
 
 def is_causal_lm(model) -> bool:

@@ -81,8 +81,16 @@ class Method:
         return bool(self.needs) or self.scaled
 
 
+def _gated(src: ScoreSources) -> bool:
+    return any(b.gate is not None for b in ffn_blocks(src.model))
+
+
+def _d2(src: ScoreSources) -> LayerScores:
+    return S.d2(src.stats(), src.config.d2, gated=_gated(src))
+
+
 def _kcm(src: ScoreSources) -> LayerScores:
-    return S.r2d2(src.r2()[0], S.d2(src.stats(), src.config.d2))
+    return S.r2d2(src.r2()[0], _d2(src))
 
 
 def _weights(src: ScoreSources) -> LayerScores:
@@ -96,7 +104,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("r2", "R2 only", "kernel-hull score on weights alone, then scaling",
            frozenset({"r2"}), lambda src: src.r2()[0], scaled=True),
     Method("d2", "D2 only", "activation score alone, then scaling",
-           frozenset({"stats"}), lambda src: S.d2(src.stats(), src.config.d2), scaled=True),
+           frozenset({"stats"}), _d2, scaled=True),
     Method("weight-magnitude", "Weight magnitude", "||W1[:, i]|| * ||W2[i, :]||, no data, no scaling",
            frozenset(), _weights),
     Method("weight-magnitude-scale", "Weight magnitude + scale",

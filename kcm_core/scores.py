@@ -18,7 +18,7 @@ from .runtime import (LABEL_KEYS, Batch, Progress, eval_mode, hooks, model_devic
                       tell)
 
 LayerScores = list[torch.Tensor]
-Statistic = Literal["mean", "mean_abs", "rms"]
+Statistic = Literal["auto", "mean", "mean_abs", "rms"]
 Normalisation = Literal["minmax", "zscore", "none"]
 
 
@@ -26,16 +26,26 @@ Normalisation = Literal["minmax", "zscore", "none"]
 class D2Config:
     """How D2 turns activation statistics into a per-layer score.
 
-    statistic: "mean" (the paper: mean post-activation output), "mean_abs", or "rms" (L2 norm per token).
+    statistic: "auto" (the default: "mean" for ungated FFNs, "mean_abs" for gated MLPs), "mean" (the
+        paper: mean post-activation output), "mean_abs", or "rms" (L2 norm per token). A gated MLP's
+        neuron input act(gate) * up has no preferred sign, so its signed mean ranks strongly negative
+        (busy) neurons last: on the LM demo at 0.9 relative FLOPs, KCM with the signed mean reached
+        perplexity 1,179 (unpruned 80.5, 4 held-out blocks), with mean_abs 169, with rms 182.
     normalise: "minmax" to [0, 1] per layer (keeps the product with R2 non-negative), "zscore", "none".
     """
 
-    statistic: Statistic = "mean"
+    statistic: Statistic = "auto"
     normalise: Normalisation = "minmax"
 
     def __post_init__(self):
-        if self.statistic not in ("mean", "mean_abs", "rms"):
-            raise ValueError(f"D2 statistic must be mean, mean_abs or rms, got {self.statistic!r}")
+        if self.statistic not in ("auto", "mean", "mean_abs", "rms"):
+            raise ValueError(f"D2 statistic must be auto, mean, mean_abs or rms, got {self.statistic!r}")
+
+    def statistic_for(self, gated: bool) -> str:
+        """The statistic actually used: ``auto`` resolves by the MLP's kind."""
+        if self.statistic != "auto":
+            return self.statistic
+        return "mean_abs" if gated else "mean"
         if self.normalise not in ("minmax", "zscore", "none"):
             raise ValueError(f"D2 normalise must be minmax, zscore or none, got {self.normalise!r}")
 
@@ -65,9 +75,10 @@ def r2(model: nn.Module, config: HullConfig = HullConfig(),
     return [f.scores for f in fits], fits
 
 
-def d2(stats: NeuronStats, config: D2Config = D2Config()) -> LayerScores:
-    """D2 per layer: the chosen activation statistic, normalised per layer."""
-    raw = getattr(stats, config.statistic)
+def d2(stats: NeuronStats, config: D2Config = D2Config(), *, gated: bool = False) -> LayerScores:
+    """D2 per layer: the chosen activation statistic, normalised per layer (``gated``: the model has
+    gated MLPs, which decides what ``auto`` means)."""
+    raw = getattr(stats, config.statistic_for(gated))
     return [normalise(x, config.normalise) for x in raw]
 
 
