@@ -40,14 +40,14 @@ class D2Config:
     def __post_init__(self):
         if self.statistic not in ("auto", "mean", "mean_abs", "rms"):
             raise ValueError(f"D2 statistic must be auto, mean, mean_abs or rms, got {self.statistic!r}")
+        if self.normalise not in ("minmax", "zscore", "none"):
+            raise ValueError(f"D2 normalise must be minmax, zscore or none, got {self.normalise!r}")
 
     def statistic_for(self, gated: bool) -> str:
         """The statistic actually used: ``auto`` resolves by the MLP's kind."""
         if self.statistic != "auto":
             return self.statistic
         return "mean_abs" if gated else "mean"
-        if self.normalise not in ("minmax", "zscore", "none"):
-            raise ValueError(f"D2 normalise must be minmax, zscore or none, got {self.normalise!r}")
 
 
 def normalise(x: torch.Tensor, how: Normalisation) -> torch.Tensor:
