@@ -52,10 +52,10 @@ def param_frame(report: CostReport, shape: ModelShape) -> pd.DataFrame:
 
 def ffn_up_params(shape: ModelShape, neurons: int) -> int:
     """Parameters of one layer's up projection (and gate, in gated MLPs): a d-vector per neuron each,
-    plus a bias per neuron where the family's dense layers carry biases (BERT, GPT-2, ViT; not LLaMA,
-    Mistral or Qwen2: the adapter table's ``dense_bias``)."""
+    plus a bias per neuron where the MLP carries biases (BERT, GPT-2, ViT, LLaMA with ``mlp_bias``;
+    not Mistral or Qwen2: ``ModelShape.mlp_bias`` from the adapter table)."""
     projections = 2 if shape.gated else 1
-    return projections * neurons * (shape.hidden + int(shape.dense_bias))
+    return projections * neurons * (shape.hidden + int(shape.mlp_bias))
 
 
 def attention_share_curve(shape: ModelShape, lengths: Iterable[float]) -> pd.DataFrame:

@@ -18,6 +18,8 @@ METHOD_COLORS: dict[str, str] = {
     "random": "#B8B8B8",
     "mask-tuning": "#0072B2",
     "kcm-labels": "#009E73",
+    "wanda-sp": "#8C564B",
+    "flap": "#17BECF",
     "dense": "#000000",
 }
 

@@ -21,6 +21,7 @@ class NeuronStats:
     rms: tuple[torch.Tensor, ...]
     tokens: int                          # non-padding tokens seen
     sequences: int
+    var: tuple[torch.Tensor, ...] = ()   # variance over tokens (FLAP's fluctuation), from float64 sums
 
 
 def collect_stats(model: nn.Module, batches: Iterable[Batch], progress: Progress | None = None,
@@ -63,4 +64,5 @@ def collect_stats(model: nn.Module, batches: Iterable[Batch], progress: Progress
     mean = tuple((s / tokens).float() for s in sums)
     mean_abs = tuple((s / tokens).float() for s in abs_sums)
     rms = tuple((s / tokens).sqrt().float() for s in sq_sums)
-    return NeuronStats(mean, mean_abs, rms, tokens, sequences)
+    var = tuple((q / tokens - (s / tokens) ** 2).clamp_min(0).float() for s, q in zip(sums, sq_sums))
+    return NeuronStats(mean, mean_abs, rms, tokens, sequences, var)

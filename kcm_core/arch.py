@@ -39,6 +39,9 @@ class Family:
     qkv_bias: bool = True            # Q, K, V projections carry biases
     dense_bias: bool = True          # output projection, FFN and two LayerNorms with biases
     pooler: bool = False             # a d x d pooler sits before the classifier (BERT family)
+    # The config switch that gives the MLP's projections biases, where stock code has one (LLaMA's
+    # ``mlp_bias``); FLAP's bias compensation needs a down-projection bias that stock code loads.
+    mlp_bias_field: str | None = None
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -75,7 +78,19 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="llama",
-        model_types=("llama", "mistral"),
+        model_types=("llama",),
+        layers=("layers",),
+        up=("mlp.up_proj",),
+        gate=("mlp.gate_proj",),
+        down=("mlp.down_proj",),
+        kv_heads_field=("num_key_value_heads",),
+        qkv_bias=False,
+        dense_bias=False,
+        mlp_bias_field="mlp_bias",
+    ),
+    Family(
+        name="mistral",              # LLaMA's layout without the mlp_bias switch
+        model_types=("mistral",),
         layers=("layers",),
         up=("mlp.up_proj",),
         gate=("mlp.gate_proj",),
@@ -268,6 +283,7 @@ class ModelShape:
     image_tokens: int            # ViT: patches + 1; else 0
     qkv_bias: bool
     dense_bias: bool
+    mlp_bias: bool               # FFN up (and gate) and down carry biases (dense_bias, or LLaMA's mlp_bias)
     head: str                    # "lm", "classifier", "pooled-classifier" or "none" (from architectures)
 
     @property
@@ -306,6 +322,7 @@ def model_shape(config) -> ModelShape:
         image_tokens=image_tokens,
         qkv_bias=family.qkv_bias or bool(getattr(config, "attention_bias", False)),
         dense_bias=family.dense_bias,
+        mlp_bias=family.dense_bias or bool(family.mlp_bias_field and getattr(config, family.mlp_bias_field, False)),
         head=_head_kind(config, family),
     )
 

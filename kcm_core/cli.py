@@ -11,12 +11,15 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_lm import DEMO_LM, LM_SCALE_BLOCKS, evaluate_lm_command, is_causal_lm, prune_lm
 from .runtime import Progress
 
 DEMO = "demo"
+CLASSIFIER_SAMPLES = 2048      # --samples default for classifiers (sequences); LMs: see cli_lm
 
 
 class StderrProgress:
@@ -85,7 +88,10 @@ def _source_paths(args) -> list[str]:
     if DEMO in paths:
         from . import demo
         paths.append(str(demo.demo_dir()))
-    return [p for p in paths if p and p != DEMO]
+    if DEMO_LM in paths:
+        from . import demo_lm
+        paths.append(str(demo_lm.lm_demo_dir()))
+    return [p for p in paths if p and p not in (DEMO, DEMO_LM)]
 
 
 # --------------------------------------------------------------------------- sources
@@ -94,6 +100,9 @@ def _resolve_model_path(name: str, progress: Progress) -> str:
     if name == DEMO:
         from . import demo
         return str(demo.prepare_demo(progress=progress)["model_dir"])
+    if name == DEMO_LM:
+        from . import demo_lm
+        return str(demo_lm.prepare_lm_demo(progress=progress)["model_dir"])
     return name
 
 
@@ -153,7 +162,7 @@ def _prune_config(args):
         hull=HullConfig(sigma=args.sigma, sigma_mode=args.sigma_mode, alpha=args.alpha,
                         stop_rule=args.stop_rule, max_iter=args.max_iter),
         d2=D2Config(statistic=args.d2_statistic, normalise=args.d2_normalise),
-        scale=ScaleConfig(ridge=args.ridge), scale_samples=args.scale_samples,
+        scale=ScaleConfig(ridge=args.ridge), scale_samples=args.scale_samples or 512,
         label_samples=args.label_samples, multiple=args.multiple,
         min_per_layer=args.min_per_layer, uniform=args.uniform,
     )
@@ -182,6 +191,12 @@ def cmd_prune(args) -> dict:
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before any data work
     check_multiple(args.multiple, model_shape(model.config).ffn_width)             # before scoring
     times["load"] = time.perf_counter() - start
+    if is_causal_lm(model):
+        config = replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)
+        return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress,
+                        protected=_source_paths(args))
+    if args.samples is None:
+        args.samples = CLASSIFIER_SAMPLES
 
     # Labels become the model's class ids (or are refused) before any work: scoring and evaluation
     # must agree with what the model predicts.
@@ -247,6 +262,8 @@ def cmd_evaluate(args) -> dict:
     progress = StderrProgress()
     model_path = _resolve_model_path(args.model, progress)
     model, tokenizer = load_model(model_path)                 # refuses damaged and NaN checkpoints
+    if is_causal_lm(model):
+        return evaluate_lm_command(args, model, tokenizer, progress)
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before reading data
     data = demo_test(progress) if args.data == DEMO else D.load_text_data(
         args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
@@ -310,11 +327,18 @@ def cmd_finetune(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    from . import demo
-    if args.action == "prepare":
-        return demo.prepare_demo(progress=StderrProgress())
-    return {"ready": demo.demo_ready(), "folder": str(demo.demo_dir()),
-            "data_source": demo.DATA_SOURCE, "data_terms": demo.DATA_TERMS}
+    from . import demo, demo_lm
+    which = getattr(args, "which", "classifier")
+    out: dict = {}
+    if which in ("classifier", "all"):
+        out["classifier"] = (demo.prepare_demo(progress=StderrProgress(), verify=True)
+                             if args.action == "prepare" else demo.demo_status())
+    if which in ("lm", "all"):
+        out["lm"] = demo_lm.prepare_lm_demo(progress=StderrProgress()) if args.action == "prepare" else {
+            "ready": demo_lm.lm_demo_ready(), "folder": str(demo_lm.lm_demo_dir()),
+            "model_source": demo_lm.MODEL_SOURCE, "text_source": demo_lm.TEXT_SOURCE,
+            "text_terms": demo_lm.TEXT_TERMS}
+    return out[which] if which != "all" else out
 
 
 # --------------------------------------------------------------------------- parser
@@ -358,7 +382,12 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--max-len", type=_positive_int,
                    help="truncate texts to this many tokens (default 128, or the model's positions when "
                         "fewer; more than its positions is refused)")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="sequences per forward pass (language models: blocks, at most 4)")
+    p.add_argument("--block-size", type=_positive_int, default=256,
+                   help="language models: tokens per block (calibration and evaluation text)")
+    p.add_argument("--eval-blocks", type=_positive_int, default=32,
+                   help="language models: held-out blocks to measure perplexity on")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -383,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="kcm", choices=list(METHODS))
     p.add_argument("--out", required=True, help="output folder (refused if it exists, see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--samples", type=_positive_int, default=2048, help="unlabeled sequences to score with")
+    p.add_argument("--samples", type=_positive_int, default=None,
+                   help="unlabeled sequences to score with (default 2048; language models: calibration "
+                        "blocks, default 32)")
     p.add_argument("--seq-len", type=_positive_float, help="sequence length for FLOPs (default: sample mean)")
     p.add_argument("--eval-data", help="labeled data for accuracy (default: demo test split, or --data)")
     p.add_argument("--eval-split", help="split of --eval-data when it is a hub dataset")
@@ -398,10 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.01, help="R2 stopping tolerance")
     p.add_argument("--stop-rule", default="absolute", choices=["absolute", "signed"])
     p.add_argument("--max-iter", type=int, default=200, help="R2 iteration cap")
-    p.add_argument("--d2-statistic", default="mean", choices=["mean", "mean_abs", "rms"])
+    p.add_argument("--d2-statistic", default="auto", choices=["auto", "mean", "mean_abs", "rms"],
+                   help="auto: mean for ungated FFNs, mean_abs for gated MLPs (see README Options)")
     p.add_argument("--d2-normalise", default="minmax", choices=["minmax", "zscore", "none"])
     p.add_argument("--ridge", type=float, default=1.0, help="scaling: pull toward scale 1")
-    p.add_argument("--scale-samples", type=int, default=512, help="sequences used by scaling")
+    p.add_argument("--scale-samples", type=int, default=None,
+                   help="sequences used by scaling (default 512; language models: blocks, default 8)")
     p.add_argument("--label-samples", type=int, default=512, help="labeled sequences for label methods")
     p.add_argument("--format", default="hf", help="comma list of export formats: hf, onnx")
     p.add_argument("--json", dest="json_out", help="also write the report JSON to this file")
@@ -433,8 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out")
     p.set_defaults(func=cmd_finetune, max_len=64)
 
-    p = sub.add_parser("demo", help="the embedded demo: 'prepare' builds it, 'info' describes it")
+    p = sub.add_parser("demo", help="the embedded demos: 'prepare' builds one, 'info' describes it")
     p.add_argument("action", choices=["prepare", "info"])
+    p.add_argument("which", nargs="?", default="classifier", choices=["classifier", "lm", "all"],
+                   help="classifier (MiniLM on sentence polarity; the default), lm (SmolLM2-135M on "
+                        "movie reviews) or all")
     p.add_argument("--json", dest="json_out")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -47,6 +47,8 @@ class Method:
     needs: the components the score is built from (a subset of ``COMPONENTS``).
     scaled: whether the selection is followed by the label-free scaling step (which needs unlabeled data).
     refine: whether the selection is refined by greedy gradient swaps (needs ``grads``).
+    compensate: whether the dropped neurons' mean output is folded into the down-projection's bias
+        (FLAP; needs ``stats``).
     seeded: whether the score depends on ``PruneConfig.seed``.
     """
 
@@ -57,6 +59,7 @@ class Method:
     score: Callable[[ScoreSources], LayerScores]
     scaled: bool = False
     refine: bool = False
+    compensate: bool = False
     seeded: bool = False
 
     def __post_init__(self):
@@ -65,6 +68,8 @@ class Method:
             raise ValueError(f"method {self.name!r} needs unknown components {sorted(unknown)}")
         if self.refine and "grads" not in self.needs:
             raise ValueError(f"method {self.name!r} refines by gradients but does not need them")
+        if self.compensate and "stats" not in self.needs:
+            raise ValueError(f"method {self.name!r} compensates biases but needs no activation statistics")
 
     @property
     def uses_labels(self) -> bool:
@@ -76,8 +81,16 @@ class Method:
         return bool(self.needs) or self.scaled
 
 
+def _gated(src: ScoreSources) -> bool:
+    return any(b.gate is not None for b in ffn_blocks(src.model))
+
+
+def _d2(src: ScoreSources) -> LayerScores:
+    return S.d2(src.stats(), src.config.d2, gated=_gated(src))
+
+
 def _kcm(src: ScoreSources) -> LayerScores:
-    return S.r2d2(src.r2()[0], S.d2(src.stats(), src.config.d2))
+    return S.r2d2(src.r2()[0], _d2(src))
 
 
 def _weights(src: ScoreSources) -> LayerScores:
@@ -91,7 +104,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("r2", "R2 only", "kernel-hull score on weights alone, then scaling",
            frozenset({"r2"}), lambda src: src.r2()[0], scaled=True),
     Method("d2", "D2 only", "activation score alone, then scaling",
-           frozenset({"stats"}), lambda src: S.d2(src.stats(), src.config.d2), scaled=True),
+           frozenset({"stats"}), _d2, scaled=True),
     Method("weight-magnitude", "Weight magnitude", "||W1[:, i]|| * ||W2[i, :]||, no data, no scaling",
            frozenset(), _weights),
     Method("weight-magnitude-scale", "Weight magnitude + scale",
@@ -99,6 +112,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("output-magnitude", "Output magnitude",
            "mean |activation| * ||W2[i, :]|| on unlabeled data, no scaling",
            frozenset({"stats"}), lambda src: S.output_magnitude(src.model, src.stats())),
+    Method("wanda-sp", "Wanda-sp", "structured Wanda: ||W2[i, :]|| * ||x_i|| over the calibration "
+           "tokens, no scaling (FLAP's baseline)", frozenset({"stats"}),
+           lambda src: S.wanda_sp(src.model, src.stats())),
+    Method("flap", "FLAP", "fluctuation Var(x_i) * ||W2[i, :]||^2, standardised per layer, then the "
+           "dropped neurons' mean output folded into the down-projection bias",
+           frozenset({"stats"}), lambda src: S.flap(src.model, src.stats()), compensate=True),
     Method("random", "Random", "uniform random scores from the seed", frozenset(),
            lambda src: S.random_scores([b.width for b in ffn_blocks(src.model)], src.config.seed),
            seeded=True),
@@ -157,6 +176,7 @@ class MethodScores:
     method: str
     scores: LayerScores
     grad_scores: LayerScores | None = None      # methods that refine by gradients
+    means: LayerScores | None = None            # mean neuron inputs, for methods that compensate biases
     details: ScoreDetails = ScoreDetails()
     seconds: dict[str, float] | None = None     # wall time per component computed for this call
 
@@ -167,4 +187,5 @@ def score_with(spec: Method, sources: ScoreSources, seconds: dict[str, float] | 
     grads = sources.grads() if spec.refine else None
     fits = sources.r2()[1] if "r2" in spec.needs else None
     stats = sources.stats() if "stats" in spec.needs else None
-    return MethodScores(spec.name, scores, grads, ScoreDetails.of(fits, stats), dict(seconds or {}))
+    means = list(stats.mean) if spec.compensate else None
+    return MethodScores(spec.name, scores, grads, means, ScoreDetails.of(fits, stats), dict(seconds or {}))

@@ -20,6 +20,7 @@ from .data import mean_length
 from .flops import check_budget
 from .hull import HullConfig
 from .plan import KeepPlan
+from .compensation import check_compensable, compensate
 from .realise import slice_model
 from .methods import MethodScores, ScoreDetails, method, score_with
 from .runtime import Batch, Progress, check_finite, take_sequences, tell
@@ -114,6 +115,8 @@ def compute_scores(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Ba
     The model is not modified."""
     spec = method(config.method)
     check_finite(model)
+    if spec.compensate:
+        check_compensable(model)                  # before any scoring work
     if "stats" in spec.needs and not unlabeled:
         raise ValueError(f"method {spec.name!r} needs unlabeled data, and none was given")
     if spec.uses_labels and not labeled:
@@ -132,9 +135,12 @@ def make_plan(model: nn.Module, method_scores: MethodScores, config: PruneConfig
     shape = model_shape(model.config)
     plan = select(method_scores.scores, shape, config.budget, seq_len, multiple=config.multiple,
                   min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method)
-    if method(config.method).refine:
+    spec = method(config.method)
+    if spec.refine:
         plan = refine_with_gradients(plan, method_scores.scores, method_scores.grad_scores,
                                      within_layer=config.uniform or config.multiple > 1)
+    if spec.compensate:
+        plan = compensate(model, plan, method_scores.means)
     return plan
 
 

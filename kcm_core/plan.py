@@ -20,6 +20,9 @@ class LayerKeep:
     keep_idx: tuple[int, ...]
     width: int                                  # neurons before pruning
     scales: tuple[float, ...] | None = None     # one per kept neuron, same order as keep_idx
+    # Added to the down-projection's bias (length d): the mean output of the dropped neurons (FLAP's
+    # bias compensation). None: nothing added.
+    bias_shift: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if list(self.keep_idx) != sorted(set(self.keep_idx)):
@@ -131,6 +134,15 @@ class KeepPlan:
         )
         return KeepPlan(layers, method=self.method, info=self.info.updated(**info))
 
+    @property
+    def has_bias_shift(self) -> bool:
+        return any(layer.bias_shift is not None for layer in self.layers)
+
+    def with_bias_shifts(self, shifts: Sequence[Sequence[float] | None]) -> "KeepPlan":
+        layers = tuple(replace(layer, bias_shift=None if b is None else tuple(float(x) for x in b))
+                       for layer, b in zip(self.layers, shifts))
+        return KeepPlan(layers, method=self.method, info=self.info)
+
     def without_scales(self) -> "KeepPlan":
         return self.with_scales([None] * len(self.layers))
 
@@ -143,6 +155,7 @@ class KeepPlan:
                     "width": layer.width,
                     "keep_idx": list(layer.keep_idx),
                     "scales": None if layer.scales is None else list(layer.scales),
+                    "bias_shift": None if layer.bias_shift is None else list(layer.bias_shift),
                 }
                 for layer in self.layers
             ],
@@ -155,6 +168,7 @@ class KeepPlan:
                 tuple(int(i) for i in layer["keep_idx"]),
                 int(layer["width"]),
                 None if layer.get("scales") is None else tuple(float(s) for s in layer["scales"]),
+                None if layer.get("bias_shift") is None else tuple(float(b) for b in layer["bias_shift"]),
             )
             for layer in data["layers"]
         )

@@ -41,7 +41,34 @@ def mask_copy(model: nn.Module, plan: KeepPlan) -> nn.Module:
                 w.mul_(vec[:, None])     # Conv1D weight: (N, d)
             else:
                 w.mul_(vec[None, :])     # Linear weight: (d, N)
+            if layer.bias_shift is not None:
+                _shift_bias(block.down, layer.bias_shift)
+        if plan.has_bias_shift:
+            _give_mlp_biases(masked, family_for_model(masked))
     return masked
+
+
+def _shift_bias(layer: nn.Module, shift) -> None:
+    """Add ``shift`` (length d) to the layer's bias, creating a zero bias first where it has none."""
+    w = layer.weight
+    out = w.shape[1] if hasattr(layer, "nf") else w.shape[0]
+    with torch.no_grad():
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(out, dtype=w.dtype, device=w.device),
+                                      requires_grad=w.requires_grad)
+        layer.bias.add_(torch.as_tensor(shift, dtype=w.dtype, device=w.device))
+
+
+def _give_mlp_biases(model: nn.Module, family) -> None:
+    """Set the family's MLP-bias switch and give every up/gate/down layer a (zero) bias where it has
+    none, so the config and the weights agree and stock ``from_pretrained`` loads the export."""
+    if family.mlp_bias_field is None:
+        return
+    setattr(model.config, family.mlp_bias_field, True)
+    for block in ffn_blocks(model):
+        for layer in (block.up, block.gate, block.down):
+            if layer is not None and layer.bias is None:
+                _shift_bias(layer, torch.zeros(()))
 
 
 def _linear_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -115,7 +142,12 @@ def slice_model(model: nn.Module, plan: KeepPlan) -> nn.Module:
             _set_module(sliced, block.up_name, _slice_up(block.up, keep, block.transposed))
             if block.gate is not None:
                 _set_module(sliced, block.gate_name, _slice_up(block.gate, keep, block.transposed))
-            _set_module(sliced, block.down_name, _slice_down(block.down, keep, scales, block.transposed))
+            down = _slice_down(block.down, keep, scales, block.transposed)
+            if layer.bias_shift is not None:
+                _shift_bias(down, layer.bias_shift)
+            _set_module(sliced, block.down_name, down)
+    if plan.has_bias_shift:
+        _give_mlp_biases(sliced, family)
     record_widths(sliced.config, family.width_field[0], plan.kept_counts)
     return sliced
 

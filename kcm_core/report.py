@@ -83,9 +83,11 @@ class Evaluation:
     """Metrics of the unpruned (``before``) and pruned (``after``) model on the same examples."""
 
     data: str
-    examples: int
+    examples: int                       # examples, or token blocks for language models
     before: dict[str, Metric] = field(default_factory=dict)
     after: dict[str, Metric] = field(default_factory=dict)
+    # after against before on the same examples (paired): e.g. "perplexity_ratio" with its interval
+    paired: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of_classifier(cls, data: str, examples: int, before, after) -> "Evaluation":
@@ -95,6 +97,16 @@ class Evaluation:
             rates = {"accuracy": result.accuracy, "agreement": result.agreement}
             return {name: Metric(r.value, (r.low, r.high), r.n) for name, r in rates.items() if r is not None}
         return cls(data, int(examples), metrics(before), metrics(after))
+
+    @classmethod
+    def of_lm(cls, data: str, before, after, paired) -> "Evaluation":
+        """From two ``kcm_core.lm.LMEval`` on the same blocks (the pruned one against the unpruned
+        reference) and their ``PairedPerplexity``."""
+        def metrics(result) -> dict[str, Metric]:
+            found = {"perplexity": result.perplexity, "agreement": result.agreement, "kl": result.kl}
+            return {name: Metric(m.value, (m.low, m.high), m.n) for name, m in found.items() if m is not None}
+        return cls(data, after.perplexity.n, metrics(before), metrics(after),
+                   {"perplexity_ratio": paired.to_dict()})
 
 
 @dataclass(frozen=True)
@@ -136,7 +148,8 @@ class PruneReport:
             values["evaluation"] = Evaluation(
                 ev["data"], int(ev["examples"]),
                 {k: Metric.from_dict(v) for k, v in ev.get("before", {}).items()},
-                {k: Metric.from_dict(v) for k, v in ev.get("after", {}).items()})
+                {k: Metric.from_dict(v) for k, v in ev.get("after", {}).items()},
+                dict(ev.get("paired") or {}))
         return cls(**values)
 
 
@@ -207,7 +220,13 @@ def render_markdown(report: PruneReport | Mapping[str, Any], heading: str = "#")
         for when in ("before", "after"):
             for name, m in ev[when].items():
                 lines.append(f"- {_METRIC_NAMES.get(name, name)} {when}: {_metric(name, m)}")
-        lines.append(f"- Evaluated on: {ev['data']} ({ev['examples']} examples)")
+        ratio = (ev.get("paired") or {}).get("perplexity_ratio")
+        if ratio:
+            lo, hi = ratio["ci95"]
+            lines.append(f"- Perplexity after / before (paired over the same blocks): {ratio['ratio']:.3f} "
+                         f"(95% CI {lo:.3f} to {hi:.3f})")
+        unit = "blocks" if "perplexity" in ev["after"] else "examples"
+        lines.append(f"- Evaluated on: {ev['data']} ({ev['examples']} {unit})")
     else:
         lines.append("- Evaluation: none (no labeled evaluation data)")
     speed = r.get("speed")

@@ -18,7 +18,7 @@ from .runtime import (LABEL_KEYS, Batch, Progress, eval_mode, hooks, model_devic
                       tell)
 
 LayerScores = list[torch.Tensor]
-Statistic = Literal["mean", "mean_abs", "rms"]
+Statistic = Literal["auto", "mean", "mean_abs", "rms"]
 Normalisation = Literal["minmax", "zscore", "none"]
 
 
@@ -26,18 +26,28 @@ Normalisation = Literal["minmax", "zscore", "none"]
 class D2Config:
     """How D2 turns activation statistics into a per-layer score.
 
-    statistic: "mean" (the paper: mean post-activation output), "mean_abs", or "rms" (L2 norm per token).
+    statistic: "auto" (the default: "mean" for ungated FFNs, "mean_abs" for gated MLPs), "mean" (the
+        paper: mean post-activation output), "mean_abs", or "rms" (L2 norm per token). A gated MLP's
+        neuron input act(gate) * up has no preferred sign, so its signed mean ranks strongly negative
+        (busy) neurons last: on the LM demo at 0.9 relative FLOPs, KCM with the signed mean reached
+        perplexity 1,179 (unpruned 80.5, 4 held-out blocks), with mean_abs 169, with rms 182.
     normalise: "minmax" to [0, 1] per layer (keeps the product with R2 non-negative), "zscore", "none".
     """
 
-    statistic: Statistic = "mean"
+    statistic: Statistic = "auto"
     normalise: Normalisation = "minmax"
 
     def __post_init__(self):
-        if self.statistic not in ("mean", "mean_abs", "rms"):
-            raise ValueError(f"D2 statistic must be mean, mean_abs or rms, got {self.statistic!r}")
+        if self.statistic not in ("auto", "mean", "mean_abs", "rms"):
+            raise ValueError(f"D2 statistic must be auto, mean, mean_abs or rms, got {self.statistic!r}")
         if self.normalise not in ("minmax", "zscore", "none"):
             raise ValueError(f"D2 normalise must be minmax, zscore or none, got {self.normalise!r}")
+
+    def statistic_for(self, gated: bool) -> str:
+        """The statistic actually used: ``auto`` resolves by the MLP's kind."""
+        if self.statistic != "auto":
+            return self.statistic
+        return "mean_abs" if gated else "mean"
 
 
 def normalise(x: torch.Tensor, how: Normalisation) -> torch.Tensor:
@@ -65,9 +75,10 @@ def r2(model: nn.Module, config: HullConfig = HullConfig(),
     return [f.scores for f in fits], fits
 
 
-def d2(stats: NeuronStats, config: D2Config = D2Config()) -> LayerScores:
-    """D2 per layer: the chosen activation statistic, normalised per layer."""
-    raw = getattr(stats, config.statistic)
+def d2(stats: NeuronStats, config: D2Config = D2Config(), *, gated: bool = False) -> LayerScores:
+    """D2 per layer: the chosen activation statistic, normalised per layer (``gated``: the model has
+    gated MLPs, which decides what ``auto`` means)."""
+    raw = getattr(stats, config.statistic_for(gated))
     return [normalise(x, config.normalise) for x in raw]
 
 
@@ -93,6 +104,25 @@ def output_magnitude(model: nn.Module, stats: NeuronStats) -> LayerScores:
     with torch.no_grad():
         return [m * b.down_rows().float().norm(dim=1).cpu()
                 for m, b in zip(stats.mean_abs, ffn_blocks(model))]
+
+
+def wanda_sp(model: nn.Module, stats: NeuronStats) -> LayerScores:
+    """Structured Wanda (as FLAP's authors define the baseline): ``||W2[i, :]||_2 * ||x_i||_2``, the
+    down-projection row's norm times the L2 norm of the neuron's input over all calibration tokens."""
+    scale = float(stats.tokens) ** 0.5          # rms * sqrt(tokens) = the L2 norm over tokens
+    with torch.no_grad():
+        return [r * scale * b.down_rows().float().norm(dim=1).cpu()
+                for r, b in zip(stats.rms, ffn_blocks(model))]
+
+
+def flap(model: nn.Module, stats: NeuronStats) -> LayerScores:
+    """FLAP's fluctuation metric ``Var(x_i) * ||W2[i, :]||_2^2``, standardised per layer (z-score, as
+    FLAP does before its global ranking) so that layers of different scales compete fairly."""
+    if not stats.var:
+        raise ValueError("these activation statistics carry no variances; collect them again")
+    with torch.no_grad():
+        raw = [v * b.down_rows().float().norm(dim=1).pow(2).cpu() for v, b in zip(stats.var, ffn_blocks(model))]
+    return [normalise(x, "zscore") for x in raw]
 
 
 def random_scores(widths: Iterable[int], seed: int) -> LayerScores:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import HIDDEN, WIDTH, same_state, state_snapshot
-from kcm_core.activations import collect_stats
+from kcm_core.activations import NeuronStats, collect_stats
 from kcm_core.arch import ffn_blocks
 from kcm_core.scaling import fit_scales, teacher_targets
 from kcm_core.scores import (D2Config, d2, mask_gradients, normalise, output_magnitude, r2d2,
@@ -256,3 +256,12 @@ def test_hooks_are_removed_even_when_the_forward_raises(tiny_model, tiny_batches
     assert hook_count(model) == 0
     assert all(hook_count(b.down) == 0 for b in ffn_blocks(model))
     assert same_state(model, snapshot) and all(p.grad is None for p in model.parameters())
+
+
+def test_d2_auto_uses_the_signed_mean_only_for_ungated_ffns():
+    """A gated MLP's input act(gate) * up has no preferred sign: auto ranks it by magnitude."""
+    mean = (torch.tensor([-3.0, 0.5, 1.0]),)
+    stats = NeuronStats(mean, (torch.tensor([3.0, 0.5, 1.0]),), mean, tokens=4, sequences=1)
+    assert d2(stats, D2Config(), gated=False)[0].argmax() == 2          # the paper's signed mean
+    assert d2(stats, D2Config(), gated=True)[0].argmax() == 0           # |x| for gated MLPs
+    assert D2Config().statistic_for(True) == "mean_abs" and D2Config("rms").statistic_for(True) == "rms"

@@ -20,7 +20,7 @@ def score_table(ws: Workspace, bar) -> pd.DataFrame:
     config = ui.prune_config(method="kcm")
     r2, _ = engine.r2_fits(ws, config, store, bar)
     stats = engine.neuron_stats(ws, store, bar)
-    d2 = S.d2(stats, config.d2)
+    d2 = S.d2(stats, config.d2, gated=ws.shape.gated)
     columns = {"r2d2": S.r2d2(r2, d2), "r2": r2, "d2": d2,
                "weight_magnitude": S.weight_magnitude(ws.model),
                "output_magnitude": S.output_magnitude(ws.model, stats)}

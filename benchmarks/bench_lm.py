@@ -1,0 +1,175 @@
+"""Perplexity of every label-free method on the LM demo (SmolLM2-135M on movie reviews), paired
+against KCM on the same held-out blocks, and the wall time of each stage of a whole KCM run.
+
+For each method (kcm, r2, d2, wanda-sp, flap, weight-magnitude, output-magnitude, random) and relative
+FLOPs budget (0.95, 0.9, 0.85, 0.8, counted at the block length): prune the LM demo with the CLI's
+defaults for language models (32 calibration blocks of 256 tokens, scaling on the first 8 of them),
+then measure perplexity on held-out blocks of documents calibration never saw. Random is drawn with
+three seeds; every other method is deterministic (its calibration blocks are fixed). Each method is
+compared with KCM at the same budget **paired over the same blocks**: the ratio of their perplexities
+with a 95% interval from one bootstrap over blocks applied to both (``kcm_core.lm``).
+
+    python benchmarks/bench_lm.py [--methods kcm,flap] [--budgets 0.9] [--eval-blocks 16]
+
+Needs the LM demo (``python -m kcm_core demo prepare lm``). Writes benchmarks/results/lm.json and
+lm.md. Progress on stderr. The machine's load before and after is recorded: a run under load says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kcm_core import demo_lm  # noqa: E402
+from kcm_core.arch import model_shape  # noqa: E402
+from kcm_core.flops import relative_flops  # noqa: E402
+from kcm_core.lm import evaluate_lm, paired_perplexity, split_blocks  # noqa: E402
+from kcm_core.methods import METHODS, method  # noqa: E402
+from kcm_core.models import load_model  # noqa: E402
+from kcm_core.pipeline import PruneConfig, compute_scores, prune, resolve_seq_len  # noqa: E402
+from kcm_core.report import Environment  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHOD_NAMES = ("kcm", "r2", "d2", "wanda-sp", "flap", "weight-magnitude", "output-magnitude", "random")
+BUDGETS = (0.95, 0.9, 0.85, 0.8)
+RANDOM_SEEDS = (0, 1, 2)
+CALIBRATION_BLOCKS, SCALE_BLOCKS, BLOCK = 32, 8, 256
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES))
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--eval-blocks", type=int, default=16)
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in methods:
+        method(name)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    summary = demo_lm.stored_summary()
+    if summary is None:
+        log("the LM demo is not prepared: python -m kcm_core demo prepare lm")
+        return 2
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    model, tokenizer = load_model(summary["model_dir"], device="cpu")
+    calibration, evaluation = split_blocks(demo_lm.load_lm_split("calibration"), demo_lm.load_lm_split("evaluation"),
+                                           tokenizer, BLOCK, calibration_blocks=CALIBRATION_BLOCKS,
+                                           evaluation_blocks=args.eval_blocks, batch_size=4)
+    shape = model_shape(model.config)
+    seq_len = resolve_seq_len(shape, calibration, None)
+    log("unpruned perplexity")
+    t = time.perf_counter()
+    dense = evaluate_lm(model, evaluation)
+    dense_s = time.perf_counter() - t
+    rows, stats = [], {}
+    for name in methods:
+        seeds = RANDOM_SEEDS if METHODS[name].seeded else (0,)
+        for seed in seeds:
+            base = PruneConfig(method=name, budget=budgets[0], seed=seed, scale_samples=SCALE_BLOCKS)
+            t = time.perf_counter()
+            scores = compute_scores(model, base, calibration)
+            score_s = time.perf_counter() - t
+            log(f"{name} seed {seed}: scored in {score_s:.0f} s ({scores.seconds})")
+            for budget in budgets:
+                t = time.perf_counter()
+                result = prune(model, replace(base, budget=budget), calibration, method_scores=scores)
+                prune_s = time.perf_counter() - t
+                t = time.perf_counter()
+                ev = evaluate_lm(result.model, evaluation)
+                eval_s = time.perf_counter() - t
+                stats[name, budget, seed] = ev.stats
+                rows.append({"method": name, "budget": budget, "seed": seed,
+                             "relative_flops": relative_flops(shape, seq_len, result.plan.kept_counts),
+                             "kept": result.plan.total_kept, "perplexity": ev.perplexity.to_dict(),
+                             "vs_unpruned": paired_perplexity(ev.stats, dense.stats).to_dict(),
+                             "seconds": {"scoring": score_s, "prune": prune_s, "evaluation": eval_s,
+                                         **{f"stage_{k}": v for k, v in result.seconds.items()}}})
+                log(f"  {name} @ {budget} (seed {seed}): perplexity {ev.perplexity.value:.2f} "
+                    f"[{prune_s:.0f} s pruning, {eval_s:.0f} s evaluation]")
+    for row in rows:
+        ref = stats.get(("kcm", row["budget"], 0))
+        if ref is not None and row["method"] != "kcm":
+            row["vs_kcm"] = paired_perplexity(stats[row["method"], row["budget"], row["seed"]], ref).to_dict()
+    data = {"settings": {"model": demo_lm.MODEL_SOURCE, "text": demo_lm.TEXT_SOURCE, "block": BLOCK,
+                         "calibration_blocks": CALIBRATION_BLOCKS, "scale_blocks": SCALE_BLOCKS,
+                         "eval_blocks": args.eval_blocks, "seq_len": seq_len,
+                         "command": " ".join(["python"] + sys.argv)},
+            "unpruned": {"perplexity": dense.perplexity.to_dict(), "evaluation_seconds": dense_s},
+            "rows": rows,
+            "environment": {**asdict(Environment.here()), "load_average_before": list(load_before),
+                            "load_average_after": list(os.getloadavg())},
+            "wall_seconds": time.perf_counter() - started}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lm.json").write_text(json.dumps(data, indent=2) + "\n")
+    (RESULTS / "lm.md").write_text(markdown(data))
+    print(markdown(data))
+    return 0
+
+
+def _cell(row: dict | None) -> str:
+    if row is None:
+        return ""
+    text = f"{row['perplexity']['value']:.1f}"
+    vs = row.get("vs_kcm")
+    if vs:
+        lo, hi = vs["ci95"]
+        text += f" (x{vs['ratio']:.2f} [{lo:.2f}, {hi:.2f}])"
+    return text
+
+
+def markdown(data: dict) -> str:
+    s, env = data["settings"], data["environment"]
+    budgets = sorted({r["budget"] for r in data["rows"]}, reverse=True)
+    names = [m for m in METHOD_NAMES if any(r["method"] == m for r in data["rows"])]
+    dense = data["unpruned"]["perplexity"]
+    lines = ["# Perplexity on the LM demo, every label-free method, paired against KCM", "",
+             f"Model: {s['model']}. Text: {s['text']}. Calibration: {s['calibration_blocks']} blocks of "
+             f"{s['block']} tokens (scaling on the first {s['scale_blocks']}); evaluation: "
+             f"{s['eval_blocks']} held-out blocks. Relative FLOPs counted at {s['seq_len']:.0f} tokens.",
+             f"Unpruned perplexity {dense['value']:.2f} [{dense['ci95'][0]:.2f}, {dense['ci95'][1]:.2f}].",
+             "", "Each cell: perplexity, then (ratio to KCM's perplexity at the same budget on the same "
+             "blocks [paired 95% interval]); a ratio interval above 1 means KCM is better. Random: "
+             "mean of its seeds' perplexities, ratio for seed 0.", "",
+             "| method | " + " | ".join(f"{b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for name in names:
+        cells = []
+        for b in budgets:
+            rows = [r for r in data["rows"] if r["method"] == name and r["budget"] == b]
+            if not rows:
+                cells.append("")
+                continue
+            first = dict(rows[0])
+            if len(rows) > 1:
+                values = [r["perplexity"]["value"] for r in rows]
+                first = {**first, "perplexity": {**first["perplexity"], "value": float(np.mean(values))}}
+            cells.append(_cell(first) + (f" (seeds {min(values):.1f}-{max(values):.1f})" if len(rows) > 1 else ""))
+        lines.append(f"| {METHODS[name].label} | " + " | ".join(cells) + " |")
+    kcm = [r for r in data["rows"] if r["method"] == "kcm"]
+    if kcm:
+        stages = kcm[0]["seconds"]
+        lines += ["", "KCM wall time (first budget): scoring "
+                  f"{stages['scoring']:.0f} s (R2 {stages.get('stage_r2', 0):.0f} s, D2 "
+                  f"{stages.get('stage_d2', 0):.0f} s), selection + scaling + slicing {stages['prune']:.0f} s "
+                  f"(scaling {stages.get('stage_scaling', 0):.0f} s)."]
+    lines += ["", f"Machine: {env['cpu']}, {env['threads']} threads, torch {env['torch']}; load average "
+              f"before {env['load_average_before'][0]:.1f}, after {env['load_average_after'][0]:.1f}"
+              " (above about 2 on this 2-core machine, the times are inflated by other work).",
+              f"Command: `{s['command']}`; wall time {data['wall_seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

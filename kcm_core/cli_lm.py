@@ -1,0 +1,118 @@
+"""The command line's causal-language-model path: text becomes token blocks, accuracy becomes
+perplexity, agreement and KL against the unpruned model (``kcm_core.lm``).
+
+``prune`` and ``evaluate`` send a model whose config names a causal-LM class here. ``--samples`` counts
+calibration blocks of ``--block-size`` tokens, ``--eval-blocks`` the held-out blocks. ``demo-lm``
+stands for the LM demo's model or documents (calibration documents to score with, held-out ones to
+evaluate on); other sources are split by document in half when no ``--eval-data`` is given.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+DEMO_LM = "demo-lm"
+CALIBRATION_BLOCKS = 32        # --samples default for language models: 8,192 tokens at block size 256
+MAX_BATCH = 4
+LM_SCALE_BLOCKS = 8            # --scale-samples default for language models: the first 8 calibration blocks
+
+
+def is_causal_lm(model) -> bool:
+    from .arch import model_shape
+    return model_shape(model.config).head == "lm"
+
+
+def documents(args, progress, *, evaluation: bool):
+    """Calibration (or evaluation) documents named by ``--data`` (``--eval-data``)."""
+    from . import data as D
+    source = args.eval_data if evaluation else args.data
+    if source == DEMO_LM:
+        from . import demo_lm
+        demo_lm.prepare_lm_demo(progress=progress)
+        return demo_lm.load_lm_split("evaluation" if evaluation else "calibration")
+    return D.load_text_data(source, text_column=args.text_column,
+                            split=args.eval_split if evaluation else args.split,
+                            config_name=args.data_config)
+
+
+def blocks(args, model, tokenizer, progress):
+    """(calibration blocks, evaluation blocks), disjoint by document."""
+    from .lm import check_block_size, check_token_ids, split_blocks
+    check_block_size(model.config, args.block_size)
+    calibration = documents(args, progress, evaluation=False)
+    if getattr(args, "eval_data", None):
+        evaluation = documents(args, progress, evaluation=True)
+    elif args.data == DEMO_LM:
+        from . import demo_lm
+        evaluation = demo_lm.load_lm_split("evaluation")
+    else:
+        evaluation = calibration                 # split_blocks halves it by document
+    cal, ev = split_blocks(calibration, evaluation, tokenizer, args.block_size,
+                           calibration_blocks=args.samples or CALIBRATION_BLOCKS,
+                           evaluation_blocks=args.eval_blocks, batch_size=lm_batch_size(args))
+    check_token_ids(cal + ev, model.config)
+    return cal, ev
+
+
+def lm_batch_size(args) -> int:
+    """Blocks per forward pass: at most 4, since a batch's logits take B x block x vocabulary floats
+    (4 x 256 x 49,152 x 4 bytes = 200 MB for the LM demo)."""
+    return max(1, min(args.batch_size, MAX_BATCH))
+
+
+def prune_lm(args, config, model, tokenizer, model_path: str, out_dir: Path, times: dict, progress, *,
+             protected=()) -> dict:
+    """``prune`` for a causal LM: calibrate on blocks, evaluate perplexity before and after, save."""
+    from .export import save_pruned
+    from .flops import count_params, relative_flops
+    from .lm import evaluate_lm, paired_perplexity
+    from .methods import method
+    from .pipeline import prune
+    from .arch import model_shape
+    from .report import Evaluation, build_report
+
+    spec = method(config.method)
+    if spec.uses_labels:
+        raise ValueError(f"method {spec.name!r} needs labeled data, which a language model's text does "
+                         "not have; choose a label-free method (kcm, wanda-sp, flap, ...)")
+    calibration, evaluation_blocks = blocks(args, model, tokenizer, progress)
+    result = prune(model, config, calibration, None, progress)
+    times.update(result.seconds)
+    t = time.perf_counter()
+    before = evaluate_lm(model, evaluation_blocks, seed=args.seed, progress=progress)
+    after = evaluate_lm(result.model, evaluation_blocks, reference=model, seed=args.seed, progress=progress)
+    evaluation = Evaluation.of_lm(f"{args.eval_data or args.data} (held-out blocks of {args.block_size} tokens)",
+                                  before, after, paired_perplexity(after.stats, before.stats, seed=args.seed))
+    times["evaluation"] = time.perf_counter() - t
+    shape = model_shape(model.config)
+    report = build_report(
+        model=model, source=args.model,
+        path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+        spec=spec, config=config,
+        data={"source": args.data, "samples": sum(int(b["input_ids"].shape[0]) for b in calibration),
+              "max_len": args.block_size, "seed": args.seed, "unit": "blocks"},
+        plan=result.plan, seq_len=result.seq_len,
+        achieved_flops=relative_flops(shape, result.seq_len, result.plan.kept_counts),
+        params_before=count_params(model).total, params_after=count_params(result.model).total,
+        details=result.details, evaluation=evaluation, seconds=times)
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    export = save_pruned(result.model, out_dir, plan=result.plan, report=report, tokenizer=tokenizer,
+                         formats=formats, overwrite=args.overwrite, progress=progress, protected=protected)
+    return {**report.to_dict(), "export": export.to_dict(), "out": str(out_dir)}
+
+
+def evaluate_lm_command(args, model, tokenizer, progress) -> dict:
+    """``evaluate`` for a causal LM: perplexity on the held-out blocks."""
+    from .lm import blocks_of, check_block_size, check_token_ids, evaluate_lm, token_stream
+    check_block_size(model.config, args.block_size)
+    if args.data == DEMO_LM:
+        from . import demo_lm
+        demo_lm.prepare_lm_demo(progress=progress)
+        docs = demo_lm.load_lm_split("evaluation")
+    else:
+        docs = documents(args, progress, evaluation=False)
+    batches = blocks_of(token_stream(docs, tokenizer), args.block_size, lm_batch_size(args), args.eval_blocks)
+    check_token_ids(batches, model.config)
+    result = evaluate_lm(model, batches, seed=args.seed, progress=progress)
+    return {"model": args.model, "data": docs.source, "blocks": result.perplexity.n,
+            "block_size": args.block_size, **result.to_dict()}

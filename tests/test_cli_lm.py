@@ -1,0 +1,94 @@
+"""The command line on causal language models: tiny GPT-2, LLaMA and Qwen2 folders (a WordPiece
+tokenizer over a few words) through prune, evaluate, export and reload; clear errors for LM inputs."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import transformers as T
+
+from kcm_core import cli
+from kcm_core.export import load_pruned
+from kcm_core.report import SCHEMA
+
+WORDS = "the a good bad movie film great awful fun dull plot acting i love hate it was is very not".split()
+
+
+def save_tiny_lm(folder, family: str, vocab_size: int | None = None):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    folder.mkdir(parents=True)
+    (folder.parent / f"{family}-vocab.txt").write_text("\n".join(vocab))
+    tokenizer = T.BertTokenizerFast(vocab=str(folder.parent / f"{family}-vocab.txt"))
+    size = vocab_size or len(vocab) + 1          # room for the end-of-text id some tokenizers add
+    small = dict(vocab_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=32, initializer_range=0.2)
+    config = {"gpt2": lambda: T.GPT2Config(vocab_size=size, n_embd=32, n_layer=2, n_head=4, n_inner=37,
+                                           n_positions=32, initializer_range=0.2),
+              "llama": lambda: T.LlamaConfig(**small, num_key_value_heads=2),
+              "qwen2": lambda: T.Qwen2Config(**small, num_key_value_heads=2)}[family]()
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-lm")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40))) for _ in range(40)]
+    (root / "docs.txt").write_text("\n".join(docs) + "\n")
+    (root / "short.txt").write_text("good film\nbad plot\n")
+    return root
+
+
+def run(capsys, *argv):
+    capsys.readouterr()                     # drop what building the fixtures printed
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("family,method", [("gpt2", "kcm"), ("llama", "flap"), ("qwen2", "wanda-sp")])
+def test_prune_a_tiny_lm_reports_perplexity_agreement_and_kl(lm_dir, capsys, tmp_path, family, method):
+    model_dir = save_tiny_lm(tmp_path / family, family)
+    out_dir = tmp_path / "pruned"
+    code, out, err = run(capsys, "prune", "--model", model_dir, "--data", lm_dir / "docs.txt",
+                         "--flops", 0.9, "--method", method, "--block-size", 16, "--samples", 8,
+                         "--eval-blocks", 6, "--out", out_dir)
+    assert code == 0, err
+    report = json.loads(out)
+    ev = report["evaluation"]
+    assert report["schema"] == SCHEMA and ev["examples"] == 6
+    assert set(ev["before"]) == {"perplexity"} and set(ev["after"]) == {"perplexity", "agreement", "kl"}
+    ratio = ev["paired"]["perplexity_ratio"]
+    assert ratio["ratio"] == pytest.approx(ev["after"]["perplexity"]["value"] / ev["before"]["perplexity"]["value"])
+    assert 0 < ev["before"]["perplexity"]["value"] < 10 * len(WORDS) + 50
+    assert report["data"]["unit"] == "blocks" and report["data"]["samples"] == 8
+    markdown = (out_dir / "report.md").read_text()
+    assert "- Perplexity before: " in markdown and "- KL divergence from the unpruned model after: " in markdown
+    reloaded = load_pruned(out_dir)
+    assert type(reloaded).__name__.endswith(("LMHeadModel", "ForCausalLM"))     # the LM head is kept
+    code, out, err = run(capsys, "evaluate", "--model", out_dir, "--data", lm_dir / "docs.txt",
+                         "--block-size", 16, "--eval-blocks", 4)
+    assert code == 0, err
+    assert json.loads(out)["blocks"] == 4 and json.loads(out)["perplexity"]["value"] > 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--block-size", 64), "longer than the model's context of 32 positions"),
+    (("--data-file", "short.txt"), "fewer than one block of 16"),
+    (("--method", "mask-tuning"), "needs labeled data, which a language model's text does not have"),
+    (("--vocab", 20), "the tokenizer does not belong to this model"),
+], ids=["block-over-context", "too-little-text", "label-method", "foreign-tokenizer"])
+def test_lm_inputs_that_cannot_work_exit_2_with_one_line(lm_dir, capsys, tmp_path, args, message):
+    args = dict(zip(args[::2], args[1::2]))
+    model_dir = save_tiny_lm(tmp_path / "llama", "llama", args.pop("--vocab", None))
+    data = lm_dir / args.pop("--data-file", "docs.txt")
+    argv = ["prune", "--model", model_dir, "--data", data, "--flops", 0.9, "--out", tmp_path / "out",
+            "--block-size", args.pop("--block-size", 16), "--method", args.pop("--method", "kcm")]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,172 @@
+"""Causal language models: token blocks, perplexity / agreement / KL with known answers, the LLM
+baselines (Wanda-sp, FLAP with bias compensation), and tiny GPT-2, LLaMA and Qwen2 through the
+pipeline, export and reload."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import VOCAB, WIDTH
+from kcm_core import PruneConfig, compute_scores, mask_copy, prune, slice_model
+from kcm_core.activations import NeuronStats, collect_stats
+from kcm_core.arch import ffn_blocks
+from kcm_core.compensation import compensate
+from kcm_core.data import TextData
+from kcm_core.export import load_pruned, save_pruned
+from kcm_core.lm import (blocks_of, check_block_size, evaluate_lm, generate, paired_perplexity,
+                         split_blocks, token_stream)
+from kcm_core.scores import flap, wanda_sp
+from kcm_core.select import select_top_k
+
+
+def lm_batches(model, n_blocks=6, block=12, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n_blocks * block,), generator=gen).tolist()
+    return blocks_of(ids, block, batch_size=4)
+
+
+class WordTokenizer:
+    """Whitespace words -> ids (tiny, deterministic), with an end-of-text id."""
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + (sum(map(ord, w)) % (VOCAB - 1)) for w in text.split()]}
+
+
+def test_blocks_are_fixed_length_disjoint_and_refuse_too_little_text():
+    docs = TextData(tuple(" ".join(f"w{i}{j}" for j in range(10)) for i in range(6)))
+    ids = token_stream(docs, WordTokenizer())
+    assert len(ids) == 66 and ids[10] == 0                      # 10 words then the end-of-text id
+    cal, ev = split_blocks(docs, docs, WordTokenizer(), 8)
+    assert [b["input_ids"].shape for b in cal] == [torch.Size([4, 8])]      # 33 tokens -> 4 blocks
+    assert sum(b["input_ids"].shape[0] for b in ev) == 4
+    first_half = set(token_stream(docs.subset(range(3)), WordTokenizer())[:32])
+    assert torch.cat([b["input_ids"] for b in cal]).flatten().tolist() == \
+        token_stream(docs.subset(range(3)), WordTokenizer())[:32]
+    assert first_half                                            # calibration = the first documents only
+    with pytest.raises(ValueError, match="fewer than one block of 100"):
+        blocks_of(ids, 100)
+
+
+def test_block_size_over_the_context_is_refused(tiny_model):
+    model = tiny_model("gpt2", "causal-lm", n_positions=16)
+    check_block_size(model.config, 16)
+    with pytest.raises(ValueError, match="longer than the model's context of 16 positions"):
+        check_block_size(model.config, 17)
+
+
+def test_a_model_that_knows_nothing_has_perplexity_equal_to_the_vocabulary(tiny_model):
+    model = tiny_model("llama", "causal-lm")
+    with torch.no_grad():
+        model.lm_head.weight.zero_()                            # every next token equally likely
+    result = evaluate_lm(model, lm_batches(model), reference=model)
+    assert result.perplexity.value == pytest.approx(VOCAB, rel=1e-5)
+    assert result.agreement.value == 1.0 and result.kl.value == pytest.approx(0.0, abs=1e-6)
+    assert result.perplexity.n == 6 and result.perplexity.low <= VOCAB + 1e-3
+
+
+def test_pruned_against_unpruned_is_paired_on_the_same_blocks(tiny_model):
+    model = tiny_model("qwen2", "causal-lm", initializer_range=0.2)
+    batches = lm_batches(model)
+    before = evaluate_lm(model, batches)
+    plan = select_top_k([torch.rand(WIDTH, generator=torch.Generator().manual_seed(i)) for i in range(2)], 30)
+    pruned = slice_model(model, plan)
+    after = evaluate_lm(pruned, batches, reference=model)
+    paired = paired_perplexity(after.stats, before.stats)
+    assert paired.ratio == pytest.approx(after.perplexity.value / before.perplexity.value, rel=1e-9)
+    assert paired.low <= paired.ratio <= paired.high and paired.n == 6
+    assert after.kl.value > 0 and 0 <= after.agreement.value < 1
+    with pytest.raises(ValueError, match="same blocks"):
+        paired_perplexity(after.stats, evaluate_lm(model, batches[:1]).stats)
+
+
+def test_wanda_sp_and_flap_rank_by_their_formulas(tiny_model):
+    model = tiny_model("llama", "causal-lm")
+    widths = [b.width for b in ffn_blocks(model)]
+    gen = torch.Generator().manual_seed(0)
+    rms = tuple(torch.rand(w, generator=gen) for w in widths)
+    var = tuple(torch.rand(w, generator=gen) for w in widths)
+    zeros = tuple(torch.zeros(w) for w in widths)
+    stats = NeuronStats(zeros, zeros, rms, tokens=16, sequences=2, var=var)
+    norms = [b.down_rows().detach().norm(dim=1) for b in ffn_blocks(model)]
+    for got, r, n in zip(wanda_sp(model, stats), rms, norms):
+        assert torch.allclose(got, r * 4.0 * n)                     # ||x_i|| = rms * sqrt(16)
+    for got, v, n in zip(flap(model, stats), var, norms):
+        raw = v * n * n
+        assert torch.allclose(got, (raw - raw.mean()) / raw.std(unbiased=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_flap_compensation_keeps_the_mean_output_of_the_first_layer(tiny_model, family):
+    model = tiny_model(family, "causal-lm", initializer_range=0.2)
+    batches = lm_batches(model)
+    stats = collect_stats(model, batches)
+    plan = compensate(model, select_top_k(flap(model, stats), 20), stats.mean)
+    assert plan.has_bias_shift and len(plan.layers[0].bias_shift) == 32
+
+    def first_ffn_mean(m):
+        outs = []
+        handle = ffn_blocks(m)[0].down.register_forward_hook(lambda _m, _i, out: outs.append(out))
+        with torch.no_grad():
+            for b in batches:
+                m(**b)
+        handle.remove()
+        return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]).double().mean(0)
+
+    full, masked, sliced = first_ffn_mean(model), first_ffn_mean(mask_copy(model, plan)), \
+        first_ffn_mean(slice_model(model, plan))
+    assert torch.allclose(masked, full, atol=1e-5) and torch.allclose(sliced, full, atol=1e-5)
+    without = first_ffn_mean(mask_copy(model, plan.with_bias_shifts([None] * len(plan.layers))))
+    assert not torch.allclose(without, full, atol=1e-3)        # the compensation is what keeps it
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_flap_is_refused_where_stock_code_has_no_down_bias(tiny_model, family):
+    model = tiny_model(family, "causal-lm")
+    with pytest.raises(ValueError, match="needs a bias on the down-projection"):
+        compute_scores(model, PruneConfig(method="flap", budget=0.9), lm_batches(model))
+
+
+@pytest.mark.parametrize("family,method", [("gpt2", "kcm"), ("llama", "flap"), ("llama", "wanda-sp"),
+                                           ("qwen2", "kcm"), ("qwen2", "wanda-sp")])
+def test_tiny_lms_prune_export_and_reload(tiny_model, tmp_path, family, method):
+    model = tiny_model(family, "causal-lm", initializer_range=0.1)
+    batches = lm_batches(model)
+    result = prune(model, PruneConfig(method=method, budget=0.9, scale_samples=8), batches)
+    pruned = result.model
+    assert type(pruned) is type(model)                             # the LM head is kept
+    out = save_pruned(pruned, tmp_path / "out", plan=result.plan)
+    assert out.reloaded_ok and out.max_abs_diff["hf"] <= 1e-4
+    reloaded = load_pruned(tmp_path / "out")
+    a = evaluate_lm(reloaded, batches).perplexity.value
+    b = evaluate_lm(pruned, batches).perplexity.value
+    assert math.isclose(a, b, rel_tol=1e-5)
+    if method == "flap":
+        assert reloaded.config.mlp_bias and out.loader in ("transformers", "kcm_core.load_pruned")
+
+
+def test_generation_is_greedy_and_deterministic(tiny_model):
+    model = tiny_model("gpt2", "causal-lm")
+
+    class Tok:
+        pad_token_id = eos_token_id = 0
+
+        def __call__(self, text, return_tensors=None):
+            ids = torch.tensor([[1 + (ord(c) % (VOCAB - 1)) for c in text]])
+
+            class Enc(dict):
+                def to(self, device):
+                    return self
+            return Enc(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(int(i)) for i in ids)
+
+    first, second = generate(model, Tok(), "ab", 5), generate(model, Tok(), "ab", 5)
+    assert first == second and len(first.split()) == 5
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(model, Tok(), "  ")
+    assert np.isfinite([float(x) for x in first.split()]).all()
