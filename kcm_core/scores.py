@@ -30,7 +30,8 @@ class D2Config:
         paper: mean post-activation output), "mean_abs", or "rms" (L2 norm per token). A gated MLP's
         neuron input act(gate) * up has no preferred sign, so its signed mean ranks strongly negative
         (busy) neurons last: on the LM demo at 0.9 relative FLOPs, KCM with the signed mean reached
-        perplexity 1,179 (unpruned 80.5, 4 held-out blocks), with mean_abs 169, with rms 182.
+        perplexity 1,179 (unpruned 80.5, 4 held-out blocks of the uncleaned text), with mean_abs 169,
+        with rms 182.
     normalise: "minmax" to [0, 1] per layer (keeps the product with R2 non-negative), "zscore", "none".
     """
 

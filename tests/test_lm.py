@@ -170,3 +170,13 @@ def test_generation_is_greedy_and_deterministic(tiny_model):
     with pytest.raises(ValueError, match="prompt is empty"):
         generate(model, Tok(), "  ")
     assert np.isfinite([float(x) for x in first.split()]).all()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_pruned_lm_exports_to_onnx_and_matches_in_a_fresh_process(tiny_model, tmp_path, family):
+    """ONNX of a decoder: the full-sequence logits (no KV cache), dynamic batch and sequence axes."""
+    model = tiny_model(family, "causal-lm")
+    pruned = slice_model(model, select_top_k([torch.rand(WIDTH, generator=torch.Generator().manual_seed(i))
+                                              for i in range(2)], 40))
+    out = save_pruned(pruned, tmp_path / "out", formats=("hf", "onnx"))
+    assert out.reloaded_ok and out.max_abs_diff["onnx"] <= 1e-4 and (tmp_path / "out" / "model.onnx").is_file()
