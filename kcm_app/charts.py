@@ -142,16 +142,17 @@ def kept_frame(plan: KeepPlan) -> pd.DataFrame:
                          "width": plan.widths})
 
 
-def comparison_frame(results: Iterable[Any]) -> pd.DataFrame:
+def comparison_frame(results: Iterable[Any], metric: str = "accuracy") -> pd.DataFrame:
     """One row per (method, budget) from ``engine.BudgetResult`` objects, in first-seen order: relative
-    FLOPs, accuracy with its 95% interval, agreement, and how many seeds were drawn.
+    FLOPs, ``metric`` (accuracy, or a language model's perplexity) with its 95% interval in the
+    ``accuracy``/``acc_low``/``acc_high`` columns, agreement, and how many seeds were drawn.
 
     A method evaluated with several seeds (random selection) gets the mean over seeds, and an interval
     that spans every seed's interval (the lowest lower bound to the highest upper bound), so the
     spread between draws shows as well as the test-set noise."""
     rows = []
     for r in results:
-        acc = r.accuracy or {}
+        acc = getattr(r, metric) or {}
         agr = r.agreement or {}
         lo, hi = acc.get("ci95", [np.nan, np.nan])
         rows.append({"method": r.method, "budget": r.budget, "relative_flops": r.relative_flops,

@@ -159,3 +159,29 @@ def comparison(frame: pd.DataFrame, dense_accuracy: float | None, current: float
                                     xaxis_title="relative FLOPs (% of the unpruned encoder's MACs)",
                                     yaxis_title="test accuracy (%)", height=430))
     return fig
+
+
+def comparison_lm(frame: pd.DataFrame, dense_perplexity: float | None, current: float | None) -> go.Figure:
+    """Perplexity (log axis, with 95% intervals) vs relative FLOPs, one line per method
+    (``charts.comparison_frame(..., metric="perplexity")``)."""
+    fig = go.Figure()
+    for name in dict.fromkeys(frame["method"]):
+        rows = frame[frame["method"] == name].sort_values("relative_flops")
+        seeds = int(rows["seeds"].max()) if "seeds" in rows else 1
+        label = method_label(name) + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+        fig.add_scatter(
+            x=rows["relative_flops"] * 100, y=rows["accuracy"], name=label,
+            mode="lines+markers", line=dict(color=METHOD_COLORS[name], width=2.5),
+            error_y=dict(type="data", symmetric=False, array=rows["acc_high"] - rows["accuracy"],
+                         arrayminus=rows["accuracy"] - rows["acc_low"], thickness=1),
+            hovertemplate=label + "<br>%{x:.1f}% FLOPs: perplexity %{y:,.2f}<extra></extra>")
+    if dense_perplexity is not None:
+        fig.add_hline(y=dense_perplexity, line_color=METHOD_COLORS["dense"], line_dash="dash",
+                      annotation_text="unpruned")
+    if current is not None:
+        fig.add_vline(x=current * 100, line_dash="dot", line_color="#888888")
+    fig.update_layout(**base_layout(title="Perplexity vs relative FLOPs (95% bootstrap intervals over blocks)",
+                                    xaxis_title="relative FLOPs (% of the unpruned decoder layers' MACs)",
+                                    yaxis_title="held-out perplexity (log scale)", height=430))
+    fig.update_yaxes(type="log")
+    return fig

@@ -7,6 +7,7 @@ from typing import Mapping
 import plotly.graph_objects as go
 
 from kcm_core.flops import count_params
+from kcm_core.lm import LMEval
 from kcm_core.methods import method
 from kcm_core.pipeline import PruneConfig
 from kcm_core.report import Evaluation, Metric, PruneReport, build_report as core_report, render_markdown
@@ -15,11 +16,16 @@ from .engine import BudgetResult, SpeedResult, Workspace
 
 
 def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
-                 dense_accuracy: Mapping | None, speed: SpeedResult | None) -> PruneReport:
+                 dense_accuracy: Mapping | None, speed: SpeedResult | None,
+                 dense_lm: LMEval | None = None) -> PruneReport:
     """Everything needed to understand (and redo) one pruned model; ``dense_accuracy`` is the unpruned
-    model's accuracy (``Rate.to_dict()``) on the same evaluation examples."""
+    model's accuracy (``Rate.to_dict()``) on the same evaluation examples; for a causal language model
+    ``dense_lm`` is the unpruned model's evaluation on the same held-out blocks (perplexity before and
+    after, agreement and KL after, the paired perplexity ratio)."""
     evaluation = None
-    if result.accuracy is not None or result.agreement is not None:
+    if result.lm is not None and dense_lm is not None and result.paired is not None:
+        evaluation = Evaluation.of_lm(ws.info.eval_source, dense_lm, result.lm, result.paired)
+    elif result.accuracy is not None or result.agreement is not None:
         after = {name: Metric.from_dict(m) for name, m in
                  (("accuracy", result.accuracy), ("agreement", result.agreement)) if m}
         before = {"accuracy": Metric.from_dict(dense_accuracy)} if dense_accuracy else {}
@@ -30,7 +36,8 @@ def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
     return core_report(
         model=ws.model, source=ws.info.model_name, path=ws.info.model_path, spec=method(config.method),
         config=config, data={"source": ws.info.data_source or ws.info.data, "samples": ws.info.sample,
-                             "max_len": ws.info.max_len, "seed": ws.info.seed},
+                             "max_len": ws.info.max_len, "seed": ws.info.seed,
+                             **({"unit": "blocks"} if ws.is_lm else {})},
         plan=result.plan, seq_len=ws.seq_len, achieved_flops=result.relative_flops,
         params_before=count_params(ws.model).total, params_after=result.params_after,
         details=result.details, evaluation=evaluation, seconds=result.seconds, speed=speed_record)

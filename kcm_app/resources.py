@@ -18,8 +18,8 @@ from kcm_core.runtime import Progress, tell
 
 from . import server
 from .engine import Workspace, WorkspaceInfo
-from .sources import (BATCH_SIZE, EVAL_LIMIT, DataChoice, ModelChoice, SampleChoice,
-                      batches_fingerprint, is_upload, model_key)
+from .sources import (BATCH_SIZE, DEMO_KINDS, EVAL_LIMIT, LM_BATCH, LM_EVAL_BLOCKS, DataChoice,
+                      ModelChoice, SampleChoice, batches_fingerprint, is_upload, model_key)
 from .store import SharedStore
 
 
@@ -35,7 +35,17 @@ def demo_summary(_progress: Progress | None = None) -> dict:
     return demo.prepare_demo(progress=_progress)
 
 
-def demo_ready() -> bool:
+def lm_demo_summary(_progress: Progress | None = None) -> dict:
+    """The prepared LM demo (prepared now, with progress, on a first start)."""
+    from kcm_core import demo_lm
+    return demo_lm.prepare_lm_demo(progress=_progress)
+
+
+def demo_ready(kind: str = "demo") -> bool:
+    """Whether the demo of ``kind`` (``demo`` or ``demo-lm``) is prepared."""
+    if kind == "demo-lm":
+        from kcm_core import demo_lm
+        return bool(demo_lm.lm_demo_ready())
     from kcm_core import demo
     return bool(demo.demo_ready())
 
@@ -45,6 +55,8 @@ def model_path(choice: ModelChoice, progress: Progress | None = None) -> str:
     folder outside the allowed roots or a hub id the server does not allow (``kcm_app.server``)."""
     if choice.kind == "demo":
         return str(demo_summary(progress)["model_dir"])
+    if choice.kind == "demo-lm":
+        return str(lm_demo_summary(progress)["model_dir"])
     if choice.kind == "hub":
         server.check_hub("model")
         return choice.ref.strip()
@@ -85,10 +97,15 @@ def load_model(choice: ModelChoice, progress: Progress | None = None) -> tuple[s
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def load_data(choice: DataChoice, role: str = "train") -> Any:
-    """The chosen data as ``kcm_core.data.TextData`` (the demo's train or test split)."""
+    """The chosen data as ``kcm_core.data.TextData`` (the demo's train or test split; the LM demo's
+    calibration or evaluation documents)."""
     if choice.kind == "demo":
         from kcm_core import demo
         return demo.load_demo_split("train" if role == "train" else "test")
+    if choice.kind == "demo-lm":
+        from kcm_core import demo_lm
+        lm_demo_summary()                # prepared by the model choice, or now when only the data is chosen
+        return demo_lm.load_lm_split("calibration" if role == "train" else "evaluation")
     from kcm_core.data import load_text_data
     return load_text_data(data_source(choice), text_column=choice.text_column,
                           text_pair_column=choice.text_pair_column, label_column=choice.label_column,
@@ -157,16 +174,54 @@ def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _t
                      seq_len=round(resolve_seq_len(shape, unlabeled, None), 2), info=info)
 
 
+def _lm_workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _tokenizer: Any,
+                  _progress: Progress | None = None) -> Workspace:
+    """A causal LM's workspace: ``sample.size`` calibration blocks of ``sample.max_len`` tokens as the
+    unlabeled sample, ``LM_EVAL_BLOCKS`` held-out blocks to evaluate on (perplexity, agreement, KL),
+    disjoint by document (``kcm_core.lm.split_blocks``). No labels."""
+    from kcm_core.lm import check_block_size, check_token_ids, split_blocks
+    check_block_size(_model.config, sample.max_len)
+    tell(_progress, "reading documents", 0.6)
+    calibration = load_data(data, "train")
+    if len(calibration) == 0:
+        raise ValueError(f"the data {data.describe()} holds no documents")
+    if data.kind == "demo-lm":
+        evaluation, eval_source = load_data(data, "evaluation"), "the LM demo's held-out reviews"
+    else:                                       # split_blocks halves one source by document
+        evaluation, eval_source = calibration, "the second half of the documents"
+    tell(_progress, "tokenising into blocks", 0.8)
+    cal, ev = split_blocks(calibration, evaluation, _tokenizer, sample.max_len,
+                           calibration_blocks=sample.size, evaluation_blocks=LM_EVAL_BLOCKS,
+                           batch_size=LM_BATCH)
+    check_token_ids(cal + ev, _model.config)
+    unlabeled, eval_batches = tuple(cal), tuple(ev)
+    blocks = sum(int(b["input_ids"].shape[0]) for b in unlabeled)
+    eval_blocks = sum(int(b["input_ids"].shape[0]) for b in eval_batches)
+    info = WorkspaceInfo(model_path=key, model_name=_model_name(key), data=data.describe(),
+                         data_source=str(getattr(calibration, "source", "")), sample=blocks,
+                         eval_examples=eval_blocks,
+                         eval_source=f"{eval_blocks} held-out blocks of {sample.max_len} tokens, {eval_source}",
+                         max_len=sample.max_len, seed=sample.seed, labels=False)
+    return Workspace(model_key=key, model=_model, tokenizer=_tokenizer, shape=model_shape(_model.config),
+                     data_key=batches_fingerprint(unlabeled, None, eval_batches), unlabeled=unlabeled,
+                     labeled=None, eval_batches=eval_batches, seq_len=float(sample.max_len), info=info)
+
+
 def _model_name(key: str) -> str:
     kind, _, rest = key.partition(":")
-    return "the embedded demo" if kind == "demo" else rest.split("@")[0]
+    return {"demo": "the classifier demo", "demo-lm": "the LM demo"}.get(kind) or rest.split("@")[0]
+
+
+def is_causal_lm(model: Any) -> bool:
+    return model_shape(model.config).head == "lm"
 
 
 def workspace(model: ModelChoice, data: DataChoice, sample: SampleChoice,
               progress: Progress | None = None) -> Workspace:
     """Model + data + batches for the sidebar's choices (built once per combination)."""
-    if data.kind != "demo":
+    if data.kind not in DEMO_KINDS:
         data_source(data)                # refused before any cache lookup, on every run
     key, net, tokenizer = load_model(model, progress)
+    build = _lm_workspace if is_causal_lm(net) else _workspace
     return store("workspaces").get_or_compute(
-        (key, data, sample), lambda: _workspace(key, data, sample, net, tokenizer, progress))
+        (key, data, sample), lambda: build(key, data, sample, net, tokenizer, progress))

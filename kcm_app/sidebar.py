@@ -4,20 +4,25 @@ from __future__ import annotations
 import streamlit as st
 
 from . import resources, server, state, ui
-from .sources import (DATA_KINDS, MODEL_KINDS, DataChoice, ModelChoice, SampleChoice, env_defaults,
-                      max_len_choices, nearest_choice, upload_dir, upload_path)
+from .sources import (DATA_KINDS, DEMO_KINDS, LM_CALIBRATION_BLOCKS, MODEL_KINDS, DataChoice, ModelChoice,
+                      SampleChoice, env_block_size, env_defaults, max_len_choices, nearest_choice,
+                      upload_dir, upload_path)
 
 MAX_LENS = [32, 64, 128, 256, 512]
+BLOCK_SIZES = [16, 32, 64, 128, 256, 512, 1024]     # a language model's tokens per block
 
 
 def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
     """Draw the sidebar widgets and return the choices they make (may raise ValueError)."""
-    state.set_defaults(state.sidebar_defaults(*env_defaults()))
+    state.set_defaults(state.sidebar_defaults(*env_defaults(), block_size=env_block_size(),
+                                              lm_blocks=LM_CALIBRATION_BLOCKS))
     st.subheader("Model")
-    kind = st.radio("Source", list(MODEL_KINDS), format_func=MODEL_KINDS.get, key="model_kind",
-                    help="The embedded demo is a small sentiment classifier prepared on first start. "
-                         "A local folder holds config.json and weights; a hub id needs network access.")
-    if kind != "demo":
+    kind = st.radio("Source", list(MODEL_KINDS), format_func=MODEL_KINDS.get, key=state.MODEL_KIND,
+                    on_change=state.follow_model_kind,
+                    help="Two embedded demos, prepared on first start: a small sentiment classifier and a "
+                         "small causal language model. A local folder holds config.json and weights (a "
+                         "causal LM keeps its LM head); a hub id needs network access.")
+    if kind not in DEMO_KINDS:
         st.text_input("Folder or hub id", key="model_ref", help="e.g. /models/my-bert or bert-base-uncased")
     st.subheader("Data")
     data_kind = st.radio("Unlabeled sample from", list(DATA_KINDS), format_func=DATA_KINDS.get,
@@ -34,7 +39,7 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
                                   key="data_upload", help="Kept on this machine in a private temporary "
                                   "folder, removed when the server stops.")
         ref = str(upload_path(upload.name, upload.getvalue(), upload_dir())) if upload else ""
-    if data_kind != "demo":
+    if data_kind not in DEMO_KINDS:
         with st.expander("Columns and split"):
             st.text_input("Text column", key="text_column", help="Default: text or sentence")
             st.text_input("Second text column", key="text_pair_column", help="For pair tasks (MRPC, QNLI)")
@@ -42,25 +47,73 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
             st.text_input("Split", key="data_split", help="Hub datasets: train, validation, ...")
             st.text_input("Config", key="data_config", help="Hub datasets: e.g. sst2 for glue")
     st.subheader("Sample")
-    st.number_input("Unlabeled sequences", min_value=8, max_value=4096, step=64, key=state.SAMPLE_SIZE,
-                    help="How many sequences the scorers see (the paper: 2048; 512 to 4096 give the same "
-                         "result).")
-    model_ref = (state.text("model_ref") or "") if kind != "demo" else ""
-    lengths = max_len_choices(MAX_LENS, _positions(kind, model_ref))
-    if state.integer(state.MAX_LEN) not in lengths:
-        # Set before the widget is drawn (Streamlit would fall back to the first choice, 32):
-        # the default 128 becomes 64 on a model with 64 positions, not a crash in its forward pass.
-        st.session_state[state.MAX_LEN] = nearest_choice(state.integer(state.MAX_LEN), lengths)
-    st.select_slider("Max sequence length (tokens)", lengths, key=state.MAX_LEN,
-                     help="Longer texts are truncated to this many tokens (at most the model's positions).")
+    model_ref = (state.text("model_ref") or "") if kind not in DEMO_KINDS else ""
+    if _is_lm(kind, model_ref):
+        lm_sample_widgets(_positions(kind, model_ref))
+    else:
+        classifier_sample_widgets(_positions(kind, model_ref))
     st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=state.SEED,
                     help="Draws the sample and seeds the random baseline.")
     model = ModelChoice(kind, model_ref)
-    data = DataChoice(data_kind, ref if data_kind != "demo" else "", text_column=state.text("text_column"),
+    data = DataChoice(data_kind, ref if data_kind not in DEMO_KINDS else "", text_column=state.text("text_column"),
                       text_pair_column=state.text("text_pair_column"), label_column=state.text("label_column"),
                       split=state.text("data_split"), config_name=state.text("data_config"))
-    sample = SampleChoice(state.integer(state.SAMPLE_SIZE), state.integer(state.MAX_LEN), state.seed())
-    return model, data, sample
+    return model, data, sample_choice(_is_lm(kind, model_ref))
+
+
+def _fit_choice(key: str, lengths: list[int]) -> None:
+    """Set before the widget is drawn (Streamlit would fall back to the first choice): a length the
+    model cannot take becomes the nearest one it can, not a crash in its forward pass."""
+    if state.integer(key) not in lengths:
+        st.session_state[key] = nearest_choice(state.integer(key), lengths)
+
+
+def classifier_sample_widgets(positions: int | None) -> None:
+    st.number_input("Unlabeled sequences", min_value=8, max_value=4096, step=64, key=state.SAMPLE_SIZE,
+                    help="How many sequences the scorers see (the paper: 2048; 512 to 4096 give the same "
+                         "result).")
+    lengths = max_len_choices(MAX_LENS, positions)
+    _fit_choice(state.MAX_LEN, lengths)
+    st.select_slider("Max sequence length (tokens)", lengths, key=state.MAX_LEN,
+                     help="Longer texts are truncated to this many tokens (at most the model's positions).")
+
+
+def lm_sample_widgets(positions: int | None) -> None:
+    st.number_input("Calibration blocks", min_value=1, max_value=512, step=8, key=state.LM_BLOCKS,
+                    help="Blocks of text the scorers see (the first few also fit the scales). The app "
+                         f"default {LM_CALIBRATION_BLOCKS} keeps a first scoring within a few minutes on "
+                         "two cores; the command line uses 32.")
+    sizes = sorted(set(BLOCK_SIZES) | {state.integer(state.BLOCK_SIZE)})
+    lengths = max_len_choices(sizes, positions)
+    _fit_choice(state.BLOCK_SIZE, lengths)
+    st.select_slider("Block size (tokens)", lengths, key=state.BLOCK_SIZE,
+                     help="Documents are joined and cut into blocks of this many tokens (at most the "
+                          "model's context); FLOPs are counted at this length.")
+
+
+def sample_choice(lm: bool) -> SampleChoice:
+    """The sample settings for a language model (blocks) or a classifier (sequences)."""
+    if lm:
+        return SampleChoice(state.integer(state.LM_BLOCKS), state.integer(state.BLOCK_SIZE), state.seed())
+    return SampleChoice(state.integer(state.SAMPLE_SIZE), state.integer(state.MAX_LEN), state.seed())
+
+
+def _session_model(kind: str, ref: str):
+    """The session's workspace when it holds the chosen model (nothing is read here)."""
+    ws = state.workspace()
+    key = f"{kind}:{ref}"                  # as sources.model_key, before the folder's "@mtime"
+    if ws is None or not (ws.model_key == key or ws.model_key.startswith(key + "@")):
+        return None
+    return ws
+
+
+def _is_lm(kind: str, ref: str) -> bool:
+    """Whether the chosen model is a causal LM, as far as is known before loading it: the demos say
+    so; a folder or hub id is known once loaded (``load`` redraws the sidebar once if it was)."""
+    if kind in DEMO_KINDS:
+        return kind == "demo-lm"
+    ws = _session_model(kind, ref)
+    return ws is not None and ws.shape.head == "lm"
 
 
 def _positions(kind: str, ref: str) -> int | None:
@@ -68,18 +121,19 @@ def _positions(kind: str, ref: str) -> int | None:
     else None: nothing is read here (on a shared server a path is checked before any read), and
     ``load`` shortens the sample to the model it loads."""
     from kcm_core.models import max_positions
-    ws = state.workspace()
-    key = f"{kind}:{ref}"                  # as sources.model_key, before the folder's "@mtime"
-    if ws is None or not (ws.model_key == key or ws.model_key.startswith(key + "@")):
-        return None
-    return max_positions(ws.model.config)
+    ws = _session_model(kind, ref)
+    return None if ws is None else max_positions(ws.model.config)
 
 
 def _fit_to_model(model: ModelChoice, sample: SampleChoice, progress) -> SampleChoice:
-    """``sample`` with its max length shortened to the model's positions (the model is cached, so
-    ``resources.workspace`` loading it again costs nothing)."""
+    """``sample`` for the loaded model: a language model's blocks or a classifier's sequences (the
+    sidebar could only guess for a folder or hub id), its length shortened to the model's positions
+    (the model is cached, so ``resources.workspace`` loading it again costs nothing)."""
     from kcm_core.models import max_positions
     _, net, _ = resources.load_model(model, progress)
+    lm = resources.is_causal_lm(net)
+    if lm != _is_lm(model.kind, model.ref):
+        sample = sample_choice(lm)
     return sample.fitted(max_positions(net.config))
 
 
@@ -93,9 +147,9 @@ def load() -> None:
                 st.caption(config.describe())
             model, data, sample = choices()
             state.set_workspace(None)
-            first_demo = model.kind == "demo" and not resources.demo_ready()
-            label = ("Preparing the embedded demo (first start only)" if first_demo
-                     else "Loading model and data")
+            first_demo = model.kind in DEMO_KINDS and not resources.demo_ready(model.kind)
+            label = (f"Preparing the {'LM' if model.kind == 'demo-lm' else 'classifier'} demo (first start "
+                     "only)" if first_demo else "Loading model and data")
             with st.status(label, expanded=first_demo) as box:
                 bar = ui.ProgressBar(label, container=box.empty())
                 drawn, sample = sample, _fit_to_model(model, sample, bar)
@@ -105,6 +159,6 @@ def load() -> None:
                            expanded=False)
             state.set_workspace(ws)
             if sample != drawn and _positions(model.kind, model.ref) is not None:
-                st.rerun()   # once: the slider is drawn again with this model's lengths only
+                st.rerun()   # once: the sample widgets are drawn again for this model (kind, lengths)
             # a shared link (or the default 0.6) may ask for less than this model can reach
             state.set_budget(state.clamp_budget(state.budget(), ws.floor))

@@ -1,9 +1,11 @@
 """Where the model and the data come from: hashable choices, environment defaults, fingerprints.
 
 ``KCM_APP_MODEL=<folder>`` and ``KCM_APP_DATA=<file>`` start the app on a local model and data file
-instead of the embedded demo (the tests use them with a tiny model); ``KCM_APP_TEXT_COLUMN`` and
-``KCM_APP_LABEL_COLUMN`` name the file's columns (default: ``text``/``sentence`` and ``label``). Loading itself goes through ``kcm_core.models``,
-``kcm_core.data`` and ``kcm_core.demo``.
+instead of the embedded demo (the tests use them with a tiny model); ``KCM_APP_MODEL=demo-lm`` starts it
+on the LM demo (model and documents; ``demo`` names the classifier demo). ``KCM_APP_TEXT_COLUMN`` and
+``KCM_APP_LABEL_COLUMN`` name the file's columns (default: ``text``/``sentence`` and ``label``);
+``KCM_APP_BLOCK_SIZE`` sets a language model's starting block size. Loading itself goes through
+``kcm_core.models``, ``kcm_core.data``, ``kcm_core.demo`` and ``kcm_core.demo_lm``.
 """
 from __future__ import annotations
 
@@ -21,11 +23,26 @@ from typing import Mapping, Sequence
 
 import torch
 
-MODEL_KINDS = {"demo": "Embedded demo", "folder": "Local folder", "hub": "Hugging Face hub id"}
-DATA_KINDS = {"demo": "Demo split", "file": "File on this machine", "upload": "Upload a file",
-              "hub": "Hub dataset"}
+MODEL_KINDS = {"demo": "Classifier demo (MiniLM, sentence polarity)",
+               "demo-lm": "LM demo (SmolLM2-135M, movie reviews)",
+               "folder": "Local folder", "hub": "Hugging Face hub id"}
+DEMO_KINDS = ("demo", "demo-lm")
+DATA_KINDS = {"demo": "Classifier demo split", "demo-lm": "LM demo documents",
+              "file": "File on this machine", "upload": "Upload a file", "hub": "Hub dataset"}
 EVAL_LIMIT = 800            # test sentences (the demo's test split has exactly 800)
 BATCH_SIZE = 32
+
+# Causal language models in the app: text becomes blocks of LM_BLOCK_SIZE tokens. Sized for a new
+# budget to evaluate in well under a minute on two CPU cores with the 135M-parameter LM demo (the CLI
+# uses 32 calibration blocks and scales on 8: kcm_core.cli_lm): 16 calibration blocks to score with
+# (4,096 tokens), scales fitted on the first 4 (the scaling fit grows with tokens x kept neurons^2),
+# perplexity, agreement and KL on 8 held-out blocks (2,048 tokens, each run through the pruned and the
+# unpruned model).
+LM_BLOCK_SIZE = 256
+LM_CALIBRATION_BLOCKS = 16
+LM_SCALE_BLOCKS = 4
+LM_EVAL_BLOCKS = 8
+LM_BATCH = 4                # blocks per forward pass (logits take B x block x vocabulary floats)
 
 
 @dataclass(frozen=True)
@@ -36,11 +53,11 @@ class ModelChoice:
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"model source must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
-        if self.kind != "demo" and not self.ref.strip():
+        if self.kind not in DEMO_KINDS and not self.ref.strip():
             raise ValueError(f"name the {MODEL_KINDS[self.kind].lower()} to load")
 
     def describe(self) -> str:
-        return MODEL_KINDS[self.kind] if self.kind == "demo" else f"{MODEL_KINDS[self.kind]}: {self.ref}"
+        return MODEL_KINDS[self.kind] if self.kind in DEMO_KINDS else f"{MODEL_KINDS[self.kind]}: {self.ref}"
 
 
 @dataclass(frozen=True)
@@ -59,16 +76,17 @@ class DataChoice:
         if self.kind == "upload" and not self.ref.strip():
             raise ValueError("no file uploaded yet: drop a CSV, TSV, JSON, JSONL, Parquet or TXT file on the "
                              "uploader (one text per row; a label column enables accuracy)")
-        if self.kind != "demo" and not self.ref.strip():
+        if self.kind not in DEMO_KINDS and not self.ref.strip():
             raise ValueError(f"name the {DATA_KINDS[self.kind].lower()} to read")
 
     def describe(self) -> str:
-        return DATA_KINDS[self.kind] if self.kind == "demo" else f"{DATA_KINDS[self.kind]}: {self.ref}"
+        return DATA_KINDS[self.kind] if self.kind in DEMO_KINDS else f"{DATA_KINDS[self.kind]}: {self.ref}"
 
 
 @dataclass(frozen=True)
 class SampleChoice:
-    """How the unlabeled scoring sample is drawn and tokenised."""
+    """How the unlabeled scoring sample is drawn and tokenised. For a causal language model ``size``
+    counts calibration blocks and ``max_len`` is the block size (tokens per block)."""
 
     size: int = 512
     max_len: int = 128
@@ -105,15 +123,27 @@ def nearest_choice(value: int, choices: Sequence[int]) -> int:
 
 
 def env_defaults(environ: Mapping[str, str] = os.environ) -> tuple[ModelChoice, DataChoice]:
-    """The start-up model and data: the demo, unless the ``KCM_APP_*`` variables name others."""
-    model = ModelChoice("folder", environ["KCM_APP_MODEL"]) if environ.get("KCM_APP_MODEL") else ModelChoice()
+    """The start-up model and data: the classifier demo, unless the ``KCM_APP_*`` variables name
+    others (``KCM_APP_MODEL=demo-lm``: the LM demo with its documents)."""
+    name = (environ.get("KCM_APP_MODEL") or "").strip()
+    model = ModelChoice(name) if name in DEMO_KINDS else ModelChoice("folder", name) if name else ModelChoice()
     if environ.get("KCM_APP_DATA"):
         data = DataChoice("file", environ["KCM_APP_DATA"],
                           text_column=environ.get("KCM_APP_TEXT_COLUMN") or None,
                           label_column=environ.get("KCM_APP_LABEL_COLUMN") or None)
     else:
-        data = DataChoice()
+        data = DataChoice("demo-lm" if model.kind == "demo-lm" else "demo")
     return model, data
+
+
+def env_block_size(environ: Mapping[str, str] = os.environ) -> int:
+    """The starting block size for language models (``KCM_APP_BLOCK_SIZE``, default ``LM_BLOCK_SIZE``)."""
+    text = (environ.get("KCM_APP_BLOCK_SIZE") or "").strip()
+    if not text:
+        return LM_BLOCK_SIZE
+    if not text.isdigit() or int(text) < 8:
+        raise ValueError(f"KCM_APP_BLOCK_SIZE must be an integer of at least 8 tokens, got {text!r}")
+    return int(text)
 
 
 def model_key(choice: ModelChoice, resolved_path: str | None = None) -> str:

@@ -49,6 +49,10 @@ W_BUDGET, W_METHOD, W_MULTIPLE = "w_budget", "w_method", "w_multiple"
 PERSISTENT = {W_BUDGET: BUDGET, W_METHOD: METHOD, W_MULTIPLE: MULTIPLE}
 # ... and the sidebar's, which keep their own keys (drawn on every page; see ``sidebar_defaults``).
 SAMPLE_SIZE, MAX_LEN, SEED = "sample_size", "max_len", "seed"
+# ... a language model's sample: calibration blocks and tokens per block (its own keys, so switching
+# between a classifier and an LM keeps each one's settings).
+LM_BLOCKS, BLOCK_SIZE = "lm_blocks", "block_size"
+MODEL_KIND, DATA_KIND = "model_kind", "data_kind"
 
 
 def parse_budget(text: Any) -> float | None:
@@ -94,13 +98,23 @@ def initial_values(params: Mapping[str, Any]) -> dict[str, Any]:
     return {**vars(DEFAULTS), **parse_query(params)}
 
 
-def sidebar_defaults(model: ModelChoice, data: DataChoice) -> dict[str, Any]:
+def sidebar_defaults(model: ModelChoice, data: DataChoice, block_size: int = 256,
+                     lm_blocks: int = 16) -> dict[str, Any]:
     """The sidebar widgets' start values: the start-up model and data (``sources.env_defaults``) and
-    the sample settings."""
-    return {"model_kind": model.kind, "model_ref": model.ref, "data_kind": data.kind,
+    the sample settings (a classifier's sequences, a language model's blocks)."""
+    return {MODEL_KIND: model.kind, "model_ref": model.ref, DATA_KIND: data.kind,
             "data_ref": data.ref, "text_column": data.text_column or "", "text_pair_column": "",
             "label_column": data.label_column or "", "data_split": "", "data_config": "",
-            SAMPLE_SIZE: 512, MAX_LEN: 128, SEED: 0}
+            SAMPLE_SIZE: 512, MAX_LEN: 128, SEED: 0, LM_BLOCKS: lm_blocks, BLOCK_SIZE: block_size}
+
+
+def demo_data_for(model_kind: str, data_kind: str) -> str:
+    """The data kind that goes with a newly chosen model: a demo's own data follows the demo (the LM
+    demo reads reviews, the classifier demo its sentences); any other data choice stays."""
+    pairs = {"demo": "demo-lm", "demo-lm": "demo"}
+    if model_kind in pairs and data_kind == pairs[model_kind]:
+        return model_kind
+    return data_kind
 
 
 def _last(value: Any) -> Any:
@@ -161,6 +175,12 @@ def seed() -> int:
 def view() -> dict[str, Any]:
     """The values a link reproduces (``URL_KEYS``)."""
     return {BUDGET: budget(), METHOD: method(), MULTIPLE: multiple()}
+
+
+def follow_model_kind() -> None:
+    """on_change of the model source: the data follows a demo model to its own demo data."""
+    session = _session()
+    session[DATA_KIND] = demo_data_for(session[MODEL_KIND], session.get(DATA_KIND, "demo"))
 
 
 def workspace() -> Workspace | None:

@@ -13,7 +13,7 @@ import streamlit as st
 from kcm_core.pipeline import PruneConfig
 
 from . import state, theme
-from .engine import APP_SCALE_SAMPLES, Workspace
+from .engine import APP_SCALE_SAMPLES, Workspace, scale_samples
 
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "app.py"
 
@@ -74,9 +74,12 @@ def sync_url() -> None:
 
 
 def prune_config(**overrides) -> PruneConfig:
-    """The session's method and budget with the app's settings (small scaling sample)."""
+    """The session's method and budget with the app's settings (small scaling sample: sequences for
+    a classifier, blocks for a language model)."""
+    ws = state.workspace()
+    samples = scale_samples(ws) if ws is not None else APP_SCALE_SAMPLES
     values = dict(method=state.method(), budget=state.budget(), multiple=state.multiple(),
-                  scale_samples=APP_SCALE_SAMPLES, seed=state.seed())
+                  scale_samples=samples, seed=state.seed())
     values.update(overrides)
     return PruneConfig(**values)
 

@@ -243,6 +243,8 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40)
         raise ValueError("the prompt is empty; type a few words to continue")
     device = model_device(model)
     enc = tokenizer(prompt, return_tensors="pt").to(device)
+    # only what a causal LM takes (a BERT-style tokenizer adds token_type_ids, which generate refuses)
+    enc = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None)
     with eval_mode(model):
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)

@@ -3,7 +3,8 @@
 - ``workspace``: the loaded model and data (``Workspace``) and the private-copy rule;
 - ``scoring``: neuron scores per method, from shared components;
 - ``readouts``: what a slider move shows at once (plan, FLOPs, parameters; no forward pass);
-- ``evaluations``: a plan scaled, sliced and evaluated (accuracy, agreement), and the comparison;
+- ``evaluations``: a plan scaled, sliced and evaluated (accuracy, agreement; for a causal LM
+  perplexity, agreement, KL), the comparison, and greedy continuations (unpruned and pruned);
 - ``speed``: the sliced plan timed against the unpruned model.
 
 Isolation rules (STYLE habit 6), applied in these modules:
@@ -16,21 +17,24 @@ Isolation rules (STYLE habit 6), applied in these modules:
   method, hyper-parameters, budget) and is never mutated afterwards; sessions differ only in which
   keys they ask for, so two browsers never see each other's numbers.
 """
-from .evaluations import (APP_SCALE_SAMPLES, RANDOM_SEEDS, BudgetResult, budget_key, comparison,
-                          comparison_configs, evaluate_budget, is_evaluated, reference, reference_run,
+from .evaluations import (APP_LM_SCALE_BLOCKS, APP_SCALE_SAMPLES, DEFAULT_PROMPT, GENERATION_TOKENS,
+                          RANDOM_SEEDS, BudgetResult, Continuations, budget_key, comparison,
+                          comparison_configs, continuations, evaluate_budget, generation_key,
+                          is_evaluated, reference, reference_lm, reference_run, scale_samples,
                           scaled_plan, teacher)
 from .readouts import (Readout, budget_for_pruned_fraction, model_params, neurons_for_budget,
                        params_per_neuron, readout)
 from .scoring import component_key, gradient_scores, method_scores, neuron_stats, r2_fits, score_key
-from .speed import TIMING_BATCH, TIMING_REPEATS, SpeedResult, measure_speed, paired_seconds, timing_batch
+from .speed import LM_TIMING_BATCH, TIMING_BATCH, TIMING_REPEATS, SpeedResult, measure_speed, paired_seconds, timing_batch
 from .workspace import Workspace, WorkspaceInfo, private_copy
 
 __all__ = [
-    "APP_SCALE_SAMPLES", "RANDOM_SEEDS", "TIMING_BATCH", "TIMING_REPEATS",
-    "BudgetResult", "Readout", "SpeedResult", "Workspace", "WorkspaceInfo",
-    "budget_for_pruned_fraction", "budget_key", "comparison", "comparison_configs", "evaluate_budget",
+    "APP_LM_SCALE_BLOCKS", "APP_SCALE_SAMPLES", "DEFAULT_PROMPT", "GENERATION_TOKENS", "RANDOM_SEEDS",
+    "LM_TIMING_BATCH", "TIMING_BATCH", "TIMING_REPEATS",
+    "BudgetResult", "Continuations", "Readout", "SpeedResult", "Workspace", "WorkspaceInfo",
+    "budget_for_pruned_fraction", "budget_key", "comparison", "comparison_configs", "continuations", "evaluate_budget", "generation_key",
     "gradient_scores", "is_evaluated", "measure_speed", "method_scores", "model_params",
     "neuron_stats", "neurons_for_budget", "paired_seconds", "params_per_neuron", "private_copy",
-    "r2_fits", "readout", "reference", "reference_run", "scaled_plan", "score_key", "component_key", "teacher",
+    "r2_fits", "readout", "reference", "reference_lm", "reference_run", "scale_samples", "scaled_plan", "score_key", "component_key", "teacher",
     "timing_batch",
 ]

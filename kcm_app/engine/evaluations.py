@@ -1,5 +1,7 @@
 """The slow readouts: a plan realised (selected, scaled, sliced) and evaluated on the labeled test
-data, stored per (method, hyper-parameters, budget); and the method comparison built from them."""
+data (a classifier: accuracy, agreement) or on held-out token blocks (a causal LM: perplexity,
+agreement, KL against the unpruned model), stored per (method, hyper-parameters, budget); the method
+comparison built from them; and greedy continuations of a prompt, unpruned and pruned."""
 from __future__ import annotations
 
 import time
@@ -9,6 +11,7 @@ from typing import Sequence
 import torch
 
 from kcm_core.evaluate import ClassifierEval, evaluate_classifier
+from kcm_core.lm import LMEval, PairedPerplexity, evaluate_lm, generate, paired_perplexity
 from kcm_core.flops import count_params, relative_flops
 from kcm_core.methods import MethodScores, ScoreDetails, method
 from kcm_core.pipeline import PruneConfig, make_plan
@@ -26,15 +29,38 @@ from .workspace import Workspace, private_copy
 # demo, 32, 64, 128 and 512 sequences gave the same accuracy within the 95% intervals at 50% and 60%
 # of FLOPs (weight magnitude + scale, 800 test sentences). Shown on the Prune page.
 APP_SCALE_SAMPLES = 64
+# A causal LM scales on its first 4 calibration blocks of 256 tokens (1,024 tokens; the CLI uses 8):
+# on the 135M LM demo the scaling fit dominates a new budget (kcm_app.sources sizes the rest).
+APP_LM_SCALE_BLOCKS = 4
+
+# The generation panel: greedy continuations of this many new tokens, the same for both models.
+GENERATION_TOKENS = 30
+DEFAULT_PROMPT = "The movie was"
 
 # Random selection is drawn with this many seeds (the sidebar's seed and the next ones) in the
 # comparison, so its line shows the spread between draws rather than one lucky or unlucky draw.
 RANDOM_SEEDS = 3
 
 
+def scale_samples(ws: Workspace) -> int:
+    """Sequences (a classifier) or blocks (a causal LM) the app fits scales on."""
+    return APP_LM_SCALE_BLOCKS if ws.is_lm else APP_SCALE_SAMPLES
+
+
+def reference_lm(ws: Workspace, store: SharedStore, progress: Progress | None = None) -> LMEval:
+    """The unpruned language model's perplexity on the held-out blocks (computed once)."""
+    if not ws.is_lm or ws.eval_batches is None:
+        raise ValueError("perplexity needs a causal language model and its held-out blocks")
+    return store.get_or_compute(("dense-lm", ws.model_key, ws.data_key),
+                                lambda: evaluate_lm(ws.model, ws.eval_batches, seed=ws.info.seed,
+                                                    progress=progress))
+
+
 def reference_run(ws: Workspace, store: SharedStore,
                   progress: Progress | None = None) -> tuple[ClassifierEval, float]:
     """The unpruned model on the evaluation data, and the wall time that took (seconds)."""
+    if ws.is_lm:
+        raise ValueError("a language model has no accuracy: its unpruned measure is perplexity")
     if ws.eval_batches is None:
         raise ValueError("no labeled evaluation data: choose data with a label column to see accuracy")
 
@@ -71,9 +97,14 @@ class BudgetResult:
     relative_flops: float
     params_after: int
     accuracy: dict | None            # Rate.to_dict(): value, ci95, n
-    agreement: dict | None
+    agreement: dict | None           # classifier: same prediction; LM: same top-1 next token
     seconds: dict                    # wall time of each stage of this evaluation
     details: ScoreDetails = ScoreDetails()   # how the method's scores were obtained
+    # causal LMs only (LMMetric.to_dict(): value, ci95, n blocks), on the held-out blocks
+    perplexity: dict | None = None
+    kl: dict | None = None           # mean KL(unpruned || pruned) per next token, in nats
+    lm: LMEval | None = None         # the whole evaluation (per-block sums, for the report)
+    paired: PairedPerplexity | None = None   # perplexity after / before on the same blocks
 
 
 def budget_key(ws: Workspace, config: PruneConfig) -> tuple:
@@ -99,7 +130,8 @@ def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
         seconds: dict[str, float] = {}
         t = time.perf_counter()
         scores = method_scores(ws, config, store, progress)
-        dense = reference(ws, store, progress) if ws.eval_batches is not None else None
+        lm_dense = reference_lm(ws, store, progress) if ws.is_lm else None
+        dense = reference(ws, store, progress) if ws.eval_batches is not None and not ws.is_lm else None
         seconds["scores"] = time.perf_counter() - t
         t = time.perf_counter()
         plan = scaled_plan(ws, scores, config, store, progress)
@@ -113,13 +145,25 @@ def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
             result = evaluate_classifier(pruned, ws.eval_batches, reference=dense.predictions,
                                          progress=progress)
             seconds["evaluate"] = time.perf_counter() - t
+        lm_result = paired = None
+        if lm_dense is not None:
+            t = time.perf_counter()
+            # the shared model is only read: a forward pass per block as the agreement/KL reference
+            lm_result = evaluate_lm(pruned, ws.eval_batches, reference=ws.model, seed=ws.info.seed,
+                                    progress=progress)
+            paired = paired_perplexity(lm_result.stats, lm_dense.stats, seed=ws.info.seed)
+            seconds["evaluate"] = time.perf_counter() - t
         return BudgetResult(
             method=config.method, budget=config.budget, seed=config.seed, plan=plan,
             relative_flops=relative_flops(ws.shape, ws.seq_len, plan.kept_counts),
             params_after=count_params(pruned).total,
             accuracy=result.accuracy.to_dict() if result and result.accuracy else None,
-            agreement=result.agreement.to_dict() if result and result.agreement else None,
-            seconds=seconds, details=scores.details)
+            agreement=(result.agreement.to_dict() if result and result.agreement else
+                       lm_result.agreement.to_dict() if lm_result and lm_result.agreement else None),
+            seconds=seconds, details=scores.details,
+            perplexity=lm_result.perplexity.to_dict() if lm_result else None,
+            kl=lm_result.kl.to_dict() if lm_result and lm_result.kl else None,
+            lm=lm_result, paired=paired)
     return store.get_or_compute(budget_key(ws, config), compute)
 
 
@@ -152,3 +196,36 @@ def comparison(ws: Workspace, methods: Sequence[str], budgets: Sequence[float], 
         results.append(evaluate_budget(ws, config, store, step))
     tell(progress, "comparison: done", 1.0)
     return results
+
+
+@dataclass(frozen=True)
+class Continuations:
+    """Greedy continuations of one prompt by the unpruned and the pruned model."""
+
+    prompt: str
+    dense: str
+    pruned: str
+    new_tokens: int
+
+
+def generation_key(ws: Workspace, config: PruneConfig, prompt: str,
+                   new_tokens: int = GENERATION_TOKENS) -> tuple:
+    return ("generate",) + budget_key(ws, config) + (prompt, new_tokens)
+
+
+def continuations(ws: Workspace, config: PruneConfig, prompt: str, store: SharedStore,
+                  new_tokens: int = GENERATION_TOKENS) -> Continuations:
+    """The unpruned and the pruned (the plan of ``config``, sliced again from the shared model)
+    continuations of ``prompt``; stored per (prompt, model) and per (prompt, plan)."""
+    if not ws.is_lm:
+        raise ValueError("text generation needs a causal language model")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty; type a few words to continue")
+    dense = store.get_or_compute(("generate-dense", ws.model_key, prompt, new_tokens),
+                                 lambda: generate(ws.model, ws.tokenizer, prompt, new_tokens))
+
+    def compute() -> Continuations:
+        plan = evaluate_budget(ws, config, store).plan
+        pruned = slice_model(ws.model, plan)          # a new model; the shared one is only read
+        return Continuations(prompt, dense, generate(pruned, ws.tokenizer, prompt, new_tokens), new_tokens)
+    return store.get_or_compute(generation_key(ws, config, prompt, new_tokens), compute)

@@ -19,6 +19,9 @@ from .evaluations import budget_key, evaluate_budget
 from .workspace import Workspace
 
 TIMING_BATCH = 16          # sequences per timed forward pass (measured speedup)
+# blocks per timed pass for a causal LM: its logits alone take B x block x vocabulary floats
+# (4 x 256 x 49,152 x 4 bytes = 200 MB on the LM demo; 16 blocks would be 800 MB per pass)
+LM_TIMING_BATCH = 4
 TIMING_REPEATS = 3
 
 
@@ -36,11 +39,12 @@ class SpeedResult:
 
 
 def timing_batch(ws: Workspace, length: int | None = None) -> dict[str, torch.Tensor]:
-    """A fixed batch of ``TIMING_BATCH`` sequences of ``length`` tokens (default: the sample's mean)."""
+    """A fixed batch of ``TIMING_BATCH`` sequences (``LM_TIMING_BATCH`` blocks for a causal LM) of
+    ``length`` tokens (default: the sample's mean)."""
     length = max(2, round(ws.seq_len if length is None else length))
     gen = torch.Generator().manual_seed(0)
     vocab = max(ws.shape.vocab_size, 2)
-    ids = torch.randint(1, vocab, (TIMING_BATCH, length), generator=gen)
+    ids = torch.randint(1, vocab, (LM_TIMING_BATCH if ws.is_lm else TIMING_BATCH, length), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -68,7 +72,7 @@ def measure_speed(ws: Workspace, config: PruneConfig, store: SharedStore) -> Spe
         result = evaluate_budget(ws, config, store)
         batch = timing_batch(ws)
         dense, pruned = paired_seconds(ws.model, slice_model(ws.model, result.plan), batch)
-        timed_on = (f"a batch of {TIMING_BATCH} x {batch['input_ids'].shape[1]} tokens, the two models "
+        timed_on = (f"a batch of {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} tokens, the two models "
                     f"timed alternately, median of {TIMING_REPEATS}")
         return SpeedResult(dense, pruned, timed_on)
     return store.get_or_compute(("speed",) + budget_key(ws, config), compute)

@@ -41,11 +41,16 @@ class Workspace:
     tokenizer: Any
     shape: ModelShape
     data_key: str                      # fingerprint of the samples, max_len and batching
-    unlabeled: tuple[Batch, ...]       # the scoring sample, without labels
+    unlabeled: tuple[Batch, ...]       # the scoring sample, without labels (an LM: calibration blocks)
     labeled: tuple[Batch, ...] | None  # the same sample with labels (label-using methods)
-    eval_batches: tuple[Batch, ...] | None
-    seq_len: float                     # mean real tokens per sequence of the scoring sample
+    eval_batches: tuple[Batch, ...] | None   # labeled test batches (an LM: held-out blocks)
+    seq_len: float                     # mean real tokens per sequence of the scoring sample (an LM: block size)
     info: WorkspaceInfo = field(default_factory=WorkspaceInfo, compare=False, hash=False)
+
+    @property
+    def is_lm(self) -> bool:
+        """A causal language model: blocks instead of sentences, perplexity instead of accuracy."""
+        return self.shape.head == "lm"
 
     @property
     def has_labels(self) -> bool:

@@ -14,6 +14,13 @@ FORMULA = (r"\mathrm{MAC}_{\mathrm{head}} = 4\,s\,d\,d_h + 2\,s^2 d_h,\qquad "
            r"\mathrm{MAC} = \sum_l \left(H_l\,\mathrm{MAC}_{\mathrm{head}} + N_l\,\mathrm{MAC}_{\mathrm{neuron}}\right)")
 
 
+# A decoder with grouped-query attention (H query heads, H_kv key/value heads) and a gated MLP (gate,
+# up and down: three matrices per neuron), as kcm_core.flops counts it.
+FORMULA_LM = (r"\mathrm{MAC}_{\mathrm{head}} = \left(2 + 2\,\tfrac{H_{kv}}{H}\right) s\,d\,d_h + 2\,s^2 d_h,\qquad "
+              r"\mathrm{MAC}_{\mathrm{neuron}} = %d\,s\,d,\qquad "
+              r"\mathrm{MAC} = \sum_l \left(H\,\mathrm{MAC}_{\mathrm{head}} + N_l\,\mathrm{MAC}_{\mathrm{neuron}}\right)")
+
+
 SEQ_LENS = [8, 16, 25, 32, 64, 128, 256, 512, 1024, 2048]
 START_LENS = [8, 16, 25, 32, 64, 128, 256, 512]      # the slider starts near the sample's mean length
 
@@ -28,9 +35,12 @@ def page() -> None:
 def controls(ws: Workspace) -> tuple[float, str, bool]:
     """Sequence length (tokens), unit, and whether 'Measure latency' was pressed."""
     left, mid, right = st.columns([3, 1, 1])
-    seq_len = left.select_slider("Sequence length s (tokens)", SEQ_LENS,
-                                 value=min(START_LENS, key=lambda v: abs(v - ws.seq_len)), key="cost_seq_len",
-                                 help="Attention's s^2 term grows with length, so the FFN's share shrinks")
+    lengths = sorted(set(SEQ_LENS) | ({round(ws.seq_len)} if ws.is_lm else set()))
+    start = round(ws.seq_len) if ws.is_lm else min(START_LENS, key=lambda v: abs(v - ws.seq_len))
+    label = "Block length s (tokens)" if ws.is_lm else "Sequence length s (tokens)"
+    seq_len = left.select_slider(label, lengths, value=start, key="cost_seq_len",
+                                 help="Attention's s^2 term grows with length, so the FFN's share shrinks"
+                                      + (f" (the workspace's blocks hold {ws.seq_len:g} tokens)" if ws.is_lm else ""))
     unit = mid.radio("Unit", ["MMACs", "MFLOPs"], key="cost_unit", horizontal=True,
                      help="Millions of multiply-accumulates; FLOPs = 2 x MACs")
     measure = right.button("Measure latency", key="cost_measure",
@@ -40,11 +50,20 @@ def controls(ws: Workspace) -> tuple[float, str, bool]:
 
 def body(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
     report = cost_report(ws.shape, seq_len, params=count_params(ws.model))
-    st.latex(FORMULA)
-    st.caption(f"d = {ws.shape.hidden}, d_h = {ws.shape.head_dim}, H = {ws.shape.heads} heads, "
-               f"N = FFN neurons per layer, s = {seq_len:g} tokens. Counted: encoder layers only "
-               "(FLOPs = 2 x MACs); embeddings, LayerNorm, softmax, activation, pooler and head are left "
-               "out (the head is drawn for reference).")
+    if ws.is_lm:
+        st.latex(FORMULA_LM % (3 if ws.shape.gated else 2))
+        st.caption(f"d = {ws.shape.hidden}, d_h = {ws.shape.head_dim}, H = {ws.shape.heads} query heads, "
+                   f"H_kv = {ws.shape.kv_heads} key/value heads, N = MLP neurons per layer"
+                   + (" (gated: gate, up and down, three matrices)" if ws.shape.gated else "")
+                   + f", s = {seq_len:g} tokens per block (full attention over the block, causal mask not "
+                   "discounted). Counted: decoder layers only (FLOPs = 2 x MACs); embeddings, norms, "
+                   "softmax, activation and the LM head are left out (the head is drawn for reference).")
+    else:
+        st.latex(FORMULA)
+        st.caption(f"d = {ws.shape.hidden}, d_h = {ws.shape.head_dim}, H = {ws.shape.heads} heads, "
+                   f"N = FFN neurons per layer, s = {seq_len:g} tokens. Counted: encoder layers only "
+                   "(FLOPs = 2 x MACs); embeddings, LayerNorm, softmax, activation, pooler and head are left "
+                   "out (the head is drawn for reference).")
     share = report.ffn_share
     a, b, c = st.columns(3)
     a.metric("Encoder cost per sequence", f"{report.encoder_macs / 1e6:,.1f} MMACs",
@@ -83,9 +102,9 @@ def body(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
             batch = engine.timing_batch(ws, length)
             frame = store.get_or_compute(key, lambda: block_latency(ws.model, batch))
         st.plotly_chart(figures.stacked_blocks(frame, "ms", "milliseconds per forward pass",
-                                               f"Measured time per block, batch {engine.TIMING_BATCH} x {length} tokens"),
+                                               f"Measured time per block, batch {len(batch['input_ids'])} x {length} tokens"),
                         key="cost_latency")
-        st.caption(ui.caption_env(length, engine.TIMING_BATCH) + " Other sessions running at the same "
+        st.caption(ui.caption_env(length, len(batch["input_ids"])) + " Other sessions running at the same "
                    "time slow the numbers down." + (f" Timed at {length} tokens, the model's longest input."
                                                     if length < round(seq_len) else ""))
     else:

@@ -45,7 +45,7 @@ def page_figures(ws: Workspace, result: engine.BudgetResult) -> dict:
     figs = {"Kept neurons per layer": figures.kept_per_layer(charts.kept_frame(result.plan), result.method),
             "Cost of the pruned model per block": figures.stacked_blocks(
                 charts.cost_frame(cost, "MMACs"), "value", "MMACs per sequence",
-                f"Pruned model at s = {ws.seq_len:g} tokens")}
+                f"Pruned model at s = {ws.seq_len:g} tokens" + (" per block" if ws.is_lm else ""))}
     return figs
 
 
@@ -90,9 +90,11 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: b
     st.markdown(f"**{METHODS[config.method].label}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page).")
     with ui.progress("Preparing the plan") as bar, ui.core_errors():
         result = engine.evaluate_budget(ws, config, store, bar)
-        dense = engine.reference(ws, store).accuracy.to_dict() if ws.eval_batches else None
+        dense = (engine.reference(ws, store).accuracy.to_dict()
+                 if ws.eval_batches is not None and not ws.is_lm else None)
+        dense_lm = engine.reference_lm(ws, store) if ws.is_lm else None
         speed = engine.measure_speed(ws, config, store)
-    data = report.build_report(ws, config, result, dense, speed)
+    data = report.build_report(ws, config, result, dense, speed, dense_lm)
     name = f"kcm-{config.method}-{config.budget:.2f}"
     cols = st.columns(3)
     cols[0].download_button("Report (JSON)", report.report_json(data), f"{name}.json", "application/json",

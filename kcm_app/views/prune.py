@@ -1,4 +1,6 @@
-"""Page 5 body: the budget slider with live readouts (a fragment), and the method comparison."""
+"""Page 5 body: the budget slider with live readouts (a fragment), and the method comparison. For a
+causal language model the readouts are perplexity, agreement and KL against the unpruned model, a
+generation panel shows both models' continuations of a prompt, and the comparison plots perplexity."""
 from __future__ import annotations
 
 import streamlit as st
@@ -6,7 +8,7 @@ import streamlit as st
 from kcm_core.methods import METHODS
 
 from .. import charts, engine, figures, resources, state, theme, ui
-from ..engine import APP_SCALE_SAMPLES, Workspace
+from ..engine import Workspace
 
 
 def page() -> None:
@@ -23,7 +25,8 @@ def page() -> None:
 
 
 def method_options(ws: Workspace) -> list[str]:
-    """Every method; the label-using ones only when the data has labels."""
+    """Every method; the label-using ones only when the data has labels (never for a language model,
+    whose text has none)."""
     return [m for m, spec in METHODS.items() if ws.has_labels or not spec.uses_labels]
 
 
@@ -48,7 +51,7 @@ def compare_controls(ws: Workspace) -> tuple[list[str], list[float], bool]:
     """Methods, budgets (those above this model's floor, ascending), and whether 'Compare' was pressed."""
     left, mid, right = st.columns([3, 2, 1])
     options = method_options(ws)
-    methods = left.multiselect("Methods", options, default=default_methods(options),
+    methods = left.multiselect("Methods", options, default=default_methods(options, ws.is_lm),
                                format_func=theme.method_label, key="compare_methods", help="One line per method")
     budgets = mid.multiselect("Relative FLOPs", charts.BUDGET_OPTIONS,
                               default=charts.budget_grid(ws.floor, points=3), key="compare_budgets",
@@ -57,10 +60,12 @@ def compare_controls(ws: Workspace) -> tuple[list[str], list[float], bool]:
     return methods, sorted(b for b in budgets if b >= ws.floor), run
 
 
-def default_methods(options: list[str]) -> list[str]:
+def default_methods(options: list[str], lm: bool = False) -> list[str]:
     """The comparison's default lines: KCM against weight magnitude, random, and (with labels)
-    Mask-Tuning; the other methods can be added."""
-    return [m for m in ("kcm", "weight-magnitude", "random", "mask-tuning") if m in options]
+    Mask-Tuning; for a language model KCM against the LLM baselines Wanda-sp and FLAP. The other
+    methods can be added."""
+    wanted = ("kcm", "wanda-sp", "flap") if lm else ("kcm", "weight-magnitude", "random", "mask-tuning")
+    return [m for m in wanted if m in options]
 
 
 def _pct(x: float) -> str:
@@ -96,6 +101,11 @@ def readouts(ws: Workspace) -> None:
     label = "Evaluating this budget" if engine.is_evaluated(ws, config, store) else "New budget"
     with ui.progress(label) as bar, ui.core_errors():
         slow = engine.evaluate_budget(ws, config, store, bar)
+    if ws.is_lm:
+        lm_readouts(ws, slow, store)
+        speed_readout(ws, config, store, st.columns(3)[0], slow)
+        generation_panel(ws, config, store)
+        return
     cols = st.columns(3)
     if slow.accuracy:
         dense = engine.reference(ws, store).accuracy
@@ -106,11 +116,54 @@ def readouts(ws: Workspace) -> None:
     else:
         cols[0].info("No labels: accuracy unavailable.")
     # Accuracy is on screen now; the timing (about half a second on the demo) comes after it.
-    with cols[2], st.spinner("Timing the sliced model..."), ui.core_errors():
+    speed_readout(ws, config, store, cols[2], slow)
+
+
+def speed_readout(ws: Workspace, config, store, container, slow: engine.BudgetResult) -> None:
+    """The measured speedup (timed after the quality readouts are on screen) and what they rest on."""
+    with container, st.spinner("Timing the sliced model..."), ui.core_errors():
         speed = engine.measure_speed(ws, config, store)
-    cols[2].metric("Measured speedup", f"{speed.measured_speedup:.2f}x",
-                   help=f"Wall time of the unpruned / the sliced model, {speed.timed_on}")
+    container.metric("Measured speedup", f"{speed.measured_speedup:.2f}x",
+                     help=f"Wall time of the unpruned / the sliced model, {speed.timed_on}")
     st.caption(readout_note(ws, slow, speed))
+
+
+def lm_readouts(ws: Workspace, slow: engine.BudgetResult, store) -> None:
+    """Perplexity (with its interval and the change), agreement and KL against the unpruned model."""
+    dense = engine.reference_lm(ws, store).perplexity
+    ppl, agr, kl = slow.perplexity, slow.agreement, slow.kl
+    cols = st.columns(3)
+    lo, hi = ppl["ci95"]
+    cols[0].metric("Perplexity", f"{ppl['value']:,.2f}", f"{ppl['value'] / dense.value - 1:+.1%}",
+                   delta_color="inverse",
+                   help=f"Held-out perplexity of the sliced model, 95% interval {lo:,.2f} to {hi:,.2f} over "
+                        f"{ppl['n']} blocks; unpruned {dense.value:,.2f}")
+    cols[1].metric("Agreement with unpruned", _pct(agr["value"]),
+                   help="Share of next-token positions where the pruned model's top-1 prediction is the "
+                        "unpruned model's")
+    cols[2].metric("KL from unpruned", f"{kl['value']:.3f} nats",
+                   help="Mean KL(unpruned || pruned) of the next-token distributions, per token")
+    st.caption(f"Perplexity {ppl['value']:,.2f} (95% interval {lo:,.2f} to {hi:,.2f}) against "
+               f"{dense.value:,.2f} unpruned ({dense.low:,.2f} to {dense.high:,.2f}) on {ws.info.eval_source}; "
+               + (f"paired ratio x{slow.paired.ratio:.2f} [{slow.paired.low:.2f}, {slow.paired.high:.2f}]."
+                  if slow.paired else ""))
+
+
+def generation_panel(ws: Workspace, config, store) -> None:
+    """The same prompt continued greedily by the unpruned and the pruned model, side by side."""
+    st.subheader("Generation")
+    prompt = st.text_input("Prompt", engine.DEFAULT_PROMPT, key="gen_prompt",
+                           help=f"Both models continue it greedily with {engine.GENERATION_TOKENS} new tokens")
+    with st.spinner("Generating..."), ui.core_errors():
+        out = engine.continuations(ws, config, prompt, store)
+    left, right = st.columns(2)
+    with left.container(border=True):
+        st.markdown("**Unpruned**")
+        st.text(out.prompt + out.dense)
+    with right.container(border=True):
+        st.markdown(f"**Pruned** ({theme.method_label(config.method)}, {config.budget:.2f} relative FLOPs)")
+        st.text(out.prompt + out.pruned)
+    st.caption(f"Greedy decoding, {out.new_tokens} new tokens, the same prompt for both models.")
 
 
 def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedResult) -> str:
@@ -121,8 +174,9 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
         parts.append(f"Accuracy of the physically sliced model on {ws.info.eval_examples} examples "
                      f"(95% interval {lo:.1%} to {hi:.1%}).")
     scaled = slow.plan.info.scaled_layers
-    parts.append(f"Scales fitted on the first {APP_SCALE_SAMPLES} unlabeled sequences ({scaled} layers "
-                 "scaled) to keep a new budget within seconds." if scaled is not None
+    unit = "calibration blocks" if ws.is_lm else "unlabeled sequences"
+    parts.append(f"Scales fitted on the first {engine.scale_samples(ws)} {unit} ({scaled} layers "
+                 "scaled) to keep a new budget quick." if scaled is not None
                  else "This method does not scale.")
     parts.append(f"Speed: {speed.dense_seconds * 1e3:.1f} ms unpruned vs {speed.pruned_seconds * 1e3:.1f} ms "
                  f"sliced, {speed.timed_on}; {ui.threads_note()} Other sessions computing at the same time "
@@ -132,8 +186,9 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
 
 @st.fragment
 def compare(ws: Workspace, methods: list[str], budgets: list[float], run: bool) -> None:
-    """Accuracy vs relative FLOPs for several methods; computed on request, stored for everyone."""
-    if not ws.has_labels:
+    """Accuracy (an LM: perplexity) vs relative FLOPs for several methods; computed on request,
+    stored for everyone."""
+    if not (ws.has_labels or ws.is_lm):
         st.info("The comparison needs labeled evaluation data (name a label column in the sidebar).")
         return
     store = resources.store("results")
@@ -146,9 +201,14 @@ def compare(ws: Workspace, methods: list[str], budgets: list[float], run: bool) 
         return
     with ui.progress("Comparing methods") as bar, ui.core_errors():
         results = engine.comparison(ws, methods, budgets, base, store, bar)
-    frame = charts.comparison_frame(results)
-    dense = engine.reference(ws, store).accuracy.value
-    st.plotly_chart(figures.comparison(frame, dense, state.budget()), key="prune_compare")
+    if ws.is_lm:
+        frame = charts.comparison_frame(results, metric="perplexity")
+        dense = engine.reference_lm(ws, store).perplexity.value
+        st.plotly_chart(figures.comparison_lm(frame, dense, state.budget()), key="prune_compare")
+    else:
+        frame = charts.comparison_frame(results)
+        dense = engine.reference(ws, store).accuracy.value
+        st.plotly_chart(figures.comparison(frame, dense, state.budget()), key="prune_compare")
     st.caption("Intervals overlap? Then the methods are not distinguishable on this test set. Random is "
                f"drawn with {engine.RANDOM_SEEDS} seeds (the sidebar's and the next ones): its line is their "
                "mean and its bars span all of their 95% intervals.")

@@ -1,0 +1,156 @@
+"""The app on a causal language model, every page through the entry point (``AppTest``): a tiny
+LLaMA (``LlamaForCausalLM``, hidden 32, gated MLP 37, 2 layers, 4 heads / 2 KV heads) with a WordPiece
+tokenizer and a small TXT of documents, in 16-token blocks (``KCM_APP_BLOCK_SIZE``). The real LM demo
+is never loaded here.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from streamlit.testing.v1 import AppTest
+
+from conftest import same_state, state_snapshot
+from kcm_app import resources, state
+from kcm_app.sources import LM_CALIBRATION_BLOCKS, ModelChoice, env_defaults
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+PAGES = ["pages/1_model.py", "pages/2_cost.py", "pages/3_scores.py", "pages/4_hull.py",
+         "pages/5_prune.py", "pages/6_export.py"]
+TIMEOUT = 180
+WORDS = "the a good bad movie film great awful fun dull plot acting i love hate it was is very not".split()
+
+
+def save_tiny_llama(folder: Path) -> Path:
+    """A tiny ``LlamaForCausalLM`` (64 positions: room for a prompt and 30 new tokens)."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    folder.mkdir(parents=True)
+    (folder.parent / "vocab.txt").write_text("\n".join(vocab))
+    tokenizer = T.BertTokenizerFast(vocab=str(folder.parent / "vocab.txt"), do_lower_case=True)
+    config = T.LlamaConfig(vocab_size=len(vocab) + 1, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
+                           max_position_embeddings=64, initializer_range=0.2)
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-app-lm")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40))) for _ in range(80)]
+    (root / "docs.txt").write_text("\n".join(docs) + "\n")
+    return save_tiny_llama(root / "model"), root / "docs.txt"
+
+
+@pytest.fixture
+def app(tiny_lm, monkeypatch):
+    model_dir, docs = tiny_lm
+    monkeypatch.setenv("KCM_APP_MODEL", str(model_dir))
+    monkeypatch.setenv("KCM_APP_DATA", str(docs))
+    monkeypatch.setenv("KCM_APP_BLOCK_SIZE", "16")
+
+    def make(page: str | None = None, **query) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        at.query_params.update(query)
+        at.run()
+        if page:
+            at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert not at.error, [e.value for e in at.error]
+        return at
+    return make
+
+
+def metric(at: AppTest, label: str) -> str:
+    found = [m.value for m in at.metric if m.label == label]
+    assert found, f"no metric {label!r}; have {[m.label for m in at.metric]}"
+    return found[0]
+
+
+def test_lm_demo_is_offered_and_named_by_the_environment():
+    model, data = env_defaults({"KCM_APP_MODEL": "demo-lm"})
+    assert (model, data.kind) == (ModelChoice("demo-lm"), "demo-lm")
+    assert env_defaults({"KCM_APP_MODEL": "demo"})[0] == ModelChoice("demo")
+    assert state.demo_data_for("demo-lm", "demo") == "demo-lm"
+    assert state.demo_data_for("demo", "demo-lm") == "demo"
+    assert state.demo_data_for("folder", "file") == "file"
+
+
+def test_every_page_runs_on_a_language_model(app):
+    at = app()
+    ws = at.session_state[state.WORKSPACE]
+    assert ws.is_lm and ws.seq_len == 16 and not ws.has_labels
+    assert ws.info.sample == LM_CALIBRATION_BLOCKS
+    assert all(b["input_ids"].shape[1] == 16 for b in ws.unlabeled + ws.eval_batches)
+    assert float(metric(at, "Perplexity (unpruned)").replace(",", "")) > 1
+    assert at.number_input(key=state.LM_BLOCKS).value == LM_CALIBRATION_BLOCKS
+    assert at.select_slider(key=state.BLOCK_SIZE).value == 16
+    table = at.table[0].value.to_dict()["value"]
+    assert table["key/value heads per layer"] == "2" and table["layers"] == "2"
+    for page in PAGES[1:]:
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert not at.error, (page, [e.value for e in at.error])
+    at.switch_page("pages/2_cost.py").run()
+    assert at.select_slider(key="cost_seq_len").label.startswith("Block length")
+
+
+def test_prune_page_reads_out_perplexity_and_generates_both_continuations(app):
+    at = app("pages/5_prune.py", budget="0.9", method="kcm")
+    ws = at.session_state[state.WORKSPACE]
+    snapshot = state_snapshot(ws.model)
+    assert "mask-tuning" not in at.selectbox(key=state.W_METHOD).options   # label-using: not for an LM
+    ppl = float(metric(at, "Perplexity").replace(",", ""))
+    assert ppl > 1
+    assert metric(at, "Agreement with unpruned").endswith("%")
+    assert metric(at, "KL from unpruned").endswith("nats")
+    texts = [t.value for t in at.text]
+    assert len(texts) == 2 and all(t.startswith("The movie was") for t in texts)
+    store = resources.store("results")
+    keys = [k for k in store.keys() if k[0] == "generate"]
+    assert keys and all(k[-2] == "The movie was" for k in keys)
+    at.slider(key=state.W_BUDGET).set_value(0.7).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert float(metric(at, "Perplexity").replace(",", "")) != ppl
+    new = [k for k in store.keys() if k[0] == "generate" and k not in keys]
+    assert new, "the pruned continuation was not recomputed for the new budget"
+    texts_after = [t.value for t in at.text]
+    assert len(texts_after) == 2 and texts_after[0] == texts[0]           # the unpruned one is the same
+    at.text_input(key="gen_prompt").set_value("the film").run()
+    assert [t.value for t in at.text][0].startswith("the film")
+    assert same_state(ws.model, snapshot)                                   # the shared model is untouched
+
+
+def test_lm_comparison_plots_perplexity_on_a_log_axis(app):
+    at = app("pages/5_prune.py", budget="0.9")
+    at.multiselect(key="compare_methods").set_value(["kcm", "wanda-sp"])
+    at.multiselect(key="compare_budgets").set_value([0.8, 0.9])
+    at.button(key="compare_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    charts = [c for c in at.get("plotly_chart") if "Perplexity vs relative FLOPs" in c.proto.spec]
+    assert charts
+    spec = json.loads(charts[0].proto.spec)
+    assert spec["layout"]["yaxis"]["type"] == "log"
+
+
+def test_export_writes_a_causal_lm_with_perplexity_before_and_after(app, tmp_path):
+    at = app("pages/6_export.py", budget="0.9", method="kcm")
+    out = tmp_path / "export"
+    at.text_input(key="export_dir").set_value(str(out))
+    at.button(key="export_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    report = json.loads((out / "report.json").read_text())
+    ev = report["evaluation"]
+    assert ev["before"]["perplexity"]["value"] > 1 and ev["after"]["perplexity"]["value"] > 1
+    assert set(ev["after"]) == {"perplexity", "agreement", "kl"} and "perplexity_ratio" in ev["paired"]
+    assert report["data"]["unit"] == "blocks"
+    from kcm_core.export import load_pruned
+    assert type(load_pruned(out)).__name__ == "LlamaForCausalLM"          # the LM head is kept
