@@ -222,6 +222,10 @@ def workspace(model: ModelChoice, data: DataChoice, sample: SampleChoice,
     if data.kind not in DEMO_KINDS:
         data_source(data)                # refused before any cache lookup, on every run
     key, net, tokenizer = load_model(model, progress)
+    if model_shape(net.config).vision:
+        raise ValueError(f"{type(net).__name__} reads images, and image data is not supported yet: the "
+                         "app needs text data for every page; `python -m kcm_core flops --model ...` "
+                         "shows its cost per block")
     build = _lm_workspace if is_causal_lm(net) else _workspace
     return store("workspaces").get_or_compute(
         (key, data, sample), lambda: build(key, data, sample, net, tokenizer, progress))

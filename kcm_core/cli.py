@@ -94,6 +94,15 @@ def _source_paths(args) -> list[str]:
     return [p for p in paths if p and p not in (DEMO, DEMO_LM)]
 
 
+def _refuse_images(model) -> None:
+    """Image models load with their head, but this version has no image data path yet."""
+    from .arch import model_shape
+    if model_shape(model.config).vision:
+        raise ValueError(f"{type(model).__name__} reads images, and image data is not supported yet: "
+                         "`python -m kcm_core flops --model ...` shows its cost per block; pruning and "
+                         "evaluating it need image data, which a later version adds")
+
+
 # --------------------------------------------------------------------------- sources
 
 def _resolve_model_path(name: str, progress: Progress) -> str:
@@ -191,6 +200,7 @@ def cmd_prune(args) -> dict:
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before any data work
     check_multiple(args.multiple, model_shape(model.config).ffn_width)             # before scoring
     times["load"] = time.perf_counter() - start
+    _refuse_images(model)
     if is_causal_lm(model):
         config = replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)
         return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress,
@@ -262,6 +272,7 @@ def cmd_evaluate(args) -> dict:
     progress = StderrProgress()
     model_path = _resolve_model_path(args.model, progress)
     model, tokenizer = load_model(model_path)                 # refuses damaged and NaN checkpoints
+    _refuse_images(model)
     if is_causal_lm(model):
         return evaluate_lm_command(args, model, tokenizer, progress)
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before reading data

@@ -236,3 +236,25 @@ def test_samples_subset_is_the_shared_seeded_sample(workdir):
     rows = (2, 5, 10, 15, 28, 29, 32, 34, 36, 39)   # sorted(randperm(48, seed 3)[:10]), as always
     assert cli._limit(data, 10, 3).texts == tuple(data.texts[i] for i in rows)
     assert cli._limit(data, None, 3) is data and cli._limit(data, 48, 3) is data
+
+
+def test_an_image_model_loads_with_its_head_and_pruning_says_images_are_not_supported(tmp_path, capsys):
+    """A ViT folder loads as ViTForImageClassification (not refused for the wrong task); its cost works
+    from the config; prune and evaluate say plainly that image data is not supported yet."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import build_tiny_model
+    from kcm_core.models import load_model
+    folder = tmp_path / "vit"
+    build_tiny_model("vit").save_pretrained(folder)
+    T.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+    (tmp_path / "t.txt").write_text("a b c\nd e f\n")
+    model, _ = load_model(str(folder), device="cpu")
+    assert type(model).__name__ == "ViTForImageClassification"
+    code, out, err = run_cli(capsys, "flops", "--model", folder)
+    assert code == 0 and json.loads(out)["layers"]
+    for argv in (["prune", "--model", folder, "--data", tmp_path / "t.txt", "--flops", 0.9, "--out", tmp_path / "o"],
+                 ["evaluate", "--model", folder, "--data", tmp_path / "t.txt"]):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2 and "image data is not supported yet" in err, err
+    assert not (tmp_path / "o").exists()
