@@ -11,7 +11,8 @@ model are measured on the 800 test sentences.
 
 Per method and budget the results give the mean over seeds, the spread between seeds (min to max,
 standard deviation), and a 95% bootstrap interval over test sentences (``kcm_core.evaluate``) of the
-seed-averaged accuracy. Do not call one method better than another when the intervals overlap.
+seed-averaged accuracy. Separate intervals that overlap do not show "no difference": compare two
+methods on the same sentences paired (``kcm_core.evaluate.paired_difference``).
 The paper's BERT-base / SST-2 numbers at 0.6 are quoted beside for context only (different model,
 data and sequence length).
 

@@ -165,3 +165,27 @@ def state_snapshot(model) -> dict[str, torch.Tensor]:
 def same_state(model, snapshot: dict[str, torch.Tensor]) -> bool:
     now = model.state_dict()
     return now.keys() == snapshot.keys() and all(torch.equal(now[k], snapshot[k]) for k in snapshot)
+
+
+LM_WORDS = "the a good bad movie film great awful fun dull plot acting i love hate it was is very not".split()
+
+
+def save_tiny_lm(folder, family: str, *, positions: int = 32, vocab_size: int | None = None):
+    """Save a seeded tiny causal LM of ``family`` (gpt2, llama or qwen2) with a WordPiece tokenizer over
+    ``LM_WORDS`` to ``folder``; the vocabulary has room for the end-of-text id some tokenizers add."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + LM_WORDS
+    folder.mkdir(parents=True)
+    vocab_file = folder.parent / f"{folder.name}-vocab.txt"
+    vocab_file.write_text("\n".join(vocab))
+    tokenizer = T.BertTokenizerFast(vocab=str(vocab_file), do_lower_case=True)
+    size = vocab_size or len(vocab) + 1
+    small = dict(vocab_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=positions, initializer_range=0.2)
+    config = {"gpt2": lambda: T.GPT2Config(vocab_size=size, n_embd=32, n_layer=2, n_head=4, n_inner=37,
+                                           n_positions=positions, initializer_range=0.2),
+              "llama": lambda: T.LlamaConfig(**small, num_key_value_heads=2),
+              "qwen2": lambda: T.Qwen2Config(**small, num_key_value_heads=2)}[family]()
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -10,11 +10,9 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-import transformers as T
 from streamlit.testing.v1 import AppTest
 
-from conftest import same_state, state_snapshot
+from conftest import LM_WORDS, same_state, save_tiny_lm, state_snapshot
 from kcm_app import resources, state
 from kcm_app.sources import LM_CALIBRATION_BLOCKS, ModelChoice, env_defaults
 
@@ -22,22 +20,7 @@ APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGES = ["pages/1_model.py", "pages/2_cost.py", "pages/3_scores.py", "pages/4_hull.py",
          "pages/5_prune.py", "pages/6_export.py"]
 TIMEOUT = 180
-WORDS = "the a good bad movie film great awful fun dull plot acting i love hate it was is very not".split()
-
-
-def save_tiny_llama(folder: Path) -> Path:
-    """A tiny ``LlamaForCausalLM`` (64 positions: room for a prompt and 30 new tokens)."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    folder.mkdir(parents=True)
-    (folder.parent / "vocab.txt").write_text("\n".join(vocab))
-    tokenizer = T.BertTokenizerFast(vocab=str(folder.parent / "vocab.txt"), do_lower_case=True)
-    config = T.LlamaConfig(vocab_size=len(vocab) + 1, hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
-                           max_position_embeddings=64, initializer_range=0.2)
-    torch.manual_seed(0)
-    T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+WORDS = LM_WORDS
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +29,7 @@ def tiny_lm(tmp_path_factory):
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40))) for _ in range(80)]
     (root / "docs.txt").write_text("\n".join(docs) + "\n")
-    return save_tiny_llama(root / "model"), root / "docs.txt"
+    return save_tiny_lm(root / "model", "llama", positions=64), root / "docs.txt"
 
 
 @pytest.fixture

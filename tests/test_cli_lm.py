@@ -6,32 +6,13 @@ import json
 import random
 
 import pytest
-import torch
-import transformers as T
 
+from conftest import LM_WORDS, save_tiny_lm
 from kcm_core import cli
 from kcm_core.export import load_pruned
 from kcm_core.report import SCHEMA
 
-WORDS = "the a good bad movie film great awful fun dull plot acting i love hate it was is very not".split()
-
-
-def save_tiny_lm(folder, family: str, vocab_size: int | None = None):
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    folder.mkdir(parents=True)
-    (folder.parent / f"{family}-vocab.txt").write_text("\n".join(vocab))
-    tokenizer = T.BertTokenizerFast(vocab=str(folder.parent / f"{family}-vocab.txt"))
-    size = vocab_size or len(vocab) + 1          # room for the end-of-text id some tokenizers add
-    small = dict(vocab_size=size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=37, max_position_embeddings=32, initializer_range=0.2)
-    config = {"gpt2": lambda: T.GPT2Config(vocab_size=size, n_embd=32, n_layer=2, n_head=4, n_inner=37,
-                                           n_positions=32, initializer_range=0.2),
-              "llama": lambda: T.LlamaConfig(**small, num_key_value_heads=2),
-              "qwen2": lambda: T.Qwen2Config(**small, num_key_value_heads=2)}[family]()
-    torch.manual_seed(0)
-    T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+WORDS = LM_WORDS
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +66,7 @@ def test_prune_a_tiny_lm_reports_perplexity_agreement_and_kl(lm_dir, capsys, tmp
 ], ids=["block-over-context", "too-little-text", "label-method", "foreign-tokenizer"])
 def test_lm_inputs_that_cannot_work_exit_2_with_one_line(lm_dir, capsys, tmp_path, args, message):
     args = dict(zip(args[::2], args[1::2]))
-    model_dir = save_tiny_lm(tmp_path / "llama", "llama", args.pop("--vocab", None))
+    model_dir = save_tiny_lm(tmp_path / "llama", "llama", vocab_size=args.pop("--vocab", None))
     data = lm_dir / args.pop("--data-file", "docs.txt")
     argv = ["prune", "--model", model_dir, "--data", data, "--flops", 0.9, "--out", tmp_path / "out",
             "--block-size", args.pop("--block-size", 16), "--method", args.pop("--method", "kcm")]

@@ -209,6 +209,7 @@ def compare(ws: Workspace, methods: list[str], budgets: list[float], run: bool) 
         frame = charts.comparison_frame(results)
         dense = engine.reference(ws, store).accuracy.value
         st.plotly_chart(figures.comparison(frame, dense, state.budget()), key="prune_compare")
-    st.caption("Intervals overlap? Then the methods are not distinguishable on this test set. Random is "
+    st.caption("Bars are each method's own 95% interval; overlapping bars do not mean no difference "
+               "(methods on the same sentences are compared paired). Random is "
                f"drawn with {engine.RANDOM_SEEDS} seeds (the sidebar's and the next ones): its line is their "
                "mean and its bars span all of their 95% intervals.")
