@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kcm_core import demo_lm  # noqa: E402
 from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
-from kcm_core.lm import evaluate_lm, paired_perplexity, split_blocks  # noqa: E402
+from kcm_core.lm import BlockStats, evaluate_lm, paired_perplexity, split_blocks  # noqa: E402
 from kcm_core.methods import METHODS, method  # noqa: E402
 from kcm_core.models import load_model  # noqa: E402
 from kcm_core.pipeline import PruneConfig, compute_scores, prune, resolve_seq_len  # noqa: E402
@@ -53,6 +53,9 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHOD_NAMES))
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--eval-blocks", type=int, default=16)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of lm.json for methods not run now (same settings required), "
+                             "so a grid can be completed in parts; both commands are recorded")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in methods:
@@ -94,19 +97,28 @@ def main() -> int:
                 rows.append({"method": name, "budget": budget, "seed": seed,
                              "relative_flops": relative_flops(shape, seq_len, result.plan.kept_counts),
                              "kept": result.plan.total_kept, "perplexity": ev.perplexity.to_dict(),
+                             "block_nll": ev.stats.nll.tolist(), "block_tokens": ev.stats.tokens.tolist(),
                              "vs_unpruned": paired_perplexity(ev.stats, dense.stats).to_dict(),
                              "seconds": {"scoring": score_s, "prune": prune_s, "evaluation": eval_s,
                                          **{f"stage_{k}": v for k, v in result.seconds.items()}}})
                 log(f"  {name} @ {budget} (seed {seed}): perplexity {ev.perplexity.value:.2f} "
                     f"[{prune_s:.0f} s pruning, {eval_s:.0f} s evaluation]")
+    commands = [" ".join(["python"] + sys.argv)]
+    if args.merge:
+        kept, earlier_commands = earlier_rows(methods, args.eval_blocks)
+        rows, commands = kept + rows, earlier_commands + commands
+        for row in kept:                 # earlier rows paired against the KCM run of their own time,
+            if "block_nll" in row:       # or against this run's KCM when their blocks were stored
+                stats[row["method"], row["budget"], row["seed"]] = _stats_of(row)
     for row in rows:
         ref = stats.get(("kcm", row["budget"], 0))
-        if ref is not None and row["method"] != "kcm":
-            row["vs_kcm"] = paired_perplexity(stats[row["method"], row["budget"], row["seed"]], ref).to_dict()
+        own = stats.get((row["method"], row["budget"], row["seed"]))
+        if ref is not None and own is not None and row["method"] != "kcm":
+            row["vs_kcm"] = paired_perplexity(own, ref).to_dict()
     data = {"settings": {"model": demo_lm.MODEL_SOURCE, "text": demo_lm.TEXT_SOURCE, "block": BLOCK,
                          "calibration_blocks": CALIBRATION_BLOCKS, "scale_blocks": SCALE_BLOCKS,
                          "eval_blocks": args.eval_blocks, "seq_len": seq_len,
-                         "command": " ".join(["python"] + sys.argv)},
+                         "command": " && ".join(commands)},
             "unpruned": {"perplexity": dense.perplexity.to_dict(), "evaluation_seconds": dense_s},
             "rows": rows,
             "environment": {**asdict(Environment.here()), "load_average_before": list(load_before),
@@ -117,6 +129,26 @@ def main() -> int:
     (RESULTS / "lm.md").write_text(markdown(data))
     print(markdown(data))
     return 0
+
+
+def _stats_of(row: dict) -> BlockStats:
+    return BlockStats(np.asarray(row["block_nll"]), np.asarray(row["block_tokens"]), None, None)
+
+
+def earlier_rows(methods: list[str], eval_blocks: int) -> tuple[list[dict], list[str]]:
+    """Rows of the stored lm.json for methods not in ``methods``; its settings must match this run's."""
+    path = RESULTS / "lm.json"
+    if not path.is_file():
+        return [], []
+    old = json.loads(path.read_text())
+    s = old["settings"]
+    ours = {"block": BLOCK, "calibration_blocks": CALIBRATION_BLOCKS, "scale_blocks": SCALE_BLOCKS,
+            "eval_blocks": eval_blocks}
+    theirs = {k: s.get(k) for k in ours}
+    if theirs != ours:
+        raise SystemExit(f"--merge: lm.json was measured with {theirs}, this run uses {ours}; "
+                         "run without --merge or with the same settings")
+    return [r for r in old["rows"] if r["method"] not in methods], s["command"].split(" && ")
 
 
 def _cell(row: dict | None) -> str:
@@ -167,7 +199,8 @@ def markdown(data: dict) -> str:
     lines += ["", f"Machine: {env['cpu']}, {env['threads']} threads, torch {env['torch']}; load average "
               f"before {env['load_average_before'][0]:.1f}, after {env['load_average_after'][0]:.1f}"
               " (above about 2 on this 2-core machine, the times are inflated by other work).",
-              f"Command: `{s['command']}`; wall time {data['wall_seconds']:.0f} s.", ""]
+              f"Command: `{s['command']}`; wall time {data['wall_seconds']:.0f} s"
+              + (" (the last command)." if " && " in s["command"] else "."), ""]
     return "\n".join(lines)
 
 
