@@ -1,5 +1,6 @@
 """README numbers come from the results files (``benchmarks/render_readme.py``), and the speed
 verdicts from intervals over paired rounds (``benchmarks/common.py``): known answers and a drift check."""
+import os
 import sys
 from pathlib import Path
 
@@ -91,3 +92,42 @@ def test_run_environment_records_machine_versions_load_and_command(monkeypatch):
     assert env["onnxruntime"] == "9.9" and env["machine_state"].startswith("idle")
     assert env["cpu"] == cpu_name() and env["threads"] == torch.get_num_threads()
     assert (env["torch"], env["transformers"]) == (torch.__version__, transformers.__version__)
+
+
+class FakeClock:
+    """perf_counter and process_time for timed runners: each runner advances it by its own cost."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def runner(self, costs: list[float]):
+        calls = iter(costs)
+
+        def run() -> None:
+            self.now += next(calls)
+        return run
+
+
+def test_bench_speed_keeps_every_round_and_pairs_the_ratios(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # undone after
+    import bench_speed
+    clock = FakeClock()
+    monkeypatch.setattr(bench_speed.time, "perf_counter", clock)
+    monkeypatch.setattr(bench_speed.time, "process_time", clock)
+    # one warm-up each, then 5 rounds; the machine slows down in round 3 for both models alike
+    dense = clock.runner([9.0, 2.0, 2.0, 6.0, 2.0, 2.0])
+    pruned = clock.runner([9.0, 1.0, 1.0, 3.0, 1.0, 1.5])
+    timing = bench_speed.time_round_robin({"dense": dense, "kcm@0.6": pruned}, warmup=1, repeats=5)
+    assert timing["dense"]["rounds_ms"] == [2000.0, 2000.0, 6000.0, 2000.0, 2000.0]
+    assert timing["kcm@0.6"]["rounds_ms"] == [1000.0, 1000.0, 3000.0, 1000.0, 1500.0]
+    row = {"budget": 0.6, "batch": 32, "multiple": 1, "seq": 64,
+           **bench_speed.speedups(timing["dense"], timing["kcm@0.6"])}
+    assert row["speedup"] == 2.0                # median of 2, 2, 2, 2, 1.33: the slow round 3 cancels out
+    assert 4 / 3 <= row["speedup_ci95"][0] and row["speedup_ci95"][1] == 2.0
+    line = bench_speed.goal_line({"pytorch": [row]})
+    assert "seq 64: 2.00x [" in line and ("**met**" in line) == (row["speedup_ci95"][0] >= 1.4)
+    old = {key: row[key] for key in ("budget", "batch", "multiple", "seq", "speedup")}
+    assert "**not shown** (this file has no per-round times" in bench_speed.goal_line({"pytorch": [old]})
