@@ -2,7 +2,7 @@
 
 Every generated passage in README.md sits between ``<!-- results:NAME -->`` and
 ``<!-- /results:NAME -->``; NAME is one of ``BLOCKS`` below, each a function of the results folder.
-Text outside the markers (the reading of the numbers) is left alone. ``tests/test_readme_results.py``
+Text outside the markers (the reading of the numbers) is left alone. ``tests/test_benchmark_evidence.py``
 fails when the README differs from what this script would write.
 
     python benchmarks/render_readme.py            # rewrite the marked blocks in README.md
