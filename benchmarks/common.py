@@ -105,19 +105,13 @@ def ratio_text(interval: Mapping[str, Any]) -> str:
 def perplexity_cell(row: Mapping[str, Any] | None) -> str:
     """A method's perplexity, then its ratio to KCM's on the same blocks [paired interval] and the
     bootstrap p where the row has one (``kcm_core.lm.paired_perplexity``)."""
+    from kcm_core.lm import bootstrap_p_text
     if row is None:
         return ""
     text = f"{row['perplexity']['value']:,.1f}"
     vs = row.get("vs_kcm")
     if vs:
         lo, hi = vs["ci95"]
-        p = f", p {_bootstrap_p(vs['p_value'])}" if vs.get("p_value") is not None else ""
+        p = f", p {bootstrap_p_text(vs['p_value'])}" if vs.get("p_value") is not None else ""
         text += f" (x{vs['ratio']:.2f} [{lo:.2f}, {hi:.2f}]{p})"
     return text
-
-
-def _bootstrap_p(value: float) -> str:
-    """A bootstrap p cannot go below 2 / (draws + 1): say "< 0.002" rather than a false digit."""
-    from kcm_core.lm import RESAMPLES
-    floor = 2 / (RESAMPLES + 1)
-    return f"< {floor:.3f}" if value <= floor + 1e-12 else f"{value:.3f}"

@@ -249,6 +249,12 @@ def bootstrap_p(draws: np.ndarray, null: float) -> float:
     return min(1.0, 2 * (side + 1) / (len(draws) + 1))
 
 
+def bootstrap_p_text(p: float, draws: int = RESAMPLES) -> str:
+    """A bootstrap p for people: at its floor 2 / (draws + 1) it says "< 0.002", not a false digit."""
+    floor = 2 / (draws + 1)
+    return f"< {floor:.3f}" if p <= floor + 1e-12 else f"{p:.3g}"
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     """Greedy continuation of ``prompt`` (deterministic): what a demo audience reads side by side."""

@@ -220,6 +220,7 @@ def _scaling_line(scaling: Mapping[str, Any]) -> str:
 def _paired_lines(paired: Mapping[str, Any]) -> list[str]:
     """After against before on the same examples: the difference (or ratio) with its paired interval,
     and the test of "no change" (McNemar's exact p for accuracy, the bootstrap p for perplexity)."""
+    from .lm import bootstrap_p_text
     lines = []
     diff = paired.get("accuracy_difference")
     if diff:
@@ -231,7 +232,7 @@ def _paired_lines(paired: Mapping[str, Any]) -> list[str]:
     ratio = paired.get("perplexity_ratio")
     if ratio:
         lo, hi = ratio["ci95"]
-        p = f"; bootstrap p = {ratio['p_value']:.3g}" if ratio.get("p_value") is not None else ""
+        p = f"; bootstrap p {bootstrap_p_text(ratio['p_value'])}" if ratio.get("p_value") is not None else ""
         lines.append(f"- Perplexity after / before (paired over the same {ratio['n']} blocks): "
                      f"{ratio['ratio']:.3f} (95% CI {lo:.3f} to {hi:.3f}{p})")
     return lines

@@ -16,8 +16,8 @@ from kcm_core.arch import ffn_blocks
 from kcm_core.compensation import compensate
 from kcm_core.data import TextData
 from kcm_core.export import load_pruned, save_pruned
-from kcm_core.lm import (RESAMPLES, BlockStats, blocks_of, bootstrap_p, check_block_size, evaluate_lm,
-                         generate, paired_perplexity, split_blocks, token_stream)
+from kcm_core.lm import (RESAMPLES, BlockStats, blocks_of, bootstrap_p, bootstrap_p_text, check_block_size,
+                         evaluate_lm, generate, paired_perplexity, split_blocks, token_stream)
 from kcm_core.scores import flap, wanda_sp
 from kcm_core.select import select_top_k
 
@@ -104,6 +104,7 @@ def test_bootstrap_p_counts_draws_on_the_far_side():
     draws = np.array([0.9] * 30 + [1.1] * 70)      # 30 of 100 at or below 1
     assert bootstrap_p(draws, 1.0) == pytest.approx(2 * 31 / 101)
     assert bootstrap_p(np.array([1.0] * 10), 1.0) == 1.0
+    assert bootstrap_p_text(2 / (RESAMPLES + 1)) == "< 0.002" and bootstrap_p_text(0.0412) == "0.0412"
 
 
 def test_wanda_sp_and_flap_rank_by_their_formulas(tiny_model):

@@ -49,11 +49,13 @@ def test_report_lines_say_after_minus_before_with_interval_and_p():
     lines = _paired_lines({
         "accuracy_difference": {"value": -0.0125, "ci95": [-0.03, 0.005], "n": 800, "a_only": 10,
                                 "b_only": 20, "mcnemar_p": 0.0987},
-        "perplexity_ratio": {"ratio": 1.5, "ci95": [1.25, 1.75], "n": 8, "p_value": 0.002}})
+        "perplexity_ratio": {"ratio": 1.5, "ci95": [1.25, 1.75], "n": 8, "p_value": 2 / 1001}})
     assert lines == [
         "- Accuracy after minus before (paired over the same 800 examples): -1.2 points (95% CI -3.0 "
         "to +0.5); McNemar exact p = 0.0987 (20 examples only the unpruned model gets right, 10 only "
         "the pruned one)",
         "- Perplexity after / before (paired over the same 8 blocks): 1.500 (95% CI 1.250 to 1.750; "
-        "bootstrap p = 0.002)"]
+        "bootstrap p < 0.002)"]
     assert _paired_lines({}) == []
+    ratio = {"ratio": 1.1, "ci95": [0.9, 1.3], "n": 8, "p_value": 0.4116}
+    assert _paired_lines({"perplexity_ratio": ratio})[0].endswith("(95% CI 0.900 to 1.300; bootstrap p 0.412)")
