@@ -315,7 +315,7 @@ def markdown(data: dict) -> str:
         "# Speed: dense vs physically pruned (KCM)", "",
         f"Subject: {data['description']}.", "",
         machine_line(env) + f" OMP_WAIT_POLICY={env.get('omp_wait_policy')}. Each time is the median of "
-        f"{data['repeats']} rounds after {data['warmup']} warm-up runs, models interleaved; each speedup is "
+        f"{data['repeats']} rounds after {data['warmup']} warm-up run(s) per model, models interleaved; each speedup is "
         "the median of the per-round ratios dense / pruned [95% seeded bootstrap interval over rounds].", "",
         f"Budgets are relative FLOPs of the paper's count (encoder MACs) at the unlabeled sample's average "
         f"length ({data['seq_len_avg']:.1f} tokens). Timed inputs are full-length sequences; the ideal "

@@ -138,6 +138,9 @@ def speed(results: Path) -> str:
     b1 = [f"{_speed(find(0.6, seq, batch=1))} (seq {seq})" for seq in (64, 128) if find(0.6, seq, batch=1)]
     lines += ["", "Goal at 0.6, batch 32: at least 1.4x, met only when the interval's lower end clears it: "
               + "; ".join(goal) + ". At batch 1 the same plan gives " + " and ".join(b1) + "."]
+    quick = results / "speed-quick.json"
+    if quick.is_file():
+        lines += ["", _quick_goal(json.loads(quick.read_text()))]
     onnx = data.get("onnxruntime") or []
     if onnx:
         def o(runtime, model, seq):
@@ -153,6 +156,19 @@ def speed(results: Path) -> str:
         lines += ["", f"ONNX Runtime (CPUExecutionProvider, batch 32, same process, medians; both exports reloaded "
                   f"in a fresh process, max abs difference {diff:.1e} from PyTorch): " + "; ".join(parts) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _quick_goal(data: dict) -> str:
+    """The goal as the shorter ``--quick`` run measured it (budgets 0.8 and 0.6), when that file exists."""
+    parts = []
+    for r in data["pytorch"]:
+        if r["budget"] == 0.6 and r["batch"] == 32 and r["multiple"] == 1:
+            verdict = goal_verdict({"ci95": r["speedup_ci95"]}, 1.4) if "speedup_ci95" in r else "not shown (no interval)"
+            parts.append(f"seq {r['seq']}: {_speed(r)}, **{verdict}**")
+    env = data["environment"]
+    return (f"The quick run (`{env.get('command', 'bench_speed.py --quick')}`, {data['repeats']} rounds, "
+            f"{len(data['budgets'])} budgets, {_state(env)}; `benchmarks/results/speed-quick.md`) at 0.6, batch 32: "
+            + "; ".join(parts) + ".")
 
 
 def lm(results: Path) -> str:
