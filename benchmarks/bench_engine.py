@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +30,7 @@ from kcm_core.hull import HullConfig, kernel_hull  # noqa: E402
 from kcm_core.arch import ffn_blocks  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kcm_core.report import Environment  # noqa: E402
+from common import machine_line, run_environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -115,16 +115,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--only", choices=["small", "base"])
+    parser.add_argument("--render-only", action="store_true", help="rewrite engine.md from engine.json")
     args = parser.parse_args()
+    path = RESULTS / "engine.json"
+    if args.render_only:
+        (RESULTS / "engine.md").write_text(markdown(json.loads(path.read_text())))
+        return
+    load_before = os.getloadavg()
     runs = {}
     for name, builder in (("small", small_model), ("base", base_model)):
         if args.only and args.only != name:
             continue
         runs[name] = run(name, builder, args.samples)
-    env = asdict(Environment.here())
+    env = run_environment(load_before)
+    for run_ in runs.values():
+        run_["environment"] = env          # engine.json merges runs: each keeps its own machine and load
     RESULTS.mkdir(exist_ok=True)
     out = {"environment": env, "runs": runs}
-    path = RESULTS / "engine.json"
     old = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     old["runs"].update(runs)
     old["environment"] = env
@@ -134,8 +141,7 @@ def main() -> None:
 
 
 def markdown(data: dict) -> str:
-    env = data["environment"]
-    lines = [f"Measured on {env['cpu']}, {env['threads']} threads, torch {env['torch']}, CPU.", "",
+    lines = ["# KCM stage times", "",
              "| model | R2 (s) | D2 (s) | selection (s) | scaling (s) | slicing (s) | total (s) | R2 iterations per layer | R2 at 65 iterations (s, extrapolated) | total with that R2 (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for run_ in data["runs"].values():
@@ -149,6 +155,15 @@ def markdown(data: dict) -> str:
     lines += ["", "Stop rules on layer 0 (iterations): " + "; ".join(
         f"{name}: absolute {r['stop_rules_layer0']['absolute']['iterations']}, "
         f"signed {r['stop_rules_layer0']['signed']['iterations']}" for name, r in data["runs"].items())]
+    lines += ["", "One run per model (no repeated rounds): a time here is one measurement, not an interval."]
+    for name, run_ in data["runs"].items():
+        env = run_.get("environment")
+        if env:
+            lines += [f"- {name}: {machine_line(env)} Command: `{env['command']}`."]
+        else:
+            old = data.get("environment", {})
+            lines += [f"- {name}: measured on {old.get('cpu', 'an unrecorded CPU')}, {old.get('threads')} "
+                      f"threads, torch {old.get('torch')}; load and command not recorded by that run."]
     return "\n".join(lines) + "\n"
 
 

@@ -7,9 +7,11 @@ defaults for language models (32 calibration blocks of 256 tokens, scaling on th
 then measure perplexity on held-out blocks of documents calibration never saw. Random is drawn with
 three seeds; every other method is deterministic (its calibration blocks are fixed). Each method is
 compared with KCM at the same budget **paired over the same blocks**: the ratio of their perplexities
-with a 95% interval from one bootstrap over blocks applied to both (``kcm_core.lm``).
+with a 95% interval from one bootstrap over blocks applied to both and the bootstrap p of "ratio = 1"
+(``kcm_core.lm.paired_perplexity``). Random's seeds are shown as their spread, separately.
 
     python benchmarks/bench_lm.py [--methods kcm,flap] [--budgets 0.9] [--eval-blocks 16]
+    python benchmarks/bench_lm.py --render-only      # lm.md again from lm.json
 
 Needs the LM demo (``python -m kcm_core demo prepare lm``). Writes benchmarks/results/lm.json and
 lm.md. Progress on stderr. The machine's load before and after is recorded: a run under load says so.
@@ -21,7 +23,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -35,7 +37,7 @@ from kcm_core.lm import BlockStats, evaluate_lm, paired_perplexity, split_blocks
 from kcm_core.methods import METHODS, method  # noqa: E402
 from kcm_core.models import load_model  # noqa: E402
 from kcm_core.pipeline import PruneConfig, compute_scores, prune, resolve_seq_len  # noqa: E402
-from kcm_core.report import Environment  # noqa: E402
+from common import machine_line, perplexity_cell, run_environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHOD_NAMES = ("kcm", "r2", "d2", "wanda-sp", "flap", "weight-magnitude", "output-magnitude", "random")
@@ -56,7 +58,11 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of lm.json for methods not run now (same settings required), "
                              "so a grid can be completed in parts; both commands are recorded")
+    parser.add_argument("--render-only", action="store_true", help="rewrite lm.md from lm.json, measuring nothing")
     args = parser.parse_args()
+    if args.render_only:
+        (RESULTS / "lm.md").write_text(markdown(json.loads((RESULTS / "lm.json").read_text())))
+        return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in methods:
         method(name)
@@ -121,8 +127,7 @@ def main() -> int:
                          "command": " && ".join(commands)},
             "unpruned": {"perplexity": dense.perplexity.to_dict(), "evaluation_seconds": dense_s},
             "rows": rows,
-            "environment": {**asdict(Environment.here()), "load_average_before": list(load_before),
-                            "load_average_after": list(os.getloadavg())},
+            "environment": run_environment(load_before),
             "wall_seconds": time.perf_counter() - started}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lm.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -151,17 +156,6 @@ def earlier_rows(methods: list[str], eval_blocks: int) -> tuple[list[dict], list
     return [r for r in old["rows"] if r["method"] not in methods], s["command"].split(" && ")
 
 
-def _cell(row: dict | None) -> str:
-    if row is None:
-        return ""
-    text = f"{row['perplexity']['value']:.1f}"
-    vs = row.get("vs_kcm")
-    if vs:
-        lo, hi = vs["ci95"]
-        text += f" (x{vs['ratio']:.2f} [{lo:.2f}, {hi:.2f}])"
-    return text
-
-
 def markdown(data: dict) -> str:
     s, env = data["settings"], data["environment"]
     budgets = sorted({r["budget"] for r in data["rows"]}, reverse=True)
@@ -173,8 +167,9 @@ def markdown(data: dict) -> str:
              f"{s['eval_blocks']} held-out blocks. Relative FLOPs counted at {s['seq_len']:.0f} tokens.",
              f"Unpruned perplexity {dense['value']:.2f} [{dense['ci95'][0]:.2f}, {dense['ci95'][1]:.2f}].",
              "", "Each cell: perplexity, then (ratio to KCM's perplexity at the same budget on the same "
-             "blocks [paired 95% interval]); a ratio interval above 1 means KCM is better. Random: "
-             "mean of its seeds' perplexities, ratio for seed 0.", "",
+             "blocks [paired 95% interval], and the bootstrap p of no difference where this file has "
+             "it); a ratio interval above 1 means KCM is better. Random: mean of its seeds' perplexities "
+             "with the seed spread beside it, ratio for seed 0.", "",
              "| method | " + " | ".join(f"{b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for name in names:
         cells = []
@@ -187,7 +182,7 @@ def markdown(data: dict) -> str:
             if len(rows) > 1:
                 values = [r["perplexity"]["value"] for r in rows]
                 first = {**first, "perplexity": {**first["perplexity"], "value": float(np.mean(values))}}
-            cells.append(_cell(first) + (f" (seeds {min(values):.1f}-{max(values):.1f})" if len(rows) > 1 else ""))
+            cells.append(perplexity_cell(first) + (f" (seeds {min(values):.1f}-{max(values):.1f})" if len(rows) > 1 else ""))
         lines.append(f"| {METHODS[name].label} | " + " | ".join(cells) + " |")
     kcm = [r for r in data["rows"] if r["method"] == "kcm"]
     if kcm:
@@ -196,9 +191,7 @@ def markdown(data: dict) -> str:
                   f"{stages['scoring']:.0f} s (R2 {stages.get('stage_r2', 0):.0f} s, D2 "
                   f"{stages.get('stage_d2', 0):.0f} s), selection + scaling + slicing {stages['prune']:.0f} s "
                   f"(scaling {stages.get('stage_scaling', 0):.0f} s)."]
-    lines += ["", f"Machine: {env['cpu']}, {env['threads']} threads, torch {env['torch']}; load average "
-              f"before {env['load_average_before'][0]:.1f}, after {env['load_average_after'][0]:.1f}"
-              " (above about 2 on this 2-core machine, the times are inflated by other work).",
+    lines += ["", machine_line(env),
               f"Command: `{s['command']}`; wall time {data['wall_seconds']:.0f} s"
               + (" (the last command)." if " && " in s["command"] else "."), ""]
     return "\n".join(lines)

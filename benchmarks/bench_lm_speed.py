@@ -3,11 +3,14 @@ tokens per second, batch 1 and batch 8, dense and pruned interleaved in paired r
 
     python benchmarks/bench_lm_speed.py [--budget 0.8] [--rounds 5] [--new-tokens 32]
 
+    python benchmarks/bench_lm_speed.py --render-only      # lm_speed.md again from lm_speed.json
+
 The pruned model is KCM at ``--budget`` relative FLOPs (scored on 32 calibration blocks, scaled on 8,
 physically sliced). Each round times dense then pruned on the same input; the speedup is given per
-round, and the result states its median and the range over rounds (a goal counts as met only when the
-lowest round clears it). Needs the LM demo (``python -m kcm_core demo prepare lm``). Writes
-benchmarks/results/lm_speed.json and lm_speed.md.
+round, and the result states the median over rounds with a seeded bootstrap interval over rounds
+(``common.ratio_interval``) and the range; the goal (at least 1.15x the tokens per second at batch 1)
+counts as met only when the interval's lower end clears it. Needs the LM demo
+(``python -m kcm_core demo prepare lm``). Writes benchmarks/results/lm_speed.json and lm_speed.md.
 """
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -28,10 +30,11 @@ from kcm_core import demo_lm  # noqa: E402
 from kcm_core.lm import split_blocks  # noqa: E402
 from kcm_core.models import load_model  # noqa: E402
 from kcm_core.pipeline import PruneConfig, prune  # noqa: E402
-from kcm_core.report import Environment  # noqa: E402
+from common import goal_verdict, machine_line, ratio_interval, ratio_text, run_environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFILL = 128                 # prompt tokens
+GOAL_BATCH, GOAL_GENERATION_SPEEDUP = 1, 1.15
 
 
 @torch.no_grad()
@@ -54,7 +57,14 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=0.8)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite lm_speed.md from lm_speed.json without timing anything")
     args = parser.parse_args()
+    if args.render_only:
+        data = json.loads((RESULTS / "lm_speed.json").read_text())
+        (RESULTS / "lm_speed.md").write_text(markdown(data))
+        print(markdown(data))
+        return 0
     summary = demo_lm.stored_summary()
     if summary is None:
         print("the LM demo is not prepared: python -m kcm_core demo prepare lm", file=sys.stderr)
@@ -85,8 +95,7 @@ def main() -> int:
     data = {"settings": {"budget": args.budget, "rounds": args.rounds, "new_tokens": args.new_tokens,
                          "prefill_tokens": PREFILL, "command": " ".join(["python"] + sys.argv)},
             "rounds": results,
-            "environment": {**asdict(Environment.here()), "load_average_before": list(load_before),
-                            "load_average_after": list(os.getloadavg())}}
+            "environment": run_environment(load_before)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lm_speed.json").write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / "lm_speed.md").write_text(markdown(data))
@@ -94,23 +103,41 @@ def main() -> int:
     return 0
 
 
+def summary(rounds: list[dict]) -> dict:
+    """Medians of the raw timings, and each speedup as the median per-round ratio with its interval."""
+    med = {k: statistics.median(r[k] for r in rounds) for k in
+           ("dense_prefill_s", "pruned_prefill_s", "dense_tokens_per_s", "pruned_tokens_per_s")}
+    return {**med,
+            "prefill_speedup": ratio_interval([r["dense_prefill_s"] for r in rounds],
+                                              [r["pruned_prefill_s"] for r in rounds]),
+            "generation_speedup": ratio_interval([r["pruned_tokens_per_s"] for r in rounds],
+                                                 [r["dense_tokens_per_s"] for r in rounds]),
+            "prefill_range": [min(r["prefill_speedup"] for r in rounds), max(r["prefill_speedup"] for r in rounds)],
+            "generation_range": [min(r["generation_speedup"] for r in rounds),
+                                 max(r["generation_speedup"] for r in rounds)]}
+
+
 def markdown(data: dict) -> str:
     s, env = data["settings"], data["environment"]
     lines = [f"# LM demo speed: KCM at {s['budget']} relative FLOPs against dense", "",
              f"Prefill of {s['prefill_tokens']} tokens; greedy generation of {s['new_tokens']} new tokens; "
-             f"{s['rounds']} paired rounds (dense then pruned on the same input). Median and range over rounds.", "",
+             f"{s['rounds']} paired rounds (dense then pruned on the same input). Raw timings: median over "
+             "rounds. Speedups: median of the per-round ratios [95% seeded bootstrap interval over rounds] "
+             "(range over rounds).", "",
              "| batch | prefill dense / pruned (ms) | prefill speedup | generation dense / pruned (tokens/s) | generation speedup |",
              "|---|---|---|---|---|"]
-    for batch, rounds in data["rounds"].items():
-        med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-        lo_p, hi_p = min(r["prefill_speedup"] for r in rounds), max(r["prefill_speedup"] for r in rounds)
-        lo_g, hi_g = min(r["generation_speedup"] for r in rounds), max(r["generation_speedup"] for r in rounds)
-        lines.append(f"| {batch} | {med['dense_prefill_s'] * 1e3:.0f} / {med['pruned_prefill_s'] * 1e3:.0f} | "
-                     f"{med['prefill_speedup']:.2f}x ({lo_p:.2f}-{hi_p:.2f}) | {med['dense_tokens_per_s']:.1f} / "
-                     f"{med['pruned_tokens_per_s']:.1f} | {med['generation_speedup']:.2f}x ({lo_g:.2f}-{hi_g:.2f}) |")
-    lines += ["", f"Machine: {env['cpu']}, {env['threads']} threads, torch {env['torch']}; load average before "
-              f"{env['load_average_before'][0]:.1f}, after {env['load_average_after'][0]:.1f} (above about 2 on this "
-              "2-core machine other work shared the cores).", f"Command: `{s['command']}`.", ""]
+    sums = {int(batch): summary(rounds) for batch, rounds in data["rounds"].items()}
+    for batch, m in sums.items():
+        (lo_p, hi_p), (lo_g, hi_g) = m["prefill_range"], m["generation_range"]
+        lines.append(f"| {batch} | {m['dense_prefill_s'] * 1e3:.0f} / {m['pruned_prefill_s'] * 1e3:.0f} | "
+                     f"{ratio_text(m['prefill_speedup'])} ({lo_p:.2f}-{hi_p:.2f}) | {m['dense_tokens_per_s']:.1f} / "
+                     f"{m['pruned_tokens_per_s']:.1f} | {ratio_text(m['generation_speedup'])} ({lo_g:.2f}-{hi_g:.2f}) |")
+    if GOAL_BATCH in sums:
+        gen = sums[GOAL_BATCH]["generation_speedup"]
+        lines += ["", f"Goal: at least {GOAL_GENERATION_SPEEDUP:.2f}x the tokens per second at batch {GOAL_BATCH}: "
+                  f"**{goal_verdict(gen, GOAL_GENERATION_SPEEDUP)}** (median {ratio_text(gen)}; met only when "
+                  "the interval's lower end clears the goal)."]
+    lines += ["", machine_line(env), f"Command: `{env.get('command') or s['command']}`.", ""]
     return "\n".join(lines)
 
 

@@ -9,12 +9,15 @@ length, as the paper does) come from ``kcm_core.pipeline.prune`` with scores com
 
 Timing: ``torch.set_num_threads`` fixed, inputs of full length (no padding), warm-up runs, then
 repeated rounds in which every model runs once in rotating order (so load drift on a shared machine
-hits all models alike), median per model. The ideal speedup is 1 / relative FLOPs of the paper's
+hits all models alike), median per model. Every round's time is kept: a speedup is the median of the
+per-round ratios dense / pruned, with a seeded bootstrap interval over rounds (``common.ratio_interval``),
+and the goal (at least 1.4x at 0.6, batch 32) is met only when that interval's lower end clears it. The ideal speedup is 1 / relative FLOPs of the paper's
 count at the timed sequence length (attention matrix products included; embeddings, LayerNorm,
 softmax, activations and the head are not in it, so measured speedups stay below it).
 ONNX Runtime (CPUExecutionProvider, same thread count) times the exported dense and 0.6 models.
 
     python benchmarks/bench_speed.py [--quick] [--threads 2] [--repeats 15]
+    python benchmarks/bench_speed.py --render-only [--quick]     # speed.md again from speed.json
 
 Threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, ONNX Runtime without spinning) unless the
 environment says otherwise: on a 2-core machine shared with other processes, spinning OpenMP threads
@@ -29,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict
 import statistics
 import sys
 import tempfile
@@ -45,13 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kcm_core  # noqa: E402
 from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
-from kcm_core.report import Environment  # noqa: E402
 from kcm_core.pipeline import PruneConfig, compute_scores, prune  # noqa: E402
+from common import goal_verdict, machine_line, ratio_interval, ratio_text, run_environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 SHAPES = ((1, 64), (1, 128), (32, 64), (32, 128))       # (batch, sequence length)
 ONNX_BUDGET = 0.6
+GOAL_BUDGET, GOAL_BATCH, GOAL_SPEEDUP = 0.6, 32, 1.4
 
 
 def log(msg: str) -> None:
@@ -127,8 +130,18 @@ def time_round_robin(runners: dict[str, callable], warmup: int, repeats: int) ->
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
         out[name] = {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts),
                      "iqr_ms": [1e3 * q[0], 1e3 * q[2]], "cpu_median_ms": 1e3 * statistics.median(cpu[name]),
-                     "runs": len(ts)}
+                     "runs": len(ts), "rounds_ms": [1e3 * t for t in ts],
+                     "cpu_rounds_ms": [1e3 * t for t in cpu[name]]}
     return out
+
+
+def speedups(base: dict, timed: dict, prefix: str = "") -> dict:
+    """``base`` against ``timed`` over the same rounds: median per-round ratio with its interval, for
+    wall time and process CPU time."""
+    wall = ratio_interval(base["rounds_ms"], timed["rounds_ms"])
+    cpu = ratio_interval(base["cpu_rounds_ms"], timed["cpu_rounds_ms"])
+    return {f"{prefix}speedup": wall["median"], f"{prefix}speedup_ci95": wall["ci95"],
+            f"cpu_{prefix}speedup": cpu["median"], f"cpu_{prefix}speedup_ci95": cpu["ci95"]}
 
 
 def torch_runner(model, inputs):
@@ -156,7 +169,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15; quick 4)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up runs per model (default 3; quick 1)")
     parser.add_argument("--multiples", default=None, help="width rounding variants, e.g. 1,64 (default 1,64; quick 1)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the .md from the results .json without timing anything")
     args = parser.parse_args()
+    stem = "speed-quick" if args.quick else "speed"
+    if args.render_only:
+        data = json.loads((RESULTS / f"{stem}.json").read_text())
+        (RESULTS / f"{stem}.md").write_text(markdown(data))
+        log(f"rewrote {RESULTS / (stem + '.md')} from {stem}.json")
+        return 0
     repeats = args.repeats or (4 if args.quick else 15)
     warmup = args.warmup or (1 if args.quick else 3)
     multiples = [int(m) for m in (args.multiples or ("1" if args.quick else "1,64")).split(",")]
@@ -197,27 +218,27 @@ def main() -> int:
         inputs = text_inputs(model.config, batch, seq)
         timing = time_round_robin({n: torch_runner(v["model"], inputs) for n, v in variants.items()},
                                   warmup, repeats)
-        dense_ms = timing["dense"]["median_ms"]
         for name, v in variants.items():
             rel_avg = relative_flops(shape, seq_len, v["kept"])
             rel_here = relative_flops(shape, seq, v["kept"])
             rows.append({"model": name, "budget": v["budget"], "multiple": v["multiple"],
                          "batch": batch, "seq": seq, **timing[name],
                          "relative_flops_at_avg_len": rel_avg, "relative_flops_at_seq": rel_here,
-                         "speedup": dense_ms / timing[name]["median_ms"],
-                         "cpu_speedup": timing["dense"]["cpu_median_ms"] / timing[name]["cpu_median_ms"],
+                         **speedups(timing["dense"], timing[name]),
                          "ideal_speedup": 1.0 / rel_here, "kept_per_layer": v["kept"]})
 
     onnx_rows = onnx_timings(variants, model.config, warmup, repeats)
 
-    env = environment(args.threads, load_before)
+    import onnxruntime
+    env = run_environment(load_before, onnxruntime=onnxruntime.__version__, threads=args.threads,
+                          torch_threads=torch.get_num_threads(),
+                          omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
     out = {"subject": subject, "description": description, "environment": env,
            "seq_len_avg": seq_len, "budgets": list(budgets), "multiples": multiples,
            "repeats": repeats, "warmup": warmup, "quick": args.quick,
            "kcm_scoring_seconds": scores.seconds, "pytorch": rows, "onnxruntime": onnx_rows,
            "wall_seconds": time.perf_counter() - started}
     RESULTS.mkdir(exist_ok=True)
-    stem = "speed-quick" if args.quick else "speed"
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(out))
     log(f"wrote {RESULTS / (stem + '.json')} and {stem}.md in {out['wall_seconds']:.0f} s")
@@ -251,26 +272,41 @@ def onnx_timings(variants: dict, config, warmup: int, repeats: int) -> list[dict
             runners = {f"pytorch {n}": torch_runner(variants[n]["model"], inputs) for n in sessions}
             runners.update({f"onnxruntime {n}": ort_runner(s, inputs) for n, (s, _) in sessions.items()})
             timing = time_round_robin(runners, warmup, repeats)
-            base = timing["pytorch dense"]["median_ms"]
             for name, t in timing.items():
                 runtime, model_name = name.split(" ", 1)
                 result = sessions[model_name][1]
                 rows.append({"runtime": runtime, "model": model_name, "batch": 32, "seq": seq, **t,
-                             "speedup_vs_pytorch_dense": base / t["median_ms"],
-                             "cpu_speedup_vs_pytorch_dense":
-                                 timing["pytorch dense"]["cpu_median_ms"] / t["cpu_median_ms"],
+                             **speedups(timing["pytorch dense"], t, prefix="vs_pytorch_dense_"),
                              "onnx_exporter": result.onnx_exporter,
                              "onnx_max_abs_diff": result.max_abs_diff.get("onnx")})
     return rows
 
 
-def environment(threads: int, load_before) -> dict:
-    import onnxruntime
-    return {**asdict(Environment.here()), "onnxruntime": onnxruntime.__version__,
-            "threads": threads, "torch_threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "load_average_before": list(load_before),
-            "load_average_after": list(os.getloadavg()), "device": "cpu"}
+def _ratio(row: dict, key: str) -> str:
+    """A speedup with its interval over rounds; files written before rounds were kept have no interval."""
+    old_key = {"vs_pytorch_dense_speedup": "speedup_vs_pytorch_dense",
+               "cpu_vs_pytorch_dense_speedup": "cpu_speedup_vs_pytorch_dense"}.get(key, key)
+    if f"{key}_ci95" in row:
+        return ratio_text({"median": row[key], "ci95": row[f"{key}_ci95"]})
+    value = row.get(key, row.get(old_key))
+    return "n/a" if value is None else f"{value:.2f}x (no interval)"
+
+
+def goal_line(data: dict) -> str:
+    rows = [r for r in data["pytorch"] if r["budget"] == GOAL_BUDGET and r["batch"] == GOAL_BATCH
+            and r["multiple"] == 1]
+    if not rows:
+        return f"Goal at {GOAL_BUDGET}, batch {GOAL_BATCH} (at least {GOAL_SPEEDUP}x): not measured in this run."
+    parts = []
+    for r in rows:
+        if "speedup_ci95" in r:
+            verdict = goal_verdict({"ci95": r["speedup_ci95"]}, GOAL_SPEEDUP)
+            parts.append(f"seq {r['seq']}: {_ratio(r, 'speedup')}, **{verdict}**")
+        else:
+            parts.append(f"seq {r['seq']}: {r['speedup']:.2f}x, **not shown** (this file has no per-round "
+                         "times, so no interval; rerun the benchmark)")
+    return (f"Goal at {GOAL_BUDGET}, batch {GOAL_BATCH}: at least {GOAL_SPEEDUP}x, met only when the "
+            "interval's lower end clears it. " + "; ".join(parts) + ".")
 
 
 def markdown(data: dict) -> str:
@@ -278,42 +314,41 @@ def markdown(data: dict) -> str:
     lines = [
         "# Speed: dense vs physically pruned (KCM)", "",
         f"Subject: {data['description']}.", "",
-        f"CPU {env['cpu']} ({env['logical_cpus']} logical CPUs), torch {env['torch']} with "
-        f"{env['threads']} threads (OMP_WAIT_POLICY={env['omp_wait_policy']}), onnxruntime {env['onnxruntime']}, transformers {env['transformers']}. "
-        f"Load average before / after: {env['load_average_before'][0]:.1f} / {env['load_average_after'][0]:.1f} "
-        "(the machine may be shared; each number is the median of "
-        f"{data['repeats']} rounds after {data['warmup']} warm-up runs, models interleaved).", "",
+        machine_line(env) + f" OMP_WAIT_POLICY={env.get('omp_wait_policy')}. Each time is the median of "
+        f"{data['repeats']} rounds after {data['warmup']} warm-up run(s) per model, models interleaved; each speedup is "
+        "the median of the per-round ratios dense / pruned [95% seeded bootstrap interval over rounds].", "",
         f"Budgets are relative FLOPs of the paper's count (encoder MACs) at the unlabeled sample's average "
         f"length ({data['seq_len_avg']:.1f} tokens). Timed inputs are full-length sequences; the ideal "
         "speedup is 1 / relative FLOPs recomputed at the timed length (longer sequences spend more on "
         "attention, which FFN pruning does not touch).", "",
         "Wall time is what a user waits; CPU time (summed over this process's threads) is what the "
         "model costs and is less disturbed by other processes on a shared machine.", "",
-        "| model | batch | seq | median ms | IQR ms | speedup | CPU ms | CPU speedup | ideal (1/rel. FLOPs at seq) | rel. FLOPs at avg len | kept neurons |",
+        goal_line(data), "",
+        "| model | batch | seq | median ms | IQR ms | speedup [95% CI] | CPU ms | CPU speedup [95% CI] | ideal (1/rel. FLOPs at seq) | rel. FLOPs at avg len | kept neurons |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["pytorch"]:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['seq']} | {r['median_ms']:.1f} | "
-            f"{r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | {r['speedup']:.2f}x | {r['cpu_median_ms']:.1f} | "
-            f"{r['cpu_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+            f"{r['iqr_ms'][0]:.1f}-{r['iqr_ms'][1]:.1f} | {_ratio(r, 'speedup')} | {r['cpu_median_ms']:.1f} | "
+            f"{_ratio(r, 'cpu_speedup')} | {r['ideal_speedup']:.2f}x | "
             f"{r['relative_flops_at_avg_len']:.3f} | {sum(r['kept_per_layer'])} |")
     if data["onnxruntime"]:
         exporter = data["onnxruntime"][0]["onnx_exporter"]
         lines += ["", f"## ONNX Runtime (batch 32; {exporter} exporter; each export reloaded in a fresh "
                   "process and checked against PyTorch)", "",
-                  "| runtime | model | seq | median ms | speedup vs PyTorch dense | CPU ms | CPU speedup | export max abs diff |",
+                  "| runtime | model | seq | median ms | speedup vs PyTorch dense [95% CI] | CPU ms | CPU speedup [95% CI] | export max abs diff |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in data["onnxruntime"]:
             diff = f"{r['onnx_max_abs_diff']:.1e}" if r["runtime"] == "onnxruntime" else ""
             lines.append(f"| {r['runtime']} | {r['model']} | {r['seq']} | {r['median_ms']:.1f} | "
-                         f"{r['speedup_vs_pytorch_dense']:.2f}x | {r['cpu_median_ms']:.1f} | "
-                         f"{r['cpu_speedup_vs_pytorch_dense']:.2f}x | {diff} |")
+                         f"{_ratio(r, 'vs_pytorch_dense_speedup')} | {r['cpu_median_ms']:.1f} | "
+                         f"{_ratio(r, 'cpu_vs_pytorch_dense_speedup')} | {diff} |")
     per_layer = {r["model"]: r["kept_per_layer"] for r in data["pytorch"] if r["batch"] == 1 and r["seq"] == 64}
     lines += ["", "Kept FFN neurons per layer:", ""]
     lines += [f"- {name}: {kept}" for name, kept in per_layer.items()]
-    lines += ["", f"Total wall time {data['wall_seconds']:.0f} s. Regenerate: "
-              f"`python benchmarks/bench_speed.py{' --quick' if data['quick'] else ''}`.", ""]
+    command = env.get("command") or f"python benchmarks/bench_speed.py{' --quick' if data['quick'] else ''}"
+    lines += ["", f"Total wall time {data['wall_seconds']:.0f} s. Command: `{command}`.", ""]
     return "\n".join(lines)
 
 

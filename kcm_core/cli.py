@@ -234,7 +234,8 @@ def cmd_prune(args) -> dict:
         before = evaluate_classifier(model, batches, seed=args.seed, progress=progress)
         after = evaluate_classifier(result.model, batches, reference=before.predictions,
                                     seed=args.seed, progress=progress)
-        evaluation = Evaluation.of_classifier(eval_data.source, len(eval_data), before, after)
+        evaluation = Evaluation.of_classifier(eval_data.source, len(eval_data), before, after,
+                                                seed=args.seed)
         times["evaluation"] = time.perf_counter() - t
 
     shape = model_shape(model.config)

@@ -92,6 +92,9 @@ class ClassifierEval:
     accuracy: Rate | None        # None without labels
     agreement: Rate | None       # None without reference predictions
     predictions: torch.Tensor
+    # (examples,) bool, True where the prediction is right; None without labels. Kept so two models
+    # on the same examples can be compared paired (``paired_difference``), not by their two intervals.
+    hits: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy.to_dict() if self.accuracy else None,
@@ -156,9 +159,10 @@ def evaluate_classifier(model: nn.Module, batches: Sequence[Batch],
     labels = labels_of(batches)
     _check_label_range(labels, model)
     preds = predict(model, batches, progress)
-    accuracy = Rate.of(preds == labels, seed) if labels is not None else None
+    hits = preds == labels if labels is not None else None
+    accuracy = Rate.of(hits, seed) if hits is not None else None
     agreement = Rate.of(preds == reference, seed) if reference is not None else None
-    return ClassifierEval(accuracy, agreement, preds)
+    return ClassifierEval(accuracy, agreement, preds, hits)
 
 
 def _check_label_range(labels: torch.Tensor | None, model: nn.Module) -> None:

@@ -5,6 +5,16 @@ JSON form and one Markdown rendering.
 ``render_markdown`` is what ``report.md`` and the app's "Report (Markdown)" show. Metrics sit under
 ``evaluation.before`` / ``evaluation.after`` by name (``accuracy``, ``agreement``; language models add
 ``perplexity``, ``kl``), each a ``Metric`` with its 95% interval.
+
+``evaluation.paired`` compares after with before on the same examples, which separate intervals
+cannot do (two overlapping intervals can still hide a real difference):
+
+- ``accuracy_difference`` (classifiers with labels): ``value`` = accuracy after minus before,
+  ``ci95`` its seeded paired bootstrap interval over examples, ``n`` examples, ``a_only`` / ``b_only``
+  the examples only the pruned / only the unpruned model gets right, ``mcnemar_p`` McNemar's exact
+  two-sided p on those discordant examples (1.0 when there are none).
+- ``perplexity_ratio`` (language models): ``ratio`` = perplexity after / before, ``ci95`` one seeded
+  bootstrap over blocks applied to both, ``n`` blocks, ``p_value`` the bootstrap p of "ratio = 1".
 """
 from __future__ import annotations
 
@@ -90,13 +100,20 @@ class Evaluation:
     paired: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of_classifier(cls, data: str, examples: int, before, after) -> "Evaluation":
+    def of_classifier(cls, data: str, examples: int, before, after, seed: int = 0) -> "Evaluation":
         """From two ``kcm_core.evaluate.ClassifierEval`` (the pruned one with the unpruned predictions
-        as its agreement reference); metrics that were not measured are left out."""
+        as its agreement reference); metrics that were not measured are left out. With labels, the
+        accuracy after minus before is compared paired over the same examples (``paired_difference``:
+        seeded bootstrap interval and McNemar's exact p) under ``paired["accuracy_difference"]``."""
+        from .evaluate import paired_difference
+
         def metrics(result) -> dict[str, Metric]:
             rates = {"accuracy": result.accuracy, "agreement": result.agreement}
             return {name: Metric(r.value, (r.low, r.high), r.n) for name, r in rates.items() if r is not None}
-        return cls(data, int(examples), metrics(before), metrics(after))
+        paired = {}
+        if before.hits is not None and after.hits is not None:
+            paired["accuracy_difference"] = paired_difference(after.hits, before.hits, seed).to_dict()
+        return cls(data, int(examples), metrics(before), metrics(after), paired)
 
     @classmethod
     def of_lm(cls, data: str, before, after, paired) -> "Evaluation":
@@ -200,6 +217,27 @@ def _scaling_line(scaling: Mapping[str, Any]) -> str:
         f"; stopped at layer {stopped} (a solve failed or a scale left the bound)" if stopped is not None else "")
 
 
+def _paired_lines(paired: Mapping[str, Any]) -> list[str]:
+    """After against before on the same examples: the difference (or ratio) with its paired interval,
+    and the test of "no change" (McNemar's exact p for accuracy, the bootstrap p for perplexity)."""
+    from .lm import bootstrap_p_text
+    lines = []
+    diff = paired.get("accuracy_difference")
+    if diff:
+        lo, hi = diff["ci95"]
+        lines.append(f"- Accuracy after minus before (paired over the same {diff['n']} examples): "
+                     f"{100 * diff['value']:+.1f} points (95% CI {100 * lo:+.1f} to {100 * hi:+.1f}); "
+                     f"McNemar exact p = {diff['mcnemar_p']:.3g} ({diff['b_only']} examples only the "
+                     f"unpruned model gets right, {diff['a_only']} only the pruned one)")
+    ratio = paired.get("perplexity_ratio")
+    if ratio:
+        lo, hi = ratio["ci95"]
+        p = f"; bootstrap p {bootstrap_p_text(ratio['p_value'])}" if ratio.get("p_value") is not None else ""
+        lines.append(f"- Perplexity after / before (paired over the same {ratio['n']} blocks): "
+                     f"{ratio['ratio']:.3f} (95% CI {lo:.3f} to {hi:.3f}{p})")
+    return lines
+
+
 def render_markdown(report: PruneReport | Mapping[str, Any], heading: str = "#") -> str:
     """The report for people: method by its label, FLOPs, neurons, metrics before and after."""
     r = report.to_dict() if isinstance(report, PruneReport) else dict(report)
@@ -220,11 +258,7 @@ def render_markdown(report: PruneReport | Mapping[str, Any], heading: str = "#")
         for when in ("before", "after"):
             for name, m in ev[when].items():
                 lines.append(f"- {_METRIC_NAMES.get(name, name)} {when}: {_metric(name, m)}")
-        ratio = (ev.get("paired") or {}).get("perplexity_ratio")
-        if ratio:
-            lo, hi = ratio["ci95"]
-            lines.append(f"- Perplexity after / before (paired over the same blocks): {ratio['ratio']:.3f} "
-                         f"(95% CI {lo:.3f} to {hi:.3f})")
+        lines += _paired_lines(ev.get("paired") or {})
         unit = "blocks" if "perplexity" in ev["after"] else "examples"
         lines.append(f"- Evaluated on: {ev['data']} ({ev['examples']} {unit})")
     else:

@@ -83,6 +83,15 @@ def test_prune_writes_a_loadable_folder_and_a_full_report(workdir, capsys, tmp_p
     markdown = (out_dir / "report.md").read_text()
     assert "with KCM (R2D2)" in markdown and "{'" not in markdown
     assert "- Accuracy before: " in markdown and "- Accuracy after: " in markdown
+    # after minus before, paired over the same 48 examples (counts agree with the two accuracies)
+    ev = report["evaluation"]
+    diff = ev["paired"]["accuracy_difference"]
+    assert diff["n"] == 48 and diff == saved["evaluation"]["paired"]["accuracy_difference"]
+    assert (diff["a_only"] - diff["b_only"]) / 48 == pytest.approx(
+        ev["after"]["accuracy"]["value"] - ev["before"]["accuracy"]["value"])
+    assert diff["value"] == pytest.approx(ev["after"]["accuracy"]["value"] - ev["before"]["accuracy"]["value"])
+    assert f"Accuracy after minus before (paired over the same 48 examples): {100 * diff['value']:+.1f}" in markdown
+    assert f"McNemar exact p = {diff['mcnemar_p']:.3g}" in markdown
 
 
 def test_a_pruned_folder_with_per_layer_widths_evaluates_and_prunes_again(workdir, capsys, tmp_path):

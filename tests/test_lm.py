@@ -16,8 +16,8 @@ from kcm_core.arch import ffn_blocks
 from kcm_core.compensation import compensate
 from kcm_core.data import TextData
 from kcm_core.export import load_pruned, save_pruned
-from kcm_core.lm import (blocks_of, check_block_size, evaluate_lm, generate, paired_perplexity,
-                         split_blocks, token_stream)
+from kcm_core.lm import (RESAMPLES, BlockStats, blocks_of, bootstrap_p, bootstrap_p_text, check_block_size,
+                         evaluate_lm, generate, paired_perplexity, split_blocks, token_stream)
 from kcm_core.scores import flap, wanda_sp
 from kcm_core.select import select_top_k
 
@@ -78,9 +78,33 @@ def test_pruned_against_unpruned_is_paired_on_the_same_blocks(tiny_model):
     paired = paired_perplexity(after.stats, before.stats)
     assert paired.ratio == pytest.approx(after.perplexity.value / before.perplexity.value, rel=1e-9)
     assert paired.low <= paired.ratio <= paired.high and paired.n == 6
-    assert after.kl.value > 0 and 0 <= after.agreement.value < 1
+    assert after.kl.value > 0 and after.agreement.value < 1
     with pytest.raises(ValueError, match="same blocks"):
         paired_perplexity(after.stats, evaluate_lm(model, batches[:1]).stats)
+
+
+def block_stats_of(nll: list[float]) -> BlockStats:
+    return BlockStats(np.array(nll), np.full(len(nll), 10.0), None, None)
+
+
+def test_paired_perplexity_known_answers():
+    before = block_stats_of([20.0, 30.0, 25.0, 40.0, 35.0])
+    same = paired_perplexity(before, before, seed=4)
+    assert (same.ratio, same.low, same.high, same.p_value) == (1.0, 1.0, 1.0, 1.0)
+    # every block 1 nat worse over its 10 tokens: ratio exp(0.1) in every draw, so no draw reaches 1
+    worse = paired_perplexity(block_stats_of([21.0, 31.0, 26.0, 41.0, 36.0]), before, seed=4)
+    assert worse.ratio == pytest.approx(math.exp(0.1))
+    assert worse.low == pytest.approx(math.exp(0.1)) and worse.high == pytest.approx(math.exp(0.1))
+    assert worse.p_value == pytest.approx(2 / (RESAMPLES + 1))
+    assert worse.to_dict()["p_value"] == worse.p_value
+    assert paired_perplexity(block_stats_of([21.0]), block_stats_of([20.0])).p_value is None
+
+
+def test_bootstrap_p_counts_draws_on_the_far_side():
+    draws = np.array([0.9] * 30 + [1.1] * 70)      # 30 of 100 at or below 1
+    assert bootstrap_p(draws, 1.0) == pytest.approx(2 * 31 / 101)
+    assert bootstrap_p(np.array([1.0] * 10), 1.0) == 1.0
+    assert bootstrap_p_text(2 / (RESAMPLES + 1)) == "< 0.002" and bootstrap_p_text(0.0412) == "0.0412"
 
 
 def test_wanda_sp_and_flap_rank_by_their_formulas(tiny_model):

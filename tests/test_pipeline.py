@@ -48,8 +48,8 @@ def test_every_method_runs_end_to_end(bert_and_data, name):
     assert "selection" in result.seconds and "slicing" in result.seconds
     assert all(0.0 <= f <= 1.0 for _, f in messages)
     assert same_state(model, snapshot)
-    if name == "kcm-labels":
-        assert result.plan.info.label_swaps is not None
+    # only the label-refined method reports its swap count (0 is a valid count); the others report none
+    assert isinstance(result.plan.info.label_swaps, int) == (name == "kcm-labels")
     if name in ("kcm", "r2"):
         assert len(result.details.r2_iterations) == 3
 

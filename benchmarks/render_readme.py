@@ -1,0 +1,276 @@
+"""Rewrite the README's benchmark numbers from the results files, so the two cannot drift apart.
+
+Every generated passage in README.md sits between ``<!-- results:NAME -->`` and
+``<!-- /results:NAME -->``; NAME is one of ``BLOCKS`` below, each a function of the results folder.
+Text outside the markers (the reading of the numbers) is left alone. ``tests/test_benchmark_evidence.py``
+fails when the README differs from what this script would write.
+
+    python benchmarks/render_readme.py            # rewrite the marked blocks in README.md
+    python benchmarks/render_readme.py --check    # exit 1 and show the difference when they drift
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import goal_verdict, machine_state, perplexity_cell, ratio_interval, ratio_text  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))          # kcm_core, when run as a script from anywhere
+MARKER = re.compile(r"<!-- results:(?P<name>[a-z0-9_-]+) -->(?P<body>.*?)<!-- /results:(?P=name) -->", re.S)
+
+
+def _load(results: Path, name: str) -> dict:
+    path = results / name
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: run the benchmark that writes it (see benchmarks/README.md)")
+    return json.loads(path.read_text())
+
+
+def _state(env: dict) -> str:
+    """Machine and load from the file itself: "idle" only when the recorded load says so."""
+    return f"{env.get('cpu', 'unrecorded CPU')}, {env.get('threads')} threads, {machine_state(env)}"
+
+
+# --------------------------------------------------------------------------- blocks
+
+def engine(results: Path) -> str:
+    data = _load(results, "engine.json")
+    goals = {"small": 60.0, "base": 7 * 60.0}
+    rows = ["| model | R2 (s) | D2 (s) | scaling (s) | selection + slicing (s) | total (s) | goal |",
+            "|---|---|---|---|---|---|---|"]
+    for name, run in data["runs"].items():
+        s, goal = run["stages_seconds"], goals.get(name)
+        verdict = "" if goal is None else (f"under {goal / 60:g} min: " if goal >= 120 else f"under {goal:g} s: ") + (
+            "met (one run)" if run["total_seconds"] < goal else "**not met**")
+        rows.append(f"| {run['model']} | {s.get('r2', 0):.1f} | {s.get('d2', 0):.1f} | {s.get('scaling', 0):.1f} | "
+                    f"{s.get('selection', 0) + s.get('slicing', 0):.2f} | {run['total_seconds']:.1f} | {verdict} |")
+    base = data["runs"].get("base")
+    if base:
+        total = base["total_seconds_with_r2_at_65_iterations"]
+        rows.append(f"| the same with R2 forced to 65 iterations per layer (extrapolated from one layer) | "
+                    f"{base['r2_seconds_at_65_iterations_extrapolated']:.0f} | | | | {total:.0f} | under 7 min: "
+                    + ("met (one run)" if total < 420 else f"**not met** ({total / 60:.0f} min)") + " |")
+    envs = {name: run.get("environment", data.get("environment", {})) for name, run in data["runs"].items()}
+    where = "; ".join(f"{name}: {_state(env)}" for name, env in envs.items())
+    return "\n".join(rows) + f"\n\nOne run per model, no repeated rounds ({where}).\n"
+
+
+def r2_options(results: Path) -> str:
+    data = _load(results, "r2_options.json")
+    dense = data["dense_accuracy"]
+    budgets = sorted({r["budget"] for r in data["rows"]})
+    first = budgets[0]
+    labels = {("median", 1.0, "absolute"): "1 x median distance (default)",
+              ("median", 0.5, "absolute"): "0.5 x median distance",
+              ("fixed", 1.0, "absolute"): "1 (fixed, the paper)", ("median", 1.0, "signed"): "1 x median distance"}
+    lines = [f"Unpruned {dense['value']:.3f} [{dense['ci95'][0]:.3f}, {dense['ci95'][1]:.3f}] on {dense['n']} "
+             "test sentences.", "",
+             f"| sigma | stop rule | R2 iterations per layer | accuracy at {first} [95% CI] | vs default at {first} "
+             "(points, paired [95% CI], McNemar p) | " + " | ".join(f"accuracy at {b}" for b in budgets[1:])
+             + f" | agreement at {first} |",
+             "|---|---|---|---|---|" + "---|" * (len(budgets) - 1) + "---|"]
+    options = list(dict.fromkeys((r["sigma_mode"], r["sigma"], r["stop_rule"]) for r in data["rows"]))
+    for option in options:
+        rows = {r["budget"]: r for r in data["rows"] if (r["sigma_mode"], r["sigma"], r["stop_rule"]) == option}
+        r0 = rows[first]
+        its = r0["r2_iterations"]
+        its_text = f"{min(its)}" if min(its) == max(its) else f"{min(its)}-{max(its)}"
+        a = r0["accuracy"]
+        vs = r0.get("vs_default")
+        if option == options[0]:
+            vs_text = "(the default)"
+        elif vs is None:
+            vs_text = "not compared in this run"
+        else:
+            vs_text = (f"{100 * vs['value']:+.1f} [{100 * vs['ci95'][0]:+.1f}, {100 * vs['ci95'][1]:+.1f}], "
+                       f"p {vs['mcnemar_p']:.3f}")
+        lines.append(f"| {labels.get(option, option)} | {option[2]} | {its_text} | {a['value']:.3f} "
+                     f"[{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | {vs_text} | "
+                     + " | ".join(f"{rows[b]['accuracy']['value']:.3f}" for b in budgets[1:])
+                     + f" | {r0['agreement']['value']:.3f} |")
+    env = data.get("environment")
+    lines += ["", f"Measured on {_state(env)}." if env else
+              "The run that wrote this file recorded neither the machine nor the load."]
+    return "\n".join(lines) + "\n"
+
+
+def _speed(row: dict, key: str = "speedup") -> str:
+    if f"{key}_ci95" in row:
+        return ratio_text({"median": row[key], "ci95": row[f"{key}_ci95"]})
+    return f"{row[key]:.2f}x"
+
+
+def speed(results: Path) -> str:
+    data = _load(results, "speed.json")
+    rows = data["pytorch"]
+
+    def find(budget, seq, batch=32, multiple=1):
+        return next((r for r in rows if r["budget"] == budget and r["seq"] == seq and r["batch"] == batch
+                     and r["multiple"] == multiple), None)
+    budgets = [1.0] + list(data["budgets"])
+    lines = ["| relative FLOPs | seq 64: ms (speedup) | seq 128: ms (speedup) | ideal at seq 64 / 128 | "
+             "widths rounded to 64, seq 64 |", "|---|---|---|---|---|"]
+    for b in budgets:
+        r64, r128, x64 = find(b, 64), find(b, 128), find(b, 64, multiple=64)
+        label = "1.0 (dense)" if b == 1.0 else f"{b}"
+        lines.append(f"| {label} | {r64['median_ms']:.0f} ({_speed(r64)}) | {r128['median_ms']:.0f} ({_speed(r128)}) | "
+                     f"{r64['ideal_speedup']:.2f}x / {r128['ideal_speedup']:.2f}x | "
+                     f"{_speed(x64) if x64 and b != 1.0 else ''} |")
+    env = data["environment"]
+    with_ci = "speedup_ci95" in rows[0]
+    lines += ["", f"Batch 32, median of {data['repeats']} interleaved rounds, {_state(env)}. " + ("Speedups: median of the per-round ratios [95% bootstrap interval over rounds]."
+                                    if with_ci else "This run kept no per-round times, so its speedups have no interval.")]
+    goal = []
+    for seq in (64, 128):
+        r = find(0.6, seq)
+        if r is None:
+            continue
+        verdict = goal_verdict({"ci95": r["speedup_ci95"]}, 1.4) if "speedup_ci95" in r else "not shown (no interval)"
+        goal.append(f"seq {seq}: {_speed(r)}, **{verdict}**")
+    b1 = [f"{_speed(find(0.6, seq, batch=1))} (seq {seq})" for seq in (64, 128) if find(0.6, seq, batch=1)]
+    lines += ["", "Goal at 0.6, batch 32: at least 1.4x, met only when the interval's lower end clears it: "
+              + "; ".join(goal) + ". At batch 1 the same plan gives " + " and ".join(b1) + "."]
+    quick = results / "speed-quick.json"
+    if quick.is_file():
+        lines += ["", _quick_goal(json.loads(quick.read_text()))]
+    onnx = data.get("onnxruntime") or []
+    if onnx:
+        def o(runtime, model, seq):
+            return next(r for r in onnx if r["runtime"] == runtime and r["model"] == model and r["seq"] == seq)
+        parts = []
+        for seq in (64, 128):
+            dense, pruned = o("onnxruntime", "dense", seq), o("onnxruntime", "kcm@0.6", seq)
+            pt_dense, pt_pruned = o("pytorch", "dense", seq), o("pytorch", "kcm@0.6", seq)
+            parts.append(f"seq {seq}: ONNX dense {dense['median_ms']:.0f} ms, ONNX pruned {pruned['median_ms']:.0f} ms "
+                         f"({dense['median_ms'] / pruned['median_ms']:.2f}x), PyTorch dense "
+                         f"{pt_dense['median_ms']:.0f} ms, PyTorch pruned {pt_pruned['median_ms']:.0f} ms")
+        diff = max(r["onnx_max_abs_diff"] for r in onnx if r["runtime"] == "onnxruntime")
+        lines += ["", f"ONNX Runtime (CPUExecutionProvider, batch 32, same process, medians; both exports reloaded "
+                  f"in a fresh process, max abs difference {diff:.1e} from PyTorch): " + "; ".join(parts) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _quick_goal(data: dict) -> str:
+    """The goal as the shorter ``--quick`` run measured it (budgets 0.8 and 0.6), when that file exists."""
+    parts = []
+    for r in data["pytorch"]:
+        if r["budget"] == 0.6 and r["batch"] == 32 and r["multiple"] == 1:
+            verdict = goal_verdict({"ci95": r["speedup_ci95"]}, 1.4) if "speedup_ci95" in r else "not shown (no interval)"
+            parts.append(f"seq {r['seq']}: {_speed(r)}, **{verdict}**")
+    env = data["environment"]
+    return (f"The quick run (`{env.get('command', 'bench_speed.py --quick')}`, {data['repeats']} rounds, "
+            f"{len(data['budgets'])} budgets, {_state(env)}; `benchmarks/results/speed-quick.md`) at 0.6, batch 32: "
+            + "; ".join(parts) + ".")
+
+
+def lm(results: Path) -> str:
+    from kcm_core.methods import METHODS
+    data = _load(results, "lm.json")
+    budgets = sorted({r["budget"] for r in data["rows"]}, reverse=True)
+    dense = data["unpruned"]["perplexity"]["value"]
+    lines = ["| method | " + " | ".join(f"{b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets),
+             "| unpruned | " + " | ".join(f"{dense:.1f}" for _ in budgets) + " |"]
+    for name in [m for m in METHODS if any(r["method"] == m for r in data["rows"])]:
+        cells = []
+        for b in budgets:
+            rows = [r for r in data["rows"] if r["method"] == name and r["budget"] == b]
+            if len(rows) > 1:
+                values = [r["perplexity"]["value"] for r in rows]
+                cells.append(f"{sum(values) / len(values):,.1f} (seeds {min(values):,.1f}-{max(values):,.1f})")
+            else:
+                cells.append(perplexity_cell(rows[0]) if rows else "")
+        seeds = len({r["seed"] for r in data["rows"] if r["method"] == name})
+        label = METHODS[name].label + (f" ({seeds} seeds)" if seeds > 1 else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    kcm = next((r for r in data["rows"] if r["method"] == "kcm"), None)
+    env = data["environment"]
+    lines += ["", f"One run, {_state(env)}; random's seed spread is shown beside its mean."]
+    if kcm:
+        s = kcm["seconds"]
+        total = s["scoring"] + s["prune"]
+        lines += ["", f"KCM's own wall time on the LM demo: scoring {s['scoring']:.0f} s (R2 {s.get('stage_r2', 0):.0f} s, "
+                  f"D2 {s.get('stage_d2', 0):.0f} s), then selection, scaling and slicing {s['prune']:.0f} s: "
+                  f"**about {total / 60:.1f} minutes** for a whole run (goal: under 3 minutes; "
+                  + ("met in this one run" if total < 180 else "**not met**") + ")."]
+    return "\n".join(lines) + "\n"
+
+
+def lm_speed(results: Path) -> str:
+    data = _load(results, "lm_speed.json")
+    s, env = data["settings"], data["environment"]
+    lines = [f"KCM at {s['budget']} against dense, {s['rounds']} paired rounds, {_state(env)}. Raw timings: "
+             "medians over rounds; speedups: median per-round ratio [95% bootstrap interval over rounds].", "",
+             f"| batch | prefill of {s['prefill_tokens']} tokens, dense / pruned | prefill speedup | "
+             "generation, dense / pruned | generation speedup |", "|---|---|---|---|---|"]
+    generation = {}
+    for batch, rounds in data["rounds"].items():
+        def med(key):
+            values = sorted(r[key] for r in rounds)
+            n = len(values)
+            return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+        pre = ratio_interval([r["dense_prefill_s"] for r in rounds], [r["pruned_prefill_s"] for r in rounds])
+        gen = ratio_interval([r["pruned_tokens_per_s"] for r in rounds], [r["dense_tokens_per_s"] for r in rounds])
+        generation[int(batch)] = gen
+        lines.append(f"| {batch} | {med('dense_prefill_s') * 1e3:,.0f} / {med('pruned_prefill_s') * 1e3:,.0f} ms | "
+                     f"{ratio_text(pre)} | {med('dense_tokens_per_s'):.1f} / {med('pruned_tokens_per_s'):.1f} "
+                     f"tokens/s | {ratio_text(gen)} |")
+    if 1 in generation:
+        lines += ["", "Goal: at least 1.15x more tokens per second at batch 1, met only when the interval's lower "
+                  f"end clears it: **{goal_verdict(generation[1], 1.15)}** ({ratio_text(generation[1])})."]
+    return "\n".join(lines) + "\n"
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {
+    "engine": engine, "r2_options": r2_options, "speed": speed, "lm": lm, "lm_speed": lm_speed,
+}
+
+
+# --------------------------------------------------------------------------- rewriting
+
+def render(text: str, results: Path = RESULTS) -> str:
+    """``text`` with every marked block replaced by what its results file says now."""
+    unknown = sorted({m["name"] for m in MARKER.finditer(text)} - set(BLOCKS))
+    if unknown:
+        raise ValueError(f"README marks results block(s) {unknown} that render_readme.py does not know; "
+                         f"known: {sorted(BLOCKS)}")
+    opened = re.findall(r"<!-- results:([a-z0-9_-]+) -->", text)
+    closed = [m["name"] for m in MARKER.finditer(text)]
+    if sorted(opened) != sorted(closed):
+        raise ValueError(f"README opens results block(s) {sorted(set(opened) - set(closed))} without a "
+                         "matching <!-- /results:NAME --> line")
+    return MARKER.sub(lambda m: f"<!-- results:{m['name']} -->\n{BLOCKS[m['name']](results)}"
+                                f"<!-- /results:{m['name']} -->", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when README.md drifted")
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = parser.parse_args(argv)
+    path = Path(args.readme)
+    text = path.read_text()
+    new = render(text)
+    if args.check:
+        if new != text:
+            sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
+                                                       "README.md", "README.md (from results)"))
+            print("README.md differs from benchmarks/results: run python benchmarks/render_readme.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        path.write_text(new)
+        print(f"rewrote the results blocks of {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""README numbers come from the results files (``benchmarks/render_readme.py``), and the speed
+verdicts from intervals over paired rounds (``benchmarks/common.py``): known answers and a drift check."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from kcm_core.report import cpu_name
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
+import render_readme  # noqa: E402
+
+
+def test_readme_numbers_match_the_results_files():
+    """Fails when a results file changed and README.md was not regenerated (or was edited by hand):
+    run ``python benchmarks/render_readme.py``."""
+    text = (ROOT / "README.md").read_text()
+    marked = [m["name"] for m in render_readme.MARKER.finditer(text)]
+    assert sorted(marked) == sorted(render_readme.BLOCKS)       # every block in the README, each once
+    assert render_readme.render(text) == text
+
+
+def test_render_replaces_only_the_marked_block(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    render_readme.BLOCKS["toy"] = lambda folder: f"numbers from {folder.name}\n"
+    try:
+        text = "intro 1.41x\n<!-- results:toy -->\nstale 9.99x\n<!-- /results:toy -->\noutro 2.0x\n"
+        assert render_readme.render(text, results) == (
+            "intro 1.41x\n<!-- results:toy -->\nnumbers from results\n<!-- /results:toy -->\noutro 2.0x\n")
+    finally:
+        del render_readme.BLOCKS["toy"]
+
+
+def test_render_refuses_unknown_and_unclosed_blocks():
+    with pytest.raises(ValueError, match=r"\['nope'\].*does not know"):
+        render_readme.render("<!-- results:nope -->\nx\n<!-- /results:nope -->\n")
+    with pytest.raises(ValueError, match="without a matching"):
+        render_readme.render("<!-- results:speed -->\nx\n")
+
+
+def test_check_mode_reports_drift_and_changes_nothing(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    stale = "<!-- results:lm_speed -->\nold numbers\n<!-- /results:lm_speed -->\n"
+    readme.write_text(stale)
+    assert render_readme.main(["--check", "--readme", str(readme)]) == 1
+    assert "-old numbers" in capsys.readouterr().out and readme.read_text() == stale
+    assert render_readme.main(["--readme", str(readme)]) == 0
+    assert render_readme.main(["--check", "--readme", str(readme)]) == 0
+    assert "old numbers" not in readme.read_text()
+
+
+def test_ratio_interval_is_the_median_per_round_ratio_with_a_seeded_interval():
+    dense = [10.0, 12.0, 11.0, 30.0, 10.5]
+    pruned = [5.0, 6.0, 5.5, 10.0, 7.0]                  # ratios 2, 2, 2, 3, 1.5
+    out = common.ratio_interval(dense, pruned, seed=3)
+    assert out["median"] == 2.0 and out["rounds"] == 5
+    low, high = out["ci95"]
+    assert 1.5 <= low <= 2.0 <= high <= 3.0
+    assert common.ratio_interval(dense, pruned, seed=3) == out
+    # the same ratio in every round: no spread at all
+    assert common.ratio_interval([4.0, 6.0, 8.0], [2.0, 3.0, 4.0])["ci95"] == [2.0, 2.0]
+    assert common.ratio_interval([3.0], [2.0]) == {"median": 1.5, "ci95": [1.5, 1.5], "rounds": 1}
+    with pytest.raises(ValueError, match="same number of paired rounds"):
+        common.ratio_interval([1.0, 2.0], [1.0])
+
+
+def test_a_goal_is_met_only_when_the_lower_end_clears_it():
+    assert common.goal_verdict({"ci95": [1.41, 1.9]}, 1.4) == "met"
+    assert common.goal_verdict({"ci95": [1.2, 1.9]}, 1.4) == "not shown"     # median may be above
+    assert common.goal_verdict({"ci95": [1.1, 1.3]}, 1.4) == "not met"
+
+
+def test_idle_only_when_the_load_before_says_so():
+    assert common.machine_state({"load_average_before": [0.2, 0.1, 0.1],
+                                 "load_average_after": [2.0, 1, 1]}).startswith("idle (load 0.2 before")
+    assert common.machine_state({"load_average_before": [1.6, 1, 1],
+                                 "load_average_after": [1.7, 1, 1]}).startswith("shared (load 1.6 before, 1.7 after")
+    assert common.machine_state({}) == "unknown (no load recorded)"
+
+
+def test_run_environment_records_machine_versions_load_and_command(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["benchmarks/bench_speed.py", "--quick"])
+    env = common.run_environment([0.1, 0.2, 0.3], onnxruntime="9.9")
+    assert env["command"].endswith("python benchmarks/bench_speed.py --quick")
+    assert env["load_average_before"] == [0.1, 0.2, 0.3] and len(env["load_average_after"]) == 3
+    assert env["onnxruntime"] == "9.9" and env["machine_state"].startswith("idle")
+    assert env["cpu"] == cpu_name() and env["threads"] == torch.get_num_threads()
+    assert (env["torch"], env["transformers"]) == (torch.__version__, transformers.__version__)
+
+
+class FakeClock:
+    """perf_counter and process_time for timed runners: each runner advances it by its own cost."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def runner(self, costs: list[float]):
+        calls = iter(costs)
+
+        def run() -> None:
+            self.now += next(calls)
+        return run
+
+
+def test_bench_speed_keeps_every_round_and_pairs_the_ratios(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # undone after
+    import bench_speed
+    clock = FakeClock()
+    monkeypatch.setattr(bench_speed.time, "perf_counter", clock)
+    monkeypatch.setattr(bench_speed.time, "process_time", clock)
+    # one warm-up each, then 5 rounds; the machine slows down in round 3 for both models alike
+    dense = clock.runner([9.0, 2.0, 2.0, 6.0, 2.0, 2.0])
+    pruned = clock.runner([9.0, 1.0, 1.0, 3.0, 1.0, 1.5])
+    timing = bench_speed.time_round_robin({"dense": dense, "kcm@0.6": pruned}, warmup=1, repeats=5)
+    assert timing["dense"]["rounds_ms"] == [2000.0, 2000.0, 6000.0, 2000.0, 2000.0]
+    assert timing["kcm@0.6"]["rounds_ms"] == [1000.0, 1000.0, 3000.0, 1000.0, 1500.0]
+    row = {"budget": 0.6, "batch": 32, "multiple": 1, "seq": 64,
+           **bench_speed.speedups(timing["dense"], timing["kcm@0.6"])}
+    assert row["speedup"] == 2.0                # median of 2, 2, 2, 2, 1.33: the slow round 3 cancels out
+    assert 4 / 3 <= row["speedup_ci95"][0] and row["speedup_ci95"][1] == 2.0
+    line = bench_speed.goal_line({"pytorch": [row]})
+    assert "seq 64: 2.00x [" in line and ("**met**" in line) == (row["speedup_ci95"][0] >= 1.4)
+    old = {key: row[key] for key in ("budget", "batch", "multiple", "seq", "speedup")}
+    assert "**not shown** (this file has no per-round times" in bench_speed.goal_line({"pytorch": [old]})
