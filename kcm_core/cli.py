@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -522,7 +523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoppedOnMain:                       # rank 0 printed why
         return 2
     except clear_error_types() as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        rank = os.environ.get("RANK")               # set by torchrun: say which rank failed
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"error{where}: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -22,13 +22,12 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
+from .runtime import default_device
+
 T = TypeVar("T")
 
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 class StoppedOnMain(ValueError):
-    """Raised on the other ranks when rank 0 refused something (``run_on_main``): rank 0 already
+    """Raised on the other ranks when rank 0 refused something (``only_main``): rank 0 already
     said why, so the other ranks stop with the same message and need not repeat it."""
 
 
@@ -127,9 +126,9 @@ SINGLE = Group()
 
 
 def _collective_device(backend: str | None) -> torch.device:
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where tensors must be for a collective: this rank's GPU under NCCL (``from_env`` made it the
+    current one, so ``default_device()`` names it), the CPU under gloo."""
+    return default_device() if backend == "nccl" else torch.device("cpu")
 
 
 def _env_int(name: str, default: int | None = None) -> int:
@@ -167,7 +166,11 @@ def from_env() -> Group:
         return Group(dist.get_rank(), dist.get_world_size(), dist.get_backend())
     if torch.cuda.is_available():
         backend = "nccl"
-        torch.cuda.set_device(_env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
+        local_rank, gpus = _env_int("LOCAL_RANK", 0), torch.cuda.device_count()
+        if local_rank >= gpus:      # NCCL cannot put two ranks on one GPU
+            raise ValueError(f"LOCAL_RANK is {local_rank} but this machine has {gpus} GPU(s); start at "
+                             f"most {gpus} processes per machine (torchrun --nproc-per-node {gpus})")
+        torch.cuda.set_device(local_rank)
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend)
