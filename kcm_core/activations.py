@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .arch import ffn_blocks
+from .distributed import SINGLE, Group
 from .runtime import Batch, Progress, eval_mode, hooks, model_device, model_inputs, tell, token_mask
 
 
@@ -25,8 +26,15 @@ class NeuronStats:
 
 
 def collect_stats(model: nn.Module, batches: Iterable[Batch], progress: Progress | None = None,
-                  total: int | None = None) -> NeuronStats:
-    """Run ``batches`` through ``model`` without gradients and accumulate neuron statistics."""
+                  total: int | None = None, group: Group = SINGLE) -> NeuronStats:
+    """Run ``batches`` through ``model`` without gradients and accumulate neuron statistics.
+
+    Under a distributed ``group`` this rank runs its share of the batches and the float64 sums and
+    counts are summed over the ranks before they become means, so every rank returns the statistics
+    of all ``batches``."""
+    if group.distributed:
+        batches = group.share(batches)
+        total = group.share_count(total) if total else total
     blocks = ffn_blocks(model)
     device = model_device(model)
     sums = [torch.zeros(b.width, dtype=torch.float64) for b in blocks]
@@ -56,7 +64,9 @@ def collect_stats(model: nn.Module, batches: Iterable[Batch], progress: Progress
             sequences += int(next(iter(inputs.values())).shape[0])
             if total:
                 tell(progress, f"activations: batch {step + 1}/{total}", (step + 1) / total)
-    tokens = rows_seen[0] if rows_seen else 0
+    counts = torch.tensor([rows_seen[0] if rows_seen else 0, sequences], dtype=torch.float64)
+    group.sum_([*sums, *abs_sums, *sq_sums, counts])
+    tokens, sequences = int(counts[0]), int(counts[1])
     if sequences == 0:
         raise ValueError("no data: the unlabeled sample is empty")
     if tokens == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -177,7 +178,16 @@ def _prune_config(args):
     )
 
 
-def cmd_prune(args) -> dict:
+def cmd_prune(args) -> dict | None:
+    """Under torchrun (or accelerate launch) every rank runs this with the same arguments and takes
+    its share of the calibration work; rank 0 alone checks and writes ``--out`` and ``--json``, prints,
+    and evaluates. The other ranks return None."""
+    from .distributed import session
+    with session() as group:
+        return _prune(args, group)
+
+
+def _prune(args, group) -> dict | None:
     from . import data as D
     from .evaluate import evaluate_classifier
     from .export import save_pruned
@@ -190,12 +200,12 @@ def cmd_prune(args) -> dict:
     from .report import Evaluation, build_report
 
     from .export.saving import EXPORT_MARKERS
-    out_dir = _check_output(args, EXPORT_MARKERS)     # before any heavy work
+    out_dir = group.only_main(lambda: _check_output(args, EXPORT_MARKERS))   # before any heavy work
     config = _prune_config(args)                      # validates options before any heavy work
-    progress = StderrProgress()
+    progress = StderrProgress() if group.is_main else None
     times: dict[str, float] = {}
     start = time.perf_counter()
-    model_path = _resolve_model_path(args.model, progress)
+    model_path = group.main_first(lambda: _resolve_model_path(args.model, progress))
     model, tokenizer = load_model(model_path)
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before any data work
     check_multiple(args.multiple, model_shape(model.config).ffn_width)             # before scoring
@@ -204,15 +214,15 @@ def cmd_prune(args) -> dict:
     if is_causal_lm(model):
         config = replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)
         return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress,
-                        protected=_source_paths(args))
+                        protected=_source_paths(args), group=group)
     if args.samples is None:
         args.samples = CLASSIFIER_SAMPLES
 
     # Labels become the model's class ids (or are refused) before any work: scoring and evaluation
     # must agree with what the model predicts.
-    sample = D.labels_for_model(_limit(_load_data(args, progress, "train"), args.samples, args.seed),
-                                model.config)
-    eval_data = _evaluation_data(args, sample, progress)
+    sample = group.main_first(lambda: D.labels_for_model(
+        _limit(_load_data(args, progress, "train"), args.samples, args.seed), model.config))
+    eval_data = group.only_main(lambda: _evaluation_data(args, sample, progress))
     eval_data = None if eval_data is None else D.labels_for_model(eval_data, model.config)
     unlabeled = D.make_batches(sample, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
                                with_labels=False)
@@ -223,7 +233,9 @@ def cmd_prune(args) -> dict:
             raise ValueError(f"method {spec.name!r} needs labels: name the label column with --label-column")
         labeled = D.make_batches(_limit(sample, config.label_samples, args.seed), tokenizer,
                                  max_len=args.max_len, batch_size=args.batch_size)
-    result = prune(model, config, unlabeled, labeled, progress)
+    result = prune(model, config, unlabeled, labeled, progress, group=group)
+    if not group.is_main:
+        return None
     times.update(result.seconds)
 
     evaluation = None
@@ -243,7 +255,8 @@ def cmd_prune(args) -> dict:
         model=model, source=args.model,
         path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
         spec=spec, config=config,
-        data={"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed},
+        data={"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed,
+              **group.record()},
         plan=result.plan, seq_len=result.seq_len,
         achieved_flops=relative_flops(shape, result.seq_len, result.plan.kept_counts),
         params_before=count_params(model).total, params_after=count_params(result.model).total,
@@ -494,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Bad input, damaged or refused files, and a full or read-only disk (``clear_error_types``) become
     one line; any other exception is a bug and keeps its traceback.
     """
+    from .distributed import StoppedOnMain, launched
     from .models import clear_error_types, one_line
     parser = build_parser()
     try:
@@ -501,10 +515,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:              # --help (0), or a bad option: _Parser printed one line
         return stop.code if isinstance(stop.code, int) else 2
     try:
+        if args.command != "prune" and launched():
+            raise ValueError(f"only prune runs under torchrun (or accelerate launch); run "
+                             f"`python -m kcm_core {args.command} ...` in one process")
         result = args.func(args)
-        _json_out(result, getattr(args, "json_out", None))
+        if result is not None:                  # None: a rank other than 0 of a distributed prune
+            _json_out(result, getattr(args, "json_out", None))
+    except StoppedOnMain:                       # rank 0 printed why
+        return 2
     except clear_error_types() as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        rank = os.environ.get("RANK")               # set by torchrun: say which rank failed
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"error{where}: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

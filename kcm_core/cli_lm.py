@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .distributed import SINGLE, Group
+
 DEMO_LM = "demo-lm"
 CALIBRATION_BLOCKS = 32        # --samples default for language models: 8,192 tokens at block size 256
 MAX_BATCH = 4
@@ -60,9 +62,11 @@ def lm_batch_size(args) -> int:
     return max(1, min(args.batch_size, MAX_BATCH))
 
 
-def prune_lm(args, config, model, tokenizer, model_path: str, out_dir: Path, times: dict, progress, *,
-             protected=()) -> dict:
-    """``prune`` for a causal LM: calibrate on blocks, evaluate perplexity before and after, save."""
+def prune_lm(args, config, model, tokenizer, model_path: str, out_dir: Path | None, times: dict, progress, *,
+             protected=(), group: Group = SINGLE) -> dict | None:
+    """``prune`` for a causal LM: calibrate on blocks, evaluate perplexity before and after, save.
+    Under a distributed ``group`` the ranks share the calibration; rank 0 alone evaluates and saves
+    (the other ranks return None)."""
     from .export import save_pruned
     from .flops import count_params, relative_flops
     from .lm import evaluate_lm, paired_perplexity
@@ -75,8 +79,10 @@ def prune_lm(args, config, model, tokenizer, model_path: str, out_dir: Path, tim
     if spec.uses_labels:
         raise ValueError(f"method {spec.name!r} needs labeled data, which a language model's text does "
                          "not have; choose a label-free method (kcm, wanda-sp, flap, ...)")
-    calibration, evaluation_blocks = blocks(args, model, tokenizer, progress)
-    result = prune(model, config, calibration, None, progress)
+    calibration, evaluation_blocks = group.main_first(lambda: blocks(args, model, tokenizer, progress))
+    result = prune(model, config, calibration, None, progress, group=group)
+    if not group.is_main:
+        return None
     times.update(result.seconds)
     t = time.perf_counter()
     before = evaluate_lm(model, evaluation_blocks, seed=args.seed, progress=progress)
@@ -90,7 +96,8 @@ def prune_lm(args, config, model, tokenizer, model_path: str, out_dir: Path, tim
         path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
         spec=spec, config=config,
         data={"source": args.data, "samples": sum(int(b["input_ids"].shape[0]) for b in calibration),
-              "max_len": args.block_size, "seed": args.seed, "unit": "blocks"},
+              "max_len": args.block_size, "seed": args.seed, "unit": "blocks",
+              **group.record()},
         plan=result.plan, seq_len=result.seq_len,
         achieved_flops=relative_flops(shape, result.seq_len, result.plan.kept_counts),
         params_before=count_params(model).total, params_after=count_params(result.model).total,

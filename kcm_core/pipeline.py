@@ -17,6 +17,7 @@ from . import scores as S
 from .activations import NeuronStats, collect_stats
 from .arch import ModelShape, model_shape
 from .data import mean_length
+from .distributed import SINGLE, Group
 from .flops import check_budget
 from .hull import HullConfig
 from .plan import KeepPlan
@@ -79,12 +80,15 @@ def resolve_seq_len(shape: ModelShape, batches: Sequence[Batch], seq_len: float 
 
 
 class LocalSources:
-    """Score components computed lazily in this process, each at most once, with its wall time."""
+    """Score components computed lazily in this process, each at most once, with its wall time
+    (under a distributed ``group``: this rank's share of the work, summed or gathered over ranks)."""
 
     def __init__(self, model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch],
-                 labeled: Sequence[Batch] | None, progress: Progress | None) -> None:
+                 labeled: Sequence[Batch] | None, progress: Progress | None,
+                 group: Group = SINGLE) -> None:
         self.model, self.config = model, config
         self._unlabeled, self._labeled, self._progress = unlabeled, labeled, progress
+        self._group = group
         self._cache: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
 
@@ -96,23 +100,24 @@ class LocalSources:
         return self._cache[name]
 
     def r2(self):
-        return self._once("r2", "r2", lambda: S.r2(self.model, self.config.hull, self._progress))
+        return self._once("r2", "r2", lambda: S.r2(self.model, self.config.hull, self._progress,
+                                                    self._group))
 
     def stats(self) -> NeuronStats:
         return self._once("stats", "d2", lambda: collect_stats(
-            self.model, self._unlabeled, self._progress, len(self._unlabeled)))
+            self.model, self._unlabeled, self._progress, len(self._unlabeled), self._group))
 
     def grads(self) -> list[torch.Tensor]:
         return self._once("grads", "gradients", lambda: S.mask_gradients(
             self.model, take_sequences(self._labeled, self.config.label_samples), squared=True,
-            progress=self._progress))
+            progress=self._progress, group=self._group))
 
 
 def compute_scores(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = (),
                    labeled: Sequence[Batch] | None = None,
-                   progress: Progress | None = None) -> MethodScores:
+                   progress: Progress | None = None, group: Group = SINGLE) -> MethodScores:
     """Score every FFN neuron with ``config.method`` (its row in ``kcm_core.methods``).
-    The model is not modified."""
+    The model is not modified. ``group``: see ``kcm_core.distributed`` (every rank gets all scores)."""
     spec = method(config.method)
     check_finite(model)
     if spec.compensate:
@@ -122,7 +127,7 @@ def compute_scores(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Ba
     if spec.uses_labels and not labeled:
         raise ValueError(f"method {spec.name!r} needs labeled data; give a label column, or "
                          "choose a label-free method such as 'kcm'")
-    sources = LocalSources(model, config, list(unlabeled), labeled, progress)
+    sources = LocalSources(model, config, list(unlabeled), labeled, progress, group)
     start = time.perf_counter()
     result = score_with(spec, sources)
     seconds = {**sources.seconds, "scoring": time.perf_counter() - start}
@@ -155,14 +160,17 @@ class PruneResult:
 
 def prune(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = (),
           labeled: Sequence[Batch] | None = None, progress: Progress | None = None,
-          method_scores: MethodScores | None = None) -> PruneResult:
-    """Score, select, scale and slice. Returns a new model; ``model`` is left as it was."""
+          method_scores: MethodScores | None = None, group: Group = SINGLE) -> PruneResult:
+    """Score, select, scale and slice. Returns a new model; ``model`` is left as it was.
+
+    Under a distributed ``group`` (``kcm_core.distributed``) every rank passes the same data and
+    gets the same plan; scoring and scaling are split between ranks, selection and slicing are not."""
     unlabeled = list(unlabeled)
     shape = model_shape(model.config)
     seq_len = resolve_seq_len(shape, unlabeled, config.seq_len)
     check_budget(shape, seq_len, config.budget)      # before any scoring work
     if method_scores is None:
-        method_scores = compute_scores(model, config, unlabeled, labeled, progress)
+        method_scores = compute_scores(model, config, unlabeled, labeled, progress, group)
     seconds = dict(method_scores.seconds or {})
     start = time.perf_counter()
     plan = make_plan(model, method_scores, config, seq_len)
@@ -172,7 +180,7 @@ def prune(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = ()
             raise ValueError(f"method {config.method!r} fits scales on unlabeled data, and none was given")
         start = time.perf_counter()
         plan = fit_scales(model, plan, take_sequences(unlabeled, config.scale_samples), config.scale,
-                          progress)
+                          progress, group=group)
         seconds["scaling"] = time.perf_counter() - start
     start = time.perf_counter()
     tell(progress, "slicing", 0.0)

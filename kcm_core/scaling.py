@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .arch import ffn_blocks, transformer_layers
+from .distributed import SINGLE, Group
 from .plan import KeepPlan
 from .realise import mask_copy
 from .runtime import Batch, Progress, eval_mode, hooks, model_device, model_inputs, tell, token_mask
@@ -126,19 +127,28 @@ def _run_layer(student: nn.Module, layers: nn.ModuleList, li: int, batches: Sequ
 
 def fit_scales(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch],
                config: ScaleConfig = ScaleConfig(), progress: Progress | None = None,
-               targets: list[torch.Tensor] | None = None) -> KeepPlan:
+               targets: list[torch.Tensor] | None = None, group: Group = SINGLE) -> KeepPlan:
     """Return ``plan`` with fitted scales; ``plan.info['scaled_layers']`` says how many got them.
 
     ``targets`` (from ``teacher_targets(model, batches)``) do not depend on the plan: pass them to fit
     several plans on the same data without recomputing the teacher. The student (a masked copy) is
     run one layer at a time: each layer's scaled output is recorded and replayed into the next fit,
     so fitting all layers costs about two forward passes, not one per layer.
+
+    Under a distributed ``group`` each rank runs its share of ``batches`` (teacher, student and
+    replay alike) and the normal equations are summed over ranks before every solve, so all ranks
+    fit the same scales.
     """
     batches = list(batches)
     if not batches:
         raise ValueError("scaling needs unlabeled data: the sample is empty")
+    if group.distributed:
+        if targets is not None:
+            raise ValueError("teacher targets cannot be passed in under torch.distributed: each rank "
+                             "computes those of its own share of the batches")
+        batches = list(group.share(batches))
     with _forward_errors_as_value_errors():
-        return _fit(model, plan, batches, config, progress, targets)
+        return _fit(model, plan, batches, config, progress, targets, group)
 
 
 @contextlib.contextmanager
@@ -154,7 +164,7 @@ def _forward_errors_as_value_errors() -> Iterator[None]:
 
 
 def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleConfig,
-         progress: Progress | None, targets: list[torch.Tensor] | None) -> KeepPlan:
+         progress: Progress | None, targets: list[torch.Tensor] | None, group: Group) -> KeepPlan:
     if targets is None:
         tell(progress, "scaling: teacher outputs", 0.0)
         targets = teacher_targets(model, batches)
@@ -169,7 +179,7 @@ def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleCo
         tell(progress, f"scaling: layer {li + 1}/{len(blocks)}", li / len(blocks))
         if layer.kept > 0:
             s = _solve_layer(student, layers, li, block, layer.keep_idx, batches, recorded,
-                             targets[li].to(device), config)
+                             targets[li].to(device), config, group)
             if s is None:
                 stopped_at = li
                 break
@@ -193,8 +203,9 @@ def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleCo
 
 
 def _solve_layer(student, layers, li, block, keep_idx, batches, recorded, target,
-                 config: ScaleConfig) -> torch.Tensor | None:
-    """Accumulate the k x k normal equations of layer ``li`` over all batches and solve them."""
+                 config: ScaleConfig, group: Group) -> torch.Tensor | None:
+    """Accumulate the k x k normal equations of layer ``li`` over all batches (of every rank) and
+    solve them."""
     device = model_device(student)
     keep = torch.tensor(keep_idx, dtype=torch.long, device=device)
     k = len(keep_idx)
@@ -217,6 +228,7 @@ def _solve_layer(student, layers, li, block, keep_idx, batches, recorded, target
         return module.register_forward_pre_hook(hook)
 
     _run_layer(student, layers, li, batches, recorded, block.down, stop_hook)
+    group.sum_([gram_h, rhs])
     gram = gram_h * (w_kept @ w_kept.t())                                # (k, k)
     eye = torch.eye(k, dtype=torch.float64, device=device)
     try:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .activations import NeuronStats
 from .arch import ffn_blocks
+from .distributed import SINGLE, Group
 from .hull import HullConfig, HullFit, kernel_hull
 from .runtime import (LABEL_KEYS, Batch, Progress, eval_mode, hooks, model_device, model_inputs,
                       tell)
@@ -64,14 +65,17 @@ def normalise(x: torch.Tensor, how: Normalisation) -> torch.Tensor:
 
 
 def r2(model: nn.Module, config: HullConfig = HullConfig(),
-       progress: Progress | None = None) -> tuple[LayerScores, list[HullFit]]:
-    """R2 per layer: the kernel-hull self-weight of each row of the down-projection (weights only)."""
+       progress: Progress | None = None, group: Group = SINGLE) -> tuple[LayerScores, list[HullFit]]:
+    """R2 per layer: the kernel-hull self-weight of each row of the down-projection (weights only).
+    Under a distributed ``group`` each rank fits its share of the layers and every rank gets all fits."""
     blocks = ffn_blocks(model)
-    fits = []
-    for i, block in enumerate(blocks):
+
+    def fit(i: int) -> HullFit:
         tell(progress, f"R2: layer {i + 1}/{len(blocks)}", i / len(blocks))
         with torch.no_grad():
-            fits.append(kernel_hull(block.down_rows().detach(), config))
+            return kernel_hull(blocks[i].down_rows().detach(), config)
+
+    fits = group.map_layers(len(blocks), fit)
     tell(progress, "R2: done", 1.0)
     return [f.scores for f in fits], fits
 
@@ -146,12 +150,17 @@ def _config_restored(model: nn.Module):
 
 
 def mask_gradients(model: nn.Module, batches: Iterable[Batch], *, squared: bool = True,
-                   progress: Progress | None = None, total: int | None = None) -> LayerScores:
+                   progress: Progress | None = None, total: int | None = None,
+                   group: Group = SINGLE) -> LayerScores:
     """Gradient of the task loss with respect to a mask of ones on every neuron, summed over batches.
 
     With ``squared`` (Kwon et al.'s Fisher importance) each batch adds ``grad^2``; without, ``|grad|``.
-    Uses ``torch.autograd.grad`` so no ``.grad`` is written into the caller's parameters.
+    Uses ``torch.autograd.grad`` so no ``.grad`` is written into the caller's parameters. Under a
+    distributed ``group`` this rank takes its share of the batches and the sums are summed over ranks.
     """
+    if group.distributed:
+        batches = group.share(batches)
+        total = group.share_count(total) if total else total
     blocks = ffn_blocks(model)
     device = model_device(model)
     masks = [torch.ones(b.width, device=device, requires_grad=True) for b in blocks]
@@ -177,6 +186,9 @@ def mask_gradients(model: nn.Module, batches: Iterable[Batch], *, squared: bool 
             seen += 1
             if total:
                 tell(progress, f"gradients: batch {step + 1}/{total}", (step + 1) / total)
+    counts = torch.tensor([seen], dtype=torch.float64)
+    group.sum_([*acc, counts])
+    seen = int(counts[0])
     if seen == 0:
         raise ValueError("no labeled data: the batches are empty")
     return [a.float() for a in acc]

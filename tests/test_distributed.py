@@ -1,0 +1,233 @@
+"""Data-parallel calibration over torch.distributed: 2 processes on the gloo backend give the plan,
+scores and scales of one process (to 1e-5), and under ``torchrun -m kcm_core prune`` only rank 0 writes.
+
+The library checks spawn two workers with ``torch.multiprocessing`` (several cases per spawn, so
+the start-up is paid once); the command-line checks run the real ``torchrun``. Batch counts are odd,
+so the ranks' shares differ, and one case gives the scaling step a single batch, so rank 1's share
+of it is empty.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import LM_WORDS, build_tiny_model, make_batches, save_tiny_lm
+from kcm_core import cli
+from kcm_core.distributed import SINGLE, Group, from_env, launched, session
+from kcm_core.hull import HullConfig
+from kcm_core.pipeline import PruneConfig, compute_scores, prune
+from kcm_core.plan import KeepPlan
+
+REPO = Path(__file__).resolve().parents[1]
+WATCH = Path(__file__).resolve().parent / "write_watch"
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cases():
+    """(name, model, config, unlabeled, labeled): rebuilt identically in every process."""
+    bert = build_tiny_model("bert", layers=3)
+    llama = build_tiny_model("llama", "causal-lm", layers=3)
+    hull = HullConfig(max_iter=40)
+    return [
+        # r2 (3 layers over 2 ranks), stats (5 batches: 3 + 2), grads (3 batches), scaling (5 batches)
+        ("bert-kcm-labels", bert, PruneConfig(method="kcm-labels", budget=0.7, hull=hull,
+                                              scale_samples=20, label_samples=12),
+         make_batches(bert, n_batches=5, labels=False, seed=1), make_batches(bert, n_batches=3, seed=2)),
+        # scaling on one batch of 4 sequences: rank 1 has no share of it
+        ("llama-kcm", llama, PruneConfig(method="kcm", budget=0.8, hull=hull, scale_samples=4),
+         make_batches(llama, n_batches=3, labels=False, seed=3), None),
+        ("llama-flap", llama, PruneConfig(method="flap", budget=0.8),
+         make_batches(llama, n_batches=3, labels=False, seed=3), None),
+    ]
+
+
+def _summary(model, config, unlabeled, labeled, group: Group = SINGLE) -> dict:
+    scores = compute_scores(model, config, unlabeled, labeled, group=group)
+    result = prune(model, config, unlabeled, labeled, method_scores=scores, group=group)
+    return {"scores": [s.clone() for s in scores.scores], "plan": result.plan.to_json(),
+            "details": scores.details.to_dict()}
+
+
+def _library_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with session() as group:
+        assert (group.rank, group.world_size, group.backend) == (rank, WORLD, "gloo")
+        results = {name: _summary(model, config, unlabeled, labeled, group)
+                   for name, model, config, unlabeled, labeled in _cases()}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def _assert_same_plan(single: KeepPlan, other: KeepPlan) -> None:
+    assert [l.keep_idx for l in other.layers] == [l.keep_idx for l in single.layers]
+    assert other.info.scaled_layers == single.info.scaled_layers
+    for a, b in zip(single.layers, other.layers):
+        assert (a.scales is None) == (b.scales is None)
+        if a.scales is not None:
+            assert torch.allclose(torch.tensor(b.scales), torch.tensor(a.scales), rtol=0, atol=1e-5)
+
+
+def test_two_gloo_ranks_give_the_single_process_scores_plan_and_scales(tmp_path):
+    mp.spawn(_library_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    cases = _cases()
+    assert set(ranks[0]) == {name for name, *_ in cases}
+    for name, model, config, unlabeled, labeled in cases:
+        single = _summary(model, config, unlabeled, labeled)
+        single_plan = KeepPlan.from_json(single["plan"])
+        assert any(l.kept < l.width for l in single_plan.layers), name      # something was cut
+        for rank in ranks:
+            got = rank[name]
+            for a, b in zip(single["scores"], got["scores"]):
+                assert torch.allclose(b, a, rtol=0, atol=1e-5), name
+            assert got["details"] == single["details"], name
+            _assert_same_plan(single_plan, KeepPlan.from_json(got["plan"]))
+
+
+# --------------------------------------------------------------------------- one process
+
+def test_single_group_is_the_identity_and_never_touches_torch_distributed(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert from_env() is SINGLE and not launched()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert from_env() is SINGLE
+    assert not torch.distributed.is_initialized()
+    t = torch.arange(3.0)
+    SINGLE.sum_([t])
+    assert t.tolist() == [0.0, 1.0, 2.0]
+    assert list(SINGLE.share(range(5))) == [0, 1, 2, 3, 4]
+    assert SINGLE.map_layers(3, lambda i: i * i) == [0, 1, 4]
+    assert SINGLE.record() == {}
+
+
+def test_a_rank_takes_every_world_size_th_batch_lazily():
+    second = Group(rank=1, world_size=3)
+    assert list(second.share(iter(range(8)))) == [1, 4, 7]
+    assert second.share_count(8) == 3 and second.share_count(1) == 0
+    assert list(Group(rank=2, world_size=3).share([0, 1])) == []
+    assert second.record() == {"ranks": 3, "backend": None}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank": 2, "world_size": 2}, "rank must be in [0, 2), got 2"),
+    ({"rank": 0, "world_size": 0}, "world_size must be a positive integer, got 0"),
+])
+def test_an_impossible_group_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Group(**kwargs)
+
+
+def test_a_launcher_environment_that_makes_no_sense_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be a whole number, got 'two'"):
+        from_env()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="RANK is not set; start the processes with torchrun"):
+        from_env()
+
+
+def test_only_prune_runs_under_a_launcher(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "config.json").write_text("{}")
+    assert cli.main(["flops", "--model", str(tmp_path)]) == 2
+    assert "only prune runs under torchrun" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- torchrun
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """A tiny classifier folder, a tiny LLaMA LM folder, a labeled CSV and a text file."""
+    import transformers as T
+    root = tmp_path_factory.mktemp("dist")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + LM_WORDS
+    (root / "vocab.txt").write_text("\n".join(vocab))
+    config = T.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3,
+                          num_attention_heads=4, intermediate_size=37, num_labels=2)
+    torch.manual_seed(0)
+    T.BertForSequenceClassification(config).save_pretrained(root / "bert")
+    T.BertTokenizerFast(str(root / "vocab.txt")).save_pretrained(root / "bert")
+    save_tiny_lm(root / "llama", "llama")
+    rng = random.Random(0)
+    rows = [f"{' '.join(rng.choice(LM_WORDS) for _ in range(rng.randint(3, 9)))},{rng.randint(0, 1)}"
+            for _ in range(40)]
+    (root / "data.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    docs = [" ".join(rng.choice(LM_WORDS) for _ in range(rng.randint(20, 40))) for _ in range(40)]
+    (root / "docs.txt").write_text("\n".join(docs) + "\n")
+    return root
+
+
+PRUNE_ARGS = {
+    "classifier": lambda src: ["--model", src / "bert", "--data", src / "data.csv", "--label-column",
+                               "label", "--method", "kcm-labels", "--flops", 0.8, "--batch-size", 6,
+                               "--max-iter", 40],
+    "lm": lambda src: ["--model", src / "llama", "--data", src / "docs.txt", "--method", "kcm",
+                       "--flops", 0.85, "--block-size", 16, "--samples", 10, "--batch-size", 2,
+                       "--scale-samples", 6, "--eval-blocks", 4, "--max-iter", 40],
+}
+
+
+def _torchrun(argv, watch: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KCM_WATCH_WRITES": str(watch), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(WATCH), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+               "--master-port", str(_free_port()), "-m", "kcm_core", "prune", *map(str, argv)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _writers(stderr: str) -> set[str]:
+    return set(re.findall(r"^kcm-write rank=(\S+) ", stderr, flags=re.M))
+
+
+@pytest.mark.parametrize("kind", ["classifier", "lm"])
+def test_torchrun_prune_writes_once_on_rank_0_the_plan_of_one_process(sources, tmp_path, capsys, kind):
+    args = PRUNE_ARGS[kind](sources)
+    assert cli.main(["prune", *map(str, args), "--out", str(tmp_path / "single")]) == 0
+    single = json.loads(capsys.readouterr().out)
+
+    run = _torchrun([*args, "--out", tmp_path / "dist", "--json", tmp_path / "dist.json"], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # rank 0 wrote the folder and the JSON; rank 1 wrote nothing (the watcher saw rank 0, so it works)
+    assert _writers(run.stderr) == {"0"}, run.stderr[-3000:]
+    assert run.stdout.count('"schema"') == 1                  # the report was printed once
+    report = json.loads((tmp_path / "dist.json").read_text())
+    assert report["data"]["ranks"] == WORLD and report["data"]["backend"] == "gloo"
+    assert "ranks" not in single["data"]
+    assert report["neurons"] == single["neurons"]
+    saved = KeepPlan.from_json((tmp_path / "dist" / "kcm_plan.json").read_text())
+    _assert_same_plan(KeepPlan.from_json((tmp_path / "single" / "kcm_plan.json").read_text()), saved)
+    assert saved.info.scaled_layers == len(saved.layers)
+
+
+def test_torchrun_refusal_on_rank_0_stops_every_rank_with_one_line(sources, tmp_path):
+    (tmp_path / "taken").mkdir()
+    run = _torchrun([*PRUNE_ARGS["classifier"](sources), "--out", tmp_path / "taken"], tmp_path)
+    assert run.returncode != 0
+    lines = [l for l in run.stderr.splitlines() if l.startswith("error: ")]
+    assert lines == [f"error: output folder {tmp_path / 'taken'} already exists; choose another "
+                     "--out or pass --overwrite"]
+    # torchrun's failure summary: both ranks ended with the CLI's bad-input code, none was killed
+    exits = re.findall(r"rank\s*: (\d+) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", run.stderr)
+    assert sorted(exits) == [("0", "2"), ("1", "2")], run.stderr[-3000:]
+    assert _writers(run.stderr) == set()
