@@ -17,6 +17,7 @@ method table) sees a one-layer model, and its ``forward`` runs that layer on the
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -26,6 +27,10 @@ from torch import nn
 
 from .arch import _first, base_model, family_for_config, transformer_layers
 from .runtime import Batch, eval_mode, hooks, model_inputs
+
+READ_CHUNK_BYTES = 32 * 2**20
+_ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
+               "BOOL": 1}
 
 # One recorded call of a layer: (positional args, keyword args); args[0] is the hidden state.
 LayerCall = tuple[tuple, dict[str, Any]]
@@ -70,22 +75,34 @@ class Checkpoint:
             raise weights_error(self.folder, err) from None
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The tensors named ``keys``, each file opened once and closed again."""
+        """The tensors named ``keys``, copied out of the file ``READ_CHUNK_BYTES`` at a time, the file
+        being opened (mapped) for each chunk and closed (unmapped) after it: the mapped pages of a
+        large tensor (an embedding) never sit in the resident set beside its copy."""
         from safetensors import SafetensorError
 
         from .models import weights_error
-        by_file: dict[str, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.where[key], []).append(key)
         out: dict[str, torch.Tensor] = {}
-        for name, names in by_file.items():
-            try:
-                with self._opened(name) as f:
-                    for key in names:
-                        out[key] = f.get_tensor(key)
-            except SafetensorError as err:
-                raise weights_error(self.folder, err) from None
+        try:
+            for key in keys:
+                out[key] = self._read_one(self.where[key], key)
+        except SafetensorError as err:
+            raise weights_error(self.folder, err) from None
         return out
+
+    def _read_one(self, name: str, key: str) -> torch.Tensor:
+        with self._opened(name) as f:
+            part = f.get_slice(key)
+            shape = tuple(part.get_shape())
+            row_bytes = max(1, math.prod(shape[1:]) * _ITEM_BYTES.get(part.get_dtype(), 4))
+            if len(shape) < 2 or shape[0] * row_bytes <= READ_CHUNK_BYTES:
+                return f.get_tensor(key)
+            first = part[0:1]
+        tensor = torch.empty(shape, dtype=first.dtype)
+        rows = max(1, READ_CHUNK_BYTES // row_bytes)
+        for start in range(0, shape[0], rows):
+            with self._opened(name) as f:
+                tensor[start:start + rows] = f.get_slice(key)[start:start + rows]
+        return tensor
 
 
 def model_class(config) -> type:
@@ -187,11 +204,22 @@ class Skeleton:
                 module._parameters[attr] = param
         return replaced
 
-    def load_outside_layers(self) -> "LoadedLayer":
-        """Fill embeddings, final norm, pooler and head: everything that is not a transformer layer.
-        ``free`` on the result empties them again."""
-        names = [n for g in self._tie_groups() for n in g if not self._in_layers(n)]
+    def load_outside_layers(self, *, head: bool = True) -> "LoadedLayer":
+        """Fill embeddings, final norm, pooler and (with ``head``) the output embeddings: everything
+        that is not a transformer layer. ``free`` on the result empties them again. Recording the
+        first layer's inputs needs no head, and an LM head is as large as the embeddings."""
+        skip = set()
+        output = self.model.get_output_embeddings() if not head else None
+        if output is not None:
+            tied = {id(p) for n, p in self.model.named_parameters() if not n.startswith(self._head_prefix(output))}
+            skip = {id(p) for p in output.parameters() if id(p) not in tied}
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        names = [n for g in self._tie_groups() for n in g
+                 if not self._in_layers(n) and id(params[n]) not in skip]
         return LoadedLayer(-1, self.model, self._fill(self.model, names))
+
+    def _head_prefix(self, module: nn.Module) -> str:
+        return next(name for name, m in self.model.named_modules() if m is module) + "."
 
     def outside_layer_names(self) -> list[str]:
         """One name per distinct non-layer tensor, in the order the model holds them."""

@@ -138,7 +138,7 @@ def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch]
         return replace(result, seconds={"scoring": time.perf_counter() - start})
     calls: list[LayerCall] = []
     if "stats" in spec.needs:
-        outside = sk.load_outside_layers()
+        outside = sk.load_outside_layers(head=False)
         calls = sk.layer_inputs(unlabeled)
         outside.free()
     scores, fits, stats = [], [], []
@@ -238,7 +238,7 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
     count = len(sk.layers)
     batches = take_sequences(unlabeled, config.scale_samples) if spec.scaled else []
     probe = _probe(sk)
-    outside = sk.load_outside_layers()
+    outside = sk.load_outside_layers(head=False)
     teacher = sk.layer_inputs(batches) if batches else []
     probe_calls = sk.layer_inputs([probe])
     outside.free()
@@ -321,7 +321,7 @@ def _write_config(sk: Skeleton, plan: KeepPlan, folder: Path) -> str:
 def _reload_output(folder: Path, probe: Batch, device: torch.device) -> torch.Tensor:
     """The written folder's output on ``probe``, read back layer by layer (never whole in memory)."""
     sk = Skeleton(folder, device)
-    outside = sk.load_outside_layers()
+    outside = sk.load_outside_layers(head=False)
     calls = sk.layer_inputs([probe])
     outside.free()
     for index in range(len(sk.layers)):
