@@ -193,6 +193,9 @@ def cmd_prune(args) -> dict:
     out_dir = _check_output(args, EXPORT_MARKERS)     # before any heavy work
     config = _prune_config(args)                      # validates options before any heavy work
     progress = StderrProgress()
+    if args.stream:                                   # one layer at a time: kcm_core.cli_stream
+        from .cli_stream import prune_streamed_command
+        return prune_streamed_command(args, config, out_dir, progress)
     times: dict[str, float] = {}
     start = time.perf_counter()
     model_path = _resolve_model_path(args.model, progress)
@@ -448,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences used by scaling (default 512; language models: blocks, default 8)")
     p.add_argument("--label-samples", type=int, default=512, help="labeled sequences for label methods")
     p.add_argument("--format", default="hf", help="comma list of export formats: hf, onnx")
+    p.add_argument("--stream", action="store_true",
+                   help="models larger than memory: read, prune and write one layer at a time from the "
+                        "folder's safetensors files (same plan and output; label-free methods, hf format, "
+                        "no evaluation of the pruned model)")
     p.add_argument("--json", dest="json_out", help="also write the report JSON to this file")
     p.set_defaults(func=cmd_prune)
 
