@@ -114,10 +114,11 @@ class _WholeSources:
     def __init__(self, model, config: PruneConfig):
         self.model, self.config = model, config
 
-    def r2(self):
-        raise ValueError("R2 is scored layer by layer in the streamed mode")
+    def _per_layer(self):
+        raise ValueError("a score that reads weights or data is made layer by layer in the streamed mode; "
+                         "mark its method per_layer=True in kcm_core.methods")
 
-    stats = grads = r2
+    r2 = stats = grads = _per_layer
 
 
 def _merge_stats(per_layer: list[NeuronStats]) -> NeuronStats:
@@ -201,12 +202,12 @@ def _fit_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], teache
         masked.feed(student)
         with torch.no_grad():
             for batch in batches:
-                masked(**model_inputs(batch, block_device(masked)))
+                masked(**model_inputs(batch, _device_of(masked)))
         next_student = next_calls(student, masked.outputs)
     return scales, next_teacher, next_student
 
 
-def block_device(model) -> torch.device:
+def _device_of(model) -> torch.device:
     return ffn_blocks(model)[0].down.weight.device
 
 
@@ -352,7 +353,6 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
     ``kcm_core.report.PruneReport`` written beside the weights. ``out_dir`` is written atomically:
     on any failure nothing is left. ``model_dir`` itself is never changed.
     """
-    from .export.files import EXPORT_FILE
     from .export.probe import TOLERANCE
     from .export.saving import EXPORT_MARKERS
     unlabeled = list(unlabeled)
@@ -393,7 +393,7 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
             tokenizer.save_pretrained(str(tmp))
         tell(progress, "streamed export: reading the written files back", 0.95)
         got = _reload_output(tmp, probe, device)
-        tolerance = TOLERANCE.get(next(iter(weight_dtypes(tmp))), 1e-4)
+        tolerance = max(TOLERANCE.get(dtype, 1e-4) for dtype in weight_dtypes(tmp))
         diff = float((got.double() - expected.double()).abs().max()) if expected.numel() else 0.0
         if got.shape != expected.shape or not diff <= tolerance:
             raise ValueError(f"the written model differs from the layers sliced in memory by {diff:.3g} on "

@@ -14,10 +14,11 @@ import transformers as T
 
 from conftest import LM_WORDS, build_tiny_model, make_batches, save_tiny_lm
 from kcm_core import cli, layerwise, stream
-from kcm_core.arch import FAMILIES
+from kcm_core.arch import FAMILIES, model_shape
+from kcm_core.flops import flops_floor
 from kcm_core.export import load_pruned
 from kcm_core.models import load_model
-from kcm_core.pipeline import PruneConfig, prune
+from kcm_core.pipeline import PruneConfig, prune, resolve_seq_len
 from kcm_core.stream import prune_streamed
 
 # One representative per family row of kcm_core.arch.FAMILIES, with the task it is pruned for.
@@ -93,6 +94,19 @@ def test_uniform_widths_load_with_stock_transformers_and_chunked_reads_change_no
     assert {"config.json", "model.safetensors.index.json", "kcm_plan.json", "export.json",
             "report.md"} <= names
     assert json.loads((tmp_path / "out" / "export.json").read_text())["verified_streamed"] is True
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_layers_emptied_by_the_budget_stream_like_in_memory(tmp_path, family):
+    model, folder = _saved(tmp_path, family, STREAMED[family])
+    batches = make_batches(model, labels=False)
+    seq_len = resolve_seq_len(model_shape(model.config), batches, None)
+    config = PruneConfig(method="weight-magnitude", budget=flops_floor(model_shape(model.config), seq_len) + 0.004)
+    reference = prune(model, config, batches)
+    assert 0 in reference.plan.kept_counts                     # GPT-2: an emptied Conv1D layer
+    streamed = prune_streamed(folder, config, batches, tmp_path / "out")
+    assert streamed.loader == "kcm_core.load_pruned"
+    _assert_same(reference, streamed, batches, load_pruned(tmp_path / "out"))
 
 
 def test_the_source_folder_is_left_as_it_was(tmp_path):
