@@ -4,7 +4,8 @@ The model is never whole in memory: one transformer layer at a time is read from
 files (``kcm_core.layerwise``), run on the calibration hidden states, and emptied again. Peak memory is
 about one layer (plus its masked and sliced copies in the second pass), the calibration hidden states,
 and the embeddings and head while they are needed. The budget is global (the top k neurons pooled
-over all layers), so a layer cannot be cut before every layer has been scored; hence two passes:
+over all layers), so a layer cannot be cut before every layer has been scored; hence two passes
+over the layers, with the selection between them:
 
 1. **Scores.** Layer by layer on the unpruned model's hidden states: the method's per-layer score
    (R2 on the layer's weights, activation statistics for D2, Wanda-sp, FLAP, ...), kept as one small
@@ -14,14 +15,14 @@ over all layers), so a layer cannot be cut before every layer has been scored; h
    scaling sample: the unpruned model's (teacher: its FFN output is the target) and the pruned one's
    (student: earlier layers already pruned and scaled), as ``kcm_core.scaling`` does in memory. Each
    layer's scales are fitted, folded in, the layer is sliced and written to its own safetensors shard
-   (FLAP's bias shift is computed here, from the layer's weights and pass 1's means).
+   (FLAP's bias shift is computed here, from the layer's weights and the first pass's means).
 
 The folder written is the in-memory export's format (``config.json`` with the new widths, a sharded
 safetensors checkpoint with its index, the tokenizer, ``kcm_plan.json``, ``report.json``/``.md``,
 ``export.json``), so ``load_model``, ``load_pruned`` and stock ``from_pretrained`` (uniform widths)
 load it the same way. It is checked before it is moved into place, also without holding the whole
-model: a fixed probe is run through the freshly sliced layers during pass 3 and again through the
-written files, layer by layer, and the two outputs must agree (``export.probe.TOLERANCE``). Plans,
+model: a fixed probe is run through the freshly sliced layers during the second pass and again
+through the written files, layer by layer, and the two outputs must agree (``export.probe.TOLERANCE``). Plans,
 scales and outputs equal the in-memory path's to 1e-5 (``tests/test_stream.py``, every family).
 
 Not streamed: methods that need gradients through the whole model (Mask-Tuning, KCM + labels) and
@@ -82,7 +83,7 @@ def check_streamable(spec: Method) -> None:
                          "method such as 'kcm'")
 
 
-# --------------------------------------------------------------------------- pass 1: scores
+# --------------------------------------------------------------------------- first pass: scores
 
 class _LayerSources:
     """One layer's score components (``methods.ScoreSources`` for a ``LayerView``), each at most once."""
@@ -131,7 +132,7 @@ def _merge_stats(per_layer: list[NeuronStats]) -> NeuronStats:
 
 def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch],
                    progress: Progress | None = None) -> MethodScores:
-    """Pass 1: every layer's scores, one layer in memory at a time (see the module doc)."""
+    """The first pass: every layer's scores, one layer in memory at a time (see the module doc)."""
     spec = method(config.method)
     start = time.perf_counter()
     if not spec.per_layer:
@@ -168,7 +169,7 @@ def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch]
                         {"scoring": time.perf_counter() - start})
 
 
-# --------------------------------------------------------------------------- pass 3: scale, slice, write
+# --------------------------------------------------------------------------- second pass: scale, slice, write
 
 def _fit_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], teacher: list[LayerCall],
                student: list[LayerCall], config: ScaleConfig, last: bool):
@@ -234,8 +235,8 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
 
 def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: KeepPlan, means,
                      unlabeled: Sequence[Batch], folder: Path, progress: Progress | None):
-    """Pass 3: returns (plan with scales and bias shifts, probe output of the sliced model, weight map,
-    bytes written, parameters written)."""
+    """The second pass. Returns the plan with scales and bias shifts, the probe batch, the sliced
+    model's output on it, the weight map, and the bytes and parameters written."""
     count = len(sk.layers)
     batches = take_sequences(unlabeled, config.scale_samples) if spec.scaled else []
     probe = _probe(sk)
