@@ -203,6 +203,12 @@ def _prune(args, group) -> dict | None:
     out_dir = group.only_main(lambda: _check_output(args, EXPORT_MARKERS))   # before any heavy work
     config = _prune_config(args)                      # validates options before any heavy work
     progress = StderrProgress() if group.is_main else None
+    if args.stream:                                   # one layer at a time: kcm_core.cli_stream
+        if group.distributed:
+            raise ValueError("--stream runs in one process (one layer at a time); run it with plain "
+                             "`python -m kcm_core prune ... --stream`, not under torchrun")
+        from .cli_stream import prune_streamed_command
+        return prune_streamed_command(args, config, out_dir, progress)
     times: dict[str, float] = {}
     start = time.perf_counter()
     model_path = group.main_first(lambda: _resolve_model_path(args.model, progress))
@@ -462,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences used by scaling (default 512; language models: blocks, default 8)")
     p.add_argument("--label-samples", type=int, default=512, help="labeled sequences for label methods")
     p.add_argument("--format", default="hf", help="comma list of export formats: hf, onnx")
+    p.add_argument("--stream", action="store_true",
+                   help="models larger than memory: read, prune and write one layer at a time from the "
+                        "folder's safetensors files (same plan and output; label-free methods, hf format, "
+                        "no evaluation of the pruned model)")
     p.add_argument("--json", dest="json_out", help="also write the report JSON to this file")
     p.set_defaults(func=cmd_prune)
 

@@ -50,6 +50,9 @@ class Method:
     compensate: whether the dropped neurons' mean output is folded into the down-projection's bias
         (FLAP; needs ``stats``).
     seeded: whether the score depends on ``PruneConfig.seed``.
+    per_layer: whether a layer's score depends on that layer alone (its weights and activation
+        statistics); the streamed mode (``kcm_core.stream``) scores such methods one layer at a time,
+        the others from the layer widths of the empty model.
     """
 
     name: str
@@ -61,6 +64,7 @@ class Method:
     refine: bool = False
     compensate: bool = False
     seeded: bool = False
+    per_layer: bool = True
 
     def __post_init__(self):
         unknown = set(self.needs) - set(COMPONENTS)
@@ -120,7 +124,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            frozenset({"stats"}), lambda src: S.flap(src.model, src.stats()), compensate=True),
     Method("random", "Random", "uniform random scores from the seed", frozenset(),
            lambda src: S.random_scores([b.width for b in ffn_blocks(src.model)], src.config.seed),
-           seeded=True),
+           seeded=True, per_layer=False),      # one generator runs through all layers
     Method("mask-tuning", "Mask-Tuning (labels)",
            "Kwon et al.: Fisher importance from labeled data, global top-k, then scaling",
            frozenset({"grads"}), lambda src: src.grads(), scaled=True),

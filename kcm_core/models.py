@@ -203,6 +203,10 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
     the checkpoint has is dropped only when the model is another class than its config names (a
     ``task`` asked for, a masked-LM checkpoint loaded as its backbone). A damaged or refused weights
     file is a ``ValueError`` too (``weights_error``).
+
+    ``device_map`` (passed on to ``from_pretrained``: ``"auto"``, ``"cpu"``, a dict) lets ``accelerate``
+    place the weights (several GPUs, CPU offload); ``device`` is then not applied. Models larger than
+    memory are pruned with ``kcm_core.stream`` instead, which never loads them whole.
     """
     import transformers
     if task is not None and task not in TASKS:
@@ -238,19 +242,33 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
         raise weights_error(location, err) from None
     check_loading_info(model, info, location, allow_new_head=allow_new_head,
                        saved_as=(getattr(config, "architectures", None) or [None])[0])
+    _refuse_offloaded(model, location)
     check_finite(model)
     processor = _load_processor(location, {k: v for k, v in kwargs.items() if k != "dtype"},
                                 vision=family.vision or task == "image-classification")
-    return _ready(model, processor, target)
+    # accelerate placed the weights itself (several GPUs, CPU offload): moving them would undo it
+    return _ready(model, processor, None if from_pretrained.get("device_map") is not None else target)
 
 
-def _ready(model: torch.nn.Module, processor, target: torch.device) -> tuple[torch.nn.Module, Any]:
-    """Pad token for tokenizers without one (GPT-2), model on ``target`` in eval mode."""
+def _refuse_offloaded(model: torch.nn.Module, location) -> None:
+    """accelerate's offload leaves weights on the ``meta`` device and fetches them per forward pass;
+    scoring, scaling and slicing read and copy every weight, so such a model cannot be pruned whole."""
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(f"device_map offloaded {len(offloaded)} weights of {location} out of memory (e.g. "
+                         f"{offloaded[0]}); pruning in memory needs every weight on a device: give it more "
+                         "memory (max_memory), or prune layer by layer with the streamed mode (prune --stream, "
+                         "kcm_core.stream.prune_streamed), which never loads the model whole")
+
+
+def _ready(model: torch.nn.Module, processor, target: torch.device | None) -> tuple[torch.nn.Module, Any]:
+    """Pad token for tokenizers without one (GPT-2), model on ``target`` (None: where it is) in eval mode."""
     if getattr(processor, "pad_token", "n/a") is None and getattr(processor, "eos_token", None) is not None:
         processor.pad_token = processor.eos_token   # our own fresh tokenizer: safe to set
     if getattr(model.config, "pad_token_id", None) is None and getattr(processor, "pad_token_id", None) is not None:
         model.config.pad_token_id = processor.pad_token_id
-    model.to(target)
+    if target is not None:
+        model.to(target)
     model.eval()
     return model, processor
 
