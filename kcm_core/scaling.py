@@ -203,7 +203,7 @@ def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleCo
 
 
 def _solve_layer(student, layers, li, block, keep_idx, batches, recorded, target,
-                 config: ScaleConfig, group: Group) -> torch.Tensor | None:
+                 config: ScaleConfig, group: Group = SINGLE) -> torch.Tensor | None:
     """Accumulate the k x k normal equations of layer ``li`` over all batches (of every rank) and
     solve them."""
     device = model_device(student)
