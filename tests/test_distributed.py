@@ -23,10 +23,12 @@ import torch.multiprocessing as mp
 
 from conftest import LM_WORDS, build_tiny_model, make_batches, save_tiny_lm
 from kcm_core import cli
+from kcm_core.arch import model_shape
 from kcm_core.distributed import SINGLE, Group, from_env, launched, session
 from kcm_core.hull import HullConfig
 from kcm_core.pipeline import PruneConfig, compute_scores, prune
 from kcm_core.plan import KeepPlan
+from kcm_core.scaling import fit_scales, teacher_targets
 
 REPO = Path(__file__).resolve().parents[1]
 WATCH = Path(__file__).resolve().parent / "write_watch"
@@ -72,6 +74,12 @@ def _library_worker(rank: int, port: int, out_dir: str) -> None:
         assert (group.rank, group.world_size, group.backend) == (rank, WORLD, "gloo")
         results = {name: _summary(model, config, unlabeled, labeled, group)
                    for name, model, config, unlabeled, labeled in _cases()}
+        _, model, _, unlabeled, _ = _cases()[0]
+        try:        # teacher targets of all batches would not match a rank's share: refused
+            fit_scales(model, KeepPlan.keep_all(model_shape(model.config).ffn_width), unlabeled,
+                       targets=teacher_targets(model, unlabeled), group=group)
+        except ValueError as err:
+            results["targets refused"] = str(err)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -88,6 +96,8 @@ def test_two_gloo_ranks_give_the_single_process_scores_plan_and_scales(tmp_path)
     mp.spawn(_library_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     cases = _cases()
+    for rank in ranks:
+        assert rank.pop("targets refused").startswith("teacher targets cannot be passed in under torch.distributed")
     assert set(ranks[0]) == {name for name, *_ in cases}
     for name, model, config, unlabeled, labeled in cases:
         single = _summary(model, config, unlabeled, labeled)
