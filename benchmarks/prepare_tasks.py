@@ -122,7 +122,8 @@ def build(name: str, cache_dir: str | None, command: str) -> dict:
     with atomic_folder(final, overwrite=True) as work:
         demo.write_split(work / "train.jsonl", train)
         demo.write_split(work / "test.jsonl", test)
-        result = finetune(encoder_path(), tuned_on, work / "model", spec.finetune, eval_data=test,
+        start_from = encoder_path() if spec.finetune_from == "encoder" else demo.prepare_demo()["model_dir"]
+        result = finetune(start_from, tuned_on, work / "model", spec.finetune, eval_data=test,
                           progress=progress)
         majority = max(test.labels.count(k) for k in set(test.labels)) / len(test)
         summary = {
@@ -133,7 +134,10 @@ def build(name: str, cache_dir: str | None, command: str) -> dict:
             "test_majority_rate": majority,
             "test_accuracy": result["test_accuracy"],
             "finetune": result["config"], "finetune_seconds": result["wall_seconds"],
-            "encoder": demo.ENCODER_SOURCE, "data_source": spec.source, "data_terms": spec.terms,
+            "encoder": demo.ENCODER_SOURCE,
+            "finetuned_from": ("the encoder (fresh head)" if spec.finetune_from == "encoder" else
+                               "the demo's polarity classifier (head kept, classes renamed)"),
+            "data_source": spec.source, "data_terms": spec.terms,
             "download_sha256": digest,
             "wall_seconds": round(time.perf_counter() - start, 1),
             "command": command,

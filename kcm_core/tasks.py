@@ -51,6 +51,9 @@ class TaskSpec:
     # Fine-tune on a seeded sample of this many training texts (None: all). The benchmark still draws
     # its unlabeled and labeled samples from the whole training split.
     finetune_examples: int | None = None
+    # What fine-tuning starts from: "encoder" (all-MiniLM-L6-v2, a fresh head) or "demo" (the demo's
+    # polarity classifier, itself that encoder fine-tuned; its 2-class head is kept and renamed).
+    finetune_from: str = "encoder"
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -62,10 +65,13 @@ TASKS: dict[str, TaskSpec] = {
         terms=("Reviews from the Amazon Fine Foods data of McAuley & Leskovec (WWW 2013, SNAP), "
                "subsampled by the modeldata authors; modeldata is MIT-licensed. The data are for "
                "research use; KCM Explorer reads them at preparation time and never redistributes them."),
-        # Sized for a 2-core CPU shared by several jobs (about 12 s per step at the time): one epoch on
-        # 2,000 reviews cut at 64 wordpieces (the median review is about 69, so about half are cut).
+        # Sized for a 2-core CPU shared by several jobs (12 to 30 s per step at the time): one epoch on
+        # 1,000 reviews cut at 64 wordpieces (the median review is about 69, so about half are cut),
+        # starting from the demo's sentiment classifier. From the bare encoder, one epoch on 2,000
+        # reviews predicted the majority class for every test review (accuracy 0.658 = majority).
         finetune=FinetuneConfig(epochs=1, lr=5e-5, batch_size=32, max_len=64, seed=0),
-        finetune_examples=2000,
+        finetune_examples=1000,
+        finetune_from="demo",
         description="Amazon Fine Food reviews, great (5 stars) or other",
     ),
     "hedge": TaskSpec(
