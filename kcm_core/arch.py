@@ -47,7 +47,9 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="bert",
-        model_types=("bert", "roberta", "xlm-roberta", "electra", "camembert"),
+        # MPNet keeps BERT's layer layout; its relative-position bias sits in the encoder, outside the
+        # layers, and its classification head (dense + out_proj, like RoBERTa's) costs what a pooler does.
+        model_types=("bert", "roberta", "xlm-roberta", "electra", "camembert", "mpnet"),
         layers=("encoder.layer",),
         up=("intermediate.dense",),
         down=("output.dense",),
@@ -132,7 +134,7 @@ def family_for_config(config) -> Family:
     raise ValueError(
         f"Unsupported architecture: model_type {model_type!r} ({type(config).__name__}). "
         f"KCM Explorer supports model types {', '.join(SUPPORTED_MODEL_TYPES)} "
-        "(BERT-family encoders, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2 gated MLPs, ViT)."
+        "(BERT-family encoders incl. MPNet, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2 gated MLPs, ViT)."
     )
 
 

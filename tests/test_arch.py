@@ -15,6 +15,7 @@ EXPECTED = {
     "roberta": ("Linear", "Linear", None, "encoder.layer.0.intermediate.dense", "roberta."),
     "xlm-roberta": ("Linear", "Linear", None, "encoder.layer.0.intermediate.dense", "roberta."),
     "electra": ("Linear", "Linear", None, "encoder.layer.0.intermediate.dense", "electra."),
+    "mpnet": ("Linear", "Linear", None, "encoder.layer.0.intermediate.dense", "mpnet."),
     "distilbert": ("Linear", "Linear", None, "transformer.layer.0.ffn.lin1", "distilbert."),
     "gpt2": ("Conv1D", "Conv1D", None, "h.0.mlp.c_fc", "transformer."),
     "llama": ("Linear", "Linear", "Linear", "layers.0.mlp.up_proj", "model."),

@@ -25,6 +25,8 @@ CONFIGS = {
                                  num_attention_heads=4, intermediate_size=WIDTH, num_labels=3),
     "distilbert": lambda: T.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4,
                                              hidden_dim=WIDTH, num_labels=3),
+    "mpnet": lambda: T.MPNetConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=WIDTH, pad_token_id=1, num_labels=3),
     "gpt2": lambda: T.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_inner=WIDTH,
                                  pad_token_id=0, num_labels=3),
     "llama": lambda: T.LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,

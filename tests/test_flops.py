@@ -135,7 +135,7 @@ def test_bad_sequence_length_raises(seq_len):
 
 
 @pytest.mark.parametrize("family,per_neuron", [
-    ("bert", 2 * HIDDEN + 1), ("distilbert", 2 * HIDDEN + 1), ("gpt2", 2 * HIDDEN + 1),
+    ("bert", 2 * HIDDEN + 1), ("mpnet", 2 * HIDDEN + 1), ("distilbert", 2 * HIDDEN + 1), ("gpt2", 2 * HIDDEN + 1),
     ("llama", 3 * HIDDEN), ("qwen2", 3 * HIDDEN), ("vit", 2 * HIDDEN + 1),
 ])
 def test_count_params_exact_and_drop_per_neuron(tiny_model, family, per_neuron):
@@ -161,7 +161,7 @@ def test_count_params_exact_and_drop_per_neuron(tiny_model, family, per_neuron):
 
 
 @pytest.mark.parametrize("family", [
-    "bert", "distilbert", "gpt2", "llama", "mistral", "vit", "qwen2",
+    "bert", "mpnet", "distilbert", "gpt2", "llama", "mistral", "vit", "qwen2",
 ])
 def test_layer_parameter_estimate_matches_the_real_layers(tiny_model, family):
     model = tiny_model(family, layers=2)

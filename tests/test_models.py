@@ -10,7 +10,7 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, BertTokenizerFast, GPT2Config,
                           GPT2LMHeadModel, GPT2TokenizerFast, GPTNeoConfig, T5Config)
 
-from kcm_core.models import load_config, load_model
+from kcm_core.models import load_config, load_model, max_positions
 
 TINY_BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                  intermediate_size=37, max_position_embeddings=64)
@@ -164,3 +164,20 @@ def test_tokenizer_missing_from_folder(tmp_path):
     with pytest.raises(ValueError, match="has no usable tokenizer"):
         load_model(str(tmp_path), device="cpu")
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "bert"
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "mpnet"])
+def test_positions_after_the_pad_id_shorten_the_usable_length(model_type):
+    """RoBERTa and MPNet number positions from pad_token_id + 1: a 12-row table takes 10 tokens."""
+    import transformers as T
+
+    cls = {"roberta": T.RobertaConfig, "mpnet": T.MPNetConfig}[model_type]
+    config = cls(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                 intermediate_size=37, max_position_embeddings=12, pad_token_id=1)
+    assert max_positions(config) == 10
+    torch.manual_seed(0)
+    model = T.AutoModel.from_config(config).eval()
+    with torch.no_grad():
+        assert model(input_ids=torch.full((1, 10), 5)).last_hidden_state.shape == (1, 10, 32)
+        with pytest.raises((IndexError, RuntimeError)):   # past the table (RoBERTa fails earlier, on its
+            model(input_ids=torch.full((1, 11), 5))        # token-type buffer, also sized by the table)

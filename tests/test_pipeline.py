@@ -184,3 +184,19 @@ def test_an_unreachable_budget_is_refused_before_any_scoring(bert_and_data):
         prune(model, PruneConfig(method="kcm", budget=0.3), unlabeled,
               progress=lambda m, f: calls.append(m))
     assert calls == []
+
+
+def test_kcm_prunes_a_tiny_mpnet_within_budget(tiny_model, tiny_batches):
+    """MPNet (BERT layout, relative-position bias outside the layers) through score, select, scale, slice."""
+    model = tiny_model("mpnet", layers=3)
+    unlabeled = tiny_batches(model, n_batches=2)
+    snapshot = state_snapshot(model)
+    result = prune(model, PruneConfig(method="kcm", budget=BUDGET, scale_samples=8), unlabeled)
+    shape = model_shape(model.config)
+    assert shape.family == "bert" and shape.model_type == "mpnet"
+    assert relative_flops(shape, result.seq_len, result.plan.kept_counts) <= BUDGET
+    assert [b.width for b in ffn_blocks(result.model)] == result.plan.kept_counts
+    assert 0 < result.plan.total_kept < 3 * WIDTH and result.plan.info.scaled_layers == 3
+    out = logits(result.model, unlabeled)
+    assert out.shape == (8, 2) and bool(torch.isfinite(out).all())
+    assert same_state(model, snapshot)
