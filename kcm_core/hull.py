@@ -28,7 +28,13 @@ SigmaMode = Literal["fixed", "median"]
 StopRule = Literal["absolute", "signed", "spearman", "topk", "closed_form"]
 STOP_RULES = ("absolute", "signed", "spearman", "topk", "closed_form")
 RANK_RULES = ("spearman", "topk")
-BLOCK = 1024                  # columns of C (rows of K) per block of work
+SLAB_BYTES = 128 * 2 ** 20    # one float32 work slab (a block of columns of C) at most this big
+
+
+def block_rows(n: int) -> int:
+    """Columns of C updated at once: all of them up to N = 5792, so the product is one matrix
+    multiply (smaller blocks multiply measurably slower on two cores), else a 128 MiB slab's worth."""
+    return max(1, min(n, SLAB_BYTES // (4 * max(n, 1))))
 
 
 @dataclass(frozen=True)
@@ -82,14 +88,14 @@ class HullFit:
                               # for the closed form, which has no second iterate to compare)
 
 
-def hull_memory_bytes(n: int, d: int, block: int = BLOCK, closed_form: bool = False) -> int:
+def hull_memory_bytes(n: int, d: int, block: int | None = None, closed_form: bool = False) -> int:
     """Working memory of one fit, by construction: the float32 kernel and ``C`` (neither for the closed
     form), the float64 points, and per block one float64 distance slab or (iterating) two float32 work
     slabs, plus two more slabs' room for the matrix product's workspace. The median's pair sample
     (``MEDIAN_PAIRS`` float64 values and three int64 indices) is included. For N = 11008 and d = 4096
-    this is about 1.54 GB iterating and 0.57 GB in closed form (``benchmarks/bench_r2_scale.py``
-    measures it)."""
-    b = min(block, max(n, 1))
+    this is about 1.9 GB iterating and 0.9 GB in closed form with the default block
+    (``benchmarks/bench_r2_scale.py`` measures it)."""
+    b = min(block or block_rows(n), max(n, 1))
     fixed = 0 if closed_form else 2 * 4 * n * n
     slabs = 2 * 8 * b * n if closed_form else max(2 * 8 * b * n, 4 * 4 * b * n)
     return fixed + 8 * n * d + slabs + 32 * min(n * n // 2, MEDIAN_PAIRS)
@@ -147,24 +153,26 @@ def _step(kernel: torch.Tensor, coef_t: torch.Tensor, block: int) -> tuple[float
 
 
 def kernel_hull(points: torch.Tensor, config: HullConfig = HullConfig(), *,
-                device: torch.device | str | None = None, block: int = BLOCK) -> HullFit:
+                device: torch.device | str | None = None, block: int | None = None) -> HullFit:
     """Fit the kernelized convex-hull self-representation of ``points`` (N, d); see the module doc.
     ``device``: where to compute (default ``kcm_core.runtime.default_device()``); ``block``: columns
-    updated at once, which sets the memory above the kernel and ``C`` (``hull_memory_bytes``)."""
+    updated at once (default ``block_rows(N)``), which sets the memory above the kernel and ``C``
+    (``hull_memory_bytes``)."""
     if points.dim() != 2:
         raise ValueError(f"points must be a 2-D (N, d) tensor, got shape {tuple(points.shape)}")
     if not torch.isfinite(points).all():
         raise ValueError("points contain NaN or infinite values; check the model's weights")
-    if not (isinstance(block, int) and block >= 1):
+    if block is not None and not (isinstance(block, int) and block >= 1):
         raise ValueError(f"block must be a positive integer, got {block!r}")
     n = points.shape[0]
+    block = block or block_rows(n)
     if n == 0:
         return HullFit(torch.zeros(0), 0, True, config.sigma, 0.0)
     device = torch.device(device) if device is not None else default_device()
     # Distances in float64 (exact enough for the median and the kernel); the N^3 iteration in float32,
     # which halves its cost and stays well inside alpha's tolerance.
     points = points.detach().to(device=device, dtype=distance_dtype(device))
-    sigma = config.sigma * (median_distance(points) if config.sigma_mode == "median" else 1.0)
+    sigma = config.sigma * (median_distance(points, block) if config.sigma_mode == "median" else 1.0)
     if config.stop_rule == "closed_form":
         diag = 1.0 / torch.sqrt(n * kernel_row_sums(points, sigma, block))
         return HullFit(diag.to(torch.float32).cpu(), 1, True, float(sigma), float("nan"))

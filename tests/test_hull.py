@@ -217,8 +217,9 @@ def test_median_distance_matches_the_full_matrix_and_its_fixed_subsample():
         vals = d2[iu[0], iu[1]]
         if vals.numel() > 1_000_000:
             vals = vals[:: vals.numel() // 1_000_000 + 1]
-        assert median_distance(points, elements=50) == pytest.approx(float(vals.median().sqrt()),
-                                                                     rel=1e-12)
+        for block in (7, 1024):
+            assert median_distance(points, block) == pytest.approx(float(vals.median().sqrt()),
+                                                                   rel=1e-12)
 
 
 def test_kernel_blocks_equal_the_whole_kernel():
@@ -234,7 +235,7 @@ def test_memory_bound_counts_the_kernel_and_c_only_when_iterating():
     iterating, closed = hull_memory_bytes(n, d), hull_memory_bytes(n, d, closed_form=True)
     assert iterating - closed >= 2 * 4 * n * n                 # K and C in float32
     assert closed < 8 * n * n                                  # never an N x N float64 matrix
-    assert iterating < 1.6e9
+    assert iterating < 2.0e9
     assert hull_memory_bytes(n, d, block=256) < iterating
 
 
