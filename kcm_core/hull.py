@@ -31,6 +31,9 @@ RANK_RULES = ("spearman", "topk")
 SLAB_BYTES = 128 * 2 ** 20    # one float32 work slab (a block of columns of C) at most this big
 
 
+CLOSED_FORM_BLOCK = 512       # rows per block of the closed form's symmetric row sums
+
+
 def block_rows(n: int) -> int:
     """Columns of C updated at once: all of them up to N = 5792, so the product is one matrix
     multiply (smaller blocks multiply measurably slower on two cores), else a 128 MiB slab's worth."""
@@ -174,7 +177,7 @@ def kernel_hull(points: torch.Tensor, config: HullConfig = HullConfig(), *,
     points = points.detach().to(device=device, dtype=distance_dtype(device))
     sigma = config.sigma * (median_distance(points, block) if config.sigma_mode == "median" else 1.0)
     if config.stop_rule == "closed_form":
-        diag = 1.0 / torch.sqrt(n * kernel_row_sums(points, sigma, block))
+        diag = 1.0 / torch.sqrt(n * kernel_row_sums(points, sigma, min(block, CLOSED_FORM_BLOCK)))
         return HullFit(diag.to(torch.float32).cpu(), 1, True, float(sigma), float("nan"))
     kernel = gaussian_kernel(points, sigma, block)                     # (N, N), symmetric, diag 1
     del points

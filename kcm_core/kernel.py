@@ -77,9 +77,18 @@ def gaussian_kernel(points: torch.Tensor, sigma: float, block: int,
 
 
 def kernel_row_sums(points: torch.Tensor, sigma: float, block: int) -> torch.Tensor:
-    """``K.sum(1)`` (N,) in the distance dtype, without ever holding K."""
+    """``K.sum(1)`` (N,) in the distance dtype, without ever holding K. K is symmetric, so each
+    block of rows is computed against the columns from its first row on (the upper part) and adds
+    its off-diagonal columns to the later rows' sums: about half the products of a full pass."""
+    n = points.shape[0]
     scale = -1.0 / (2.0 * sigma * sigma)
-    sums = torch.empty(points.shape[0], dtype=points.dtype, device=points.device)
-    for rows, d2 in sq_dist_blocks(points, block):
-        sums[rows] = d2.mul_(scale).exp_().sum(1)
+    sq = _sq_norms(points)
+    sums = torch.zeros(n, dtype=points.dtype, device=points.device)
+    for r0 in range(0, n, block):
+        r1 = min(r0 + block, n)
+        slab = points[r0:r1] @ points[r0:].t()                       # (b, N - r0)
+        slab.mul_(-2.0).add_(sq[r0:r1, None]).add_(sq[None, r0:]).clamp_min_(0.0)
+        slab.mul_(scale).exp_()
+        sums[r0:r1] += slab.sum(1)
+        sums[r1:] += slab[:, r1 - r0:].sum(0)
     return sums
