@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -153,14 +154,15 @@ def agreement_rows(fitted: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def part_agreement_and_downstream(parts: set[str], options: list[str], eval_blocks: int,
-                                  budget_cls: float, budget_lm: float) -> dict:
+def part_agreement_and_downstream(parts: set[str], demos: list[str], options: list[str],
+                                  downstream_options: list[str], eval_blocks: int, budget_cls: float,
+                                  budget_lm: float) -> dict:
     from kcm_core.evaluate import evaluate_classifier, labels_of, paired_difference
     from kcm_core.lm import evaluate_lm, paired_perplexity
     from kcm_core.pipeline import PruneConfig, prune
     chosen = {name: OPTIONS[name] for name in [EXACT] + [o for o in options if o != EXACT]}
     out = {}
-    for demo_name in ("classifier", "lm"):
+    for demo_name in demos:
         before = environment()
         log(f"{demo_name}: loading")
         if demo_name == "classifier":
@@ -176,6 +178,8 @@ def part_agreement_and_downstream(parts: set[str], options: list[str], eval_bloc
             rows, plans, evals = [], {}, {}
             dense = evaluate_classifier(model, test) if demo_name == "classifier" else None
             for name, got in fitted.items():
+                if name != EXACT and name not in downstream_options:
+                    continue
                 config = PruneConfig(method="kcm", budget=budget, hull=chosen[name],
                                      scale_samples=scale_samples)
                 scores = score_with(method("kcm"), FixedSources(model, config, got["fits"], stats))
@@ -207,6 +211,7 @@ def part_agreement_and_downstream(parts: set[str], options: list[str], eval_bloc
                 result["downstream"]["unpruned_accuracy"] = dense.accuracy.to_dict()
         result["environment_before"], result["environment_after"] = before, environment()
         out[demo_name] = result
+        save({"demos": {demo_name: result}})                 # each demo as soon as it is done
     return out
 
 
@@ -382,10 +387,30 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def save(results: dict) -> None:
+    """Merge ``results`` into r2_scale.json (demos one by one) and rewrite r2_scale.md. The file is
+    read only now, so parts run by separate processes do not overwrite each other."""
+    path = RESULTS / "r2_scale.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in results.items():
+        if key == "demos":
+            data.setdefault("demos", {}).update(value)
+        else:
+            data[key] = value
+    command = shlex.join(["python"] + sys.argv)
+    data["commands"] = [c for c in data.get("commands", []) if c != command] + [command]
+    RESULTS.mkdir(exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    (RESULTS / "r2_scale.md").write_text(markdown(data))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="agreement,downstream,timing,memory")
+    parser.add_argument("--demos", default="classifier,lm")
     parser.add_argument("--options", default=",".join(OPTIONS), help="options compared with the exact R2")
+    parser.add_argument("--downstream-options", default=None,
+                        help="options pruned and evaluated (default: all of --options)")
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--budget", type=float, default=0.6, help="classifier relative FLOPs")
     parser.add_argument("--lm-budget", type=float, default=0.9, help="LM relative FLOPs")
@@ -394,28 +419,22 @@ def main() -> int:
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     options = [o.strip() for o in args.options.split(",") if o.strip()]
-    unknown = [o for o in options if o not in OPTIONS] + sorted(parts - {"agreement", "downstream",
-                                                                          "timing", "memory"})
+    demos = [d.strip() for d in args.demos.split(",") if d.strip()]
+    downstream = ([o.strip() for o in args.downstream_options.split(",") if o.strip()]
+                  if args.downstream_options else options)
+    unknown = ([o for o in options + downstream if o not in OPTIONS]
+               + sorted(parts - {"agreement", "downstream", "timing", "memory"})
+               + [d for d in demos if d not in ("classifier", "lm")])
     if unknown:
         sys.exit(f"unknown option or part: {', '.join(unknown)}")
-    results = {}
     if parts & {"agreement", "downstream"}:
-        results["demos"] = part_agreement_and_downstream(parts, options, args.eval_blocks, args.budget,
-                                                         args.lm_budget)
+        part_agreement_and_downstream(parts, demos, options, downstream, args.eval_blocks, args.budget,
+                                      args.lm_budget)
     if "timing" in parts:
-        results["timing"] = part_timing()
+        save({"timing": part_timing()})
     if "memory" in parts:
-        results["memory"] = part_memory(args.memory_n, args.memory_d)
-    # Read the file only now, so that parts run by separate processes do not overwrite each other.
-    path = RESULTS / "r2_scale.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(results)
-    command = " ".join(["python"] + sys.argv)
-    data["commands"] = [c for c in data.get("commands", []) if c != command] + [command]
-    RESULTS.mkdir(exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / "r2_scale.md").write_text(markdown(data))
-    print(markdown(data))
+        save({"memory": part_memory(args.memory_n, args.memory_d)})
+    print(markdown(json.loads((RESULTS / "r2_scale.json").read_text())))
     return 0
 
 
