@@ -170,7 +170,8 @@ def _prune_config(args):
     return PruneConfig(
         method=args.method, budget=args.flops, seq_len=args.seq_len, seed=args.seed,
         hull=HullConfig(sigma=args.sigma, sigma_mode=args.sigma_mode, alpha=args.alpha,
-                        stop_rule=args.stop_rule, max_iter=args.max_iter),
+                        stop_rule=args.stop_rule, max_iter=args.max_iter, rank_tol=args.rank_tol,
+                        top_share=args.top_share),
         d2=D2Config(statistic=args.d2_statistic, normalise=args.d2_normalise),
         scale=ScaleConfig(ridge=args.ridge), scale_samples=args.scale_samples or 512,
         label_samples=args.label_samples, multiple=args.multiple,
@@ -458,7 +459,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-mode", default="median", choices=["median", "fixed"],
                    help="median: sigma x median pairwise distance; fixed: sigma as given (paper: 1)")
     p.add_argument("--alpha", type=float, default=0.01, help="R2 stopping tolerance")
-    p.add_argument("--stop-rule", default="absolute", choices=["absolute", "signed"])
+    p.add_argument("--stop-rule", "--r2-stop", default="absolute",
+                   choices=["absolute", "signed", "spearman", "topk", "closed_form"],
+                   help="R2 stop rule: absolute/signed change of C (alpha), the ranking's change "
+                        "(spearman, topk; see --rank-tol), or closed_form: one step, O(N^2 d) "
+                        "(README Options)")
+    p.add_argument("--rank-tol", type=float, default=1e-4,
+                   help="spearman: stop when 1 - rho <= this; topk: when at most this share of the "
+                        "top set changed between iterations")
+    p.add_argument("--top-share", type=float, default=0.4, help="topk rule: share of neurons compared")
     p.add_argument("--max-iter", type=int, default=200, help="R2 iteration cap")
     p.add_argument("--d2-statistic", default="auto", choices=["auto", "mean", "mean_abs", "rms"],
                    help="auto: mean for ungated FFNs, mean_abs for gated MLPs (see README Options)")

@@ -116,6 +116,24 @@ def test_a_pruned_folder_with_per_layer_widths_evaluates_and_prunes_again(workdi
         again["neurons"]["kept_per_layer"]
 
 
+@pytest.mark.parametrize("argv, hull", [
+    (["--r2-stop", "closed_form"], {"stop_rule": "closed_form"}),
+    (["--stop-rule", "topk", "--rank-tol", "0.02", "--top-share", "0.25"],
+     {"stop_rule": "topk", "rank_tol": 0.02, "top_share": 0.25}),
+])
+def test_r2_stop_options_reach_the_fit_and_the_report(workdir, capsys, tmp_path, argv, hull):
+    code, out, err = run_cli(capsys, "prune", "--model", workdir / "tiny", "--data", workdir / "data.csv",
+                             "--flops", 0.85, "--method", "r2", "--out", tmp_path / "out", *argv)
+    assert code == 0, err
+    report = json.loads(out)
+    assert {k: report["options"]["hull"][k] for k in hull} == hull
+    iterations = report["details"]["r2_iterations"]
+    if hull["stop_rule"] == "closed_form":
+        assert iterations == [1, 1]
+    else:
+        assert all(i >= 2 for i in iterations)      # a ranking rule compares two iterates
+
+
 def test_prune_is_deterministic_for_a_seed(workdir, capsys, tmp_path):
     plans = []
     for name in ("a", "b"):
@@ -132,6 +150,7 @@ def test_prune_is_deterministic_for_a_seed(workdir, capsys, tmp_path):
     (["--flops", "1.7"], "got 1.7"),
     (["--text-column", "nope"], "available columns: text, label"),
     (["--method", "mask-tuning", "--data", "EMPTY"], "is empty"),
+    (["--r2-stop", "spearman", "--rank-tol", "1.5"], "rank_tol must be in [0, 1), got 1.5"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(workdir, capsys, tmp_path, args, message):
     (tmp_path / "empty.csv").write_text("")

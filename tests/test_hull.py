@@ -4,7 +4,8 @@ import torch
 
 import kcm_core
 from kcm_core.arch import ffn_blocks
-from kcm_core.hull import HullConfig, kernel_hull
+from kcm_core.hull import HullConfig, hull_memory_bytes, kernel_hull, spearman, top_overlap
+from kcm_core.kernel import gaussian_kernel, kernel_row_sums, median_distance
 from kcm_core.scores import r2
 
 CORNER_IDX = [10, 11, 22, 23]
@@ -22,7 +23,7 @@ def top4(scores: torch.Tensor) -> list[int]:
     return sorted(torch.topk(scores, 4).indices.tolist())
 
 
-@pytest.mark.parametrize("stop_rule", ["absolute", "signed"])
+@pytest.mark.parametrize("stop_rule", ["absolute", "signed", "spearman", "topk", "closed_form"])
 @pytest.mark.parametrize("sigma_mode,sigma", [("fixed", 1.0), ("fixed", 2.0), ("median", 1.0),
                                               ("median", 0.5)])
 def test_square_corners_get_the_top_four_scores(sigma_mode, sigma, stop_rule):
@@ -95,7 +96,8 @@ def test_r2_per_layer_uses_the_rows_of_the_down_projection(tiny_model):
     ({"sigma": 0.0}, "sigma"), ({"sigma": -1.0}, "sigma"), ({"sigma": float("nan")}, "sigma"),
     ({"sigma_mode": "mean"}, "sigma_mode"), ({"alpha": 0.0}, "alpha"), ({"alpha": -0.1}, "alpha"),
     ({"stop_rule": "relative"}, "stop_rule"), ({"max_iter": 0}, "max_iter"),
-    ({"max_iter": 2.5}, "max_iter"),
+    ({"max_iter": 2.5}, "max_iter"), ({"rank_tol": -0.1}, "rank_tol"), ({"rank_tol": 1.0}, "rank_tol"),
+    ({"top_share": 0.0}, "top_share"), ({"top_share": 1.5}, "top_share"),
 ])
 def test_hull_config_validation_names_the_bad_value(kwargs, word):
     with pytest.raises(ValueError) as err:
@@ -117,3 +119,128 @@ def test_points_must_be_two_dimensional_and_empty_is_fine():
         kernel_hull(torch.ones(3, 2, 2))
     fit = kernel_hull(torch.zeros(0, 4))
     assert fit.scores.shape == (0,) and fit.iterations == 0
+
+
+# --------------------------------------------------------------------------- scaling options
+
+def cloud(n: int, d: int, seed: int) -> torch.Tensor:
+    """Anisotropic Gaussian points: some directions spread more, so the ranking is not flat."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 2.0, d,
+                                                                                   dtype=torch.float64)
+
+
+def dense_reference(points: torch.Tensor, sigma: float, iterations: int) -> torch.Tensor:
+    """The textbook update on whole matrices, in float64: C <- C * sqrt(K / (K @ C))."""
+    kernel = torch.exp(-torch.cdist(points, points).pow(2) / (2 * sigma * sigma))
+    n = points.shape[0]
+    coef = torch.full((n, n), 1.0 / n, dtype=torch.float64)
+    for _ in range(iterations):
+        coef = coef * torch.sqrt(kernel / (kernel @ coef))
+    return torch.diagonal(coef)
+
+
+def test_closed_form_equals_one_step_of_the_iteration():
+    for points in (square_cloud(), cloud(200, 12, seed=1)):
+        one_step = kernel_hull(points, HullConfig(max_iter=1))
+        closed = kernel_hull(points, HullConfig(stop_rule="closed_form"))
+        assert closed.iterations == 1 and closed.converged and closed.sigma == one_step.sigma
+        assert torch.allclose(closed.scores, one_step.scores, rtol=1e-5, atol=0)
+        n = points.shape[0]
+        kernel = torch.exp(-torch.cdist(points, points).pow(2) / (2 * closed.sigma ** 2))
+        expected = 1.0 / torch.sqrt(n * kernel.sum(1))          # C_ii = 1 / sqrt(N rowsum_i(K))
+        assert torch.allclose(closed.scores.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 1024])
+def test_blocked_in_place_update_matches_the_dense_update(block):
+    points = cloud(97, 9, seed=2)
+    fit = kernel_hull(points, HullConfig(max_iter=6, alpha=1e-9), block=block)
+    assert fit.iterations == 6 and not fit.converged
+    reference = dense_reference(points, fit.sigma, 6)
+    assert torch.allclose(fit.scores.double(), reference, rtol=1e-4, atol=0)
+
+
+def test_block_size_does_not_change_the_fit():
+    points = cloud(150, 6, seed=3)
+    fits = [kernel_hull(points, block=b) for b in (5, 150, 4096)]
+    assert len({f.iterations for f in fits}) == 1
+    for f in fits[1:]:
+        assert torch.allclose(f.scores, fits[0].scores, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("rule,tol", [("spearman", 1e-4), ("spearman", 1e-6), ("topk", 0.0),
+                                      ("topk", 0.05)])
+def test_ranking_rules_stop_where_the_ranking_stops_changing(rule, tol):
+    points = cloud(120, 8, seed=4)
+    config = HullConfig(stop_rule=rule, rank_tol=tol, top_share=0.3)
+    fit = kernel_hull(points, config)
+    assert fit.converged and fit.iterations >= 2
+
+    def diag(t: int) -> torch.Tensor:
+        return kernel_hull(points, HullConfig(max_iter=t, alpha=1e-9)).scores
+
+    def change(a: torch.Tensor, b: torch.Tensor) -> float:
+        return 1 - (spearman(a, b) if rule == "spearman" else top_overlap(a, b, 0.3))
+
+    t = fit.iterations
+    assert torch.equal(fit.scores, diag(t))                  # the same iterate as the plain update
+    assert change(diag(t - 1), diag(t)) <= tol
+    assert fit.last_delta == pytest.approx(change(diag(t - 1), diag(t)), abs=1e-9)
+    if t > 2:                                                # it did not stop one step too late
+        assert change(diag(t - 2), diag(t - 1)) > tol
+
+
+def test_a_tighter_rank_tolerance_never_stops_sooner():
+    points = cloud(120, 8, seed=5)
+    iterations = [kernel_hull(points, HullConfig(stop_rule="spearman", rank_tol=tol)).iterations
+                  for tol in (1e-2, 1e-4, 1e-6, 1e-8)]
+    assert iterations == sorted(iterations) and iterations[-1] > iterations[0]
+
+
+def test_spearman_and_top_overlap_known_answers():
+    x = torch.tensor([0.1, 0.5, 0.3, 0.9, 0.7])
+    assert spearman(x, x * 10 + 3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    # ranks 0 4 1 2 3 vs 0 1 2 3 4: 1 - 6 * sum d^2 / (n (n^2 - 1)) = 1 - 6 * 12 / 120
+    assert spearman(torch.tensor([1.0, 5.0, 2.0, 3.0, 4.0]), torch.arange(5.0)) == pytest.approx(0.4)
+    assert top_overlap(x, x, 0.4) == 1.0                      # top 2 of 5: items 3 and 4
+    assert top_overlap(x, torch.tensor([0.9, 0.5, 0.3, 0.1, 0.7]), 0.4) == 0.5
+    assert spearman(torch.ones(1), torch.ones(1)) == 1.0
+
+
+def test_median_distance_matches_the_full_matrix_and_its_fixed_subsample():
+    for n in (40, 1500):                                      # 1500 points: 1.1 M pairs, every 2nd
+        points = cloud(n, 3, seed=6)
+        d2 = torch.cdist(points, points).pow(2)
+        iu = torch.triu_indices(n, n, offset=1)
+        vals = d2[iu[0], iu[1]]
+        if vals.numel() > 1_000_000:
+            vals = vals[:: vals.numel() // 1_000_000 + 1]
+        for block in (7, 1024):
+            assert median_distance(points, block) == pytest.approx(float(vals.median().sqrt()),
+                                                                   rel=1e-12)
+
+
+def test_kernel_blocks_equal_the_whole_kernel():
+    points = cloud(53, 5, seed=7)
+    whole = torch.exp(-torch.cdist(points, points).pow(2) / (2 * 1.7 ** 2))
+    for block in (1, 10, 53, 100):
+        assert torch.allclose(gaussian_kernel(points, 1.7, block, torch.float64), whole, atol=1e-12)
+        assert torch.allclose(kernel_row_sums(points, 1.7, block), whole.sum(1), atol=1e-10)
+
+
+def test_memory_bound_counts_the_kernel_and_c_only_when_iterating():
+    n, d = 11008, 4096
+    iterating, closed = hull_memory_bytes(n, d), hull_memory_bytes(n, d, closed_form=True)
+    assert iterating - closed >= 2 * 4 * n * n                 # K and C in float32
+    assert closed < 8 * n * n                                  # never an N x N float64 matrix
+    assert iterating < 2.0e9
+    assert hull_memory_bytes(n, d, block=256) < iterating
+
+
+def test_fit_runs_on_the_device_given_and_returns_cpu_scores():
+    fit = kernel_hull(square_cloud(), device="cpu")
+    assert fit.scores.device.type == "cpu" and fit.scores.dtype == torch.float32
+    with pytest.raises(ValueError, match="block"):
+        kernel_hull(square_cloud(), block=0)
