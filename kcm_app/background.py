@@ -1,13 +1,12 @@
 """No cold waits in a demo: as soon as a model and data are loaded, one background thread per
-(model, data, seed) computes what the pages show first (KCM's scores, the Fisher gradients when the
-data has labels, the UMAP of layer 0, the unpruned model's evaluation and the default budget), through
+(model, data, seed) computes what the pages show first (the unpruned model's evaluation, KCM's scores,
+the default budget, the Fisher gradients when the data has labels, the UMAP of layer 0), through
 the same shared stores the pages use, so a page asking for one of them waits for that computation
 instead of starting its own, and the slow parts land in the disk cache (``kcm_app.disk_cache``) for the
 next start. The model is only read; hooks run on private copies (``kcm_app.engine``). No Streamlit here.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -17,15 +16,16 @@ from kcm_core.pipeline import PruneConfig
 from kcm_core.runtime import Progress
 
 from . import engine
+from .live import log
 from .engine import Workspace
 from .store import SharedStore
 
-log = logging.getLogger("kcm_app.live")
 
-# The first view of each page needs these, in this order (the Scores and Prune pages need the scores,
-# the Kernel hull page its UMAP, the Model and Prune pages the unpruned evaluation).
-SCORES, GRADIENTS, UMAP, UNPRUNED, BUDGET = ("KCM scores", "Fisher gradients", "UMAP of layer 0",
-                                             "the unpruned model", "the default budget")
+# What the first view of each page needs, the landing page's first: the Model page the unpruned
+# evaluation, the Prune page the scores and the default budget, the Scores page the gradients too, the
+# Kernel hull page its UMAP (slowest: umap-learn's first call compiles it).
+UNPRUNED, SCORES, BUDGET, GRADIENTS, UMAP = ("the unpruned model", "KCM scores", "the default budget",
+                                             "Fisher gradients", "UMAP of layer 0")
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,12 @@ class Precompute:
         log.info("background work done in %.1f s: %s", self.seconds, ", ".join(self.finished))
 
     def wait_for(self, name: str, progress: Progress | None = None, poll: float = 0.2) -> None:
-        """Block until step ``name`` is over, drawing this work's progress on ``progress``."""
-        while not self.has(name):
+        """Block while step ``name`` is the one running, drawing this work's progress on ``progress``:
+        the page then reads its result instead of computing it a second time. A step not started yet
+        is not waited for (the page computes it, and the background finds it stored)."""
+        while self.current == name and not self.done:
             if progress is not None:
-                progress(f"{self.current} (background): {self.message}", self.fraction)
+                progress(f"{name} (background): {self.message}", self.fraction)
             time.sleep(poll)
 
 
@@ -97,16 +99,18 @@ def default_config(ws: Workspace, seed: int) -> PruneConfig:
 
 def steps_for(ws: Workspace, seed: int, store: SharedStore) -> list[Step]:
     config = default_config(ws, seed)
-    steps = [Step(SCORES, lambda p: engine.method_scores(ws, config, store, p))]
-    if ws.labeled is not None:
-        fisher = PruneConfig(method="mask-tuning", scale_samples=config.scale_samples, seed=seed)
-        steps.append(Step(GRADIENTS, lambda p: engine.gradient_scores(ws, fisher, store, p)))
-    steps.append(Step(UMAP, lambda p: engine.layer_umap(ws, 0, seed, store)))
+    steps = []
     if ws.is_lm:
         steps.append(Step(UNPRUNED, lambda p: engine.reference_lm(ws, store, p)))
     elif ws.eval_batches is not None:
         steps.append(Step(UNPRUNED, lambda p: engine.reference(ws, store, p)))
-    steps.append(Step(BUDGET, lambda p: engine.evaluate_budget(ws, config, store, p)))
+    steps.append(Step(SCORES, lambda p: engine.method_scores(ws, config, store, p)))
+    if ws.eval_batches is not None:
+        steps.append(Step(BUDGET, lambda p: engine.evaluate_budget(ws, config, store, p)))
+    if ws.labeled is not None:
+        fisher = PruneConfig(method="mask-tuning", scale_samples=config.scale_samples, seed=seed)
+        steps.append(Step(GRADIENTS, lambda p: engine.gradient_scores(ws, fisher, store, p)))
+    steps.append(Step(UMAP, lambda p: engine.layer_umap(ws, 0, seed, store)))
     return steps
 
 

@@ -16,7 +16,6 @@ No Streamlit here.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,9 +27,10 @@ from torch import nn
 from kcm_core.atomic import remove, temporary_sibling
 from kcm_core.demo import cache_root
 
+from .live import log
+
 T = TypeVar("T")
 VERSION = 1
-log = logging.getLogger("kcm_app.live")        # one log for the live work (kcm_app.live sets it up)
 
 
 def root() -> Path:

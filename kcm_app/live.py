@@ -18,7 +18,7 @@ from typing import Any, Callable, Hashable
 from kcm_core.runtime import Progress
 
 log = logging.getLogger("kcm_app.live")
-if not log.handlers:            # the server's log says which budgets a session evaluated (tests read it)
+if not log.handlers:    # the server's log says what was computed, read from disk, evaluated (tests read it)
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     log.addHandler(_handler)

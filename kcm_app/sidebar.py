@@ -201,5 +201,5 @@ def _background_progress(work) -> None:
     """Reruns every second while the work runs; once done, the whole app reruns once (which stops
     this timer and lets every page use the results)."""
     if work.done:
-        st.rerun()
-    st.progress(work.fraction, text=f"Preparing in the background: {work.current} ({work.message})")
+        ui.rerun_page()
+    st.progress(min(max(work.fraction, 0.0), 1.0), text=f"Preparing in the background: {work.current} ({work.message})")

@@ -46,6 +46,7 @@ ENTRY = "_entry"                 # app.py set this for the page it is about to r
 EVALUATOR = "_evaluator"         # the session's latest-only evaluation runner (kcm_app.live)
 SHOWN = "_shown"                 # the last evaluated budget the Prune page drew (shown while a newer one runs)
 NOTICE = "_notice"               # a one-time notice for the page (e.g. a shared link that was corrected)
+PAGE = "_page"                   # the script of the page this session is on (kcm_app.ui.PAGES)
 SCATTER_ROUND = "_scatter_round"  # bumped to clear the Scores page's scatter selection (a new widget key)
 LOAD_ERROR = "_load_error"       # why the sidebar's model or data did not load (shown in the main area)
 
@@ -247,6 +248,14 @@ def add_notice(message: str) -> None:
 
 def take_notices() -> list[str]:
     return list(_session().pop(NOTICE, []))
+
+
+def page() -> str | None:
+    return _session().get(PAGE)
+
+
+def set_page(script: str) -> None:
+    _session()[PAGE] = script
 
 
 def scatter_key() -> str:

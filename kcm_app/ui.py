@@ -38,7 +38,14 @@ def pages() -> list:
 def run_page(page) -> None:
     """app.py's last step: run the chosen page, marked as coming through the entry point."""
     state.mark_entry()
+    state.set_page(next((script for script, _, _, url in PAGES if url == page.url_path), PAGES[0][0]))
     page.run()
+
+
+def rerun_page() -> None:
+    """A whole-app rerun of the page this session is on, from a fragment. (``st.rerun()`` from a
+    fragment's own rerun lands on the default page under ``st.navigation``.)"""
+    st.switch_page(state.page() or PAGES[0][0], query_params=state.query_for(state.view()))
 
 
 def entry_guard() -> bool:

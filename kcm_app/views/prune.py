@@ -99,7 +99,8 @@ def readouts(ws: Workspace) -> None:
     cols = st.columns(4)
     cols[0].metric("Relative FLOPs", _pct(fast.relative_flops), help="Encoder MACs after / before, at s")
     cols[1].metric("Parameters", f"{fast.params_after:,}", f"{fast.relative_params - 1:+.1%}",
-                   delta_color="inverse", help="Exact count of the sliced model")
+                   delta_color="inverse", help="Exact count of the sliced model; the change is in percent of "
+                                               "the unpruned model's parameters")
     cols[2].metric("Neurons pruned", _pct(fast.neurons_pruned))
     cols[3].metric("Estimated speedup", f"{fast.estimated_speedup:.2f}x", help="1 / relative FLOPs")
     st.plotly_chart(figures.kept_per_layer(charts.kept_frame(fast.plan), config.method), key="prune_kept")
@@ -130,8 +131,8 @@ def pending_readouts(ws: Workspace, config, store, job: live.Job) -> None:
     such. Reruns every ``live.POLL_S``; once the job is done, the whole page reruns (which stops this
     timer and draws the new readouts)."""
     if job.done:
-        st.rerun()
-    st.progress(job.fraction, text=f"Evaluating {config.budget:.2f} relative FLOPs: {job.message}")
+        ui.rerun_page()
+    st.progress(min(max(job.fraction, 0.0), 1.0), text=f"Evaluating {config.budget:.2f} relative FLOPs: {job.message}")
     shown = state.shown()
     if shown is not None and shown.method == config.method:
         slow_readouts(ws, config, store, shown, stale=True)

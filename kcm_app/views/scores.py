@@ -74,9 +74,9 @@ def body(ws: Workspace, column: str, layer: int, top_n: int) -> None:
     shown = ["neuron"] + list(dict.fromkeys([column, "r2", "d2"]))
     left, right = st.columns(2)
     left.markdown(f"**Top {top_n} of layer {layer}** by {SCORES[column]}")
-    left.dataframe(readable(best[shown]), hide_index=True, use_container_width=True)
+    left.dataframe(readable(best[shown]), hide_index=True, width="stretch")
     right.markdown(f"**Bottom {top_n} of layer {layer}** by {SCORES[column]}")
-    right.dataframe(readable(worst[shown]), hide_index=True, use_container_width=True)
+    right.dataframe(readable(worst[shown]), hide_index=True, width="stretch")
 
 
 def readable(frame: pd.DataFrame) -> pd.DataFrame:
