@@ -62,7 +62,7 @@ def serve(env: Mapping[str, str], log: IO | None = None, port: int | None = None
             proc.wait()
 
 
-def finish_background(timeout: float = 120) -> None:
+def finish_background(timeout: float = 600) -> None:
     """Wait for every background precompute this process started (``kcm_app.background``), so none
     writes into a test's temporary cache folder after the test."""
     from .resources import _precompute_registry

@@ -78,8 +78,9 @@ def test_slider_moves_readouts_in_a_real_browser(server, browser, tmp_path):
     expect(page.get_by_test_id("stMetric").filter(has_text="Relative FLOPs").first
            .get_by_test_id("stMetricValue")).not_to_have_text(before, timeout=60_000)
     assert metric_value(page, "Parameters") != params_before
-    # a generous wait, since a busy 2-core machine took over 30 s here
-    page.wait_for_function("() => window.location.search.includes('budget=0.90')", timeout=150_000)
+    # a generous wait: on a fresh server the background work (UMAP's first compile) shares the cores,
+    # and a busy 2-core machine took over 150 s here
+    page.wait_for_function("() => window.location.search.includes('budget=0.90')", timeout=300_000)
     shot = tmp_path / "prune.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
