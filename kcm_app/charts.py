@@ -169,6 +169,39 @@ def comparison_frame(results: Iterable[Any], metric: str = "accuracy") -> pd.Dat
     return grouped.reset_index()[columns]
 
 
+def paired_frame(results: Iterable[Any], reference: str, labels: Any = None, seed: int = 0) -> pd.DataFrame:
+    """Each method minus ``reference`` at the same budget, on the same examples (``engine.BudgetResult``
+    objects; random selection: its first seed only).
+
+    A classifier (``labels`` given): the accuracy difference in percentage points with the paired
+    bootstrap interval and McNemar's exact p (``kcm_core.evaluate.paired_difference``). A language model:
+    the perplexity change in percent with the paired interval over blocks
+    (``kcm_core.lm.paired_perplexity``). Two methods' own intervals overlapping says nothing here."""
+    from kcm_core.evaluate import paired_difference
+    from kcm_core.lm import paired_perplexity
+    first: dict[tuple, Any] = {}
+    for r in results:
+        first.setdefault((r.method, round(r.budget, 6)), r)
+    rows = []
+    for (name, budget), r in first.items():
+        ref = first.get((reference, budget))
+        if name == reference or ref is None:
+            continue
+        if labels is not None and r.predictions is not None and ref.predictions is not None:
+            d = paired_difference((r.predictions == labels).numpy(), (ref.predictions == labels).numpy(), seed)
+            rows.append({"method": name, "budget": budget, "relative_flops": r.relative_flops,
+                         "difference": d.value * 100, "low": d.low * 100, "high": d.high * 100,
+                         "p_value": d.p_value, "only_method": d.a_only, "only_reference": d.b_only})
+        elif r.lm is not None and ref.lm is not None:
+            p = paired_perplexity(r.lm.stats, ref.lm.stats, seed)
+            rows.append({"method": name, "budget": budget, "relative_flops": r.relative_flops,
+                         "difference": (p.ratio - 1) * 100, "low": (p.low - 1) * 100, "high": (p.high - 1) * 100,
+                         "p_value": np.nan, "only_method": np.nan, "only_reference": np.nan})
+    columns = ["method", "budget", "relative_flops", "difference", "low", "high", "p_value", "only_method",
+               "only_reference"]
+    return pd.DataFrame(rows, columns=columns)
+
+
 BUDGET_OPTIONS = [round(0.05 * i, 2) for i in range(1, 21)]
 
 

@@ -49,7 +49,8 @@ def share_curve(frame: pd.DataFrame, current: float) -> go.Figure:
     return fig
 
 
-def score_histograms(frame: pd.DataFrame, column: str, color: str | None = None) -> go.Figure:
+def score_histograms(frame: pd.DataFrame, column: str, color: str | None = None,
+                     label: str | None = None) -> go.Figure:
     """Per-layer distributions of one score (violin per layer)."""
     fig = go.Figure()
     color = color or SCORE_COLORS.get(column, METHOD_COLORS.get(column, "#555555"))
@@ -57,8 +58,9 @@ def score_histograms(frame: pd.DataFrame, column: str, color: str | None = None)
         fig.add_violin(y=frame.loc[frame["layer"] == layer, column], name=f"layer {layer}",
                        line_color=color, fillcolor=color, opacity=0.55, points=False,
                        meanline_visible=True, showlegend=False)
-    fig.update_layout(**base_layout(title=f"{column} per layer", xaxis_title="layer",
-                                    yaxis_title=f"{column} score (unitless)"))
+    label = label or column
+    fig.update_layout(**base_layout(title=f"{label} per layer", xaxis_title="layer",
+                                    yaxis_title=f"{label} score (unitless)"))
     return fig
 
 
@@ -78,12 +80,12 @@ def r2_d2_scatter(frame: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def rank_heatmap(matrix: np.ndarray, centres: np.ndarray, column: str) -> go.Figure:
+def rank_heatmap(matrix: np.ndarray, centres: np.ndarray, column: str, label: str | None = None) -> go.Figure:
     fig = go.Figure(go.Heatmap(
         z=matrix, x=centres * 100, y=[f"layer {i}" for i in range(matrix.shape[0])],
-        colorscale="Viridis", colorbar=dict(title=column),
-        hovertemplate="%{y}, rank %{x:.0f}%<br>" + column + " %{z:.4g}<extra></extra>"))
-    fig.update_layout(**base_layout(title=f"{column} by layer and rank (best on the left)",
+        colorscale="Viridis", colorbar=dict(title=label or column),
+        hovertemplate="%{y}, rank %{x:.0f}%<br>" + (label or column) + " %{z:.4g}<extra></extra>"))
+    fig.update_layout(**base_layout(title=f"{label or column} by layer and rank (best on the left)",
                                     xaxis_title="rank within the layer (% of its neurons, 0 = best)",
                                     yaxis_title="layer", height=320))
     return fig
@@ -154,10 +156,33 @@ def comparison(frame: pd.DataFrame, dense_accuracy: float | None, current: float
         fig.add_hline(y=dense_accuracy * 100, line_color=METHOD_COLORS["dense"], line_dash="dash",
                       annotation_text="unpruned")
     if current is not None:
-        fig.add_vline(x=current * 100, line_dash="dot", line_color="#888888")
+        fig.add_vline(x=current * 100, line_dash="dot", line_color="#888888", annotation_text="current budget")
     fig.update_layout(**base_layout(title="Accuracy vs relative FLOPs (95% bootstrap intervals)",
                                     xaxis_title="relative FLOPs (% of the unpruned encoder's MACs)",
                                     yaxis_title="test accuracy (%)", height=430))
+    return fig
+
+
+def paired_differences(frame: pd.DataFrame, reference: str, lm: bool = False) -> go.Figure:
+    """Each method minus ``reference`` at each budget with its paired 95% interval
+    (``charts.paired_frame``); zero is drawn: an interval that excludes it is a difference."""
+    fig = go.Figure()
+    unit = "%" if lm else " pp"
+    for name in dict.fromkeys(frame["method"]):
+        rows = frame[frame["method"] == name].sort_values("relative_flops")
+        label = method_label(name)
+        fig.add_scatter(
+            x=rows["relative_flops"] * 100, y=rows["difference"], name=label, mode="lines+markers",
+            line=dict(color=METHOD_COLORS[name], width=2.5),
+            error_y=dict(type="data", symmetric=False, array=rows["high"] - rows["difference"],
+                         arrayminus=rows["difference"] - rows["low"], thickness=1),
+            hovertemplate=label + "<br>%{x:.1f}% FLOPs: %{y:+.1f}" + unit + "<extra></extra>")
+    fig.add_hline(y=0, line_color=METHOD_COLORS[reference], line_dash="dash",
+                  annotation_text=method_label(reference))
+    what = "perplexity change (%)" if lm else "accuracy difference (pp)"
+    fig.update_layout(**base_layout(title=f"Difference from {method_label(reference)} (paired 95% intervals)",
+                                    xaxis_title="relative FLOPs (%)", yaxis_title=f"{what}, method minus reference",
+                                    height=430))
     return fig
 
 
@@ -179,7 +204,7 @@ def comparison_lm(frame: pd.DataFrame, dense_perplexity: float | None, current: 
         fig.add_hline(y=dense_perplexity, line_color=METHOD_COLORS["dense"], line_dash="dash",
                       annotation_text="unpruned")
     if current is not None:
-        fig.add_vline(x=current * 100, line_dash="dot", line_color="#888888")
+        fig.add_vline(x=current * 100, line_dash="dot", line_color="#888888", annotation_text="current budget")
     fig.update_layout(**base_layout(title="Perplexity vs relative FLOPs (95% bootstrap intervals over blocks)",
                                     xaxis_title="relative FLOPs (% of the unpruned decoder layers' MACs)",
                                     yaxis_title="held-out perplexity (log scale)", height=430))

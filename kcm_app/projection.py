@@ -29,6 +29,18 @@ def pca_2d(points: np.ndarray) -> np.ndarray:
     return out if out.shape[1] == 2 else np.c_[out, np.zeros(len(out))]
 
 
+def clip_to_quantiles(coords: np.ndarray, q: float = 0.01, margin: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """``coords`` with each axis clipped to its [q, 1 - q] quantile range widened by ``margin`` of that
+    range, and the mask of points that were moved: a few outlying neurons (PCA's leading component
+    often follows one or two huge rows) no longer squeeze the rest into a dot."""
+    if len(coords) == 0:
+        return coords, np.zeros(0, dtype=bool)
+    low, high = np.quantile(coords, q, axis=0), np.quantile(coords, 1 - q, axis=0)
+    pad = margin * np.maximum(high - low, 1e-12)
+    clipped = np.clip(coords, low - pad, high + pad)
+    return clipped, np.any(clipped != coords, axis=1)
+
+
 def umap_2d(points: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
     """UMAP to 2-D with an explicit seed (umap-learn is imported only when called)."""
     try:

@@ -8,6 +8,7 @@ runs without Streamlit replaying elements on a cache hit.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import streamlit as st
@@ -16,7 +17,7 @@ from kcm_core.arch import model_shape
 from kcm_core.pipeline import resolve_seq_len
 from kcm_core.runtime import Progress, tell
 
-from . import server
+from . import background, disk_cache, server
 from .engine import Workspace, WorkspaceInfo
 from .sources import (BATCH_SIZE, DEMO_KINDS, EVAL_LIMIT, LM_BATCH, LM_EVAL_BLOCKS, DataChoice,
                       ModelChoice, SampleChoice, batches_fingerprint, is_upload, model_key)
@@ -27,6 +28,17 @@ from .store import SharedStore
 def store(name: str) -> SharedStore:
     """One result store per kind of result, shared by all sessions."""
     return SharedStore(max_entries={"results": 512, "workspaces": 6}.get(name, 64))
+
+
+@st.cache_resource(show_spinner=False)
+def _precompute_registry() -> tuple[dict, threading.Lock]:
+    return {}, threading.Lock()
+
+
+def precompute(ws: Workspace, seed: int) -> background.Precompute:
+    """The background work for this workspace (``kcm_app.background``), started once per server."""
+    registry, lock = _precompute_registry()
+    return background.start(ws, seed, store("results"), registry, lock)
 
 
 def demo_summary(_progress: Progress | None = None) -> dict:
@@ -134,10 +146,13 @@ def split_data(choice: DataChoice, sample: SampleChoice) -> tuple[Any, Any | Non
     scoring = train.sample(sample.size, sample.seed)
     if choice.kind == "demo":
         return scoring, load_data(choice, "test"), "the demo's test split"
-    if not getattr(train, "has_labels", False):
-        return scoring, None, "none (no label column)"
     chosen = set(seeded_indices(len(train), sample.size, sample.seed))
     rest = [i for i in range(len(train)) if i not in chosen][:EVAL_LIMIT]
+    if not getattr(train, "has_labels", False):
+        # no accuracy, but agreement with the unpruned model needs no labels
+        if len(rest) >= 20:
+            return scoring, train.subset(rest), f"{len(rest)} held-out examples of the same data (no labels)"
+        return scoring, None, "none (no label column)"
     if len(rest) >= 20:
         return scoring, train.subset(rest), f"{len(rest)} held-out examples of the same data"
     return scoring, train.sample(EVAL_LIMIT, sample.seed), (
@@ -160,9 +175,9 @@ def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _t
     if getattr(scoring, "has_labels", False):
         labeled = tuple(make_batches(scoring, _tokenizer, max_len=sample.max_len,
                                      batch_size=BATCH_SIZE, with_labels=True))
-    if evaluation is not None and getattr(evaluation, "has_labels", False):
-        eval_batches = tuple(make_batches(_by_length(evaluation, _tokenizer), _tokenizer,
-                                          max_len=sample.max_len, batch_size=64, with_labels=True))
+    if evaluation is not None:           # without labels: the agreement with the unpruned model only
+        eval_batches = tuple(make_batches(_by_length(evaluation, _tokenizer), _tokenizer, max_len=sample.max_len,
+                                          batch_size=64, with_labels=getattr(evaluation, "has_labels", False)))
     shape = model_shape(_model.config)
     info = WorkspaceInfo(model_path=key, model_name=_model_name(key), data=data.describe(),
                          data_source=str(getattr(scoring, "source", "")), sample=len(scoring),
@@ -171,7 +186,8 @@ def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _t
     return Workspace(model_key=key, model=_model, tokenizer=_tokenizer, shape=shape,
                      data_key=batches_fingerprint(unlabeled, labeled, eval_batches),
                      unlabeled=unlabeled, labeled=labeled, eval_batches=eval_batches,
-                     seq_len=round(resolve_seq_len(shape, unlabeled, None), 2), info=info)
+                     seq_len=round(resolve_seq_len(shape, unlabeled, None), 2), info=info,
+                     weights_hash=weights_hash(key, _model))
 
 
 def _lm_workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _tokenizer: Any,
@@ -204,7 +220,13 @@ def _lm_workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any,
                          max_len=sample.max_len, seed=sample.seed, labels=False)
     return Workspace(model_key=key, model=_model, tokenizer=_tokenizer, shape=model_shape(_model.config),
                      data_key=batches_fingerprint(unlabeled, None, eval_batches), unlabeled=unlabeled,
-                     labeled=None, eval_batches=eval_batches, seq_len=float(sample.max_len), info=info)
+                     labeled=None, eval_batches=eval_batches, seq_len=float(sample.max_len), info=info,
+                     weights_hash=weights_hash(key, _model))
+
+
+def weights_hash(key: str, model: Any) -> str:
+    """The model's weights hash (``kcm_app.disk_cache``), computed once per loaded model."""
+    return store("results").get_or_compute(("weights-hash", key), lambda: disk_cache.weights_hash(model))
 
 
 def _model_name(key: str) -> str:

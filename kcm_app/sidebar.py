@@ -138,27 +138,68 @@ def _fit_to_model(model: ModelChoice, sample: SampleChoice, progress) -> SampleC
 
 
 def load() -> None:
-    """Sidebar, then the workspace it names (kept in the session; heavy parts cached for all)."""
+    """Sidebar, then the workspace it names (kept in the session; heavy parts cached for all). A
+    failure marks the status box as failed and is kept for the page's main area (``ui.require_workspace``)."""
+    from kcm_core.models import clear_error_types, one_line
+    state.set_load_error(None)
     with st.sidebar:
-        with ui.core_errors(stop=False):
+        try:
             config = server.settings()   # a malformed setting stops here, before anything is read
             server.apply_streamlit_options(config)
             if config.shared:
                 st.caption(config.describe())
             model, data, sample = choices()
             state.set_workspace(None)
-            first_demo = model.kind in DEMO_KINDS and not resources.demo_ready(model.kind)
-            label = (f"Preparing the {'LM' if model.kind == 'demo-lm' else 'classifier'} demo (first start "
-                     "only)" if first_demo else "Loading model and data")
-            with st.status(label, expanded=first_demo) as box:
-                bar = ui.ProgressBar(label, container=box.empty())
-                drawn, sample = sample, _fit_to_model(model, sample, bar)
-                ws = resources.workspace(model, data, sample, bar)
-                bar.clear()
-                box.update(label=f"Loaded: {ws.info.model_name}", state="complete",
-                           expanded=False)
-            state.set_workspace(ws)
-            if sample != drawn and _positions(model.kind, model.ref) is not None:
-                st.rerun()   # once: the sample widgets are drawn again for this model (kind, lengths)
-            # a shared link (or the default 0.6) may ask for less than this model can reach
-            state.set_budget(state.clamp_budget(state.budget(), ws.floor))
+            ws, drawn, sample = _load_with_status(model, data, sample)
+        except clear_error_types() as err:
+            state.set_load_error(one_line(err))
+            st.error(one_line(err))
+            return
+        state.set_workspace(ws)
+        if sample != drawn and _positions(model.kind, model.ref) is not None:
+            st.rerun()   # once: the sample widgets are drawn again for this model (kind, lengths)
+        # a shared link (or the default 0.6) may ask for less than this model can reach
+        budget = state.budget()
+        state.set_budget(state.clamp_budget(budget, ws.floor))
+        if state.budget() > budget:
+            state.add_notice(f"A budget of {budget:.2f} relative FLOPs is below what this model can reach "
+                             f"by pruning FFN neurons alone ({ws.floor:.1%}); showing {state.budget():.2f}.")
+        background_status(ws)
+
+
+def _load_with_status(model: ModelChoice, data: DataChoice, sample: SampleChoice):
+    """(workspace, the sample the sidebar drew, the sample loaded), inside a status box that says
+    whether loading succeeded or failed."""
+    first_demo = model.kind in DEMO_KINDS and not resources.demo_ready(model.kind)
+    label = (f"Preparing the {'LM' if model.kind == 'demo-lm' else 'classifier'} demo (first start "
+             "only)" if first_demo else "Loading model and data")
+    with st.status(label, expanded=first_demo) as box:
+        bar = ui.ProgressBar(label, container=box.empty())
+        try:
+            drawn, sample = sample, _fit_to_model(model, sample, bar)
+            ws = resources.workspace(model, data, sample, bar)
+        except Exception:
+            bar.clear()
+            box.update(label="Failed to load the model and data (see the page)", state="error", expanded=False)
+            raise
+        bar.clear()
+        box.update(label=f"Loaded: {ws.info.model_name}", state="complete", expanded=False)
+    return ws, drawn, sample
+
+
+def background_status(ws) -> None:
+    """What the background work (``kcm_app.background``) is doing; polls until it is done."""
+    work = resources.precompute(ws, state.seed())
+    if not work.done:
+        st.fragment(_background_progress, run_every=1.0)(work)
+    elif work.errors:
+        st.caption("Background work failed for " + ", ".join(work.errors) + "; the pages compute those "
+                   "when opened and say what went wrong.")
+
+
+def _background_progress(work) -> None:
+    """Reruns every second while the work runs; once done, the whole app reruns once (which stops
+    this timer and lets every page use the results)."""
+    if work.done:
+        ui.rerun_page()
+    st.progress(min(max(work.fraction, 0.0), 1.0), text=f"Preparing in the background: {work.current} ({work.message})")

@@ -43,6 +43,12 @@ BUDGET, METHOD, MULTIPLE = URL_KEYS
 WORKSPACE = "workspace"          # the loaded Workspace, or None while nothing is loaded
 INITIALISED = "_initialised"     # defaults and the link's values were written (once per session)
 ENTRY = "_entry"                 # app.py set this for the page it is about to run (one run only)
+EVALUATOR = "_evaluator"         # the session's latest-only evaluation runner (kcm_app.live)
+SHOWN = "_shown"                 # the last evaluated budget the Prune page drew (shown while a newer one runs)
+NOTICE = "_notice"               # a one-time notice for the page (e.g. a shared link that was corrected)
+PAGE = "_page"                   # the script of the page this session is on (kcm_app.ui.PAGES)
+SCATTER_ROUND = "_scatter_round"  # bumped to clear the Scores page's scatter selection (a new widget key)
+LOAD_ERROR = "_load_error"       # why the sidebar's model or data did not load (shown in the main area)
 
 # Widget keys: the view's widgets, each copied into its persistent value on change ...
 W_BUDGET, W_METHOD, W_MULTIPLE = "w_budget", "w_method", "w_multiple"
@@ -79,6 +85,20 @@ def parse_query(params: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(multiple, str) and multiple.isdigit() and int(multiple) in MULTIPLES:
         out["multiple"] = int(multiple)
     return out
+
+
+def link_problems(params: Mapping[str, Any]) -> list[str]:
+    """What a shared link asked for that this app cannot show, each with what is shown instead."""
+    problems = []
+    found = parse_query(params)
+    for key, shown in (("budget", f"{DEFAULTS.budget:.2f}"), ("method", METHODS[DEFAULTS.method].label),
+                       ("multiple", str(DEFAULTS.multiple))):
+        asked = _last(params.get(key))
+        if asked is not None and key not in found:
+            rule = {"budget": "a number in (0, 1]", "method": "one of " + ", ".join(METHODS),
+                    "multiple": "one of " + ", ".join(map(str, MULTIPLES))}[key]
+            problems.append(f"The link's {key} {asked!r} is not valid here ({rule}); showing {shown}.")
+    return problems
 
 
 def query_for(values: Mapping[str, Any]) -> dict[str, str]:
@@ -130,14 +150,16 @@ def _session() -> MutableMapping[str, Any]:
     return st.session_state
 
 
-def initialise(values: Mapping[str, Any]) -> None:
+def initialise(values: Mapping[str, Any], notices: list[str] | tuple = ()) -> None:
     """Write ``values`` where the session has none yet, once per session (a link counts on arrival;
-    afterwards the widgets own the values)."""
+    afterwards the widgets own the values), with the ``notices`` about what the link got wrong."""
     session = _session()
     if session.get(INITIALISED):
         return
     for key, value in values.items():
         session.setdefault(key, value)
+    for notice in notices:
+        add_notice(notice)
     session[INITIALISED] = True
 
 
@@ -189,6 +211,63 @@ def workspace() -> Workspace | None:
 
 def set_workspace(ws: Workspace | None) -> None:
     _session()[WORKSPACE] = ws
+
+
+def evaluator():
+    """The session's ``kcm_app.live.LatestOnly`` runner (made on first use)."""
+    from .live import LatestOnly
+    session = _session()
+    if EVALUATOR not in session:
+        session[EVALUATOR] = LatestOnly()
+    return session[EVALUATOR]
+
+
+def shown() -> Any:
+    return _session().get(SHOWN)
+
+
+def set_shown(result: Any) -> None:
+    _session()[SHOWN] = result
+
+
+def load_error() -> str | None:
+    return _session().get(LOAD_ERROR)
+
+
+def set_load_error(message: str | None) -> None:
+    _session()[LOAD_ERROR] = message
+
+
+def notices() -> list[str]:
+    return list(_session().get(NOTICE, []))
+
+
+def add_notice(message: str) -> None:
+    _session()[NOTICE] = notices() + [message]
+
+
+def take_notices() -> list[str]:
+    return list(_session().pop(NOTICE, []))
+
+
+def page() -> str | None:
+    return _session().get(PAGE)
+
+
+def set_page(script: str) -> None:
+    _session()[PAGE] = script
+
+
+def scatter_key() -> str:
+    """The Scores page scatter's widget key. A Plotly selection belongs to its widget, so clearing it
+    means drawing the chart under a new key (``clear_scatter_selection``)."""
+    return f"scores_scatter_{int(_session().get(SCATTER_ROUND, 0))}"
+
+
+def clear_scatter_selection() -> None:
+    """on_click of 'Clear selection'."""
+    session = _session()
+    session[SCATTER_ROUND] = int(session.get(SCATTER_ROUND, 0)) + 1
 
 
 def text(key: str) -> str | None:

@@ -62,6 +62,18 @@ def serve(env: Mapping[str, str], log: IO | None = None, port: int | None = None
             proc.wait()
 
 
+def finish_background(timeout: float = 600) -> None:
+    """Wait for every background precompute this process started (``kcm_app.background``), so none
+    writes into a test's temporary cache folder after the test."""
+    from .resources import _precompute_registry
+    registry, lock = _precompute_registry()
+    with lock:
+        works = list(registry.values())
+    for work in works:
+        if not work.wait_done(timeout):
+            raise TimeoutError(f"background work still running after {timeout} s: {work.current}")
+
+
 def environment_without_app_choices() -> dict[str, str]:
     """This process's environment minus the ``KCM_APP_*`` start-up choices (so the app opens the demo)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("KCM_APP_")}

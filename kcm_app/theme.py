@@ -7,19 +7,20 @@ from kcm_core.methods import METHODS
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
-# One colour per method, the same on every chart (Okabe-Ito based, readable for colour-blind eyes).
+# One colour per method, the same on every chart (Okabe-Ito and Paul Tol's muted set, readable for
+# colour-blind eyes); no two of the comparison's default methods share a hue.
 METHOD_COLORS: dict[str, str] = {
     "kcm": "#D55E00",
     "r2": "#E69F00",
     "d2": "#56B4E9",
-    "weight-magnitude": "#7F7F7F",
-    "weight-magnitude-scale": "#4D4D4D",
+    "weight-magnitude": "#882255",
+    "weight-magnitude-scale": "#44AA99",
     "output-magnitude": "#CC79A7",
-    "random": "#B8B8B8",
+    "random": "#999933",
     "mask-tuning": "#0072B2",
     "kcm-labels": "#009E73",
     "wanda-sp": "#8C564B",
-    "flap": "#17BECF",
+    "flap": "#332288",
     "dense": "#000000",
 }
 

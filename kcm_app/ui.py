@@ -38,7 +38,14 @@ def pages() -> list:
 def run_page(page) -> None:
     """app.py's last step: run the chosen page, marked as coming through the entry point."""
     state.mark_entry()
+    state.set_page(next((script for script, _, _, url in PAGES if url == page.url_path), PAGES[0][0]))
     page.run()
+
+
+def rerun_page() -> None:
+    """A whole-app rerun of the page this session is on, from a fragment. (``st.rerun()`` from a
+    fragment's own rerun lands on the default page under ``st.navigation``.)"""
+    st.switch_page(state.page() or PAGES[0][0], query_params=state.query_for(state.view()))
 
 
 def entry_guard() -> bool:
@@ -63,7 +70,8 @@ def entry_guard() -> bool:
 
 def init_state() -> None:
     """Defaults first, then whatever a shared link carries (once per session)."""
-    state.initialise(state.initial_values(st.query_params.to_dict()))
+    params = st.query_params.to_dict()
+    state.initialise(state.initial_values(params), state.link_problems(params))
 
 
 def sync_url() -> None:
@@ -94,9 +102,18 @@ def require_workspace() -> Workspace:
     """The loaded model and data, or an explanation of what to do first (and stop the page)."""
     ws = state.workspace()
     if ws is None:
-        st.info("No model is loaded yet. Choose a model and data in the sidebar (the embedded demo is "
-                "the default); this page fills in once they load.")
+        error = state.load_error()
+        if error:
+            st.error(f"The model and data did not load: {error}")
+            st.info("What to do: correct the model or data in the sidebar (a folder with config.json "
+                    "and weights; a CSV, TSV, JSON, JSONL, Parquet or TXT file with a text column), or "
+                    "choose the embedded demo. This page fills in once they load.")
+        else:
+            st.info("No model is loaded yet. Choose a model and data in the sidebar (the embedded demo "
+                    "is the default); this page fills in once they load.")
         st.stop()
+    for notice in state.take_notices():
+        st.warning(notice)
     return ws
 
 
@@ -149,6 +166,15 @@ def core_errors(stop: bool = True, runtime: bool = False) -> Iterator[None]:
         st.error(one_line(err))
         if stop:
             st.stop()
+
+
+def follow_background(ws: Workspace, steps: tuple[str, ...], bar: ProgressBar) -> None:
+    """Wait for the background work's ``steps`` (``kcm_app.background``), drawing its progress on ``bar``:
+    the page then reads their results instead of computing them a second time."""
+    from . import resources
+    work = resources.precompute(ws, state.seed())
+    for step in steps:
+        work.wait_for(step, bar)
 
 
 def threads_note() -> str:

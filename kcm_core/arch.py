@@ -35,6 +35,7 @@ class Family:
     # What to use when the width field is None (GPT-2's n_inner=None means 4 * n_embd).
     width_default_factor: int = 4
     vision: bool = False             # sequence length is patches + 1, no padding
+    decoder: bool = False            # a causal decoder stack (GPT-2, LLaMA, ...), else an encoder
     # Parameter layout, for estimates from a config alone (no weights read):
     qkv_bias: bool = True            # Q, K, V projections carry biases
     dense_bias: bool = True          # output projection, FFN and two LayerNorms with biases
@@ -68,6 +69,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="gpt2",
+        decoder=True,
         model_types=("gpt2",),
         layers=("h",),
         up=("mlp.c_fc",),
@@ -80,6 +82,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="llama",
+        decoder=True,
         model_types=("llama",),
         layers=("layers",),
         up=("mlp.up_proj",),
@@ -92,6 +95,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="mistral",              # LLaMA's layout without the mlp_bias switch
+        decoder=True,
         model_types=("mistral",),
         layers=("layers",),
         up=("mlp.up_proj",),
@@ -103,6 +107,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="qwen2",                # LLaMA's layout, but its Q, K, V projections carry biases
+        decoder=True,
         model_types=("qwen2",),
         layers=("layers",),
         up=("mlp.up_proj",),
@@ -287,6 +292,7 @@ class ModelShape:
     dense_bias: bool
     mlp_bias: bool               # FFN up (and gate) and down carry biases (dense_bias, or LLaMA's mlp_bias)
     head: str                    # "lm", "classifier", "pooled-classifier" or "none" (from architectures)
+    decoder: bool = False        # a causal decoder stack (Family.decoder), else an encoder
 
     @property
     def head_dim(self) -> int:
@@ -326,6 +332,7 @@ def model_shape(config) -> ModelShape:
         dense_bias=family.dense_bias,
         mlp_bias=family.dense_bias or bool(family.mlp_bias_field and getattr(config, family.mlp_bias_field, False)),
         head=_head_kind(config, family),
+        decoder=family.decoder,
     )
 
 

@@ -14,7 +14,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_tiny import write_tiny
-from kcm_app import state
+from kcm_app import live, state
+from kcm_app.testing import finish_background
 from kcm_core.report import SCHEMA
 from conftest import state_snapshot, same_state
 
@@ -30,10 +31,13 @@ def tiny_files(tmp_path_factory):
 
 
 @pytest.fixture
-def app(tiny_files, monkeypatch):
+def app(tiny_files, monkeypatch, tmp_path):
     model_dir, csv = tiny_files
     monkeypatch.setenv("KCM_APP_MODEL", str(model_dir))
     monkeypatch.setenv("KCM_APP_DATA", str(csv))
+    # AppTest fires no timers (the pending view polls with one): a run waits for its evaluation
+    monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
+    monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))      # the disk cache, never the user's
 
     def make(page: str | None = None, **query) -> AppTest:
         at = AppTest.from_file(APP, default_timeout=TIMEOUT)
@@ -43,7 +47,8 @@ def app(tiny_files, monkeypatch):
             at.switch_page(page).run()
         assert not at.exception, [e.value for e in at.exception]
         return at
-    return make
+    yield make
+    finish_background()          # no background thread outlives the test's cache folder
 
 
 def metric(at: AppTest, label: str) -> str:
@@ -156,6 +161,28 @@ def test_compare_button_draws_the_comparison(app):
     charts = [c for c in at.get("plotly_chart")]
     spec = next(c.proto.spec for c in charts if "Accuracy vs relative FLOPs" in c.proto.spec)
     assert "Random (mean of 3 seeds)" in spec and "KCM" in spec
+    assert "current budget" in spec
+
+
+def test_comparison_shows_paired_differences_from_the_reference_method(app):
+    at = app("pages/5_prune.py", budget="0.8")
+    at.multiselect(key="compare_methods").set_value(["kcm", "weight-magnitude", "random"])
+    at.multiselect(key="compare_budgets").set_value([0.85, 0.95])
+    at.button(key="compare_run").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="compare_reference").value == "kcm"
+    spec = next(c.proto.spec for c in at.get("plotly_chart") if "Difference from" in c.proto.spec)
+    assert "paired 95% intervals" in spec and "Weight magnitude" in spec
+    table = at.dataframe[-1].value
+    # weight magnitude and random at 0.80 (the slider's budget is always compared), 0.85 and 0.95
+    assert sorted(table["budget"].round(2)) == [0.8, 0.8, 0.85, 0.85, 0.95, 0.95]
+    assert ((table["low"] <= table["difference"]) & (table["difference"] <= table["high"])).all()
+    assert table["p_value"].between(0, 1).all()
+    captions = " ".join(c.value for c in at.caption)
+    assert "paired bootstrap" in captions and "McNemar" in captions and "overlap" not in captions
+    at.selectbox(key="compare_reference").set_value("weight-magnitude").run()
+    spec = next(c.proto.spec for c in at.get("plotly_chart") if "Difference from" in c.proto.spec)
+    assert "Difference from Weight magnitude" in spec
 
 
 def test_cost_page_measures_latency(app):
@@ -176,14 +203,17 @@ def test_hull_page_sigma_controls(app):
     assert any("100% of the hull" in c.value for c in at.caption)
 
 
-def test_hull_page_computes_umap_after_showing_pca(app):
-    at = app("pages/4_hull.py")
-    titles = [c.proto.spec for c in at.get("plotly_chart")]
-    assert any("down-projection rows, PCA" in t for t in titles)
-    at.radio(key="hull_projection").set_value("UMAP").run()
-    assert not at.exception, [e.value for e in at.exception]
+def test_hull_page_opens_on_the_background_umap_and_switches_to_pca(app):
+    app()                                   # the first session starts the background work
+    finish_background()
+    at = app("pages/4_hull.py")             # UMAP of layer 0 is stored: the page opens on it
     titles = [c.proto.spec for c in at.get("plotly_chart")]
     assert any("down-projection rows, UMAP" in t for t in titles)
+    at.radio(key="hull_projection").set_value("PCA").run()
+    assert not at.exception, [e.value for e in at.exception]
+    titles = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("down-projection rows, PCA" in t for t in titles)
+    assert any("full 32-dimensional weight space" in c.value for c in at.caption)
     from kcm_app import resources
     ws = at.session_state["workspace"]
     coords = resources.store("results").get(("umap", ws.model_key, 0, 0))
@@ -205,7 +235,7 @@ def test_upload_field_loads_the_file_and_reports_bad_ones(app, tiny_files):
     at.file_uploader(key="data_upload").upload("stars.csv", b"comment,stars\nnice,1\nbad,0\n", "text/csv").run()
     assert not at.exception
     assert any("no text column 'review'" in e.value and "comment, stars" in e.value for e in at.error)
-    assert any("No model is loaded yet" in i.value for i in at.info)
+    assert any(e.value.startswith("The model and data did not load") for e in at.main.error)
     at.file_uploader(key="data_upload").upload("empty.csv", b"", "text/csv").run()
     assert any("empty.csv is empty" in e.value for e in at.error)
 
@@ -216,6 +246,9 @@ def test_scores_page_lists_top_and_bottom(app):
     at.number_input(key="scores_layer").set_value(1).run()
     assert not at.exception
     assert any("Top 10 of layer 1" in m.value for m in at.markdown)
+    # labels, not internal names, in the tables and chart titles
+    assert list(at.dataframe[-1].value.columns) == ["Neuron", "D2 (activations)", "R2 (kernel hull, weights)"]
+    assert any("D2 (activations) per layer" in c.proto.spec for c in at.get("plotly_chart"))
 
 
 def test_missing_model_explains_what_to_do(app, monkeypatch, tmp_path):
@@ -223,8 +256,11 @@ def test_missing_model_explains_what_to_do(app, monkeypatch, tmp_path):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.run()
     assert not at.exception
-    assert any("nothing-here" in e.value for e in at.error)
-    assert any("No model is loaded yet" in i.value for i in at.info)
+    # in the main area, with what to do; the sidebar's status box says that loading failed
+    assert any("did not load" in e.value and "nothing-here" in e.value for e in at.main.error)
+    assert any(i.value.startswith("What to do") for i in at.main.info)
+    assert [x.proto.label for x in at.sidebar.get("status")] == ["Failed to load the model and data (see the page)"]
+    assert not any("No model is loaded yet" in i.value for i in at.info)
 
 
 def test_export_saves_a_loadable_model_and_offers_downloads(app, tmp_path):

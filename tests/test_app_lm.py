@@ -13,7 +13,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import LM_WORDS, same_state, save_tiny_lm, state_snapshot
-from kcm_app import resources, state
+from kcm_app import live, resources, state
+from kcm_app.testing import finish_background
 from kcm_app.sources import LM_CALIBRATION_BLOCKS, ModelChoice, env_defaults
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -33,11 +34,13 @@ def tiny_lm(tmp_path_factory):
 
 
 @pytest.fixture
-def app(tiny_lm, monkeypatch):
+def app(tiny_lm, monkeypatch, tmp_path):
     model_dir, docs = tiny_lm
     monkeypatch.setenv("KCM_APP_MODEL", str(model_dir))
     monkeypatch.setenv("KCM_APP_DATA", str(docs))
     monkeypatch.setenv("KCM_APP_BLOCK_SIZE", "16")
+    monkeypatch.setattr(live, "FIRST_WAIT_S", 120)     # AppTest fires no timers: a run waits for its evaluation
+    monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))      # the disk cache, never the user's
 
     def make(page: str | None = None, **query) -> AppTest:
         at = AppTest.from_file(APP, default_timeout=TIMEOUT)
@@ -48,7 +51,8 @@ def app(tiny_lm, monkeypatch):
         assert not at.exception, [e.value for e in at.exception]
         assert not at.error, [e.value for e in at.error]
         return at
-    return make
+    yield make
+    finish_background()          # no background thread outlives the test's cache folder
 
 
 def metric(at: AppTest, label: str) -> str:
@@ -96,6 +100,8 @@ def test_prune_page_reads_out_perplexity_and_generates_both_continuations(app):
     assert metric(at, "KL from unpruned").endswith("nats")
     texts = [t.value for t in at.text]
     assert len(texts) == 2 and all(t.startswith("The movie was") for t in texts)
+    assert float(metric(at, "Tokens per second (unpruned)").replace(",", "")) > 0
+    assert float(metric(at, "Tokens per second (pruned)").replace(",", "")) > 0
     store = resources.store("results")
     keys = [k for k in store.keys() if k[0] == "generate"]
     assert keys and all(k[-2] == "The movie was" for k in keys)
@@ -119,6 +125,10 @@ def test_lm_comparison_plots_perplexity_on_a_log_axis(app):
     assert not at.exception, [e.value for e in at.exception]
     charts = [c for c in at.get("plotly_chart") if "Perplexity vs relative FLOPs" in c.proto.spec]
     assert charts
+    # beside it: Wanda-sp's perplexity over KCM's on the same blocks, with the paired interval
+    paired = [c.proto.spec for c in at.get("plotly_chart") if "Difference from" in c.proto.spec]
+    assert paired and "Difference from KCM (R2D2)" in paired[0] and "Wanda-sp" in paired[0]
+    assert any("on the same held-out blocks" in c.value for c in at.caption)
     spec = json.loads(charts[0].proto.spec)
     assert spec["layout"]["yaxis"]["type"] == "log"
 

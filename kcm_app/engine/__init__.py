@@ -5,7 +5,8 @@
 - ``readouts``: what a slider move shows at once (plan, FLOPs, parameters; no forward pass);
 - ``evaluations``: a plan scaled, sliced and evaluated (accuracy, agreement; for a causal LM
   perplexity, agreement, KL), the comparison, and greedy continuations (unpruned and pruned);
-- ``speed``: the sliced plan timed against the unpruned model.
+- ``speed``: the sliced plan timed against the unpruned model;
+- ``projections``: PCA and UMAP of a layer's down-projection rows (UMAP also kept on disk).
 
 Isolation rules (STYLE habit 6), applied in these modules:
 - the shared model (``Workspace.model``) is only *read*: forward passes, ``slice_model``,
@@ -22,6 +23,7 @@ from .evaluations import (APP_LM_SCALE_BLOCKS, APP_SCALE_SAMPLES, DEFAULT_PROMPT
                           comparison_configs, continuations, evaluate_budget, generation_key,
                           is_evaluated, reference, reference_lm, reference_run, scale_samples,
                           scaled_plan, teacher)
+from .projections import layer_pca, layer_umap, umap_key
 from .readouts import (Readout, budget_for_pruned_fraction, model_params, neurons_for_budget,
                        params_per_neuron, readout)
 from .scoring import component_key, gradient_scores, method_scores, neuron_stats, r2_fits, score_key
@@ -36,5 +38,5 @@ __all__ = [
     "gradient_scores", "is_evaluated", "measure_speed", "method_scores", "model_params",
     "neuron_stats", "neurons_for_budget", "paired_seconds", "params_per_neuron", "private_copy",
     "r2_fits", "readout", "reference", "reference_lm", "reference_run", "scale_samples", "scaled_plan", "score_key", "component_key", "teacher",
-    "timing_batch",
+    "timing_batch", "layer_pca", "layer_umap", "umap_key",
 ]

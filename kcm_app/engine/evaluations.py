@@ -105,6 +105,7 @@ class BudgetResult:
     kl: dict | None = None           # mean KL(unpruned || pruned) per next token, in nats
     lm: LMEval | None = None         # the whole evaluation (per-block sums, for the report)
     paired: PairedPerplexity | None = None   # perplexity after / before on the same blocks
+    predictions: torch.Tensor | None = None  # a classifier's predicted class per test example (paired comparisons)
 
 
 def budget_key(ws: Workspace, config: PruneConfig) -> tuple:
@@ -163,7 +164,7 @@ def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
             seconds=seconds, details=scores.details,
             perplexity=lm_result.perplexity.to_dict() if lm_result else None,
             kl=lm_result.kl.to_dict() if lm_result and lm_result.kl else None,
-            lm=lm_result, paired=paired)
+            lm=lm_result, paired=paired, predictions=result.predictions if result else None)
     return store.get_or_compute(budget_key(ws, config), compute)
 
 
@@ -200,12 +201,15 @@ def comparison(ws: Workspace, methods: Sequence[str], budgets: Sequence[float], 
 
 @dataclass(frozen=True)
 class Continuations:
-    """Greedy continuations of one prompt by the unpruned and the pruned model."""
+    """Greedy continuations of one prompt by the unpruned and the pruned model, and their speed:
+    both timed one after the other on this machine when the pruned one is made."""
 
     prompt: str
     dense: str
     pruned: str
     new_tokens: int
+    dense_tokens_per_s: float = 0.0
+    pruned_tokens_per_s: float = 0.0
 
 
 def generation_key(ws: Workspace, config: PruneConfig, prompt: str,
@@ -213,19 +217,29 @@ def generation_key(ws: Workspace, config: PruneConfig, prompt: str,
     return ("generate",) + budget_key(ws, config) + (prompt, new_tokens)
 
 
+def timed_generation(model, tokenizer, prompt: str, new_tokens: int) -> tuple[str, float]:
+    """(continuation, tokens per second): the new tokens (counted by re-tokenising the continuation,
+    which stops early at an end-of-text token) over the wall time of the greedy generation."""
+    start = time.perf_counter()
+    text = generate(model, tokenizer, prompt, new_tokens)
+    seconds = time.perf_counter() - start
+    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return text, tokens / seconds if seconds > 0 else 0.0
+
+
 def continuations(ws: Workspace, config: PruneConfig, prompt: str, store: SharedStore,
                   new_tokens: int = GENERATION_TOKENS) -> Continuations:
     """The unpruned and the pruned (the plan of ``config``, sliced again from the shared model)
-    continuations of ``prompt``; stored per (prompt, model) and per (prompt, plan)."""
+    continuations of ``prompt``, each with its tokens per second; stored per (prompt, plan)."""
     if not ws.is_lm:
         raise ValueError("text generation needs a causal language model")
     if not prompt.strip():
         raise ValueError("the prompt is empty; type a few words to continue")
-    dense = store.get_or_compute(("generate-dense", ws.model_key, prompt, new_tokens),
-                                 lambda: generate(ws.model, ws.tokenizer, prompt, new_tokens))
 
     def compute() -> Continuations:
         plan = evaluate_budget(ws, config, store).plan
         pruned = slice_model(ws.model, plan)          # a new model; the shared one is only read
-        return Continuations(prompt, dense, generate(pruned, ws.tokenizer, prompt, new_tokens), new_tokens)
+        dense_text, dense_rate = timed_generation(ws.model, ws.tokenizer, prompt, new_tokens)
+        pruned_text, pruned_rate = timed_generation(pruned, ws.tokenizer, prompt, new_tokens)
+        return Continuations(prompt, dense_text, pruned_text, new_tokens, dense_rate, pruned_rate)
     return store.get_or_compute(generation_key(ws, config, prompt, new_tokens), compute)

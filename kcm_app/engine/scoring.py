@@ -3,6 +3,8 @@ and the activation statistics are shared by KCM, R2, D2 and Output-Magnitude). T
 (``kcm_core.methods``) says which components a method needs; this module only says where they live."""
 from __future__ import annotations
 
+from dataclasses import asdict, fields
+
 import torch
 
 from kcm_core import scores as S
@@ -12,6 +14,7 @@ from kcm_core.methods import Method, MethodScores, method, score_with
 from kcm_core.pipeline import PruneConfig
 from kcm_core.runtime import Progress, take_sequences
 
+from .. import disk_cache
 from ..store import SharedStore
 from .workspace import Workspace, private_copy
 
@@ -42,15 +45,21 @@ def score_key(ws: Workspace, config: PruneConfig) -> tuple:
 
 def r2_fits(ws: Workspace, config: PruneConfig, store: SharedStore,
             progress: Progress | None = None) -> tuple[list[torch.Tensor], list[HullFit]]:
-    """R2 per layer (weights only); shared by KCM, R2 and the Scores page."""
-    return store.get_or_compute(component_key(ws, config, "r2"),
-                                lambda: S.r2(ws.model, config.hull, progress))
+    """R2 per layer (weights only); shared by KCM, R2 and the Scores page, kept on disk."""
+    def compute():
+        return disk_cache.cached("r2", (ws.weights_hash, repr(config.hull)),
+                                 lambda: S.r2(ws.model, config.hull, progress), _encode_fits, _decode_fits)
+    return store.get_or_compute(component_key(ws, config, "r2"), compute)
 
 
 def neuron_stats(ws: Workspace, store: SharedStore, progress: Progress | None = None) -> NeuronStats:
-    """Activation statistics of every neuron on the scoring sample (hooks on a private copy)."""
+    """Activation statistics of every neuron on the scoring sample (hooks on a private copy), kept on
+    disk."""
     def compute() -> NeuronStats:
-        return collect_stats(private_copy(ws.model), ws.unlabeled, progress, len(ws.unlabeled))
+        return disk_cache.cached(
+            "stats", (ws.weights_hash, ws.data_key),
+            lambda: collect_stats(private_copy(ws.model), ws.unlabeled, progress, len(ws.unlabeled)),
+            _encode_stats, _decode_stats)
     return store.get_or_compute(("stats", ws.model_key, ws.data_key), compute)
 
 
@@ -62,9 +71,30 @@ def gradient_scores(ws: Workspace, config: PruneConfig, store: SharedStore,
     batches = take_sequences(ws.labeled, config.label_samples)
 
     def compute() -> list[torch.Tensor]:
-        return S.mask_gradients(private_copy(ws.model), batches, squared=True, progress=progress,
-                                total=len(batches))
+        return disk_cache.cached(
+            "grads", (ws.weights_hash, ws.data_key, config.label_samples),
+            lambda: S.mask_gradients(private_copy(ws.model), batches, squared=True, progress=progress,
+                                     total=len(batches)),
+            lambda grads: {"grads": list(grads)}, lambda payload: list(payload["grads"]))
     return store.get_or_compute(component_key(ws, config, "grads"), compute)
+
+
+def _encode_fits(value: tuple[list[torch.Tensor], list[HullFit]]) -> dict:
+    return {"fits": [asdict(fit) for fit in value[1]]}
+
+
+def _decode_fits(payload: dict) -> tuple[list[torch.Tensor], list[HullFit]]:
+    fits = [HullFit(**fit) for fit in payload["fits"]]
+    return [fit.scores for fit in fits], fits
+
+
+def _encode_stats(stats: NeuronStats) -> dict:
+    return {f.name: list(v) if isinstance(v, tuple) else v
+            for f in fields(NeuronStats) for v in [getattr(stats, f.name)]}
+
+
+def _decode_stats(payload: dict) -> NeuronStats:
+    return NeuronStats(**{name: tuple(v) if isinstance(v, list) else v for name, v in payload.items()})
 
 
 class SharedSources:

@@ -46,6 +46,7 @@ class Workspace:
     eval_batches: tuple[Batch, ...] | None   # labeled test batches (an LM: held-out blocks)
     seq_len: float                     # mean real tokens per sequence of the scoring sample (an LM: block size)
     info: WorkspaceInfo = field(default_factory=WorkspaceInfo, compare=False, hash=False)
+    weights_hash: str = ""             # SHA-256 of the weights: the disk cache's model key (kcm_app.disk_cache)
 
     @property
     def is_lm(self) -> bool:

@@ -3,22 +3,49 @@ from __future__ import annotations
 
 import streamlit as st
 
+from kcm_core.arch import ModelShape
 from kcm_core.flops import cost_report, count_params
 
 from .. import charts, engine, figures, resources, ui
 from ..engine import Workspace
 from ..latency import block_latency
 
-FORMULA = (r"\mathrm{MAC}_{\mathrm{head}} = 4\,s\,d\,d_h + 2\,s^2 d_h,\qquad "
-           r"\mathrm{MAC}_{\mathrm{neuron}} = 2\,s\,d,\qquad "
-           r"\mathrm{MAC} = \sum_l \left(H_l\,\mathrm{MAC}_{\mathrm{head}} + N_l\,\mathrm{MAC}_{\mathrm{neuron}}\right)")
+def stack_name(shape: ModelShape) -> str:
+    """What the counted layers are called: "decoder" for a causal stack, else "encoder"."""
+    return "decoder" if shape.decoder else "encoder"
 
 
-# A decoder with grouped-query attention (H query heads, H_kv key/value heads) and a gated MLP (gate,
-# up and down: three matrices per neuron), as kcm_core.flops counts it.
-FORMULA_LM = (r"\mathrm{MAC}_{\mathrm{head}} = \left(2 + 2\,\tfrac{H_{kv}}{H}\right) s\,d\,d_h + 2\,s^2 d_h,\qquad "
-              r"\mathrm{MAC}_{\mathrm{neuron}} = %d\,s\,d,\qquad "
-              r"\mathrm{MAC} = \sum_l \left(H\,\mathrm{MAC}_{\mathrm{head}} + N_l\,\mathrm{MAC}_{\mathrm{neuron}}\right)")
+def formula(shape: ModelShape) -> str:
+    """The MAC formula that ``kcm_core.flops`` applies to this architecture: grouped-query attention
+    shares K and V between ``H / H_kv`` query heads; a gated MLP (gate, up, down) has three matrices."""
+    if shape.kv_heads != shape.heads:
+        head = r"\left(2 + 2\,\tfrac{H_{kv}}{H}\right) s\,d\,d_h + 2\,s^2 d_h"
+    else:
+        head = r"4\,s\,d\,d_h + 2\,s^2 d_h"
+    return (rf"\mathrm{{MAC}}_{{\mathrm{{head}}}} = {head},\qquad "
+            rf"\mathrm{{MAC}}_{{\mathrm{{neuron}}}} = {3 if shape.gated else 2}\,s\,d,\qquad "
+            r"\mathrm{MAC} = \sum_l \left(H\,\mathrm{MAC}_{\mathrm{head}} + N_l\,\mathrm{MAC}_{\mathrm{neuron}}\right)")
+
+
+def formula_note(shape: ModelShape, seq_len: float, lm: bool) -> str:
+    """What the symbols are for this architecture, and what is counted."""
+    heads = (f"H = {shape.heads} query heads, H_kv = {shape.kv_heads} key/value heads (grouped-query "
+             "attention)" if shape.kv_heads != shape.heads else f"H = {shape.heads} heads")
+    ffn = "MLP" if lm else "FFN"
+    matrices = (f"{ffn} neurons per layer (gated: gate, up and down, three matrices)" if shape.gated
+                else f"{ffn} neurons per layer (up and down, two matrices)")
+    where = (f"s = {seq_len:g} tokens per block (full attention over the block, causal mask not discounted)"
+             if lm else f"s = {seq_len:g} tokens" + (" (the causal mask is not discounted)" if shape.decoder else ""))
+    left_out = ("embeddings, norms, softmax, activation and the LM head" if lm else
+                "embeddings, norms, softmax, activation, pooler and head")
+    return (f"d = {shape.hidden}, d_h = {shape.head_dim}, {heads}, N = {matrices}, {where}. Counted: the "
+            f"{stack_name(shape)} layers only (FLOPs = 2 x MACs); {left_out} are left out (the head is drawn "
+            "for reference).")
+
+
+def headline(macs: float, unit: str) -> str:
+    """The cost in the unit the toggle chose (FLOPs = 2 x MACs)."""
+    return f"{macs * (2 if unit == 'MFLOPs' else 1) / 1e6:,.1f} {unit}"
 
 
 SEQ_LENS = [8, 16, 25, 32, 64, 128, 256, 512, 1024, 2048]
@@ -28,6 +55,8 @@ START_LENS = [8, 16, 25, 32, 64, 128, 256, 512]      # the slider starts near th
 def page() -> None:
     """The whole page: title, the loaded workspace (or why there is none), the controls, the body."""
     st.title("Cost")
+    st.caption("What one forward pass of the loaded model costs, block by block, and why pruning only FFN "
+               "neurons saves less than the share of neurons removed.")
     ws = ui.require_workspace()
     body(ws, *controls(ws))
 
@@ -50,24 +79,14 @@ def controls(ws: Workspace) -> tuple[float, str, bool]:
 
 def body(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
     report = cost_report(ws.shape, seq_len, params=count_params(ws.model))
-    if ws.is_lm:
-        st.latex(FORMULA_LM % (3 if ws.shape.gated else 2))
-        st.caption(f"d = {ws.shape.hidden}, d_h = {ws.shape.head_dim}, H = {ws.shape.heads} query heads, "
-                   f"H_kv = {ws.shape.kv_heads} key/value heads, N = MLP neurons per layer"
-                   + (" (gated: gate, up and down, three matrices)" if ws.shape.gated else "")
-                   + f", s = {seq_len:g} tokens per block (full attention over the block, causal mask not "
-                   "discounted). Counted: decoder layers only (FLOPs = 2 x MACs); embeddings, norms, "
-                   "softmax, activation and the LM head are left out (the head is drawn for reference).")
-    else:
-        st.latex(FORMULA)
-        st.caption(f"d = {ws.shape.hidden}, d_h = {ws.shape.head_dim}, H = {ws.shape.heads} heads, "
-                   f"N = FFN neurons per layer, s = {seq_len:g} tokens. Counted: encoder layers only "
-                   "(FLOPs = 2 x MACs); embeddings, LayerNorm, softmax, activation, pooler and head are left "
-                   "out (the head is drawn for reference).")
+    st.latex(formula(ws.shape))
+    st.caption(formula_note(ws.shape, seq_len, ws.is_lm))
     share = report.ffn_share
     a, b, c = st.columns(3)
-    a.metric("Encoder cost per sequence", f"{report.encoder_macs / 1e6:,.1f} MMACs",
-             help="Millions of multiply-accumulates for one sequence of s tokens")
+    per = "block" if ws.is_lm else "sequence"
+    a.metric(f"{stack_name(ws.shape).capitalize()} cost per {per}", headline(report.encoder_macs, unit),
+             help=f"Millions of {'floating-point operations' if unit == 'MFLOPs' else 'multiply-accumulates'} "
+                  f"for one {per} of s tokens")
     b.metric("FFN share of the counted MACs", f"{share:.1%}")
     c.metric("Floor of FFN-only pruning", f"{1 - share:.1%} of FLOPs",
              help="What remains with every FFN neuron removed: attention is not pruned")

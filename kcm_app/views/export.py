@@ -52,6 +52,8 @@ def page_figures(ws: Workspace, result: engine.BudgetResult) -> dict:
 def page() -> None:
     """The whole page: title, the loaded workspace (or why there is none), the controls, the body."""
     st.title("Export")
+    st.caption("Slice the model at the Prune page's method and budget, save it to a folder on this machine, "
+               "and download it with a report of what was done.")
     ws = ui.require_workspace()
     body(ws, *controls())
 
@@ -60,7 +62,7 @@ def controls() -> tuple[str, list[str], bool, bool]:
     """Output folder, formats, overwrite, and whether 'Prune and save' was pressed."""
     left, mid, right = st.columns([3, 2, 1])
     out_dir = left.text_input("Output folder", f"out/kcm-{state.method()}-{state.budget():.2f}", key="export_dir",
-                              help="Created on this machine; refused if it exists unless 'overwrite' is ticked")
+                              help="Created on this machine; refused if it exists unless you tick Overwrite")
     formats = mid.multiselect("Formats", ["hf", "onnx"], ["hf"], key="export_formats",
                               help="hf: safetensors + config (stock from_pretrained when widths are uniform); "
                                    "onnx: loads anywhere")
@@ -79,7 +81,8 @@ def export_target(out_dir: str) -> Path | None:
     except ValueError as err:
         st.warning(str(err))
         return None
-    st.caption(f"Writes to `{target}` on this machine.")
+    exists = " It exists: tick Overwrite to replace it (only an earlier export is replaced)." if target.exists() else ""
+    st.caption(f"Writes to `{target}` on this machine.{exists}")
     return target
 
 
@@ -90,8 +93,8 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: b
     st.markdown(f"**{METHODS[config.method].label}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page).")
     with ui.progress("Preparing the plan") as bar, ui.core_errors():
         result = engine.evaluate_budget(ws, config, store, bar)
-        dense = (engine.reference(ws, store).accuracy.to_dict()
-                 if ws.eval_batches is not None and not ws.is_lm else None)
+        accuracy = engine.reference(ws, store).accuracy if ws.eval_batches is not None and not ws.is_lm else None
+        dense = accuracy.to_dict() if accuracy is not None else None
         dense_lm = engine.reference_lm(ws, store) if ws.is_lm else None
         speed = engine.measure_speed(ws, config, store)
     data = report.build_report(ws, config, result, dense, speed, dense_lm)
@@ -112,19 +115,33 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: b
         st.error("Choose at least one export format.")
         return
     from kcm_core.export import save_pruned
-    with st.status(f"Slicing and saving to {target}", expanded=True) as box, ui.core_errors():
+    from kcm_core.models import clear_error_types, one_line
+    with st.status(f"Slicing and saving to {target}", expanded=True) as box:
         bar = ui.ProgressBar("Exporting", container=box.empty())
-        pruned = slice_model(ws.model, result.plan)        # a new model; the shared one is untouched
-        summary = save_pruned(pruned, target, plan=result.plan, report=data, tokenizer=ws.tokenizer,
-                              formats=tuple(formats), overwrite=overwrite, progress=bar,
-                              protected=[ws.info.data_source])
-        box.update(label=f"Saved to {target}", state="complete")
+        try:
+            pruned = slice_model(ws.model, result.plan)        # a new model; the shared one is untouched
+            summary = save_pruned(pruned, target, plan=result.plan, report=data, tokenizer=ws.tokenizer,
+                                  formats=tuple(formats), overwrite=overwrite, progress=bar,
+                                  protected=[ws.info.data_source])
+        except clear_error_types() as err:
+            bar.clear()
+            box.update(label=f"Export to {target} failed", state="error", expanded=False)
+            st.error(app_wording(one_line(err)))
+            return
+        bar.clear()
+        box.update(label=f"Saved to {target}", state="complete", expanded=False)
     st.json(json.dumps(asdict(summary) if is_dataclass(summary) else dict(summary), default=str),
             expanded=False)
     size = written_size(target, summary.files)
     if size <= ZIP_LIMIT:
-        st.download_button("Download the pruned model (zip)", zip_folder(target, summary.files),
-                           f"{target.name}.zip", "application/zip", key="dl_model",
-                           help="Everything this export wrote to the folder")
+        with st.spinner(f"Packing {size / 2**20:.0f} MiB into a zip for the download..."):
+            packed = zip_folder(target, summary.files)
+        st.download_button("Download the pruned model (zip)", packed, f"{target.name}.zip", "application/zip",
+                           key="dl_model", help="Everything this export wrote to the folder")
     else:
         st.info(f"The folder holds {size / 2**20:.0f} MiB; copy it from {target} on this machine.")
+
+
+def app_wording(message: str) -> str:
+    """A core message in the page's words (the core speaks to callers and the CLI)."""
+    return message.replace("pass overwrite=True (CLI: --overwrite)", "tick Overwrite to replace it")

@@ -16,7 +16,12 @@ PICK_SHARE = 0.05       # the top 5% of a layer by R2 are drawn as the hull pick
 
 
 def layer_fit(ws: Workspace, layer: int, sigma: float, alpha: float):
+    """The kernel hull of ``layer``: R2's own fit when the options are the scoring defaults (stored,
+    and kept on disk), else fitted for this layer alone."""
     config = HullConfig(sigma=sigma, sigma_mode="median", alpha=alpha)
+    base = ui.prune_config(method="kcm")
+    if config == base.hull:
+        return engine.r2_fits(ws, base, resources.store("results"))[1][layer]
     return resources.store("results").get_or_compute(
         ("hull-layer", ws.model_key, layer, config),
         lambda: kernel_hull(torch.from_numpy(projection.layer_points(ws.model, layer)), config))
@@ -36,21 +41,23 @@ def kept_mask(ws: Workspace, layer: int) -> tuple[np.ndarray | None, str]:
 
 
 def projection_coords(ws: Workspace, layer: int, kind: str, seed: int, placeholder, draw) -> np.ndarray:
-    """PCA at once; UMAP after it is computed (PCA is drawn in its place meanwhile)."""
-    points = projection.layer_points(ws.model, layer)
+    """PCA at once; UMAP when stored (memory or disk), else after it is computed (PCA is drawn in its
+    place meanwhile)."""
     store = resources.store("results")
-    pca = store.get_or_compute(("pca", ws.model_key, layer), lambda: projection.pca_2d(points))
-    key = ("umap", ws.model_key, layer, seed)
-    if kind == "PCA" or key in store:
-        return pca if kind == "PCA" else store.get(key)
-    draw(pca, "PCA (UMAP is computing...)")
-    with placeholder, st.spinner("UMAP is computing (the first run also compiles it)..."):
-        return store.get_or_compute(key, lambda: projection.umap_2d(points, seed=seed))
+    pca = engine.layer_pca(ws, layer, store)
+    if kind == "PCA":
+        return pca
+    if engine.umap_key(ws, layer, seed) not in store:
+        draw(pca, "PCA (UMAP is computing...)")
+    with placeholder, st.spinner("UMAP (read from disk, or computed: the first run also compiles it)..."):
+        return engine.layer_umap(ws, layer, seed, store)
 
 
 def page() -> None:
     """The whole page: title, the loaded workspace (or why there is none), the controls, the body."""
     st.title("Kernel hull")
+    st.caption("One layer's neurons as points (their output weights), with the ones R2 ranks highest: the "
+               "kernel convex hull that KCM's weight-only score is built on.")
     ws = ui.require_workspace()
     body(ws, *controls(ws))
 
@@ -65,7 +72,9 @@ def controls(ws: Workspace) -> tuple[int, float, float, str, float]:
                                                          "distance")
     alpha = cols[2].select_slider("alpha", [0.001, 0.005, 0.01, 0.05, 0.1], 0.01, key="hull_alpha",
                                   help="Stop when the relative change of C falls below alpha")
-    kind = cols[3].radio("Projection", ["PCA", "UMAP"], key="hull_projection", horizontal=True,
+    umap_ready = engine.umap_key(ws, 0, state.seed()) in resources.store("results")
+    kind = cols[3].radio("Projection", ["PCA", "UMAP"], index=1 if umap_ready else 0, key="hull_projection",
+                         horizontal=True,
                          help="PCA is instant; UMAP shows neighbourhoods better and takes seconds")
     toy_sigma = cols[4].select_slider("Toy sigma (plane units)", [0.05, 0.1, 0.2, 0.4, 0.8, 1.6], 0.4,
                                       key="toy_sigma", help="Bandwidth for the 2-D teaching cloud on the right")
@@ -87,10 +96,17 @@ def body(ws: Workspace, layer: int, sigma: float, alpha: float, kind: str, toy_s
                                                   f"Layer {layer}: down-projection rows, {name}"),
                                key=f"hull_proj_{name[:4]}")
         coords = projection_coords(ws, layer, kind, state.seed(), st.empty(), draw)
+        moved = np.zeros(len(coords), dtype=bool)
+        if kind == "PCA":
+            coords, moved = projection.clip_to_quantiles(coords)
         draw(coords, kind)
+        edge = (f" {int(moved.sum())} outlying neurons lie beyond the 1st to 99th percentile and are drawn "
+                "on the edge." if moved.any() else "")
         st.caption(f"{note} Rings: the top {PICK_SHARE:.0%} by R2. Kernel sigma = {sigma:g} x median "
                    f"distance = {fit.sigma:.4g}; {fit.iterations} iterations "
-                   f"({'converged' if fit.converged else 'not converged'}) at alpha = {alpha:g}.")
+                   f"({'converged' if fit.converged else 'not converged'}) at alpha = {alpha:g}.{edge}")
+        st.caption(f"The hull is fitted in the full {ws.shape.hidden}-dimensional weight space; this 2-D "
+                   "picture only places the points, so a ringed point may sit inside the drawn cloud.")
     with right:
         points = toy.toy_points()
         frame = toy.toy_r2(points, toy_sigma)

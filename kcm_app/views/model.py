@@ -7,7 +7,7 @@ import streamlit as st
 
 from kcm_core.flops import count_params
 
-from .. import engine, resources, ui
+from .. import background, disk_cache, engine, resources, ui
 from ..sources import DATA_KINDS
 from ..engine import Workspace
 
@@ -46,10 +46,40 @@ def provenance(ws: Workspace) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["property", "value"]).astype(str).set_index("property")
 
 
+INTRO = """**KCM Explorer** removes feed-forward (FFN) neurons from a transformer and shows what that
+saves and what it costs in accuracy. Kernelized Convex Masking (KCM; Nova, Dai and Schuurmans, ICML 2023)
+ranks each FFN neuron by R2, how hard its output weights are to rebuild from the other neurons' (a kernel
+convex hull, weights only), times D2, how strongly it fires on unlabeled text. It keeps the best-ranked
+neurons under a FLOPs budget, rescales them so each layer's output stays close to the unpruned one, and
+slices the layers smaller: no labels, no gradients, no retraining. **Where to start:** open **Prune** and
+move the budget slider; **Neuron scores** shows the ranking, **Kernel hull** shows R2 on one layer,
+**Cost** explains why removing x% of neurons saves less than x% of FLOPs."""
+
+
+def loaded_line(ws: Workspace) -> str:
+    """What the model and data are, in one sentence."""
+    i = ws.info
+    if i.data == DATA_KINDS["demo"]:
+        data = ("sentences from Pang and Lee's movie-review polarity data (positive or negative), "
+                f"{i.sample} of them for scoring and {i.eval_examples} held out for accuracy")
+    elif i.data == DATA_KINDS["demo-lm"]:
+        data = f"review text cut into {i.sample} calibration blocks and {i.eval_examples} held-out blocks"
+    else:
+        data = f"{i.data} ({i.sample} {'blocks' if ws.is_lm else 'sequences'} for scoring)"
+    kind = "a causal language model" if ws.is_lm else "a text classifier"
+    return (f"Loaded: {i.model_name}, {kind} ({type(ws.model).__name__}, {ws.shape.layers} layers of "
+            f"{ws.shape.ffn_width[0]} FFN neurons), on {data}.")
+
+
 def page() -> None:
-    """The whole page: title, the loaded workspace (or why there is none), the button, the body."""
+    """The whole page: title, what the app does, the loaded workspace (or why there is none), the
+    button, the body."""
     st.title("Model and data")
+    st.markdown(INTRO)
     ws = ui.require_workspace()
+    st.caption("This page shows the loaded model's architecture, where its data came from and how the "
+               "unpruned model does.")
+    st.markdown(loaded_line(ws))
     score_now = st.button("Score all neurons with KCM now", key="score_now",
                           help="Runs R2 (kernel hull on the weights) and D2 (activations on the sample) "
                                "once; every page reuses the result.")
@@ -78,6 +108,7 @@ def body(ws: Workspace, score_now: bool) -> None:
     st.subheader("Unpruned model")
     if ws.is_lm:
         with ui.progress("Evaluating the unpruned model") as bar, ui.core_errors():
+            ui.follow_background(ws, (background.UNPRUNED,), bar)
             ppl = engine.reference_lm(ws, resources.store("results"), bar).perplexity
         st.metric("Perplexity (unpruned)", f"{ppl.value:,.2f}",
                   help=f"95% bootstrap interval {ppl.low:,.2f} to {ppl.high:,.2f} over {ppl.n} blocks")
@@ -88,14 +119,34 @@ def body(ws: Workspace, score_now: bool) -> None:
                 "sidebar; every label-free method still works.")
     else:
         with ui.progress("Evaluating the unpruned model") as bar, ui.core_errors():
+            ui.follow_background(ws, (background.UNPRUNED,), bar)
             dense = engine.reference(ws, resources.store("results"), bar)
         acc = dense.accuracy
-        st.metric("Accuracy (unpruned)", f"{acc.value:.1%}",
-                  help=f"95% bootstrap interval {acc.low:.1%} to {acc.high:.1%} over {acc.n} examples")
-        st.caption(f"95% interval {acc.low:.1%} to {acc.high:.1%} on {acc.n} examples "
-                   f"({ws.info.eval_source}).")
+        if acc is None:
+            st.info(f"The data has no labels, so accuracy cannot be measured; the Prune page shows how often "
+                    f"the pruned model agrees with this one on {ws.info.eval_examples} held-out examples. Name "
+                    "a label column in the sidebar for accuracy and the label-using methods.")
+        else:
+            st.metric("Accuracy (unpruned)", f"{acc.value:.1%}",
+                      help=f"95% bootstrap interval {acc.low:.1%} to {acc.high:.1%} over {acc.n} examples")
+            st.caption(f"95% interval {acc.low:.1%} to {acc.high:.1%} on {acc.n} examples "
+                       f"({ws.info.eval_source}).")
     if score_now:
         with ui.progress("Scoring with KCM") as bar, ui.core_errors():
             scores = engine.method_scores(ws, ui.prune_config(method="kcm"), resources.store("results"), bar)
         iterations = scores.details.to_dict().get("r2_iterations")      # a list, as before; None if absent
         st.success(f"KCM scores ready (R2 iterations per layer: {iterations}).")
+    cache_controls()
+
+
+def cache_controls() -> None:
+    """The disk cache of slow results (``kcm_app.disk_cache``): where, how big, and a button to clear it."""
+    st.subheader("Disk cache")
+    files, size = disk_cache.usage()
+    st.caption(f"Kernel hull fits, activation statistics, Fisher gradients and UMAP projections are kept in "
+               f"{disk_cache.root().parent} ({files} files, {size / 2**20:.1f} MiB), keyed by the weights' "
+               "hash, the data and the options, so a restarted app shows them at once. Results already "
+               "in this server's memory stay until it restarts.")
+    if st.button("Clear the disk cache", key="clear_disk_cache",
+                 help="Removes every stored file; the next start computes them again"):
+        st.success(f"Removed {disk_cache.clear_all()} cached files.")

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import streamlit as st
 
+from kcm_core.evaluate import labels_of
 from kcm_core.methods import METHODS
 
-from .. import charts, engine, figures, resources, state, theme, ui
+from .. import background, charts, engine, figures, live, resources, state, theme, ui
 from ..engine import Workspace
 
 
 def page() -> None:
     """The whole page: title, the method and rounding, the live readouts, the comparison."""
     st.title("Prune")
+    st.caption("Choose how much of the FLOPs to keep and see the pruned model's size, speed and accuracy, "
+               "and how the methods compare.")
     ws = ui.require_workspace()
     left, right = st.columns([3, 1])
     method_select(ws, left)
@@ -57,7 +60,8 @@ def compare_controls(ws: Workspace) -> tuple[list[str], list[float], bool]:
                               default=charts.budget_grid(ws.floor, points=3), key="compare_budgets",
                               help="Budgets to evaluate (each one: select, scale, slice, evaluate)")
     run = right.button("Compare", key="compare_run", help="Evaluates the pairs not stored yet, with progress")
-    return methods, sorted(b for b in budgets if b >= ws.floor), run
+    # the slider's budget is always one of the points, so the comparison shows where the readouts are
+    return methods, sorted({b for b in budgets if b >= ws.floor} | {round(state.budget(), 2)}), run
 
 
 def default_methods(options: list[str], lm: bool = False) -> list[str]:
@@ -86,6 +90,7 @@ def readouts(ws: Workspace) -> None:
     config = ui.prune_config(budget=float(budget))
     store = resources.store("results")
     with ui.progress(f"Scoring with {METHODS[config.method].label}") as bar, ui.core_errors():
+        ui.follow_background(ws, (background.SCORES,), bar)
         scores = engine.method_scores(ws, config, store, bar)
     with ui.core_errors():
         fast = engine.readout(ws, scores, config, store)
@@ -94,29 +99,84 @@ def readouts(ws: Workspace) -> None:
     cols = st.columns(4)
     cols[0].metric("Relative FLOPs", _pct(fast.relative_flops), help="Encoder MACs after / before, at s")
     cols[1].metric("Parameters", f"{fast.params_after:,}", f"{fast.relative_params - 1:+.1%}",
-                   delta_color="inverse", help="Exact count of the sliced model")
+                   delta_color="inverse", help="Exact count of the sliced model; the change is in percent of "
+                                               "the unpruned model's parameters")
     cols[2].metric("Neurons pruned", _pct(fast.neurons_pruned))
     cols[3].metric("Estimated speedup", f"{fast.estimated_speedup:.2f}x", help="1 / relative FLOPs")
     st.plotly_chart(figures.kept_per_layer(charts.kept_frame(fast.plan), config.method), key="prune_kept")
-    label = "Evaluating this budget" if engine.is_evaluated(ws, config, store) else "New budget"
-    with ui.progress(label) as bar, ui.core_errors():
-        slow = engine.evaluate_budget(ws, config, store, bar)
+    slow = live_result(ws, config, store)
+    if slow is not None:
+        slow_readouts(ws, config, store, slow)
+
+
+def live_result(ws: Workspace, config, store) -> engine.BudgetResult | None:
+    """This budget's evaluation, or None while it runs in the background (then a pending view that
+    shows the previous budget's readouts is drawn, and the page reruns itself when it is done).
+
+    The evaluation runs on the session's latest-only runner (``kcm_app.live``): a newer slider value
+    abandons it, so a burst of presses evaluates the last budget, not each one in turn."""
+    if engine.is_evaluated(ws, config, store):
+        return engine.evaluate_budget(ws, config, store)
+    job = state.evaluator().submit(
+        engine.budget_key(ws, config), lambda progress: engine.evaluate_budget(ws, config, store, progress))
+    if job.wait(live.FIRST_WAIT_S):
+        with ui.core_errors():
+            return job.outcome()
+    st.fragment(pending_readouts, run_every=live.POLL_S)(ws, config, store, job)
+    return None
+
+
+def pending_readouts(ws: Workspace, config, store, job: live.Job) -> None:
+    """While ``job`` evaluates this budget: its progress and the last budget's readouts, labelled as
+    such. Reruns every ``live.POLL_S``; once the job is done, the whole page reruns (which stops this
+    timer and draws the new readouts)."""
+    if job.done:
+        ui.rerun_page()
+    st.progress(min(max(job.fraction, 0.0), 1.0), text=f"Evaluating {config.budget:.2f} relative FLOPs: {job.message}")
+    shown = state.shown()
+    if shown is not None and shown.method == config.method:
+        slow_readouts(ws, config, store, shown, stale=True)
+    else:
+        st.caption("Accuracy appears here once this budget is evaluated.")
+
+
+def slow_readouts(ws: Workspace, config, store, slow: engine.BudgetResult, stale: bool = False) -> None:
+    """The evaluated readouts of ``slow`` (a stale one, while a newer budget runs, says so and is not
+    timed again)."""
+    if not stale:
+        state.set_shown(slow)
+    if stale:
+        st.caption(f"Showing the readouts at {slow.budget:.2f} relative FLOPs until {config.budget:.2f} "
+                   "is evaluated.")
+    else:
+        st.caption(f"Readouts at {slow.budget:.2f} relative FLOPs.")
     if ws.is_lm:
         lm_readouts(ws, slow, store)
-        speed_readout(ws, config, store, st.columns(3)[0], slow)
-        generation_panel(ws, config, store)
+        if not stale:
+            speed_readout(ws, config, store, st.columns(3)[0], slow)
+            generation_panel(ws, config, store)
         return
     cols = st.columns(3)
     if slow.accuracy:
         dense = engine.reference(ws, store).accuracy
-        cols[0].metric("Accuracy", _pct(slow.accuracy["value"]), f"{slow.accuracy['value'] - dense.value:+.1%}",
-                       help=f"Change vs the unpruned model ({dense.value:.1%})")
-        cols[1].metric("Agreement with unpruned", _pct(slow.agreement["value"]),
+        change = (slow.accuracy["value"] - dense.value) * 100
+        cols[0].metric("Accuracy" + (f" at {slow.budget:.2f}" if stale else ""), _pct(slow.accuracy["value"]),
+                       f"{change:+.1f} pp",
+                       help=f"Change in percentage points vs the unpruned model ({dense.value:.1%})")
+        cols[1].metric("Agreement with unpruned" + (f" at {slow.budget:.2f}" if stale else ""),
+                       _pct(slow.agreement["value"]),
                        help="Share of test examples where the pruned model predicts what the unpruned one does")
+    elif slow.agreement:
+        cols[0].metric("Agreement with unpruned" + (f" at {slow.budget:.2f}" if stale else ""),
+                       _pct(slow.agreement["value"]),
+                       help="Share of held-out examples where the pruned model predicts what the unpruned one "
+                            "does (needs no labels)")
+        cols[1].info("No labels: accuracy unavailable.")
     else:
         cols[0].info("No labels: accuracy unavailable.")
-    # Accuracy is on screen now; the timing (about half a second on the demo) comes after it.
-    speed_readout(ws, config, store, cols[2], slow)
+    if not stale:
+        # Accuracy is on screen now; the timing (about half a second on the demo) comes after it.
+        speed_readout(ws, config, store, cols[2], slow)
 
 
 def speed_readout(ws: Workspace, config, store, container, slow: engine.BudgetResult) -> None:
@@ -160,10 +220,16 @@ def generation_panel(ws: Workspace, config, store) -> None:
     with left.container(border=True):
         st.markdown("**Unpruned**")
         st.text(out.prompt + out.dense)
+        st.metric("Tokens per second (unpruned)", f"{out.dense_tokens_per_s:,.1f}")
     with right.container(border=True):
         st.markdown(f"**Pruned** ({theme.method_label(config.method)}, {config.budget:.2f} relative FLOPs)")
         st.text(out.prompt + out.pruned)
-    st.caption(f"Greedy decoding, {out.new_tokens} new tokens, the same prompt for both models.")
+        st.metric("Tokens per second (pruned)", f"{out.pruned_tokens_per_s:,.1f}",
+                  f"{out.pruned_tokens_per_s / out.dense_tokens_per_s - 1:+.0%}" if out.dense_tokens_per_s else None,
+                  help="Change vs the unpruned model's rate")
+    st.caption(f"Greedy decoding, up to {out.new_tokens} new tokens, the same prompt for both models. Tokens "
+               "per second: new tokens over the wall time of one generation, both timed one after the other "
+               f"on this machine ({ui.threads_note()} Other sessions computing at the same time disturb it).")
 
 
 def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedResult) -> str:
@@ -173,6 +239,10 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
         lo, hi = slow.accuracy["ci95"]
         parts.append(f"Accuracy of the physically sliced model on {ws.info.eval_examples} examples "
                      f"(95% interval {lo:.1%} to {hi:.1%}).")
+    elif slow.agreement:
+        lo, hi = slow.agreement["ci95"]
+        parts.append(f"Agreement of the physically sliced model with the unpruned one on "
+                     f"{ws.info.eval_examples} held-out examples (95% interval {lo:.1%} to {hi:.1%}).")
     scaled = slow.plan.info.scaled_layers
     unit = "calibration blocks" if ws.is_lm else "unlabeled sequences"
     parts.append(f"Scales fitted on the first {engine.scale_samples(ws)} {unit} ({scaled} layers "
@@ -201,15 +271,55 @@ def compare(ws: Workspace, methods: list[str], budgets: list[float], run: bool) 
         return
     with ui.progress("Comparing methods") as bar, ui.core_errors():
         results = engine.comparison(ws, methods, budgets, base, store, bar)
+    left, right = st.columns(2)
     if ws.is_lm:
         frame = charts.comparison_frame(results, metric="perplexity")
         dense = engine.reference_lm(ws, store).perplexity.value
-        st.plotly_chart(figures.comparison_lm(frame, dense, state.budget()), key="prune_compare")
+        left.plotly_chart(figures.comparison_lm(frame, dense, state.budget()), key="prune_compare")
     else:
         frame = charts.comparison_frame(results)
         dense = engine.reference(ws, store).accuracy.value
-        st.plotly_chart(figures.comparison(frame, dense, state.budget()), key="prune_compare")
-    st.caption("Bars are each method's own 95% interval; overlapping bars do not mean no difference "
-               "(methods on the same sentences are compared paired). Random is "
-               f"drawn with {engine.RANDOM_SEEDS} seeds (the sidebar's and the next ones): its line is their "
-               "mean and its bars span all of their 95% intervals.")
+        left.plotly_chart(figures.comparison(frame, dense, state.budget()), key="prune_compare")
+    left.caption("Bars are each method's own 95% interval. Random is drawn with "
+                 f"{engine.RANDOM_SEEDS} seeds (the sidebar's and the next ones): its line is their mean and "
+                 "its bars span all of their 95% intervals.")
+    with right:
+        paired_view(ws, methods, results)
+
+
+def paired_view(ws: Workspace, methods: list[str], results: list[engine.BudgetResult]) -> None:
+    """Each method minus a reference method (KCM by default) on the same examples, at each budget."""
+    if len(methods) < 2:
+        st.caption("Choose two or more methods to see their paired differences.")
+        return
+    reference = st.selectbox("Reference method", methods, index=methods.index("kcm") if "kcm" in methods else 0,
+                             format_func=theme.method_label, key="compare_reference",
+                             help="Every other method is compared with this one on the same examples")
+    labels = None if ws.is_lm else labels_of(ws.eval_batches)
+    with ui.core_errors():
+        frame = charts.paired_frame(results, reference, labels, seed=state.seed())
+    if frame.empty:
+        st.caption("No other method was evaluated at the reference method's budgets.")
+        return
+    st.plotly_chart(figures.paired_differences(frame, reference, lm=ws.is_lm), key="prune_paired")
+    name = theme.method_label(reference)
+    if ws.is_lm:
+        st.caption(f"Perplexity of each method over {name}'s, minus 1, on the same held-out blocks; the 95% "
+                   "interval resamples blocks once for both (paired). An interval that excludes 0 is a "
+                   "difference. Random: its first seed.")
+        return
+    st.caption(f"Accuracy of each method minus {name}'s on the same {ws.info.eval_examples} test examples, "
+               "in percentage points. The 95% interval resamples examples with each example's pair of "
+               "outcomes kept together (paired bootstrap); McNemar's exact p counts the examples only one "
+               "of the two gets right. An interval that excludes 0 (p < 0.05) is a difference. Random: its "
+               "first seed.")
+    table = frame.assign(method=frame["method"].map(theme.method_label))[
+        ["method", "budget", "difference", "low", "high", "p_value", "only_method", "only_reference"]]
+    st.dataframe(table, hide_index=True, column_config={
+        "method": "Method", "budget": st.column_config.NumberColumn("Budget", format="%.2f"),
+        "difference": st.column_config.NumberColumn("Difference (pp)", format="%+.1f"),
+        "low": st.column_config.NumberColumn("95% low (pp)", format="%+.1f"),
+        "high": st.column_config.NumberColumn("95% high (pp)", format="%+.1f"),
+        "p_value": st.column_config.NumberColumn("McNemar p", format="%.3f"),
+        "only_method": st.column_config.NumberColumn("Only the method right"),
+        "only_reference": st.column_config.NumberColumn(f"Only {name} right")})

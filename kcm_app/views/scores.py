@@ -6,7 +6,7 @@ import streamlit as st
 
 from kcm_core import scores as S
 
-from .. import charts, engine, figures, resources, ui
+from .. import background, charts, engine, figures, resources, state, ui
 from ..engine import Workspace
 
 SCORES = {"r2d2": "R2D2 (KCM)", "r2": "R2 (kernel hull, weights)", "d2": "D2 (activations)",
@@ -32,6 +32,8 @@ def score_table(ws: Workspace, bar) -> pd.DataFrame:
 def page() -> None:
     """The whole page: title, the loaded workspace (or why there is none), the controls, the body."""
     st.title("Neuron scores")
+    st.caption("Every FFN neuron's score under KCM (R2 x D2), its two parts and the baselines: which neurons "
+               "each method would keep first.")
     ws = ui.require_workspace()
     body(ws, *controls(ws))
 
@@ -50,24 +52,33 @@ def controls(ws: Workspace) -> tuple[str, int, int]:
 
 def body(ws: Workspace, column: str, layer: int, top_n: int) -> None:
     with ui.progress("Scoring neurons") as bar, ui.core_errors():
+        ui.follow_background(ws, (background.SCORES, background.GRADIENTS), bar)
         frame = score_table(ws, bar)
     if column not in frame:
         st.warning(f"{SCORES[column]} needs labels; showing R2D2 instead.")
         column = "r2d2"
-    st.plotly_chart(figures.score_histograms(frame, column), key="scores_violin")
+    st.plotly_chart(figures.score_histograms(frame, column, label=SCORES[column]), key="scores_violin")
     st.subheader("R2 vs D2")
     st.caption("Each point is one FFN neuron. Drag a box or lasso to list the neurons you pick.")
-    event = st.plotly_chart(figures.r2_d2_scatter(frame), key="scores_scatter", on_select="rerun",
+    event = st.plotly_chart(figures.r2_d2_scatter(frame), key=state.scatter_key(), on_select="rerun",
                             selection_mode=("points", "box", "lasso"))
     picked = charts.selected_neurons(frame, event)
     if len(picked):
-        st.markdown(f"**{len(picked)} neurons selected**")
-        st.dataframe(picked, hide_index=True, height=220)
+        left, right = st.columns([4, 1])
+        left.markdown(f"**{len(picked)} neurons selected**")
+        right.button("Clear selection", key="scores_clear_selection", on_click=state.clear_scatter_selection)
+        st.dataframe(readable(picked), hide_index=True, height=220)
     matrix, centres = charts.rank_heatmap(frame, column)
-    st.plotly_chart(figures.rank_heatmap(matrix, centres, column), key="scores_heatmap")
+    st.plotly_chart(figures.rank_heatmap(matrix, centres, column, label=SCORES[column]), key="scores_heatmap")
     best, worst = charts.top_bottom(frame, layer, column, top_n)
+    shown = ["neuron"] + list(dict.fromkeys([column, "r2", "d2"]))
     left, right = st.columns(2)
     left.markdown(f"**Top {top_n} of layer {layer}** by {SCORES[column]}")
-    left.dataframe(best, hide_index=True)
-    right.markdown(f"**Bottom {top_n} of layer {layer}**")
-    right.dataframe(worst, hide_index=True)
+    left.dataframe(readable(best[shown]), hide_index=True, width="stretch")
+    right.markdown(f"**Bottom {top_n} of layer {layer}** by {SCORES[column]}")
+    right.dataframe(readable(worst[shown]), hide_index=True, width="stretch")
+
+
+def readable(frame: pd.DataFrame) -> pd.DataFrame:
+    """Score columns under their labels ("R2D2 (KCM)"), not their internal names."""
+    return frame.rename(columns={**SCORES, "layer": "Layer", "neuron": "Neuron"})

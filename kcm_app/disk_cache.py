@@ -1,0 +1,117 @@
+"""Results that outlive the server process: the slow score components (kernel hull fits, activation
+statistics, Fisher gradients) and UMAP projections, kept on disk so a restarted app shows them at once.
+
+Keys are content, never names: the SHA-256 of the model's weights (``weights_hash``), the scoring
+sample's fingerprint (``Workspace.data_key``) and the options (a frozen config's ``repr``). Files live
+in a versioned folder under the user cache dir (``$KCM_CACHE_DIR`` or ``~/.cache/kcm-explorer``,
+``app-cache/v1``); bump ``VERSION`` when a stored layout or a computation changes meaning.
+
+Several sessions and several server processes may share the folder: a file is written to a
+temporary sibling and renamed into place (a reader sees a whole file or none; two writers of one key
+write the same bytes), and a file that cannot be read is treated as absent and computed again. Files
+hold plain tensors, numbers and strings only, read with ``torch.load(weights_only=True)``. The cache
+is optional: a failed write (full disk, read-only folder) is logged and the result is still returned.
+No Streamlit here.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import nn
+
+from kcm_core.atomic import remove, temporary_sibling
+from kcm_core.demo import cache_root
+
+from .live import log
+
+T = TypeVar("T")
+VERSION = 1
+
+
+def root() -> Path:
+    """The versioned folder (nothing is created here)."""
+    return cache_root() / "app-cache" / f"v{VERSION}"
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def path_for(kind: str, parts: tuple) -> Path:
+    """Where the result of ``kind`` for ``parts`` (hashable, with a stable ``repr``) is kept."""
+    digest = hashlib.sha256(repr((VERSION, kind) + tuple(parts)).encode()).hexdigest()[:32]
+    return root() / kind / f"{digest}.pt"
+
+
+def read(kind: str, parts: tuple) -> Any | None:
+    """The stored payload, or None when absent or unreadable (then it is computed again)."""
+    path = path_for(kind, parts)
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:            # damaged, truncated or from another layout: recompute
+        log.warning("ignoring unreadable cache file %s (%s)", path, err)
+        return None
+
+
+def write(kind: str, parts: tuple, payload: Any) -> None:
+    """Store ``payload`` atomically (temporary sibling, then a rename); a failure is only logged."""
+    path = path_for(kind, parts)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_sibling(path)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not write the cache file %s (%s); the result is kept in memory only", path, err)
+        if tmp is not None:
+            remove(tmp)
+
+
+def cached(kind: str, parts: tuple, compute: Callable[[], T], encode: Callable[[T], Any],
+           decode: Callable[[Any], T]) -> T:
+    """The stored result of ``kind`` for ``parts``, else ``compute()`` stored for next time."""
+    payload = read(kind, parts)
+    if payload is not None:
+        try:
+            value = decode(payload)
+            log.info("read %s from disk", kind)
+            return value
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("ignoring a %s cache file of another layout (%s)", kind, err)
+    value = compute()
+    log.info("computed %s", kind)
+    write(kind, parts, encode(value))
+    return value
+
+
+def usage() -> tuple[int, int]:
+    """(files, bytes) under the cache folder, every version."""
+    files = size = 0
+    base = root().parent
+    if base.is_dir():
+        for path in base.rglob("*.pt"):
+            files += 1
+            size += path.stat().st_size
+    return files, size
+
+
+def clear_all() -> int:
+    """Remove every cached result (all versions); returns how many files there were."""
+    files, _ = usage()
+    shutil.rmtree(root().parent, ignore_errors=True)
+    return files

@@ -1,0 +1,30 @@
+"""2-D pictures of one layer's down-projection rows, stored once for all sessions: PCA at once, UMAP
+(seconds, and a numba compile on the process's first call) also kept on disk (``kcm_app.disk_cache``)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import disk_cache, projection
+from ..store import SharedStore
+from .workspace import Workspace
+
+
+def umap_key(ws: Workspace, layer: int, seed: int) -> tuple:
+    return ("umap", ws.model_key, layer, seed)
+
+
+def layer_pca(ws: Workspace, layer: int, store: SharedStore) -> np.ndarray:
+    return store.get_or_compute(("pca", ws.model_key, layer),
+                                lambda: projection.pca_2d(projection.layer_points(ws.model, layer)))
+
+
+def layer_umap(ws: Workspace, layer: int, seed: int, store: SharedStore) -> np.ndarray:
+    """UMAP of ``layer`` with ``seed``: from memory, else from disk, else computed (and kept in both)."""
+    def compute() -> np.ndarray:
+        return disk_cache.cached(
+            "umap", (ws.weights_hash, layer, seed),
+            lambda: projection.umap_2d(projection.layer_points(ws.model, layer), seed=seed),
+            lambda coords: {"coords": torch.from_numpy(np.ascontiguousarray(coords))},
+            lambda payload: payload["coords"].numpy())
+    return store.get_or_compute(umap_key(ws, layer, seed), compute)

@@ -1,0 +1,281 @@
+"""Issue 12: the live demo. The stale-budget rule (a burst of budgets evaluates at most two of them),
+the disk cache (a second server start computes none of the slow parts), the background work, the
+Cost formula per architecture, and links that ask for what the app cannot show.
+
+App tests run through the entry point on the tiny model (``app_tiny``); the disk cache lives in a
+temporary folder (``KCM_CACHE_DIR``), never the user's.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+
+from app_tiny import sentences, write_tiny
+from conftest import tiny_config
+from kcm_app import disk_cache, engine, live, projection, resources, state
+from kcm_app.engine import scoring
+from kcm_app.testing import finish_background
+from kcm_app.views import cost
+from kcm_core import scores as S
+from kcm_core.arch import model_shape
+from kcm_core.flops import mac_per_head, mac_per_neuron
+from kcm_core.pipeline import PruneConfig
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+TIMEOUT = 120
+
+
+# --------------------------------------------------------------------------- the latest-only runner
+
+def slow_job(log: list, steps: int = 50, pause: float = 0.01):
+    """A job that reports progress ``steps`` times (where an abandoned job stops) and records its key."""
+    def make(key):
+        def run(progress):
+            for i in range(steps):
+                progress(f"step {i}", i / steps)
+                time.sleep(pause)
+            log.append(key)
+            return key
+        return run
+    return make
+
+
+def test_a_burst_of_requests_computes_at_most_two_and_ends_on_the_last():
+    runner, done = live.LatestOnly(), []
+    make = slow_job(done)
+    jobs = [runner.submit(budget, make(budget)) for budget in (0.61, 0.62, 0.63, 0.64, 0.65)]
+    assert jobs[-1].wait(10)
+    assert jobs[-1].outcome() == 0.65
+    assert len(runner.finished) <= 2 and runner.finished[-1] == 0.65
+    assert done == runner.finished                     # abandoned jobs never reached their end
+    assert all(isinstance(j.error, live.Abandoned) for j in jobs[:-1] if j.key not in runner.finished)
+
+
+def test_the_same_request_twice_is_one_job_and_a_newer_one_abandons_it():
+    runner, done = live.LatestOnly(), []
+    make = slow_job(done, steps=200)
+    first = runner.submit("a", make("a"))
+    assert runner.submit("a", make("a")) is first
+    second = runner.submit("b", make("b"))
+    assert second.wait(10) and first.done
+    assert isinstance(first.error, live.Abandoned) and done == ["b"] and runner.finished == ["b"]
+
+
+def test_a_failing_job_hands_its_error_to_the_page():
+    runner = live.LatestOnly()
+
+    def boom(progress):
+        raise ValueError("budget 0.01 is below the floor")
+    job = runner.submit("x", boom)
+    assert job.wait(5)
+    with pytest.raises(ValueError, match="below the floor"):
+        job.outcome()
+
+
+# --------------------------------------------------------------------------- the disk cache
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_disk_cache_round_trip_is_versioned_atomic_and_clearable(cache_dir):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.arange(5.0)
+    encode, decode = (lambda t: {"t": t}), (lambda p: p["t"])
+    first = disk_cache.cached("kind", ("w", 1), compute, encode, decode)
+    again = disk_cache.cached("kind", ("w", 1), compute, encode, decode)
+    other = disk_cache.cached("kind", ("w", 2), compute, encode, decode)
+    assert torch.equal(first, again) and torch.equal(first, other) and len(calls) == 2
+    path = disk_cache.path_for("kind", ("w", 1))
+    assert path.is_file() and f"v{disk_cache.VERSION}" in path.parts and cache_dir in path.parents
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]     # no temporary left
+    path.write_bytes(b"not a torch file")                                       # damaged: computed again
+    assert torch.equal(disk_cache.cached("kind", ("w", 1), compute, encode, decode), first)
+    assert len(calls) == 3
+    assert disk_cache.usage()[0] == 2
+    assert disk_cache.clear_all() == 2 and disk_cache.usage() == (0, 0)
+
+
+def test_weights_hash_follows_the_weights_not_the_object():
+    from conftest import build_tiny_model
+    a, b = build_tiny_model("bert"), build_tiny_model("bert")
+    assert disk_cache.weights_hash(a) == disk_cache.weights_hash(b)
+    with torch.no_grad():
+        next(b.parameters())[0, 0] += 1
+    assert disk_cache.weights_hash(a) != disk_cache.weights_hash(b)
+
+
+# --------------------------------------------------------------------------- the app
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    return write_tiny(tmp_path_factory.mktemp("tiny-live"))
+
+
+@pytest.fixture
+def app(tiny_files, monkeypatch, cache_dir):
+    model_dir, csv = tiny_files
+    monkeypatch.setenv("KCM_APP_MODEL", str(model_dir))
+    monkeypatch.setenv("KCM_APP_DATA", str(csv))
+    monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
+    st.cache_resource.clear()               # a fresh server: empty stores, no background work yet
+
+    def make(page: str | None = None, **query) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        at.query_params.update(query)
+        at.run()
+        if page:
+            at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+    yield make
+    finish_background()
+
+
+def forbid(monkeypatch, target, name: str, counter: list) -> None:
+    def refuse(*args, **kwargs):
+        counter.append(name)
+        raise AssertionError(f"{name} was computed again")
+    monkeypatch.setattr(target, name, refuse)
+
+
+def test_a_second_server_start_reads_the_slow_parts_from_disk(app, monkeypatch, cache_dir):
+    at = app("pages/3_scores.py")
+    finish_background()
+    at.switch_page("pages/4_hull.py").run()
+    assert not at.exception
+    assert {p.parent.name for p in cache_dir.rglob("*.pt")} == {"r2", "stats", "grads", "umap"}
+    st.cache_resource.clear()               # the server restarts: memory is empty, the disk is not
+    computed: list[str] = []
+    forbid(monkeypatch, S, "r2", computed)
+    forbid(monkeypatch, scoring, "collect_stats", computed)
+    forbid(monkeypatch, S, "mask_gradients", computed)
+    forbid(monkeypatch, projection, "umap_2d", computed)
+    at = app("pages/3_scores.py")
+    assert any("neurons" in str(c.proto.spec) for c in at.get("plotly_chart"))
+    at.switch_page("pages/4_hull.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("down-projection rows, UMAP" in c.proto.spec for c in at.get("plotly_chart"))
+    finish_background()
+    registry, _ = resources._precompute_registry()
+    assert [w.errors for w in registry.values()] == [{}]
+    assert computed == []
+
+
+def test_the_model_page_introduces_the_app_and_clears_the_disk_cache(app, cache_dir):
+    at = app()
+    finish_background()
+    assert any("Kernelized Convex Masking" in m.value and "Where to start" in m.value for m in at.markdown)
+    assert any(m.value.startswith("Loaded: ") and "text classifier" in m.value for m in at.markdown)
+    assert list(cache_dir.rglob("*.pt"))
+    at.button(key="clear_disk_cache").click().run()
+    assert any(s.value.startswith("Removed ") for s in at.success)
+    assert not list(cache_dir.rglob("*.pt"))
+
+
+def test_every_page_opens_with_one_sentence_on_what_it_shows(app):
+    at = app()
+    for page in ["pages/2_cost.py", "pages/3_scores.py", "pages/4_hull.py", "pages/5_prune.py",
+                 "pages/6_export.py"]:
+        at.switch_page(page).run()
+        assert not at.exception
+        assert at.main.caption[0].value.endswith(".") and len(at.main.caption[0].value) < 200
+
+
+def test_a_burst_of_slider_moves_evaluates_at_most_two_budgets(app, monkeypatch):
+    """Five budgets set one after the other while each evaluation takes a while: the page never
+    waits for them, says which budget its readouts show, and only the last (plus, at most, the one
+    already running) is evaluated."""
+    at = app("pages/5_prune.py")
+    finish_background()
+    at.run()
+    start = float(at.slider(key="w_budget").value)             # the default, or this model's floor
+    assert any(c.value == f"Readouts at {start:.2f} relative FLOPs." for c in at.caption)
+    burst = [round(start + 0.01 * i, 2) for i in range(1, 6)]
+    original = engine.evaluate_budget
+
+    def slow(ws, config, store, progress=None):
+        for i in range(40):                      # 2 s of reported progress, then the real evaluation
+            if progress is not None:
+                progress("slow test step", i / 40)
+            time.sleep(0.05)
+        return original(ws, config, store, progress)
+    monkeypatch.setattr(engine, "evaluate_budget", slow)
+    monkeypatch.setattr(live, "FIRST_WAIT_S", 0.0)
+    for budget in burst:
+        at.slider(key="w_budget").set_value(budget).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert any(c.value == f"Showing the readouts at {start:.2f} relative FLOPs until {budget:.2f} is "
+                   "evaluated." for c in at.caption)
+        assert [m.label for m in at.metric if m.label.startswith("Accuracy")] == [f"Accuracy at {start:.2f}"]
+    runner = at.session_state[state.EVALUATOR]         # made by the burst's first budget
+    assert runner.current.wait(30)
+    evaluated = runner.finished
+    final = PruneConfig(method="kcm", budget=burst[-1], scale_samples=engine.APP_SCALE_SAMPLES)
+    assert len(evaluated) <= 2 and evaluated[-1] == engine.budget_key(at.session_state["workspace"], final)
+    monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
+    at.run()
+    assert any(c.value == f"Readouts at {burst[-1]:.2f} relative FLOPs." for c in at.caption)
+    assert [m.label for m in at.metric if m.label.startswith("Accuracy")] == ["Accuracy"]
+    assert [m for m in at.metric if m.label == "Accuracy"][0].delta.endswith(" pp")
+
+
+def test_an_invalid_link_is_corrected_with_a_visible_notice(app):
+    at = app(method="no-such-method", budget="0.01")
+    notes = [w.value for w in at.main.warning]
+    assert any("method 'no-such-method' is not valid" in n for n in notes), notes
+    assert any(n.startswith("A budget of 0.01 relative FLOPs is below") for n in notes), notes
+    assert at.query_params["method"] in ("kcm", ["kcm"])
+    budget = at.query_params["budget"]
+    assert float(budget if isinstance(budget, str) else budget[0]) > 0.01
+    at.run()
+    assert not at.main.warning                  # said once
+
+
+# --------------------------------------------------------------------------- the Cost formula
+
+@pytest.mark.parametrize("family, gated, grouped, stack", [
+    ("bert", False, False, "encoder"), ("distilbert", False, False, "encoder"),
+    ("gpt2", False, False, "decoder"), ("llama", True, True, "decoder"), ("qwen2", True, True, "decoder")])
+def test_cost_formula_matches_the_architecture(family, gated, grouped, stack):
+    shape = model_shape(tiny_config(family))
+    text, note = cost.formula(shape), cost.formula_note(shape, 25, lm=False)
+    assert (r"= 3\,s\,d" in text) == gated and (r"= 2\,s\,d" in text) == (not gated)
+    assert ("H_{kv}" in text) == grouped and ("key/value heads" in note) == grouped
+    assert f"the {stack} layers only" in note and cost.stack_name(shape) == stack
+    # the formula is the one kcm_core.flops counts with
+    s, d, dh = 25, shape.hidden, shape.head_dim
+    head = (2 + 2 * shape.kv_heads / shape.heads) * s * d * dh + 2 * s * s * dh
+    assert mac_per_head(shape, s) == pytest.approx(head)
+    assert mac_per_neuron(shape, s) == (3 if gated else 2) * s * d
+
+
+def test_cost_headline_follows_the_unit_toggle(app):
+    at = app("pages/2_cost.py")
+    macs = [m for m in at.metric if m.label == "Encoder cost per sequence"][0].value
+    at.radio(key="cost_unit").set_value("MFLOPs").run()
+    flops = [m for m in at.metric if m.label == "Encoder cost per sequence"][0].value
+    assert macs.endswith("MMACs") and flops.endswith("MFLOPs")
+    assert float(flops.split()[0].replace(",", "")) == pytest.approx(2 * float(macs.split()[0].replace(",", "")),
+                                                                     abs=0.11)
+
+
+def test_without_labels_the_prune_page_shows_agreement_with_the_unpruned_model(app, tmp_path, monkeypatch):
+    unlabeled = tmp_path / "unlabeled.csv"          # more rows than the 512 scored, so some are held out
+    unlabeled.write_text("\n".join(["text"] + [text for text, _ in sentences(600)]) + "\n")
+    monkeypatch.setenv("KCM_APP_DATA", str(unlabeled))
+    monkeypatch.setenv("KCM_APP_LABEL_COLUMN", "")
+    at = app("pages/5_prune.py", budget="0.8")
+    assert [m.label for m in at.metric if m.label.startswith("Agreement")] == ["Agreement with unpruned"]
+    assert not [m for m in at.metric if m.label.startswith("Accuracy")]
+    assert any("No labels: accuracy unavailable." in i.value for i in at.info)
