@@ -31,6 +31,8 @@ if not log.handlers:    # the server's log says what was computed, read from dis
 FIRST_WAIT_S = 0.3
 # How often the pending view looks at the job.
 POLL_S = 0.5
+# How long a new job waits for the abandoned one before it starts anyway (see LatestOnly._work).
+PREVIOUS_WAIT_S = 60.0
 
 
 class Abandoned(Exception):
@@ -127,7 +129,13 @@ class LatestOnly:
 
     def _work(self, job: Job, previous: threading.Thread | None) -> None:
         if previous is not None:
-            previous.join()             # one computation at a time: the abandoned one stops at its next report
+            # One computation at a time: the abandoned one stops at its next progress report. A step
+            # that reports rarely is waited for at most PREVIOUS_WAIT_S; then this job starts anyway
+            # (the shared store keeps results consistent), so a stuck job can never freeze the page.
+            previous.join(PREVIOUS_WAIT_S)
+            if previous.is_alive():
+                log.warning("%s: the abandoned job is still running after %.0f s; starting %r anyway",
+                            self.name, PREVIOUS_WAIT_S, job.key)
         job.run()
         if isinstance(job.error, Abandoned):
             log.info("%s abandoned: %r", self.name, job.key)
