@@ -71,8 +71,7 @@ def markdown(data: dict) -> str:
              "| work | cold (s) | warm, from disk (s) |", "|---|---|---|"]
     for label, key in rows:
         lines.append(f"| {label} | {r['cold'][key]:.1f} | {r['warm'][key]:.2f} |")
-    stages = ", ".join(f"{k} {v:.0f} s" for k, v in r["cold"]["score_stages_s"].items())
-    lines += ["", f"Cold scoring stages: {stages}.", "", machine_line(env),
+    lines += ["", machine_line(env),
               f"Command: `{env.get('command') or data['settings']['command']}`.", ""]
     return "\n".join(lines)
 

@@ -22,8 +22,12 @@ def pca_2d(points: np.ndarray) -> np.ndarray:
     centred = points - points.mean(0, keepdims=True)
     if len(points) < 2:
         return np.zeros((len(points), 2))
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    comps = vt[:2]
+    # The leading eigenvectors of the (d, d) covariance, not an SVD of the (N, d) rows: the same axes
+    # (to 1e-8 on real weights) at a fraction of the cost (15 s -> about 1 s for SmolLM2's 1536 x 576
+    # under load; benchmarks/results/app_lm_pages.md).
+    cov = centred.T.astype(np.float64) @ centred.astype(np.float64)
+    _, vecs = np.linalg.eigh(cov)                   # ascending eigenvalues
+    comps = vecs[:, ::-1][:, :2].T.copy()
     comps *= np.sign(comps[:, [int(np.argmax(np.abs(c))) for c in comps]].diagonal())[:, None]
     out = centred @ comps.T
     return out if out.shape[1] == 2 else np.c_[out, np.zeros(len(out))]

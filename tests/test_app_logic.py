@@ -266,6 +266,18 @@ def test_pca_is_deterministic_and_two_dimensional(ws):
         layer_points(ws.model, 5)
 
 
+def test_pca_axes_are_the_leading_singular_vectors():
+    # points stretched along two known directions: the projection is the SVD's, up to each axis' sign
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(200, 16)) * np.r_[5.0, 3.0, np.full(14, 0.5)]
+    centred = pts - pts.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    expected = centred @ vt[:2].T
+    got = pca_2d(pts)
+    assert np.allclose(np.abs(got), np.abs(expected), atol=1e-8)
+    assert np.var(got[:, 0]) > np.var(got[:, 1])
+
+
 def test_umap_keeps_neighbours_together_and_follows_its_seed():
     # two tight, far-apart clusters of 30 points in 12-D: UMAP must keep them apart in 2-D
     rng = np.random.default_rng(0)
