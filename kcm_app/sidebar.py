@@ -152,8 +152,10 @@ def load() -> None:
             state.set_workspace(None)
             ws, drawn, sample = _load_with_status(model, data, sample)
         except clear_error_types() as err:
+            # Said once, in the page's main area with what to do (ui.require_workspace); the status
+            # box above has already turned to "failed".
             state.set_load_error(one_line(err))
-            st.error(one_line(err))
+            state.set_workspace(None)    # never the previous choice's workspace under a failed one
             return
         state.set_workspace(ws)
         if sample != drawn and _positions(model.kind, model.ref) is not None:

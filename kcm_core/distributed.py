@@ -186,6 +186,10 @@ def session() -> Iterator[Group]:
     group = from_env()
     try:
         yield group
+        if group.distributed and joined:
+            # Every rank past its last collective before any leaves: a rank that tore its group down
+            # while the other was still finishing an all_reduce aborted it (SIGABRT, gloo).
+            dist.barrier()
     finally:
         if group.distributed and joined and dist.is_initialized():
             dist.destroy_process_group()

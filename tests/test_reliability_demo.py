@@ -221,7 +221,7 @@ def test_altered_split_is_refused_when_loaded(cache, split):
     with pytest.raises(ValueError) as err:
         demo.load_demo_split(split, cache)
     assert str(err.value) == (f"the demo cache in {cache / 'demo'} cannot be used: {split}.jsonl does not have "
-                              "the sha256 recorded when the demo was built (altered since); run "
+                              "the sha256 recorded when it was built (altered since); run "
                               "`python -m kcm_core demo prepare` to rebuild it")
 
 
