@@ -27,6 +27,7 @@ from torch import nn
 
 from .arch import _first, base_model, family_for_config, transformer_layers
 from .runtime import Batch, eval_mode, hooks, model_inputs
+from .scaling import _detached
 
 READ_CHUNK_BYTES = 32 * 2**20
 _ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
@@ -300,12 +301,6 @@ def _empty_model(config, family) -> nn.Module:
     return slice_model(full, plan)
 
 
-def _detached(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_detached(o) for o in obj)
-    return obj
 
 
 @dataclass

@@ -184,14 +184,7 @@ def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleCo
                 stopped_at = li
                 break
             scales[li] = s.cpu().tolist()
-            with torch.no_grad():   # fold into the student so later layers see scaled inputs
-                keep = torch.tensor(layer.keep_idx, dtype=torch.long, device=device)
-                w = block.down.weight
-                cols = s.to(w.dtype)
-                if block.transposed:
-                    w[keep] *= cols[:, None]
-                else:
-                    w[:, keep] *= cols[None, :]
+            fold_scales(block, layer.keep_idx, s)   # later layers see scaled inputs
         else:
             scales[li] = []
         if li + 1 < len(blocks):
@@ -200,6 +193,18 @@ def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleCo
     scaled = sum(1 for s in scales if s is not None)
     return plan.with_scales(scales, scaled_layers=scaled, scaling_stopped_at=stopped_at,
                             scale_ridge=config.ridge)
+
+
+def fold_scales(block, keep_idx, s: torch.Tensor) -> None:
+    """Multiply the kept neurons' down-projection weights by their scales ``s``, in place."""
+    with torch.no_grad():
+        w = block.down.weight
+        keep = torch.tensor(keep_idx, dtype=torch.long, device=w.device)
+        cols = s.to(w.dtype)
+        if block.transposed:
+            w[keep] *= cols[:, None]
+        else:
+            w[:, keep] *= cols[None, :]
 
 
 def _solve_layer(student, layers, li, block, keep_idx, batches, recorded, target,

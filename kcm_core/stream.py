@@ -52,7 +52,7 @@ from .pipeline import PruneConfig, resolve_seq_len
 from .plan import KeepPlan
 from .realise import _give_mlp_biases, mask_copy, record_widths, slice_model
 from .runtime import Batch, Progress, default_device, model_inputs, take_sequences, tell
-from .scaling import ScaleConfig, _solve_layer, teacher_targets
+from .scaling import ScaleConfig, _solve_layer, fold_scales, teacher_targets
 from .select import select
 
 STREAM_FILE_PATTERN = "model-{:05d}-of-{:05d}.safetensors"
@@ -190,14 +190,7 @@ def _fit_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], teache
         if s is None:
             return None, [], []
         scales = s.cpu().tolist()
-        with torch.no_grad():                        # fold in, as fit_scales does, for the next layer
-            keep = torch.tensor(layer.keep_idx, dtype=torch.long, device=device)
-            w = block.down.weight
-            cols = s.to(w.dtype)
-            if block.transposed:
-                w[keep] *= cols[:, None]
-            else:
-                w[:, keep] *= cols[None, :]
+        fold_scales(block, layer.keep_idx, s)        # as fit_scales does, for the next layer
     next_student = []
     if not last:
         masked.feed(student)

@@ -237,7 +237,8 @@ def test_torchrun_refusal_on_rank_0_stops_every_rank_with_one_line(sources, tmp_
     lines = [l for l in run.stderr.splitlines() if l.startswith("error: ")]
     assert lines == [f"error: output folder {tmp_path / 'taken'} already exists; choose another "
                      "--out or pass --overwrite"]
-    # torchrun's failure summary: both ranks ended with the CLI's bad-input code, none was killed
-    exits = re.findall(r"rank\s*: (\d+) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", run.stderr)
-    assert sorted(exits) == [("0", "2"), ("1", "2")], run.stderr[-3000:]
+    # torchrun's failure summary: rank 0 ended with the CLI's bad-input code; rank 1 either did too or,
+    # when rank 0 got there first, was stopped by torchrun itself (SIGTERM), never left running
+    exits = dict(re.findall(r"rank\s*: (\d+) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", run.stderr))
+    assert exits.get("0") == "2" and exits.get("1", "-15") in ("2", "-15"), run.stderr[-3000:]
     assert _writers(run.stderr) == set()

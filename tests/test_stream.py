@@ -147,6 +147,22 @@ def test_bad_targets_and_models_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_overwrite_replaces_an_earlier_export_only(tmp_path):
+    model, folder = _saved(tmp_path, "llama", "causal-lm")
+    batches = make_batches(model, labels=False)
+    config = PruneConfig(method="d2", budget=0.8)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not an earlier export"):
+        prune_streamed(folder, config, batches, mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(mine.iterdir()) == [mine / "notes.txt"]
+    out = tmp_path / "out"
+    first = prune_streamed(folder, config, batches, out)
+    again = prune_streamed(folder, config, batches, out, overwrite=True)
+    assert again.plan.kept_counts == first.plan.kept_counts and (out / "config.json").is_file()
+
+
 def test_a_failed_check_of_the_written_files_leaves_nothing(tmp_path, monkeypatch):
     model, folder = _saved(tmp_path, "llama", "causal-lm")
     real = stream._reload_output
