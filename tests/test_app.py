@@ -139,7 +139,6 @@ def test_two_sessions_keep_their_own_numbers(app):
 
 def test_the_cached_model_is_never_changed(app):
     at = app()
-    from kcm_app import resources
     ws = at.session_state["workspace"]
     snapshot = state_snapshot(ws.model)
     for page in PAGES[1:5]:
@@ -149,7 +148,6 @@ def test_the_cached_model_is_never_changed(app):
     assert same_state(ws.model, snapshot)
     assert not ws.model.training
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in ws.model.modules())
-    assert resources is not None
 
 
 def test_compare_button_draws_the_comparison(app):
@@ -214,7 +212,6 @@ def test_hull_page_opens_on_the_background_umap_and_switches_to_pca(app):
     titles = [c.proto.spec for c in at.get("plotly_chart")]
     assert any("down-projection rows, PCA" in t for t in titles)
     assert any("full 32-dimensional weight space" in c.value for c in at.caption)
-    from kcm_app import resources
     ws = at.session_state["workspace"]
     coords = resources.store("results").get(("umap", ws.model_key, 0, 0))
     assert coords.shape == (ws.shape.ffn_width[0], 2)

@@ -348,7 +348,11 @@ def test_evaluate_budget_is_stored_and_reused(ws):
     first = engine.evaluate_budget(ws, config, store)
     assert engine.is_evaluated(ws, config, store)
     assert engine.evaluate_budget(ws, config, store) is first
-    assert first.accuracy["n"] == 12 and 0 <= first.agreement["value"] <= 1
+    dense = engine.reference(ws, store)
+    assert first.accuracy["n"] == first.agreement["n"] == 12
+    # agreement is the share of test examples whose pruned prediction is the unpruned one
+    same = (first.predictions == dense.predictions).float().mean().item()
+    assert first.agreement["value"] == pytest.approx(same)
     assert first.plan.info.scaled_layers == 2
     assert first.relative_flops <= 0.8 + 1e-9
 
@@ -359,7 +363,6 @@ def test_speed_is_measured_apart_and_stored(ws):
     speed = engine.measure_speed(ws, config, store)         # evaluates the budget first when needed
     assert engine.is_evaluated(ws, config, store)
     assert speed.dense_seconds > 0 and speed.pruned_seconds > 0 and "alternately" in speed.timed_on
-    assert speed.measured_speedup == speed.dense_seconds / speed.pruned_seconds
     assert engine.measure_speed(ws, config, store) is speed
 
 
@@ -395,7 +398,7 @@ def test_block_latency_has_every_block(ws):
     from kcm_app.latency import block_latency
     frame = block_latency(ws.model, engine.timing_batch(ws), repeats=2)
     assert set(frame["part"]) == {"layer 0", "layer 1", "embeddings + head"}
-    assert (frame["ms"] >= 0).all()
+    assert (frame["ms"] > 0).all()
 
 
 def test_report_holds_plan_numbers_and_environment(ws):
