@@ -50,13 +50,12 @@ from kcm_core.flops import relative_flops  # noqa: E402
 from kcm_core.report import Environment  # noqa: E402
 from kcm_core.methods import METHODS, method  # noqa: E402
 from kcm_core.pipeline import PruneConfig, compute_scores, prune  # noqa: E402
+from quality_tables import HEADLINE, REFERENCE, p_cell, paired_cell, pct, spread_cell  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 SEEDS = (0, 1, 2)
-HEADLINE = 0.6
 TASKS = ("polarity", "fine-foods", "hedge")
-REFERENCE = "kcm"              # every row is paired against this method at the same budget and seed
 # METHOD.md: BERT-base on SST-2 (GLUE dev), 60% of FLOPs kept, accuracy in percent.
 PAPER_SST2_AT_06 = {"unpruned": 93.57, "kcm": 91.11, "mask-tuning": 92.47, "weight-magnitude": 69.8,
                     "r2": 89.3, "d2": 87.5}
@@ -342,37 +341,6 @@ def method_wall_time(rows: list[dict], name: str) -> float:
             per_seed.setdefault(r["seed"], r["seconds"]["scoring"])
             per_seed[r["seed"]] += r["seconds"]["pruning"]
     return statistics.fmean(per_seed.values()) if per_seed else float("nan")
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
-def points(x: float) -> str:
-    return f"{100 * x:+.1f}"
-
-
-def p_text(p: float) -> str:
-    return f"{p:.2g}" if p >= 1e-4 else f"{p:.0e}"
-
-
-def paired_cell(paired: dict | None) -> str:
-    """``-4.5 [-6.9, -2.1]``: the mean over seeds of the paired difference, in points, with the paired
-    interval of the seed-averaged per-text difference."""
-    if paired is None:
-        return ""
-    lo, hi = paired["ci95_seed_averaged"]
-    return f"{points(paired['difference_mean'])} [{points(lo)}, {points(hi)}]"
-
-
-def spread_cell(paired: dict | None) -> str:
-    if paired is None or len(paired["seeds"]) < 2:
-        return ""
-    return f"{points(paired['difference_min'])} to {points(paired['difference_max'])}"
-
-
-def p_cell(paired: dict | None) -> str:
-    return "" if paired is None else ", ".join(p_text(p) for p in paired["mcnemar_p"])
 
 
 def markdown(data: dict, quick: bool) -> str:

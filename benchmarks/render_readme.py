@@ -20,6 +20,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import goal_verdict, machine_state, perplexity_cell, ratio_interval, ratio_text  # noqa: E402
+from quality_tables import readme_caption, readme_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -228,8 +229,19 @@ def lm_speed(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _quality(name: str, compared_at: tuple[float, ...]) -> Callable[[Path], str]:
+    """The accuracy table of one quality results file (``bench_quality.py``), paired against KCM."""
+    def block(results: Path) -> str:
+        data = _load(results, f"{name}.json")
+        return readme_caption(data, name) + "\n\n" + readme_table(data, compared_at) + "\n"
+    return block
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "engine": engine, "r2_options": r2_options, "speed": speed, "lm": lm, "lm_speed": lm_speed,
+    "quality": _quality("quality", (0.6,)),
+    "quality-fine-foods": _quality("quality-fine-foods", (0.6, 0.5)),
+    "quality-hedge": _quality("quality-hedge", (0.6, 0.5)),
 }
 
 
