@@ -102,7 +102,7 @@ def readme_caption(data: Mapping[str, Any], name: str) -> str:
     s, env, dense = data["settings"], data["environment"], data["unpruned"]["accuracy"]
     seeds = sorted({r["seed"] for r in data["rows"]})
     lo, hi = dense["ci95"]
-    before = env.get("load_average_1_5_15_before")
+    before = env.get("load_average_before") or env.get("load_average_1_5_15_before")
     load = f"; load average {before[0]:.0f} at the start of its last run" if before else ""
     return (f"`benchmarks/results/{name}.md`: {s['task_description']}; {s['test']} test texts, "
             f"{s['samples']} unlabeled train texts ({s['labeled']} labeled), seeds "

@@ -85,11 +85,11 @@ class LocalSources:
 
     def __init__(self, model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch],
                  labeled: Sequence[Batch] | None, progress: Progress | None,
-                 group: Group = SINGLE) -> None:
+                 group: Group = SINGLE, shared: dict[str, Any] | None = None) -> None:
         self.model, self.config = model, config
         self._unlabeled, self._labeled, self._progress = unlabeled, labeled, progress
         self._group = group
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[str, Any] = {} if shared is None else shared
         self.seconds: dict[str, float] = {}
 
     def _once(self, name: str, stage: str, compute):
@@ -115,9 +115,15 @@ class LocalSources:
 
 def compute_scores(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = (),
                    labeled: Sequence[Batch] | None = None,
-                   progress: Progress | None = None, group: Group = SINGLE) -> MethodScores:
+                   progress: Progress | None = None, group: Group = SINGLE,
+                   shared: dict[str, Any] | None = None) -> MethodScores:
     """Score every FFN neuron with ``config.method`` (its row in ``kcm_core.methods``).
-    The model is not modified. ``group``: see ``kcm_core.distributed`` (every rank gets all scores)."""
+    The model is not modified. ``group``: see ``kcm_core.distributed`` (every rank gets all scores).
+
+    ``shared``: score components (``"r2"``, ``"stats"``, ``"grads"``) to reuse across several methods,
+    filled in as they are computed; the caller keeps one only while the model, the data, the hull
+    options and ``label_samples`` stay the same (R2 depends on the weights and hull options alone).
+    Reused components take no time in ``seconds``."""
     spec = method(config.method)
     check_finite(model)
     if spec.compensate:
@@ -127,7 +133,7 @@ def compute_scores(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Ba
     if spec.uses_labels and not labeled:
         raise ValueError(f"method {spec.name!r} needs labeled data; give a label column, or "
                          "choose a label-free method such as 'kcm'")
-    sources = LocalSources(model, config, list(unlabeled), labeled, progress, group)
+    sources = LocalSources(model, config, list(unlabeled), labeled, progress, group, shared)
     start = time.perf_counter()
     result = score_with(spec, sources)
     seconds = {**sources.seconds, "scoring": time.perf_counter() - start}

@@ -166,6 +166,23 @@ def test_scores_are_reused_across_budgets(bert_and_data):
     assert reused.plan == fresh.plan
 
 
+def test_score_components_are_shared_across_methods_without_changing_any_scores(bert_and_data):
+    model, unlabeled, labeled = bert_and_data
+    names = ["kcm", "r2", "d2", "output-magnitude", "mask-tuning", "kcm-labels"]
+    alone = {n: compute_scores(model, PruneConfig(method=n), unlabeled, labeled) for n in names}
+    shared: dict = {}
+    together = {n: compute_scores(model, PruneConfig(method=n), unlabeled, labeled, shared=shared)
+                for n in names}
+    assert set(shared) == {"r2", "stats", "grads"}
+    for n in names:
+        assert all(torch.equal(a, b) for a, b in zip(alone[n].scores, together[n].scores)), n
+        assert together[n].details == alone[n].details, n
+    # the first method paid for R2 and the statistics, the later ones reused them
+    assert {"r2", "d2"} <= set(together["kcm"].seconds) and "r2" not in together["r2"].seconds
+    assert "d2" not in together["d2"].seconds and "gradients" in together["mask-tuning"].seconds
+    assert "gradients" not in together["kcm-labels"].seconds
+
+
 def test_batches_without_an_attention_mask_count_every_token(bert_and_data):
     """No mask means no padding (as the activation statistics treat it), not an empty sample."""
     model, _, _ = bert_and_data
