@@ -84,7 +84,12 @@ def write(kind: str, parts: tuple, payload: Any) -> None:
 
 def cached(kind: str, parts: tuple, compute: Callable[[], T], encode: Callable[[T], Any],
            decode: Callable[[Any], T]) -> T:
-    """The stored result of ``kind`` for ``parts``, else ``compute()`` stored for next time."""
+    """The stored result of ``kind`` for ``parts``, else ``compute()`` stored for next time.
+
+    ``parts[0]`` is the model's ``weights_hash``; without one (a workspace built without hashing its
+    weights) nothing is read or written: two such models would share one key."""
+    if not parts or not parts[0]:
+        return compute()
     payload = read(kind, parts)
     if payload is not None:
         try:

@@ -106,6 +106,16 @@ def test_disk_cache_round_trip_is_versioned_atomic_and_clearable(cache_dir):
     assert disk_cache.clear_all() == 2 and disk_cache.usage() == (0, 0)
 
 
+def test_a_workspace_without_a_weights_hash_never_touches_the_disk(cache_dir):
+    # Two models without a hash would share one key: the second would read the first's results.
+    calls = []
+    for layers in (2, 4):
+        value = disk_cache.cached("r2", ("", "hull"), lambda n=layers: calls.append(n) or [n],
+                                  lambda v: {"v": v}, lambda p: p["v"])
+        assert value == [layers]
+    assert calls == [2, 4] and disk_cache.usage() == (0, 0)
+
+
 def test_weights_hash_follows_the_weights_not_the_object():
     from conftest import build_tiny_model
     a, b = build_tiny_model("bert"), build_tiny_model("bert")
