@@ -45,7 +45,7 @@ class Job:
     def __init__(self, key: Hashable, fn: Callable[[Progress], Any]) -> None:
         self.key = key
         self.fn = fn
-        self.message = "waiting for the previous budget to stop"
+        self.message = "starting"
         self.fraction = 0.0
         self.result: Any = None
         self.error: BaseException | None = None
@@ -128,7 +128,8 @@ class LatestOnly:
             return job
 
     def _work(self, job: Job, previous: threading.Thread | None) -> None:
-        if previous is not None:
+        if previous is not None and previous.is_alive():
+            job.message = "waiting for the previous budget to stop"
             # One computation at a time: the abandoned one stops at its next progress report. A step
             # that reports rarely is waited for at most PREVIOUS_WAIT_S; then this job starts anyway
             # (the shared store keeps results consistent), so a stuck job can never freeze the page.

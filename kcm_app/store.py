@@ -12,7 +12,21 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, TypeVar
 
+from kcm_core.runtime import Progress
+
 T = TypeVar("T")
+# How often a caller waiting for another thread's computation of the same key reports it.
+WAIT_POLL_S = 0.5
+# What a waiting caller says it waits for, by the first element of the key.
+WAITING_FOR = {"dense": "the unpruned model's evaluation", "dense-lm": "the unpruned model's evaluation",
+               "r2": "the kernel hull fits (R2)", "stats": "the activation statistics (D2)",
+               "grads": "the Fisher gradients", "teacher": "the unpruned model's FFN outputs",
+               "scores": "the neuron scores", "budget": "this budget's evaluation"}
+
+
+def describe(key: Hashable) -> str:
+    head = key[0] if isinstance(key, tuple) and key else key
+    return WAITING_FOR.get(head, "a result") if isinstance(head, str) else "a result"
 
 
 class SharedStore:
@@ -48,19 +62,32 @@ class SharedStore:
             while len(self._items) > self.max_entries:
                 self._items.popitem(last=False)
 
-    def get_or_compute(self, key: Hashable, compute: Callable[[], T]) -> T:
-        """The stored value for ``key``, computing it once (other callers for the key wait)."""
+    def get_or_compute(self, key: Hashable, compute: Callable[[], T],
+                       progress: Progress | None = None) -> T:
+        """The stored value for ``key``, computing it once (other callers for the key wait).
+
+        While another thread computes it (a background step, another session), ``progress`` hears
+        every ``WAIT_POLL_S`` seconds that this caller is waiting for it; a progress callback that
+        raises (an abandoned job, ``kcm_app.live``) ends the wait with that exception, so a caller
+        blocked behind someone else's work can still be stopped."""
         missing = object()
         value = self.get(key, missing)
         if value is not missing:
             return value
         with self._lock:
             key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
+        waited = 0.0
+        while not key_lock.acquire(timeout=WAIT_POLL_S):
+            waited += WAIT_POLL_S
+            if progress is not None:
+                progress(f"waiting for {describe(key)}, computed for another view ({waited:.0f} s)", 0.0)
+        try:
             value = self.get(key, missing)
             if value is missing:          # nobody computed it while we waited
                 value = compute()         # an exception leaves nothing stored
                 self.put(key, value)
+        finally:
+            key_lock.release()
         with self._lock:
             self._key_locks.pop(key, None)
         return value

@@ -7,6 +7,7 @@ temporary folder (``KCM_CACHE_DIR``), never the user's.
 """
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +65,36 @@ def test_the_same_request_twice_is_one_job_and_a_newer_one_abandons_it():
     second = runner.submit("b", make("b"))
     assert second.wait(10) and first.done
     assert isinstance(first.error, live.Abandoned) and done == ["b"] and runner.finished == ["b"]
+
+
+def test_a_job_waiting_behind_another_threads_computation_says_so_and_can_be_abandoned(monkeypatch):
+    from kcm_app import store as store_module
+    monkeypatch.setattr(store_module, "WAIT_POLL_S", 0.02)
+    shared, release = store_module.SharedStore(), threading.Event()
+    holder = threading.Thread(target=shared.get_or_compute,
+                              args=(("dense", "m", "d"), lambda: release.wait(10) and "unpruned"))
+    holder.start()                         # e.g. the background work evaluating the unpruned model
+    time.sleep(0.1)
+    runner = live.LatestOnly()
+    first = runner.submit("a", lambda p: shared.get_or_compute(("dense", "m", "d"), lambda: "mine", p))
+    deadline = time.time() + 10
+    while "waiting for the unpruned model's evaluation" not in first.message and time.time() < deadline:
+        time.sleep(0.02)
+    assert "waiting for the unpruned model's evaluation" in first.message
+    second = runner.submit("b", lambda p: "b done")      # the user moved on: the blocked job stops
+    assert second.wait(10) and second.outcome() == "b done"
+    assert isinstance(first.error, live.Abandoned)
+    release.set()
+    holder.join(10)
+    assert shared.get(("dense", "m", "d")) == "unpruned"   # the holder's result was stored, once
+
+
+def test_a_job_with_nothing_before_it_does_not_claim_to_wait():
+    runner, started = live.LatestOnly(), threading.Event()
+    job = runner.submit("a", lambda p: started.wait(10))
+    assert job.message == "starting" or job.done
+    started.set()
+    assert job.wait(10)
 
 
 def test_a_failing_job_hands_its_error_to_the_page():

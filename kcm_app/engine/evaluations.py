@@ -53,7 +53,7 @@ def reference_lm(ws: Workspace, store: SharedStore, progress: Progress | None = 
         raise ValueError("perplexity needs a causal language model and its held-out blocks")
     return store.get_or_compute(("dense-lm", ws.model_key, ws.data_key),
                                 lambda: evaluate_lm(ws.model, ws.eval_batches, seed=ws.info.seed,
-                                                    progress=progress))
+                                                    progress=progress), progress)
 
 
 def reference_run(ws: Workspace, store: SharedStore,
@@ -68,7 +68,7 @@ def reference_run(ws: Workspace, store: SharedStore,
         start = time.perf_counter()
         result = evaluate_classifier(ws.model, ws.eval_batches, progress=progress)
         return result, time.perf_counter() - start
-    return store.get_or_compute(("dense", ws.model_key, ws.data_key), compute)
+    return store.get_or_compute(("dense", ws.model_key, ws.data_key), compute, progress)
 
 
 def reference(ws: Workspace, store: SharedStore, progress: Progress | None = None) -> ClassifierEval:
@@ -76,13 +76,14 @@ def reference(ws: Workspace, store: SharedStore, progress: Progress | None = Non
     return reference_run(ws, store, progress)[0]
 
 
-def teacher(ws: Workspace, scale_samples: int, store: SharedStore) -> tuple[list[Batch], list[torch.Tensor]]:
+def teacher(ws: Workspace, scale_samples: int, store: SharedStore,
+            progress: Progress | None = None) -> tuple[list[Batch], list[torch.Tensor]]:
     """The scaling sample and the unpruned model's FFN outputs on it (computed once)."""
     batches = take_sequences(ws.unlabeled, scale_samples)
 
     def compute():
         return batches, teacher_targets(private_copy(ws.model), batches)
-    return store.get_or_compute(("teacher", ws.model_key, ws.data_key, scale_samples), compute)
+    return store.get_or_compute(("teacher", ws.model_key, ws.data_key, scale_samples), compute, progress)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def scaled_plan(ws: Workspace, scores: MethodScores, config: PruneConfig, store:
     """Select, then fit scales when the method scales (teacher targets reused)."""
     plan = make_plan(ws.model, scores, config, ws.seq_len)
     if method(config.method).scaled:
-        batches, targets = teacher(ws, config.scale_samples, store)
+        batches, targets = teacher(ws, config.scale_samples, store, progress)
         plan = fit_scales(ws.model, plan, batches, config.scale, progress, targets=targets)
     return replace(plan, info=plan.info.updated(seq_len=ws.seq_len))
 
@@ -165,7 +166,7 @@ def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
             perplexity=lm_result.perplexity.to_dict() if lm_result else None,
             kl=lm_result.kl.to_dict() if lm_result and lm_result.kl else None,
             lm=lm_result, paired=paired, predictions=result.predictions if result else None)
-    return store.get_or_compute(budget_key(ws, config), compute)
+    return store.get_or_compute(budget_key(ws, config), compute, progress)
 
 
 def is_evaluated(ws: Workspace, config: PruneConfig, store: SharedStore) -> bool:

@@ -49,7 +49,7 @@ def r2_fits(ws: Workspace, config: PruneConfig, store: SharedStore,
     def compute():
         return disk_cache.cached("r2", (ws.weights_hash, repr(config.hull)),
                                  lambda: S.r2(ws.model, config.hull, progress), _encode_fits, _decode_fits)
-    return store.get_or_compute(component_key(ws, config, "r2"), compute)
+    return store.get_or_compute(component_key(ws, config, "r2"), compute, progress)
 
 
 def neuron_stats(ws: Workspace, store: SharedStore, progress: Progress | None = None) -> NeuronStats:
@@ -60,7 +60,7 @@ def neuron_stats(ws: Workspace, store: SharedStore, progress: Progress | None = 
             "stats", (ws.weights_hash, ws.data_key),
             lambda: collect_stats(private_copy(ws.model), ws.unlabeled, progress, len(ws.unlabeled)),
             _encode_stats, _decode_stats)
-    return store.get_or_compute(("stats", ws.model_key, ws.data_key), compute)
+    return store.get_or_compute(("stats", ws.model_key, ws.data_key), compute, progress)
 
 
 def gradient_scores(ws: Workspace, config: PruneConfig, store: SharedStore,
@@ -76,7 +76,7 @@ def gradient_scores(ws: Workspace, config: PruneConfig, store: SharedStore,
             lambda: S.mask_gradients(private_copy(ws.model), batches, squared=True, progress=progress,
                                      total=len(batches)),
             lambda grads: {"grads": list(grads)}, lambda payload: list(payload["grads"]))
-    return store.get_or_compute(component_key(ws, config, "grads"), compute)
+    return store.get_or_compute(component_key(ws, config, "grads"), compute, progress)
 
 
 def _encode_fits(value: tuple[list[torch.Tensor], list[HullFit]]) -> dict:
@@ -121,4 +121,4 @@ def method_scores(ws: Workspace, config: PruneConfig, store: SharedStore,
     ``tests/test_app_logic.py``)."""
     spec: Method = method(config.method)
     return store.get_or_compute(("scores",) + score_key(ws, config),
-                                lambda: score_with(spec, SharedSources(ws, config, store, progress)))
+                                lambda: score_with(spec, SharedSources(ws, config, store, progress)), progress)
