@@ -29,7 +29,8 @@ signed rule, the ranking rules, a fixed cap of 10 iterations) is compared with i
 
     python benchmarks/bench_r2_scale.py [--parts agreement,downstream,timing,memory] [--eval-blocks 8]
     python benchmarks/bench_r2_scale.py --parts downstream --demos lm --lm-budget 0.8,0.9 \
-        --options 'closed_form,spearman 1e-4' --eval-blocks 16
+        --options 'closed_form,spearman 1e-4' --eval-blocks 8
+    python benchmarks/bench_r2_scale.py --render-only      # r2_scale.md again from r2_scale.json
 
 Parts can be run separately; each run updates its parts in benchmarks/results/r2_scale.json and
 rewrites r2_scale.md from the whole file. The load average before and after each part is recorded:
@@ -556,7 +557,11 @@ def main() -> int:
     parser.add_argument("--lm-budget", default="0.9", help="LM relative FLOPs, one or several (0.8,0.9)")
     parser.add_argument("--memory-n", type=int, default=11008)
     parser.add_argument("--memory-d", type=int, default=4096)
+    parser.add_argument("--render-only", action="store_true", help="rewrite r2_scale.md from r2_scale.json, measuring nothing")
     args = parser.parse_args()
+    if args.render_only:
+        (RESULTS / "r2_scale.md").write_text(markdown(json.loads((RESULTS / "r2_scale.json").read_text())))
+        return 0
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     options = [o.strip() for o in args.options.split(",") if o.strip()]
     demos = [d.strip() for d in args.demos.split(",") if d.strip()]
