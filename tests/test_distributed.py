@@ -161,6 +161,25 @@ def test_a_launcher_environment_that_makes_no_sense_is_a_clear_error(monkeypatch
         from_env()
 
 
+@pytest.mark.parametrize("name", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"])
+def test_ranks_started_by_an_mpi_launcher_are_refused_not_run_alone(monkeypatch, capsys, tmp_path, name):
+    for var in ("WORLD_SIZE", "RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(name, "1")                   # one MPI process: alone, as intended
+    assert from_env() is SINGLE and not launched()
+    monkeypatch.setenv(name, "2")
+    message = f"{name} is 2: an MPI launcher started this process as one of several"
+    with pytest.raises(ValueError, match=message):
+        from_env()
+    # the command stops with one line before it reads or writes anything
+    assert cli.main(["prune", "--model", str(tmp_path), "--data", str(tmp_path / "none.txt"), "--flops", "0.8",
+                     "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")           # torch's own variable, when set, decides
+    assert from_env() is SINGLE
+
+
 def test_only_prune_runs_under_a_launcher(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     (tmp_path / "config.json").write_text("{}")
