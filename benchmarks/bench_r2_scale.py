@@ -10,18 +10,27 @@ signed rule, the ranking rules, a fixed cap of 10 iterations) is compared with i
 - ``downstream``: KCM (R2 x D2, scaled) with each option's R2 and the same D2 statistics: accuracy on
   the classifier demo's 800 test sentences, paired against the exact R2 (difference with a paired
   bootstrap interval, McNemar's exact test), and perplexity on held-out blocks of the LM demo, paired
-  against the exact R2 over the same blocks (ratio with a block-bootstrap interval); plus the share
-  of the kept neurons both choose.
+  against the exact R2 over the same blocks (ratio with a block-bootstrap interval and its p,
+  ``kcm_core.lm.paired_perplexity``, as in ``bench_lm.py``); plus the share of the kept neurons both
+  choose. The LM takes several budgets at once (``--lm-budget 0.8,0.9``; the fits are shared). Run
+  without the ``agreement`` part, it fits only the options it evaluates and leaves the stored
+  agreement table as it was.
 - ``timing``: random weights in a BERT-base shape (12 x 3072, hidden 768) and a Qwen2-0.5B shape
   (24 x 4864, hidden 896). The closed form runs on every layer. Random rows are nearly equidistant,
   so the exact rule would stop early on them: the iteration is timed on one layer with a fixed number
   of iterations, and whole-model figures for the iterating rules are **extrapolated** from it with the
   iteration counts measured on the demos' real weights (the larger of the two demos' means per
   layer; labelled as such).
-- ``memory``: peak resident memory of one fit at N = 11008, d = 4096 (LLaMA-7B's MLP), iterating and
-  in closed form, in a fresh process each, against ``kcm_core.hull.hull_memory_bytes``.
+- ``memory``: peak resident memory of one fit at N = 11008, d = 4096 (LLaMA-7B's MLP shape, random
+  weights), iterating and in closed form, in a fresh process each, against
+  ``kcm_core.hull.hull_memory_bytes``. The iterating fit is timed with 1 and then 2 iterations (one
+  iteration's time is the difference), and a whole exact fit is **extrapolated** from them with the
+  demos' iteration counts (labelled as such).
 
     python benchmarks/bench_r2_scale.py [--parts agreement,downstream,timing,memory] [--eval-blocks 8]
+    python benchmarks/bench_r2_scale.py --parts downstream --demos lm --lm-budget 0.8,0.9 \
+        --options 'closed_form,spearman 1e-4' --eval-blocks 8
+    python benchmarks/bench_r2_scale.py --render-only      # r2_scale.md again from r2_scale.json
 
 Parts can be run separately; each run updates its parts in benchmarks/results/r2_scale.json and
 rewrites r2_scale.md from the whole file. The load average before and after each part is recorded:
@@ -37,19 +46,21 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from kcm_core.activations import collect_stats  # noqa: E402
 from kcm_core.arch import ffn_blocks  # noqa: E402
 from kcm_core.hull import HullConfig, hull_memory_bytes, kernel_hull, spearman, top_overlap  # noqa: E402
 from kcm_core.kernel import gaussian_kernel, median_distance  # noqa: E402
 from kcm_core.methods import method, score_with  # noqa: E402
 from kcm_core.report import Environment  # noqa: E402
+from common import run_environment  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 EXACT = "absolute"
@@ -156,63 +167,102 @@ def agreement_rows(fitted: dict[str, dict]) -> list[dict]:
 
 def part_agreement_and_downstream(parts: set[str], demos: list[str], options: list[str],
                                   downstream_options: list[str], eval_blocks: int, budget_cls: float,
-                                  budget_lm: float) -> dict:
-    from kcm_core.evaluate import evaluate_classifier, labels_of, paired_difference
-    from kcm_core.lm import evaluate_lm, paired_perplexity
-    from kcm_core.pipeline import PruneConfig, prune
+                                  budgets_lm: list[float]) -> dict:
+    from kcm_core.evaluate import evaluate_classifier
+    from kcm_core.lm import evaluate_lm
     chosen = {name: OPTIONS[name] for name in [EXACT] + [o for o in options if o != EXACT]}
+    if "agreement" not in parts:           # downstream alone: fit only what is evaluated
+        chosen = {name: c for name, c in chosen.items() if name == EXACT or name in downstream_options}
     out = {}
     for demo_name in demos:
         before = environment()
+        load_before = os.getloadavg()
         log(f"{demo_name}: loading")
         if demo_name == "classifier":
             model, unlabeled, test = load_classifier()
         else:
             model, unlabeled, test = load_lm(eval_blocks)
         fitted = fit_all(model, chosen)
-        result = {"agreement": agreement_rows(fitted)}
+        result = {}
+        if "agreement" in parts:
+            result["agreement"] = agreement_rows(fitted)
+            result["environment_before"], result["environment_after"] = before, environment()
         if "downstream" in parts:
-            stats = collect_stats(model, unlabeled)
-            budget = budget_cls if demo_name == "classifier" else budget_lm
-            scale_samples = 512 if demo_name == "classifier" else 8
-            rows, plans, evals = [], {}, {}
-            dense = evaluate_classifier(model, test) if demo_name == "classifier" else None
-            for name, got in fitted.items():
-                if name != EXACT and name not in downstream_options:
-                    continue
-                config = PruneConfig(method="kcm", budget=budget, hull=chosen[name],
-                                     scale_samples=scale_samples)
-                scores = score_with(method("kcm"), FixedSources(model, config, got["fits"], stats))
-                pruned = prune(model, config, unlabeled, method_scores=scores)
-                plans[name] = [set(layer.keep_idx) for layer in pruned.plan.layers]
+            budgets = [budget_cls] if demo_name == "classifier" else budgets_lm
+            shared = Shared(collect_stats(model, unlabeled),
+                            evaluate_classifier(model, test) if demo_name == "classifier"
+                            else evaluate_lm(model, test))
+            fits = {name: {"iterations": [f.iterations for f in got["fits"]],
+                           "seconds_total": sum(got["seconds"])} for name, got in fitted.items()}
+            runs = []
+            for budget in budgets:
+                runs.append(downstream_at(demo_name, model, unlabeled, test, fitted, chosen,
+                                          downstream_options, budget, eval_blocks, shared))
                 if demo_name == "classifier":
-                    ev = evaluate_classifier(pruned.model, test, reference=dense.predictions)
-                    evals[name] = (ev.predictions == labels_of(test)).numpy()
-                    row = {"option": name, "accuracy": ev.accuracy.to_dict(),
-                           "agreement": ev.agreement.to_dict()}
-                else:
-                    ev = evaluate_lm(pruned.model, test)
-                    evals[name] = ev.stats
-                    row = {"option": name, "perplexity": ev.perplexity.to_dict()}
-                log(f"  {name} @ {budget}: {row}")
-                rows.append(row)
-            for row in rows:
-                same = sum(len(a & b) for a, b in zip(plans[row["option"]], plans[EXACT]))
-                row["kept_overlap_with_exact"] = same / sum(len(b) for b in plans[EXACT])
-                if demo_name == "classifier":
-                    row["vs_exact"] = paired_difference(evals[row["option"]], evals[EXACT]).to_dict()
-                else:
-                    row["vs_exact"] = paired_perplexity(evals[row["option"]], evals[EXACT]).to_dict()
-            result["downstream"] = {"budget": budget, "rows": rows,
-                                    "evaluated_on": (f"{len(labels_of(test))} test sentences"
-                                                     if demo_name == "classifier"
-                                                     else f"{eval_blocks} held-out blocks of 256 tokens")}
-            if dense is not None:
-                result["downstream"]["unpruned_accuracy"] = dense.accuracy.to_dict()
-        result["environment_before"], result["environment_after"] = before, environment()
+                    result["downstream"] = runs[0]
+                else:   # several budgets, with the fits they share and the machine's load over the part
+                    result["downstream_runs"] = {"runs": runs, "fits": fits,
+                                                 "environment": run_environment(load_before)}
+                    save({"demos": {demo_name: result}})     # each budget as soon as it is done
         out[demo_name] = result
         save({"demos": {demo_name: result}})                 # each demo as soon as it is done
     return out
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What every option and budget of one demo shares: the activation statistics behind D2 and the
+    unpruned model's evaluation."""
+    stats: object
+    dense: object
+
+
+def downstream_at(demo_name: str, model, unlabeled, test, fitted: dict, chosen: dict,
+                  downstream_options: list[str], budget: float, eval_blocks: int, shared: Shared) -> dict:
+    """KCM at one budget with each option's R2 (same D2 statistics), each paired against the exact R2."""
+    from kcm_core.evaluate import evaluate_classifier, labels_of, paired_difference
+    from kcm_core.lm import evaluate_lm, paired_perplexity
+    from kcm_core.pipeline import PruneConfig, prune
+    stats, dense = shared.stats, shared.dense
+    scale_samples = 512 if demo_name == "classifier" else 8
+    rows, plans, evals = [], {}, {}
+    for name, got in fitted.items():
+        if name != EXACT and name not in downstream_options:
+            continue
+        config = PruneConfig(method="kcm", budget=budget, hull=chosen[name], scale_samples=scale_samples)
+        scores = score_with(method("kcm"), FixedSources(model, config, got["fits"], stats))
+        start = time.perf_counter()
+        pruned = prune(model, config, unlabeled, method_scores=scores)
+        plans[name] = [set(layer.keep_idx) for layer in pruned.plan.layers]
+        if demo_name == "classifier":
+            ev = evaluate_classifier(pruned.model, test, reference=dense.predictions)
+            evals[name] = (ev.predictions == labels_of(test)).numpy()
+            row = {"option": name, "accuracy": ev.accuracy.to_dict(), "agreement": ev.agreement.to_dict()}
+        else:
+            ev = evaluate_lm(pruned.model, test)
+            evals[name] = ev.stats
+            row = {"option": name, "perplexity": ev.perplexity.to_dict(),
+                   "block_nll": ev.stats.nll.tolist(), "block_tokens": ev.stats.tokens.tolist(),
+                   "kept": pruned.plan.total_kept}
+        row["seconds_prune_and_evaluate"] = time.perf_counter() - start
+        log(f"  {name} @ {budget}: {({k: v for k, v in row.items() if not k.startswith('block_')})}")
+        rows.append(row)
+    for row in rows:
+        same = sum(len(a & b) for a, b in zip(plans[row["option"]], plans[EXACT]))
+        row["kept_overlap_with_exact"] = same / sum(len(b) for b in plans[EXACT])
+        if demo_name == "classifier":
+            row["vs_exact"] = paired_difference(evals[row["option"]], evals[EXACT]).to_dict()
+        else:
+            row["vs_exact"] = paired_perplexity(evals[row["option"]], evals[EXACT]).to_dict()
+            row["vs_unpruned"] = paired_perplexity(evals[row["option"]], dense.stats).to_dict()
+    run = {"budget": budget, "rows": rows,
+           "evaluated_on": (f"{len(labels_of(test))} test sentences" if demo_name == "classifier"
+                            else f"{eval_blocks} held-out blocks of 256 tokens")}
+    if demo_name == "classifier":
+        run["unpruned_accuracy"] = dense.accuracy.to_dict()
+    else:
+        run["unpruned_perplexity"] = dense.perplexity.to_dict()
+    return run
 
 
 # --------------------------------------------------------------------------- timing and memory
@@ -257,45 +307,71 @@ def iteration_counts(data: dict) -> dict[str, float]:
     """Per iterating option, the larger of the two demos' mean iterations per layer."""
     counts: dict[str, float] = {}
     for part in data.get("demos", {}).values():
-        for row in part["agreement"]:
+        for row in part.get("agreement", []):
             if row["option"] != "closed_form":
                 mean = statistics.mean(row["iterations"])
                 counts[row["option"]] = max(counts.get(row["option"], 0.0), mean)
     return counts
 
 
+# One fit in a fresh process; each multiplicative update (``hull._step``, looked up at call time) is
+# timed on its own, wall and process CPU, so one iteration's time is measured, not a difference of
+# two runs (which a shared machine's changing load made meaningless: one such run gave 10 s).
 MEMORY_CHILD = """
-import resource, sys, time, torch
+import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
-from kcm_core.hull import HullConfig, kernel_hull
+import kcm_core.hull as hull
 torch.set_num_threads({threads})
 def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096
+steps, step = [], hull._step
+def timed_step(*args):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = step(*args)
+    steps.append([time.perf_counter() - wall, time.process_time() - cpu])
+    return out
+hull._step = timed_step
 gen = torch.Generator().manual_seed(0)
 points = torch.randn({n}, {d}, generator=gen) * 0.02
 base = rss()
-start = time.perf_counter()
-fit = kernel_hull(points, HullConfig(stop_rule={rule!r}, max_iter=1), device='cpu')
-seconds = time.perf_counter() - start
+wall, cpu = time.perf_counter(), time.process_time()
+fit = hull.kernel_hull(points, hull.HullConfig(stop_rule={rule!r}, max_iter={iterations}, alpha=1e-9), device='cpu')
+wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+assert fit.iterations == (1 if {rule!r} == 'closed_form' else {iterations})
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(base, peak, seconds, fit.iterations)
+print(json.dumps(dict(base=base, peak=peak, wall=wall, cpu=cpu, steps=steps)))
 """
 
 
+MEMORY_ITERATIONS = 2
+
+
 def part_memory(n: int, d: int) -> dict:
+    """Peak RSS of one fit in a fresh process per rule: the iterating rule for ``MEMORY_ITERATIONS``
+    iterations, each timed (wall and CPU); the closed form once. The kernel setup is the rest of the
+    fit's time."""
+    load_before = os.getloadavg()
     out = {"n": n, "d": d, "environment_before": environment(), "runs": {}}
-    for rule in ("absolute", "closed_form"):
-        log(f"memory: N = {n}, d = {d}, {rule} (one fit, one iteration, fresh process)")
-        code = MEMORY_CHILD.format(root=str(ROOT), threads=torch.get_num_threads(), n=n, d=d, rule=rule)
+    for rule, iterations in ((EXACT, MEMORY_ITERATIONS), ("closed_form", 1)):
+        log(f"memory: N = {n}, d = {d}, {rule} ({iterations} iteration(s), fresh process)")
+        code = MEMORY_CHILD.format(root=str(ROOT), threads=torch.get_num_threads(), n=n, d=d, rule=rule,
+                                   iterations=iterations)
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        base, peak, seconds, iterations = proc.stdout.split()
+        got = json.loads(proc.stdout)
         bound = hull_memory_bytes(n, d, closed_form=rule == "closed_form")
-        out["runs"][rule] = {"rss_before_bytes": int(base), "peak_rss_bytes": int(peak),
-                             "peak_above_before_bytes": int(peak) - int(base), "bound_bytes": bound,
-                             "seconds": float(seconds), "iterations": int(iterations)}
-        log(f"  peak {int(peak) / 1e9:.2f} GB, {(int(peak) - int(base)) / 1e9:.2f} GB above the "
-            f"points; bound {bound / 1e9:.2f} GB; {float(seconds):.0f} s")
+        run = {"rss_before_bytes": got["base"], "peak_rss_bytes": got["peak"],
+               "peak_above_before_bytes": got["peak"] - got["base"], "bound_bytes": bound,
+               "seconds": got["wall"], "cpu_seconds": got["cpu"], "iterations": iterations}
+        if got["steps"]:
+            walls, cpus = [s[0] for s in got["steps"]], [s[1] for s in got["steps"]]
+            run.update(iteration_seconds=walls, iteration_cpu_seconds=cpus,
+                       setup_seconds=got["wall"] - sum(walls), setup_cpu_seconds=got["cpu"] - sum(cpus))
+        out["runs"][rule] = run
+        log(f"  peak {got['peak'] / 1e9:.2f} GB, {(got['peak'] - got['base']) / 1e9:.2f} GB above the "
+            f"points; bound {bound / 1e9:.2f} GB; {got['wall']:.0f} s wall, {got['cpu']:.0f} s CPU, "
+            f"steps {got['steps']}")
     out["environment_after"] = environment()
+    out["environment"] = run_environment(load_before)
     return out
 
 
@@ -316,18 +392,10 @@ def markdown(data: dict) -> str:
             continue
         title = ("Classifier demo (MiniLM-L6, 6 x 1536)" if demo_name == "classifier"
                  else "LM demo (SmolLM2-135M, 30 x 1536)")
-        lines += [f"## {title}", "",
-                  f"Load average before {part['environment_before']['load_average']}, after "
-                  f"{part['environment_after']['load_average']}.", "",
-                  "| option | iterations per layer | Spearman vs exact (min / median) | "
-                  "top-40% overlap (min / median) | R2 time (s) | time / exact |",
-                  "|---|---|---|---|---|---|"]
-        for r in part["agreement"]:
-            its = r["iterations"]
-            lines.append(f"| {r['option']} | {min(its)} to {max(its)} | {min(r['spearman']):.4f} / "
-                         f"{statistics.median(r['spearman']):.4f} | {min(r['top40_overlap']):.3f} / "
-                         f"{statistics.median(r['top40_overlap']):.3f} | {r['seconds_total']:.1f} | "
-                         f"{r['time_vs_exact']:.3f} |")
+        lines += [f"## {title}", ""]
+        if "agreement" in part:
+            lines += [f"Load average before {part['environment_before']['load_average']}, after "
+                      f"{part['environment_after']['load_average']}.", ""] + agreement_table(part)
         down = part.get("downstream")
         if down:
             lines += ["", f"KCM at {down['budget']} relative FLOPs, evaluated on {down['evaluated_on']}, "
@@ -350,6 +418,8 @@ def markdown(data: dict) -> str:
                     lines.append(f"| {r['option']} | {r['perplexity']['value']:.2f} | {v['ratio']:.4f} "
                                  f"[{v['ci95'][0]:.4f}, {v['ci95'][1]:.4f}] | "
                                  f"{r['kept_overlap_with_exact']:.3f} |")
+        if "downstream_runs" in part:
+            lines += [""] + lm_downstream_lines(part["downstream_runs"])
         lines.append("")
     timing = data.get("timing")
     counts = iteration_counts(data)
@@ -377,14 +447,84 @@ def markdown(data: dict) -> str:
         lines.append("")
     memory = data.get("memory")
     if memory:
-        lines += [f"## Memory of one fit at N = {memory['n']}, d = {memory['d']} (fresh process each)", "",
-                  "| rule | peak RSS (GB) | above the points (GB) | stated bound (GB) | seconds |",
-                  "|---|---|---|---|---|"]
-        for rule, r in memory["runs"].items():
-            lines.append(f"| {rule} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['peak_above_before_bytes'] / 1e9:.2f} "
-                         f"| {r['bound_bytes'] / 1e9:.2f} | {r['seconds']:.0f} |")
-        lines.append("")
+        lines += [f"## Memory of one fit at N = {memory['n']}, d = {memory['d']} (fresh process each)", ""]
+        lines += memory_lines(memory, exact_iterations(data)) + [""]
     return "\n".join(lines)
+
+
+def exact_iterations(data: dict) -> int | None:
+    """The most iterations the exact rule took on any layer of either demo (from the stored
+    agreement rows), or None when none are stored."""
+    counts = [max(row["iterations"]) for part in data.get("demos", {}).values()
+              for row in part.get("agreement", []) if row["option"] == EXACT]
+    return max(counts) if counts else None
+
+
+def memory_lines(memory: dict, iterations: int | None) -> list[str]:
+    """The memory part as a table: peak RSS against the stated bound, the measured times, and the
+    exact fit's time extrapolated (labelled) from one iteration's measured time."""
+    from common import machine_line
+    lines = ["| rule | peak RSS (GB) | above the points (GB) | stated bound (GB) | measured, wall (CPU) | "
+             "whole fit, wall (CPU) |", "|---|---|---|---|---|---|"]
+    for rule, r in memory["runs"].items():
+        head = (f"| {rule} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['peak_above_before_bytes'] / 1e9:.2f} | "
+                f"{r['bound_bytes'] / 1e9:.2f} | ")
+        if "iteration_seconds" in r:
+            its, cpus = r["iteration_seconds"], r["iteration_cpu_seconds"]
+            one, one_cpu = statistics.median(its), statistics.median(cpus)
+            whole = (f"**extrapolated**: {r['setup_seconds'] + iterations * one:,.0f} s "
+                     f"({r['setup_cpu_seconds'] + iterations * one_cpu:,.0f} s) at {iterations} iterations "
+                     "(the most any demo layer took)" if iterations else "")
+            lines.append(head + f"{len(its)} iterations in {r['seconds']:.0f} s ({r['cpu_seconds']:.0f} s): "
+                         f"kernel setup {r['setup_seconds']:.0f} s ({r['setup_cpu_seconds']:.0f} s), each "
+                         "iteration " + ", ".join(f"{w:.0f} s ({c:.0f} s)" for w, c in zip(its, cpus))
+                         + f" | {whole} |")
+        else:
+            lines.append(head + f"{r['seconds']:.0f} s ({r['cpu_seconds']:.0f} s) | the same (one step) |")
+    if "environment" in memory:
+        lines += ["", machine_line(memory["environment"])]
+    return lines
+
+
+def agreement_table(part: dict) -> list[str]:
+    lines = ["| option | iterations per layer | Spearman vs exact (min / median) | "
+             "top-40% overlap (min / median) | R2 time (s) | time / exact |",
+             "|---|---|---|---|---|---|"]
+    for r in part["agreement"]:
+        its = r["iterations"]
+        lines.append(f"| {r['option']} | {min(its)} to {max(its)} | {min(r['spearman']):.4f} / "
+                     f"{statistics.median(r['spearman']):.4f} | {min(r['top40_overlap']):.3f} / "
+                     f"{statistics.median(r['top40_overlap']):.3f} | {r['seconds_total']:.1f} | "
+                     f"{r['time_vs_exact']:.3f} |")
+    return lines
+
+
+def lm_downstream_lines(down: dict) -> list[str]:
+    """KCM on the LM demo with each option's R2, per budget, paired against the exact R2."""
+    from kcm_core.lm import bootstrap_p_text
+    from common import machine_line
+    runs = down["runs"]
+    budgets = [run["budget"] for run in runs]
+    lines = [f"Perplexity of KCM with each option's R2 at relative FLOPs {', '.join(map(str, budgets))}, "
+             f"on {runs[0]['evaluated_on']} (unpruned {runs[0]['unpruned_perplexity']['value']:.2f}); "
+             "each option's ratio to the exact R2's perplexity on the same blocks [paired 95% bootstrap "
+             "interval over blocks], bootstrap p of ratio 1, and the share of kept neurons both choose:",
+             "", "| option | R2 iterations per layer | R2 time, all layers (s) | "
+             + " | ".join(f"perplexity at {b} | ratio to exact at {b} [95% CI], p | kept shared at {b}"
+                          for b in budgets) + " |",
+             "|---|---|---|" + "---|---|---|" * len(budgets)]
+    for name, fit in down["fits"].items():
+        its = fit["iterations"]
+        cells = []
+        for run in runs:
+            row = next(r for r in run["rows"] if r["option"] == name)
+            v = row["vs_exact"]
+            ratio = ("(the exact R2)" if name == EXACT else
+                     f"{v['ratio']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}], p {bootstrap_p_text(v['p_value'])}")
+            cells += [f"{row['perplexity']['value']:.1f}", ratio, f"{row['kept_overlap_with_exact']:.3f}"]
+        lines.append(f"| {name} | {min(its)} to {max(its)} | {fit['seconds_total']:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", machine_line(down["environment"]), f"Command: `{down['environment']['command']}`."]
+    return lines
 
 
 def save(results: dict) -> None:
@@ -393,8 +533,9 @@ def save(results: dict) -> None:
     path = RESULTS / "r2_scale.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     for key, value in results.items():
-        if key == "demos":
-            data.setdefault("demos", {}).update(value)
+        if key == "demos":       # per demo, only the entries this run measured are replaced
+            for demo_name, entries in value.items():
+                data.setdefault("demos", {}).setdefault(demo_name, {}).update(entries)
         else:
             data[key] = value
     command = shlex.join(["python"] + sys.argv)
@@ -413,10 +554,14 @@ def main() -> int:
                         help="options pruned and evaluated (default: all of --options)")
     parser.add_argument("--eval-blocks", type=int, default=8)
     parser.add_argument("--budget", type=float, default=0.6, help="classifier relative FLOPs")
-    parser.add_argument("--lm-budget", type=float, default=0.9, help="LM relative FLOPs")
+    parser.add_argument("--lm-budget", default="0.9", help="LM relative FLOPs, one or several (0.8,0.9)")
     parser.add_argument("--memory-n", type=int, default=11008)
     parser.add_argument("--memory-d", type=int, default=4096)
+    parser.add_argument("--render-only", action="store_true", help="rewrite r2_scale.md from r2_scale.json, measuring nothing")
     args = parser.parse_args()
+    if args.render_only:
+        (RESULTS / "r2_scale.md").write_text(markdown(json.loads((RESULTS / "r2_scale.json").read_text())))
+        return 0
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     options = [o.strip() for o in args.options.split(",") if o.strip()]
     demos = [d.strip() for d in args.demos.split(",") if d.strip()]
@@ -429,7 +574,7 @@ def main() -> int:
         sys.exit(f"unknown option or part: {', '.join(unknown)}")
     if parts & {"agreement", "downstream"}:
         part_agreement_and_downstream(parts, demos, options, downstream, args.eval_blocks, args.budget,
-                                      args.lm_budget)
+                                      [float(b) for b in args.lm_budget.split(",") if b.strip()])
     if "timing" in parts:
         save({"timing": part_timing()})
     if "memory" in parts:

@@ -237,8 +237,23 @@ def _quality(name: str, compared_at: tuple[float, ...]) -> Callable[[Path], str]
     return block
 
 
+def r2_lm(results: Path) -> str:
+    """The LM demo's perplexity with each R2 option (``bench_r2_scale.py --parts downstream``)."""
+    import bench_r2_scale
+    down = _load(results, "r2_scale.json")["demos"]["lm"]["downstream_runs"]
+    return "\n".join(bench_r2_scale.lm_downstream_lines(down)) + "\n"
+
+
+def r2_memory(results: Path) -> str:
+    """One R2 fit at N = 11008 (``bench_r2_scale.py --parts memory``)."""
+    import bench_r2_scale
+    data = _load(results, "r2_scale.json")
+    return "\n".join(bench_r2_scale.memory_lines(data["memory"], bench_r2_scale.exact_iterations(data))) + "\n"
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "engine": engine, "r2_options": r2_options, "speed": speed, "lm": lm, "lm_speed": lm_speed,
+    "r2_lm": r2_lm, "r2_memory": r2_memory,
     "quality": _quality("quality", (0.6,)),
     "quality-fine-foods": _quality("quality-fine-foods", (0.6, 0.5)),
     "quality-hedge": _quality("quality-hedge", (0.6, 0.5)),

@@ -145,9 +145,24 @@ def _env_int(name: str, default: int | None = None) -> int:
                          "(or accelerate launch)") from None
 
 
+# MPI launchers (mpirun, srun, and ``accelerate launch --cpu --mpirun_hostfile``) describe the ranks in
+# their own variables, which this module does not read: each process would run alone and write alone.
+_MPI_WORLD_SIZES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def launched() -> bool:
-    """Whether a launcher started this process as one of several (``WORLD_SIZE`` > 1)."""
-    return _env_int("WORLD_SIZE", 1) > 1
+    """Whether a launcher started this process as one of several (``WORLD_SIZE`` > 1). A process that
+    an MPI launcher started as one of several, without ``WORLD_SIZE``, is refused (``ValueError``)."""
+    if _env_int("WORLD_SIZE", 1) > 1:
+        return True
+    if "WORLD_SIZE" not in os.environ:
+        for name in _MPI_WORLD_SIZES:
+            if _env_int(name, 1) > 1:
+                raise ValueError(f"{name} is {os.environ[name]}: an MPI launcher started this process as one "
+                                 "of several, but kcm_core reads only torch's RANK and WORLD_SIZE, so each "
+                                 "would run alone; start the processes with torchrun or accelerate launch "
+                                 "--multi_gpu (which also runs on a CPU-only machine, with gloo)")
+    return False
 
 
 def from_env() -> Group:

@@ -1,10 +1,16 @@
 """Data-parallel calibration over torch.distributed: 2 processes on the gloo backend give the plan,
-scores and scales of one process (to 1e-5), and under ``torchrun -m kcm_core prune`` only rank 0 writes.
+scores and scales of one process (to 1e-5), and under ``torchrun -m kcm_core prune`` (and
+``accelerate launch -m kcm_core prune``) only rank 0 writes.
 
 The library checks spawn two workers with ``torch.multiprocessing`` (several cases per spawn, so
-the start-up is paid once); the command-line checks run the real ``torchrun``. Batch counts are odd,
-so the ranks' shares differ, and one case gives the scaling step a single batch, so rank 1's share
-of it is empty.
+the start-up is paid once); the command-line checks run the real ``torchrun`` and the real
+``accelerate launch``. Batch counts are odd, so the ranks' shares differ, and one case gives the
+scaling step a single batch, so rank 1's share of it is empty.
+
+``accelerate launch`` starts several processes on a CPU-only machine with ``--multi_gpu`` (it then
+hands over to torch's own launcher, which sets ``RANK`` and ``WORLD_SIZE``; without CUDA the ranks
+use gloo). ``--cpu --num_processes 2`` is not that: accelerate starts one process for it (several
+only through MPI, with ``--mpirun_hostfile``) and sets no ``WORLD_SIZE``, so it would run alone.
 """
 from __future__ import annotations
 
@@ -165,6 +171,25 @@ def test_a_launcher_environment_that_makes_no_sense_is_a_clear_error(monkeypatch
         from_env()
 
 
+@pytest.mark.parametrize("name", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"])
+def test_ranks_started_by_an_mpi_launcher_are_refused_not_run_alone(monkeypatch, capsys, tmp_path, name):
+    for var in ("WORLD_SIZE", "RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(name, "1")                   # one MPI process: alone, as intended
+    assert from_env() is SINGLE and not launched()
+    monkeypatch.setenv(name, "2")
+    message = f"{name} is 2: an MPI launcher started this process as one of several"
+    with pytest.raises(ValueError, match=message):
+        from_env()
+    # the command stops with one line before it reads or writes anything
+    assert cli.main(["prune", "--model", str(tmp_path), "--data", str(tmp_path / "none.txt"), "--flops", "0.8",
+                     "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")           # torch's own variable, when set, decides
+    assert from_env() is SINGLE
+
+
 def test_only_prune_runs_under_a_launcher(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     (tmp_path / "config.json").write_text("{}")
@@ -252,3 +277,42 @@ def test_torchrun_refusal_on_rank_0_stops_every_rank_with_one_line(sources, tmp_
     exits = dict(re.findall(r"rank\s*: (\d+) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", run.stderr))
     assert exits.get("0") == "2" and exits.get("1", "-15") in ("2", "-15"), run.stderr[-3000:]
     assert _writers(run.stderr) == set()
+
+
+# --------------------------------------------------------------------------- accelerate launch
+
+def _accelerate_launch(argv, watch: Path, hf_home: Path) -> subprocess.CompletedProcess:
+    """The ``accelerate`` command (its console script's entry point, run by this Python) with two
+    processes, every launch setting given so no saved accelerate config is consulted (``HF_HOME``
+    points at an empty folder as well), and no GPU visible, so the ranks use gloo as on this machine."""
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "KCM_WATCH_WRITES": str(watch), "OMP_NUM_THREADS": "1", "HF_HOME": str(hf_home),
+           "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(WATCH), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_CONFIG_FILE"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+               "--num_processes", str(WORLD), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               "-m", "kcm_core", "prune", *map(str, argv)]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_accelerate_launch_prune_writes_once_on_rank_0_the_plan_of_one_process(sources, tmp_path, capsys):
+    args = PRUNE_ARGS["lm"](sources)
+    assert cli.main(["prune", *map(str, args), "--out", str(tmp_path / "single")]) == 0
+    single = json.loads(capsys.readouterr().out)
+
+    watch = tmp_path / "launched"
+    watch.mkdir()
+    run = _accelerate_launch([*args, "--out", watch / "dist", "--json", watch / "dist.json"], watch,
+                             tmp_path / "hf")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _writers(run.stderr) == {"0"}, run.stderr[-3000:]
+    assert run.stdout.count('"schema"') == 1
+    report = json.loads((watch / "dist.json").read_text())
+    assert report["data"]["ranks"] == WORLD and report["data"]["backend"] == "gloo"
+    assert report["neurons"] == single["neurons"]
+    saved = KeepPlan.from_json((watch / "dist" / "kcm_plan.json").read_text())
+    _assert_same_plan(KeepPlan.from_json((tmp_path / "single" / "kcm_plan.json").read_text()), saved)
+    assert saved.info.scaled_layers == len(saved.layers)
