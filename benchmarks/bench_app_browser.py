@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = Path(__file__).resolve().parent / "results"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -130,6 +131,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from kcm_app.testing import environment_without_app_choices, serve
+    from common import run_environment
     from kcm_core.report import Environment
     if args.clear_disk_cache:
         try:
@@ -152,10 +154,9 @@ def main() -> None:
             passes.append(result)
         browser.close()
     data = {"label": args.label, "passes": passes,
-            "environment": asdict(before), "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-            "command": " ".join(["python"] + sys.argv),
-            "note": "2 CPU cores shared with other sessions (load average recorded before and after)"}
+            "environment": {**asdict(before), **run_environment(load_before)},
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "command": " ".join(["python"] + sys.argv)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"app_browser_{args.label}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (RESULTS / f"app_browser_{args.label}.md").write_text(markdown(data))
@@ -176,7 +177,8 @@ def markdown(data: dict) -> str:
     env = data["environment"]
     lines = [f"Real browser (headless Chromium), classifier demo, `{data['command']}`; {env['threads']} "
              f"threads, torch {env['torch']}, {env['cpu']}; load average before {_load(data['load_average_before'])}"
-             f" / after {_load(data['load_average_after'])}; {data['note']}.", "",
+             f" / after {_load(data['load_average_after'])}; "
+             f"{env.get('machine_state') or data.get('note', 'machine state not recorded')}.", "",
              "| pass | " + " | ".join(label for _, label in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for p in data["passes"]:
