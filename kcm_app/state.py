@@ -49,6 +49,7 @@ NOTICE = "_notice"               # a one-time notice for the page (e.g. a shared
 PAGE = "_page"                   # the script of the page this session is on (kcm_app.ui.PAGES)
 SCATTER_ROUND = "_scatter_round"  # bumped to clear the Scores page's scatter selection (a new widget key)
 LOAD_ERROR = "_load_error"       # why the sidebar's model or data did not load (shown in the main area)
+STOPPED = "_stopped"             # the budget key whose evaluation the user stopped (not started again by itself)
 
 # Widget keys: the view's widgets, each copied into its persistent value on change ...
 W_BUDGET, W_METHOD, W_MULTIPLE = "w_budget", "w_method", "w_multiple"
@@ -228,6 +229,14 @@ def shown() -> Any:
 
 def set_shown(result: Any) -> None:
     _session()[SHOWN] = result
+
+
+def stopped() -> Any:
+    return _session().get(STOPPED)
+
+
+def set_stopped(key: Any) -> None:
+    _session()[STOPPED] = key
 
 
 def load_error() -> str | None:

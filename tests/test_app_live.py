@@ -271,6 +271,37 @@ def test_a_burst_of_slider_moves_evaluates_at_most_two_budgets(app, monkeypatch)
     assert [m for m in at.metric if m.label == "Accuracy"][0].delta.endswith(" pp")
 
 
+def test_a_running_evaluation_can_be_stopped_and_is_not_restarted_until_asked(app, monkeypatch):
+    at = app("pages/5_prune.py")
+    finish_background()
+    at.run()
+    start = float(at.slider(key="w_budget").value)
+    original, steps = engine.evaluate_budget, []
+
+    def slow(ws, config, store, progress=None):
+        for i in range(400):                     # 20 s of reported progress unless stopped
+            progress("slow test step", i / 400)
+            steps.append(i)
+            time.sleep(0.05)
+        return original(ws, config, store, progress)
+    monkeypatch.setattr(engine, "evaluate_budget", slow)
+    monkeypatch.setattr(live, "FIRST_WAIT_S", 0.0)
+    budget = round(start + 0.02, 2)
+    at.slider(key="w_budget").set_value(budget).run()
+    job = at.session_state[state.EVALUATOR].current
+    at.button(key="stop_eval").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert job.wait(10) and isinstance(job.error, live.Abandoned) and len(steps) < 400
+    assert any(f"The evaluation of {budget:.2f} relative FLOPs was stopped" in i.value for i in at.info)
+    assert at.session_state[state.EVALUATOR].current is job          # nothing started again by itself
+    at.run()
+    assert at.session_state[state.EVALUATOR].current is job
+    monkeypatch.setattr(engine, "evaluate_budget", original)
+    monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
+    at.button(key="resume_eval").click().run()                        # asked for: evaluated now
+    assert any(c.value == f"Readouts at {budget:.2f} relative FLOPs." for c in at.caption)
+
+
 def test_an_invalid_link_is_corrected_with_a_visible_notice(app):
     at = app(method="no-such-method", budget="0.01")
     notes = [w.value for w in at.main.warning]

@@ -117,8 +117,16 @@ def live_result(ws: Workspace, config, store) -> engine.BudgetResult | None:
     abandons it, so a burst of presses evaluates the last budget, not each one in turn."""
     if engine.is_evaluated(ws, config, store):
         return engine.evaluate_budget(ws, config, store)
+    key = engine.budget_key(ws, config)
+    if state.stopped() == key:
+        st.info(f"The evaluation of {config.budget:.2f} relative FLOPs was stopped. Move the slider, or "
+                "evaluate this budget after all.")
+        if st.button("Evaluate this budget", key="resume_eval"):
+            state.set_stopped(None)
+            ui.rerun_page()
+        return None
     job = state.evaluator().submit(
-        engine.budget_key(ws, config), lambda progress: engine.evaluate_budget(ws, config, store, progress))
+        key, lambda progress: engine.evaluate_budget(ws, config, store, progress))
     if job.wait(live.FIRST_WAIT_S):
         with ui.core_errors():
             return job.outcome()
@@ -133,6 +141,11 @@ def pending_readouts(ws: Workspace, config, store, job: live.Job) -> None:
     if job.done:
         ui.rerun_page()
     st.progress(min(max(job.fraction, 0.0), 1.0), text=f"Evaluating {config.budget:.2f} relative FLOPs: {job.message}")
+    if st.button("Stop", key="stop_eval", help="Stop this evaluation at its next step (a big model's scoring "
+                                                "or scaling can take minutes); the slider stays where it is"):
+        job.cancel()
+        state.set_stopped(job.key)
+        ui.rerun_page()
     shown = state.shown()
     if shown is not None and shown.method == config.method:
         slow_readouts(ws, config, store, shown, stale=True)
