@@ -159,3 +159,15 @@ def test_quality_summary_pairs_every_pruned_model_with_the_unpruned_one_and_with
     assert low <= -0.4 <= high          # ten texts: wide, and it holds the observed difference
     assert summary["weight-magnitude"]["vs_kcm"]["difference_mean"] == pytest.approx(-0.3)
 
+
+def test_mpnet_results_list_what_was_not_measured(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))   # undone after
+    import bench_mpnet
+    data = {"settings": {"methods": ["kcm", "d2"], "budgets": [0.6, 0.5]},
+            "rows": [{"method": "kcm", "budget": 0.6}, {"method": "kcm", "budget": 0.5},
+                     {"method": "d2", "budget": 0.6}],
+            "kcm_run": {"stage_seconds": {}}, "speed": None}
+    assert bench_mpnet.missing(data) == ["d2 at 0.5", "sliced speedup"]
+    data["rows"].append({"method": "d2", "budget": 0.5})
+    data["speed"] = {"rounds": 10}
+    assert bench_mpnet.missing(data) == []
