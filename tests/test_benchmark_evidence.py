@@ -171,3 +171,10 @@ def test_mpnet_results_list_what_was_not_measured(monkeypatch):
     data["rows"].append({"method": "d2", "budget": 0.5})
     data["speed"] = {"rounds": 10}
     assert bench_mpnet.missing(data) == []
+
+
+def test_readme_paired_cell_is_points_with_the_paired_interval_and_mcnemar_p():
+    paired = {"difference_mean": -0.0124, "ci95_seed_averaged": [-0.03, 0.005], "mcnemar_p": [0.0421]}
+    assert render_readme._paired(paired) == "-1.2 [-3.0, +0.5], p 0.042"
+    assert render_readme._paired({**paired, "mcnemar_p": [3e-6]}).endswith("p 3e-06")
+    assert render_readme._paired(None) == ""
