@@ -167,26 +167,12 @@ def main() -> int:
                 result = prune(model, replace(config, budget=budget), unlabeled,
                                labeled if spec.uses_labels else None, method_scores=scores)
                 prune_s = time.perf_counter() - t
-                t = time.perf_counter()
-                ev = evaluate_classifier(result.model, test_batches, reference=dense.predictions, seed=0)
-                eval_s = time.perf_counter() - t
-                hits = (ev.predictions == torch.tensor(test.labels)).int()
-                rows.append({
-                    "method": name, "seed": seed, "budget": budget,
-                    "accuracy": ev.accuracy.to_dict(), "agreement": ev.agreement.to_dict(),
-                    "hits": "".join(map(str, hits.tolist())),
-                    "agree": "".join(map(str, (ev.predictions == dense.predictions).int().tolist())),
-                    "relative_flops": relative_flops(shape, result.seq_len, result.plan.kept_counts),
-                    "seq_len": result.seq_len, "kept_per_layer": result.plan.kept_counts,
-                    "reused": reused,
-                    "seconds": {"scoring": score_s, "pruning": prune_s, "evaluation": eval_s,
-                                **{f"stage_{k}": v for k, v in result.seconds.items()}},
-                    "details": {k: v for k, v in result.details.to_dict().items() if k != "r2_sigma"},
-                    "scaling": {"scaled_layers": result.plan.info.scaled_layers,
-                                "scaling_stopped_at": result.plan.info.scaling_stopped_at},
-                })
-                log(f"    {name} @ {budget}: accuracy {ev.accuracy.value:.4f} "
-                    f"(agreement {ev.agreement.value:.4f}) [{score_s:.0f}s scoring, {prune_s:.0f}s pruning]")
+                row = measured_row(name, seed, budget, result, test_batches, test.labels, dense.predictions,
+                                   shape, score_s, prune_s)
+                row["reused"] = reused
+                rows.append(row)
+                log(f"    {name} @ {budget}: accuracy {row['accuracy']['value']:.4f} "
+                    f"(agreement {row['agreement']['value']:.4f}) [{score_s:.0f}s scoring, {prune_s:.0f}s pruning]")
                 del result
             done = {(r["method"], r["budget"], r["seed"]) for r in rows}
             data["rows"] = [r for r in kept if (r["method"], r["budget"], r["seed"]) not in done] + rows
@@ -196,6 +182,30 @@ def main() -> int:
             save(out_path, data, args.quick)
     log(f"wrote {out_path} and {out_path.with_suffix('.md').name} in {data['wall_seconds_this_run']:.0f} s")
     return 0
+
+
+def measured_row(name: str, seed: int, budget: float, result, test_batches, labels, dense_predictions,
+                 shape, score_s: float, prune_s: float) -> dict:
+    """Evaluate one pruned model (``PruneResult``) on the test batches; the row every table is built
+    from: accuracy and agreement with the unpruned predictions, and per-text hits and agreement as
+    0/1 strings (what the paired comparisons are computed from), FLOPs, kept widths and times."""
+    t = time.perf_counter()
+    ev = evaluate_classifier(result.model, test_batches, reference=dense_predictions, seed=0)
+    eval_s = time.perf_counter() - t
+    hits = (ev.predictions == torch.tensor(labels)).int()
+    return {
+        "method": name, "seed": seed, "budget": budget,
+        "accuracy": ev.accuracy.to_dict(), "agreement": ev.agreement.to_dict(),
+        "hits": "".join(map(str, hits.tolist())),
+        "agree": "".join(map(str, (ev.predictions == dense_predictions).int().tolist())),
+        "relative_flops": relative_flops(shape, result.seq_len, result.plan.kept_counts),
+        "seq_len": result.seq_len, "kept_per_layer": result.plan.kept_counts,
+        "seconds": {"scoring": score_s, "pruning": prune_s, "evaluation": eval_s,
+                    **{f"stage_{k}": v for k, v in result.seconds.items()}},
+        "details": {k: v for k, v in result.details.to_dict().items() if k != "r2_sigma"},
+        "scaling": {"scaled_layers": result.plan.info.scaled_layers,
+                    "scaling_stopped_at": result.plan.info.scaling_stopped_at},
+    }
 
 
 def results_path(task: str, quick: bool) -> Path:
@@ -271,9 +281,11 @@ def hits_of(row: dict) -> torch.Tensor:
 
 def paired_vs_reference(rows: list[dict], dense_hits: torch.Tensor) -> None:
     """Add ``vs_kcm`` to every row: its accuracy minus KCM's at the same budget and seed, on the same
-    test texts (paired bootstrap interval, McNemar's exact p); and ``unpruned_vs_kcm`` to KCM's rows."""
+    test texts (paired bootstrap interval, McNemar's exact p); ``unpruned_vs_kcm`` to KCM's rows; and
+    ``vs_unpruned`` (pruned minus unpruned, paired the same way) to every row."""
     reference = {(r["budget"], r["seed"]): r for r in rows if r["method"] == REFERENCE}
     for r in rows:
+        r["vs_unpruned"] = paired_difference(hits_of(r), dense_hits, seed=0).to_dict()
         ref = reference.get((r["budget"], r["seed"]))
         if ref is None:
             r.pop("vs_kcm", None)
@@ -315,19 +327,24 @@ def summarise(rows: list[dict], dense_hits: torch.Tensor) -> list[dict]:
                                                          for r in rs),
             "vs_kcm": _paired_summary(rs, "vs_kcm", lambda r: hits_of(r), groups.get((REFERENCE, budget))),
             "unpruned_vs_kcm": _paired_summary(rs, "unpruned_vs_kcm", lambda r: dense_hits, rs),
+            "vs_unpruned": _paired_summary(rs, "vs_unpruned", hits_of, None, reference_hits=lambda r: dense_hits),
         })
     return out
 
 
-def _paired_summary(rs: list[dict], key: str, hits, reference_rows: list[dict] | None) -> dict | None:
+def _paired_summary(rs: list[dict], key: str, hits, reference_rows: list[dict] | None,
+                    reference_hits=None) -> dict | None:
     """Seeds with a paired result under ``key``: each seed's difference, interval and p; their mean;
     the paired bootstrap interval of the seed-averaged per-text difference (the seeds averaged inside
-    each text, so the interval is over test texts only); the spread of the per-seed differences."""
+    each text, so the interval is over test texts only); the spread of the per-seed differences.
+    The reference is the row of the same seed in ``reference_rows``, or ``reference_hits(row)``."""
     paired = sorted((r for r in rs if key in r), key=lambda r: r["seed"])
-    if not paired or reference_rows is None:
+    if not paired or (reference_rows is None and reference_hits is None):
         return None
-    ref = {r["seed"]: r for r in reference_rows}
-    diff = torch.stack([hits(r) - hits_of(ref[r["seed"]]) for r in paired]).mean(0)      # (texts,)
+    if reference_hits is None:
+        ref = {r["seed"]: r for r in reference_rows}
+        reference_hits = lambda r: hits_of(ref[r["seed"]])      # noqa: E731
+    diff = torch.stack([hits(r) - reference_hits(r) for r in paired]).mean(0)      # (texts,)
     values = [r[key]["value"] for r in paired]
     return {
         "seeds": [r["seed"] for r in paired],

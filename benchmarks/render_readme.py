@@ -20,7 +20,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import goal_verdict, machine_state, perplexity_cell, ratio_interval, ratio_text  # noqa: E402
-from quality_tables import readme_caption, readme_table  # noqa: E402
+from quality_tables import p_cell, paired_cell, readme_caption, readme_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -251,9 +251,60 @@ def r2_memory(results: Path) -> str:
     return "\n".join(bench_r2_scale.memory_lines(data["memory"], bench_r2_scale.exact_iterations(data))) + "\n"
 
 
+def _paired(paired: dict | None) -> str:
+    """``-1.2 [-2.5, +0.1], p 0.08``: one seed's paired difference in points (bench_quality's summary)."""
+    return f"{paired_cell(paired)}, p {p_cell(paired)}" if paired else ""
+
+
+def mpnet(results: Path) -> str:
+    data = _load(results, "mpnet.json")
+    s, ft, dense = data["settings"], data["model"]["finetune"], data["unpruned"]["accuracy"]
+    paper = data["paper_bert_base_sst2_at_0.6"]
+    budgets = [b for b in s["budgets"] if any(r["budget"] == b for r in data["summary"])]
+    head = "".join(f" accuracy at {b} | minus unpruned at {b} | minus KCM at {b} |" for b in budgets)
+    prepared = (_load(results, "mpnet_prepare.json").get("finetune") or {}) if (results / "mpnet_prepare.json").is_file() else {}
+    how = f" ({prepared['subset_rule']})" if prepared.get("subset") else ""
+    lines = [f"Fine-tuned on {ft['train_examples']} polarity train sentences{how}, {ft['config']['epochs']} epoch at "
+             f"max length {ft['config']['max_len']}, {ft['wall_seconds'] / 60:.0f} min with loading and the test "
+             f"evaluation. Unpruned accuracy {100 * dense['value']:.1f} "
+             f"[{100 * dense['ci95'][0]:.1f}, {100 * dense['ci95'][1]:.1f}] on {s['test']} test sentences. "
+             "Accuracy in percent; differences in points, paired on the same sentences [95% paired bootstrap "
+             "interval], McNemar's exact p; one seed.", "",
+             "| method |" + head + " paper: BERT-base SST-2 at 0.6 |",
+             "|---|" + "---|---|---|" * len(budgets) + "---|"]
+    labels = list(dict.fromkeys(r["method"] for r in data["summary"]))
+    for name in labels:
+        cells, label = [], name
+        for b in budgets:
+            r = next((x for x in data["summary"] if x["method"] == name and x["budget"] == b), None)
+            if r is None:
+                cells += ["not measured", "", ""]
+                continue
+            label = r["label"]
+            cells += [f"{100 * r['accuracy_mean']:.1f}", _paired(r["vs_unpruned"]),
+                      "(reference)" if name == "kcm" else _paired(r["vs_kcm"])]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {paper.get(name, '')} |")
+    lines.append("| unpruned |" + f" {100 * dense['value']:.1f} | | |" * len(budgets) + f" {paper['unpruned']} |")
+    run, sp = data.get("kcm_run"), data.get("speed")
+    if run:
+        st = run["stage_seconds"]
+        lines += ["", f"KCM's whole run at {s['speed_budget']} on these CPU threads: "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in st.items())
+                  + f"; **{run['total_seconds'] / 60:.1f} min** in all, against the talk's at most "
+                  f"{run['talk_pruning_seconds_gpu'] / 60:.0f} min per task on one GPU (other hardware)."]
+    if sp:
+        lines += ["", f"Sliced KCM model at {s['speed_budget']}, batch {sp['batch']} x {sp['seq_len']} tokens, "
+                  f"{sp['rounds']} paired rounds: **{ratio_text(sp['speedup'])}** (ideal {sp['ideal_speedup']:.2f}x; "
+                  f"the paper {sp['paper_speedup_v100'][0]}x to {sp['paper_speedup_v100'][1]}x on a V100)."]
+    if data.get("not_measured"):
+        lines += ["", "Not measured in this run: " + ", ".join(data["not_measured"]) + "."]
+    lines += ["", f"Measured on {_state(data['environment'])}."]
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "engine": engine, "r2_options": r2_options, "speed": speed, "lm": lm, "lm_speed": lm_speed,
-    "r2_lm": r2_lm, "r2_memory": r2_memory,
+    "r2_lm": r2_lm, "r2_memory": r2_memory, "mpnet": mpnet,
     "quality": _quality("quality", (0.6,)),
     "quality-fine-foods": _quality("quality-fine-foods", (0.6, 0.5)),
     "quality-hedge": _quality("quality-hedge", (0.6, 0.5)),

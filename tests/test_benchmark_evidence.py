@@ -131,3 +131,50 @@ def test_bench_speed_keeps_every_round_and_pairs_the_ratios(monkeypatch):
     assert "seq 64: 2.00x [" in line and ("**met**" in line) == (row["speedup_ci95"][0] >= 1.4)
     old = {key: row[key] for key in ("budget", "batch", "multiple", "seq", "speedup")}
     assert "**not shown** (this file has no per-round times" in bench_speed.goal_line({"pytorch": [old]})
+
+
+def _quality_row(name: str, hits: str, budget: float = 0.6) -> dict:
+    """A quality-benchmark row with only what ``summarise`` reads (one seed)."""
+    return {"method": name, "seed": 0, "budget": budget, "hits": hits, "agree": hits,
+            "accuracy": {"value": hits.count("1") / len(hits)}, "agreement": {"value": 1.0},
+            "relative_flops": budget, "seq_len": 20.0, "seconds": {"scoring": 1.0, "pruning": 1.0}}
+
+
+def test_quality_summary_pairs_every_pruned_model_with_the_unpruned_one_and_with_kcm(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))   # undone after
+    import bench_quality
+    dense = torch.tensor([1, 1, 1, 1, 1, 1, 1, 1, 0, 0])       # 8 of 10 right
+    kcm = "1111110010"          # 7: misses texts 6 and 7 that the unpruned model gets, gets text 8
+    magnitude = "1100000011"    # 4: gets texts 8 and 9 only it gets, misses 2 to 7
+    summary = {r["method"]: r for r in bench_quality.summarise(
+        [_quality_row("kcm", kcm), _quality_row("weight-magnitude", magnitude)], dense)}
+    to_dense = summary["kcm"]["vs_unpruned"]["per_seed"][0]
+    assert to_dense["value"] == pytest.approx(-0.1) and (to_dense["a_only"], to_dense["b_only"]) == (1, 2)
+    assert to_dense["mcnemar_p"] == pytest.approx(1.0)                        # 1 of 3 discordant
+    assert summary["kcm"]["unpruned_vs_kcm"]["difference_mean"] == pytest.approx(0.1)   # the same, reversed
+    to_dense = summary["weight-magnitude"]["vs_unpruned"]
+    assert to_dense["difference_mean"] == pytest.approx(-0.4)
+    assert to_dense["mcnemar_p"] == [pytest.approx(74 / 256)]                 # 2 of 8 discordant, two-sided
+    low, high = to_dense["ci95_seed_averaged"]
+    assert low <= -0.4 <= high          # ten texts: wide, and it holds the observed difference
+    assert summary["weight-magnitude"]["vs_kcm"]["difference_mean"] == pytest.approx(-0.3)
+
+
+def test_mpnet_results_list_what_was_not_measured(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))   # undone after
+    import bench_mpnet
+    data = {"settings": {"methods": ["kcm", "d2"], "budgets": [0.6, 0.5]},
+            "rows": [{"method": "kcm", "budget": 0.6}, {"method": "kcm", "budget": 0.5},
+                     {"method": "d2", "budget": 0.6}],
+            "kcm_run": {"stage_seconds": {}}, "speed": None}
+    assert bench_mpnet.missing(data) == ["d2 at 0.5", "sliced speedup"]
+    data["rows"].append({"method": "d2", "budget": 0.5})
+    data["speed"] = {"rounds": 10}
+    assert bench_mpnet.missing(data) == []
+
+
+def test_readme_paired_cell_is_points_with_the_paired_interval_and_mcnemar_p():
+    paired = {"difference_mean": -0.0124, "ci95_seed_averaged": [-0.03, 0.005], "mcnemar_p": [0.0421]}
+    assert render_readme._paired(paired) == "-1.2 [-3.0, +0.5], p 0.042"
+    assert render_readme._paired({**paired, "mcnemar_p": [3e-6]}).endswith("p 3e-06")
+    assert render_readme._paired(None) == ""
