@@ -29,8 +29,11 @@ if not log.handlers:    # the server's log says what was computed, read from dis
 # with a progress bar: long enough that a quick evaluation (the tiny test model) never flickers, short
 # enough that the next key press is read within it.
 FIRST_WAIT_S = 0.3
-# How often the pending view looks at the job.
-POLL_S = 0.5
+# How often a pending view (the Prune page's evaluation, the sidebar's background progress) reruns to
+# look at its job. Each rerun costs the server's main thread and the GIL: at 0.5 s (and 1 s for the
+# sidebar), on 2 shared cores, the server's main thread used 94% of a core and the background
+# evaluation it was waiting for got 1.7 s of CPU in 2.5 minutes (py-spy and top, 2026-12-02).
+POLL_S = 1.5
 # How long a new job waits for the abandoned one before it starts anyway (see LatestOnly._work).
 PREVIOUS_WAIT_S = 60.0
 

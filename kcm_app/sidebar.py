@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from . import resources, server, state, ui
+from . import live, resources, server, state, ui
 from .sources import (DATA_KINDS, DEMO_KINDS, LM_CALIBRATION_BLOCKS, MODEL_KINDS, DataChoice, ModelChoice,
                       SampleChoice, env_block_size, env_defaults, max_len_choices, nearest_choice,
                       upload_dir, upload_path)
@@ -193,14 +193,14 @@ def background_status(ws) -> None:
     """What the background work (``kcm_app.background``) is doing; polls until it is done."""
     work = resources.precompute(ws, state.seed())
     if not work.done:
-        st.fragment(_background_progress, run_every=1.0)(work)
+        st.fragment(_background_progress, run_every=live.POLL_S)(work)
     elif work.errors:
         st.caption("Background work failed for " + ", ".join(work.errors) + "; the pages compute those "
                    "when opened and say what went wrong.")
 
 
 def _background_progress(work) -> None:
-    """Reruns every second while the work runs; once done, the whole app reruns once (which stops
+    """Reruns every ``live.POLL_S`` seconds while the work runs; once done, the whole app reruns once (which stops
     this timer and lets every page use the results)."""
     if work.done:
         ui.rerun_page()
