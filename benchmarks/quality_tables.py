@@ -100,10 +100,16 @@ def readme_table(data: Mapping[str, Any], compared_at: Sequence[float] = (HEADLI
 def readme_caption(data: Mapping[str, Any], name: str) -> str:
     """One line on what the table rests on, from the results file itself."""
     s, env, dense = data["settings"], data["environment"], data["unpruned"]["accuracy"]
-    seeds = sorted({r["seed"] for r in data["rows"]})
+    by_seeds: dict[tuple, list[float]] = {}          # which budgets ran with which seeds
+    for budget in sorted({r["budget"] for r in data["rows"]}, reverse=True):
+        seeds = tuple(sorted({r["seed"] for r in data["rows"] if r["budget"] == budget}))
+        by_seeds.setdefault(seeds, []).append(budget)
+    seeds_text = "; ".join(
+        f"seed{'s' if len(k) > 1 else ''} {', '.join(str(x) for x in k)}"
+        + ("" if len(by_seeds) == 1 else f" at {', '.join(str(b) for b in v)}") for k, v in by_seeds.items())
     lo, hi = dense["ci95"]
     before = env.get("load_average_before") or env.get("load_average_1_5_15_before")
     load = f"; load average {before[0]:.0f} at the start of its last run" if before else ""
     return (f"`benchmarks/results/{name}.md`: {s['task_description']}; {s['test']} test texts, "
-            f"{s['samples']} unlabeled train texts ({s['labeled']} labeled), seeds "
-            f"{', '.join(str(x) for x in seeds)}; unpruned {pct(dense['value'])} [{pct(lo)}, {pct(hi)}]{load}.")
+            f"{s['samples']} unlabeled train texts ({s['labeled']} labeled), {seeds_text}; unpruned "
+            f"{pct(dense['value'])} [{pct(lo)}, {pct(hi)}]{load}.")
