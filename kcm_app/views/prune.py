@@ -86,9 +86,12 @@ def readouts(ws: Workspace) -> None:
                        help="Fraction of the unpruned encoder's FLOPs the pruned model may use, counted at "
                             f"the sample's mean length s = {ws.seq_len:g} tokens. Only FFN neurons are "
                             f"pruned, so the floor is {ws.floor:.1%}.")
-    ui.sync_url()
     config = ui.prune_config(budget=float(budget))
     store = resources.store("results")
+    # Start this budget's evaluation before anything else the run draws: a run cut short after this
+    # point (a newer rerun request) still leaves the newest budget evaluating.
+    start_evaluation(ws, config, store)
+    ui.sync_url()
     with ui.progress(f"Scoring with {METHODS[config.method].label}") as bar, ui.core_errors():
         ui.follow_background(ws, (background.SCORES,), bar)
         scores = engine.method_scores(ws, config, store, bar)
@@ -117,21 +120,30 @@ def live_result(ws: Workspace, config, store) -> engine.BudgetResult | None:
     abandons it, so a burst of presses evaluates the last budget, not each one in turn."""
     if engine.is_evaluated(ws, config, store):
         return engine.evaluate_budget(ws, config, store)
-    key = engine.budget_key(ws, config)
-    if state.stopped() == key:
+    job = start_evaluation(ws, config, store)
+    if job is None and engine.is_evaluated(ws, config, store):      # finished in the meantime
+        return engine.evaluate_budget(ws, config, store)
+    if job is None:
         st.info(f"The evaluation of {config.budget:.2f} relative FLOPs was stopped. Move the slider, or "
                 "evaluate this budget after all.")
         if st.button("Evaluate this budget", key="resume_eval"):
             state.set_stopped(None)
             ui.rerun_page()
         return None
-    job = state.evaluator().submit(
-        key, lambda progress: engine.evaluate_budget(ws, config, store, progress))
     if job.wait(live.FIRST_WAIT_S):
         with ui.core_errors():
             return job.outcome()
     st.fragment(pending_readouts, run_every=live.POLL_S)(ws, config, store, job)
     return None
+
+
+def start_evaluation(ws: Workspace, config, store) -> live.Job | None:
+    """This budget's job on the session's latest-only runner (the running one when it is the newest
+    request), or None when it needs none (already evaluated) or the user stopped it."""
+    key = engine.budget_key(ws, config)
+    if engine.is_evaluated(ws, config, store) or state.stopped() == key:
+        return None
+    return state.evaluator().submit(key, lambda progress: engine.evaluate_budget(ws, config, store, progress))
 
 
 def pending_readouts(ws: Workspace, config, store, job: live.Job) -> None:
