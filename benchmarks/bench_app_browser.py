@@ -39,6 +39,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
 RUNNING = "[data-testid='stStatusWidgetRunningIcon'], [data-testid='stStatusWidgetRunningManIcon']"
 TIMEOUT_MS = 600_000
+BURST_TIMEOUT_MS = 120_000      # one evaluation takes seconds on the demo: two minutes means it never came
 
 
 def log(msg: str) -> None:
@@ -76,6 +77,14 @@ def evaluations_finished(log_path: Path) -> int:
     return sum("evaluation finished" in line for line in log_path.read_text().splitlines())
 
 
+def budgets_logged(log_path: Path) -> str:
+    """Each evaluation the server logged, as "0.61 abandoned, 0.64 finished" (the budget is the
+    float before the ScaleConfig in the logged key)."""
+    import re
+    found = re.findall(r"evaluation (finished|abandoned).*?, (0\.\d+), ScaleConfig", log_path.read_text())
+    return ", ".join(f"{b} {what}" for what, b in found)
+
+
 def one_pass(browser, url: str, log_path: Path) -> dict:
     out: dict = {}
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -104,12 +113,23 @@ def one_pass(browser, url: str, log_path: Path) -> dict:
         time.sleep(0.15)
     start = time.perf_counter()
     final = f"budget={first + 0.05:.2f}"
-    page.wait_for_function(f"() => window.location.search.includes('{final}')", timeout=TIMEOUT_MS)
     if labelled:     # this version says which budget its readouts show: wait for the final one's
-        page.get_by_text(f"Readouts at {first + 0.05:.2f} relative FLOPs.").first.wait_for(timeout=TIMEOUT_MS)
+        try:
+            page.wait_for_function(f"() => window.location.search.includes('{final}')",
+                                   timeout=BURST_TIMEOUT_MS)
+            page.get_by_text(f"Readouts at {first + 0.05:.2f} relative FLOPs.").first.wait_for(
+                timeout=BURST_TIMEOUT_MS)
+        except Exception:                          # recorded, not hidden: the pass stops here
+            out["burst_failed"] = (f"the readouts of {first + 0.05:.2f} did not appear within "
+                                   f"{BURST_TIMEOUT_MS / 1000:.0f} s of the last press; budgets the server "
+                                   f"logged: {budgets_logged(log_path)}")
+            out["burst_evaluations_logged"] = evaluations_finished(log_path) - evaluated
+            page.close()
+            return out
         out["burst_settle_s"] = time.perf_counter() - start
         wait_idle(page)
     else:            # an older version: until the app stops running after the last press
+        page.wait_for_function(f"() => window.location.search.includes('{final}')", timeout=TIMEOUT_MS)
         wait_idle(page)
         out["burst_settle_s"] = time.perf_counter() - start - 1.5      # minus the idle wait's quiet period
     out["burst"] = f"{first:.2f} -> {first + 0.05:.2f} in 5 presses 150 ms apart"
@@ -131,7 +151,6 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     from kcm_app.testing import environment_without_app_choices, serve
-    from common import run_environment
     from kcm_core.report import Environment
     if args.clear_disk_cache:
         try:
@@ -152,15 +171,21 @@ def main() -> None:
                 result = {"pass": name, **one_pass(browser, url, logfile)}
             log(json.dumps(result))
             passes.append(result)
+            save(args.label, passes, before, load_before)      # a later pass that hangs loses nothing
         browser.close()
-    data = {"label": args.label, "passes": passes,
+    print(markdown(save(args.label, passes, before, load_before)))
+
+
+def save(label: str, passes: list[dict], before, load_before) -> dict:
+    from common import run_environment
+    data = {"label": label, "passes": passes,
             "environment": {**asdict(before), **run_environment(load_before)},
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "command": " ".join(["python"] + sys.argv)}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"app_browser_{args.label}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    (RESULTS / f"app_browser_{args.label}.md").write_text(markdown(data))
-    print(markdown(data))
+    (RESULTS / f"app_browser_{label}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (RESULTS / f"app_browser_{label}.md").write_text(markdown(data))
+    return data
 
 
 COLUMNS = [("loaded_s", "model loaded"), ("idle_after_load_s", "idle after load"), ("scores_first_s", "Neuron scores"), ("hull_pca_first_s", "Kernel hull (PCA)"),
@@ -183,6 +208,9 @@ def markdown(data: dict) -> str:
              "|---|" + "---|" * len(COLUMNS)]
     for p in data["passes"]:
         lines.append(f"| {p['pass']} | " + " | ".join(f"{p[k]:.1f} s" if k in p else "-" for k, _ in COLUMNS) + " |")
+    for p in data["passes"]:
+        if p.get("burst_failed"):
+            lines += ["", f"**{p['pass']}: the burst failed**: {p['burst_failed']}."]
     counts = [str(p["burst_evaluations_logged"]) for p in data["passes"] if "burst_evaluations_logged" in p]
     if counts:
         lines += ["", f"Budget evaluations the server logged during the burst, per pass: {', '.join(counts)}."]
