@@ -13,7 +13,6 @@ cache. Writes benchmarks/results/app_lm_pages.json and .md. Needs the LM demo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,9 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine_line, run_environment  # noqa: E402
+from common import machine_line, run_environment, write_results  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def timed(fn):
@@ -89,10 +87,7 @@ def main() -> int:
         result = measure(args.layer, Path(tmp))
     data = {"settings": {"layer": args.layer, "command": " ".join(["python"] + sys.argv)},
             "result": result, "environment": run_environment(load_before)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "app_lm_pages.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / "app_lm_pages.md").write_text(markdown(data))
-    print(markdown(data))
+    print(write_results("app_lm_pages", data, markdown(data)))
     return 0
 
 

@@ -24,9 +24,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from common import machine_line, run_environment  # noqa: E402
+from common import machine_line, run_environment, write_results  # noqa: E402
 
-RESULTS = HERE / "results"
 GOALS = {"classifier": {"test_accuracy_at_least": 0.80, "wall_seconds_under": 300.0}}
 
 
@@ -99,10 +98,7 @@ def main() -> int:
         runs.append(row)
         print(f"  {row['wall_seconds_process']:.1f} s", file=sys.stderr, flush=True)
     data = {"runs": runs, "goals": GOALS, "environment": run_environment(load_before)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "demo_prepare.json").write_text(json.dumps(data, indent=1) + "\n")
-    (RESULTS / "demo_prepare.md").write_text(markdown(data))
-    print(markdown(data))
+    print(write_results("demo_prepare", data, markdown(data), indent=1))
     return 0
 
 

@@ -13,10 +13,12 @@ Imported by the scripts in this folder (``sys.path[0]`` is this folder when one 
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -25,6 +27,17 @@ import numpy as np
 # was busy with other work when the benchmark started.
 IDLE_LOAD = 0.5
 RESAMPLES = 2000
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_results(stem: str, data: Mapping[str, Any], markdown: str, indent: int = 2) -> str:
+    """``results/<stem>.json`` and ``.md`` written together; returns the Markdown (to print it)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=indent) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    return markdown
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
