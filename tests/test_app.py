@@ -14,7 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_tiny import write_tiny
-from kcm_app import live, state
+from kcm_app import live, resources, state
 from kcm_app.testing import finish_background
 from kcm_core.report import SCHEMA
 from conftest import state_snapshot, same_state
