@@ -124,6 +124,7 @@ class LatestOnly:
             if job is not None and not job.done:
                 job.cancel()
             job = Job(key, fn)
+            log.info("%s requested: %r", self.name, key)
             thread = threading.Thread(target=self._work, args=(job, self._thread), daemon=True,
                                       name=f"kcm-{self.name}")
             self._job, self._thread = job, thread

@@ -291,10 +291,16 @@ def integer(key: str) -> int:
 def persistent_widget(widget_key: str) -> dict[str, Any]:
     """Keyword arguments for one of the view's widgets (``W_BUDGET``, ...), called right before drawing
     it: the widget shows the persistent value (it may have changed on another page or through a link,
-    and Streamlit dropped the widget's key on pages that did not draw it), and a change is copied back."""
+    and Streamlit dropped the widget's key on pages that did not draw it), and a change is copied back.
+
+    The widget's key is written only when it differs: a value written through session state is sent
+    to the browser, which then replaces what the user may have changed meanwhile (a slider press made
+    while the previous press's rerun was drawing was lost that way, the burst stuck on the budget
+    before the last)."""
     key = PERSISTENT[widget_key]
     session = _session()
-    session[widget_key] = session[key]
+    if widget_key not in session or session[widget_key] != session[key]:
+        session[widget_key] = session[key]
     return dict(key=widget_key, on_change=copy_widget, args=(widget_key, key))
 
 

@@ -19,7 +19,7 @@ from streamlit.testing.v1 import AppTest
 from app_tiny import sentences, write_tiny
 from conftest import tiny_config
 from kcm_app import disk_cache, engine, live, projection, resources, state
-from kcm_app.engine import scoring
+from kcm_app.engine import evaluations, scoring
 from kcm_app.testing import finish_background
 from kcm_app.views import cost
 from kcm_core import scores as S
@@ -195,14 +195,21 @@ def test_a_second_server_start_reads_the_slow_parts_from_disk(app, monkeypatch, 
     finish_background()
     at.switch_page("pages/4_hull.py").run()
     assert not at.exception
-    assert {p.parent.name for p in cache_dir.rglob("*.pt")} == {"r2", "stats", "grads", "umap"}
+    at.switch_page("pages/5_prune.py").run()
+    accuracy = [(m.value, m.delta) for m in at.metric if m.label.startswith("Accuracy")]
+    assert accuracy, [m.label for m in at.metric]
+    assert {p.parent.name for p in cache_dir.rglob("*.pt")} == {"r2", "stats", "grads", "umap", "dense", "budget"}
     st.cache_resource.clear()               # the server restarts: memory is empty, the disk is not
     computed: list[str] = []
     forbid(monkeypatch, S, "r2", computed)
     forbid(monkeypatch, scoring, "collect_stats", computed)
     forbid(monkeypatch, S, "mask_gradients", computed)
     forbid(monkeypatch, projection, "umap_2d", computed)
-    at = app("pages/3_scores.py")
+    forbid(monkeypatch, evaluations, "evaluate_classifier", computed)     # unpruned and pruned alike
+    forbid(monkeypatch, evaluations, "fit_scales", computed)
+    at = app("pages/5_prune.py")             # the default budget's readouts, read back, the same values
+    assert [(m.value, m.delta) for m in at.metric if m.label.startswith("Accuracy")] == accuracy
+    at.switch_page("pages/3_scores.py").run()
     assert any("neurons" in str(c.proto.spec) for c in at.get("plotly_chart"))
     at.switch_page("pages/4_hull.py").run()
     assert not at.exception, [e.value for e in at.exception]

@@ -4,13 +4,14 @@ agreement, KL against the unpruned model), stored per (method, hyper-parameters,
 comparison built from them; and greedy continuations of a prompt, unpruned and pruned."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
-from kcm_core.evaluate import ClassifierEval, evaluate_classifier
+from kcm_core.evaluate import ClassifierEval, Rate, evaluate_classifier
 from kcm_core.lm import LMEval, PairedPerplexity, evaluate_lm, generate, paired_perplexity
 from kcm_core.flops import count_params, relative_flops
 from kcm_core.methods import MethodScores, ScoreDetails, method
@@ -20,6 +21,7 @@ from kcm_core.realise import slice_model
 from kcm_core.runtime import Batch, Progress, take_sequences, tell
 from kcm_core.scaling import fit_scales, teacher_targets
 
+from .. import disk_cache
 from ..store import SharedStore
 from .scoring import method_scores, score_key
 from .workspace import Workspace, private_copy
@@ -64,11 +66,34 @@ def reference_run(ws: Workspace, store: SharedStore,
     if ws.eval_batches is None:
         raise ValueError("no labeled evaluation data: choose data with a label column to see accuracy")
 
-    def compute():
+    def evaluate():
         start = time.perf_counter()
         result = evaluate_classifier(ws.model, ws.eval_batches, progress=progress)
         return result, time.perf_counter() - start
+
+    def compute():        # kept on disk: a restarted app reads the unpruned predictions at once
+        return disk_cache.cached("dense", (ws.weights_hash, ws.data_key), evaluate,
+                                 _encode_reference, _decode_reference)
     return store.get_or_compute(("dense", ws.model_key, ws.data_key), compute, progress)
+
+
+def _rate_fields(rate: Rate | None) -> list[float] | None:
+    return None if rate is None else [rate.value, rate.low, rate.high, rate.n]
+
+
+def _rate(values: list[float] | None) -> Rate | None:
+    return None if values is None else Rate(float(values[0]), float(values[1]), float(values[2]), int(values[3]))
+
+
+def _encode_reference(value: tuple[ClassifierEval, float]) -> dict:
+    result, seconds = value
+    return {"predictions": result.predictions, "hits": result.hits, "accuracy": _rate_fields(result.accuracy),
+            "agreement": _rate_fields(result.agreement), "seconds": seconds}
+
+
+def _decode_reference(payload: dict) -> tuple[ClassifierEval, float]:
+    return (ClassifierEval(accuracy=_rate(payload["accuracy"]), agreement=_rate(payload["agreement"]),
+                           predictions=payload["predictions"], hits=payload["hits"]), float(payload["seconds"]))
 
 
 def reference(ws: Workspace, store: SharedStore, progress: Progress | None = None) -> ClassifierEval:
@@ -166,7 +191,30 @@ def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
             perplexity=lm_result.perplexity.to_dict() if lm_result else None,
             kl=lm_result.kl.to_dict() if lm_result and lm_result.kl else None,
             lm=lm_result, paired=paired, predictions=result.predictions if result else None)
-    return store.get_or_compute(budget_key(ws, config), compute, progress)
+    def compute_or_read() -> BudgetResult:
+        if ws.is_lm:                     # an LM's result holds its whole block evaluation: memory only
+            return compute()
+        # a classifier's result is kept on disk, keyed by the weights and everything the key names
+        parts = (ws.weights_hash, ws.data_key, repr(tuple(p for p in budget_key(ws, config) if p != ws.model_key)))
+        return disk_cache.cached("budget", parts, compute, _encode_budget, _decode_budget)
+    return store.get_or_compute(budget_key(ws, config), compute_or_read, progress)
+
+
+def _encode_budget(result: BudgetResult) -> dict:
+    return {"method": result.method, "budget": result.budget, "seed": result.seed, "plan": result.plan.to_json(),
+            "relative_flops": result.relative_flops, "params_after": result.params_after,
+            "accuracy": json.dumps(result.accuracy), "agreement": json.dumps(result.agreement),
+            "seconds": json.dumps(result.seconds), "details": json.dumps(result.details.to_dict()),
+            "predictions": result.predictions}
+
+
+def _decode_budget(payload: dict) -> BudgetResult:
+    details = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(payload["details"]).items()}
+    return BudgetResult(method=payload["method"], budget=float(payload["budget"]), seed=int(payload["seed"]),
+                        plan=KeepPlan.from_json(payload["plan"]), relative_flops=float(payload["relative_flops"]),
+                        params_after=int(payload["params_after"]), accuracy=json.loads(payload["accuracy"]),
+                        agreement=json.loads(payload["agreement"]), seconds=json.loads(payload["seconds"]),
+                        details=ScoreDetails(**details), predictions=payload["predictions"])
 
 
 def is_evaluated(ws: Workspace, config: PruneConfig, store: SharedStore) -> bool:
