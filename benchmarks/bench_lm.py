@@ -56,8 +56,8 @@ def main() -> int:
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--merge", action="store_true",
-                        help="keep the rows of lm.json for methods not run now (same settings required), "
-                             "so a grid can be completed in parts; both commands are recorded")
+                        help="keep the rows of lm.json for (method, budget) cells not run now (same settings "
+                             "required), so a grid can be completed in parts; both commands are recorded")
     parser.add_argument("--render-only", action="store_true", help="rewrite lm.md from lm.json, measuring nothing")
     args = parser.parse_args()
     if args.render_only:
@@ -87,14 +87,16 @@ def main() -> int:
     dense = evaluate_lm(model, evaluation)
     dense_s = time.perf_counter() - t
     rows, stats = [], {}
+    shared: dict = {}                    # R2 and the calibration statistics, computed once for all methods
     for name in methods:
         seeds = RANDOM_SEEDS if METHODS[name].seeded else (0,)
         for seed in seeds:
             base = PruneConfig(method=name, budget=budgets[0], seed=seed, scale_samples=SCALE_BLOCKS)
             t = time.perf_counter()
-            scores = compute_scores(model, base, calibration)
+            reused = sorted(set(shared) & METHODS[name].needs)
+            scores = compute_scores(model, base, calibration, shared=shared)
             score_s = time.perf_counter() - t
-            log(f"{name} seed {seed}: scored in {score_s:.0f} s ({scores.seconds})")
+            log(f"{name} seed {seed}: scored in {score_s:.0f} s ({scores.seconds}; reused {reused or 'nothing'})")
             for budget in budgets:
                 t = time.perf_counter()
                 result = prune(model, replace(base, budget=budget), calibration, method_scores=scores)
@@ -108,13 +110,15 @@ def main() -> int:
                              "kept": result.plan.total_kept, "perplexity": ev.perplexity.to_dict(),
                              "block_nll": ev.stats.nll.tolist(), "block_tokens": ev.stats.tokens.tolist(),
                              "vs_unpruned": paired_perplexity(ev.stats, dense.stats).to_dict(),
+                             "reused": reused,
                              "seconds": {"scoring": score_s, "prune": prune_s, "evaluation": eval_s,
                                          **{f"stage_{k}": v for k, v in result.seconds.items()}}})
                 log(f"  {name} @ {budget} (seed {seed}): perplexity {ev.perplexity.value:.2f} "
                     f"[{prune_s:.0f} s pruning, {eval_s:.0f} s evaluation]")
+    own_rows = list(rows)
     commands = [" ".join(["python"] + sys.argv)]
     if args.merge:
-        kept, earlier_commands = earlier_rows(methods, args.eval_blocks)
+        kept, earlier_commands = earlier_rows(methods, budgets, args.eval_blocks)
         rows, commands = kept + rows, earlier_commands + commands
         for row in kept:                 # earlier rows paired against the KCM run of their own time,
             if "block_nll" in row:       # or against this run's KCM when their blocks were stored
@@ -124,13 +128,21 @@ def main() -> int:
         own = stats.get((row["method"], row["budget"], row["seed"]))
         if ref is not None and own is not None and row["method"] != "kcm":
             row["vs_kcm"] = paired_perplexity(own, ref).to_dict()
+    environment = run_environment(load_before)
+    own_kcm = [r for r in own_rows if r["method"] == "kcm"]
+    if own_kcm:         # the stage times of this run's KCM (its first budget), with this run's load
+        kcm_run = {"budget": own_kcm[0]["budget"], "seconds": own_kcm[0]["seconds"],
+                   "machine_state": environment["machine_state"], "command": commands[-1]}
+    else:               # merged without KCM: the stored one stays
+        kcm_run = json.loads((RESULTS / "lm.json").read_text()).get("kcm_run") if args.merge else None
     data = {"settings": {"model": demo_lm.MODEL_SOURCE, "text": demo_lm.TEXT_SOURCE, "block": BLOCK,
                          "calibration_blocks": CALIBRATION_BLOCKS, "scale_blocks": SCALE_BLOCKS,
                          "eval_blocks": args.eval_blocks, "seq_len": seq_len,
                          "command": " && ".join(commands)},
             "unpruned": {"perplexity": dense.perplexity.to_dict(), "evaluation_seconds": dense_s},
             "rows": rows,
-            "environment": run_environment(load_before),
+            "kcm_run": kcm_run,
+            "environment": environment,
             "wall_seconds": time.perf_counter() - started}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lm.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -156,8 +168,9 @@ def pair_stored_blocks(rows: list[dict]) -> bool:
     return changed
 
 
-def earlier_rows(methods: list[str], eval_blocks: int) -> tuple[list[dict], list[str]]:
-    """Rows of the stored lm.json for methods not in ``methods``; its settings must match this run's."""
+def earlier_rows(methods: list[str], budgets: list[float], eval_blocks: int) -> tuple[list[dict], list[str]]:
+    """Rows of the stored lm.json for the (method, budget) cells this run does not measure; its settings
+    must match this run's."""
     path = RESULTS / "lm.json"
     if not path.is_file():
         return [], []
@@ -169,7 +182,8 @@ def earlier_rows(methods: list[str], eval_blocks: int) -> tuple[list[dict], list
     if theirs != ours:
         raise SystemExit(f"--merge: lm.json was measured with {theirs}, this run uses {ours}; "
                          "run without --merge or with the same settings")
-    return [r for r in old["rows"] if r["method"] not in methods], s["command"].split(" && ")
+    return ([r for r in old["rows"] if r["method"] not in methods or r["budget"] not in budgets],
+            s["command"].split(" && "))
 
 
 def markdown(data: dict) -> str:
@@ -201,12 +215,15 @@ def markdown(data: dict) -> str:
             cells.append(perplexity_cell(first) + (f" (seeds {min(values):.1f}-{max(values):.1f})" if len(rows) > 1 else ""))
         lines.append(f"| {METHODS[name].label} | " + " | ".join(cells) + " |")
     kcm = [r for r in data["rows"] if r["method"] == "kcm"]
-    if kcm:
-        stages = kcm[0]["seconds"]
-        lines += ["", "KCM wall time (first budget): scoring "
+    run = data.get("kcm_run") or ({"budget": kcm[0]["budget"], "seconds": kcm[0]["seconds"]} if kcm else None)
+    if run:
+        stages = run["seconds"]
+        total = stages["scoring"] + stages["prune"]
+        where = f"; {run['machine_state']}" if run.get("machine_state") else ""
+        lines += ["", f"KCM wall time at {run['budget']}: {total:.0f} s = scoring "
                   f"{stages['scoring']:.0f} s (R2 {stages.get('stage_r2', 0):.0f} s, D2 "
-                  f"{stages.get('stage_d2', 0):.0f} s), selection + scaling + slicing {stages['prune']:.0f} s "
-                  f"(scaling {stages.get('stage_scaling', 0):.0f} s)."]
+                  f"{stages.get('stage_d2', 0):.0f} s) + selection, scaling and slicing {stages['prune']:.0f} s "
+                  f"(scaling {stages.get('stage_scaling', 0):.0f} s){where}."]
     lines += ["", machine_line(env),
               f"Command: `{s['command']}`; wall time {data['wall_seconds']:.0f} s"
               + (" (the last command)." if " && " in s["command"] else "."), ""]

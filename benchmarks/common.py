@@ -61,12 +61,15 @@ def run_environment(load_before: Sequence[float], **extra: Any) -> dict[str, Any
 
 
 def machine_state(env: Mapping[str, Any]) -> str:
-    """"idle" or "shared (load X before, Y after)": from the recorded loads, never assumed."""
+    """"idle" or "shared (load X before, Y after)": from the recorded loads, never assumed. The run
+    itself keeps about ``threads`` cores busy, so a one-minute load after it above that (plus
+    ``IDLE_LOAD``) means other work shared the cores during the run, whatever the load before."""
     before, after = env.get("load_average_before"), env.get("load_average_after")
     if not before:
         return "unknown (no load recorded)"
     after_text = f", {after[0]:.1f} after" if after else ""
-    if before[0] < IDLE_LOAD:
+    own = float(env.get("threads") or 0)
+    if before[0] < IDLE_LOAD and not (after and own and after[0] > own + IDLE_LOAD):
         return f"idle (load {before[0]:.1f} before{after_text})"
     return f"shared (load {before[0]:.1f} before{after_text}; other work used the cores)"
 

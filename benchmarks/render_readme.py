@@ -191,16 +191,20 @@ def lm(results: Path) -> str:
         seeds = len({r["seed"] for r in data["rows"] if r["method"] == name})
         label = METHODS[name].label + (f" ({seeds} seeds)" if seeds > 1 else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    kcm = next((r for r in data["rows"] if r["method"] == "kcm"), None)
     env = data["environment"]
-    lines += ["", f"One run, {_state(env)}; random's seed spread is shown beside its mean."]
-    if kcm:
-        s = kcm["seconds"]
+    runs = data["settings"]["command"].count(" && ") + 1
+    lines += ["", (f"{runs} runs merged cell by cell (`--merge`; same calibration and held-out blocks), the last on "
+                   if runs > 1 else "One run, ") + f"{_state(env)}; random's seed spread is shown beside its mean."]
+    kcm = next((r for r in data["rows"] if r["method"] == "kcm"), None)
+    run = data.get("kcm_run") or (kcm and {"budget": kcm["budget"], "seconds": kcm["seconds"]})
+    if run:
+        s = run["seconds"]
         total = s["scoring"] + s["prune"]
-        lines += ["", f"KCM's own wall time on the LM demo: scoring {s['scoring']:.0f} s (R2 {s.get('stage_r2', 0):.0f} s, "
-                  f"D2 {s.get('stage_d2', 0):.0f} s), then selection, scaling and slicing {s['prune']:.0f} s: "
-                  f"**about {total / 60:.1f} minutes** for a whole run (goal: under 3 minutes; "
-                  + ("met in this one run" if total < 180 else "**not met**") + ")."]
+        where = f", {run['machine_state']}" if run.get("machine_state") else ""
+        lines += ["", f"KCM's own wall time on the LM demo at {run['budget']}{where}: scoring {s['scoring']:.0f} s "
+                  f"(R2 {s.get('stage_r2', 0):.0f} s, D2 {s.get('stage_d2', 0):.0f} s), then selection, scaling and "
+                  f"slicing {s['prune']:.0f} s: **about {total / 60:.1f} minutes** for a whole run (goal: under "
+                  "3 minutes; " + ("met in this run" if total < 180 else "**not met**") + ")."]
     return "\n".join(lines) + "\n"
 
 

@@ -84,8 +84,16 @@ def test_idle_only_when_the_load_before_says_so():
     assert common.machine_state({}) == "unknown (no load recorded)"
 
 
+def test_a_run_that_ends_busier_than_its_own_threads_was_shared():
+    quiet_before = {"load_average_before": [0.1, 0.1, 0.1], "threads": 2}
+    assert common.machine_state({**quiet_before, "load_average_after": [2.3, 1, 1]}).startswith("idle")
+    assert common.machine_state({**quiet_before, "load_average_after": [3.0, 1, 1]}).startswith(
+        "shared (load 0.1 before, 3.0 after")
+
+
 def test_run_environment_records_machine_versions_load_and_command(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["benchmarks/bench_speed.py", "--quick"])
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (1.0, 0.8, 0.6))
     env = common.run_environment([0.1, 0.2, 0.3], onnxruntime="9.9")
     assert env["command"].endswith("python benchmarks/bench_speed.py --quick")
     assert env["load_average_before"] == [0.1, 0.2, 0.3] and len(env["load_average_after"]) == 3
