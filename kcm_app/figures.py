@@ -31,6 +31,23 @@ def stacked_blocks(frame: pd.DataFrame, value: str, y_title: str, title: str) ->
     return fig
 
 
+def param_summary(frame: pd.DataFrame) -> go.Figure:
+    """One horizontal bar of the whole model's parameters by kind of block (a ``charts.param_frame``),
+    each with its share: how much of the model the FFN rows that KCM prunes are."""
+    totals = frame.groupby("block", sort=False)["value"].sum()
+    fig = go.Figure()
+    for block, value in totals.items():
+        share = value / totals.sum()
+        fig.add_bar(name=BLOCK_NAMES.get(block, block), y=["parameters"], x=[value], orientation="h",
+                    marker_color=BLOCK_COLORS.get(block.split("+")[0], "#888888"),
+                    text=[f"{share:.0%}"] if share >= 0.04 else None, textposition="inside",
+                    hovertemplate=BLOCK_NAMES.get(block, block) + f": %{{x:,.0f}} ({share:.1%})<extra></extra>")
+    fig.update_layout(**base_layout(barmode="stack", height=240, title="Where the parameters are (KCM prunes "
+                                    "the FFN rows and columns)", xaxis_title="parameters"))
+    fig.update_yaxes(showticklabels=False)
+    return fig
+
+
 def share_curve(frame: pd.DataFrame, current: float) -> go.Figure:
     """Share of counted MACs per kind of block vs sequence length, the current length marked."""
     fig = go.Figure()

@@ -421,3 +421,16 @@ def test_report_holds_plan_numbers_and_environment(ws):
     html = report.figures_html({"a": go.Figure(), "b": go.Figure()}, "t")
     assert html.count("<h2") == 2 and html.count("plotly.js v") <= 1
     assert isinstance(charts.kept_frame(result.plan), pd.DataFrame)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_the_model_pages_parameter_bar_adds_up_to_the_model(family):
+    from conftest import build_tiny_model
+    from kcm_app import figures
+    model = build_tiny_model(family)
+    shape = model_shape(model.config)
+    frame = charts.param_frame(cost_report(shape, 16, params=count_params(model)), shape)
+    bars = {bar.name: bar.x[0] for bar in figures.param_summary(frame).data}
+    assert sum(bars.values()) == count_params(model).total
+    ffn = sum(charts.ffn_up_params(shape, n) + n * shape.hidden for n in shape.ffn_width)
+    assert bars[charts.BLOCK_LABELS["ffn_up"]] + bars[charts.BLOCK_LABELS["ffn_down"]] == ffn

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from kcm_core.flops import count_params
+from kcm_core.flops import cost_report, count_params
 
-from .. import background, disk_cache, engine, resources, ui
+from .. import background, charts, disk_cache, engine, figures, resources, ui
 from ..sources import DATA_KINDS
 from ..engine import Workspace
 
@@ -91,6 +91,8 @@ def body(ws: Workspace, score_now: bool) -> None:
     with left:
         st.subheader("Architecture")
         st.table(architecture(ws))
+        report = cost_report(ws.shape, ws.seq_len, params=count_params(ws.model))
+        st.plotly_chart(figures.param_summary(charts.param_frame(report, ws.shape)), key="model_params")
     with right:
         st.subheader("Data")
         st.table(provenance(ws))
