@@ -1,5 +1,7 @@
 """Results that outlive the server process: the slow score components (kernel hull fits, activation
-statistics, Fisher gradients) and UMAP projections, kept on disk so a restarted app shows them at once.
+statistics, Fisher gradients), UMAP projections, and a classifier's evaluations (the unpruned model's
+predictions, each evaluated budget: ``kcm_app.engine.evaluations``), kept on disk so a restarted app
+shows them at once.
 
 Keys are content, never names: the SHA-256 of the model's weights (``weights_hash``), the scoring
 sample's fingerprint (``Workspace.data_key``) and the options (a frozen config's ``repr``). Files live

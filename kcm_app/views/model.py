@@ -145,7 +145,8 @@ def cache_controls() -> None:
     """The disk cache of slow results (``kcm_app.disk_cache``): where, how big, and a button to clear it."""
     st.subheader("Disk cache")
     files, size = disk_cache.usage()
-    st.caption(f"Kernel hull fits, activation statistics, Fisher gradients and UMAP projections are kept in "
+    st.caption(f"Kernel hull fits, activation statistics, Fisher gradients, UMAP projections and a "
+               f"classifier's evaluations (unpruned and every evaluated budget) are kept in "
                f"{disk_cache.root().parent} ({files} files, {size / 2**20:.1f} MiB), keyed by the weights' "
                "hash, the data and the options, so a restarted app shows them at once. Results already "
                "in this server's memory stay until it restarts.")
