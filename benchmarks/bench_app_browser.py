@@ -240,9 +240,9 @@ def markdown(data: dict) -> str:
         lines += ["", f"Budget evaluations the server logged during the burst, per pass: {', '.join(counts)}."]
     lines += ["", "'idle after load' runs from opening the app until the app stops running; it includes the "
                   "background work where the app does some (the sidebar polls while it runs), so the page "
-                  "timings after it start from a finished background. Neuron scores is the first page "
-                  "with a Plotly chart, so its time includes the browser loading Plotly's script (once per "
-                  "tab: about 3 to 4 s on this machine, measured by opening Cost first)."]
+                  "timings after it start from a finished background. The browser loads Plotly's script "
+                  "with a tab's first chart (about 3 to 4 s on this machine): the landing page draws one "
+                  "since a04297c, before that the Neuron scores page did."]
     return "\n".join(lines) + "\n"
 
 
