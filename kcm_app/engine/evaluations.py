@@ -77,22 +77,20 @@ def reference_run(ws: Workspace, store: SharedStore,
     return store.get_or_compute(("dense", ws.model_key, ws.data_key), compute, progress)
 
 
-def _rate_fields(rate: Rate | None) -> list[float] | None:
-    return None if rate is None else [rate.value, rate.low, rate.high, rate.n]
-
-
-def _rate(values: list[float] | None) -> Rate | None:
-    return None if values is None else Rate(float(values[0]), float(values[1]), float(values[2]), int(values[3]))
+def _rate(stored: dict | None) -> Rate | None:
+    """A ``Rate`` back from its ``to_dict()`` form."""
+    return None if stored is None else Rate(stored["value"], *stored["ci95"], stored["n"])
 
 
 def _encode_reference(value: tuple[ClassifierEval, float]) -> dict:
     result, seconds = value
-    return {"predictions": result.predictions, "hits": result.hits, "accuracy": _rate_fields(result.accuracy),
-            "agreement": _rate_fields(result.agreement), "seconds": seconds}
+    return {"predictions": result.predictions, "hits": result.hits, "rates": json.dumps(result.to_dict()),
+            "seconds": seconds}
 
 
 def _decode_reference(payload: dict) -> tuple[ClassifierEval, float]:
-    return (ClassifierEval(accuracy=_rate(payload["accuracy"]), agreement=_rate(payload["agreement"]),
+    rates = json.loads(payload["rates"])
+    return (ClassifierEval(accuracy=_rate(rates["accuracy"]), agreement=_rate(rates["agreement"]),
                            predictions=payload["predictions"], hits=payload["hits"]), float(payload["seconds"]))
 
 
