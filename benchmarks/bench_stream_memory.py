@@ -1,7 +1,7 @@
 """Peak resident memory of pruning a LLaMA-shaped model of about 1 B parameters: streamed (one layer at
 a time, ``kcm_core.stream``) against in memory (``pipeline.prune`` + ``save_pruned``).
 
-    python benchmarks/bench_stream_memory.py [--method d2] [--layers 22] [--skip-memory]
+    python benchmarks/bench_stream_memory.py [--method d2] [--layers 22] [--modes stream,memory,app]
 
 A model of TinyLlama-1.1B's shape (hidden 2048, MLP 5632, 32 heads, 4 K/V heads, vocabulary 32,000,
 untied head) is written to a temporary folder under /tmp with seeded random fp32 weights (about
@@ -11,7 +11,16 @@ Python process (this script with ``--child``), which reports its own peak reside
 time. Calibration is small on purpose (random token ids: 4 sequences of 64 tokens, all used for
 scaling), since memory, not quality, is measured. The in-memory run is skipped (and says so) when
 the machine has less than 14 GB available, since it holds the model and two copies of it.
-Writes benchmarks/results/stream_memory.json and stream_memory.md.
+
+The ``app`` run is the explorer's own path on the same folder opened layer by layer (``kcm_app``'s
+resources and engine, without a browser): the workspace (empty skeleton, tokenizer, documents cut into
+blocks), the method's scores as the Prune page asks for them, its readout, layer 0's PCA for the
+Kernel hull page, then the Export page's ``prune_streamed`` with those scores. The folder gets a small
+WordPiece tokenizer and the run a file of random-word documents for it (random weights either way).
+
+``--modes`` runs some of the three; the runs of the others are kept from the results file, each with
+the command and the load it was measured under. Writes benchmarks/results/stream_memory.json and
+stream_memory.md.
 """
 from __future__ import annotations
 
@@ -90,13 +99,57 @@ def peak_memory() -> dict:
             "rss_at_end_gb": kb("VmRSS") / 1e6}
 
 
+WORDS = [f"w{i}" for i in range(400)]
+
+
+def write_text_side(model_dir: Path, docs: Path) -> None:
+    """A WordPiece tokenizer over ``WORDS`` saved into the model folder, and 200 random-word documents."""
+    import random
+
+    import transformers
+    vocab = model_dir.parent / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizerFast(vocab=str(vocab)).save_pretrained(model_dir)
+    rng = random.Random(0)
+    docs.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(60, 120)))
+                              for _ in range(200)) + "\n")
+
+
+def app_child(model_dir: str, out_dir: str, config) -> tuple:
+    """The app's path on the folder opened layer by layer (see the module doc)."""
+    from kcm_app import engine, report, resources
+    from kcm_app.sources import DataChoice, ModelChoice, SampleChoice
+    from kcm_core.stream import prune_streamed
+    ws = resources.workspace(ModelChoice("folder", model_dir, stream=True),
+                             DataChoice("file", str(Path(model_dir).parent / "docs.txt")),
+                             SampleChoice(SEQUENCES, TOKENS, 0))
+    store = resources.store("results")
+    seconds = {}
+    t = time.perf_counter()
+    scores = engine.method_scores(ws, config, store)
+    seconds["scores"] = time.perf_counter() - t
+    readout = engine.readout(ws, scores, config, store)
+    t = time.perf_counter()
+    engine.layer_pca(ws, 0, store)
+    seconds["layer_0_pca"] = time.perf_counter() - t
+    result = prune_streamed(ws.stream_dir, config, ws.unlabeled, out_dir, tokenizer=ws.tokenizer,
+                            scores=scores, report=lambda done, _sk: report.layerwise_report(ws, config, done))
+    if result.plan.kept_counts != readout.plan.kept_counts:
+        raise AssertionError("the export's plan differs from the Prune page's readout")
+    seconds.update(result.seconds)
+    return result.plan, seconds
+
+
 def child(mode: str, model_dir: str, out_dir: str, method: str) -> dict:
     import torch
     from kcm_core.pipeline import PruneConfig
     config = PruneConfig(method=method, budget=0.8, scale_samples=SEQUENCES)
     batches = calibration()
     start = time.perf_counter()
-    if mode == "stream":
+    if mode == "app":
+        os.environ["KCM_CACHE_DIR"] = str(Path(out_dir).parent / "app-cache")
+        plan, seconds = app_child(model_dir, out_dir, config)
+    elif mode == "stream":
         from kcm_core.stream import prune_streamed
         result = prune_streamed(model_dir, config, batches, out_dir, device="cpu")
         plan, seconds = result.plan, result.seconds
@@ -137,8 +190,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", default="d2")
     parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--skip-memory", action="store_true", help="measure the streamed run only")
-    parser.add_argument("--child", choices=["stream", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default="stream,memory,app",
+                        help="comma list of stream, memory, app (the others' runs are kept from the results file)")
+    parser.add_argument("--skip-memory", action="store_true", help="the same as leaving memory out of --modes")
+    parser.add_argument("--child", choices=["stream", "memory", "app"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -147,6 +202,21 @@ def main() -> int:
         return 0
 
     from kcm_core.report import Environment
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.skip_memory and "memory" in modes:
+        modes.remove("memory")
+    unknown = set(modes) - {"stream", "memory", "app"}
+    if unknown or not modes:
+        parser.error(f"--modes takes stream, memory and app, got {args.modes!r}")
+    command = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]])
+    earlier = RESULTS / "stream_memory.json"
+    runs = {}
+    if earlier.exists():                     # the runs not repeated now, each with its own command and load
+        old = json.loads(earlier.read_text())
+        if old.get("model", {}).get("layers") == args.layers and old.get("method") == args.method:
+            for mode, run in old.get("runs", {}).items():
+                runs[mode] = {"command": old["command"], "load_average_before": old.get("load_average_before"),
+                              "load_average_after": old.get("load_average_after"), **run}
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="kcm-stream-bench-", dir="/tmp"))
     try:
@@ -156,26 +226,30 @@ def main() -> int:
         params = write_random_model(model_dir, args.layers)
         write_s = time.perf_counter() - start
         size_gb = sum(p.stat().st_size for p in model_dir.iterdir()) / 1e9
-        runs = {"stream": run_child("stream", model_dir, work, args.method)}
-        if args.skip_memory:
-            runs["memory"] = {"mode": "memory", "skipped": "--skip-memory"}
-        elif available_gb() < MEMORY_NEEDED_GB:
-            runs["memory"] = {"mode": "memory", "skipped": f"only {available_gb():.1f} GB available, "
-                              f"{MEMORY_NEEDED_GB} GB needed"}
-        else:
-            runs["memory"] = run_child("memory", model_dir, work, args.method)
+        write_text_side(model_dir, work / "docs.txt")
+        for mode in modes:
+            before = os.getloadavg()
+            if mode == "memory" and available_gb() < MEMORY_NEEDED_GB:
+                run = {"mode": "memory", "skipped": f"only {available_gb():.1f} GB available, "
+                       f"{MEMORY_NEEDED_GB} GB needed"}
+            else:
+                run = run_child(mode, model_dir, work, args.method)
+            runs[mode] = {"command": command, "load_average_before": before,
+                          "load_average_after": os.getloadavg(), **run}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_after = os.getloadavg()
-    stream, memory = runs["stream"], runs["memory"]
+    stream, memory = runs.get("stream", {}), runs.get("memory", {})
     result = {
-        "command": "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]]),
+        "command": command,
         "model": {"family": "llama", "layers": args.layers, **SHAPE, "params": params, "dtype": "float32",
                   "checkpoint_gb": size_gb, "write_s": write_s},
         "calibration": {"sequences": SEQUENCES, "tokens": TOKENS, "batch": BATCH, "kind": "random token ids"},
         "method": args.method, "budget": 0.8, "runs": runs,
         "goal": {"streamed_peak_below_gb": GOAL_GB,
-                 "met": bool(stream.get("vmhwm_gb") is not None and stream["vmhwm_gb"] < GOAL_GB)},
+                 "met": bool(stream.get("vmhwm_gb") is not None and stream["vmhwm_gb"] < GOAL_GB),
+                 "app_met": bool(runs.get("app", {}).get("vmhwm_gb") is not None
+                                 and runs["app"]["vmhwm_gb"] < GOAL_GB)},
         "ratio_memory_over_stream": (memory["vmhwm_gb"] / stream["vmhwm_gb"]
                                      if "vmhwm_gb" in memory and "vmhwm_gb" in stream else None),
         "plans_equal_kept": (stream.get("kept") == memory.get("kept")) if "kept" in memory else None,
@@ -209,6 +283,14 @@ def markdown(r: dict) -> str:
     goal = r["goal"]
     lines += ["", f"Goal: streamed peak below {goal['streamed_peak_below_gb']} GB: "
               f"{'met' if goal['met'] else 'NOT met'}."]
+    if "app" in r["runs"]:
+        lines.append(f"The app's layer-by-layer path (`app`: workspace, scores, readout, layer 0's PCA, export) "
+                     f"below {goal['streamed_peak_below_gb']} GB: {'met' if goal.get('app_met') else 'NOT met'}.")
+    lines += ["", "Each run's command and load average (1 minute) before and after it:", ""]
+    for mode, run in r["runs"].items():
+        if run.get("load_average_before"):
+            lines.append(f"- {mode}: `{run['command']}`, load {run['load_average_before'][0]:.1f} before, "
+                         f"{run['load_average_after'][0]:.1f} after")
     if r["ratio_memory_over_stream"]:
         lines.append(f"In-memory peak / streamed peak: {r['ratio_memory_over_stream']:.1f}x "
                      f"(same kept count: {r['plans_equal_kept']}).")

@@ -99,6 +99,9 @@ def default_config(ws: Workspace, seed: int) -> PruneConfig:
 
 def steps_for(ws: Workspace, seed: int, store: SharedStore) -> list[Step]:
     config = default_config(ws, seed)
+    if ws.streamed:          # layer by layer: nothing runs the whole model (no evaluations, no gradients)
+        return [Step(SCORES, lambda p: engine.method_scores(ws, config, store, p)),
+                Step(UMAP, lambda p: engine.layer_umap(ws, 0, seed, store))]
     steps = []
     if ws.is_lm:
         steps.append(Step(UNPRUNED, lambda p: engine.reference_lm(ws, store, p)))

@@ -51,6 +51,25 @@ def weights_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def checkpoint_hash(folder: str | os.PathLike) -> str:
+    """A model folder opened layer by layer, without reading its weights (which may not fit in memory,
+    and hashing them all would read every byte): SHA-256 over each safetensors file's name, size,
+    modification time and header (the tensor names, dtypes, shapes and offsets), and ``config.json``.
+    Saving the weights again changes the modification time, so the key changes with them."""
+    h = hashlib.sha256(b"layer-by-layer|")
+    folder = Path(folder)
+    for path in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+        info = path.stat()
+        h.update(f"{path.name}|{info.st_size}|{info.st_mtime_ns}|".encode())
+        with path.open("rb") as f:
+            if path.suffix == ".safetensors":
+                length = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(length, 100 * 2**20)))
+            else:
+                h.update(f.read())
+    return h.hexdigest()
+
+
 def path_for(kind: str, parts: tuple) -> Path:
     """Where the result of ``kind`` for ``parts`` (hashable, with a stable ``repr``) is kept."""
     digest = hashlib.sha256(repr((VERSION, kind) + tuple(parts)).encode()).hexdigest()[:32]

@@ -6,11 +6,12 @@ from typing import Mapping
 
 import plotly.graph_objects as go
 
-from kcm_core.flops import count_params
+from kcm_core.flops import count_params, relative_flops
 from kcm_core.lm import LMEval
 from kcm_core.methods import method
 from kcm_core.pipeline import PruneConfig
 from kcm_core.report import Evaluation, Metric, PruneReport, build_report as core_report, render_markdown
+from kcm_core.stream import StreamResult
 
 from .engine import BudgetResult, SpeedResult, Workspace
 
@@ -35,12 +36,27 @@ def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
         "measured_speedup": speed.measured_speedup, "estimated_speedup": 1 / result.relative_flops}
     return core_report(
         model=ws.model, source=ws.info.model_name, path=ws.info.model_path, spec=method(config.method),
-        config=config, data={"source": ws.info.data_source or ws.info.data, "samples": ws.info.sample,
-                             "max_len": ws.info.max_len, "seed": ws.info.seed,
-                             **({"unit": "blocks"} if ws.is_lm else {})},
-        plan=result.plan, seq_len=ws.seq_len, achieved_flops=result.relative_flops,
-        params_before=count_params(ws.model).total, params_after=result.params_after,
-        details=result.details, evaluation=evaluation, seconds=result.seconds, speed=speed_record)
+        config=config, data=data_record(ws), plan=result.plan, seq_len=ws.seq_len,
+        achieved_flops=result.relative_flops, params_before=count_params(ws.model).total,
+        params_after=result.params_after, details=result.details, evaluation=evaluation,
+        seconds=result.seconds, speed=speed_record)
+
+
+def layerwise_report(ws: Workspace, config: PruneConfig, result: StreamResult) -> PruneReport:
+    """The report of a model pruned layer by layer (``kcm_core.stream.prune_streamed``): the same
+    schema, without an evaluation (the whole model was never in memory)."""
+    return core_report(
+        model=ws.model, source=ws.info.model_name, path=ws.info.model_path, spec=method(config.method),
+        config=config, data=data_record(ws), plan=result.plan, seq_len=result.seq_len,
+        achieved_flops=relative_flops(ws.shape, result.seq_len, result.plan.kept_counts),
+        params_before=result.params_before, params_after=result.params_after, details=result.details,
+        evaluation=None, seconds=result.seconds)
+
+
+def data_record(ws: Workspace) -> dict:
+    """The report's ``data``: where the scoring sample came from and how it was drawn."""
+    return {"source": ws.info.data_source or ws.info.data, "samples": ws.info.sample,
+            "max_len": ws.info.max_len, "seed": ws.info.seed, **({"unit": "blocks"} if ws.is_lm else {})}
 
 
 def report_markdown(report: PruneReport, heading: str = "#") -> str:

@@ -9,6 +9,7 @@ runs without Streamlit replaying elements on a cache hit.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import streamlit as st
@@ -22,6 +23,11 @@ from .engine import Workspace, WorkspaceInfo
 from .sources import (BATCH_SIZE, DEMO_KINDS, EVAL_LIMIT, LM_BATCH, LM_EVAL_BLOCKS, DataChoice,
                       ModelChoice, SampleChoice, batches_fingerprint, is_upload, model_key)
 from .store import SharedStore
+
+
+# A local folder whose weight files take more than this share of the available memory opens layer by
+# layer (``layerwise_reason``): the model is never whole in memory, at the cost of the evaluations.
+MEMORY_SHARE = 0.8
 
 
 @st.cache_resource(show_spinner=False)
@@ -98,12 +104,46 @@ def _load_model(key: str, path: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _open_layerwise(key: str, path: str) -> tuple[Any, Any]:
+    """A folder opened layer by layer: the empty skeleton (parameters on ``meta``: shapes and counts,
+    no memory) and the tokenizer. Nothing fills this shared skeleton; work on it uses a fresh one
+    (``engine.workspace.skeleton``)."""
+    import torch
+
+    from kcm_core.layerwise import Skeleton
+    from kcm_core.models import _load_processor
+    if not Path(path).is_dir():
+        raise ValueError(f"{path} is not a folder: layer by layer reads the safetensors files of a local "
+                         "model folder (download a hub model first, e.g. with `hf download`)")
+    sk = Skeleton(path, torch.device("cpu"))
+    return sk.model, _load_processor(path, {"local_files_only": True}, vision=sk.family.vision)
+
+
+def layerwise_reason(choice: ModelChoice, progress: Progress | None = None) -> str | None:
+    """Why a local folder should be opened layer by layer although it was not asked to be: its weight
+    files exceed ``MEMORY_SHARE`` of this machine's available memory (loading it whole could exhaust
+    the memory every session of this server shares); None when it fits, or for other sources."""
+    if choice.kind != "folder" or choice.stream:
+        return None
+    import psutil
+
+    from kcm_core.layerwise import checkpoint_bytes
+    size = checkpoint_bytes(model_path(choice, progress))
+    free = psutil.virtual_memory().available
+    if size <= MEMORY_SHARE * free:
+        return None
+    return (f"its weight files take {size / 2**30:.1f} GiB and this machine has {free / 2**30:.1f} GiB of "
+            "memory available")
+
+
 def load_model(choice: ModelChoice, progress: Progress | None = None) -> tuple[str, Any, Any]:
-    """(model key, model, tokenizer): loaded once per model id for all sessions."""
+    """(model key, model, tokenizer): loaded once per model id for all sessions. A folder opened layer
+    by layer gives its empty skeleton as the model (``_open_layerwise``)."""
     path = model_path(choice, progress)
     key = model_key(choice, path)
-    tell(progress, f"loading model {choice.describe()}", 0.5)
-    model, tokenizer = _load_model(key, path)
+    tell(progress, f"{'opening' if choice.stream else 'loading'} model {choice.describe()}", 0.5)
+    model, tokenizer = (_open_layerwise if choice.stream else _load_model)(key, path)
     return key, model, tokenizer
 
 
@@ -160,7 +200,7 @@ def split_data(choice: DataChoice, sample: SampleChoice) -> tuple[Any, Any | Non
 
 
 def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _tokenizer: Any,
-               _progress: Progress | None = None) -> Workspace:
+               _progress: Progress | None = None, stream_dir: str = "") -> Workspace:
     from kcm_core.data import labels_for_model, make_batches
     tell(_progress, "reading data", 0.6)
     scoring, evaluation, eval_source = split_data(data, sample)
@@ -187,11 +227,11 @@ def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _t
                      data_key=batches_fingerprint(unlabeled, labeled, eval_batches),
                      unlabeled=unlabeled, labeled=labeled, eval_batches=eval_batches,
                      seq_len=round(resolve_seq_len(shape, unlabeled, None), 2), info=info,
-                     weights_hash=weights_hash(key, _model))
+                     weights_hash=weights_hash(key, _model, stream_dir), stream_dir=stream_dir)
 
 
 def _lm_workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _tokenizer: Any,
-                  _progress: Progress | None = None) -> Workspace:
+                  _progress: Progress | None = None, stream_dir: str = "") -> Workspace:
     """A causal LM's workspace: ``sample.size`` calibration blocks of ``sample.max_len`` tokens as the
     unlabeled sample, ``LM_EVAL_BLOCKS`` held-out blocks to evaluate on (perplexity, agreement, KL),
     disjoint by document (``kcm_core.lm.split_blocks``). No labels."""
@@ -221,11 +261,15 @@ def _lm_workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any,
     return Workspace(model_key=key, model=_model, tokenizer=_tokenizer, shape=model_shape(_model.config),
                      data_key=batches_fingerprint(unlabeled, None, eval_batches), unlabeled=unlabeled,
                      labeled=None, eval_batches=eval_batches, seq_len=float(sample.max_len), info=info,
-                     weights_hash=weights_hash(key, _model))
+                     weights_hash=weights_hash(key, _model, stream_dir), stream_dir=stream_dir)
 
 
-def weights_hash(key: str, model: Any) -> str:
-    """The model's weights hash (``kcm_app.disk_cache``), computed once per loaded model."""
+def weights_hash(key: str, model: Any, stream_dir: str = "") -> str:
+    """The model's weights hash (``kcm_app.disk_cache``), computed once per loaded model; a folder
+    opened layer by layer is keyed by its files instead (``disk_cache.checkpoint_hash``)."""
+    if stream_dir:
+        return store("results").get_or_compute(("weights-hash", key),
+                                                lambda: disk_cache.checkpoint_hash(stream_dir))
     return store("results").get_or_compute(("weights-hash", key), lambda: disk_cache.weights_hash(model))
 
 
@@ -249,5 +293,6 @@ def workspace(model: ModelChoice, data: DataChoice, sample: SampleChoice,
                          "app needs text data for every page; `python -m kcm_core flops --model ...` "
                          "shows its cost per block")
     build = _lm_workspace if is_causal_lm(net) else _workspace
+    stream_dir = model_path(model) if model.stream else ""
     return store("workspaces").get_or_compute(
-        (key, data, sample), lambda: build(key, data, sample, net, tokenizer, progress))
+        (key, data, sample), lambda: build(key, data, sample, net, tokenizer, progress, stream_dir))

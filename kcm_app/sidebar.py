@@ -1,6 +1,8 @@
 """The shared sidebar: model, data, sample settings; loading them (with progress) into the session."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
 from . import live, resources, server, state, ui
@@ -24,6 +26,12 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
                          "causal LM keeps its LM head); a hub id needs network access.")
     if kind not in DEMO_KINDS:
         st.text_input("Folder or hub id", key="model_ref", help="e.g. /models/my-bert or bert-base-uncased")
+    if kind == "folder":
+        st.checkbox("Layer by layer", key=state.MODEL_STREAM,
+                    help="For a model larger than memory: read one layer at a time from the folder's "
+                         "safetensors files (scores, kernel hull, export), never the whole model, so there "
+                         "is no accuracy, perplexity or timing. A folder whose weights exceed the memory "
+                         "available opens this way by itself.")
     st.subheader("Data")
     data_kind = st.radio("Unlabeled sample from", list(DATA_KINDS), format_func=DATA_KINDS.get,
                          key="data_kind", help="Texts the model sees while scoring (labels are optional; "
@@ -54,7 +62,7 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
         classifier_sample_widgets(_positions(kind, model_ref))
     st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=state.SEED,
                     help="Draws the sample and seeds the random baseline.")
-    model = ModelChoice(kind, model_ref)
+    model = ModelChoice(kind, model_ref, stream=kind == "folder" and bool(st.session_state.get(state.MODEL_STREAM)))
     data = DataChoice(data_kind, ref if data_kind not in DEMO_KINDS else "", text_column=state.text("text_column"),
                       text_pair_column=state.text("text_pair_column"), label_column=state.text("label_column"),
                       split=state.text("data_split"), config_name=state.text("data_config"))
@@ -101,8 +109,8 @@ def sample_choice(lm: bool) -> SampleChoice:
 def _session_model(kind: str, ref: str):
     """The session's workspace when it holds the chosen model (nothing is read here)."""
     ws = state.workspace()
-    key = f"{kind}:{ref}"                  # as sources.model_key, before the folder's "@mtime"
-    if ws is None or not (ws.model_key == key or ws.model_key.startswith(key + "@")):
+    key = f"{kind}:{ref}"          # as sources.model_key, before the folder's "@mtime" and layer-by-layer mark
+    if ws is None or not (ws.model_key == key or ws.model_key.startswith((key + "@", key + "#"))):
         return None
     return ws
 
@@ -149,6 +157,7 @@ def load() -> None:
             if config.shared:
                 st.caption(config.describe())
             model, data, sample = choices()
+            model = layerwise_if_needed(model)
             state.set_workspace(None)
             ws, drawn, sample = _load_with_status(model, data, sample)
         except clear_error_types() as err:
@@ -167,6 +176,19 @@ def load() -> None:
             state.add_notice(f"A budget of {budget:.2f} relative FLOPs is below what this model can reach "
                              f"by pruning FFN neurons alone ({ws.floor:.1%}); showing {state.budget():.2f}.")
         background_status(ws)
+
+
+def layerwise_if_needed(model: ModelChoice) -> ModelChoice:
+    """``model``, opened layer by layer (and said so) when its weight files do not fit in the memory
+    available (``resources.layerwise_reason``)."""
+    reason = resources.layerwise_reason(model)
+    if reason is None:
+        return model
+    if st.session_state.get(state.LAYERWISE_TOLD) != model.ref:          # said once per folder
+        st.session_state[state.LAYERWISE_TOLD] = model.ref
+        state.add_notice(f"Opened {model.ref} layer by layer: {reason}. The note on each page says what "
+                         "that leaves out.")
+    return replace(model, stream=True)
 
 
 def _load_with_status(model: ModelChoice, data: DataChoice, sample: SampleChoice):

@@ -4,7 +4,8 @@
 instead of the embedded demo (the tests use them with a tiny model); ``KCM_APP_MODEL=demo-lm`` starts it
 on the LM demo (model and documents; ``demo`` names the classifier demo). ``KCM_APP_TEXT_COLUMN`` and
 ``KCM_APP_LABEL_COLUMN`` name the file's columns (default: ``text``/``sentence`` and ``label``);
-``KCM_APP_BLOCK_SIZE`` sets a language model's starting block size. Loading itself goes through
+``KCM_APP_BLOCK_SIZE`` sets a language model's starting block size; ``KCM_APP_STREAM=1`` opens the
+local folder layer by layer (``kcm_core.stream``: for a model larger than memory). Loading itself goes through
 ``kcm_core.models``, ``kcm_core.data``, ``kcm_core.demo`` and ``kcm_core.demo_lm``.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ LM_BLOCK_SIZE = 256
 LM_CALIBRATION_BLOCKS = 16
 LM_SCALE_BLOCKS = 4
 LM_EVAL_BLOCKS = 8
+LAYERWISE_SUFFIX = "#layer-by-layer"   # a model key's mark for a folder opened layer by layer
 LM_BATCH = 4                # blocks per forward pass (logits take B x block x vocabulary floats)
 
 
@@ -49,15 +51,20 @@ LM_BATCH = 4                # blocks per forward pass (logits take B x block x v
 class ModelChoice:
     kind: str = "demo"       # demo | folder | hub
     ref: str = ""            # folder path or hub id (empty for the demo)
+    stream: bool = False     # a local folder opened layer by layer (never whole in memory)
 
     def __post_init__(self):
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"model source must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
         if self.kind not in DEMO_KINDS and not self.ref.strip():
             raise ValueError(f"name the {MODEL_KINDS[self.kind].lower()} to load")
+        if self.stream and self.kind != "folder":
+            raise ValueError("only a local folder opens layer by layer (its safetensors files are read one "
+                             "layer at a time); download a hub model to a folder first")
 
     def describe(self) -> str:
-        return MODEL_KINDS[self.kind] if self.kind in DEMO_KINDS else f"{MODEL_KINDS[self.kind]}: {self.ref}"
+        where = MODEL_KINDS[self.kind] if self.kind in DEMO_KINDS else f"{MODEL_KINDS[self.kind]}: {self.ref}"
+        return where + (" (layer by layer)" if self.stream else "")
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,9 @@ def env_defaults(environ: Mapping[str, str] = os.environ) -> tuple[ModelChoice, 
     """The start-up model and data: the classifier demo, unless the ``KCM_APP_*`` variables name
     others (``KCM_APP_MODEL=demo-lm``: the LM demo with its documents)."""
     name = (environ.get("KCM_APP_MODEL") or "").strip()
-    model = ModelChoice(name) if name in DEMO_KINDS else ModelChoice("folder", name) if name else ModelChoice()
+    stream = (environ.get("KCM_APP_STREAM") or "").strip().lower() in ("1", "true", "yes")
+    model = (ModelChoice(name) if name in DEMO_KINDS else ModelChoice("folder", name, stream=stream) if name
+             else ModelChoice())
     if environ.get("KCM_APP_DATA"):
         data = DataChoice("file", environ["KCM_APP_DATA"],
                           text_column=environ.get("KCM_APP_TEXT_COLUMN") or None,
@@ -152,7 +161,7 @@ def model_key(choice: ModelChoice, resolved_path: str | None = None) -> str:
     key = f"{choice.kind}:{choice.ref}"
     if resolved_path and Path(resolved_path, "config.json").exists():
         key += f"@{Path(resolved_path, 'config.json').stat().st_mtime_ns}"
-    return key
+    return key + (LAYERWISE_SUFFIX if choice.stream else "")
 
 
 def batches_fingerprint(*groups: Sequence[Mapping[str, torch.Tensor]] | None) -> str:

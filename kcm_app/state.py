@@ -60,6 +60,8 @@ SAMPLE_SIZE, MAX_LEN, SEED = "sample_size", "max_len", "seed"
 # between a classifier and an LM keeps each one's settings).
 LM_BLOCKS, BLOCK_SIZE = "lm_blocks", "block_size"
 MODEL_KIND, DATA_KIND = "model_kind", "data_kind"
+MODEL_STREAM = "model_stream"     # the sidebar's "Layer by layer" box (a local folder larger than memory)
+LAYERWISE_TOLD = "layerwise_told"  # the folder last opened layer by layer by itself (its notice is shown once)
 
 
 def parse_budget(text: Any) -> float | None:
@@ -123,7 +125,7 @@ def sidebar_defaults(model: ModelChoice, data: DataChoice, block_size: int = 256
                      lm_blocks: int = 16) -> dict[str, Any]:
     """The sidebar widgets' start values: the start-up model and data (``sources.env_defaults``) and
     the sample settings (a classifier's sequences, a language model's blocks)."""
-    return {MODEL_KIND: model.kind, "model_ref": model.ref, DATA_KIND: data.kind,
+    return {MODEL_KIND: model.kind, "model_ref": model.ref, MODEL_STREAM: model.stream, DATA_KIND: data.kind,
             "data_ref": data.ref, "text_column": data.text_column or "", "text_pair_column": "",
             "label_column": data.label_column or "", "data_split": "", "data_config": "",
             SAMPLE_SIZE: 512, MAX_LEN: 128, SEED: 0, LM_BLOCKS: lm_blocks, BLOCK_SIZE: block_size}

@@ -177,6 +177,23 @@ def follow_background(ws: Workspace, steps: tuple[str, ...], bar: ProgressBar) -
         work.wait_for(step, bar)
 
 
+LAYERWISE_NOTE = (
+    "This model is opened layer by layer (it is larger than the memory available, or 'Layer by layer' "
+    "is ticked): scores, the kernel hull and the export read one layer at a time from its files, so a "
+    "first scoring takes longer (each pass reads every layer from disk again). Whatever runs the whole "
+    "model is not available here: {missing}. Export the pruned model and run `python -m kcm_core "
+    "evaluate` on its folder where it fits in memory.")
+
+
+def layerwise_note(ws: Workspace, missing: str) -> bool:
+    """On a model opened layer by layer: say what is slower and that ``missing`` is not available here
+    (True); else nothing (False)."""
+    if not ws.streamed:
+        return False
+    st.info(LAYERWISE_NOTE.format(missing=missing))
+    return True
+
+
 def threads_note() -> str:
     import torch
     return (f"{torch.get_num_threads()} threads, torch {torch.__version__}, "

@@ -51,6 +51,12 @@ def next_calls(calls: Sequence[LayerCall], outputs: Sequence[torch.Tensor]) -> l
     return [((out,) + args[1:], kwargs) for (args, kwargs), out in zip(calls, outputs)]
 
 
+def checkpoint_bytes(folder: str | Path) -> int:
+    """Bytes of a folder's safetensors weight files: at least what loading the model whole holds in
+    memory (0 when it has none)."""
+    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors") if path.is_file())
+
+
 class Checkpoint:
     """The tensors of a model folder's safetensors files (``model.safetensors`` or a sharded index)."""
 

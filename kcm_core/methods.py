@@ -53,6 +53,9 @@ class Method:
     per_layer: whether a layer's score depends on that layer alone (its weights and activation
         statistics); the streamed mode (``kcm_core.stream``) scores such methods one layer at a time,
         the others from the layer widths of the empty model.
+    reads_weights: whether ``score`` reads the model's weights itself, beyond its components (the
+        magnitudes, Wanda-sp, FLAP); a caller that serves only the components layer by layer (the
+        app on a model larger than memory) scores such a method with ``kcm_core.stream.score_streamed``.
     """
 
     name: str
@@ -65,6 +68,7 @@ class Method:
     compensate: bool = False
     seeded: bool = False
     per_layer: bool = True
+    reads_weights: bool = False
 
     def __post_init__(self):
         unknown = set(self.needs) - set(COMPONENTS)
@@ -110,18 +114,20 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("d2", "D2 only", "activation score alone, then scaling",
            frozenset({"stats"}), _d2, scaled=True),
     Method("weight-magnitude", "Weight magnitude", "||W1[:, i]|| * ||W2[i, :]||, no data, no scaling",
-           frozenset(), _weights),
+           frozenset(), _weights, reads_weights=True),
     Method("weight-magnitude-scale", "Weight magnitude + scale",
-           "weight magnitude, then scaling on unlabeled data", frozenset(), _weights, scaled=True),
+           "weight magnitude, then scaling on unlabeled data", frozenset(), _weights, scaled=True,
+           reads_weights=True),
     Method("output-magnitude", "Output magnitude",
            "mean |activation| * ||W2[i, :]|| on unlabeled data, no scaling",
-           frozenset({"stats"}), lambda src: S.output_magnitude(src.model, src.stats())),
+           frozenset({"stats"}), lambda src: S.output_magnitude(src.model, src.stats()), reads_weights=True),
     Method("wanda-sp", "Wanda-sp", "structured Wanda: ||W2[i, :]|| * ||x_i|| over the calibration "
            "tokens, no scaling (FLAP's baseline)", frozenset({"stats"}),
-           lambda src: S.wanda_sp(src.model, src.stats())),
+           lambda src: S.wanda_sp(src.model, src.stats()), reads_weights=True),
     Method("flap", "FLAP", "fluctuation Var(x_i) * ||W2[i, :]||^2, standardised per layer, then the "
            "dropped neurons' mean output folded into the down-projection bias",
-           frozenset({"stats"}), lambda src: S.flap(src.model, src.stats()), compensate=True),
+           frozenset({"stats"}), lambda src: S.flap(src.model, src.stats()), compensate=True,
+           reads_weights=True),
     Method("random", "Random", "uniform random scores from the seed", frozenset(),
            lambda src: S.random_scores([b.width for b in ffn_blocks(src.model)], src.config.seed),
            seeded=True, per_layer=False),      # one generator runs through all layers

@@ -36,7 +36,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ from .arch import ffn_blocks, model_shape, transformer_layers
 from .atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
 from .compensation import check_compensable, compensate
 from .flops import check_budget
-from .hull import HullFit, kernel_hull
+from .hull import HullConfig, HullFit, kernel_hull
 from .layerwise import LayerCall, LayerView, Skeleton, _output, next_calls
 from .methods import Method, MethodScores, ScoreDetails, method, score_with
 from .pipeline import PruneConfig, resolve_seq_len
@@ -130,6 +130,33 @@ def _merge_stats(per_layer: list[NeuronStats]) -> NeuronStats:
                        var=tuple(s for st in per_layer for s in st.var))
 
 
+def each_layer(sk: Skeleton, unlabeled: Sequence[Batch], *, run: bool, progress: Progress | None = None,
+               what: str = "streamed scores") -> Iterator[LayerView]:
+    """Every layer of ``sk`` in turn, filled from the checkpoint as a one-layer ``LayerView`` and
+    emptied again after the caller's step. With ``run``, each view is fed the calibration hidden states
+    that reach its layer (the caller must run it on every batch, as ``collect_stats`` does); its outputs
+    feed the next layer."""
+    calls: list[LayerCall] = []
+    if run:
+        outside = sk.load_outside_layers(head=False)
+        try:
+            calls = sk.layer_inputs(unlabeled)
+        finally:
+            outside.free()
+    count = len(sk.layers)
+    for index in range(count):
+        tell(progress, f"{what}: layer {index + 1}/{count}", index / count)
+        loaded = sk.load_layer(index)
+        try:
+            view = LayerView(sk.config, sk.layers_path, loaded.module).feed(calls)
+            yield view
+            if run:
+                calls = next_calls(calls, view.outputs)
+        finally:
+            loaded.free()
+    tell(progress, f"{what}: done", 1.0)
+
+
 def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch],
                    progress: Progress | None = None) -> MethodScores:
     """The first pass: every layer's scores, one layer in memory at a time (see the module doc)."""
@@ -138,35 +165,53 @@ def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch]
     if not spec.per_layer:
         result = score_with(spec, _WholeSources(sk.model, config))
         return replace(result, seconds={"scoring": time.perf_counter() - start})
-    calls: list[LayerCall] = []
-    if "stats" in spec.needs:
-        outside = sk.load_outside_layers(head=False)
-        calls = sk.layer_inputs(unlabeled)
-        outside.free()
     scores, fits, stats = [], [], []
-    count = len(sk.layers)
-    for index in range(count):
-        tell(progress, f"streamed scores: layer {index + 1}/{count}", index / count)
-        loaded = sk.load_layer(index)
-        try:
-            view = LayerView(sk.config, sk.layers_path, loaded.module).feed(calls)
-            if index == 0 and spec.compensate:
-                check_compensable(view)
-            sources = _LayerSources(view, config, unlabeled)
-            layer_scores = score_with(spec, sources)
-            scores.append(layer_scores.scores[0])
-            if "r2" in spec.needs:
-                fits.append(sources.r2()[1][0])
-            if "stats" in spec.needs:
-                stats.append(sources.stats())
-                calls = next_calls(calls, view.outputs)
-        finally:
-            loaded.free()
-    tell(progress, "streamed scores: done", 1.0)
+    for index, view in enumerate(each_layer(sk, unlabeled, run="stats" in spec.needs, progress=progress)):
+        if index == 0 and spec.compensate:
+            check_compensable(view)
+        sources = _LayerSources(view, config, unlabeled)
+        scores.append(score_with(spec, sources).scores[0])
+        if "r2" in spec.needs:
+            fits.append(sources.r2()[1][0])
+        if "stats" in spec.needs:
+            stats.append(sources.stats())
     merged = _merge_stats(stats) if stats else None
     return MethodScores(spec.name, scores, None, list(merged.mean) if spec.compensate else None,
                         ScoreDetails.of(fits or None, merged),
                         {"scoring": time.perf_counter() - start})
+
+
+def r2_streamed(sk: Skeleton, config: HullConfig,
+                progress: Progress | None = None) -> tuple[list[torch.Tensor], list[HullFit]]:
+    """R2 of every layer (``scores.r2``'s result), one layer in memory at a time; reads no data."""
+    fits = []
+    for view in each_layer(sk, (), run=False, progress=progress, what="R2 (kernel hull), layer by layer"):
+        with torch.no_grad():
+            fits.append(kernel_hull(ffn_blocks(view)[0].down_rows().detach(), config))
+    return [fit.scores for fit in fits], fits
+
+
+def stats_streamed(sk: Skeleton, unlabeled: Sequence[Batch], progress: Progress | None = None) -> NeuronStats:
+    """Every neuron's activation statistics on ``unlabeled`` (``collect_stats``'s result), running the
+    calibration hidden states through one layer at a time."""
+    if not unlabeled:
+        raise ValueError("activation statistics need unlabeled data, and none was given")
+    per_layer = [collect_stats(view, unlabeled) for view in
+                 each_layer(sk, unlabeled, run=True, progress=progress, what="activations, layer by layer")]
+    return _merge_stats(per_layer)
+
+
+def layer_rows_streamed(sk: Skeleton, index: int) -> torch.Tensor:
+    """Layer ``index``'s down-projection rows (N, d) as a float32 copy, read alone from the checkpoint."""
+    if not 0 <= index < len(sk.layers):
+        raise ValueError(f"layer must be in [0, {len(sk.layers) - 1}], got {index}")
+    loaded = sk.load_layer(index)
+    try:
+        view = LayerView(sk.config, sk.layers_path, loaded.module)
+        with torch.no_grad():
+            return ffn_blocks(view)[0].down_rows().detach().float().cpu().clone()
+    finally:
+        loaded.free()
 
 
 # --------------------------------------------------------------------------- second pass: scale, slice, write
@@ -339,13 +384,16 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
                    out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
                    device: torch.device | str | None = None, progress: Progress | None = None,
                    protected: Sequence[str | os.PathLike] = (),
-                   report: Callable[[StreamResult, Skeleton], Any] | None = None) -> StreamResult:
+                   report: Callable[[StreamResult, Skeleton], Any] | None = None,
+                   scores: MethodScores | None = None) -> StreamResult:
     """Prune the model saved in ``model_dir`` without loading it whole, writing it to ``out_dir``.
 
     Same options, plan, scales and output as ``pipeline.prune`` followed by ``export.save_pruned``
     (see the module doc for the passes). ``report(result, skeleton)``, when given, returns a
-    ``kcm_core.report.PruneReport`` written beside the weights. ``out_dir`` is written atomically:
-    on any failure nothing is left. ``model_dir`` itself is never changed.
+    ``kcm_core.report.PruneReport`` written beside the weights. ``scores``: ``config.method``'s scores
+    of this model on ``unlabeled``, computed already (the app keeps them), in place of the first pass.
+    ``out_dir`` is written atomically: on any failure nothing is left. ``model_dir`` itself is never
+    changed.
     """
     from .export.probe import TOLERANCE
     from .export.saving import EXPORT_MARKERS
@@ -367,7 +415,13 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
     seq_len = resolve_seq_len(shape, unlabeled, config.seq_len)
     check_budget(shape, seq_len, config.budget)             # before any scoring work
     seconds: dict[str, float] = {}
-    scored = score_streamed(sk, config, unlabeled, progress)
+    if scores is not None and (scores.method != spec.name or len(scores.scores) != len(sk.layers)):
+        raise ValueError(f"the scores given are {scores.method!r}'s for {len(scores.scores)} layers, not "
+                         f"{spec.name!r}'s for this model's {len(sk.layers)}")
+    if scores is not None and spec.compensate and scores.means is None:
+        raise ValueError(f"method {spec.name!r} folds the dropped neurons' mean into a bias, and the "
+                         "scores given carry no means; omit them to score here")
+    scored = scores if scores is not None else score_streamed(sk, config, unlabeled, progress)
     seconds.update(scored.seconds or {})
     start = time.perf_counter()
     plan = select(scored.scores, shape, config.budget, seq_len, multiple=config.multiple,

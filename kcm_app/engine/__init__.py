@@ -23,12 +23,12 @@ from .evaluations import (APP_LM_SCALE_BLOCKS, APP_SCALE_SAMPLES, DEFAULT_PROMPT
                           comparison_configs, continuations, evaluate_budget, generation_key,
                           is_evaluated, reference, reference_lm, reference_run, scale_samples,
                           scaled_plan, teacher)
-from .projections import layer_pca, layer_umap, umap_key
+from .projections import layer_pca, layer_points, layer_umap, umap_key
 from .readouts import (Readout, budget_for_pruned_fraction, model_params, neurons_for_budget,
                        params_per_neuron, readout)
 from .scoring import component_key, gradient_scores, method_scores, neuron_stats, r2_fits, score_key
 from .speed import LM_TIMING_BATCH, TIMING_BATCH, TIMING_REPEATS, SpeedResult, measure_speed, paired_seconds, timing_batch
-from .workspace import Workspace, WorkspaceInfo, private_copy
+from .workspace import Workspace, WorkspaceInfo, not_streamed, private_copy, skeleton
 
 __all__ = [
     "APP_LM_SCALE_BLOCKS", "APP_SCALE_SAMPLES", "DEFAULT_PROMPT", "GENERATION_TOKENS", "RANDOM_SEEDS",
@@ -38,5 +38,5 @@ __all__ = [
     "gradient_scores", "is_evaluated", "measure_speed", "method_scores", "model_params",
     "neuron_stats", "neurons_for_budget", "paired_seconds", "params_per_neuron", "private_copy",
     "r2_fits", "readout", "reference", "reference_lm", "reference_run", "scale_samples", "scaled_plan", "score_key", "component_key", "teacher",
-    "timing_batch", "layer_pca", "layer_umap", "umap_key",
+    "timing_batch", "layer_pca", "layer_points", "layer_umap", "umap_key", "not_streamed", "skeleton",
 ]

@@ -24,7 +24,7 @@ from kcm_core.scaling import fit_scales, teacher_targets
 from .. import disk_cache
 from ..store import SharedStore
 from .scoring import method_scores, score_key
-from .workspace import Workspace, private_copy
+from .workspace import Workspace, not_streamed, private_copy
 
 # How many sequences the scaling step fits on in the app (the CLI default is 512). Its cost grows with
 # the token count times k^2 (float64 Gram matrices), so a small sample keeps a new budget quick; on the
@@ -51,6 +51,7 @@ def scale_samples(ws: Workspace) -> int:
 
 def reference_lm(ws: Workspace, store: SharedStore, progress: Progress | None = None) -> LMEval:
     """The unpruned language model's perplexity on the held-out blocks (computed once)."""
+    not_streamed(ws, "perplexity")
     if not ws.is_lm or ws.eval_batches is None:
         raise ValueError("perplexity needs a causal language model and its held-out blocks")
     return store.get_or_compute(("dense-lm", ws.model_key, ws.data_key),
@@ -61,6 +62,7 @@ def reference_lm(ws: Workspace, store: SharedStore, progress: Progress | None = 
 def reference_run(ws: Workspace, store: SharedStore,
                   progress: Progress | None = None) -> tuple[ClassifierEval, float]:
     """The unpruned model on the evaluation data, and the wall time that took (seconds)."""
+    not_streamed(ws, "accuracy")
     if ws.is_lm:
         raise ValueError("a language model has no accuracy: its unpruned measure is perplexity")
     if ws.eval_batches is None:
@@ -151,6 +153,7 @@ def scaled_plan(ws: Workspace, scores: MethodScores, config: PruneConfig, store:
 def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
                     progress: Progress | None = None) -> BudgetResult:
     """Plan, scale, slice and evaluate one budget; stored per (method, hyper-parameters, budget)."""
+    not_streamed(ws, "evaluating a budget")
     def compute() -> BudgetResult:
         seconds: dict[str, float] = {}
         t = time.perf_counter()
@@ -280,6 +283,7 @@ def continuations(ws: Workspace, config: PruneConfig, prompt: str, store: Shared
     continuations of ``prompt``, each with its tokens per second; stored per (prompt, plan)."""
     if not ws.is_lm:
         raise ValueError("text generation needs a causal language model")
+    not_streamed(ws, "text generation")
     if not prompt.strip():
         raise ValueError("the prompt is empty; type a few words to continue")
 

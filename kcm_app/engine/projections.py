@@ -7,16 +7,25 @@ import torch
 
 from .. import disk_cache, projection
 from ..store import SharedStore
-from .workspace import Workspace
+from .workspace import Workspace, skeleton
 
 
 def umap_key(ws: Workspace, layer: int, seed: int) -> tuple:
     return ("umap", ws.model_key, layer, seed)
 
 
+def layer_points(ws: Workspace, layer: int) -> np.ndarray:
+    """``layer``'s down-projection rows (N, d), float32: from the shared model, or, for a model opened
+    layer by layer, read alone from its files."""
+    if ws.streamed:
+        from kcm_core.stream import layer_rows_streamed
+        return layer_rows_streamed(skeleton(ws), layer).numpy()
+    return projection.layer_points(ws.model, layer)
+
+
 def layer_pca(ws: Workspace, layer: int, store: SharedStore) -> np.ndarray:
     return store.get_or_compute(("pca", ws.model_key, layer),
-                                lambda: projection.pca_2d(projection.layer_points(ws.model, layer)))
+                                lambda: projection.pca_2d(layer_points(ws, layer)))
 
 
 def layer_umap(ws: Workspace, layer: int, seed: int, store: SharedStore) -> np.ndarray:
@@ -24,7 +33,7 @@ def layer_umap(ws: Workspace, layer: int, seed: int, store: SharedStore) -> np.n
     def compute() -> np.ndarray:
         return disk_cache.cached(
             "umap", (ws.weights_hash, layer, seed),
-            lambda: projection.umap_2d(projection.layer_points(ws.model, layer), seed=seed),
+            lambda: projection.umap_2d(layer_points(ws, layer), seed=seed),
             lambda coords: {"coords": torch.from_numpy(np.ascontiguousarray(coords))},
             lambda payload: payload["coords"].numpy())
     return store.get_or_compute(umap_key(ws, layer, seed), compute)

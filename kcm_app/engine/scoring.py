@@ -13,10 +13,11 @@ from kcm_core.hull import HullFit
 from kcm_core.methods import Method, MethodScores, method, score_with
 from kcm_core.pipeline import PruneConfig
 from kcm_core.runtime import Progress, take_sequences
+from kcm_core.stream import r2_streamed, score_streamed, stats_streamed
 
 from .. import disk_cache
 from ..store import SharedStore
-from .workspace import Workspace, private_copy
+from .workspace import Workspace, not_streamed, private_copy, skeleton
 
 
 def component_key(ws: Workspace, config: PruneConfig, component: str) -> tuple:
@@ -46,26 +47,33 @@ def score_key(ws: Workspace, config: PruneConfig) -> tuple:
 def r2_fits(ws: Workspace, config: PruneConfig, store: SharedStore,
             progress: Progress | None = None) -> tuple[list[torch.Tensor], list[HullFit]]:
     """R2 per layer (weights only); shared by KCM, R2 and the Scores page, kept on disk."""
+    def fit():
+        if ws.streamed:
+            return r2_streamed(skeleton(ws), config.hull, progress)
+        return S.r2(ws.model, config.hull, progress)
+
     def compute():
-        return disk_cache.cached("r2", (ws.weights_hash, repr(config.hull)),
-                                 lambda: S.r2(ws.model, config.hull, progress), _encode_fits, _decode_fits)
+        return disk_cache.cached("r2", (ws.weights_hash, repr(config.hull)), fit, _encode_fits, _decode_fits)
     return store.get_or_compute(component_key(ws, config, "r2"), compute, progress)
 
 
 def neuron_stats(ws: Workspace, store: SharedStore, progress: Progress | None = None) -> NeuronStats:
     """Activation statistics of every neuron on the scoring sample (hooks on a private copy), kept on
     disk."""
+    def collect() -> NeuronStats:
+        if ws.streamed:
+            return stats_streamed(skeleton(ws), ws.unlabeled, progress)
+        return collect_stats(private_copy(ws.model), ws.unlabeled, progress, len(ws.unlabeled))
+
     def compute() -> NeuronStats:
-        return disk_cache.cached(
-            "stats", (ws.weights_hash, ws.data_key),
-            lambda: collect_stats(private_copy(ws.model), ws.unlabeled, progress, len(ws.unlabeled)),
-            _encode_stats, _decode_stats)
+        return disk_cache.cached("stats", (ws.weights_hash, ws.data_key), collect, _encode_stats, _decode_stats)
     return store.get_or_compute(("stats", ws.model_key, ws.data_key), compute, progress)
 
 
 def gradient_scores(ws: Workspace, config: PruneConfig, store: SharedStore,
                     progress: Progress | None = None) -> list[torch.Tensor]:
     """Fisher importance (squared mask gradients) from the labeled sample (a private copy)."""
+    not_streamed(ws, f"method {config.method!r} (gradients through the model)")
     if ws.labeled is None:
         raise ValueError(f"method {config.method!r} needs labeled data: choose data with a label column")
     batches = take_sequences(ws.labeled, config.label_samples)
@@ -120,5 +128,8 @@ def method_scores(ws: Workspace, config: PruneConfig, store: SharedStore,
     """``kcm_core.pipeline.compute_scores``'s result from shared components (equal to it: tested in
     ``tests/test_app_logic.py``)."""
     spec: Method = method(config.method)
+    if ws.streamed and spec.reads_weights:     # its own pass over the layers (the weights are on disk)
+        return store.get_or_compute(("scores",) + score_key(ws, config),
+                                    lambda: score_streamed(skeleton(ws), config, ws.unlabeled, progress), progress)
     return store.get_or_compute(("scores",) + score_key(ws, config),
                                 lambda: score_with(spec, SharedSources(ws, config, store, progress)), progress)

@@ -16,7 +16,7 @@ from kcm_core.runtime import model_inputs
 
 from ..store import SharedStore
 from .evaluations import budget_key, evaluate_budget
-from .workspace import Workspace
+from .workspace import Workspace, not_streamed
 
 TIMING_BATCH = 16          # sequences per timed forward pass (measured speedup)
 # blocks per timed pass for a causal LM: its logits alone take B x block x vocabulary floats
@@ -68,6 +68,8 @@ def paired_seconds(dense: nn.Module, pruned: nn.Module, batch: dict[str, torch.T
 def measure_speed(ws: Workspace, config: PruneConfig, store: SharedStore) -> SpeedResult:
     """Time the plan of ``config`` (evaluated first if it is not stored yet), sliced again from the
     shared model, against the unpruned model."""
+    not_streamed(ws, "timing")
+
     def compute() -> SpeedResult:
         result = evaluate_budget(ws, config, store)
         batch = timing_batch(ws)

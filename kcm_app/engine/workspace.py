@@ -33,7 +33,10 @@ class WorkspaceInfo:
 class Workspace:
     """Everything one view needs about the loaded model and data. Built by ``kcm_app.resources``.
 
-    ``model`` is shared by every session: read it, never change it (see ``kcm_app.engine``).
+    ``model`` is shared by every session: read it, never change it (see ``kcm_app.engine``). A model
+    opened layer by layer (``stream_dir`` set: for a model larger than memory) is the empty skeleton of
+    ``kcm_core.layerwise``: its parameters are on the ``meta`` device, so it gives shapes and counts,
+    and every computation reads its layers from ``stream_dir`` one at a time (``skeleton``).
     """
 
     model_key: str
@@ -47,6 +50,13 @@ class Workspace:
     seq_len: float                     # mean real tokens per sequence of the scoring sample (an LM: block size)
     info: WorkspaceInfo = field(default_factory=WorkspaceInfo, compare=False, hash=False)
     weights_hash: str = ""             # SHA-256 of the weights: the disk cache's model key (kcm_app.disk_cache)
+    stream_dir: str = ""               # the folder read layer by layer; "" when the model is in memory
+
+    @property
+    def streamed(self) -> bool:
+        """Opened layer by layer: scores, projections and the export read one layer at a time; nothing
+        runs the whole model (no accuracy, perplexity, timing or generation)."""
+        return bool(self.stream_dir)
 
     @property
     def is_lm(self) -> bool:
@@ -64,6 +74,24 @@ class Workspace:
     @property
     def floor(self) -> float:
         return flops_floor(self.shape, self.seq_len)
+
+
+def skeleton(ws: Workspace):
+    """A fresh ``kcm_core.layerwise.Skeleton`` of a streamed workspace's folder, private to the caller
+    (filling a layer changes the skeleton, so a shared one would let two sessions' layers collide)."""
+    from kcm_core.layerwise import Skeleton
+    from kcm_core.runtime import default_device
+    if not ws.streamed:
+        raise ValueError("this model is in memory, not opened layer by layer")
+    return Skeleton(ws.stream_dir, default_device())
+
+
+def not_streamed(ws: Workspace, what: str) -> None:
+    """Refuse ``what`` (a computation that runs the whole model) on a model opened layer by layer."""
+    if ws.streamed:
+        raise ValueError(f"{what} needs the whole model in memory, and this one is opened layer by layer "
+                         "(larger than memory); export it and run `python -m kcm_core evaluate` on the "
+                         "pruned folder where it fits")
 
 
 def private_copy(model: nn.Module) -> nn.Module:

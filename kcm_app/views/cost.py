@@ -72,8 +72,9 @@ def controls(ws: Workspace) -> tuple[float, str, bool]:
                                       + (f" (the workspace's blocks hold {ws.seq_len:g} tokens)" if ws.is_lm else ""))
     unit = mid.radio("Unit", ["MMACs", "MFLOPs"], key="cost_unit", horizontal=True,
                      help="Millions of multiply-accumulates; FLOPs = 2 x MACs")
-    measure = right.button("Measure latency", key="cost_measure",
-                           help="Times every block of this model on this machine (a private copy)")
+    measure = right.button("Measure latency", key="cost_measure", disabled=ws.streamed,
+                           help="Times every block of this model on this machine (a private copy); not for a "
+                                "model opened layer by layer")
     return float(seq_len), unit, measure
 
 
@@ -112,6 +113,8 @@ def body(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
                      column_config={c: st.column_config.NumberColumn(format="%.1f %%")
                                     for c in ("neurons pruned", "FLOPs saved", "relative FLOPs")})
     st.subheader("Measured latency per block")
+    if ui.layerwise_note(ws, "timing the blocks"):
+        return
     limit = ws.shape.max_positions or round(seq_len)
     length = max(2, min(round(seq_len), limit))
     key = ("latency", ws.model_key, length)

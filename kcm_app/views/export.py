@@ -88,6 +88,9 @@ def export_target(out_dir: str) -> Path | None:
 
 def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: bool) -> None:
     target = export_target(out_dir)
+    if ws.streamed:
+        layerwise_body(ws, target, formats, overwrite, go)
+        return
     config = ui.prune_config()
     store = resources.store("results")
     st.markdown(f"**{METHODS[config.method].label}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page).")
@@ -132,10 +135,60 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: b
         box.update(label=f"Saved to {target}", state="complete", expanded=False)
     st.json(json.dumps(asdict(summary) if is_dataclass(summary) else dict(summary), default=str),
             expanded=False)
-    size = written_size(target, summary.files)
+    offer_download(target, summary.files)
+
+
+def layerwise_body(ws: Workspace, target: Path | None, formats: list[str], overwrite: bool, go: bool) -> None:
+    """A model opened layer by layer: the plan's counts now; on 'Prune and save', scaled, sliced and
+    written one layer at a time (``kcm_core.stream.prune_streamed``), checked on a probe against the
+    layers sliced in memory, with the report beside the weights (without an evaluation)."""
+    config = ui.prune_config()
+    store = resources.store("results")
+    label = METHODS[config.method].label
+    st.markdown(f"**{label}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page).")
+    with ui.progress(f"Scoring with {label}") as bar, ui.core_errors():
+        scores = engine.method_scores(ws, config, store, bar)
+        fast = engine.readout(ws, scores, config, store)
+    st.caption(f"Keeps {fast.neurons_kept:,} of {fast.neurons_total:,} FFN neurons: {fast.relative_flops:.1%} "
+               f"of the FLOPs, {fast.params_after:,} of {fast.params_before:,} parameters.")
+    ui.layerwise_note(ws, "evaluating and timing the pruned model (its report says it was not evaluated)")
+    if not go or target is None:
+        return
+    if formats != ["hf"]:
+        st.error("Layer by layer writes the hf format only: choose hf alone, and convert the pruned folder to "
+                 "ONNX afterwards with `python -m kcm_core export` where it fits in memory.")
+        return
+    from kcm_core.models import clear_error_types, one_line
+    from kcm_core.stream import prune_streamed
+    with st.status(f"Scaling, slicing and saving layer by layer to {target}", expanded=True) as box:
+        bar = ui.ProgressBar("Exporting", container=box.empty())
+        try:
+            result = prune_streamed(ws.stream_dir, config, ws.unlabeled, target, tokenizer=ws.tokenizer,
+                                    overwrite=overwrite, progress=bar, protected=[ws.info.data_source],
+                                    report=lambda done, _sk: report.layerwise_report(ws, config, done),
+                                    scores=scores)
+        except clear_error_types() as err:
+            bar.clear()
+            box.update(label=f"Export to {target} failed", state="error", expanded=False)
+            st.error(app_wording(one_line(err)))
+            return
+        bar.clear()
+        box.update(label=f"Saved to {target}", state="complete", expanded=False)
+    st.success(f"Written layer by layer and read back: the probe's largest difference from the layers "
+               f"sliced in memory is {result.max_abs_diff:.2g} (tolerance {result.tolerance:g}). Load it with "
+               f"{'transformers (from_pretrained)' if result.loader == 'transformers' else 'kcm_core.load_pruned'}.")
+    st.json(json.dumps({"out_dir": str(result.out_dir), "files": list(result.files), "seconds": result.seconds,
+                        "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance,
+                        "loader": result.loader}), expanded=False)
+    offer_download(target, result.files)
+
+
+def offer_download(target: Path, files: Sequence[str]) -> None:
+    """A zip of what the export wrote, when it is small enough to hand to a browser."""
+    size = written_size(target, files)
     if size <= ZIP_LIMIT:
         with st.spinner(f"Packing {size / 2**20:.0f} MiB into a zip for the download..."):
-            packed = zip_folder(target, summary.files)
+            packed = zip_folder(target, files)
         st.download_button("Download the pruned model (zip)", packed, f"{target.name}.zip", "application/zip",
                            key="dl_model", help="Everything this export wrote to the folder")
     else:

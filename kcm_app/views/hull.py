@@ -24,7 +24,7 @@ def layer_fit(ws: Workspace, layer: int, sigma: float, alpha: float):
         return engine.r2_fits(ws, base, resources.store("results"))[1][layer]
     return resources.store("results").get_or_compute(
         ("hull-layer", ws.model_key, layer, config),
-        lambda: kernel_hull(torch.from_numpy(projection.layer_points(ws.model, layer)), config))
+        lambda: kernel_hull(torch.from_numpy(engine.layer_points(ws, layer)), config))
 
 
 def kept_mask(ws: Workspace, layer: int) -> tuple[np.ndarray | None, str]:

@@ -108,7 +108,9 @@ def body(ws: Workspace, score_now: bool) -> None:
             with st.expander("Terms of use"):
                 st.write(demo_lm.TEXT_TERMS)
     st.subheader("Unpruned model")
-    if ws.is_lm:
+    if ui.layerwise_note(ws, "the unpruned model's " + ("perplexity" if ws.is_lm else "accuracy")):
+        pass
+    elif ws.is_lm:
         with ui.progress("Evaluating the unpruned model") as bar, ui.core_errors():
             ui.follow_background(ws, (background.UNPRUNED,), bar)
             ppl = engine.reference_lm(ws, resources.store("results"), bar).perplexity

@@ -24,13 +24,17 @@ def page() -> None:
     readouts(ws)
     st.divider()
     st.subheader("Compare methods")
+    if ws.streamed:
+        st.caption("The comparison evaluates every method at every budget, which needs the whole model in "
+                   "memory: not available for a model opened layer by layer.")
+        return
     compare(ws, *compare_controls(ws))
 
 
 def method_options(ws: Workspace) -> list[str]:
     """Every method; the label-using ones only when the data has labels (never for a language model,
-    whose text has none)."""
-    return [m for m, spec in METHODS.items() if ws.has_labels or not spec.uses_labels]
+    whose text has none, nor for a model opened layer by layer, which computes no gradients)."""
+    return [m for m, spec in METHODS.items() if not spec.uses_labels or (ws.has_labels and not ws.streamed)]
 
 
 def method_select(ws: Workspace, container) -> str:
@@ -90,7 +94,8 @@ def readouts(ws: Workspace) -> None:
     store = resources.store("results")
     # Start this budget's evaluation before anything else the run draws: a run cut short after this
     # point (a newer rerun request) still leaves the newest budget evaluating.
-    start_evaluation(ws, config, store)
+    if not ws.streamed:
+        start_evaluation(ws, config, store)
     ui.sync_url()
     with ui.progress(f"Scoring with {METHODS[config.method].label}") as bar, ui.core_errors():
         ui.follow_background(ws, (background.SCORES,), bar)
@@ -107,6 +112,10 @@ def readouts(ws: Workspace) -> None:
     cols[2].metric("Neurons pruned", _pct(fast.neurons_pruned))
     cols[3].metric("Estimated speedup", f"{fast.estimated_speedup:.2f}x", help="1 / relative FLOPs")
     st.plotly_chart(figures.kept_per_layer(charts.kept_frame(fast.plan), config.method), key="prune_kept")
+    if ui.layerwise_note(ws, "the pruned model's " + ("perplexity" if ws.is_lm else "accuracy") +
+                         ", its measured speed and the method comparison (the export scales the kept neurons "
+                         "and writes the pruned model layer by layer)"):
+        return
     slow = live_result(ws, config, store)
     if slow is not None:
         slow_readouts(ws, config, store, slow)

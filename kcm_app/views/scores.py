@@ -21,9 +21,10 @@ def score_table(ws: Workspace, bar) -> pd.DataFrame:
     r2, _ = engine.r2_fits(ws, config, store, bar)
     stats = engine.neuron_stats(ws, store, bar)
     d2 = S.d2(stats, config.d2, gated=ws.shape.gated)
-    columns = {"r2d2": S.r2d2(r2, d2), "r2": r2, "d2": d2,
-               "weight_magnitude": S.weight_magnitude(ws.model),
-               "output_magnitude": S.output_magnitude(ws.model, stats)}
+    columns = {"r2d2": S.r2d2(r2, d2), "r2": r2, "d2": d2}
+    if ws.streamed:          # the baselines read the weights: each would be one more pass over every layer
+        return charts.score_frame(columns)
+    columns.update(weight_magnitude=S.weight_magnitude(ws.model), output_magnitude=S.output_magnitude(ws.model, stats))
     if ws.labeled is not None:
         columns["fisher"] = engine.gradient_scores(ws, ui.prune_config(method="mask-tuning"), store, bar)
     return charts.score_frame(columns)
@@ -54,8 +55,13 @@ def body(ws: Workspace, column: str, layer: int, top_n: int) -> None:
     with ui.progress("Scoring neurons") as bar, ui.core_errors():
         ui.follow_background(ws, (background.SCORES, background.GRADIENTS), bar)
         frame = score_table(ws, bar)
+    if ws.streamed:
+        st.caption("Opened layer by layer: KCM's score and its two parts are shown (two passes over the "
+                   "layers, kept on disk); the baselines are left out here, since each reads every layer "
+                   "again. The Prune page scores any label-free method in one pass of its own.")
     if column not in frame:
-        st.warning(f"{SCORES[column]} needs labels; showing R2D2 instead.")
+        st.warning(f"{SCORES[column]} " + ("is left out for a model opened layer by layer" if ws.streamed
+                                           else "needs labels") + "; showing R2D2 instead.")
         column = "r2d2"
     st.plotly_chart(figures.score_histograms(frame, column, label=SCORES[column]), key="scores_violin")
     st.subheader("R2 vs D2")
