@@ -120,6 +120,30 @@ def load_classifier():
     return model, unlabeled, test
 
 
+# The classifiers the downstream part can run on: the demo and the quality benchmark's real tasks
+# (``python benchmarks/prepare_tasks.py``), each a MiniLM-L6 fine-tuned on it.
+CLASSIFIERS = {"classifier": "Classifier demo (MiniLM-L6, 6 x 1536)",
+               "hedge": "CoNLL-2010 hedge task (MiniLM-L6 fine-tuned, 6 x 1536)",
+               "fine-foods": "Amazon Fine Food task (MiniLM-L6 fine-tuned, 6 x 1536)"}
+TITLES = {**CLASSIFIERS, "lm": "LM demo (SmolLM2-135M, 30 x 1536)"}
+
+
+def load_task(name: str):
+    """A prepared real task's fine-tuned model, up to 2048 training texts (unlabeled) and its test split."""
+    from bench_quality import load_task as task_files
+    from kcm_core.data import make_batches
+    from kcm_core.models import load_model
+    try:
+        task = task_files(name)
+    except ValueError as err:
+        sys.exit(str(err))
+    model, tokenizer = load_model(str(task["model_dir"]), device="cpu")
+    train = task["train"].subset(list(range(min(2048, len(task["train"])))))
+    unlabeled = make_batches(train, tokenizer, max_len=task["max_len"], batch_size=64, with_labels=False)
+    test = make_batches(task["test"], tokenizer, max_len=task["max_len"], batch_size=64)
+    return model, unlabeled, test
+
+
 def load_lm(eval_blocks: int):
     from kcm_core import demo_lm
     from kcm_core.lm import split_blocks
@@ -180,6 +204,8 @@ def part_agreement_and_downstream(parts: set[str], demos: list[str], options: li
         log(f"{demo_name}: loading")
         if demo_name == "classifier":
             model, unlabeled, test = load_classifier()
+        elif demo_name in CLASSIFIERS:
+            model, unlabeled, test = load_task(demo_name)
         else:
             model, unlabeled, test = load_lm(eval_blocks)
         fitted = fit_all(model, chosen)
@@ -188,9 +214,9 @@ def part_agreement_and_downstream(parts: set[str], demos: list[str], options: li
             result["agreement"] = agreement_rows(fitted)
             result["environment_before"], result["environment_after"] = before, environment()
         if "downstream" in parts:
-            budgets = [budget_cls] if demo_name == "classifier" else budgets_lm
+            budgets = [budget_cls] if demo_name in CLASSIFIERS else budgets_lm
             shared = Shared(collect_stats(model, unlabeled),
-                            evaluate_classifier(model, test) if demo_name == "classifier"
+                            evaluate_classifier(model, test) if demo_name in CLASSIFIERS
                             else evaluate_lm(model, test))
             fits = {name: {"iterations": [f.iterations for f in got["fits"]],
                            "seconds_total": sum(got["seconds"])} for name, got in fitted.items()}
@@ -198,8 +224,8 @@ def part_agreement_and_downstream(parts: set[str], demos: list[str], options: li
             for budget in budgets:
                 runs.append(downstream_at(demo_name, model, unlabeled, test, fitted, chosen,
                                           downstream_options, budget, eval_blocks, shared))
-                if demo_name == "classifier":
-                    result["downstream"] = runs[0]
+                if demo_name in CLASSIFIERS:
+                    result["downstream"] = {**runs[0], "environment": run_environment(load_before)}
                 else:   # several budgets, with the fits they share and the machine's load over the part
                     result["downstream_runs"] = {"runs": runs, "fits": fits,
                                                  "environment": run_environment(load_before)}
@@ -224,7 +250,7 @@ def downstream_at(demo_name: str, model, unlabeled, test, fitted: dict, chosen: 
     from kcm_core.lm import evaluate_lm, paired_perplexity
     from kcm_core.pipeline import PruneConfig, prune
     stats, dense = shared.stats, shared.dense
-    scale_samples = 512 if demo_name == "classifier" else 8
+    scale_samples = 512 if demo_name in CLASSIFIERS else 8
     rows, plans, evals = [], {}, {}
     for name, got in fitted.items():
         if name != EXACT and name not in downstream_options:
@@ -234,7 +260,7 @@ def downstream_at(demo_name: str, model, unlabeled, test, fitted: dict, chosen: 
         start = time.perf_counter()
         pruned = prune(model, config, unlabeled, method_scores=scores)
         plans[name] = [set(layer.keep_idx) for layer in pruned.plan.layers]
-        if demo_name == "classifier":
+        if demo_name in CLASSIFIERS:
             ev = evaluate_classifier(pruned.model, test, reference=dense.predictions)
             evals[name] = (ev.predictions == labels_of(test)).numpy()
             row = {"option": name, "accuracy": ev.accuracy.to_dict(), "agreement": ev.agreement.to_dict()}
@@ -250,15 +276,15 @@ def downstream_at(demo_name: str, model, unlabeled, test, fitted: dict, chosen: 
     for row in rows:
         same = sum(len(a & b) for a, b in zip(plans[row["option"]], plans[EXACT]))
         row["kept_overlap_with_exact"] = same / sum(len(b) for b in plans[EXACT])
-        if demo_name == "classifier":
+        if demo_name in CLASSIFIERS:
             row["vs_exact"] = paired_difference(evals[row["option"]], evals[EXACT]).to_dict()
         else:
             row["vs_exact"] = paired_perplexity(evals[row["option"]], evals[EXACT]).to_dict()
             row["vs_unpruned"] = paired_perplexity(evals[row["option"]], dense.stats).to_dict()
     run = {"budget": budget, "rows": rows,
-           "evaluated_on": (f"{len(labels_of(test))} test sentences" if demo_name == "classifier"
+           "evaluated_on": (f"{len(labels_of(test))} test texts" if demo_name in CLASSIFIERS
                             else f"{eval_blocks} held-out blocks of 256 tokens")}
-    if demo_name == "classifier":
+    if demo_name in CLASSIFIERS:
         run["unpruned_accuracy"] = dense.accuracy.to_dict()
     else:
         run["unpruned_perplexity"] = dense.perplexity.to_dict()
@@ -386,12 +412,10 @@ def markdown(data: dict) -> str:
              f"Command(s): {'; '.join(data.get('commands', []))}", "",
              "Exact = the default absolute rule (change of C at most alpha = 0.01). Shared 2-core "
              "machine: the load average before and after each part is in r2_scale.json.", ""]
-    for demo_name in ("classifier", "lm"):
+    for demo_name, title in TITLES.items():
         part = data.get("demos", {}).get(demo_name)
         if not part:
             continue
-        title = ("Classifier demo (MiniLM-L6, 6 x 1536)" if demo_name == "classifier"
-                 else "LM demo (SmolLM2-135M, 30 x 1536)")
         lines += [f"## {title}", ""]
         if "agreement" in part:
             lines += [f"Load average before {part['environment_before']['load_average']}, after "
@@ -400,7 +424,11 @@ def markdown(data: dict) -> str:
         if down:
             lines += ["", f"KCM at {down['budget']} relative FLOPs, evaluated on {down['evaluated_on']}, "
                       "each option paired against the exact R2:", ""]
-            if demo_name == "classifier":
+            if down.get("environment"):
+                env = down["environment"]
+                lines += [f"Machine: {env.get('cpu', '?')}, {env.get('threads', '?')} threads; "
+                          f"{env.get('machine_state', '')}.", ""]
+            if demo_name in CLASSIFIERS:
                 acc = down["unpruned_accuracy"]
                 lines += [f"Unpruned accuracy {acc['value']:.3f}.", "",
                           "| option | accuracy | minus exact [95% paired CI] | McNemar p (only option / "
@@ -548,7 +576,8 @@ def save(results: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="agreement,downstream,timing,memory")
-    parser.add_argument("--demos", default="classifier,lm")
+    parser.add_argument("--demos", default="classifier,lm",
+                        help="classifier, lm, and the prepared tasks hedge and fine-foods")
     parser.add_argument("--options", default=",".join(OPTIONS), help="options compared with the exact R2")
     parser.add_argument("--downstream-options", default=None,
                         help="options pruned and evaluated (default: all of --options)")
@@ -569,7 +598,7 @@ def main() -> int:
                   if args.downstream_options else options)
     unknown = ([o for o in options + downstream if o not in OPTIONS]
                + sorted(parts - {"agreement", "downstream", "timing", "memory"})
-               + [d for d in demos if d not in ("classifier", "lm")])
+               + [d for d in demos if d not in TITLES])
     if unknown:
         sys.exit(f"unknown option or part: {', '.join(unknown)}")
     if parts & {"agreement", "downstream"}:

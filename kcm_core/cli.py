@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cli_lm import DEMO_LM, LM_SCALE_BLOCKS, evaluate_lm_command, is_causal_lm, prune_lm
+from .hull import STOP_RULES
 from .runtime import Progress
 
 DEMO = "demo"
@@ -459,9 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-mode", default="median", choices=["median", "fixed"],
                    help="median: sigma x median pairwise distance; fixed: sigma as given (paper: 1)")
     p.add_argument("--alpha", type=float, default=0.01, help="R2 stopping tolerance")
-    p.add_argument("--stop-rule", "--r2-stop", default="absolute",
-                   choices=["absolute", "signed", "spearman", "topk", "closed_form"],
-                   help="R2 stop rule: absolute/signed change of C (alpha), the ranking's change "
+    p.add_argument("--stop-rule", "--r2-stop", default="auto", choices=list(STOP_RULES),
+                   help="R2 stop rule: auto (default) is absolute up to 3072 neurons per layer and "
+                        "closed_form above; absolute/signed change of C (alpha), the ranking's change "
                         "(spearman, topk; see --rank-tol), or closed_form: one step, O(N^2 d) "
                         "(README Options)")
     p.add_argument("--rank-tol", type=float, default=1e-4,

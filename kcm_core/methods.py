@@ -155,6 +155,7 @@ class ScoreDetails:
     r2_iterations: tuple[int, ...] | None = None
     r2_converged: bool | None = None
     r2_sigma: tuple[float, ...] | None = None
+    r2_stop_rules: tuple[str, ...] | None = None   # the R2 stop rule per layer ("auto" resolved)
     tokens: int | None = None            # non-padding tokens the activation statistics saw
     sequences: int | None = None
 
@@ -164,7 +165,8 @@ class ScoreDetails:
         if fits is not None:
             values.update(r2_iterations=tuple(f.iterations for f in fits),
                           r2_converged=all(f.converged for f in fits),
-                          r2_sigma=tuple(float(f.sigma) for f in fits))
+                          r2_sigma=tuple(float(f.sigma) for f in fits),
+                          r2_stop_rules=tuple(f.stop_rule for f in fits) if all(f.stop_rule for f in fits) else None)
         if stats is not None:
             values.update(tokens=stats.tokens, sequences=stats.sequences)
         return cls(**values)

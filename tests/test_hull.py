@@ -244,3 +244,28 @@ def test_fit_runs_on_the_device_given_and_returns_cpu_scores():
     assert fit.scores.device.type == "cpu" and fit.scores.dtype == torch.float32
     with pytest.raises(ValueError, match="block"):
         kernel_hull(square_cloud(), block=0)
+
+
+def test_auto_is_the_exact_iteration_up_to_3072_neurons_and_the_closed_form_above(monkeypatch):
+    from kcm_core import hull as H
+    assert HullConfig().stop_rule == "auto"
+    assert H.resolved_rule(HullConfig(), 3072) == "absolute"
+    assert H.resolved_rule(HullConfig(), 3073) == "closed_form"
+    assert H.resolved_rule(HullConfig(stop_rule="spearman"), 10_000) == "spearman"
+    points = square_cloud()
+    auto, exact = kernel_hull(points, HullConfig()), kernel_hull(points, HullConfig(stop_rule="absolute"))
+    assert auto.stop_rule == exact.stop_rule == "absolute" and auto.iterations == exact.iterations > 1
+    assert torch.equal(auto.scores, exact.scores)
+    monkeypatch.setattr(H, "AUTO_EXACT_MAX_WIDTH", len(points) - 1)       # the same cloud counts as wide
+    wide, closed = kernel_hull(points, HullConfig()), kernel_hull(points, HullConfig(stop_rule="closed_form"))
+    assert wide.stop_rule == "closed_form" and wide.iterations == 1
+    assert torch.equal(wide.scores, closed.scores)
+
+
+def test_score_details_record_the_rule_each_layer_used(tiny_model):
+    from kcm_core import scores as S
+    from kcm_core.methods import ScoreDetails
+    _, fits = S.r2(tiny_model("bert"), HullConfig())
+    details = ScoreDetails.of(fits)
+    assert details.r2_stop_rules == ("absolute",) * len(fits)
+    assert details.to_dict()["r2_stop_rules"] == ["absolute"] * len(fits)

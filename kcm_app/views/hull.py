@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 import torch
 
-from kcm_core.hull import HullConfig, kernel_hull
+from kcm_core.hull import AUTO_EXACT_MAX_WIDTH, HullConfig, kernel_hull
 from kcm_core.methods import METHODS
 
 from .. import engine, figures, projection, resources, state, toy, ui
@@ -102,9 +102,12 @@ def body(ws: Workspace, layer: int, sigma: float, alpha: float, kind: str, toy_s
         draw(coords, kind)
         edge = (f" {int(moved.sum())} outlying neurons lie beyond the 1st to 99th percentile and are drawn "
                 "on the edge." if moved.any() else "")
+        fitted = (f"the closed form (one step from the uniform start: the default for layers wider than "
+                  f"{AUTO_EXACT_MAX_WIDTH} neurons)" if fit.stop_rule == "closed_form" else
+                  f"{fit.iterations} iterations ({'converged' if fit.converged else 'not converged'}) at "
+                  f"alpha = {alpha:g}")
         st.caption(f"{note} Rings: the top {PICK_SHARE:.0%} by R2. Kernel sigma = {sigma:g} x median "
-                   f"distance = {fit.sigma:.4g}; {fit.iterations} iterations "
-                   f"({'converged' if fit.converged else 'not converged'}) at alpha = {alpha:g}.{edge}")
+                   f"distance = {fit.sigma:.4g}; {fitted}.{edge}")
         st.caption(f"The hull is fitted in the full {ws.shape.hidden}-dimensional weight space; this 2-D "
                    "picture only places the points, so a ringed point may sit inside the drawn cloud.")
     with right:
