@@ -20,7 +20,7 @@ WordPiece tokenizer and the run a file of random-word documents for it (random w
 
 ``--modes`` runs some of the three; the runs of the others are kept from the results file, each with
 the command and the load it was measured under. Writes benchmarks/results/stream_memory.json and
-stream_memory.md.
+stream_memory.md (another ``--method``: stream_memory-<method>.*).
 """
 from __future__ import annotations
 
@@ -209,7 +209,8 @@ def main() -> int:
     if unknown or not modes:
         parser.error(f"--modes takes stream, memory and app, got {args.modes!r}")
     command = "python " + " ".join([Path(__file__).relative_to(ROOT).as_posix(), *sys.argv[1:]])
-    earlier = RESULTS / "stream_memory.json"
+    stem = "stream_memory" if args.method == "d2" else f"stream_memory-{args.method}"
+    earlier = RESULTS / f"{stem}.json"
     runs = {}
     if earlier.exists():                     # the runs not repeated now, each with its own command and load
         old = json.loads(earlier.read_text())
@@ -258,8 +259,8 @@ def main() -> int:
         "note": "shared 2-core machine (other sessions running); memory, not time, is the measurement",
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "stream_memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "stream_memory.md").write_text(markdown(result))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

@@ -51,6 +51,28 @@ def next_calls(calls: Sequence[LayerCall], outputs: Sequence[torch.Tensor]) -> l
     return [((out,) + args[1:], kwargs) for (args, kwargs), out in zip(calls, outputs)]
 
 
+_libc: Any = None
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the operating system (glibc's ``malloc_trim``; nothing
+    elsewhere). A layer's tensors are freed after each step, but glibc keeps most of their pages for
+    later allocations, so without this the resident set of a long layer-by-layer run creeps up by
+    what its largest steps allocated (measured: the app's path on a 1.1 B model peaked at 2.0 GB
+    against 1.35 GB for one ``prune --stream``)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim            # glibc only
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
 def checkpoint_bytes(folder: str | Path) -> int:
     """Bytes of a folder's safetensors weight files: at least what loading the model whole holds in
     memory (0 when it has none)."""
@@ -322,6 +344,8 @@ class LoadedLayer:
             owner, _, attr = local.rpartition(".")
             module = self.module.get_submodule(owner) if owner else self.module
             module._parameters[attr] = param
+        self.replaced = {}
+        trim_heap()
 
 
 class LayerView(nn.Module):

@@ -23,9 +23,18 @@ def layer_points(ws: Workspace, layer: int) -> np.ndarray:
     return projection.layer_points(ws.model, layer)
 
 
+def _layerwise_trimmed(coords: np.ndarray, ws: Workspace) -> np.ndarray:
+    """``coords``, with the heap trimmed first for a model opened layer by layer (the projection's
+    float64 temporaries would otherwise stay resident: ``kcm_core.layerwise.trim_heap``)."""
+    if ws.streamed:
+        from kcm_core.layerwise import trim_heap
+        trim_heap()
+    return coords
+
+
 def layer_pca(ws: Workspace, layer: int, store: SharedStore) -> np.ndarray:
     return store.get_or_compute(("pca", ws.model_key, layer),
-                                lambda: projection.pca_2d(layer_points(ws, layer)))
+                                lambda: _layerwise_trimmed(projection.pca_2d(layer_points(ws, layer)), ws))
 
 
 def layer_umap(ws: Workspace, layer: int, seed: int, store: SharedStore) -> np.ndarray:
@@ -33,7 +42,7 @@ def layer_umap(ws: Workspace, layer: int, seed: int, store: SharedStore) -> np.n
     def compute() -> np.ndarray:
         return disk_cache.cached(
             "umap", (ws.weights_hash, layer, seed),
-            lambda: projection.umap_2d(layer_points(ws, layer), seed=seed),
+            lambda: _layerwise_trimmed(projection.umap_2d(layer_points(ws, layer), seed=seed), ws),
             lambda coords: {"coords": torch.from_numpy(np.ascontiguousarray(coords))},
             lambda payload: payload["coords"].numpy())
     return store.get_or_compute(umap_key(ws, layer, seed), compute)
