@@ -28,6 +28,10 @@ UNPRUNED, SCORES, BUDGET, GRADIENTS, UMAP = ("the unpruned model", "KCM scores",
                                              "Fisher gradients", "UMAP of layer 0")
 
 
+class Stopped(Exception):
+    """Raised inside a step's progress report once its work was asked to stop."""
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
@@ -44,8 +48,15 @@ class Precompute:
         self.fraction = 0.0
         self.finished: list[str] = []
         self.errors: dict[str, str] = {}
+        self.stopped: list[str] = []       # steps cut short or never started because of ``stop``
         self.seconds = 0.0
         self._done = threading.Event()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Stop at the running step's next progress report (a layer, a batch) and skip the rest: the
+        pages then compute what they need when opened, with their own progress."""
+        self._stop.set()
 
     @property
     def done(self) -> bool:
@@ -56,7 +67,8 @@ class Precompute:
 
     def has(self, name: str) -> bool:
         """Whether step ``name`` is over (finished or failed), or was never part of this work."""
-        return self.done or name in self.finished or name in self.errors or name not in self.names
+        return (self.done or name in self.finished or name in self.errors or name in self.stopped
+                or name not in self.names)
 
     @property
     def names(self) -> list[str]:
@@ -65,13 +77,21 @@ class Precompute:
     def run(self) -> None:
         start = time.perf_counter()
         for i, step in enumerate(self.steps):
+            if self._stop.is_set():
+                self.stopped.append(step.name)
+                continue
             self.current = step.name
 
             def progress(message: str, fraction: float, i=i) -> None:
+                if self._stop.is_set():
+                    raise Stopped(step.name)
                 self.message, self.fraction = message, (i + min(max(fraction, 0.0), 1.0)) / len(self.steps)
             try:
                 step.run(progress)
                 self.finished.append(step.name)
+            except Stopped:
+                self.stopped.append(step.name)
+                log.info("background %s stopped", step.name)
             except Exception as err:          # the page that needs it computes it again and shows the error
                 self.errors[step.name] = str(err)
                 log.warning("background %s failed: %s", step.name, err)

@@ -216,6 +216,9 @@ def background_status(ws) -> None:
     work = resources.precompute(ws, state.seed())
     if not work.done:
         st.fragment(_background_progress, run_every=live.POLL_S)(work)
+    elif work.stopped:
+        st.caption("Background work stopped before " + ", ".join(work.stopped) + "; the pages compute those "
+                   "when opened, with their own progress.")
     elif work.errors:
         st.caption("Background work failed for " + ", ".join(work.errors) + "; the pages compute those "
                    "when opened and say what went wrong.")
@@ -227,3 +230,9 @@ def _background_progress(work) -> None:
     if work.done:
         ui.rerun_page()
     st.progress(min(max(work.fraction, 0.0), 1.0), text=f"Preparing in the background: {work.current} ({work.message})")
+    if st.button("Stop", key="stop_background",
+                 help="Stop the background work at its next layer or batch (a big model's scoring can take "
+                      "long); the pages then compute what they need when opened. It stops for every "
+                      "session of this server, which share it."):
+        work.stop()
+        ui.rerun_page()

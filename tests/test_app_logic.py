@@ -434,3 +434,34 @@ def test_the_model_pages_parameter_bar_adds_up_to_the_model(family):
     assert sum(bars.values()) == count_params(model).total
     ffn = sum(charts.ffn_up_params(shape, n) + n * shape.hidden for n in shape.ffn_width)
     assert bars[charts.BLOCK_LABELS["ffn_up"]] + bars[charts.BLOCK_LABELS["ffn_down"]] == ffn
+
+
+def test_stopping_the_background_work_ends_the_running_step_at_its_next_report_and_skips_the_rest():
+    from kcm_app.background import Precompute, Step
+    reports, first_report = [], threading.Event()
+
+    def long_step(progress):               # a scoring loop: one report per layer
+        for layer in range(10_000):
+            progress(f"layer {layer}", layer / 10_000)
+            reports.append(layer)
+            first_report.set()
+            threading.Event().wait(0.001)
+
+    ran_later = []
+    work = Precompute([Step("scores", long_step), Step("umap", lambda p: ran_later.append(1))])
+    thread = threading.Thread(target=work.run)
+    thread.start()
+    assert first_report.wait(30)
+    work.stop()
+    assert work.wait_done(30)
+    thread.join(30)
+    assert work.stopped == ["scores", "umap"] and work.finished == [] and not work.errors
+    assert len(reports) < 10_000 and not ran_later
+    assert work.has("scores") and work.has("umap")      # pages stop waiting and compute them themselves
+
+
+def test_background_work_that_is_not_stopped_runs_every_step():
+    from kcm_app.background import Precompute, Step
+    work = Precompute([Step("a", lambda p: p("half", 0.5)), Step("b", lambda p: None)])
+    work.run()
+    assert work.finished == ["a", "b"] and work.stopped == [] and work.done
