@@ -1,12 +1,17 @@
 """Screenshots of every page of the real app on the embedded demo, for the README.
 
-    python scripts/screenshots.py [--out assets/screenshots] [--port 8599]
+    python scripts/screenshots.py [--out assets/screenshots] [--port 8599] [--layerwise]
 
 Starts ``streamlit run app.py`` on 127.0.0.1 (the demo must be prepared: ``python -m kcm_core demo
 prepare``), drives headless Debian Chromium with Playwright (``executable_path`` = ``which chromium``)
 through the six pages with one typical interaction each (latency measured, a lasso on the scatter,
 UMAP, the method comparison), and writes ``1-model.png`` ... ``6-export.png``. Minutes on two cores:
 the first visit of a page computes what it shows.
+
+``--layerwise`` instead opens the LM demo's model folder layer by layer (``KCM_APP_STREAM=1``, the path
+for models larger than memory; the LM demo must be prepared: ``python -m kcm_core demo prepare lm``)
+on its calibration reviews, and writes ``7-layerwise-prune.png`` and ``8-layerwise-export.png`` (the
+Prune page's readouts, then an export to a temporary folder).
 """
 from __future__ import annotations
 
@@ -60,7 +65,22 @@ STEPS = (("1-model.png", "?budget=0.60&method=kcm", None),            # the firs
          ("6-export.png", "export", None))
 
 
-def shoot(url: str, out: Path) -> None:
+def export_to_temporary_folder(page) -> None:
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="kcm-layerwise-shot-")) / "pruned"
+    field = page.get_by_label("Output folder")
+    field.fill(str(folder))
+    field.press("Enter")
+    settle(page)
+    page.get_by_role("button", name="Prune and save").click()
+    page.get_by_text("Written layer by layer").wait_for(timeout=WAIT_MS)
+
+
+LAYERWISE_STEPS = (("7-layerwise-prune.png", "prune?budget=0.80&method=kcm", None),
+                   ("8-layerwise-export.png", "export?budget=0.80&method=kcm", export_to_temporary_folder))
+
+
+def shoot(url: str, out: Path, steps=STEPS) -> None:
     from playwright.sync_api import expect, sync_playwright
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -68,7 +88,7 @@ def shoot(url: str, out: Path) -> None:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport=VIEWPORT)
-        for name, path, interaction in STEPS:
+        for name, path, interaction in steps:
             log(f"  {path}")
             page.goto(f"{url}/{path}", wait_until="domcontentloaded")
             expect(page.get_by_test_id("stSidebar")).to_be_visible(timeout=WAIT_MS)
@@ -86,11 +106,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "assets" / "screenshots")
     parser.add_argument("--port", type=int, default=8599)
+    parser.add_argument("--layerwise", action="store_true",
+                        help="the LM demo's folder opened layer by layer: Prune and Export only")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.layerwise:
+        from kcm_core import demo_lm
+        summary = demo_lm.stored_summary()
+        if summary is None:
+            raise SystemExit("the LM demo is not prepared: python -m kcm_core demo prepare lm")
+        env = {**environment_without_app_choices(), "KCM_APP_MODEL": str(summary["model_dir"]),
+               "KCM_APP_STREAM": "1", "KCM_APP_DATA": str(demo_lm.lm_demo_dir() / "calibration.jsonl")}
+        with serve(env, port=args.port) as url:
+            shoot(url, args.out, LAYERWISE_STEPS)
+        log(f"wrote {', '.join(name for name, _, _ in LAYERWISE_STEPS)} to {args.out}")
+        return
     from kcm_core.demo import demo_ready
     if not demo_ready():
         raise SystemExit("the demo is not prepared: python -m kcm_core demo prepare")
-    args.out.mkdir(parents=True, exist_ok=True)
     with serve(environment_without_app_choices(), port=args.port) as url:
         shoot(url, args.out)
     log(f"wrote {', '.join(sorted(p.name for p in args.out.glob('*.png')))} to {args.out}")
