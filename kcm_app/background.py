@@ -80,7 +80,7 @@ class Precompute:
             if self._stop.is_set():
                 self.stopped.append(step.name)
                 continue
-            self.current = step.name
+            self.current, self.message = step.name, "starting"
 
             def progress(message: str, fraction: float, i=i) -> None:
                 if self._stop.is_set():

@@ -68,7 +68,7 @@ STEPS = (("1-model.png", "?budget=0.60&method=kcm", None),            # the firs
 def export_to_temporary_folder(page) -> None:
     import tempfile
     folder = Path(tempfile.mkdtemp(prefix="kcm-layerwise-shot-")) / "pruned"
-    field = page.get_by_label("Output folder")
+    field = page.get_by_role("textbox", name="Output folder")
     field.fill(str(folder))
     field.press("Enter")
     settle(page)

@@ -191,3 +191,24 @@ def save_tiny_lm(folder, family: str, *, positions: int = 32, vocab_size: int | 
     T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def app_runner(timeout: float, *, errors: bool = False):
+    """``make(page=None, **query)``: ``AppTest`` on app.py with ``query`` in the URL, run once (then on
+    ``page``), asserting no exception was raised (with ``errors``, no ``st.error`` either)."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+    app = str(Path(__file__).resolve().parents[1] / "app.py")
+
+    def make(page: str | None = None, **query):
+        at = AppTest.from_file(app, default_timeout=timeout)
+        at.query_params.update(query)
+        at.run()
+        if page:
+            at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        if errors:
+            assert not at.error, [e.value for e in at.error]
+        return at
+    return make

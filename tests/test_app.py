@@ -17,7 +17,7 @@ from app_tiny import write_tiny
 from kcm_app import live, resources, state
 from kcm_app.testing import finish_background
 from kcm_core.report import SCHEMA
-from conftest import state_snapshot, same_state
+from conftest import app_runner, same_state, state_snapshot
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGES = ["pages/1_model.py", "pages/2_cost.py", "pages/3_scores.py", "pages/4_hull.py",
@@ -39,15 +39,7 @@ def app(tiny_files, monkeypatch, tmp_path):
     monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
     monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))      # the disk cache, never the user's
 
-    def make(page: str | None = None, **query) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-        at.query_params.update(query)
-        at.run()
-        if page:
-            at.switch_page(page).run()
-        assert not at.exception, [e.value for e in at.exception]
-        return at
-    yield make
+    yield app_runner(TIMEOUT)
     finish_background()          # no background thread outlives the test's cache folder
 
 

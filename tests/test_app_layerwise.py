@@ -16,7 +16,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from conftest import LM_WORDS, build_tiny_model, make_batches, save_tiny_lm
+from conftest import LM_WORDS, app_runner, build_tiny_model, make_batches, save_tiny_lm
 from kcm_app import live, resources, state
 from kcm_app.engine import evaluations
 from kcm_app.sources import ModelChoice, env_defaults, model_key
@@ -115,16 +115,7 @@ def app(tiny_lm, monkeypatch, tmp_path):
     for name in ("evaluate_lm", "evaluate_classifier", "teacher_targets", "slice_model"):
         monkeypatch.setattr(evaluations, name, whole_model)
 
-    def make(page: str | None = None, **query) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-        at.query_params.update(query)
-        at.run()
-        if page:
-            at.switch_page(page).run()
-        assert not at.exception, [e.value for e in at.exception]
-        assert not at.error, [e.value for e in at.error]
-        return at
-    yield make
+    yield app_runner(TIMEOUT, errors=True)
     finish_background()
 
 

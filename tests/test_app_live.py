@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import streamlit as st
 import torch
-from streamlit.testing.v1 import AppTest
 
 from app_tiny import sentences, write_tiny
-from conftest import tiny_config
+from conftest import app_runner, tiny_config
 from kcm_app import disk_cache, engine, live, projection, resources, state
 from kcm_app.engine import evaluations, scoring
 from kcm_app.testing import finish_background
@@ -27,7 +25,6 @@ from kcm_core.arch import model_shape
 from kcm_core.flops import mac_per_head, mac_per_neuron
 from kcm_core.pipeline import PruneConfig
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 TIMEOUT = 120
 
 
@@ -171,15 +168,7 @@ def app(tiny_files, monkeypatch, cache_dir):
     monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
     st.cache_resource.clear()               # a fresh server: empty stores, no background work yet
 
-    def make(page: str | None = None, **query) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-        at.query_params.update(query)
-        at.run()
-        if page:
-            at.switch_page(page).run()
-        assert not at.exception, [e.value for e in at.exception]
-        return at
-    yield make
+    yield app_runner(TIMEOUT)
     finish_background()
 
 

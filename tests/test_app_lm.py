@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import LM_WORDS, same_state, save_tiny_lm, state_snapshot
+from conftest import LM_WORDS, app_runner, same_state, save_tiny_lm, state_snapshot
 from kcm_app import live, resources, state
 from kcm_app.testing import finish_background
 from kcm_app.sources import LM_CALIBRATION_BLOCKS, ModelChoice, env_defaults
 
-APP = str(Path(__file__).resolve().parents[1] / "app.py")
 PAGES = ["pages/1_model.py", "pages/2_cost.py", "pages/3_scores.py", "pages/4_hull.py",
          "pages/5_prune.py", "pages/6_export.py"]
 TIMEOUT = 180
@@ -42,16 +40,7 @@ def app(tiny_lm, monkeypatch, tmp_path):
     monkeypatch.setattr(live, "FIRST_WAIT_S", 120)     # AppTest fires no timers: a run waits for its evaluation
     monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))      # the disk cache, never the user's
 
-    def make(page: str | None = None, **query) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-        at.query_params.update(query)
-        at.run()
-        if page:
-            at.switch_page(page).run()
-        assert not at.exception, [e.value for e in at.exception]
-        assert not at.error, [e.value for e in at.error]
-        return at
-    yield make
+    yield app_runner(TIMEOUT, errors=True)
     finish_background()          # no background thread outlives the test's cache folder
 
 

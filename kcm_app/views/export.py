@@ -6,7 +6,7 @@ import json
 import zipfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import streamlit as st
 
@@ -18,6 +18,7 @@ from .. import charts, engine, figures, report, resources, server, state, ui
 from ..engine import Workspace
 
 ZIP_LIMIT = 512 * 2**20      # offer a zip download up to this size
+T = TypeVar("T")
 
 
 def zip_folder(folder: Path, files: Sequence[str]) -> bytes:
@@ -118,21 +119,15 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: b
         st.error("Choose at least one export format.")
         return
     from kcm_core.export import save_pruned
-    from kcm_core.models import clear_error_types, one_line
-    with st.status(f"Slicing and saving to {target}", expanded=True) as box:
-        bar = ui.ProgressBar("Exporting", container=box.empty())
-        try:
-            pruned = slice_model(ws.model, result.plan)        # a new model; the shared one is untouched
-            summary = save_pruned(pruned, target, plan=result.plan, report=data, tokenizer=ws.tokenizer,
-                                  formats=tuple(formats), overwrite=overwrite, progress=bar,
-                                  protected=[ws.info.data_source])
-        except clear_error_types() as err:
-            bar.clear()
-            box.update(label=f"Export to {target} failed", state="error", expanded=False)
-            st.error(app_wording(one_line(err)))
-            return
-        bar.clear()
-        box.update(label=f"Saved to {target}", state="complete", expanded=False)
+
+    def write(bar):
+        pruned = slice_model(ws.model, result.plan)        # a new model; the shared one is untouched
+        return save_pruned(pruned, target, plan=result.plan, report=data, tokenizer=ws.tokenizer,
+                           formats=tuple(formats), overwrite=overwrite, progress=bar,
+                           protected=[ws.info.data_source])
+    summary = with_status(target, f"Slicing and saving to {target}", write)
+    if summary is None:
+        return
     st.json(json.dumps(asdict(summary) if is_dataclass(summary) else dict(summary), default=str),
             expanded=False)
     offer_download(target, summary.files)
@@ -158,22 +153,13 @@ def layerwise_body(ws: Workspace, target: Path | None, formats: list[str], overw
         st.error("Layer by layer writes the hf format only: choose hf alone, and convert the pruned folder to "
                  "ONNX afterwards with `python -m kcm_core export` where it fits in memory.")
         return
-    from kcm_core.models import clear_error_types, one_line
     from kcm_core.stream import prune_streamed
-    with st.status(f"Scaling, slicing and saving layer by layer to {target}", expanded=True) as box:
-        bar = ui.ProgressBar("Exporting", container=box.empty())
-        try:
-            result = prune_streamed(ws.stream_dir, config, ws.unlabeled, target, tokenizer=ws.tokenizer,
-                                    overwrite=overwrite, progress=bar, protected=[ws.info.data_source],
-                                    report=lambda done, _sk: report.layerwise_report(ws, config, done),
-                                    scores=scores)
-        except clear_error_types() as err:
-            bar.clear()
-            box.update(label=f"Export to {target} failed", state="error", expanded=False)
-            st.error(app_wording(one_line(err)))
-            return
-        bar.clear()
-        box.update(label=f"Saved to {target}", state="complete", expanded=False)
+    result = with_status(target, f"Scaling, slicing and saving layer by layer to {target}", lambda bar: prune_streamed(
+        ws.stream_dir, config, ws.unlabeled, target, tokenizer=ws.tokenizer, overwrite=overwrite, progress=bar,
+        protected=[ws.info.data_source], report=lambda done, _sk: report.layerwise_report(ws, config, done),
+        scores=scores))
+    if result is None:
+        return
     st.success(f"Written layer by layer and read back: the probe's largest difference from the layers "
                f"sliced in memory is {result.max_abs_diff:.2g} (tolerance {result.tolerance:g}). Load it with "
                f"{'transformers (from_pretrained)' if result.loader == 'transformers' else 'kcm_core.load_pruned'}.")
@@ -181,6 +167,25 @@ def layerwise_body(ws: Workspace, target: Path | None, formats: list[str], overw
                         "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance,
                         "loader": result.loader}), expanded=False)
     offer_download(target, result.files)
+
+
+def with_status(target: Path, label: str, write: Callable[[ui.ProgressBar], T]) -> T | None:
+    """``write(progress)`` inside a status box titled ``label``: "Saved to" once it is done; on a clear
+    error (nothing is left behind: exports are atomic) the box says it failed, the error is shown in
+    the page's words, and None is returned."""
+    from kcm_core.models import clear_error_types, one_line
+    with st.status(label, expanded=True) as box:
+        bar = ui.ProgressBar("Exporting", container=box.empty())
+        try:
+            written = write(bar)
+        except clear_error_types() as err:
+            bar.clear()
+            box.update(label=f"Export to {target} failed", state="error", expanded=False)
+            st.error(app_wording(one_line(err)))
+            return None
+        bar.clear()
+        box.update(label=f"Saved to {target}", state="complete", expanded=False)
+    return written
 
 
 def offer_download(target: Path, files: Sequence[str]) -> None:
