@@ -50,6 +50,7 @@ PAGE = "_page"                   # the script of the page this session is on (kc
 SCATTER_ROUND = "_scatter_round"  # bumped to clear the Scores page's scatter selection (a new widget key)
 LOAD_ERROR = "_load_error"       # why the sidebar's model or data did not load (shown in the main area)
 STOPPED = "_stopped"             # the budget key whose evaluation the user stopped (not started again by itself)
+EXPORTED = "_exported"           # the last export this session wrote: (folder, files, what to say), kept across reruns
 
 # Widget keys: the view's widgets, each copied into its persistent value on change ...
 W_BUDGET, W_METHOD, W_MULTIPLE = "w_budget", "w_method", "w_multiple"
@@ -239,6 +240,14 @@ def stopped() -> Any:
 
 def set_stopped(key: Any) -> None:
     _session()[STOPPED] = key
+
+
+def exported() -> Any:
+    return _session().get(EXPORTED)
+
+
+def set_exported(record: Any) -> None:
+    _session()[EXPORTED] = record
 
 
 def load_error() -> str | None:

@@ -275,6 +275,12 @@ def test_export_saves_a_loadable_model_and_offers_downloads(app, tmp_path):
     markdown = (out / "report.md").read_text()
     assert "with KCM (R2D2)" in markdown and "{'" not in markdown
     assert "- Accuracy before: " in markdown and "- Accuracy after: " in markdown
+    # A rerun that is not the button's (the background work finishing, another widget) keeps the
+    # outcome and the download on the page, and says the folder now exists.
+    at.run()
+    assert any(m.value.startswith(f"Saved to {out}") for m in at.success)
+    assert "Download the pruned model (zip)" in {b.proto.label for b in at.get("download_button")}
+    assert any("It exists" in c.value for c in at.caption)
 
 
 def test_an_exported_per_layer_model_opens_and_prunes_again(app, tmp_path, monkeypatch):

@@ -114,6 +114,7 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: b
     with st.container(border=True):
         st.markdown(report.report_markdown(data, heading="####"))
     if not go or target is None:
+        last_export(target)
         return
     if not formats:
         st.error("Choose at least one export format.")
@@ -128,9 +129,8 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: b
     summary = with_status(target, f"Slicing and saving to {target}", write)
     if summary is None:
         return
-    st.json(json.dumps(asdict(summary) if is_dataclass(summary) else dict(summary), default=str),
-            expanded=False)
-    offer_download(target, summary.files)
+    done(target, summary.files, f"Saved to {target} and checked.",
+         json.dumps(asdict(summary) if is_dataclass(summary) else dict(summary), default=str))
 
 
 def layerwise_body(ws: Workspace, target: Path | None, formats: list[str], overwrite: bool, go: bool) -> None:
@@ -148,6 +148,7 @@ def layerwise_body(ws: Workspace, target: Path | None, formats: list[str], overw
                f"of the FLOPs, {fast.params_after:,} of {fast.params_before:,} parameters.")
     ui.layerwise_note(ws, "evaluating and timing the pruned model (its report says it was not evaluated)")
     if not go or target is None:
+        last_export(target)
         return
     if formats != ["hf"]:
         st.error("Layer by layer writes the hf format only: choose hf alone, and convert the pruned folder to "
@@ -160,13 +161,30 @@ def layerwise_body(ws: Workspace, target: Path | None, formats: list[str], overw
         scores=scores))
     if result is None:
         return
-    st.success(f"Written layer by layer and read back: the probe's largest difference from the layers "
-               f"sliced in memory is {result.max_abs_diff:.2g} (tolerance {result.tolerance:g}). Load it with "
-               f"{'transformers (from_pretrained)' if result.loader == 'transformers' else 'kcm_core.load_pruned'}.")
-    st.json(json.dumps({"out_dir": str(result.out_dir), "files": list(result.files), "seconds": result.seconds,
-                        "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance,
-                        "loader": result.loader}), expanded=False)
-    offer_download(target, result.files)
+    done(target, result.files,
+         f"Written layer by layer and read back: the probe's largest difference from the layers sliced in "
+         f"memory is {result.max_abs_diff:.2g} (tolerance {result.tolerance:g}). Load it with "
+         f"{'transformers (from_pretrained)' if result.loader == 'transformers' else 'kcm_core.load_pruned'}.",
+         json.dumps({"out_dir": str(result.out_dir), "files": list(result.files), "seconds": result.seconds,
+                     "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance, "loader": result.loader}))
+
+
+def done(target: Path, files: Sequence[str], message: str, summary: str) -> None:
+    """Kept for this session and drawn: the export's message, its summary and the download."""
+    state.set_exported((str(target), tuple(files), message, summary))
+    last_export(target)
+
+
+def last_export(target: Path | None) -> None:
+    """The session's last export when it wrote ``target`` and the folder is still there: a rerun (the
+    background work finishing, another widget) must not take its message and download away."""
+    record = state.exported()
+    if record is None or target is None or record[0] != str(target) or not target.is_dir():
+        return
+    _, files, message, summary = record
+    st.success(message)
+    st.json(summary, expanded=False)
+    offer_download(target, files)
 
 
 def with_status(target: Path, label: str, write: Callable[[ui.ProgressBar], T]) -> T | None:
