@@ -212,3 +212,13 @@ def app_runner(timeout: float, *, errors: bool = False):
             assert not at.error, [e.value for e in at.error]
         return at
     return make
+
+
+def tiny_lm_and_documents(root):
+    """A tiny LLaMA causal LM (64 positions, ``save_tiny_lm``) in ``root/model`` and 80 seeded documents
+    of 20 to 40 of its words in ``root/docs.txt``: what the app's LM tests load."""
+    import random
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(LM_WORDS) for _ in range(rng.randint(20, 40))) for _ in range(80)]
+    (root / "docs.txt").write_text("\n".join(docs) + "\n")
+    return save_tiny_lm(root / "model", "llama", positions=64), root / "docs.txt"

@@ -9,14 +9,13 @@ LLaMA and BERT models saved to temporary folders; nothing is downloaded.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from conftest import LM_WORDS, app_runner, build_tiny_model, make_batches, save_tiny_lm
+from conftest import app_runner, build_tiny_model, make_batches, tiny_lm_and_documents
 from kcm_app import live, resources, state
 from kcm_app.engine import evaluations
 from kcm_app.sources import ModelChoice, env_defaults, model_key
@@ -92,11 +91,7 @@ def test_layer_by_layer_is_a_choice_for_local_folders_only():
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-layerwise")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(LM_WORDS) for _ in range(rng.randint(20, 40))) for _ in range(80)]
-    (root / "docs.txt").write_text("\n".join(docs) + "\n")
-    return save_tiny_lm(root / "model", "llama", positions=64), root / "docs.txt"
+    return tiny_lm_and_documents(tmp_path_factory.mktemp("tiny-layerwise"))
 
 
 @pytest.fixture

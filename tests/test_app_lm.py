@@ -6,12 +6,11 @@ is never loaded here.
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import LM_WORDS, app_runner, same_state, save_tiny_lm, state_snapshot
+from conftest import LM_WORDS, app_runner, same_state, state_snapshot, tiny_lm_and_documents
 from kcm_app import live, resources, state
 from kcm_app.testing import finish_background
 from kcm_app.sources import LM_CALIBRATION_BLOCKS, ModelChoice, env_defaults
@@ -24,11 +23,7 @@ WORDS = LM_WORDS
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-app-lm")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 40))) for _ in range(80)]
-    (root / "docs.txt").write_text("\n".join(docs) + "\n")
-    return save_tiny_lm(root / "model", "llama", positions=64), root / "docs.txt"
+    return tiny_lm_and_documents(tmp_path_factory.mktemp("tiny-app-lm"))
 
 
 @pytest.fixture
