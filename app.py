@@ -23,6 +23,8 @@ ui.init_state()
 st.logo(str(ASSETS / "logo.svg"), size="large")
 
 page = st.navigation(ui.pages(), position="sidebar")
+waiting = ui.loading_view(page)    # the page's title (and the landing page's introduction) while loading
 sidebar.load()
+waiting.empty()
 ui.sync_url()
 ui.run_page(page)          # marked as coming through here (see ui.entry_guard)

@@ -42,6 +42,22 @@ def run_page(page) -> None:
     page.run()
 
 
+def loading_view(page):
+    """Before the sidebar loads the model (seconds on a new server: imports and weights), a placeholder
+    in the main area with the page's title, and on the landing page its introduction, so a first
+    visitor reads what the app does instead of a blank page. Returns the placeholder, emptied by
+    app.py before the page draws itself; nothing is drawn once the session holds a workspace."""
+    holder = st.empty()
+    if state.workspace() is None:
+        with holder.container():
+            st.title(page.title)
+            if page.url_path in ("", PAGES[0][3]):
+                from .views.model import INTRO
+                st.markdown(INTRO)
+            st.caption("Loading the model and data (progress in the sidebar)...")
+    return holder
+
+
 def rerun_page() -> None:
     """A whole-app rerun of the page this session is on, from a fragment. (``st.rerun()`` from a
     fragment's own rerun lands on the default page under ``st.navigation``.)"""
