@@ -14,16 +14,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st  # noqa: E402
 
-from kcm_app import sidebar, ui  # noqa: E402
-from kcm_app.theme import ASSETS  # noqa: E402
+from kcm_app import navigation  # noqa: E402  (Streamlit only: drawn before torch is imported)
 
-st.set_page_config(page_title="KCM Explorer", page_icon=str(ASSETS / "logo.svg"), layout="wide")
+st.set_page_config(page_title="KCM Explorer", page_icon=str(navigation.ASSETS / "logo.svg"), layout="wide")
+st.logo(str(navigation.ASSETS / "logo.svg"), size="large")
+page = st.navigation(navigation.pages(), position="sidebar")
+waiting = navigation.loading_view(page)   # the page's title (the landing page: its introduction) meanwhile
+
+from kcm_app import sidebar, ui  # noqa: E402  (kcm_core and torch: seconds on a new server)
+
 ui.style()
 ui.init_state()
-st.logo(str(ASSETS / "logo.svg"), size="large")
-
-page = st.navigation(ui.pages(), position="sidebar")
-waiting = ui.loading_view(page)    # the page's title (and the landing page's introduction) while loading
 sidebar.load()
 waiting.empty()
 ui.sync_url()

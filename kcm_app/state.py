@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
 
 from kcm_core.methods import METHODS
 
+from . import navigation
+
 if TYPE_CHECKING:
     from .engine import Workspace
     from .sources import DataChoice, ModelChoice
@@ -40,7 +42,7 @@ URL_KEYS = tuple(f.name for f in fields(ViewState))
 # Keys of values that are not widgets: the view's (URL_KEYS) ...
 BUDGET, METHOD, MULTIPLE = URL_KEYS
 # ... and the session's.
-WORKSPACE = "workspace"          # the loaded Workspace, or None while nothing is loaded
+WORKSPACE = navigation.WORKSPACE  # the loaded Workspace, or None while nothing is loaded
 INITIALISED = "_initialised"     # defaults and the link's values were written (once per session)
 ENTRY = "_entry"                 # app.py set this for the page it is about to run (one run only)
 EVALUATOR = "_evaluator"         # the session's latest-only evaluation runner (kcm_app.live)

@@ -1,11 +1,9 @@
 """One look for every chart: a colour per method and per cost block, axis units, Plotly defaults."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from kcm_core.methods import METHODS
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+from .navigation import ASSETS
 
 # One colour per method, the same on every chart (Okabe-Ito and Paul Tol's muted set, readable for
 # colour-blind eyes); no two of the comparison's default methods share a hue.

@@ -13,49 +13,18 @@ import streamlit as st
 from kcm_core.pipeline import PruneConfig
 
 from . import state, theme
+from .navigation import PAGES
 from .engine import APP_SCALE_SAMPLES, Workspace, scale_samples
 
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "app.py"
 
-# (script, title, icon, url path): the pages registered with st.navigation by app.py
-PAGES = (
-    ("pages/1_model.py", "Model and data", ":material/memory:", "model"),
-    ("pages/2_cost.py", "Cost", ":material/functions:", "cost"),
-    ("pages/3_scores.py", "Neuron scores", ":material/scatter_plot:", "scores"),
-    ("pages/4_hull.py", "Kernel hull", ":material/hexagon:", "hull"),
-    ("pages/5_prune.py", "Prune", ":material/content_cut:", "prune"),
-    ("pages/6_export.py", "Export", ":material/download:", "export"),
-)
-
-
 # --------------------------------------------------------------------------- navigation
-
-def pages() -> list:
-    return [st.Page(script, title=title, icon=icon, url_path=url, default=(i == 0))
-            for i, (script, title, icon, url) in enumerate(PAGES)]
-
 
 def run_page(page) -> None:
     """app.py's last step: run the chosen page, marked as coming through the entry point."""
     state.mark_entry()
     state.set_page(next((script for script, _, _, url in PAGES if url == page.url_path), PAGES[0][0]))
     page.run()
-
-
-def loading_view(page):
-    """Before the sidebar loads the model (seconds on a new server: imports and weights), a placeholder
-    in the main area with the page's title, and on the landing page its introduction, so a first
-    visitor reads what the app does instead of a blank page. Returns the placeholder, emptied by
-    app.py before the page draws itself; nothing is drawn once the session holds a workspace."""
-    holder = st.empty()
-    if state.workspace() is None:
-        with holder.container():
-            st.title(page.title)
-            if page.url_path in ("", PAGES[0][3]):
-                from .views.model import INTRO
-                st.markdown(INTRO)
-            st.caption("Loading the model and data (progress in the sidebar)...")
-    return holder
 
 
 def rerun_page() -> None:

@@ -8,6 +8,7 @@ import streamlit as st
 from kcm_core.flops import cost_report, count_params
 
 from .. import background, charts, disk_cache, engine, figures, resources, ui
+from ..navigation import INTRO
 from ..sources import DATA_KINDS
 from ..engine import Workspace
 
@@ -44,16 +45,6 @@ def provenance(ws: Workspace) -> pd.DataFrame:
             ("labels", "yes" if i.labels else "no"),
             ("evaluation data", f"{i.eval_examples} examples: {i.eval_source}")]
     return pd.DataFrame(rows, columns=["property", "value"]).astype(str).set_index("property")
-
-
-INTRO = """**KCM Explorer** removes feed-forward (FFN) neurons from a transformer and shows what that
-saves and what it costs in accuracy. Kernelized Convex Masking (KCM; Nova, Dai and Schuurmans, ICML 2023)
-ranks each FFN neuron by R2, how hard its output weights are to rebuild from the other neurons' (a kernel
-convex hull, weights only), times D2, how strongly it fires on unlabeled text. It keeps the best-ranked
-neurons under a FLOPs budget, rescales them so each layer's output stays close to the unpruned one, and
-slices the layers smaller: no labels, no gradients, no retraining. **Where to start:** open **Prune** and
-move the budget slider; **Neuron scores** shows the ranking, **Kernel hull** shows R2 on one layer,
-**Cost** explains why removing x% of neurons saves less than x% of FLOPs."""
 
 
 def loaded_line(ws: Workspace) -> str:
