@@ -42,7 +42,7 @@ def loading_view(page):
     app.py before the page draws itself; nothing is drawn once the session holds a workspace."""
     import streamlit as st
     holder = st.empty()
-    if st.session_state.get(WORKSPACE) is None:
+    if st.runtime.exists() and st.session_state.get(WORKSPACE) is None:    # not in bare `python app.py`
         with holder.container():
             st.title(page.title)
             if page.url_path in ("", PAGES[0][3]):

@@ -21,9 +21,24 @@ for module-level parametrisation.
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import transformers as T
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """``AppTest`` leaves ``sys.modules["__main__"]`` pointing at the last script it ran (app.py), and a
+    process started later with the ``spawn`` method (``torch.multiprocessing.spawn``, the distributed
+    tests) runs that module again in its child: the whole app, in bare mode. Every test ends with the
+    main module it started with."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
+
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spin-waiting
 # made the core suite about 6x slower (measured: 119 s with 2 threads, 20 s with 1).
