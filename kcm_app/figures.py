@@ -72,7 +72,7 @@ def score_histograms(frame: pd.DataFrame, column: str, color: str | None = None,
     fig = go.Figure()
     color = color or SCORE_COLORS.get(column, METHOD_COLORS.get(column, "#555555"))
     for layer in sorted(frame["layer"].unique()):
-        fig.add_violin(y=frame.loc[frame["layer"] == layer, column], name=f"layer {layer}",
+        fig.add_violin(y=frame.loc[frame["layer"] == layer, column].to_numpy(np.float32), name=f"layer {layer}",
                        line_color=color, fillcolor=color, opacity=0.55, points=False,
                        meanline_visible=True, showlegend=False)
     label = label or column
@@ -81,17 +81,32 @@ def score_histograms(frame: pd.DataFrame, column: str, color: str | None = None,
     return fig
 
 
-def r2_d2_scatter(frame: pd.DataFrame) -> go.Figure:
-    """R2 vs D2, one WebGL point per neuron coloured by layer; hover names layer and neuron."""
-    fig = go.Figure(go.Scattergl(
-        x=frame["d2"], y=frame["r2"], mode="markers",
-        marker=dict(size=5, color=frame["layer"], colorscale="Viridis", opacity=0.7,
-                    colorbar=dict(title="layer")),
-        customdata=np.c_[frame["layer"], frame["neuron"], frame["r2d2"]],
+SVG_MAX_POINTS = 2000    # more points than this are drawn with WebGL (SVG markers slow down past a few thousand)
+
+
+def r2_d2_scatter(frame: pd.DataFrame, column: str = "r2d2", label: str | None = None) -> go.Figure:
+    """R2 vs D2, one point per neuron of ``frame``; hover names layer, neuron and R2D2.
+
+    Several layers: coloured by layer. One layer: coloured by ``column``'s score, so the picture shows
+    how that score ranks the layer's neurons. Up to ``SVG_MAX_POINTS`` points are SVG markers, more are
+    WebGL (which costs a WebGL context, slow to start in a browser without a GPU). Columns go to the
+    browser as float32 arrays (Plotly sends NumPy arrays as typed arrays, half the size of JSON text).
+    """
+    layers = frame["layer"].unique()
+    one_layer = len(layers) == 1
+    label = label or column
+    trace = go.Scatter if len(frame) <= SVG_MAX_POINTS else go.Scattergl
+    colour = frame[column if one_layer else "layer"].to_numpy(np.float32)
+    fig = go.Figure(trace(
+        x=frame["d2"].to_numpy(np.float32), y=frame["r2"].to_numpy(np.float32), mode="markers",
+        marker=dict(size=6 if one_layer else 5, color=colour, colorscale="Viridis", opacity=0.7,
+                    colorbar=dict(title=label if one_layer else "layer")),
+        customdata=np.c_[frame["layer"], frame["neuron"], frame["r2d2"]].astype(np.float32),
         hovertemplate="layer %{customdata[0]}, neuron %{customdata[1]}<br>R2 %{y:.4g}, D2 %{x:.3f}"
                       "<br>R2D2 %{customdata[2]:.4g}<extra></extra>"))
-    fig.update_layout(**base_layout(title="R2 (weights) vs D2 (activations), one point per neuron",
-                                    xaxis_title="D2: normalised mean activation (0 to 1)",
+    title = (f"Layer {layers[0]}: R2 (weights) vs D2 (activations), colour = {label}" if one_layer
+             else f"R2 (weights) vs D2 (activations), one point per neuron of {len(layers)} layers")
+    fig.update_layout(**base_layout(title=title, xaxis_title="D2: normalised mean activation (0 to 1)",
                                     yaxis_title="R2: kernel-hull self-weight diag(C)",
                                     dragmode="lasso", height=460))
     return fig

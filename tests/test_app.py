@@ -7,9 +7,11 @@ app.py in its place, in the same run (``kcm_app.ui.entry_guard``).
 """
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -238,6 +240,27 @@ def test_scores_page_lists_top_and_bottom(app):
     # labels, not internal names, in the tables and chart titles
     assert list(at.dataframe[-1].value.columns) == ["Neuron", "D2 (activations)", "R2 (kernel hull, weights)"]
     assert any("D2 (activations) per layer" in c.proto.spec for c in at.get("plotly_chart"))
+    # the scatter shows the chosen layer's neurons, coloured by the chosen score; All layers shows every one
+    scatter = scatter_trace(at)
+    assert scatter["type"] == "scatter" and set(points(scatter["customdata"])[:, 0]) == {1}
+    assert len(points(scatter["x"])) == 37 and scatter["marker"]["colorbar"]["title"]["text"] == "D2 (activations)"
+    at.checkbox(key="scores_all_layers").check().run()
+    scatter = scatter_trace(at)
+    assert set(points(scatter["customdata"])[:, 0]) == {0, 1} and len(points(scatter["x"])) == 2 * 37
+
+
+def scatter_trace(at) -> dict:
+    """The R2 vs D2 scatter's one trace, as the browser receives it."""
+    chart = next(c for c in at.get("plotly_chart") if "R2 (weights) vs D2" in c.proto.spec)
+    return json.loads(chart.proto.spec)["data"][0]
+
+
+def points(array) -> np.ndarray:
+    """A Plotly array from its JSON: a list, or NumPy's typed-array form {dtype, bdata, shape}."""
+    if isinstance(array, dict):
+        values = np.frombuffer(base64.b64decode(array["bdata"]), dtype=np.dtype(array["dtype"]))
+        return values.reshape([int(n) for n in str(array.get("shape", len(values))).split(",")])
+    return np.asarray(array)
 
 
 def test_missing_model_explains_what_to_do(app, monkeypatch, tmp_path):

@@ -86,14 +86,19 @@ def test_slider_moves_readouts_in_a_real_browser(server, browser, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
-def selected_after_lasso(browser, url: str, fractions: list[tuple[float, float]], clear: bool = False) -> int:
-    """Open the Scores page in a new session, lasso through ``fractions`` of the plot area, and
-    return the count the page lists (with ``clear``, then check 'Clear selection' empties the list)."""
+def selected_after_lasso(browser, url: str, fractions: list[tuple[float, float]], clear: bool = False,
+                         every_layer: bool = False) -> int:
+    """Open the Scores page in a new session (with ``every_layer``, tick All layers), lasso through
+    ``fractions`` of the plot area, and return the count the page lists (with ``clear``, then check
+    'Clear selection' empties the list)."""
     from playwright.sync_api import expect
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(f"{url}/scores", wait_until="domcontentloaded")
-        chart = page.locator("[class*='st-key-scores_scatter_']")
+        expect(page.locator(".st-key-scores_scatter_0_0 .nsewdrag").first).to_be_visible(timeout=90_000)
+        if every_layer:
+            page.get_by_text("All layers", exact=True).click()
+        chart = page.locator(f"[class*='st-key-scores_scatter_0_{'all' if every_layer else 0}']")
         area = chart.locator(".nsewdrag").first            # the plot area Plotly takes drags on
         expect(area).to_be_visible(timeout=90_000)
         chart.scroll_into_view_if_needed()
@@ -112,10 +117,12 @@ def selected_after_lasso(browser, url: str, fractions: list[tuple[float, float]]
 
 
 def test_lasso_on_the_scatter_lists_the_picked_neurons(server, browser):
-    whole = selected_after_lasso(browser, server, [(0.02, 0.02), (0.98, 0.02), (0.98, 0.98), (0.02, 0.98)],
-                                 clear=True)
+    around = [(0.02, 0.02), (0.98, 0.02), (0.98, 0.98), (0.02, 0.98)]
+    assert selected_after_lasso(browser, server, around, clear=True) == 37      # layer 0's 37 neurons
+    whole = selected_after_lasso(browser, server, around, every_layer=True)
     assert whole == 2 * 37                                   # 2 layers x 37 neurons, all inside
-    left = selected_after_lasso(browser, server, [(0.02, 0.02), (0.5, 0.02), (0.5, 0.98), (0.02, 0.98)])
+    left = selected_after_lasso(browser, server, [(0.02, 0.02), (0.5, 0.02), (0.5, 0.98), (0.02, 0.98)],
+                                every_layer=True)
     assert 0 < left < whole
 
 

@@ -39,19 +39,23 @@ def page() -> None:
     body(ws, *controls(ws))
 
 
-def controls(ws: Workspace) -> tuple[str, int, int]:
-    """The score shown, the layer for the tables, and how many rows at each end."""
-    left, mid, right = st.columns([2, 1, 1])
+def controls(ws: Workspace) -> tuple[str, int, int, bool]:
+    """The score shown, the layer for the scatter and the tables, how many rows at each end, and
+    whether the scatter shows every layer."""
+    left, mid, right, end = st.columns([2, 1, 1, 1], vertical_alignment="bottom")
     column = left.selectbox("Score", list(SCORES), format_func=SCORES.get, key="scores_column",
                             help="R2D2 = R2 x normalised D2 is KCM's score; the others are its parts and "
                                  "baselines")
     layer = mid.number_input("Layer", 0, ws.shape.layers - 1, 0, key="scores_layer",
-                             help="Layer for the top/bottom tables")
+                             help="Layer for the R2 vs D2 scatter and the top/bottom tables")
     top_n = right.number_input("Rows", 3, 50, 10, key="scores_top_n", help="Neurons listed at each end")
-    return column, int(layer), int(top_n)
+    every = end.checkbox("All layers", key="scores_all_layers",
+                         help="Show every layer's neurons in the scatter, coloured by layer (many points: "
+                              "slower to draw)")
+    return column, int(layer), int(top_n), bool(every)
 
 
-def body(ws: Workspace, column: str, layer: int, top_n: int) -> None:
+def body(ws: Workspace, column: str, layer: int, top_n: int, every_layer: bool) -> None:
     with ui.progress("Scoring neurons") as bar, ui.core_errors():
         ui.follow_background(ws, (background.SCORES, background.GRADIENTS), bar)
         frame = score_table(ws, bar)
@@ -65,10 +69,15 @@ def body(ws: Workspace, column: str, layer: int, top_n: int) -> None:
         column = "r2d2"
     st.plotly_chart(figures.score_histograms(frame, column, label=SCORES[column]), key="scores_violin")
     st.subheader("R2 vs D2")
-    st.caption("Each point is one FFN neuron. Drag a box or lasso to list the neurons you pick.")
-    event = st.plotly_chart(figures.r2_d2_scatter(frame), key=state.scatter_key(), on_select="rerun",
+    shown = frame if every_layer else frame[frame["layer"] == layer].reset_index(drop=True)
+    st.caption(("Each point is one FFN neuron of every layer, coloured by layer." if every_layer else
+                f"Each point is one FFN neuron of layer {layer}, coloured by {SCORES[column]}; tick All "
+                "layers for every neuron.") + " Drag a box or lasso to list the neurons you pick.")
+    # a selection belongs to the picture it was made on: another layer is another widget
+    event = st.plotly_chart(figures.r2_d2_scatter(shown, column, SCORES[column]),
+                            key=f"{state.scatter_key()}_{'all' if every_layer else layer}", on_select="rerun",
                             selection_mode=("points", "box", "lasso"))
-    picked = charts.selected_neurons(frame, event)
+    picked = charts.selected_neurons(shown, event)
     if len(picked):
         left, right = st.columns([4, 1])
         left.markdown(f"**{len(picked)} neurons selected**")
