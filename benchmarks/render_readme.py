@@ -264,7 +264,8 @@ def mpnet(results: Path) -> str:
     data = _load(results, "mpnet.json")
     s, ft, dense = data["settings"], data["model"]["finetune"], data["unpruned"]["accuracy"]
     paper = data["paper_bert_base_sst2_at_0.6"]
-    budgets = [b for b in s["budgets"] if any(r["budget"] == b for r in data["summary"])]
+    budgets = sorted({r["budget"] for r in data["summary"]}, reverse=True)
+    seeds = sorted({r["seed"] for r in data["rows"]})
     head = "".join(f" accuracy at {b} | minus unpruned at {b} | minus KCM at {b} |" for b in budgets)
     prepared = (_load(results, "mpnet_prepare.json").get("finetune") or {}) if (results / "mpnet_prepare.json").is_file() else {}
     how = f" ({prepared['subset_rule']})" if prepared.get("subset") else ""
@@ -272,8 +273,12 @@ def mpnet(results: Path) -> str:
              f"max length {ft['config']['max_len']}, {ft['wall_seconds'] / 60:.0f} min with loading and the test "
              f"evaluation. Unpruned accuracy {100 * dense['value']:.1f} "
              f"[{100 * dense['ci95'][0]:.1f}, {100 * dense['ci95'][1]:.1f}] on {s['test']} test sentences. "
-             "Accuracy in percent; differences in points, paired on the same sentences [95% paired bootstrap "
-             "interval], McNemar's exact p; one seed.", "",
+             + ("Accuracy in percent; differences in points, paired on the same sentences [95% paired bootstrap "
+                "interval], McNemar's exact p; one seed." if len(seeds) == 1 else
+                f"Accuracy in percent, mean over seeds {', '.join(map(str, seeds))} (lowest to highest seed in "
+                "brackets); differences in points, the mean over seeds paired on the same sentences (and seed) "
+                "[95% paired bootstrap interval of the seed-averaged difference], McNemar's exact p per seed."),
+             "",
              "| method |" + head + " paper: BERT-base SST-2 at 0.6 |",
              "|---|" + "---|---|---|" * len(budgets) + "---|"]
     labels = list(dict.fromkeys(r["method"] for r in data["summary"]))
@@ -285,7 +290,8 @@ def mpnet(results: Path) -> str:
                 cells += ["not measured", "", ""]
                 continue
             label = r["label"]
-            cells += [f"{100 * r['accuracy_mean']:.1f}", _paired(r["vs_unpruned"]),
+            spread = f" ({100 * r['accuracy_min']:.1f}-{100 * r['accuracy_max']:.1f})" if len(r["seeds"]) > 1 else ""
+            cells += [f"{100 * r['accuracy_mean']:.1f}{spread}", _paired(r["vs_unpruned"]),
                       "(reference)" if name == "kcm" else _paired(r["vs_kcm"])]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {paper.get(name, '')} |")
     lines.append("| unpruned |" + f" {100 * dense['value']:.1f} | | |" * len(budgets) + f" {paper['unpruned']} |")

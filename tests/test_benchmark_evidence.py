@@ -1,5 +1,6 @@
 """README numbers come from the results files (``benchmarks/render_readme.py``), and the speed
 verdicts from intervals over paired rounds (``benchmarks/common.py``): known answers and a drift check."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -171,14 +172,33 @@ def test_quality_summary_pairs_every_pruned_model_with_the_unpruned_one_and_with
 def test_mpnet_results_list_what_was_not_measured(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))   # undone after
     import bench_mpnet
-    data = {"settings": {"methods": ["kcm", "d2"], "budgets": [0.6, 0.5]},
-            "rows": [{"method": "kcm", "budget": 0.6}, {"method": "kcm", "budget": 0.5},
-                     {"method": "d2", "budget": 0.6}],
+    data = {"requested": {"methods": ["kcm", "d2"], "budgets": [0.6, 0.5], "seeds": [0, 1]},
+            "rows": [{"method": m, "budget": b, "seed": 0} for m in ("kcm", "d2") for b in (0.6, 0.5)]
+            + [{"method": "kcm", "budget": 0.6, "seed": 1}],
             "kcm_run": {"stage_seconds": {}}, "speed": None}
-    assert bench_mpnet.missing(data) == ["d2 at 0.5", "sliced speedup"]
-    data["rows"].append({"method": "d2", "budget": 0.5})
+    assert bench_mpnet.missing(data) == ["kcm at 0.5 (seed 1)", "d2 at 0.6 (seed 1)", "d2 at 0.5 (seed 1)",
+                                         "sliced speedup"]
+    data["rows"] += [{"method": "kcm", "budget": 0.5, "seed": 1}] + [{"method": "d2", "budget": b, "seed": 1}
+                                                                    for b in (0.6, 0.5)]
     data["speed"] = {"rounds": 10}
     assert bench_mpnet.missing(data) == []
+
+
+def test_mpnet_merge_keeps_earlier_seeds_only_from_the_same_fine_tuned_model(monkeypatch, tmp_path):
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))   # undone after
+    import bench_mpnet
+    monkeypatch.setattr(bench_mpnet, "RESULTS", tmp_path)
+    settings = {"samples": 512, "labeled": 256, "scale_samples": 256, "test": 4, "threads": 2}
+    earlier = {"settings": {**settings, "threads": 1, "seed": 0}, "unpruned": {"hits": "1101"},
+               "model": {"finetune": {"final_loss": 0.5}}, "command": "bench_mpnet.py", "environment": {},
+               "rows": [{"method": "kcm", "budget": 0.6, "seed": 0}], "kcm_run": {"seed": 0}, "speed": None}
+    (tmp_path / "mpnet.json").write_text(json.dumps(earlier))
+    now = {"settings": settings, "unpruned": {"hits": "1101"}, "model": {"finetune": {"final_loss": 0.5}}}
+    kept = bench_mpnet.earlier_file(now)
+    assert kept["rows"] == [{"method": "kcm", "budget": 0.6, "seed": 0, "reused": []}]   # threads may differ
+    assert bench_mpnet.earlier_file({**now, "unpruned": {"hits": "1100"}}) is None        # another model
+    assert bench_mpnet.earlier_file({**now, "model": {"finetune": {"final_loss": 0.6}}}) is None
+    assert bench_mpnet.earlier_file({**now, "settings": {**settings, "labeled": 512}}) is None
 
 
 def test_readme_paired_cell_is_points_with_the_paired_interval_and_mcnemar_p():
