@@ -229,6 +229,21 @@ def app_runner(timeout: float, *, errors: bool = False):
     return make
 
 
+def use_tiny_lm(monkeypatch, tmp_path, tiny_lm, *, stream: bool = False) -> None:
+    """Point the app at ``tiny_lm_and_documents``' model and documents (blocks of 16 tokens), layer by
+    layer with ``stream``, with its disk cache in ``tmp_path`` (never the user's) and a first wait long
+    enough for an evaluation (AppTest fires no timers: a run waits for its result)."""
+    from kcm_app import live
+    model_dir, docs = tiny_lm
+    monkeypatch.setenv("KCM_APP_MODEL", str(model_dir))
+    monkeypatch.setenv("KCM_APP_DATA", str(docs))
+    monkeypatch.setenv("KCM_APP_BLOCK_SIZE", "16")
+    if stream:
+        monkeypatch.setenv("KCM_APP_STREAM", "1")
+    monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(live, "FIRST_WAIT_S", 120)
+
+
 def tiny_lm_and_documents(root):
     """A tiny LLaMA causal LM (64 positions, ``save_tiny_lm``) in ``root/model`` and 80 seeded documents
     of 20 to 40 of its words in ``root/docs.txt``: what the app's LM tests load."""

@@ -15,8 +15,8 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from conftest import app_runner, build_tiny_model, make_batches, tiny_lm_and_documents
-from kcm_app import live, resources, state
+from conftest import app_runner, build_tiny_model, make_batches, tiny_lm_and_documents, use_tiny_lm
+from kcm_app import resources, state
 from kcm_app.engine import evaluations
 from kcm_app.sources import ModelChoice, env_defaults, model_key
 from kcm_app.testing import finish_background
@@ -97,13 +97,7 @@ def tiny_lm(tmp_path_factory):
 @pytest.fixture
 def app(tiny_lm, monkeypatch, tmp_path):
     """AppTest on the tiny LM, layer by layer; anything that runs the whole model fails the test."""
-    model_dir, docs = tiny_lm
-    monkeypatch.setenv("KCM_APP_MODEL", str(model_dir))
-    monkeypatch.setenv("KCM_APP_DATA", str(docs))
-    monkeypatch.setenv("KCM_APP_BLOCK_SIZE", "16")
-    monkeypatch.setenv("KCM_APP_STREAM", "1")
-    monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(live, "FIRST_WAIT_S", 120)
+    use_tiny_lm(monkeypatch, tmp_path, tiny_lm, stream=True)
 
     def whole_model(*args, **kwargs):
         raise AssertionError("the whole model was run on a model opened layer by layer")

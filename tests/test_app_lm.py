@@ -10,8 +10,8 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import LM_WORDS, app_runner, same_state, state_snapshot, tiny_lm_and_documents
-from kcm_app import live, resources, state
+from conftest import LM_WORDS, app_runner, same_state, state_snapshot, tiny_lm_and_documents, use_tiny_lm
+from kcm_app import resources, state
 from kcm_app.testing import finish_background
 from kcm_app.sources import LM_CALIBRATION_BLOCKS, ModelChoice, env_defaults
 
@@ -28,13 +28,7 @@ def tiny_lm(tmp_path_factory):
 
 @pytest.fixture
 def app(tiny_lm, monkeypatch, tmp_path):
-    model_dir, docs = tiny_lm
-    monkeypatch.setenv("KCM_APP_MODEL", str(model_dir))
-    monkeypatch.setenv("KCM_APP_DATA", str(docs))
-    monkeypatch.setenv("KCM_APP_BLOCK_SIZE", "16")
-    monkeypatch.setattr(live, "FIRST_WAIT_S", 120)     # AppTest fires no timers: a run waits for its evaluation
-    monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))      # the disk cache, never the user's
-
+    use_tiny_lm(monkeypatch, tmp_path, tiny_lm)
     yield app_runner(TIMEOUT, errors=True)
     finish_background()          # no background thread outlives the test's cache folder
 
