@@ -1,6 +1,7 @@
 """Chart data as plain DataFrames: what every figure shows, computed without Streamlit or Plotly."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -90,6 +91,47 @@ def score_frame(columns: Mapping[str, Sequence[torch.Tensor]]) -> pd.DataFrame:
     for name, per_layer in columns.items():
         data[name] = torch.cat([t.float().flatten() for t in per_layer]).numpy()
     return pd.DataFrame(data)
+
+
+@dataclass(frozen=True)
+class Density:
+    """One layer's score distribution, ready to draw as a violin: ``density`` (peak 1) at ``grid``."""
+    layer: int
+    grid: np.ndarray
+    density: np.ndarray
+    quartiles: tuple[float, float, float]
+    mean: float
+
+
+def score_densities(frame: pd.DataFrame, column: str, points: int = 160, bins: int = 1024) -> list[Density]:
+    """Each layer's distribution of ``column`` as a Gaussian kernel density on ``points`` values from
+    its minimum to its maximum (Silverman's bandwidth, as Plotly's violins use). Computed here, not in
+    the browser: a histogram of ``bins`` bins smoothed by the kernel, so the cost grows with the number
+    of neurons, not with (neurons x the range over the bandwidth) as a browser-side violin's does on
+    heavy-tailed scores."""
+    out = []
+    for layer in sorted(frame["layer"].unique()):
+        values = frame.loc[frame["layer"] == layer, column].to_numpy(np.float64)
+        values = values[np.isfinite(values)]
+        if not len(values):
+            continue
+        low, high = float(values.min()), float(values.max())
+        q1, median, q3 = (float(q) for q in np.percentile(values, [25, 50, 75]))
+        spread = min(values.std(), (q3 - q1) / 1.349) or values.std()
+        bandwidth = 1.06 * spread * len(values) ** -0.2
+        grid = np.linspace(low, high, points)
+        if high == low or bandwidth <= 0:
+            density = np.ones(points)
+        else:
+            counts, edges = np.histogram(values, bins=bins, range=(low, high))
+            centres = (edges[:-1] + edges[1:]) / 2
+            density = np.zeros(points)
+            for start in range(0, points, 32):          # (32 x bins) at a time: bounded memory
+                block = grid[start:start + 32, None]
+                density[start:start + 32] = (counts * np.exp(-0.5 * ((block - centres) / bandwidth) ** 2)).sum(1)
+            density = density / density.max() if density.max() > 0 else np.ones(points)
+        out.append(Density(int(layer), grid, density, (q1, median, q3), float(values.mean())))
+    return out
 
 
 def rank_heatmap(frame: pd.DataFrame, column: str, bins: int = 128) -> tuple[np.ndarray, np.ndarray]:

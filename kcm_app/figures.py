@@ -9,6 +9,8 @@ import plotly.graph_objects as go
 
 from kcm_core.flops import BLOCK_LABELS
 
+from .charts import Density
+
 from .theme import (BLOCK_COLORS, DROPPED_COLOR, HULL_COLOR, KEPT_COLOR, METHOD_COLORS, SCORE_COLORS,
                     base_layout, method_label)
 
@@ -66,18 +68,28 @@ def share_curve(frame: pd.DataFrame, current: float) -> go.Figure:
     return fig
 
 
-def score_histograms(frame: pd.DataFrame, column: str, color: str | None = None,
-                     label: str | None = None) -> go.Figure:
-    """Per-layer distributions of one score (violin per layer)."""
+def score_violins(densities: Sequence[Density], column: str, color: str | None = None,
+                  label: str | None = None) -> go.Figure:
+    """Per-layer distributions of one score as violins drawn from ``charts.score_densities`` (outline
+    polygons and a median tick; hover gives the quartiles and the mean). The browser draws lines only:
+    a Plotly violin trace would recompute each kernel density from every neuron's score there."""
     fig = go.Figure()
     color = color or SCORE_COLORS.get(column, METHOD_COLORS.get(column, "#555555"))
-    for layer in sorted(frame["layer"].unique()):
-        fig.add_violin(y=frame.loc[frame["layer"] == layer, column].to_numpy(np.float32), name=f"layer {layer}",
-                       line_color=color, fillcolor=color, opacity=0.55, points=False,
-                       meanline_visible=True, showlegend=False)
     label = label or column
+    for d in densities:
+        half = 0.42 * d.density
+        fig.add_scatter(x=np.r_[d.layer - half, d.layer + half[::-1]].astype(np.float32),
+                        y=np.r_[d.grid, d.grid[::-1]].astype(np.float32), mode="lines", fill="toself",
+                        line=dict(color=color, width=1), fillcolor=color, opacity=0.55, showlegend=False,
+                        hoverinfo="skip")
+        q1, median, q3 = d.quartiles
+        fig.add_scatter(x=[d.layer - 0.3, d.layer + 0.3], y=[median, median], mode="lines",
+                        line=dict(color="#222222", width=2), showlegend=False,
+                        hovertemplate=f"layer {d.layer}<br>median {median:.4g}<br>quartiles {q1:.4g} to "
+                                      f"{q3:.4g}<br>mean {d.mean:.4g}<extra></extra>")
     fig.update_layout(**base_layout(title=f"{label} per layer", xaxis_title="layer",
-                                    yaxis_title=f"{label} score (unitless)"))
+                                    yaxis_title=f"{label} score (unitless)",
+                                    xaxis=dict(tickmode="array", tickvals=[d.layer for d in densities])))
     return fig
 
 

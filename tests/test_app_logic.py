@@ -229,6 +229,23 @@ def test_score_frame_heatmap_and_extremes():
     assert list(best["neuron"]) == [0, 2] and list(worst["neuron"]) == [1, 2]
 
 
+def test_score_densities_match_the_kernel_density_of_each_layer():
+    from scipy.stats import gaussian_kde
+    rng = np.random.default_rng(0)
+    values = np.r_[rng.normal(0, 1, 1500), rng.normal(6, 0.5, 500)]           # two modes
+    frame = pd.DataFrame({"layer": np.r_[np.zeros(2000, int), np.ones(3, int), np.full(4, 2)],
+                          "r2": np.r_[values, [5.0, 5.0, 5.0], [1.0, np.nan, 2.0, 3.0]]})
+    first, constant, with_nan = charts.score_densities(frame, "r2")
+    spread = min(values.std(), np.subtract(*np.percentile(values, [75, 25])) / 1.349)
+    exact = gaussian_kde(values, bw_method=1.06 * spread * 2000 ** -0.2 / values.std(ddof=1))(first.grid)
+    assert first.density.max() == 1.0 and np.abs(first.density - exact / exact.max()).max() < 0.01
+    assert first.grid[0] == values.min() and first.grid[-1] == values.max()
+    assert first.quartiles == pytest.approx(tuple(np.percentile(values, [25, 50, 75])))
+    assert first.mean == pytest.approx(values.mean())
+    assert constant.layer == 1 and np.all(constant.density == 1.0)             # no spread: flat, not NaN
+    assert with_nan.quartiles[1] == 2.0 and np.isfinite(with_nan.density).all()   # NaN left out
+
+
 def test_selected_neurons_reads_plotly_selections():
     frame = charts.score_frame(score_columns())
     assert charts.selected_neurons(frame, None).empty

@@ -67,7 +67,8 @@ def body(ws: Workspace, column: str, layer: int, top_n: int, every_layer: bool) 
         st.warning(f"{SCORES[column]} " + ("is left out for a model opened layer by layer" if ws.streamed
                                            else "needs labels") + "; showing R2D2 instead.")
         column = "r2d2"
-    st.plotly_chart(figures.score_histograms(frame, column, label=SCORES[column]), key="scores_violin")
+    st.plotly_chart(figures.score_violins(charts.score_densities(frame, column), column, label=SCORES[column]),
+                    key="scores_violin")
     st.subheader("R2 vs D2")
     shown = frame if every_layer else frame[frame["layer"] == layer].reset_index(drop=True)
     st.caption(("Each point is one FFN neuron of every layer, coloured by layer." if every_layer else
