@@ -96,6 +96,12 @@ def score_violins(densities: Sequence[Density], column: str, color: str | None =
 SVG_MAX_POINTS = 2000    # more points than this are drawn with WebGL (SVG markers slow down past a few thousand)
 
 
+def points_trace(n: int) -> type:
+    """``go.Scatter`` (SVG) for up to ``SVG_MAX_POINTS`` points, else ``go.Scattergl``: WebGL draws many
+    points fast but costs a context that is slow to start in a browser without a GPU."""
+    return go.Scatter if n <= SVG_MAX_POINTS else go.Scattergl
+
+
 def r2_d2_scatter(frame: pd.DataFrame, column: str = "r2d2", label: str | None = None) -> go.Figure:
     """R2 vs D2, one point per neuron of ``frame``; hover names layer, neuron and R2D2.
 
@@ -107,7 +113,7 @@ def r2_d2_scatter(frame: pd.DataFrame, column: str = "r2d2", label: str | None =
     layers = frame["layer"].unique()
     one_layer = len(layers) == 1
     label = label or column
-    trace = go.Scatter if len(frame) <= SVG_MAX_POINTS else go.Scattergl
+    trace = points_trace(len(frame))
     colour = frame[column if one_layer else "layer"].to_numpy(np.float32)
     fig = go.Figure(trace(
         x=frame["d2"].to_numpy(np.float32), y=frame["r2"].to_numpy(np.float32), mode="markers",
@@ -139,17 +145,19 @@ def projection(coords: np.ndarray, r2: np.ndarray, kept: np.ndarray | None, pick
                title: str) -> go.Figure:
     """One point per neuron: grey if pruned at the current budget, orange if kept; R2's picks ringed."""
     fig = go.Figure()
+    trace = points_trace(len(coords))
+    coords = np.asarray(coords, dtype=np.float32)
     kept = np.ones(len(coords), dtype=bool) if kept is None else kept
     idx = np.arange(len(coords))
     for mask, name, color in ((~kept, "pruned at this budget", DROPPED_COLOR),
                               (kept, "kept at this budget", KEPT_COLOR)):
-        fig.add_scattergl(x=coords[mask, 0], y=coords[mask, 1], mode="markers", name=name,
-                          marker=dict(color=color, size=6, opacity=0.75),
-                          customdata=np.c_[idx[mask], r2[mask]],
-                          hovertemplate="neuron %{customdata[0]}<br>R2 %{customdata[1]:.4g}<extra></extra>")
-    fig.add_scattergl(x=coords[picks, 0], y=coords[picks, 1], mode="markers", name="top R2 (hull picks)",
-                      marker=dict(symbol="circle-open", color=HULL_COLOR, size=12, line=dict(width=2)),
-                      hoverinfo="skip")
+        fig.add_trace(trace(x=coords[mask, 0], y=coords[mask, 1], mode="markers", name=name,
+                            marker=dict(color=color, size=6, opacity=0.75),
+                            customdata=np.c_[idx[mask], r2[mask]].astype(np.float32),
+                            hovertemplate="neuron %{customdata[0]}<br>R2 %{customdata[1]:.4g}<extra></extra>"))
+    fig.add_trace(trace(x=coords[picks, 0], y=coords[picks, 1], mode="markers", name="top R2 (hull picks)",
+                        marker=dict(symbol="circle-open", color=HULL_COLOR, size=12, line=dict(width=2)),
+                        hoverinfo="skip"))
     fig.update_layout(**base_layout(title=title, xaxis_title="component 1 (arbitrary units)",
                                     yaxis_title="component 2 (arbitrary units)", height=480))
     return fig

@@ -246,6 +246,18 @@ def test_score_densities_match_the_kernel_density_of_each_layer():
     assert with_nan.quartiles[1] == 2.0 and np.isfinite(with_nan.density).all()   # NaN left out
 
 
+def test_point_charts_draw_svg_up_to_the_limit_and_webgl_beyond():
+    from kcm_app import figures
+    rng = np.random.default_rng(0)
+    for n, kind in ((figures.SVG_MAX_POINTS, "scatter"), (figures.SVG_MAX_POINTS + 1, "scattergl")):
+        coords, r2 = rng.normal(size=(n, 2)), rng.random(n)
+        fig = figures.projection(coords, r2, r2 > 0.5, np.argsort(-r2)[:5], "layer 0")
+        assert {t.type for t in fig.data} == {kind}
+        assert sum(len(t.x) for t in fig.data[:2]) == n                  # pruned + kept: every neuron once
+        frame = pd.DataFrame({"layer": np.arange(n) % 3, "neuron": np.arange(n), "r2": r2, "d2": r2, "r2d2": r2})
+        assert figures.r2_d2_scatter(frame).data[0].type == kind
+
+
 def test_selected_neurons_reads_plotly_selections():
     frame = charts.score_frame(score_columns())
     assert charts.selected_neurons(frame, None).empty
