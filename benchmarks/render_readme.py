@@ -312,9 +312,53 @@ def mpnet(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def app_browser(results: Path) -> str:
+    """The real-browser table: every timing of bench_app_browser, each pass of the "before" and the
+    "after" file a column (a timing the version did not have: "not measured")."""
+    from bench_app_browser import COLUMNS
+    runs = [(label, _load(results, f"app_browser_{label}.json")) for label in ("before", "after")]
+    passes = [(label, p) for label, data in runs for p in data["passes"]]
+
+    def cell(p: dict, key: str) -> str:
+        if key not in p:
+            return "not measured"
+        text = f"{p[key]:.1f} s"
+        if key == "burst_settle_s" and "burst_evaluations_logged" in p:
+            n = p["burst_evaluations_logged"]
+            text += f" ({n} evaluation{'s' if n != 1 else ''} finished)"
+        return text
+
+    lines = ["| seconds | " + " | ".join(f"{label}, {p['pass']}" for label, p in passes) + " |",
+             "|---|" + "---|" * len(passes)]
+    names = {"scores_first_s": "first view: Neuron scores", "hull_pca_first_s": "first view: Kernel hull (PCA)",
+             "prune_first_s": "first view: Prune (accuracy)", "cost_first_s": "first view: Cost",
+             "export_first_s": "first view: Export", "model_first_s": "Model and data, revisited",
+             "landing_s": "landing page drawn (title and introduction)", "loaded_s": "model loaded (sidebar)"}
+    for key, label in COLUMNS:
+        if key == "idle_after_load_s":
+            continue
+        lines.append(f"| {names.get(key, label)} | " + " | ".join(cell(p, key) for _, p in passes) + " |")
+    def state(data: dict) -> str:      # the loads sit beside the environment in these files
+        return _state({**data["environment"], **{k: data[k] for k in ("load_average_before", "load_average_after")
+                                                 if data.get(k)}})
+    lines += ["", " ".join(f"{label.capitalize()}: `{data['command']}`, {state(data)}." for label, data in runs)]
+    return "\n".join(lines) + "\n"
+
+
+def chart_draw(results: Path) -> str:
+    """One sentence: each Neuron scores chart's median draw time before and now, and the paired ratio."""
+    import statistics
+    data = _load(results, "chart_draw.json")
+    parts = [f"the {chart} {statistics.median(ms['before']):.0f} -> {statistics.median(ms['now']):.0f} ms "
+             f"({ratio_text(data['speedup'][chart])})" for chart, ms in data["milliseconds"].items()]
+    return (f"Median draw times over {data['settings']['rounds']} paired rounds: " + ", ".join(parts)
+            + f"; {_state(data['environment'])}.\n")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "engine": engine, "r2_options": r2_options, "speed": speed, "lm": lm, "lm_speed": lm_speed,
-    "r2_lm": r2_lm, "r2_memory": r2_memory, "mpnet": mpnet,
+    "r2_lm": r2_lm, "r2_memory": r2_memory, "mpnet": mpnet, "app_browser": app_browser,
+    "chart_draw": chart_draw,
     "quality": _quality("quality", (0.6,)),
     "quality-fine-foods": _quality("quality-fine-foods", (0.6, 0.5)),
     "quality-hedge": _quality("quality-hedge", (0.6, 0.5)),
