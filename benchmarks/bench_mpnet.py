@@ -44,7 +44,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see bench_speed: shared cores
@@ -52,13 +51,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality import (PAPER_SST2_AT_06, REFERENCE, measured_row, p_cell, paired_cell,  # noqa: E402
-                           pct, spread_cell, summarise)
+from bench_quality import (PAPER_SST2_AT_06, REFERENCE, p_cell, paired_cell, pct,  # noqa: E402
+                           pruned_rows, spread_cell, summarise)
 from common import machine_line, ratio_interval, ratio_text, run_environment  # noqa: E402
 from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.evaluate import evaluate_classifier  # noqa: E402
 from kcm_core.methods import method  # noqa: E402
-from kcm_core.pipeline import PruneConfig, compute_scores, prune  # noqa: E402
 from prepare_mpnet import polarity_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -148,51 +146,28 @@ def main() -> int:
     kept = earlier["rows"] if earlier else []
     data["requested"] = {"methods": methods, "budgets": budgets, "seeds": seeds}
     rows: list[dict] = []
-    run_r2: dict = {}            # R2 reads the weights alone: once per run, reused by every seed and method
-    for seed in seeds:
-        sample = train.sample(samples, seed, shuffled=True)
-        unlabeled = make_batches(sample, tokenizer, max_len=MAX_LEN, batch_size=32, with_labels=False)
-        labeled = make_batches(sample.subset(range(data["settings"]["labeled"])), tokenizer,
-                               max_len=MAX_LEN, batch_size=32)
-        shared = dict(run_r2)
-        for name in methods:
-            spec = method(name)
-            config = PruneConfig(method=name, budget=budgets[0], seed=seed,
-                                 scale_samples=data["settings"]["scale_samples"],
-                                 label_samples=data["settings"]["labeled"])
-            log(f"seed {seed}, {name}: scoring")
-            reused = sorted(set(shared) & spec.needs)
-            t = time.perf_counter()
-            scores = compute_scores(model, config, unlabeled, labeled if spec.uses_labels else None,
-                                    progress=quiet_progress, shared=shared)
-            score_s = time.perf_counter() - t
-            run_r2.update({k: v for k, v in shared.items() if k == "r2"})
-            for budget in budgets:
-                t = time.perf_counter()
-                result = prune(model, replace(config, budget=budget), unlabeled,
-                               labeled if spec.uses_labels else None, method_scores=scores)
-                prune_s = time.perf_counter() - t
-                row = measured_row(name, seed, budget, result, test_batches, test.labels, dense.predictions,
-                                   shape, score_s, prune_s)
-                row["reused"] = reused
-                rows.append(row)
-                log(f"    {name} @ {budget}: accuracy {row['accuracy']['value']:.4f} [{score_s:.0f} s scoring, "
-                    f"{prune_s:.0f} s pruning, {row['seconds']['evaluation']:.0f} s evaluation]")
-                # the stage times of a whole run: KCM computing every component itself
-                if name == REFERENCE and budget == SPEED_BUDGET and not reused and data["kcm_run"] is None:
-                    data["kcm_run"] = kcm_run(result, score_s, prune_s, shape, seed)
-                    log(f"    KCM stages {data['kcm_run']['stage_seconds']}; timing dense vs sliced, batch 32 x "
-                        f"{MAX_LEN} tokens, {args.rounds} paired rounds")
-                    data["speed"] = speed(model, result.model, args.rounds, data["kcm_run"]["relative_flops"])
-                    log(f"    speedup {ratio_text(data['speed']['speedup'])}")
-                del result
-                done = {cell(r) for r in rows}
-                data["rows"] = [r for r in kept if cell(r) not in done] + rows
-                still = [r for r in kept if cell(r) not in done]
-                data["kept_from_earlier"] = ({"cells": len(still), "seeds": sorted({r["seed"] for r in still}),
-                                              "command": earlier["command"], "environment": earlier["environment"]}
-                                             if still else None)
-                save(data, load_before, started, earlier)
+    for row, result in pruned_rows(model, tokenizer, train, test_batches, test.labels, dense.predictions,
+                                   methods=methods, budgets=budgets, seeds=seeds, samples=samples,
+                                   labeled=data["settings"]["labeled"],
+                                   scale_samples=data["settings"]["scale_samples"], max_len=MAX_LEN, batch_size=32):
+        rows.append(row)
+        # the stage times of a whole run: the first KCM at the speed budget computing every component itself
+        if (row["method"] == REFERENCE and row["budget"] == SPEED_BUDGET and not row["reused"]
+                and data["kcm_run"] is None):
+            data["kcm_run"] = kcm_run(result, row["seconds"]["scoring"], row["seconds"]["pruning"], shape,
+                                      row["seed"])
+            log(f"    KCM stages {data['kcm_run']['stage_seconds']}; timing dense vs sliced, batch 32 x "
+                f"{MAX_LEN} tokens, {args.rounds} paired rounds")
+            data["speed"] = speed(model, result.model, args.rounds, data["kcm_run"]["relative_flops"])
+            log(f"    speedup {ratio_text(data['speed']['speedup'])}")
+        del result
+        done = {cell(r) for r in rows}
+        still = [r for r in kept if cell(r) not in done]
+        data["rows"] = still + rows
+        data["kept_from_earlier"] = ({"cells": len(still), "seeds": sorted({r["seed"] for r in still}),
+                                      "command": earlier["command"], "environment": earlier["environment"]}
+                                     if still else None)
+        save(data, load_before, started, earlier)
     save(data, load_before, started, earlier)
     log(f"wrote {RESULTS / 'mpnet.json'} and mpnet.md in {data['wall_seconds']:.0f} s")
     return 0

@@ -121,7 +121,6 @@ def main() -> int:
     log(f"{args.task}: unpruned model on {len(test)} test texts")
     dense = evaluate_classifier(model, test_batches, seed=0)
     dense_hits = (dense.predictions == torch.tensor(test.labels)).int()
-    shape = model_shape(model.config)
 
     out_path = results_path(args.task, args.quick)
     settings = {"task": args.task, "task_description": task["description"], "samples": samples,
@@ -139,49 +138,64 @@ def main() -> int:
         "rows": kept,
     }
     rows = []
-    # R2 depends on the weights alone: computed once for the run and reused by every seed and method;
-    # the D2 statistics and the gradients once per seed (its sample), shared by the methods using them.
-    # A method's scoring time is what it computed itself; "reused" names what it found computed.
-    task_r2: dict = {}
-    for seed in seeds:
-        # The CLI's --samples subset, in the order it was drawn: scaling uses its first 512 and the
-        # label-using methods its first `labeled_n` (the order the published results were made with).
-        sample = train.sample(samples, seed, shuffled=True)
-        unlabeled = make_batches(sample, tokenizer, max_len=max_len, batch_size=64, with_labels=False)
-        labeled = make_batches(sample.subset(range(min(labeled_n, len(sample)))), tokenizer,
-                               max_len=max_len, batch_size=32)
-        shared = dict(task_r2)
-        for name in methods:
-            spec = method(name)
-            config = PruneConfig(method=name, budget=budgets[0], seed=seed,
-                                 scale_samples=min(512, len(sample)), label_samples=labeled_n)
-            log(f"seed {seed}, {name}: scoring")
-            reused = sorted(set(shared) & spec.needs)
-            t = time.perf_counter()
-            scores = compute_scores(model, config, unlabeled, labeled if spec.uses_labels else None,
-                                    progress=quiet_progress, shared=shared)
-            score_s = time.perf_counter() - t
-            task_r2.update({k: v for k, v in shared.items() if k == "r2"})
-            for budget in budgets:
-                t = time.perf_counter()
-                result = prune(model, replace(config, budget=budget), unlabeled,
-                               labeled if spec.uses_labels else None, method_scores=scores)
-                prune_s = time.perf_counter() - t
-                row = measured_row(name, seed, budget, result, test_batches, test.labels, dense.predictions,
-                                   shape, score_s, prune_s)
-                row["reused"] = reused
-                rows.append(row)
-                log(f"    {name} @ {budget}: accuracy {row['accuracy']['value']:.4f} "
-                    f"(agreement {row['agreement']['value']:.4f}) [{score_s:.0f}s scoring, {prune_s:.0f}s pruning]")
-                del result
-            done = {(r["method"], r["budget"], r["seed"]) for r in rows}
-            data["rows"] = [r for r in kept if (r["method"], r["budget"], r["seed"]) not in done] + rows
-            data["environment"].update(run_environment(load_before, threads=args.threads,
-                                                       omp_wait_policy=os.environ.get("OMP_WAIT_POLICY")))
-            data["wall_seconds_this_run"] = time.perf_counter() - started
-            save(out_path, data, args.quick)
+    for row, result in pruned_rows(model, tokenizer, train, test_batches, test.labels, dense.predictions,
+                                   methods=methods, budgets=budgets, seeds=seeds, samples=samples,
+                                   labeled=labeled_n, scale_samples=settings["scale_samples"],
+                                   max_len=max_len, batch_size=64):
+        del result
+        rows.append(row)
+        done = {(r["method"], r["budget"], r["seed"]) for r in rows}
+        data["rows"] = [r for r in kept if (r["method"], r["budget"], r["seed"]) not in done] + rows
+        data["environment"].update(run_environment(load_before, threads=args.threads,
+                                                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY")))
+        data["wall_seconds_this_run"] = time.perf_counter() - started
+        save(out_path, data, args.quick)
     log(f"wrote {out_path} and {out_path.with_suffix('.md').name} in {data['wall_seconds_this_run']:.0f} s")
     return 0
+
+
+def pruned_rows(model, tokenizer, train, test_batches, test_labels, dense_predictions, *, methods, budgets,
+                seeds, samples: int, labeled: int, scale_samples: int, max_len: int, batch_size: int):
+    """Prune ``model`` with every method at every budget for every seed and evaluate each pruned model:
+    yields ``(measured_row, PruneResult)`` in seed, method, budget order (a caller saves as it goes).
+
+    Per seed, the unlabeled sample is ``train.sample(samples, seed)`` in the order it was drawn (the
+    CLI's ``--samples`` subset): scaling uses its first ``scale_samples`` and the label-using methods
+    its first ``labeled``. R2 depends on the weights alone: computed once and reused by every seed and
+    method; the D2 statistics and the gradients once per seed, shared by the methods using them. A
+    row's scoring time is what its method computed itself; its ``reused`` names what it found computed.
+    """
+    from kcm_core.data import make_batches
+    shape = model_shape(model.config)
+    run_r2: dict = {}
+    for seed in seeds:
+        sample = train.sample(samples, seed, shuffled=True)
+        unlabeled = make_batches(sample, tokenizer, max_len=max_len, batch_size=batch_size, with_labels=False)
+        labeled_batches = make_batches(sample.subset(range(min(labeled, len(sample)))), tokenizer,
+                                       max_len=max_len, batch_size=32)
+        shared = dict(run_r2)
+        for name in methods:
+            spec = method(name)
+            config = PruneConfig(method=name, budget=budgets[0], seed=seed, scale_samples=scale_samples,
+                                 label_samples=labeled)
+            log(f"seed {seed}, {name}: scoring")
+            reused = sorted(set(shared) & spec.needs)
+            with_labels = labeled_batches if spec.uses_labels else None
+            t = time.perf_counter()
+            scores = compute_scores(model, config, unlabeled, with_labels, progress=quiet_progress, shared=shared)
+            score_s = time.perf_counter() - t
+            run_r2.update({k: v for k, v in shared.items() if k == "r2"})
+            for budget in budgets:
+                t = time.perf_counter()
+                result = prune(model, replace(config, budget=budget), unlabeled, with_labels, method_scores=scores)
+                prune_s = time.perf_counter() - t
+                row = measured_row(name, seed, budget, result, test_batches, test_labels, dense_predictions,
+                                   shape, score_s, prune_s)
+                row["reused"] = reused
+                log(f"    {name} @ {budget}: accuracy {row['accuracy']['value']:.4f} (agreement "
+                    f"{row['agreement']['value']:.4f}) [{score_s:.0f} s scoring, {prune_s:.0f} s pruning, "
+                    f"{row['seconds']['evaluation']:.0f} s evaluation]")
+                yield row, result
 
 
 def measured_row(name: str, seed: int, budget: float, result, test_batches, labels, dense_predictions,
