@@ -87,12 +87,12 @@ def body(ws: Workspace, column: str, layer: int, top_n: int, every_layer: bool) 
     matrix, centres = charts.rank_heatmap(frame, column)
     st.plotly_chart(figures.rank_heatmap(matrix, centres, column, label=SCORES[column]), key="scores_heatmap")
     best, worst = charts.top_bottom(frame, layer, column, top_n)
-    shown = ["neuron"] + list(dict.fromkeys([column, "r2", "d2"]))
+    listed = ["neuron"] + list(dict.fromkeys([column, "r2", "d2"]))
     left, right = st.columns(2)
     left.markdown(f"**Top {top_n} of layer {layer}** by {SCORES[column]}")
-    left.dataframe(readable(best[shown]), hide_index=True, width="stretch")
+    left.dataframe(readable(best[listed]), hide_index=True, width="stretch")
     right.markdown(f"**Bottom {top_n} of layer {layer}** by {SCORES[column]}")
-    right.dataframe(readable(worst[shown]), hide_index=True, width="stretch")
+    right.dataframe(readable(worst[listed]), hide_index=True, width="stretch")
 
 
 def readable(frame: pd.DataFrame) -> pd.DataFrame:
