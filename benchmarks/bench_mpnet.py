@@ -300,7 +300,7 @@ def markdown(data: dict) -> str:
         f"all-mpnet-base-v2 ({m['layers']} layers x {m['ffn_width']} FFN neurons, hidden {m['hidden']}, "
         f"{m['parameters']:,} parameters with its classification head), fine-tuned once on "
         f"{ft['train_examples']} polarity train sentences ({ft['config']['epochs']} epoch, max length "
-        f"{ft['config']['max_len']}, {ft['wall_seconds'] / 60:.0f} min; test accuracy then "
+        f"{ft['config']['max_len']}; test accuracy then "
         f"{pct(ft['test_accuracy'])} on {ft['eval_examples']}; see `mpnet_prepare.json` for why and how "
         "the sentences were chosen).", "",
         f"Pruned with seeds {', '.join(map(str, seeds))} (each seed draws its own {s['samples']} unlabeled "

@@ -269,9 +269,10 @@ def mpnet(results: Path) -> str:
     head = "".join(f" accuracy at {b} | minus unpruned at {b} | minus KCM at {b} |" for b in budgets)
     prepared = (_load(results, "mpnet_prepare.json").get("finetune") or {}) if (results / "mpnet_prepare.json").is_file() else {}
     how = f" ({prepared['subset_rule']})" if prepared.get("subset") else ""
+    steps = (f" ({prepared['train_examples'] // prepared['batch_size']} steps of batch {prepared['batch_size']}, "
+             f"median {prepared['step_seconds_median']:.1f} s per step)" if prepared.get("step_seconds_median") else "")
     lines = [f"Fine-tuned on {ft['train_examples']} polarity train sentences{how}, {ft['config']['epochs']} epoch at "
-             f"max length {ft['config']['max_len']}, {ft['wall_seconds'] / 60:.0f} min with loading and the test "
-             f"evaluation. Unpruned accuracy {100 * dense['value']:.1f} "
+             f"max length {ft['config']['max_len']}{steps}. Unpruned accuracy {100 * dense['value']:.1f} "
              f"[{100 * dense['ci95'][0]:.1f}, {100 * dense['ci95'][1]:.1f}] on {s['test']} test sentences. "
              + ("Accuracy in percent; differences in points, paired on the same sentences [95% paired bootstrap "
                 "interval], McNemar's exact p; one seed." if len(seeds) == 1 else
