@@ -125,10 +125,7 @@ def score_densities(frame: pd.DataFrame, column: str, points: int = 160, bins: i
         else:
             counts, edges = np.histogram(values, bins=bins, range=(low, high))
             centres = (edges[:-1] + edges[1:]) / 2
-            density = np.zeros(points)
-            for start in range(0, points, 32):          # (32 x bins) at a time: bounded memory
-                block = grid[start:start + 32, None]
-                density[start:start + 32] = (counts * np.exp(-0.5 * ((block - centres) / bandwidth) ** 2)).sum(1)
+            density = (counts * np.exp(-0.5 * ((grid[:, None] - centres) / bandwidth) ** 2)).sum(1)
             density = density / density.max() if density.max() > 0 else np.ones(points)
         out.append(Density(int(layer), grid, density, (q1, median, q3), float(values.mean())))
     return out

@@ -10,7 +10,6 @@ import plotly.graph_objects as go
 from kcm_core.flops import BLOCK_LABELS
 
 from .charts import Density
-
 from .theme import (BLOCK_COLORS, DROPPED_COLOR, HULL_COLOR, KEPT_COLOR, METHOD_COLORS, SCORE_COLORS,
                     base_layout, method_label)
 
