@@ -166,6 +166,7 @@ def cmd_flops(args) -> dict:
 def _prune_config(args):
     from .hull import HullConfig
     from .pipeline import PruneConfig
+    from .repair import RepairConfig
     from .scaling import ScaleConfig
     from .scores import D2Config
     return PruneConfig(
@@ -176,7 +177,8 @@ def _prune_config(args):
         d2=D2Config(statistic=args.d2_statistic, normalise=args.d2_normalise),
         scale=ScaleConfig(ridge=args.ridge), scale_samples=args.scale_samples or 512,
         label_samples=args.label_samples, multiple=args.multiple,
-        min_per_layer=args.min_per_layer, uniform=args.uniform,
+        min_per_layer=args.min_per_layer, uniform=args.uniform, allocation=args.allocation,
+        repair=RepairConfig(kind=args.repair, target=args.repair_target, damp=args.refit_damp),
     )
 
 
@@ -426,6 +428,9 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS
+    from .methods import DEFAULT_METHOD
+    from .repair import REPAIRS, TARGETS
+    from .select import ALLOCATIONS
     parser = _Parser(prog="python -m kcm_core", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -442,7 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder, hub id, or 'demo'")
     _add_data_args(p)
     p.add_argument("--flops", type=float, required=True, help="fraction of FLOPs to keep, e.g. 0.6")
-    p.add_argument("--method", default="kcm", choices=list(METHODS))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
+                   help=f"which neurons to keep (default {DEFAULT_METHOD}; 'kcm' is the paper's exact recipe)")
+    p.add_argument("--repair", default="auto", choices=["auto", *REPAIRS],
+                   help="how the kept neurons make up for the dropped ones (default: the method's own)")
+    p.add_argument("--repair-target", default="auto", choices=["auto", *TARGETS],
+                   help="fit each layer to the unpruned model's output (teacher) or to the unpruned "
+                        "layer on the pruned model's inputs (local); auto: the repair's own")
+    p.add_argument("--refit-damp", type=_positive_float, default=0.01,
+                   help="refit repair: ridge toward the original rows, relative to the mean of diag(H^T H)")
+    p.add_argument("--allocation", default="auto", choices=["auto", *ALLOCATIONS],
+                   help="how the budget is spread over layers: pooled raw scores (the paper) or "
+                        "per-layer z-scores (default: the method's own)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--samples", type=_positive_int, default=None,

@@ -18,11 +18,14 @@ from .arch import family_for_model, ffn_blocks
 from .plan import KeepPlan
 
 
+def can_carry_bias(model: nn.Module) -> bool:
+    """Whether the down-projection has a bias, or a config switch that gives it one in stock code."""
+    return all(b.down.bias is not None for b in ffn_blocks(model)) or bool(family_for_model(model).mlp_bias_field)
+
+
 def check_compensable(model: nn.Module) -> None:
     """``ValueError`` when the down-projection cannot carry a bias that stock code would load."""
-    family = family_for_model(model)
-    blocks = ffn_blocks(model)
-    if all(b.down.bias is not None for b in blocks) or family.mlp_bias_field:
+    if can_carry_bias(model):
         return
     raise ValueError(f"FLAP's bias compensation needs a bias on the down-projection, and "
                      f"{type(model).__name__} has none in stock transformers (no config switch); "

@@ -27,7 +27,7 @@ from torch import nn
 
 from .arch import _first, base_model, family_for_config, transformer_layers
 from .runtime import Batch, eval_mode, hooks, model_inputs
-from .scaling import _detached
+from .layer_replay import detached
 
 READ_CHUNK_BYTES = 32 * 2**20
 _ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
@@ -276,7 +276,7 @@ class Skeleton:
         calls: list[LayerCall] = []
 
         def catch(_module, args, kwargs):
-            calls.append((tuple(_detached(a) for a in args), {k: _detached(v) for k, v in kwargs.items()}))
+            calls.append((tuple(detached(a) for a in args), {k: detached(v) for k, v in kwargs.items()}))
             raise _Caught
 
         extra = {"use_cache": False} if "use_cache" in inspect.signature(self.model.forward).parameters else {}
@@ -293,14 +293,14 @@ class Skeleton:
 
     def finish(self, batches: Sequence[Batch], last_outputs: Sequence[torch.Tensor]):
         """The model's output on ``batches`` when its last layer gave ``last_outputs``: the layers are
-        replayed (``kcm_core.scaling._Replay``), so only the parts after them run (final norm, head)."""
-        from .scaling import _Replay
+        replayed (``kcm_core.layer_replay.Replay``), so only the parts after them run (final norm, head)."""
+        from .layer_replay import Replay
         state = {"batch": 0}
         originals = list(self.layers)
         outputs = []
         try:
             for j, original in enumerate(originals):
-                self.layers[j] = _Replay(original, list(last_outputs), state)
+                self.layers[j] = Replay(original, list(last_outputs), state)
             with eval_mode(self.model), torch.no_grad():
                 for b, batch in enumerate(batches):
                     state["batch"] = b

@@ -49,6 +49,11 @@ class Method:
     refine: whether the selection is refined by greedy gradient swaps (needs ``grads``).
     compensate: whether the dropped neurons' mean output is folded into the down-projection's bias
         (FLAP; needs ``stats``).
+    repair: the method's own repair step (``kcm_core.repair``) when it is neither the scaling step
+        (``scaled``) nor FLAP's bias (``compensate``), e.g. "refit"; any method's repair can be changed
+        with ``PruneConfig.repair``.
+    allocation: how its scores spread the budget over layers: "pooled" (the raw scores ranked over all
+        layers) or "standardised" (per-layer z-scores); ``PruneConfig.allocation`` overrides it.
     seeded: whether the score depends on ``PruneConfig.seed``.
     per_layer: whether a layer's score depends on that layer alone (its weights and activation
         statistics); the streamed mode (``kcm_core.stream``) scores such methods one layer at a time,
@@ -69,6 +74,8 @@ class Method:
     seeded: bool = False
     per_layer: bool = True
     reads_weights: bool = False
+    repair: str | None = None            # its own repair when not implied by scaled/compensate
+    allocation: str = "pooled"           # how its scores spread the budget over layers (kcm_core.select)
 
     def __post_init__(self):
         unknown = set(self.needs) - set(COMPONENTS)
@@ -80,13 +87,20 @@ class Method:
             raise ValueError(f"method {self.name!r} compensates biases but needs no activation statistics")
 
     @property
+    def own_repair(self) -> str:
+        """The repair step this method comes with (``kcm_core.repair``): scales, bias or none."""
+        if self.repair is not None:
+            return self.repair
+        return "scales" if self.scaled else "bias" if self.compensate else "none"
+
+    @property
     def uses_labels(self) -> bool:
         return "grads" in self.needs
 
     @property
     def uses_data(self) -> bool:
-        """Whether unlabeled data is needed at all (for the scores or for the scaling step)."""
-        return bool(self.needs) or self.scaled
+        """Whether unlabeled data is needed at all (for the scores or for its repair step)."""
+        return bool(self.needs) or self.own_repair != "none"
 
 
 def _gated(src: ScoreSources) -> bool:
@@ -140,6 +154,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 
 
+# The library's, the CLI's and the app's default method; the paper's exact recipe keeps its name, "kcm".
+DEFAULT_METHOD = "kcm"
+
+
 def method(name: str) -> Method:
     """The row for ``name``; an unknown name raises ``ValueError`` listing the known ones."""
     try:
@@ -188,7 +206,7 @@ class MethodScores:
     method: str
     scores: LayerScores
     grad_scores: LayerScores | None = None      # methods that refine by gradients
-    means: LayerScores | None = None            # mean neuron inputs, for methods that compensate biases
+    means: LayerScores | None = None            # mean neuron inputs (methods that collect statistics)
     details: ScoreDetails = ScoreDetails()
     seconds: dict[str, float] | None = None     # wall time per component computed for this call
 
@@ -199,5 +217,5 @@ def score_with(spec: Method, sources: ScoreSources, seconds: dict[str, float] | 
     grads = sources.grads() if spec.refine else None
     fits = sources.r2()[1] if "r2" in spec.needs else None
     stats = sources.stats() if "stats" in spec.needs else None
-    means = list(stats.mean) if spec.compensate else None
+    means = list(stats.mean) if stats is not None else None
     return MethodScores(spec.name, scores, grads, means, ScoreDetails.of(fits, stats), dict(seconds or {}))

@@ -23,10 +23,11 @@ from .hull import HullConfig
 from .plan import KeepPlan
 from .compensation import check_compensable, compensate
 from .realise import slice_model
-from .methods import MethodScores, ScoreDetails, method, score_with
+from .methods import DEFAULT_METHOD, MethodScores, ScoreDetails, method, score_with
+from .repair import RepairConfig, fit_repair
 from .runtime import Batch, Progress, check_finite, take_sequences, tell
 from .scaling import ScaleConfig, fit_scales
-from .select import refine_with_gradients, select
+from .select import ALLOCATIONS, refine_with_gradients, select
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,14 @@ class PruneConfig:
 
     seq_len: the sequence length the FLOPs budget is counted at; None means the average real length
         of the unlabeled sample (the paper uses each task's average length).
-    scale_samples: how many of the unlabeled sequences the scaling step uses.
+    scale_samples: how many of the unlabeled sequences the scaling step (any repair) uses.
+    repair: how the kept neurons make up for the dropped ones (``kcm_core.repair``); "auto" kinds
+        mean the method's own.
+    allocation: how the budget is spread over layers (``kcm_core.select``).
     label_samples: how many labeled sequences the label-using methods use (None: all given).
     """
 
-    method: str = "kcm"
+    method: str = DEFAULT_METHOD
     budget: float = 0.6
     seq_len: float | None = None
     seed: int = 0
@@ -51,9 +55,13 @@ class PruneConfig:
     multiple: int = 1
     min_per_layer: int = 0
     uniform: bool = False
+    repair: RepairConfig = RepairConfig()
+    allocation: str = "auto"
 
     def __post_init__(self):
         method(self.method)
+        if self.allocation not in ("auto",) + ALLOCATIONS:
+            raise ValueError(f"allocation must be auto or one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if not isinstance(self.budget, (int, float)) or not (0 < self.budget <= 1):
             raise ValueError(f"flops budget must be in (0, 1] (fraction of FLOPs to keep), got {self.budget}")
         if self.seq_len is not None and not self.seq_len > 0:
@@ -66,6 +74,16 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
         return asdict(self)
+
+    @property
+    def resolved_allocation(self) -> str:
+        """The allocation actually used: ``auto`` is the method's own."""
+        return method(self.method).allocation if self.allocation == "auto" else self.allocation
+
+    @property
+    def resolved_repair(self) -> RepairConfig:
+        """The repair actually run: ``auto`` replaced by the method's own."""
+        return self.repair.resolved(method(self.method).own_repair)
 
 
 def resolve_seq_len(shape: ModelShape, batches: Sequence[Batch], seq_len: float | None) -> float:
@@ -126,7 +144,7 @@ def compute_scores(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Ba
     Reused components take no time in ``seconds``."""
     spec = method(config.method)
     check_finite(model)
-    if spec.compensate:
+    if config.resolved_repair.kind in ("bias", "scales+bias"):
         check_compensable(model)                  # before any scoring work
     if "stats" in spec.needs and not unlabeled:
         raise ValueError(f"method {spec.name!r} needs unlabeled data, and none was given")
@@ -145,14 +163,39 @@ def make_plan(model: nn.Module, method_scores: MethodScores, config: PruneConfig
     """Select (and for kcm-labels refine) under ``config.budget``; no scaling yet."""
     shape = model_shape(model.config)
     plan = select(method_scores.scores, shape, config.budget, seq_len, multiple=config.multiple,
-                  min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method)
+                  min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method,
+                  allocation=config.resolved_allocation)
     spec = method(config.method)
     if spec.refine:
         plan = refine_with_gradients(plan, method_scores.scores, method_scores.grad_scores,
                                      within_layer=config.uniform or config.multiple > 1)
-    if spec.compensate:
-        plan = compensate(model, plan, method_scores.means)
     return plan
+
+
+def repair_plan(model: nn.Module, plan: KeepPlan, config: PruneConfig, batches: Sequence[Batch],
+                means: Sequence[torch.Tensor] | None = None, progress: Progress | None = None,
+                targets: list[torch.Tensor] | None = None, group: Group = SINGLE) -> KeepPlan:
+    """``plan`` with ``config``'s repair (``kcm_core.repair``) fitted on ``batches`` (the scaling sample).
+
+    ``means``: the unpruned model's mean neuron inputs (FLAP's bias needs them; collected here when not
+    given). ``targets``: the teacher's outputs on ``batches`` (``teacher_targets``), to reuse them."""
+    repair = config.resolved_repair
+    info = dict(repair=repair.kind, repair_target=None if repair.kind == "none" else repair.target)
+    if repair.kind == "none":
+        return replace(plan, info=plan.info.updated(**info))
+    if not batches:
+        raise ValueError(f"method {config.method!r} with the {repair.kind} repair fits on unlabeled data, "
+                         "and none was given")
+    if repair.kind == "bias" and repair.target == "teacher":
+        if means is None:
+            means = collect_stats(model, batches, progress, len(batches), group).mean
+        plan = compensate(model, plan, means)
+    elif repair.kind == "scales" and repair.target == "teacher":
+        plan = fit_scales(model, plan, batches, config.scale, progress, targets=targets, group=group)
+    else:
+        plan = fit_repair(model, plan, batches, repair, ridge=config.scale.ridge, bound=config.scale.bound,
+                          progress=progress, targets=targets, group=group)
+    return replace(plan, info=plan.info.updated(**info))
 
 
 @dataclass
@@ -181,12 +224,10 @@ def prune(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = ()
     start = time.perf_counter()
     plan = make_plan(model, method_scores, config, seq_len)
     seconds["selection"] = time.perf_counter() - start
-    if method(config.method).scaled:
-        if not unlabeled:
-            raise ValueError(f"method {config.method!r} fits scales on unlabeled data, and none was given")
-        start = time.perf_counter()
-        plan = fit_scales(model, plan, take_sequences(unlabeled, config.scale_samples), config.scale,
-                          progress, group=group)
+    start = time.perf_counter()
+    plan = repair_plan(model, plan, config, take_sequences(unlabeled, config.scale_samples),
+                       method_scores.means, progress, group=group)
+    if config.resolved_repair.kind != "none":
         seconds["scaling"] = time.perf_counter() - start
     start = time.perf_counter()
     tell(progress, "slicing", 0.0)

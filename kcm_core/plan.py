@@ -23,6 +23,10 @@ class LayerKeep:
     # Added to the down-projection's bias (length d): the mean output of the dropped neurons (FLAP's
     # bias compensation). None: nothing added.
     bias_shift: tuple[float, ...] | None = None
+    # The kept neurons' refitted down-projection rows (k, d), in keep_idx order (the ``refit`` repair of
+    # ``kcm_core.repair``); they replace the rows and ``scales`` is then None. Not written to JSON (the
+    # exported weights hold them); a plan read back from JSON says it had them (``PlanInfo.repair``).
+    rows: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if list(self.keep_idx) != sorted(set(self.keep_idx)):
@@ -33,6 +37,8 @@ class LayerKeep:
             raise ValueError(
                 f"{len(self.scales)} scales for {len(self.keep_idx)} kept neurons"
             )
+        if self.rows is not None and self.rows.shape[0] != len(self.keep_idx):
+            raise ValueError(f"{self.rows.shape[0]} refitted rows for {len(self.keep_idx)} kept neurons")
 
     @property
     def kept(self) -> int:
@@ -72,6 +78,14 @@ class PlanInfo:
     scaled_layers: int | None = None      # layers that got fitted scales
     scaling_stopped_at: int | None = None  # first layer whose solve failed or left the bound
     scale_ridge: float | None = None
+    repair: str | None = None             # the repair step (kcm_core.repair): none, bias, scales, ...
+    repair_target: str | None = None      # teacher or local
+    repair_failed_layers: list[int] | None = None   # layers whose repair solve failed (left as they were)
+    repair_intercept: bool | None = None  # whether the repair fitted a bias (not where stock code has none)
+    # per layer [before, after]: the relative error the pruned layer leaves in its output against the
+    # repair's target on the calibration tokens, before and after the repair (kcm_core.repair)
+    repair_errors: list[list[float]] | None = None
+    allocation: str | None = None         # how the budget was spread over layers (kcm_core.select)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "PlanInfo":
@@ -145,6 +159,30 @@ class KeepPlan:
 
     def without_scales(self) -> "KeepPlan":
         return self.with_scales([None] * len(self.layers))
+
+    @property
+    def has_rows(self) -> bool:
+        return any(layer.rows is not None for layer in self.layers)
+
+    def with_repair(self, rows: Sequence[torch.Tensor | None], scales: Sequence[Sequence[float] | None],
+                    shifts: Sequence[Sequence[float] | None], **info) -> "KeepPlan":
+        """Each layer's repair (``kcm_core.repair``): refitted rows, scales and bias shift (None: none)."""
+        layers = tuple(replace(layer, rows=r, scales=None if s is None else tuple(float(x) for x in s),
+                               bias_shift=None if b is None else tuple(float(x) for x in b))
+                       for layer, r, s, b in zip(self.layers, rows, scales, shifts))
+        return KeepPlan(layers, method=self.method, info=self.info.updated(**info))
+
+    def without_repair(self) -> "KeepPlan":
+        """The selection alone: no scales, no bias shifts, no refitted rows."""
+        n = len(self.layers)
+        return self.with_repair([None] * n, [None] * n, [None] * n)
+
+    def check_realisable(self) -> None:
+        """``ValueError`` for a refitted plan read back from JSON (its rows live in the exported weights)."""
+        if self.info.repair == "refit" and not self.has_rows and any(layer.kept for layer in self.layers):
+            raise ValueError("this plan's down-projection rows were refitted, and a plan read back from "
+                             "JSON does not hold them (the exported weights do); realise the plan that "
+                             "prune returned, or load the exported model")
 
     def to_dict(self) -> dict[str, Any]:
         return {

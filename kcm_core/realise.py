@@ -29,7 +29,9 @@ def _check_plan(blocks: list[FFNBlock], plan: KeepPlan) -> None:
 
 
 def mask_copy(model: nn.Module, plan: KeepPlan) -> nn.Module:
-    """A copy of ``model`` in which dropped neurons output zero and kept ones are scaled."""
+    """A copy of ``model`` in which dropped neurons output zero and kept ones are scaled (or carry
+    their refitted rows)."""
+    plan.check_realisable()
     masked = copy.deepcopy(model)
     blocks = ffn_blocks(masked)
     _check_plan(blocks, plan)
@@ -41,14 +43,21 @@ def mask_copy(model: nn.Module, plan: KeepPlan) -> nn.Module:
                 w.mul_(vec[:, None])     # Conv1D weight: (N, d)
             else:
                 w.mul_(vec[None, :])     # Linear weight: (d, N)
+            if layer.rows is not None and layer.kept:
+                keep = torch.tensor(layer.keep_idx, dtype=torch.long, device=w.device)
+                rows = layer.rows.to(device=w.device, dtype=w.dtype)           # (k, d)
+                if block.transposed:
+                    w[keep] = rows
+                else:
+                    w[:, keep] = rows.t()
             if layer.bias_shift is not None:
-                _shift_bias(block.down, layer.bias_shift)
+                shift_bias(block.down, layer.bias_shift)
         if plan.has_bias_shift:
             _give_mlp_biases(masked, family_for_model(masked))
     return masked
 
 
-def _shift_bias(layer: nn.Module, shift) -> None:
+def shift_bias(layer: nn.Module, shift) -> None:
     """Add ``shift`` (length d) to the layer's bias, creating a zero bias first where it has none."""
     w = layer.weight
     out = w.shape[1] if hasattr(layer, "nf") else w.shape[0]
@@ -68,7 +77,7 @@ def _give_mlp_biases(model: nn.Module, family) -> None:
     for block in ffn_blocks(model):
         for layer in (block.up, block.gate, block.down):
             if layer is not None and layer.bias is None:
-                _shift_bias(layer, torch.zeros(()))
+                shift_bias(layer, torch.zeros(()))
 
 
 def _linear_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
@@ -99,8 +108,12 @@ def _slice_up(layer: nn.Module, keep: torch.Tensor, transposed: bool) -> nn.Modu
     return _linear_like(layer, w, b)
 
 
-def _slice_down(layer: nn.Module, keep: torch.Tensor, scales: torch.Tensor, transposed: bool) -> nn.Module:
-    if transposed:
+def _slice_down(layer: nn.Module, keep: torch.Tensor, scales: torch.Tensor, transposed: bool,
+                rows: torch.Tensor | None = None) -> nn.Module:
+    if rows is not None:                                  # refitted rows replace the kept ones
+        rows = rows.to(device=layer.weight.device, dtype=layer.weight.dtype)     # (k, d)
+        w = rows if transposed else rows.t().contiguous()
+    elif transposed:
         w = layer.weight[keep] * scales[:, None]          # (k, d)
     else:
         w = layer.weight[:, keep] * scales[None, :]       # (d, k)
@@ -129,6 +142,7 @@ def slice_model(model: nn.Module, plan: KeepPlan) -> nn.Module:
     Its config records the new widths: the family's width field when all layers agree (a stock
     ``from_pretrained`` then loads it), else ``kcm_ffn_widths`` for ``kcm_core.load_pruned``.
     """
+    plan.check_realisable()
     family = family_for_model(model)
     sliced = copy.deepcopy(model)
     blocks = ffn_blocks(sliced)
@@ -142,9 +156,9 @@ def slice_model(model: nn.Module, plan: KeepPlan) -> nn.Module:
             _set_module(sliced, block.up_name, _slice_up(block.up, keep, block.transposed))
             if block.gate is not None:
                 _set_module(sliced, block.gate_name, _slice_up(block.gate, keep, block.transposed))
-            down = _slice_down(block.down, keep, scales, block.transposed)
+            down = _slice_down(block.down, keep, scales, block.transposed, layer.rows)
             if layer.bias_shift is not None:
-                _shift_bias(down, layer.bias_shift)
+                shift_bias(down, layer.bias_shift)
             _set_module(sliced, block.down_name, down)
     if plan.has_bias_shift:
         _give_mlp_biases(sliced, family)

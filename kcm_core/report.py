@@ -27,6 +27,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .methods import DEFAULT_METHOD
+
 SCHEMA = "kcm-explorer/report/1"
 FLOPS_UNIT = "encoder MACs at seq_len, relative to the unpruned model (FLOPs = 2 x MACs)"
 
@@ -145,6 +147,9 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     speed: dict[str, Any] | None = None
     export: dict[str, Any] | None = None
+    # the repair step and the allocation (kcm_core.repair, kcm_core.select): kind, target, allocation,
+    # intercept, failed layers, and each layer's relative output error before and after the repair
+    repair: dict[str, Any] | None = None
     schema: str = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,7 +189,8 @@ def build_report(*, model, source: str, path: str | None, spec, config, data: Ma
     return PruneReport(
         model={"source": source, "path": path, "class": type(model).__name__,
                "model_type": model_shape(model.config).model_type},
-        method={"name": spec.name, "label": spec.label, "description": spec.description},
+        method={"name": spec.name, "label": spec.label, "description": spec.description,
+                "default": spec.name == DEFAULT_METHOD},
         options=config.to_dict(), data=dict(data), seq_len=float(seq_len),
         relative_flops={"target": config.budget, "achieved": float(achieved_flops), "unit": FLOPS_UNIT},
         neurons={"kept_per_layer": plan.kept_counts, "width_per_layer": plan.widths,
@@ -193,7 +199,10 @@ def build_report(*, model, source: str, path: str | None, spec, config, data: Ma
         scaling={"scaled_layers": plan.info.scaled_layers,
                  "scaling_stopped_at": plan.info.scaling_stopped_at},
         details=details.to_dict(), environment=Environment.here(), evaluation=evaluation,
-        seconds=dict(seconds or {}), speed=dict(speed) if speed else None)
+        seconds=dict(seconds or {}), speed=dict(speed) if speed else None,
+        repair={"kind": plan.info.repair, "target": plan.info.repair_target,
+                "allocation": plan.info.allocation, "intercept": plan.info.repair_intercept,
+                "failed_layers": plan.info.repair_failed_layers, "layer_errors": plan.info.repair_errors})
 
 
 # --------------------------------------------------------------------------- Markdown

@@ -23,6 +23,7 @@ from torch import nn
 from .arch import ffn_blocks, transformer_layers
 from .distributed import SINGLE, Group
 from .plan import KeepPlan
+from .layer_replay import StopForward, record_layer_output, run_layer
 from .realise import mask_copy
 from .runtime import Batch, Progress, eval_mode, hooks, model_device, model_inputs, tell, token_mask
 
@@ -37,10 +38,6 @@ class ScaleConfig:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
         if not self.bound > 0:
             raise ValueError(f"bound must be > 0, got {self.bound}")
-
-
-class _StopForward(Exception):
-    """Raised inside a hook to end a forward pass once the layer of interest has been seen."""
 
 
 def _down_bias(module: nn.Module) -> torch.Tensor | None:
@@ -68,61 +65,6 @@ def teacher_targets(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Te
             current["batch"] = batch
             model(**model_inputs(batch, device))
     return [torch.cat(parts) if parts else torch.zeros(0) for parts in out]
-
-
-class _Replay(nn.Module):
-    """Stands in for the transformer layers before the one being fitted: it returns that earlier
-    layer's recorded output for the current batch, so the layers in front are not recomputed.
-    Attribute reads fall through to the layer it replaces (some models read e.g. attention_type)."""
-
-    def __init__(self, original: nn.Module, outputs: list, state: dict):
-        super().__init__()
-        object.__setattr__(self, "_original", original)
-        object.__setattr__(self, "_outputs", outputs)
-        object.__setattr__(self, "_state", state)
-
-    def forward(self, *args, **kwargs):
-        return self._outputs[self._state["batch"]]
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_original"), name)
-
-
-def _detached(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach()
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_detached(o) for o in obj)
-    return obj
-
-
-def _run_layer(student: nn.Module, layers: nn.ModuleList, li: int, batches: Sequence[Batch],
-               recorded: list | None, stop_module: nn.Module, stop_hook) -> None:
-    """Run every batch up to ``stop_module`` (whose hook raises _StopForward), replaying the
-    recorded output of layer ``li - 1`` in place of layers ``0 .. li-1`` when ``recorded`` is given."""
-    device = model_device(student)
-    state = {"batch": 0}
-    originals = [layers[j] for j in range(li)] if recorded is not None else []
-    handles = [stop_hook(stop_module)]
-    try:
-        for j, original in enumerate(originals):
-            layers[j] = _Replay(original, recorded, state)
-        with hooks(handles), eval_mode(student), torch.no_grad():
-            for b, batch in enumerate(batches):
-                state["batch"] = b
-                state["mask"] = batch
-                try:
-                    student(**model_inputs(batch, device))
-                except _StopForward:
-                    continue
-                raise ValueError(f"scaling: the forward pass never reached layer {li}; this model's "
-                                 "layers do not run in the order the adapter table gives")
-    finally:
-        for j, original in enumerate(originals):
-            layers[j] = original
 
 
 def fit_scales(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch],
@@ -188,7 +130,7 @@ def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleCo
         else:
             scales[li] = []
         if li + 1 < len(blocks):
-            recorded = _record_layer_output(student, layers, li, batches, recorded)
+            recorded = record_layer_output(student, layers, li, batches, recorded)
     tell(progress, "scaling: done", 1.0)
     scaled = sum(1 for s in scales if s is not None)
     return plan.with_scales(scales, scaled_layers=scaled, scaling_stopped_at=stopped_at,
@@ -229,10 +171,10 @@ def _solve_layer(student, layers, li, block, keep_idx, batches, recorded, target
             cursor["row"] += h.shape[0]
             gram_h.add_(h.t() @ h)
             rhs.add_((h * (t @ w_kept.t())).sum(0))
-            raise _StopForward
+            raise StopForward
         return module.register_forward_pre_hook(hook)
 
-    _run_layer(student, layers, li, batches, recorded, block.down, stop_hook)
+    run_layer(student, layers, li, batches, recorded, block.down, stop_hook)
     group.sum_([gram_h, rhs])
     # In place: a layer keeping k = 4,000 neurons has 128 MB per k x k float64 matrix, and the streamed
     # mode's peak memory is set here (kcm_core.stream).
@@ -245,17 +187,3 @@ def _solve_layer(student, layers, li, block, keep_idx, batches, recorded, target
     if not torch.isfinite(s).all() or s.abs().max() > config.bound:
         return None
     return s
-
-
-def _record_layer_output(student, layers, li, batches, recorded) -> list:
-    """Layer ``li``'s output for every batch (scales folded in), to replay into the next fit."""
-    out: list = []
-
-    def stop_hook(module):
-        def hook(_module, _args, output):
-            out.append(_detached(output))
-            raise _StopForward
-        return module.register_forward_hook(hook)
-
-    _run_layer(student, layers, li, batches, recorded, layers[li], stop_hook)
-    return out

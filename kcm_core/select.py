@@ -26,6 +26,21 @@ def _layer_order(score: torch.Tensor) -> torch.Tensor:
     return torch.sort(-score.double(), stable=True).indices
 
 
+ALLOCATIONS = ("pooled", "standardised")
+
+
+def standardised(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each layer's scores as z-scores (mean 0, standard deviation 1 within the layer; a constant layer
+    becomes zeros), so a layer's share of a pooled ranking no longer depends on the scale its scores
+    happen to have (FLAP standardises the same way before its global ranking)."""
+    out = []
+    for s in scores:
+        s = s.double()
+        std = s.std(unbiased=False) if s.numel() else torch.tensor(0.0)
+        out.append(torch.zeros_like(s) if not std > 0 else (s - s.mean()) / std)
+    return out
+
+
 def select_top_k(scores: Sequence[torch.Tensor], k: int, *, min_per_layer: int = 0,
                  method: str = "", info: PlanInfo | None = None) -> KeepPlan:
     """Keep the ``k`` best neurons pooled over all layers; no per-layer quota beyond ``min_per_layer``."""
@@ -60,22 +75,28 @@ def check_multiple(multiple: int, widths: Sequence[int]) -> None:
 
 def select(scores: Sequence[torch.Tensor], shape: ModelShape, budget: float, seq_len: float, *,
            multiple: int = 1, min_per_layer: int = 0, uniform: bool = False,
-           method: str = "") -> KeepPlan:
+           method: str = "", allocation: str = "pooled") -> KeepPlan:
     """Turn per-layer scores into a plan that fits ``budget`` relative FLOPs at ``seq_len``.
 
     multiple: round each layer's kept width to a multiple of this (8, 16, 64 help real speed);
         widths are rounded down where needed so the budget still holds.
     min_per_layer: each layer keeps at least this many (its best) neurons.
     uniform: every layer keeps the same width (needed for a stock ``from_pretrained`` export).
+    allocation: how the pooled ranking compares layers: "pooled" ranks the raw scores (the paper),
+        "standardised" ranks per-layer z-scores (see ``standardised``).
     """
     check_multiple(multiple, shape.ffn_width)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if not (isinstance(min_per_layer, int) and min_per_layer >= 0):
         raise ValueError(f"min_per_layer must be a non-negative integer, got {min_per_layer!r}")
     widths = list(shape.ffn_width)
     _check_scores(scores, widths)
     k = keep_count(shape, seq_len, budget)
     info = PlanInfo(budget=budget, seq_len=seq_len, k=k, multiple=multiple,
-                    min_per_layer=min_per_layer, uniform=uniform)
+                    min_per_layer=min_per_layer, uniform=uniform, allocation=allocation)
+    if allocation == "standardised":
+        scores = standardised(scores)
     if uniform:
         width = min(k // len(widths), min(widths))
         width = max(width - width % multiple, 0)

@@ -50,6 +50,7 @@ from .layerwise import LayerCall, LayerView, Skeleton, _output, next_calls
 from .methods import Method, MethodScores, ScoreDetails, method, score_with
 from .pipeline import PruneConfig, resolve_seq_len
 from .plan import KeepPlan
+from .repair import RepairConfig, fit_repair
 from .realise import _give_mlp_biases, mask_copy, record_widths, slice_model
 from .runtime import Batch, Progress, default_device, model_inputs, take_sequences, tell
 from .scaling import ScaleConfig, _solve_layer, fold_scales, teacher_targets
@@ -167,7 +168,7 @@ def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch]
         return replace(result, seconds={"scoring": time.perf_counter() - start})
     scores, fits, stats = [], [], []
     for index, view in enumerate(each_layer(sk, unlabeled, run="stats" in spec.needs, progress=progress)):
-        if index == 0 and spec.compensate:
+        if index == 0 and config.resolved_repair.kind in ("bias", "scales+bias"):
             check_compensable(view)
         sources = _LayerSources(view, config, unlabeled)
         scores.append(score_with(spec, sources).scores[0])
@@ -176,7 +177,7 @@ def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch]
         if "stats" in spec.needs:
             stats.append(sources.stats())
     merged = _merge_stats(stats) if stats else None
-    return MethodScores(spec.name, scores, None, list(merged.mean) if spec.compensate else None,
+    return MethodScores(spec.name, scores, None, list(merged.mean) if merged is not None else None,
                         ScoreDetails.of(fits or None, merged),
                         {"scoring": time.perf_counter() - start})
 
@@ -246,6 +247,30 @@ def _fit_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], teache
     return scales, next_teacher, next_student
 
 
+def _repair_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], teacher: list[LayerCall],
+                  student: list[LayerCall], repair: RepairConfig, config: PruneConfig, last: bool):
+    """One layer of ``repair.fit_repair`` (any repair but the paper's scaling and FLAP's bias): the
+    layer's repaired plan and the next layer's teacher and student calls (no teacher for the local
+    target, which needs only the pruned model's own inputs)."""
+    targets, next_teacher = None, []
+    if repair.target == "teacher":
+        targets = teacher_targets(view.feed(teacher), batches)
+        next_teacher = [] if last else next_calls(teacher, view.outputs)
+    view.feed([])                                    # nothing recorded is copied with the layer
+    repaired = fit_repair(view.feed(student), plan, batches, repair, ridge=config.scale.ridge,
+                          bound=config.scale.bound, targets=targets)
+    view.feed([])
+    next_student = []
+    if not last:
+        masked = mask_copy(view, repaired)
+        masked.feed(student)
+        with torch.no_grad():
+            for batch in batches:
+                masked(**model_inputs(batch, _device_of(masked)))
+        next_student = next_calls(student, masked.outputs)
+    return repaired, next_teacher, next_student
+
+
 def _device_of(model) -> torch.device:
     return ffn_blocks(model)[0].down.weight.device
 
@@ -276,15 +301,19 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
     """The second pass. Returns the plan with scales and bias shifts, the probe batch, the sliced
     model's output on it, the weight map, and the bytes and parameters written."""
     count = len(sk.layers)
-    batches = take_sequences(unlabeled, config.scale_samples) if spec.scaled else []
+    repair = config.resolved_repair
+    fitted = repair.kind not in ("none", "bias") or repair.target == "local"    # layer by layer on data
+    batches = take_sequences(unlabeled, config.scale_samples) if fitted else []
     probe = _probe(sk)
     outside = sk.load_outside_layers(head=False)
     teacher = sk.layer_inputs(batches) if batches else []
     probe_calls = sk.layer_inputs([probe])
     outside.free()
     student = teacher
-    has_shift = spec.compensate and any(layer.kept < layer.width for layer in plan.layers)
+    has_shift = (repair.kind in ("bias", "scales+bias") or (repair.kind == "refit" and sk.family.mlp_bias_field)
+                 ) and any(layer.kept < layer.width for layer in plan.layers)
     scales: list[list[float] | None] = [None] * count
+    repaired_info: dict = {}
     stopped_at = None
     active = bool(batches)
     layers = []
@@ -296,9 +325,17 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
         try:
             view = LayerView(sk.config, sk.layers_path, loaded.module)
             layer_plan = KeepPlan((plan.layers[index],), method=plan.method, info=plan.info)
-            if spec.compensate:
+            if repair.kind == "bias" and repair.target == "teacher":
                 layer_plan = compensate(view, layer_plan, [means[index]])
-            if active:
+            elif fitted and not (repair.kind == "scales" and repair.target == "teacher"):
+                layer_plan, teacher, student = _repair_layer(view, layer_plan, batches, teacher, student,
+                                                             repair, config, last=index == count - 1)
+                for key in ("repair_failed_layers", "repair_errors"):
+                    value = getattr(layer_plan.info, key) or []
+                    repaired_info.setdefault(key, []).extend(
+                        [index + v for v in value] if key == "repair_failed_layers" else value)
+                repaired_info["repair_intercept"] = layer_plan.info.repair_intercept
+            elif active:
                 s, teacher, student = _fit_layer(view, layer_plan, batches, teacher, student, config.scale,
                                                  last=index == count - 1)
                 if s is None:
@@ -332,10 +369,12 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
         weight_map.update(dict.fromkeys(tensors, name))
     finally:
         outside.free()
-    info = {}
-    if spec.scaled:
-        info = dict(scaled_layers=sum(1 for s in scales if s is not None), scaling_stopped_at=stopped_at,
+    info: dict = dict(repair=repair.kind, repair_target=None if repair.kind == "none" else repair.target)
+    if repair.kind == "scales" and repair.target == "teacher":
+        info.update(scaled_layers=sum(1 for s in scales if s is not None), scaling_stopped_at=stopped_at,
                     scale_ridge=config.scale.ridge)
+    elif repaired_info:
+        info.update(repaired_info, repair_failed_layers=repaired_info.get("repair_failed_layers") or None)
     new_plan = KeepPlan(tuple(layers), method=plan.method, info=plan.info.updated(**info))
     return new_plan, probe, expected, weight_map, size, params
 
@@ -401,7 +440,7 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
     out_dir = Path(out_dir).expanduser()
     spec = method(config.method)
     check_streamable(spec)
-    if spec.uses_data and not unlabeled:
+    if (spec.uses_data or config.resolved_repair.kind != "none") and not unlabeled:
         raise ValueError(f"method {spec.name!r} needs unlabeled data, and none was given")
     check_protected(out_dir, [*protected, model_dir])
     if out_dir.exists() or out_dir.is_symlink():
@@ -418,14 +457,15 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
     if scores is not None and (scores.method != spec.name or len(scores.scores) != len(sk.layers)):
         raise ValueError(f"the scores given are {scores.method!r}'s for {len(scores.scores)} layers, not "
                          f"{spec.name!r}'s for this model's {len(sk.layers)}")
-    if scores is not None and spec.compensate and scores.means is None:
+    if scores is not None and config.resolved_repair.kind == "bias" and scores.means is None:
         raise ValueError(f"method {spec.name!r} folds the dropped neurons' mean into a bias, and the "
                          "scores given carry no means; omit them to score here")
     scored = scores if scores is not None else score_streamed(sk, config, unlabeled, progress)
     seconds.update(scored.seconds or {})
     start = time.perf_counter()
     plan = select(scored.scores, shape, config.budget, seq_len, multiple=config.multiple,
-                  min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method)
+                  min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method,
+                  allocation=config.resolved_allocation)
     seconds["selection"] = time.perf_counter() - start
     params_before = sum(p.numel() for p in sk.model.parameters())
     with disk_errors(out_dir), atomic_folder(out_dir, overwrite=overwrite, markers=EXPORT_MARKERS) as tmp:

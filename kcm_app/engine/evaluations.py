@@ -15,15 +15,15 @@ from kcm_core.evaluate import ClassifierEval, Rate, evaluate_classifier
 from kcm_core.lm import LMEval, PairedPerplexity, evaluate_lm, generate, paired_perplexity
 from kcm_core.flops import count_params, relative_flops
 from kcm_core.methods import MethodScores, ScoreDetails, method
-from kcm_core.pipeline import PruneConfig, make_plan
+from kcm_core.pipeline import PruneConfig, make_plan, repair_plan
 from kcm_core.plan import KeepPlan
 from kcm_core.realise import slice_model
 from kcm_core.runtime import Batch, Progress, take_sequences, tell
-from kcm_core.scaling import fit_scales, teacher_targets
+from kcm_core.scaling import teacher_targets
 
 from .. import disk_cache
 from ..store import SharedStore
-from .scoring import method_scores, score_key
+from .scoring import method_scores, neuron_stats, score_key
 from .workspace import Workspace, not_streamed, private_copy
 
 # How many sequences the scaling step fits on in the app (the CLI default is 512). Its cost grows with
@@ -137,16 +137,24 @@ class BudgetResult:
 def budget_key(ws: Workspace, config: PruneConfig) -> tuple:
     return ("budget",) + score_key(ws, config) + (
         round(config.budget, 6), config.scale, config.scale_samples, config.multiple,
-        config.min_per_layer, config.uniform)
+        config.min_per_layer, config.uniform, config.resolved_repair, config.resolved_allocation)
 
 
 def scaled_plan(ws: Workspace, scores: MethodScores, config: PruneConfig, store: SharedStore,
                 progress: Progress | None = None) -> KeepPlan:
-    """Select, then fit scales when the method scales (teacher targets reused)."""
+    """Select, then repair as the configuration says (the teacher's outputs and the activation
+    statistics come from the shared store; the shared model is only read)."""
     plan = make_plan(ws.model, scores, config, ws.seq_len)
-    if method(config.method).scaled:
-        batches, targets = teacher(ws, config.scale_samples, store, progress)
-        plan = fit_scales(ws.model, plan, batches, config.scale, progress, targets=targets)
+    repair = config.resolved_repair
+    if repair.kind != "none":
+        if repair.target == "teacher" and repair.kind != "bias":
+            batches, targets = teacher(ws, config.scale_samples, store, progress)
+        else:
+            batches, targets = take_sequences(ws.unlabeled, config.scale_samples), None
+        means = scores.means
+        if means is None and repair.kind == "bias" and repair.target == "teacher":
+            means = list(neuron_stats(ws, store, progress).mean)
+        plan = repair_plan(ws.model, plan, config, batches, means, progress, targets=targets)
     return replace(plan, info=plan.info.updated(seq_len=ws.seq_len))
 
 
@@ -206,16 +214,25 @@ def _encode_budget(result: BudgetResult) -> dict:
             "relative_flops": result.relative_flops, "params_after": result.params_after,
             "accuracy": json.dumps(result.accuracy), "agreement": json.dumps(result.agreement),
             "seconds": json.dumps(result.seconds), "details": json.dumps(result.details.to_dict()),
-            "predictions": result.predictions}
+            "predictions": result.predictions,
+            # a refitted plan's rows (kcm_core.repair) are tensors, not JSON: kept beside it
+            "rows": [layer.rows for layer in result.plan.layers] if result.plan.has_rows else None}
 
 
 def _decode_budget(payload: dict) -> BudgetResult:
     details = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(payload["details"]).items()}
     return BudgetResult(method=payload["method"], budget=float(payload["budget"]), seed=int(payload["seed"]),
-                        plan=KeepPlan.from_json(payload["plan"]), relative_flops=float(payload["relative_flops"]),
+                        plan=_plan_with_rows(KeepPlan.from_json(payload["plan"]), payload.get("rows")),
+                        relative_flops=float(payload["relative_flops"]),
                         params_after=int(payload["params_after"]), accuracy=json.loads(payload["accuracy"]),
                         agreement=json.loads(payload["agreement"]), seconds=json.loads(payload["seconds"]),
                         details=ScoreDetails(**details), predictions=payload["predictions"])
+
+
+def _plan_with_rows(plan: KeepPlan, rows: list | None) -> KeepPlan:
+    if not rows:
+        return plan
+    return replace(plan, layers=tuple(replace(layer, rows=r) for layer, r in zip(plan.layers, rows)))
 
 
 def is_evaluated(ws: Workspace, config: PruneConfig, store: SharedStore) -> bool:

@@ -1,0 +1,261 @@
+"""Repair: what the kept neurons of a pruned layer do to make up for the dropped ones.
+
+Every repair is label-free, gradient-free and closed form, fitted layer by layer on unlabeled
+calibration tokens. For one FFN layer with ``H`` the kept neurons' inputs to the down-projection
+(tokens x k) and ``W`` their down-projection rows (k x d), the repaired layer outputs ``H W' + b``:
+
+- ``none``: ``W' = W``, no bias;
+- ``bias``: ``W' = W`` plus a bias: the dropped neurons' mean output (FLAP's compensation);
+- ``scales``: ``W' = diag(s) W``, one scale per kept neuron, ridge toward ``s = 1`` (Kwon et al.);
+- ``scales+bias``: the same least-squares problem with an intercept (activations and targets centred
+  by their token means, scales solved, then the bias);
+- ``refit``: every kept row of the down-projection refitted, ``W'`` = the ridge solution of
+  ``min ||H W' + b - T||^2 + damp * ||W' - W||^2`` (a k x k system with d right-hand sides, as the
+  reconstruction step of ZipLM, SlimGPT and OSSCAR), plus the intercept ``b``.
+
+The target ``T`` is either the **teacher** (the unpruned model's FFN output on the unpruned model's own
+inputs, so each layer also tries to undo earlier layers' damage; the paper's and Kwon's choice) or
+**local** (the unpruned layer's output on the pruned model's inputs: ``T = H_full W_full``, each layer
+made as close as it can be to what it was, given what now reaches it). Layers are fitted in order and
+each layer sees the already-repaired layers in front of it.
+
+Only ``H^T H`` (k x k), ``H^T T`` (k x d) and the token sums are accumulated; a tokens x k x d tensor
+is never built. ``scales`` against the teacher is ``kcm_core.scaling.fit_scales`` (the paper's step),
+``bias`` against the teacher is ``kcm_core.compensation.compensate`` (FLAP's, from the unpruned
+model's mean activations); every other combination runs ``fit_repair`` here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .arch import FFNBlock, ffn_blocks, transformer_layers
+from .compensation import can_carry_bias
+from .distributed import SINGLE, Group
+from .layer_replay import StopForward, record_layer_output, run_layer
+from .plan import KeepPlan
+from .realise import mask_copy, shift_bias
+from .runtime import Batch, Progress, model_device, tell, token_mask
+
+REPAIRS = ("none", "bias", "scales", "scales+bias", "refit")
+TARGETS = ("teacher", "local")
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """How the kept neurons are repaired after selection.
+
+    kind: one of ``REPAIRS``, or "auto": the method's own (its row in ``kcm_core.methods``).
+    target: "teacher" (the unpruned model's output) or "local" (the unpruned layer on the pruned
+        model's inputs); "auto": local for ``refit``, ``scales+bias`` and a re-targeted bias, teacher
+        for ``scales`` (the paper's step) and FLAP's ``bias``.
+    damp: ``refit``'s ridge toward the original rows, relative to the mean diagonal of ``H^T H``
+        (SparseGPT and SlimGPT damp by 1% of it).
+    """
+
+    kind: str = "auto"
+    target: str = "auto"
+    damp: float = 0.01
+
+    def __post_init__(self):
+        if self.kind not in ("auto",) + REPAIRS:
+            raise ValueError(f"repair must be auto or one of {', '.join(REPAIRS)}, got {self.kind!r}")
+        if self.target not in ("auto",) + TARGETS:
+            raise ValueError(f"repair target must be auto, teacher or local, got {self.target!r}")
+        if not (isinstance(self.damp, (int, float)) and self.damp > 0):
+            raise ValueError(f"refit damp must be > 0, got {self.damp!r}")
+
+    def resolved(self, own_kind: str) -> "RepairConfig":
+        """``auto`` fields made concrete; ``own_kind`` is the method's own repair."""
+        kind = own_kind if self.kind == "auto" else self.kind
+        target = self.target
+        if target == "auto":
+            target = "teacher" if kind in ("none", "bias", "scales") else "local"
+        return RepairConfig(kind, target, self.damp)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "none":
+            return "none"
+        return f"{self.kind} ({self.target} target)"
+
+
+@dataclass
+class _LayerSums:
+    """Sufficient statistics of one layer's least-squares problem, summed over tokens (float64)."""
+
+    gram: torch.Tensor        # (k, k)  H^T H
+    cross: torch.Tensor       # (k, d)  H^T T
+    h_sum: torch.Tensor       # (k,)
+    t_sum: torch.Tensor       # (d,)
+    t_sq: torch.Tensor        # ()      sum of T^2
+    tokens: int = 0
+
+    def error(self, rows: torch.Tensor, bias: torch.Tensor | None) -> float:
+        """The relative error ``||H rows + bias - T|| / ||T||`` over the summed tokens, from the sums
+        alone (what the layer leaves in its output; ``rows = W`` and no bias: before any repair)."""
+        sq = self.t_sq - 2 * (rows * self.cross).sum() + (rows * (self.gram @ rows)).sum()
+        if bias is not None:
+            sq = sq + 2 * bias @ (self.h_sum @ rows) - 2 * bias @ self.t_sum + self.tokens * bias @ bias
+        return float(sq.clamp_min(0).sqrt() / self.t_sq.clamp_min(1e-30).sqrt())
+
+
+def fit_repair(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch], config: RepairConfig,
+               *, ridge: float = 1.0, bound: float = 10.0, progress: Progress | None = None,
+               targets: list[torch.Tensor] | None = None, group: Group = SINGLE) -> KeepPlan:
+    """``plan`` with each layer repaired by ``config`` (concrete: no ``auto``), fitted in layer order on
+    ``batches``. ``targets`` (``kcm_core.scaling.teacher_targets``) are needed for the teacher target and
+    computed when not given. ``ridge`` and ``bound`` are the scaling step's (``ScaleConfig``): a layer
+    whose scales leave ``[-bound, bound]`` or whose solve fails keeps scales of 1 (recorded in
+    ``plan.info.repair_failed_layers``). The caller's model is not modified."""
+    if config.kind in ("auto", "none") or config.target == "auto":
+        raise ValueError(f"fit_repair needs a concrete repair, got {config}")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("the repair step needs unlabeled data: the sample is empty")
+    if group.distributed:
+        if targets is not None:
+            raise ValueError("teacher targets cannot be passed in under torch.distributed")
+        batches = list(group.share(batches))
+    if config.target == "teacher" and targets is None:
+        from .scaling import teacher_targets
+        tell(progress, "repair: teacher outputs", 0.0)
+        targets = teacher_targets(model, batches)
+    # a family whose down-projection cannot carry a bias in stock code (Mistral, Qwen2) is refitted
+    # without the intercept; the pipeline refuses the bias-only repairs there before any work
+    intercept = can_carry_bias(model)
+    student = mask_copy(model, plan.without_repair())
+    blocks = ffn_blocks(student)
+    originals = [b.down_rows().detach().double() for b in ffn_blocks(model)]     # (N, d) per layer
+    _, layers = transformer_layers(student)
+    new_layers, failed, errors = [], [], []
+    recorded: list | None = None
+    for li, (block, layer) in enumerate(zip(blocks, plan.layers)):
+        tell(progress, f"repair ({config.kind}): layer {li + 1}/{len(blocks)}", li / len(blocks))
+        keep = list(layer.keep_idx)
+        target = None if targets is None else targets[li]
+        sums = _accumulate(student, layers, li, block, keep, originals[li], batches, recorded, target)
+        count = torch.tensor([float(sums.tokens)], dtype=torch.float64, device=sums.gram.device)
+        sq = sums.t_sq.reshape(1)
+        group.sum_([sums.gram, sums.cross, sums.h_sum, sums.t_sum, sq, count])
+        sums.t_sq, sums.tokens = sq[0], int(count[0])
+        fitted, scales, bias, ok = solve_layer(config, sums, originals[li][keep], ridge=ridge, bound=bound,
+                                               intercept=intercept)
+        if not ok:
+            failed.append(li)
+        w_kept = originals[li][keep].to(sums.gram.device)
+        errors.append([sums.error(w_kept, None), sums.error(fitted.to(sums.gram.device), bias)])
+        _write_layer(block, keep, fitted, bias)
+        new_layers.append((fitted.float().cpu() if config.kind == "refit" else None,
+                           None if scales is None else scales.cpu().tolist(),
+                           None if bias is None else bias.cpu().tolist()))
+        if li + 1 < len(blocks):
+            recorded = record_layer_output(student, layers, li, batches, recorded)
+    tell(progress, "repair: done", 1.0)
+    return plan.with_repair([r for r, _, _ in new_layers], [s for _, s, _ in new_layers],
+                            [b for _, _, b in new_layers], repair=config.kind,
+                            repair_target=config.target, repair_failed_layers=failed or None,
+                            repair_intercept=intercept and config.kind != "scales", repair_errors=errors)
+
+
+def _accumulate(student, layers, li: int, block: FFNBlock, keep: list[int], original: torch.Tensor,
+                batches: list[Batch], recorded, target: torch.Tensor | None) -> _LayerSums:
+    """Run the calibration tokens up to layer ``li``'s down-projection and sum its problem's statistics.
+    ``target`` (tokens, d): the teacher's outputs; None: the local target ``H_full W_full``."""
+    device = model_device(student)
+    k, d = len(keep), original.shape[1]
+    keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+    w_full = original.to(device=device, dtype=torch.float32)                     # (N, d)
+    sums = _LayerSums(torch.zeros(k, k, dtype=torch.float64, device=device),
+                      torch.zeros(k, d, dtype=torch.float64, device=device),
+                      torch.zeros(k, dtype=torch.float64, device=device),
+                      torch.zeros(d, dtype=torch.float64, device=device),
+                      torch.zeros((), dtype=torch.float64, device=device))
+    cursor = {"row": 0, "b": 0}
+
+    def stop_hook(module):
+        def hook(_module, args):
+            h_all = args[0]                                                       # (B, T, N)
+            mask = token_mask(batches[cursor["b"]], h_all.shape, h_all.device)
+            cursor["b"] += 1
+            h_all = h_all[mask].float()                                           # (tokens, N)
+            if target is None:
+                t = h_all @ w_full                                                # (tokens, d)
+            else:
+                t = target[cursor["row"]: cursor["row"] + h_all.shape[0]].to(device).float()
+            cursor["row"] += h_all.shape[0]
+            h = h_all[:, keep_t]                                                  # (tokens, k)
+            sums.gram.add_((h.t() @ h).double())
+            sums.cross.add_((h.t() @ t).double())
+            sums.h_sum.add_(h.sum(0).double())
+            sums.t_sum.add_(t.sum(0).double())
+            sums.t_sq.add_(t.double().pow(2).sum())
+            sums.tokens += h.shape[0]
+            raise StopForward
+        return module.register_forward_pre_hook(hook)
+
+    run_layer(student, layers, li, batches, recorded, block.down, stop_hook)
+    return sums
+
+
+def solve_layer(config: RepairConfig, sums: _LayerSums, w_kept: torch.Tensor, *, ridge: float = 1.0,
+                bound: float = 10.0, intercept: bool = True):
+    """One layer's repair from its sums. ``w_kept``: the kept rows of the down-projection (k, d).
+    Returns ``(rows, scales, bias, ok)``: the layer's new kept rows (k, d), its scales (k,) when the
+    repair fits scales, the bias to add (d,) when it fits one, and whether the solve succeeded (else
+    the rows stay as they were, with the bias fitted to them)."""
+    kind, n = config.kind, max(sums.tokens, 1)
+    w = w_kept.to(sums.gram.device, torch.float64)                               # (k, d)
+    with_bias = kind in ("bias", "scales+bias") or (kind == "refit" and intercept)
+    gram, cross = sums.gram, sums.cross
+    mean_h, mean_t = sums.h_sum / n, sums.t_sum / n
+    if with_bias:       # centre: the intercept absorbs the means
+        gram = gram - n * torch.outer(mean_h, mean_h)
+        cross = cross - n * torch.outer(mean_h, mean_t)
+    k = w.shape[0]
+    scales = None
+    ok = True
+    if kind == "bias" or k == 0:
+        fitted = w
+    elif kind in ("scales", "scales+bias"):
+        system = gram * (w @ w.t())                                               # (k, k)
+        system.diagonal().add_(ridge)
+        try:
+            s = torch.linalg.solve(system, (cross * w).sum(1) + ridge)
+        except RuntimeError:
+            s = None
+        if s is None or not torch.isfinite(s).all() or s.abs().max() > bound:
+            s, ok = torch.ones(k, dtype=torch.float64, device=w.device), False
+        scales = s
+        fitted = w * s[:, None]
+    else:               # refit
+        damp = config.damp * float(gram.diagonal().mean().clamp_min(1e-12))
+        system = gram.clone()
+        system.diagonal().add_(damp)
+        try:
+            fitted = torch.linalg.solve(system, cross + damp * w)
+        except RuntimeError:
+            fitted = None
+        if fitted is None or not torch.isfinite(fitted).all():
+            fitted, ok = w, False
+    bias = (mean_t - mean_h @ fitted) if with_bias else None                      # (d,)
+    return fitted, scales, bias, ok
+
+
+def _write_layer(block: FFNBlock, keep: list[int], rows: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Put the repaired rows (k, d) and the bias shift into the student's down-projection, in place, so
+    the next layers are fitted on this layer's repaired output."""
+    with torch.no_grad():
+        w = block.down.weight
+        idx = torch.tensor(keep, dtype=torch.long, device=w.device)
+        if len(keep):
+            values = rows.to(device=w.device, dtype=w.dtype)
+            if block.transposed:
+                w[idx] = values                 # Conv1D weight: (N, d)
+            else:
+                w[:, idx] = values.t()          # Linear weight: (d, N)
+        if bias is not None:
+            shift_bias(block.down, bias.cpu())
