@@ -112,8 +112,8 @@ class Precompute:
 
 def default_config(ws: Workspace, seed: int) -> PruneConfig:
     """The configuration a new session's Prune page opens on (KCM at the default budget)."""
-    from .state import DEFAULTS, clamp_budget
-    return PruneConfig(method=DEFAULTS.method, budget=clamp_budget(DEFAULTS.budget, ws.floor),
+    from .state import DEFAULTS, clamp_budget, default_budget
+    return PruneConfig(method=DEFAULTS.method, budget=clamp_budget(default_budget(ws.is_lm), ws.floor),
                        multiple=DEFAULTS.multiple, scale_samples=engine.scale_samples(ws), seed=seed)
 
 

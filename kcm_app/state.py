@@ -16,7 +16,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
 
-from kcm_core.methods import METHODS
+from kcm_core.methods import DEFAULT_METHOD, METHODS
+from kcm_core.repair import REPAIRS
 
 from . import navigation
 
@@ -30,17 +31,29 @@ class ViewState:
     """What a shared link reproduces. Defaults are the paper's setting (60% of FLOPs, KCM)."""
 
     budget: float = 0.6
-    method: str = "kcm"
+    method: str = DEFAULT_METHOD
     multiple: int = 1          # kept widths rounded to a multiple of this
+    repair: str = "auto"       # how the kept neurons are repaired (kcm_core.repair); auto: the method's own
 
 
 MULTIPLES = (1, 8, 16, 64)
+# A language model's readouts mean something near the top of the range (on the LM demo every method's
+# perplexity grows fastest below 0.8), so an LM opens at 0.9 unless a link or the user chose a budget.
+LM_DEFAULT_BUDGET = 0.9
 
 DEFAULTS = ViewState()
+
+
+def default_budget(is_lm: bool) -> float:
+    """The budget a session opens on for this kind of model."""
+    return LM_DEFAULT_BUDGET if is_lm else DEFAULTS.budget
+
+
 URL_KEYS = tuple(f.name for f in fields(ViewState))
 
 # Keys of values that are not widgets: the view's (URL_KEYS) ...
-BUDGET, METHOD, MULTIPLE = URL_KEYS
+BUDGET, METHOD, MULTIPLE, REPAIR = URL_KEYS
+REPAIR_OPTIONS = ("auto", *REPAIRS)
 # ... and the session's.
 WORKSPACE = navigation.WORKSPACE  # the loaded Workspace, or None while nothing is loaded
 INITIALISED = "_initialised"     # defaults and the link's values were written (once per session)
@@ -53,10 +66,11 @@ SCATTER_ROUND = "_scatter_round"  # bumped to clear the Scores page's scatter se
 LOAD_ERROR = "_load_error"       # why the sidebar's model or data did not load (shown in the main area)
 STOPPED = "_stopped"             # the budget key whose evaluation the user stopped (not started again by itself)
 EXPORTED = "_exported"           # the last export this session wrote: (folder, files, what to say), kept across reruns
+BUDGET_CHOSEN = "_budget_chosen"  # a link or the user set the budget (else it follows the model kind's default)
 
 # Widget keys: the view's widgets, each copied into its persistent value on change ...
-W_BUDGET, W_METHOD, W_MULTIPLE = "w_budget", "w_method", "w_multiple"
-PERSISTENT = {W_BUDGET: BUDGET, W_METHOD: METHOD, W_MULTIPLE: MULTIPLE}
+W_BUDGET, W_METHOD, W_MULTIPLE, W_REPAIR = "w_budget", "w_method", "w_multiple", "w_repair"
+PERSISTENT = {W_BUDGET: BUDGET, W_METHOD: METHOD, W_MULTIPLE: MULTIPLE, W_REPAIR: REPAIR}
 # ... and the sidebar's, which keep their own keys (drawn on every page; see ``sidebar_defaults``).
 SAMPLE_SIZE, MAX_LEN, SEED = "sample_size", "max_len", "seed"
 # ... a language model's sample: calibration blocks and tokens per block (its own keys, so switching
@@ -90,6 +104,9 @@ def parse_query(params: Mapping[str, Any]) -> dict[str, Any]:
     multiple = _last(params.get("multiple"))
     if isinstance(multiple, str) and multiple.isdigit() and int(multiple) in MULTIPLES:
         out["multiple"] = int(multiple)
+    repair = _last(params.get("repair"))
+    if isinstance(repair, str) and repair in REPAIR_OPTIONS:
+        out["repair"] = repair
     return out
 
 
@@ -98,11 +115,12 @@ def link_problems(params: Mapping[str, Any]) -> list[str]:
     problems = []
     found = parse_query(params)
     for key, shown in (("budget", f"{DEFAULTS.budget:.2f}"), ("method", METHODS[DEFAULTS.method].label),
-                       ("multiple", str(DEFAULTS.multiple))):
+                       ("multiple", str(DEFAULTS.multiple)), ("repair", DEFAULTS.repair)):
         asked = _last(params.get(key))
         if asked is not None and key not in found:
             rule = {"budget": "a number in (0, 1]", "method": "one of " + ", ".join(METHODS),
-                    "multiple": "one of " + ", ".join(map(str, MULTIPLES))}[key]
+                    "multiple": "one of " + ", ".join(map(str, MULTIPLES)),
+                    "repair": "one of " + ", ".join(REPAIR_OPTIONS)}[key]
             problems.append(f"The link's {key} {asked!r} is not valid here ({rule}); showing {shown}.")
     return problems
 
@@ -110,7 +128,7 @@ def link_problems(params: Mapping[str, Any]) -> list[str]:
 def query_for(values: Mapping[str, Any]) -> dict[str, str]:
     """Query parameters for the current view (budget to 2 decimals, as the slider steps)."""
     return {"budget": f"{float(values['budget']):.2f}", "method": str(values["method"]),
-            "multiple": str(int(values.get("multiple", 1)))}
+            "multiple": str(int(values.get("multiple", 1))), "repair": str(values.get("repair", "auto"))}
 
 
 def clamp_budget(budget: float, floor: float) -> float:
@@ -164,6 +182,8 @@ def initialise(values: Mapping[str, Any], notices: list[str] | tuple = ()) -> No
         return
     for key, value in values.items():
         session.setdefault(key, value)
+    if values.get(BUDGET, DEFAULTS.budget) != DEFAULTS.budget:
+        session[BUDGET_CHOSEN] = True
     for notice in notices:
         add_notice(notice)
     session[INITIALISED] = True
@@ -196,13 +216,17 @@ def multiple() -> int:
     return int(_session().get(MULTIPLE, DEFAULTS.multiple))
 
 
+def repair() -> str:
+    return str(_session().get(REPAIR, DEFAULTS.repair))
+
+
 def seed() -> int:
     return int(_session().get(SEED, 0))
 
 
 def view() -> dict[str, Any]:
     """The values a link reproduces (``URL_KEYS``)."""
-    return {BUDGET: budget(), METHOD: method(), MULTIPLE: multiple()}
+    return {BUDGET: budget(), METHOD: method(), MULTIPLE: multiple(), REPAIR: repair()}
 
 
 def follow_model_kind() -> None:
@@ -216,7 +240,11 @@ def workspace() -> Workspace | None:
 
 
 def set_workspace(ws: Workspace | None) -> None:
-    _session()[WORKSPACE] = ws
+    """The loaded model; a budget nobody chose follows the model kind's default (``default_budget``)."""
+    session = _session()
+    session[WORKSPACE] = ws
+    if ws is not None and not session.get(BUDGET_CHOSEN):
+        session[BUDGET] = default_budget(ws.is_lm)
 
 
 def evaluator():
@@ -321,6 +349,8 @@ def copy_widget(widget_key: str, key: str) -> None:
     """on_change callback: a widget's value becomes the persistent session value."""
     session = _session()
     session[key] = session[widget_key]
+    if key == BUDGET:
+        session[BUDGET_CHOSEN] = True
 
 
 def mark_entry() -> None:

@@ -11,6 +11,7 @@ from typing import Iterator
 import streamlit as st
 
 from kcm_core.pipeline import PruneConfig
+from kcm_core.repair import RepairConfig
 
 from . import state, theme
 from .navigation import PAGES
@@ -72,7 +73,7 @@ def prune_config(**overrides) -> PruneConfig:
     ws = state.workspace()
     samples = scale_samples(ws) if ws is not None else APP_SCALE_SAMPLES
     values = dict(method=state.method(), budget=state.budget(), multiple=state.multiple(),
-                  scale_samples=samples, seed=state.seed())
+                  scale_samples=samples, seed=state.seed(), repair=RepairConfig(state.repair()))
     values.update(overrides)
     return PruneConfig(**values)
 

@@ -199,7 +199,12 @@ def block_stats(model: nn.Module, batches: Sequence[Batch], reference: nn.Module
 def evaluate_lm(model: nn.Module, batches: Sequence[Batch], reference: nn.Module | None = None,
                 seed: int = 0, progress: Progress | None = None) -> LMEval:
     """Perplexity of ``model`` on the blocks; with ``reference``, agreement and KL against it."""
-    stats = block_stats(model, batches, reference, progress)
+    return summarise(block_stats(model, batches, reference, progress), seed)
+
+
+def summarise(stats: BlockStats, seed: int = 0) -> LMEval:
+    """The metrics of per-block statistics (the same numbers for the same stats and seed: a stored
+    evaluation is rebuilt from its blocks)."""
     perplexity = _metric(stats.nll, stats.tokens, np.exp, seed)
     agreement = kl = None
     if stats.agree is not None:

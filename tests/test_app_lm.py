@@ -125,3 +125,38 @@ def test_export_writes_a_causal_lm_with_perplexity_before_and_after(app, tmp_pat
     assert report["data"]["unit"] == "blocks"
     from kcm_core.export import load_pruned
     assert type(load_pruned(out)).__name__ == "LlamaForCausalLM"          # the LM head is kept
+
+
+def test_a_language_model_opens_at_its_own_default_budget_unless_a_link_chose_one(app):
+    at = app("pages/5_prune.py")
+    assert at.session_state[state.BUDGET] == state.LM_DEFAULT_BUDGET == 0.9
+    assert at.slider(key=state.W_BUDGET).value == 0.9
+    at = app("pages/5_prune.py", budget="0.8")
+    assert at.slider(key=state.W_BUDGET).value == 0.8
+
+
+def test_the_repair_is_a_control_of_its_own_and_reaches_the_readouts(app):
+    at = app("pages/5_prune.py", budget="0.9", method="d2")
+    assert at.selectbox(key=state.W_REPAIR).value == "auto"
+    assert any("one scale per kept neuron" in c.value for c in at.caption)       # D2's own: the paper's scaling
+    at.selectbox(key=state.W_REPAIR).set_value("refit").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("every kept down-projection row refitted" in c.value for c in at.caption)
+    keys = [k for k in resources.store("results").keys() if k[0] == "budget"]
+    assert {k[-1] for k in keys} >= {"pooled"} and any("refit" in repr(k) for k in keys)
+
+
+def test_a_restarted_server_reads_a_language_models_budget_from_disk(app, monkeypatch):
+    import streamlit as st
+    from kcm_app.engine import evaluations
+    at = app("pages/5_prune.py", budget="0.9", method="flap")
+    ppl = metric(at, "Perplexity")
+    finish_background()
+    st.cache_resource.clear()                     # memory is empty, the disk is not
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pruned model was evaluated again")
+    monkeypatch.setattr(evaluations, "paired_perplexity", refuse)
+    at = app("pages/5_prune.py", budget="0.9", method="flap")
+    assert not at.exception, [e.value for e in at.exception]
+    assert metric(at, "Perplexity") == ppl

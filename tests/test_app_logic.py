@@ -22,7 +22,7 @@ from kcm_app.store import SharedStore
 from kcm_app.theme import METHOD_COLORS
 from kcm_core.arch import ffn_blocks, model_shape
 from kcm_core.flops import cost_report, count_params, relative_flops
-from kcm_core.methods import METHODS
+from kcm_core.methods import DEFAULT_METHOD, METHODS
 from kcm_core.pipeline import PruneConfig, compute_scores, resolve_seq_len
 from kcm_core.realise import slice_model
 from kcm_core.report import SCHEMA
@@ -57,21 +57,22 @@ def test_every_method_has_one_colour():
 
 
 def test_query_parsing_keeps_valid_values_only():
-    assert state.parse_query({"budget": "0.45", "method": "random", "multiple": "8"}) == {
-        "budget": 0.45, "method": "random", "multiple": 8}
+    assert state.parse_query({"budget": "0.45", "method": "random", "multiple": "8", "repair": "refit"}) == {
+        "budget": 0.45, "method": "random", "multiple": 8, "repair": "refit"}
     assert state.parse_query({"budget": ["0.3", "0.7"]}) == {"budget": 0.7}
-    assert state.parse_query({"budget": "1.7", "method": "nope", "multiple": "3"}) == {}
+    assert state.parse_query({"budget": "1.7", "method": "nope", "multiple": "3", "repair": "glue"}) == {}
     assert state.parse_query({"budget": "nan"}) == {}
     assert state.query_for({"budget": 0.6, "method": "kcm"}) == {"budget": "0.60", "method": "kcm",
-                                                                 "multiple": "1"}
-    assert state.parse_query(state.query_for({"budget": 0.55, "method": "d2", "multiple": 16})) == {
-        "budget": 0.55, "method": "d2", "multiple": 16}
+                                                                 "multiple": "1", "repair": "auto"}
+    assert state.parse_query(state.query_for({"budget": 0.55, "method": "d2", "multiple": 16,
+                                              "repair": "bias"})) == {
+        "budget": 0.55, "method": "d2", "multiple": 16, "repair": "bias"}
 
 
 def test_a_new_session_starts_from_the_defaults_and_the_link():
-    assert state.initial_values({}) == {"budget": 0.6, "method": "kcm", "multiple": 1}
+    assert state.initial_values({}) == {"budget": 0.6, "method": DEFAULT_METHOD, "multiple": 1, "repair": "auto"}
     assert state.initial_values({"budget": "0.45", "method": "nope", "multiple": "16"}) == {
-        "budget": 0.45, "method": "kcm", "multiple": 16}
+        "budget": 0.45, "method": DEFAULT_METHOD, "multiple": 16, "repair": "auto"}
 
 
 def test_sidebar_defaults_follow_the_start_up_choices():

@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 
 from kcm_core.evaluate import ClassifierEval, Rate, evaluate_classifier
-from kcm_core.lm import LMEval, PairedPerplexity, evaluate_lm, generate, paired_perplexity
+from kcm_core.lm import (BlockStats, LMEval, PairedPerplexity, evaluate_lm, generate, paired_perplexity,
+                         summarise)
 from kcm_core.flops import count_params, relative_flops
 from kcm_core.methods import MethodScores, ScoreDetails, method
 from kcm_core.pipeline import PruneConfig, make_plan, repair_plan
@@ -201,11 +202,12 @@ def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
             kl=lm_result.kl.to_dict() if lm_result and lm_result.kl else None,
             lm=lm_result, paired=paired, predictions=result.predictions if result else None)
     def compute_or_read() -> BudgetResult:
-        if ws.is_lm:                     # an LM's result holds its whole block evaluation: memory only
-            return compute()
-        # a classifier's result is kept on disk, keyed by the weights and everything the key names
-        parts = (ws.weights_hash, ws.data_key, repr(tuple(p for p in budget_key(ws, config) if p != ws.model_key)))
-        return disk_cache.cached("budget", parts, compute, _encode_budget, _decode_budget)
+        # kept on disk, keyed by the weights and everything the key names: a restarted app shows a
+        # stored budget at once (an LM's with its per-block statistics, from which its metrics are rebuilt)
+        parts = (ws.weights_hash, ws.data_key, ws.info.seed,
+                 repr(tuple(p for p in budget_key(ws, config) if p != ws.model_key)))
+        return disk_cache.cached("budget-lm" if ws.is_lm else "budget", parts, compute, _encode_budget,
+                                 lambda payload: _decode_budget(payload, ws.info.seed))
     return store.get_or_compute(budget_key(ws, config), compute_or_read, progress)
 
 
@@ -215,18 +217,30 @@ def _encode_budget(result: BudgetResult) -> dict:
             "accuracy": json.dumps(result.accuracy), "agreement": json.dumps(result.agreement),
             "seconds": json.dumps(result.seconds), "details": json.dumps(result.details.to_dict()),
             "predictions": result.predictions,
+            "perplexity": json.dumps(result.perplexity), "kl": json.dumps(result.kl),
+            "lm_stats": None if result.lm is None else {
+                k: None if v is None else torch.from_numpy(v) for k, v in vars(result.lm.stats).items()},
+            "paired": None if result.paired is None else json.dumps(result.paired.to_dict()),
             # a refitted plan's rows (kcm_core.repair) are tensors, not JSON: kept beside it
             "rows": [layer.rows for layer in result.plan.layers] if result.plan.has_rows else None}
 
 
-def _decode_budget(payload: dict) -> BudgetResult:
+def _decode_budget(payload: dict, seed: int = 0) -> BudgetResult:
     details = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(payload["details"]).items()}
+    lm = paired = None
+    if payload.get("lm_stats") is not None:
+        lm = summarise(BlockStats(**{k: None if v is None else v.numpy() for k, v in payload["lm_stats"].items()}),
+                       seed)
+        stored = json.loads(payload["paired"])
+        paired = PairedPerplexity(stored["ratio"], *stored["ci95"], stored["n"], stored["p_value"])
     return BudgetResult(method=payload["method"], budget=float(payload["budget"]), seed=int(payload["seed"]),
                         plan=_plan_with_rows(KeepPlan.from_json(payload["plan"]), payload.get("rows")),
                         relative_flops=float(payload["relative_flops"]),
                         params_after=int(payload["params_after"]), accuracy=json.loads(payload["accuracy"]),
                         agreement=json.loads(payload["agreement"]), seconds=json.loads(payload["seconds"]),
-                        details=ScoreDetails(**details), predictions=payload["predictions"])
+                        details=ScoreDetails(**details), predictions=payload["predictions"],
+                        perplexity=json.loads(payload.get("perplexity", "null")),
+                        kl=json.loads(payload.get("kl", "null")), lm=lm, paired=paired)
 
 
 def _plan_with_rows(plan: KeepPlan, rows: list | None) -> KeepPlan:

@@ -18,8 +18,9 @@ def page() -> None:
     st.caption("Choose how much of the FLOPs to keep and see the pruned model's size, speed and accuracy, "
                "and how the methods compare.")
     ws = ui.require_workspace()
-    left, right = st.columns([3, 1])
+    left, mid, right = st.columns([3, 2, 1])
     method_select(ws, left)
+    repair_select(mid)
     multiple_select(right)
     readouts(ws)
     st.divider()
@@ -46,6 +47,21 @@ def method_select(ws: Workspace, container) -> str:
         "Method", options, format_func=theme.method_label, **state.persistent_widget(state.W_METHOD),
         help="How neurons are ranked (one colour per method on every chart); label-using methods "
              "appear when the data has labels")
+
+
+REPAIR_LABELS = {"auto": "The method's own", "none": "None", "bias": "Bias (FLAP)",
+                 "scales": "Scales (the paper)", "scales+bias": "Scales + bias", "refit": "Refit the kept rows"}
+
+
+def repair_select(container) -> str:
+    """How the kept neurons make up for the dropped ones: "which neurons" (the method) and "how the
+    rest is repaired" are separate choices, for the readouts and the comparison alike."""
+    return container.selectbox(
+        "Repair", state.REPAIR_OPTIONS, format_func=REPAIR_LABELS.get,
+        **state.persistent_widget(state.W_REPAIR),
+        help="After the method picks the neurons, the kept ones are repaired on unlabeled data: one "
+             "scale each (the paper), the dropped neurons' mean output as a bias (FLAP), both, or every "
+             "kept down-projection row refitted by least squares. Applies to every method compared below.")
 
 
 def multiple_select(container) -> int:
@@ -277,11 +293,22 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
         lo, hi = slow.agreement["ci95"]
         parts.append(f"Agreement of the physically sliced model with the unpruned one on "
                      f"{ws.info.eval_examples} held-out examples (95% interval {lo:.1%} to {hi:.1%}).")
-    scaled = slow.plan.info.scaled_layers
+    info = slow.plan.info
     unit = "calibration blocks" if ws.is_lm else "unlabeled sequences"
-    parts.append(f"Scales fitted on the first {engine.scale_samples(ws)} {unit} ({scaled} layers "
-                 "scaled) to keep a new budget quick." if scaled is not None
-                 else "This method does not scale.")
+    if info.repair in (None, "none"):
+        parts.append("No repair: the kept neurons are used as they were.")
+    elif info.repair == "bias" and info.repair_target == "teacher":
+        parts.append("Repair: the dropped neurons' mean output (on the calibration data) added as a bias.")
+    else:
+        what = {"scales": "one scale per kept neuron", "bias": "a bias", "scales+bias": "scales and a bias",
+                "refit": "every kept down-projection row refitted"}[info.repair]
+        aim = ("the unpruned model's output" if info.repair_target == "teacher"
+               else "the unpruned layer's output on the pruned model's own inputs")
+        failed = (f" ({info.scaled_layers} of {len(slow.plan.layers)} layers scaled)" if info.scaled_layers is not None
+                  else f" (the solve failed in layers {info.repair_failed_layers}: left as selected)"
+                  if info.repair_failed_layers else "")
+        parts.append(f"Repair: {what}, fitted to {aim} on the first {engine.scale_samples(ws)} {unit} "
+                     f"to keep a new budget quick{failed}.")
     parts.append(f"Speed: {speed.dense_seconds * 1e3:.1f} ms unpruned vs {speed.pruned_seconds * 1e3:.1f} ms "
                  f"sliced, {speed.timed_on}; {ui.threads_note()} Other sessions computing at the same time "
                  "disturb it.")
