@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kcm_core import demo  # noqa: E402
+from kcm_core.demos import classifier as demo  # noqa: E402
 from kcm_core.data import make_batches  # noqa: E402
 from kcm_core.evaluate import evaluate_classifier, paired_difference  # noqa: E402
 from kcm_core.hull import HullConfig  # noqa: E402

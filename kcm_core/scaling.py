@@ -70,7 +70,7 @@ def teacher_targets(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Te
     return [torch.cat(parts) if parts else torch.zeros(0) for parts in out]
 
 
-class _Replay(nn.Module):
+class Replay(nn.Module):
     """Stands in for the transformer layers before the one being fitted: it returns that earlier
     layer's recorded output for the current batch, so the layers in front are not recomputed.
     Attribute reads fall through to the layer it replaces (some models read e.g. attention_type)."""
@@ -91,11 +91,11 @@ class _Replay(nn.Module):
             return getattr(object.__getattribute__(self, "_original"), name)
 
 
-def _detached(obj):
+def detached(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach()
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_detached(o) for o in obj)
+        return tuple(detached(o) for o in obj)
     return obj
 
 
@@ -109,7 +109,7 @@ def _run_layer(student: nn.Module, layers: nn.ModuleList, li: int, batches: Sequ
     handles = [stop_hook(stop_module)]
     try:
         for j, original in enumerate(originals):
-            layers[j] = _Replay(original, recorded, state)
+            layers[j] = Replay(original, recorded, state)
         with hooks(handles), eval_mode(student), torch.no_grad():
             for b, batch in enumerate(batches):
                 state["batch"] = b
@@ -178,7 +178,7 @@ def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleCo
     for li, (block, layer) in enumerate(zip(blocks, plan.layers)):
         tell(progress, f"scaling: layer {li + 1}/{len(blocks)}", li / len(blocks))
         if layer.kept > 0:
-            s = _solve_layer(student, layers, li, block, layer.keep_idx, batches, recorded,
+            s = solve_layer(student, layers, li, block, layer.keep_idx, batches, recorded,
                              targets[li].to(device), config, group)
             if s is None:
                 stopped_at = li
@@ -207,7 +207,7 @@ def fold_scales(block, keep_idx, s: torch.Tensor) -> None:
             w[:, keep] *= cols[None, :]
 
 
-def _solve_layer(student, layers, li, block, keep_idx, batches, recorded, target,
+def solve_layer(student, layers, li, block, keep_idx, batches, recorded, target,
                  config: ScaleConfig, group: Group = SINGLE) -> torch.Tensor | None:
     """Accumulate the k x k normal equations of layer ``li`` over all batches (of every rank) and
     solve them."""
@@ -253,7 +253,7 @@ def _record_layer_output(student, layers, li, batches, recorded) -> list:
 
     def stop_hook(module):
         def hook(_module, _args, output):
-            out.append(_detached(output))
+            out.append(detached(output))
             raise _StopForward
         return module.register_forward_hook(hook)
 

@@ -1,4 +1,4 @@
-"""kcm_core.demo against a small fake sdist (no network), plus the one real end-to-end preparation."""
+"""kcm_core.demos.classifier against a small fake sdist (no network), plus the one real end-to-end preparation."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from conftest import save_tiny_encoder
 
-from kcm_core import demo
+from kcm_core.demos import classifier as demo
 from kcm_core.data import labels_for_model, load_text_data, make_batches
 from kcm_core.evaluate import evaluate_classifier
 from kcm_core.models import load_model

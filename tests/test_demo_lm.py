@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from kcm_core import demo_lm
+from kcm_core.demos import lm as demo_lm
 from kcm_core.data import TextData
 
 

