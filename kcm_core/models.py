@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import hub
 from .arch import family_for_config
 from .errors import check_loading_info, weights_error, weights_error_types
 from .runtime import check_finite, default_device, quiet_transformers
@@ -30,54 +31,10 @@ TASKS: dict[str, str] = {
 # the end of a class name in config.architectures -> the task it was saved for
 ARCHITECTURE_TASKS = (("ForSequenceClassification", "sequence-classification"), ("ForCausalLM", "causal-lm"),
                       ("LMHeadModel", "causal-lm"), ("ForImageClassification", "image-classification"))
-HUB_TIMEOUT_S = 5.0  # the reachability probe; a dead network fails in seconds, not after retries
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Model types whose position ids start after the pad id: the usable length is the table minus pad + 1.
 POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "mpnet")
-
-
-# --------------------------------------------------------------------------- hub access
-
-def hub_offline() -> bool:
-    """True when the user switched the hub off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return False
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def check_hub(repo_id: str, *, kind: str = "model", what: str | None = None,
-              timeout: float = HUB_TIMEOUT_S) -> None:
-    """Ask the hub about ``repo_id`` once, with a short timeout; raise one clear ``ValueError``.
-
-    ``kind`` is ``"model"`` or ``"dataset"``; ``what`` names the action for the message. This probe
-    replaces the long retry loops a plain ``from_pretrained`` runs into when the network is down.
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-    what = what or f"load {kind} {repo_id!r}"
-    api = HfApi()
-    probe = api.model_info if kind == "model" else api.dataset_info
-    try:
-        probe(repo_id, timeout=timeout)
-    except GatedRepoError:
-        raise ValueError(f"{kind} {repo_id!r} is gated on the Hugging Face hub; accept its terms and log "
-                         "in (`hf auth login`), or pass a local folder") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"no {kind} {repo_id!r} on the Hugging Face hub (or it is private); check the "
-                         "name or pass a local folder") from None
-    except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", "an error")
-        raise ValueError(f"the Hugging Face hub answered {status} when asked to {what}; try again later "
-                         "or pass a local folder") from None
-    except Exception as err:  # connection refused, DNS, timeout, proxy: all mean "unreachable"
-        raise ValueError(f"could not reach the Hugging Face hub to {what} from this machine "
-                         f"({type(err).__name__}); pass a local folder instead") from None
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -112,9 +69,9 @@ def _hub_kwargs(location: str, is_local: bool) -> dict[str, Any]:
     """``from_pretrained`` options: local files only for folders and offline mode, else a probe first."""
     if is_local:
         return {"local_files_only": True}
-    if hub_offline():
+    if hub.hub_offline():
         return {"local_files_only": True}
-    check_hub(location, kind="model")
+    hub.check_hub(location, kind="model")
     return {}
 
 
@@ -195,7 +152,7 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
     for key, value in (config_updates or {}).items():
         setattr(config, key, value)
     location, is_local = _resolve(name_or_path)
-    kwargs = {"local_files_only": True} if is_local or hub_offline() else {}
+    kwargs = {"local_files_only": True} if is_local or hub.hub_offline() else {}
     auto = getattr(transformers, TASKS[task])
     if torch_dtype is not None:  # None keeps transformers' own default
         kwargs["dtype"] = torch_dtype

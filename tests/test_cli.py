@@ -240,15 +240,15 @@ def test_finetune_on_the_demo_uses_its_splits(workdir, capsys, tmp_path, fake_de
 
 def test_hub_eval_data_keeps_the_data_config(monkeypatch):
     import datasets
-    import kcm_core.models as M
+    import kcm_core.hub as H
     calls = []
 
     def load_dataset(name, config_name=None, split=None, **kwargs):
         calls.append((name, config_name, split))
         return datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1]})
 
-    monkeypatch.setattr(M, "hub_offline", lambda: False)
-    monkeypatch.setattr(M, "check_hub", lambda *a, **k: None)
+    monkeypatch.setattr(H, "hub_offline", lambda: False)
+    monkeypatch.setattr(H, "check_hub", lambda *a, **k: None)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     args = cli.build_parser().parse_args([
         "prune", "--model", "m", "--data", "glue", "--data-config", "sst2", "--split", "train",
