@@ -55,7 +55,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 SEEDS = (0, 1, 2)
 TASKS = ("polarity", "fine-foods", "hedge")
-# METHOD.md: BERT-base on SST-2 (GLUE dev), 60% of FLOPs kept, accuracy in percent.
+# docs/method.md: BERT-base on SST-2 (GLUE dev), 60% of FLOPs kept, accuracy in percent.
 PAPER_SST2_AT_06 = {"unpruned": 93.57, "kcm": 91.11, "mask-tuning": 92.47, "weight-magnitude": 69.8,
                     "r2": 89.3, "d2": 87.5}
 

@@ -1,4 +1,4 @@
-"""Which R2 options should be the default? KCM on the demo under each open choice of METHOD.md.
+"""Which R2 options should be the default? KCM on the demo under each open choice of docs/method.md.
 
 For each (sigma mode, sigma, stop rule): R2 iterations per layer, R2 wall time, and the accuracy and
 agreement of KCM (R2 x D2, scaled) on the 800 test sentences at the given budgets. The unlabeled

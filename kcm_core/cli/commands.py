@@ -328,14 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="R2 stop rule: auto (default) is absolute up to 3072 neurons per layer and "
                         "closed_form above; absolute/signed change of C (alpha), the ranking's change "
                         "(spearman, topk; see --rank-tol), or closed_form: one step, O(N^2 d) "
-                        "(README Options)")
+                        "(docs/options.md)")
     p.add_argument("--rank-tol", type=float, default=1e-4,
                    help="spearman: stop when 1 - rho <= this; topk: when at most this share of the "
                         "top set changed between iterations")
     p.add_argument("--top-share", type=float, default=0.4, help="topk rule: share of neurons compared")
     p.add_argument("--max-iter", type=int, default=200, help="R2 iteration cap")
     p.add_argument("--d2-statistic", default="auto", choices=["auto", "mean", "mean_abs", "rms"],
-                   help="auto: mean for ungated FFNs, mean_abs for gated MLPs (see README Options)")
+                   help="auto: mean for ungated FFNs, mean_abs for gated MLPs (see docs/options.md)")
     p.add_argument("--d2-normalise", default="minmax", choices=["minmax", "zscore", "none"])
     p.add_argument("--ridge", type=float, default=1.0, help="scaling: pull toward scale 1")
     p.add_argument("--scale-samples", type=int, default=None,
