@@ -179,7 +179,7 @@ def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleCo
         tell(progress, f"scaling: layer {li + 1}/{len(blocks)}", li / len(blocks))
         if layer.kept > 0:
             s = solve_layer(student, layers, li, block, layer.keep_idx, batches, recorded,
-                             targets[li].to(device), config, group)
+                            targets[li].to(device), config, group)
             if s is None:
                 stopped_at = li
                 break
@@ -208,7 +208,7 @@ def fold_scales(block, keep_idx, s: torch.Tensor) -> None:
 
 
 def solve_layer(student, layers, li, block, keep_idx, batches, recorded, target,
-                 config: ScaleConfig, group: Group = SINGLE) -> torch.Tensor | None:
+                config: ScaleConfig, group: Group = SINGLE) -> torch.Tensor | None:
     """Accumulate the k x k normal equations of layer ``li`` over all batches (of every rank) and
     solve them."""
     device = model_device(student)

@@ -231,7 +231,7 @@ def _fit_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], teache
         _, layers = transformer_layers(masked)
         device = block.down.weight.device
         s = solve_layer(masked.feed(student), layers, 0, block, layer.keep_idx, batches, None,
-                         targets[0].to(device), config)
+                        targets[0].to(device), config)
         if s is None:
             return None, [], []
         scales = s.cpu().tolist()
