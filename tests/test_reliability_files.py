@@ -29,6 +29,7 @@ import kcm_core.demos.finetune as F
 from app_tiny import write_tiny
 from kcm_app import server, sources
 from kcm_app.sources import DataChoice
+from kcm_core import cli
 from kcm_core.cli import common
 from kcm_core.atomic import atomic_folder, clean_stale
 from kcm_core.data import TextData

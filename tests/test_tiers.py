@@ -31,6 +31,7 @@ def test_the_full_command_clears_the_marker_expression():
 
 @pytest.mark.parametrize("module, marked", [("test_browser.py", "pytestmark = pytest.mark.slow"),
                                             ("test_demo.py", "@pytest.mark.slow\ndef test_prepare_real_demo"),
-                                            ("test_demo_lm.py", "@pytest.mark.slow\ndef test_prepare_real_lm_demo")])
-def test_the_real_downloads_and_the_browser_are_in_the_slow_tier(module, marked):
+                                            ("test_demo_lm.py", "@pytest.mark.slow\ndef test_prepare_real_lm_demo"),
+                                            ("test_distributed.py", "@pytest.mark.slow\ndef test_accelerate_launch")])
+def test_the_real_downloads_browser_and_launchers_are_in_the_slow_tier(module, marked):
     assert marked in (ROOT / "tests" / module).read_text()
