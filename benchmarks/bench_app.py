@@ -45,7 +45,7 @@ def engine_run(method: str, budgets: list[float], samples: int) -> dict:
     from kcm_app.sources import DataChoice, ModelChoice, SampleChoice
     from kcm_app.store import SharedStore
     from kcm_core.pipeline import PruneConfig
-    from kcm_core.demo import prepare_demo
+    from kcm_core.demos.classifier import prepare_demo
 
     _, prep = timed(prepare_demo, progress=lambda m, f: log(f"  {m}") if f in (0.0, 1.0) else None)
     ws, load = timed(workspace, ModelChoice(), DataChoice(), SampleChoice(size=samples))

@@ -78,7 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", type=int, default=0)
     args = parser.parse_args()
-    from kcm_core import demo_lm
+    from kcm_core.demos import lm as demo_lm
     if demo_lm.stored_summary() is None:
         print("the LM demo is not prepared: python -m kcm_core demo prepare lm", file=sys.stderr)
         return 2

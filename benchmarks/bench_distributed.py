@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from kcm_core import demo_lm  # noqa: E402
+from kcm_core.demos import lm as demo_lm  # noqa: E402
 from kcm_core.report import Environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

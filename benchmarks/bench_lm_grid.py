@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kcm_core import demo_lm  # noqa: E402
+from kcm_core.demos import lm as demo_lm  # noqa: E402
 from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
 from kcm_core.lm import BlockStats, evaluate_lm, paired_perplexity, split_blocks  # noqa: E402

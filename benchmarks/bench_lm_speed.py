@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kcm_core import demo_lm  # noqa: E402
+from kcm_core.demos import lm as demo_lm  # noqa: E402
 from kcm_core.lm import split_blocks  # noqa: E402
 from kcm_core.models import load_model  # noqa: E402
 from kcm_core.pipeline import PruneConfig, prune  # noqa: E402

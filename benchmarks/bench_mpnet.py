@@ -100,7 +100,7 @@ def main() -> int:
     for name in methods:
         method(name)                                   # unknown names fail before any work
 
-    from kcm_core import demo
+    from kcm_core.demos import classifier as demo
     from kcm_core.data import make_batches
     from kcm_core.models import load_model
     folder = polarity_dir()

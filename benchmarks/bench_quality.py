@@ -3,7 +3,7 @@
 Tasks (``--task``): ``polarity``, the demo (MiniLM-L6 fine-tuned on movie-review sentence polarity,
 ``python -m kcm_core demo prepare``); ``fine-foods`` and ``hedge``, the demo's encoder fine-tuned on
 Amazon Fine Food reviews and on CoNLL-2010 hedge sentences (``python benchmarks/prepare_tasks.py``;
-``kcm_core.tasks``). The task's model is pruned by every method in ``kcm_core.methods.METHODS`` at
+``kcm_core.demos.tasks``). The task's model is pruned by every method in ``kcm_core.methods.METHODS`` at
 relative FLOPs 0.9 ... 0.5 (counted at the unlabeled sample's average length). Per seed: the unlabeled
 sample is 2048 train texts (all, if fewer), the same subset ``python -m kcm_core prune --samples`` draws
 (``TextData.sample``) but in the order it was drawn (``shuffled=True``); its first 512 with their labels
@@ -55,7 +55,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 SEEDS = (0, 1, 2)
 TASKS = ("polarity", "fine-foods", "hedge")
-# METHOD.md: BERT-base on SST-2 (GLUE dev), 60% of FLOPs kept, accuracy in percent.
+# docs/method.md: BERT-base on SST-2 (GLUE dev), 60% of FLOPs kept, accuracy in percent.
 PAPER_SST2_AT_06 = {"unpruned": 93.57, "kcm": 91.11, "mask-tuning": 92.47, "weight-magnitude": 69.8,
                     "r2": 89.3, "d2": 87.5}
 
@@ -272,7 +272,7 @@ def load_task(name: str) -> dict:
     """The task's model folder, splits, truncation length and description; ``ValueError`` when it is
     not prepared (saying what to run)."""
     if name == "polarity":
-        from kcm_core import demo
+        from kcm_core.demos import classifier as demo
         if not demo.demo_ready():
             raise ValueError("the demo model and data are not prepared "
                              f"({demo.demo_dir()}); run `python -m kcm_core demo prepare` first")
@@ -281,7 +281,7 @@ def load_task(name: str) -> dict:
                 "test": demo.load_demo_split("test"), "max_len": demo.FINETUNE.max_len,
                 "prepared_accuracy": summary["test_accuracy"],
                 "description": "demo: MiniLM-L6 fine-tuned on Pang & Lee sentence polarity"}
-    from kcm_core import tasks
+    from kcm_core.demos import tasks
     spec, summary = tasks.task_spec(name), tasks.task_summary(name)
     return {"model_dir": summary["model_dir"], "train": tasks.load_task_split(name, "train"),
             "test": tasks.load_task_split(name, "test"), "max_len": spec.finetune.max_len,

@@ -1,4 +1,4 @@
-"""Which R2 options should be the default? KCM on the demo under each open choice of METHOD.md.
+"""Which R2 options should be the default? KCM on the demo under each open choice of docs/method.md.
 
 For each (sigma mode, sigma, stop rule): R2 iterations per layer, R2 wall time, and the accuracy and
 agreement of KCM (R2 x D2, scaled) on the 800 test sentences at the given budgets. The unlabeled
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kcm_core import demo  # noqa: E402
+from kcm_core.demos import classifier as demo  # noqa: E402
 from kcm_core.data import make_batches  # noqa: E402
 from kcm_core.evaluate import evaluate_classifier, paired_difference  # noqa: E402
 from kcm_core.hull import HullConfig  # noqa: E402

@@ -107,7 +107,7 @@ class FixedSources:
 # --------------------------------------------------------------------------- the demos
 
 def load_classifier():
-    from kcm_core import demo
+    from kcm_core.demos import classifier as demo
     from kcm_core.data import make_batches
     from kcm_core.models import load_model
     if not demo.demo_ready():
@@ -145,7 +145,7 @@ def load_task(name: str):
 
 
 def load_lm(eval_blocks: int):
-    from kcm_core import demo_lm
+    from kcm_core.demos import lm as demo_lm
     from kcm_core.lm import split_blocks
     from kcm_core.models import load_model
     summary = demo_lm.stored_summary()

@@ -1,7 +1,7 @@
 """Is the pruned model actually faster? Dense vs physically pruned, PyTorch and ONNX Runtime, one process.
 
 The subject is the demo model (MiniLM-L6 fine-tuned on movie-review polarity) when
-``kcm_core.demo.demo_ready()``; otherwise a MiniLM-shaped ``BertForSequenceClassification`` (6 x 1536,
+``kcm_core.demos.classifier.demo_ready()``; otherwise a MiniLM-shaped ``BertForSequenceClassification`` (6 x 1536,
 d = 384) with random weights built from a config, pruned on synthetic token sequences. The results
 say which. KCM plans at relative FLOPs 0.9 ... 0.5 (counted at the unlabeled sample's average
 length, as the paper does) come from ``kcm_core.pipeline.prune`` with scores computed once; with
@@ -69,7 +69,7 @@ def progress(msg: str, frac: float) -> None:
 # --------------------------------------------------------------------------- the subject
 
 def demo_subject(samples: int):
-    from kcm_core import demo
+    from kcm_core.demos import classifier as demo
     from kcm_core.data import make_batches
     from kcm_core.models import load_model
 
@@ -187,7 +187,7 @@ def main() -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
 
-    from kcm_core import demo
+    from kcm_core.demos import classifier as demo
     if demo.demo_ready():
         model, unlabeled, subject, description = demo_subject(samples)
     else:

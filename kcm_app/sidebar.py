@@ -148,7 +148,7 @@ def _fit_to_model(model: ModelChoice, sample: SampleChoice, progress) -> SampleC
 def load() -> None:
     """Sidebar, then the workspace it names (kept in the session; heavy parts cached for all). A
     failure marks the status box as failed and is kept for the page's main area (``ui.require_workspace``)."""
-    from kcm_core.models import clear_error_types, one_line
+    from kcm_core.errors import clear_error_types, one_line
     state.set_load_error(None)
     with st.sidebar:
         try:

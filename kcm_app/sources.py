@@ -5,8 +5,8 @@ instead of the embedded demo (the tests use them with a tiny model); ``KCM_APP_M
 on the LM demo (model and documents; ``demo`` names the classifier demo). ``KCM_APP_TEXT_COLUMN`` and
 ``KCM_APP_LABEL_COLUMN`` name the file's columns (default: ``text``/``sentence`` and ``label``);
 ``KCM_APP_BLOCK_SIZE`` sets a language model's starting block size; ``KCM_APP_STREAM=1`` opens the
-local folder layer by layer (``kcm_core.stream``: for a model larger than memory). Loading itself goes through
-``kcm_core.models``, ``kcm_core.data``, ``kcm_core.demo`` and ``kcm_core.demo_lm``.
+local folder layer by layer (``kcm_core.streamed.passes``: for a model larger than memory). Loading itself goes through
+``kcm_core.models``, ``kcm_core.data``, ``kcm_core.demos.classifier`` and ``kcm_core.demos.lm``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ BATCH_SIZE = 32
 
 # Causal language models in the app: text becomes blocks of LM_BLOCK_SIZE tokens. Sized for a new
 # budget to evaluate in well under a minute on two CPU cores with the 135M-parameter LM demo (the CLI
-# uses 32 calibration blocks and scales on 8: kcm_core.cli_lm): 16 calibration blocks to score with
+# uses 32 calibration blocks and scales on 8: kcm_core.cli.lm): 16 calibration blocks to score with
 # (4,096 tokens), scales fitted on the first 4 (the scaling fit grows with tokens x kept neurons^2),
 # perplexity, agreement and KL on 8 held-out blocks (2,048 tokens, each run through the pruned and the
 # unpruned model).

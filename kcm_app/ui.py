@@ -141,10 +141,10 @@ def progress(label: str) -> Iterator[ProgressBar]:
 @contextlib.contextmanager
 def core_errors(stop: bool = True, runtime: bool = False) -> Iterator[None]:
     """Errors from the core (bad input, missing, damaged or refused files, a full disk:
-    ``kcm_core.models.clear_error_types``) become ``st.error`` with the message alone, never a stack
+    ``kcm_core.errors.clear_error_types``) become ``st.error`` with the message alone, never a stack
     trace with the server's paths; with ``runtime``, so do torch's ``RuntimeError``s (e.g. an input
     longer than the model takes). Anything else is a bug and stays visible as one."""
-    from kcm_core.models import clear_error_types, one_line
+    from kcm_core.errors import clear_error_types, one_line
     caught = clear_error_types() + ((RuntimeError,) if runtime else ())
     try:
         yield

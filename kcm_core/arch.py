@@ -165,7 +165,8 @@ def _get_path(root: nn.Module, path: str):
     return obj
 
 
-def _first(root: nn.Module, candidates: Iterable[str]):
+def first_module(root: nn.Module, candidates: Iterable[str]):
+    """``(path, module)`` of the first of ``candidates`` (dotted paths) that ``root`` has, else ``(None, None)``."""
     for path in candidates:
         obj = _get_path(root, path)
         if obj is not None:
@@ -224,7 +225,7 @@ def transformer_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The qualified name and the module list of ``model``'s transformer layers."""
     family = family_for_model(model)
     base = base_model(model)
-    layers_path, layers = _first(base, family.layers)
+    layers_path, layers = first_module(base, family.layers)
     if layers is None:
         raise ValueError(
             f"{type(model).__name__}: could not find its transformer layers at any of {family.layers}; "
@@ -239,9 +240,9 @@ def ffn_blocks(model: nn.Module) -> list[FFNBlock]:
     layers_path, layers = transformer_layers(model)
     blocks = []
     for i, layer in enumerate(layers):
-        up_path, up = _first(layer, family.up)
-        down_path, down = _first(layer, family.down)
-        gate_path, gate = _first(layer, family.gate) if family.gate else (None, None)
+        up_path, up = first_module(layer, family.up)
+        down_path, down = first_module(layer, family.down)
+        gate_path, gate = first_module(layer, family.gate) if family.gate else (None, None)
         if up is None or down is None or (family.gate and gate is None):
             raise ValueError(
                 f"{type(model).__name__}: layer {i} has no FFN at {family.up} / {family.down}."

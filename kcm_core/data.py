@@ -506,16 +506,16 @@ def _map_labels(values: list, column: str, class_names: list[str] | None, source
 def _load_hub(name: str, config_name: str | None, split: str | None, text_column: str | None,
               text_pair_column: str | None, label_column: str | None) -> TextData:
     """A hub dataset split through ``datasets.load_dataset``, failing fast and clearly offline."""
-    from .models import check_hub, hub_offline
+    from . import hub
     label = f"{name}/{config_name}" if config_name else name
-    if hub_offline():
+    if hub.hub_offline():
         import datasets
         if not datasets.config.HF_HUB_OFFLINE:
             # Offline was switched on after `datasets` was imported: it would still try the network.
             raise ValueError(f"HF_HUB_OFFLINE is set, so hub dataset {label!r} cannot be loaded; "
                              "use a local file")
     else:
-        check_hub(name, kind="dataset", what=f"load dataset {label!r}")
+        hub.check_hub(name, kind="dataset", what=f"load dataset {label!r}")
     import datasets
     # Hub downloads go to the ordinary `datasets` cache, so a second run (or HF_HUB_OFFLINE=1) reuses them.
     with _quiet_datasets():

@@ -1,4 +1,4 @@
-"""The analytic cost model of METHOD.md, per block, in multiply-accumulates (MACs).
+"""The analytic cost model of docs/method.md, per block, in multiply-accumulates (MACs).
 
 FLOPs = 2 x MACs. The paper's count covers the encoder layers only: attention projections, the two
 attention matrix products, and the FFN. Embeddings, LayerNorm, softmax, activations, pooler and task
@@ -29,7 +29,7 @@ BLOCK_LABELS = {
 def mac_per_head(shape: ModelShape, seq_len: float) -> float:
     """MACs of one attention head: its share of Q, K, V, output projections plus QK^T and AV.
 
-    For multi-head attention this is METHOD.md's ``4 s d d_h + 2 s^2 d_h``; with grouped K/V heads
+    For multi-head attention this is docs/method.md's ``4 s d d_h + 2 s^2 d_h``; with grouped K/V heads
     the K and V projections are shared, so each query head carries ``kv_heads / heads`` of them.
     """
     s, d, dh = seq_len, shape.hidden, shape.head_dim

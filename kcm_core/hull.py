@@ -29,7 +29,7 @@ StopRule = Literal["auto", "absolute", "signed", "spearman", "topk", "closed_for
 STOP_RULES = ("auto", "absolute", "signed", "spearman", "topk", "closed_form")
 RANK_RULES = ("spearman", "topk")
 # "auto" (the default): the exact iteration ("absolute") up to this many neurons per layer, the closed
-# form above. Decided by measurement (README, "R2 at scale"): where the exact iteration is affordable
+# form above. Decided by measurement (benchmarks/README.md, "R2 at scale"): where the exact iteration is affordable
 # (N^3 per iteration: about 5 minutes for BERT-base's 12 x 3072 on two cores) no cheaper rule was
 # better on the four models measured and the closed form lost 1.0 point [-2.0, -0.1] on the demo;
 # above it the exact iteration takes about 40 minutes (Qwen2-0.5B, 24 x 4864) to 11 hours (LLaMA-7B,
@@ -57,7 +57,7 @@ def block_rows(n: int) -> int:
 
 @dataclass(frozen=True)
 class HullConfig:
-    """Options of the kernel-hull fit; every open choice of METHOD.md is here.
+    """Options of the kernel-hull fit; every open choice of docs/method.md is here.
 
     sigma_mode: "fixed" uses ``sigma`` as is (the paper: sigma = 1). "median" uses ``sigma`` times the
         median pairwise distance of the points, so the kernel means the same on any weight scale.

@@ -10,7 +10,7 @@ Scores page. Adding a method is one row here; nothing else switches on method na
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
@@ -20,9 +20,6 @@ from .activations import NeuronStats
 from .arch import ffn_blocks
 from .hull import HullFit
 
-if TYPE_CHECKING:
-    from .pipeline import PruneConfig
-
 LayerScores = list[torch.Tensor]
 COMPONENTS = ("r2", "stats", "grads")
 
@@ -31,7 +28,7 @@ class ScoreSources(Protocol):
     """What a method's score is made of; each component is computed at most once per source."""
 
     model: nn.Module
-    config: "PruneConfig"
+    config: Any             # the run's kcm_core.config.PruneConfig (its d2 options and seed are read)
 
     def r2(self) -> tuple[LayerScores, list[HullFit]]: ...
 

@@ -4,22 +4,22 @@ Every failure a user can cause (a mistyped path, no network, an unsupported arch
 checkpoint with NaN weights) becomes one ``ValueError`` sentence. The architecture check runs on the
 config, before any weights are read, so an unsupported model fails in milliseconds.
 
-The word ``"demo"`` is not handled here: the CLI and the app resolve it through ``kcm_core.demo``.
+The word ``"demo"`` is not handled here: the CLI and the app resolve it through ``kcm_core.demos``.
+How failures are worded (damaged weights, missing keys, one line for a person) is ``kcm_core.errors``.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import pickle
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from . import hub
 from .arch import family_for_config
-from .runtime import check_finite, default_device
+from .errors import check_loading_info, weights_error, weights_error_types
+from .runtime import check_finite, default_device, quiet_transformers
 
 # task -> name of the transformers Auto class that builds it
 TASKS: dict[str, str] = {
@@ -31,79 +31,10 @@ TASKS: dict[str, str] = {
 # the end of a class name in config.architectures -> the task it was saved for
 ARCHITECTURE_TASKS = (("ForSequenceClassification", "sequence-classification"), ("ForCausalLM", "causal-lm"),
                       ("LMHeadModel", "causal-lm"), ("ForImageClassification", "image-classification"))
-HUB_TIMEOUT_S = 5.0  # the reachability probe; a dead network fails in seconds, not after retries
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Parts of a backbone that belong with a task head: a classifier trains them, masked-LM checkpoints
-# lack them, so a fresh one is part of a new head (BERT's pooler).
-HEAD_PARTS_IN_BASE = ("pooler",)
 # Model types whose position ids start after the pad id: the usable length is the table minus pad + 1.
 POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "mpnet")
-_KEYS_SHOWN = 3   # keys named in a loading error; the rest are counted
-
-
-# --------------------------------------------------------------------------- quiet transformers
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Hide transformers' progress bars and warnings for the block, then restore the caller's settings.
-
-    The library reports through ``progress`` callbacks; "Loading weights" bars and the notice that a
-    new classification head was initialised would otherwise land on the caller's stderr.
-    """
-    from transformers.utils import logging as hf_logging
-    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-# --------------------------------------------------------------------------- hub access
-
-def hub_offline() -> bool:
-    """True when the user switched the hub off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-            return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return False
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def check_hub(repo_id: str, *, kind: str = "model", what: str | None = None,
-              timeout: float = HUB_TIMEOUT_S) -> None:
-    """Ask the hub about ``repo_id`` once, with a short timeout; raise one clear ``ValueError``.
-
-    ``kind`` is ``"model"`` or ``"dataset"``; ``what`` names the action for the message. This probe
-    replaces the long retry loops a plain ``from_pretrained`` runs into when the network is down.
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-    what = what or f"load {kind} {repo_id!r}"
-    api = HfApi()
-    probe = api.model_info if kind == "model" else api.dataset_info
-    try:
-        probe(repo_id, timeout=timeout)
-    except GatedRepoError:
-        raise ValueError(f"{kind} {repo_id!r} is gated on the Hugging Face hub; accept its terms and log "
-                         "in (`hf auth login`), or pass a local folder") from None
-    except RepositoryNotFoundError:
-        raise ValueError(f"no {kind} {repo_id!r} on the Hugging Face hub (or it is private); check the "
-                         "name or pass a local folder") from None
-    except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", "an error")
-        raise ValueError(f"the Hugging Face hub answered {status} when asked to {what}; try again later "
-                         "or pass a local folder") from None
-    except Exception as err:  # connection refused, DNS, timeout, proxy: all mean "unreachable"
-        raise ValueError(f"could not reach the Hugging Face hub to {what} from this machine "
-                         f"({type(err).__name__}); pass a local folder instead") from None
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -138,9 +69,9 @@ def _hub_kwargs(location: str, is_local: bool) -> dict[str, Any]:
     """``from_pretrained`` options: local files only for folders and offline mode, else a probe first."""
     if is_local:
         return {"local_files_only": True}
-    if hub_offline():
+    if hub.hub_offline():
         return {"local_files_only": True}
-    check_hub(location, kind="model")
+    hub.check_hub(location, kind="model")
     return {}
 
 
@@ -206,7 +137,7 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
 
     ``device_map`` (passed on to ``from_pretrained``: ``"auto"``, ``"cpu"``, a dict) lets ``accelerate``
     place the weights (several GPUs, CPU offload); ``device`` is then not applied. Models larger than
-    memory are pruned with ``kcm_core.stream`` instead, which never loads them whole.
+    memory are pruned with ``kcm_core.streamed`` instead, which never loads them whole.
     """
     import transformers
     if task is not None and task not in TASKS:
@@ -221,7 +152,7 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
     for key, value in (config_updates or {}).items():
         setattr(config, key, value)
     location, is_local = _resolve(name_or_path)
-    kwargs = {"local_files_only": True} if is_local or hub_offline() else {}
+    kwargs = {"local_files_only": True} if is_local or hub.hub_offline() else {}
     auto = getattr(transformers, TASKS[task])
     if torch_dtype is not None:  # None keeps transformers' own default
         kwargs["dtype"] = torch_dtype
@@ -244,7 +175,7 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
                        saved_as=(getattr(config, "architectures", None) or [None])[0])
     _refuse_offloaded(model, location)
     check_finite(model)
-    processor = _load_processor(location, {k: v for k, v in kwargs.items() if k != "dtype"},
+    processor = load_processor(location, {k: v for k, v in kwargs.items() if k != "dtype"},
                                 vision=family.vision or task == "image-classification")
     # accelerate placed the weights itself (several GPUs, CPU offload): moving them would undo it
     return _ready(model, processor, None if from_pretrained.get("device_map") is not None else target)
@@ -258,7 +189,7 @@ def _refuse_offloaded(model: torch.nn.Module, location) -> None:
         raise ValueError(f"device_map offloaded {len(offloaded)} weights of {location} out of memory (e.g. "
                          f"{offloaded[0]}); pruning in memory needs every weight on a device: give it more "
                          "memory (max_memory), or prune layer by layer with the streamed mode (prune --stream, "
-                         "kcm_core.stream.prune_streamed), which never loads the model whole")
+                         "kcm_core.streamed.prune_streamed), which never loads the model whole")
 
 
 def _ready(model: torch.nn.Module, processor, target: torch.device | None) -> tuple[torch.nn.Module, Any]:
@@ -285,151 +216,8 @@ def _load_per_layer_widths(name_or_path, config, task: str, target: torch.device
                          f"with per-layer widths loads only as what it was saved, not as {task}")
     model = load_pruned(location, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
     check_finite(model)
-    processor = _load_processor(location, {"local_files_only": True}, vision=family.vision)
+    processor = load_processor(location, {"local_files_only": True}, vision=family.vision)
     return _ready(model, processor, target)
-
-
-# --------------------------------------------------------------------------- errors for people
-
-def clear_error_types() -> tuple[type[BaseException], ...]:
-    """What bad input, a damaged or refused file, or a full or read-only disk raise. The CLI prints
-    them as one line (exit 2), the app as ``st.error``; anything else is a bug and keeps its traceback."""
-    from safetensors import SafetensorError
-    return ValueError, OSError, SafetensorError, pickle.UnpicklingError
-
-
-def one_line(err: BaseException) -> str:
-    """``err`` as one line for a person: a full disk names the file being written, an OS error its
-    path, a damaged weights file is worded as ``weights_error`` does (never torch's advice to unpickle
-    with ``weights_only=False``), anything else its message on one line."""
-    from safetensors import SafetensorError
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        where = err.filename or "the output"
-        return f"no space left on device writing {where}; free some space or write elsewhere"
-    if isinstance(err, OSError) and err.strerror and err.filename:      # raised by the OS itself
-        return f"{err.strerror}: {err.filename}"
-    if isinstance(err, (SafetensorError, pickle.UnpicklingError)):
-        return str(weights_error("the model", err))
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    return " ".join(lines) if isinstance(err, ValueError) else lines[0]
-
-
-# --------------------------------------------------------------------------- what was loaded
-
-def weights_error_types() -> tuple[type[BaseException], ...]:
-    """What reading a damaged, refused or ill-fitting weights file raises (``weights_error`` words it).
-
-    ``SafetensorError``: a truncated or corrupt ``model.safetensors``; ``UnpicklingError``: a
-    ``pytorch_model.bin`` that ``torch.load(weights_only=True)`` refuses (damaged, or holding Python
-    objects whose unpickling could run code); ``RuntimeError``: ``load_state_dict`` rejecting a tensor.
-    """
-    from safetensors import SafetensorError
-    return SafetensorError, pickle.UnpicklingError, RuntimeError
-
-
-def weights_error(location: str | os.PathLike, err: BaseException) -> ValueError:
-    """One sentence for an exception of ``weights_error_types`` (never the 40-line original)."""
-    from safetensors import SafetensorError
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if isinstance(err, SafetensorError):
-        return ValueError(f"the weights file of {location} is damaged or incomplete (safetensors: "
-                          f"{lines[0] if lines else 'unreadable'}); copy or download the model again")
-    if isinstance(err, pickle.UnpicklingError):
-        # torch's text advises weights_only=False or allowlisting the object, i.e. running the file's
-        # code: never echo it, name only what the file asked for
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        detail = (f"it calls for the Python object {found.group(1)}" if found else
-                  next((line for line in lines if line.startswith("Unsupported operand")),
-                       "it is not a plain tensor file"))
-        return ValueError(f"refused to load the pickled weights (pytorch_model.bin) of {location}: "
-                          f"{detail.rstrip('.')}; it is damaged or holds Python objects whose loading could "
-                          "run code, so use a trusted copy saved as model.safetensors")
-    summary = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
-    return ValueError(f"the weights of {location} do not fit the model its config describes "
-                      f"({type(err).__name__}: {summary[:300]}); fix config.json or save the model again")
-
-
-def check_loading_info(model: torch.nn.Module, info: Mapping[str, Any], location: str | os.PathLike, *,
-                       allow_new_head: bool = False, saved_as: str | None = None) -> None:
-    """Refuse a model whose weights did not all come from its checkpoint (``output_loading_info``).
-
-    Missing, unexpected or mismatched weights of the body (embeddings, layers) are always an error: a
-    config with more layers than the weights, or edited sizes. Missing or mismatched *head* weights
-    (``is_head_key``) are an error unless ``allow_new_head`` (a bare backbone may lack only its
-    pooler, which nothing here reads). A head the checkpoint has and the model does not use is dropped
-    only when the model is another class than ``saved_as`` (config.architectures: a masked-LM
-    checkpoint loaded as its backbone, or a task asked for explicitly).
-    """
-    mismatched = sorted(info.get("mismatched_keys") or ())      # (key, file shape, model shape)
-    missing = sorted(info.get("missing_keys") or ())
-    unexpected = sorted(info.get("unexpected_keys") or ())
-    name = type(model).__name__
-    _check_body(location, name,
-                mismatched=[m for m in mismatched if not (allow_new_head and is_head_key(model, m[0]))],
-                missing=[k for k in missing if not is_head_key(model, k)],
-                unexpected=[k for k in unexpected if not is_head_key(model, k)])
-    if allow_new_head:
-        return
-    if getattr(model, "base_model", model) is model:
-        missing = [k for k in missing if k.split(".")[0] not in HEAD_PARTS_IN_BASE]
-    if missing:
-        raise _no_head_error(location, name, missing, saved_as)
-    if unexpected and name == saved_as:
-        raise ValueError(f"{location} holds head weights that {name} does not use ({_some(unexpected)}): "
-                         "config.json names another class than the weights were saved as; restore it or ask "
-                         "for the task explicitly")
-
-
-def _check_body(location, name: str, *, mismatched: Sequence[tuple], missing: Sequence[str],
-                unexpected: Sequence[str]) -> None:
-    """The backbone's weights must match the config exactly: anything else would be random or lost."""
-    if mismatched:
-        key, saved, wanted = mismatched[0]
-        raise ValueError(f"the weights of {location} do not have the shapes its config describes "
-                         f"({len(mismatched)} tensors, e.g. {key}: {tuple(saved)} in the file, "
-                         f"{tuple(wanted)} in {name}); restore the config.json saved with these weights")
-    if missing:
-        raise ValueError(f"{location} lacks weights that {name} needs ({_some(missing)}): its config "
-                         "describes more than the checkpoint holds (more layers or other parts), so they "
-                         "would be random; restore the config.json saved with these weights")
-    if unexpected:
-        raise ValueError(f"{location} holds weights that {name} does not use ({_some(unexpected)}): its "
-                         "config describes less than the checkpoint holds (fewer layers or another "
-                         "architecture); restore the config.json saved with these weights")
-
-
-def _no_head_error(location, name: str, missing: Sequence[str], saved_as: str | None) -> ValueError:
-    what = f"{location} has no weights for the head of {name} ({_some(missing)}), so it would be random"
-    if saved_as and saved_as != name:
-        return ValueError(f"{what}: load it as what it was saved as ({saved_as}, no task given), or pass "
-                          "allow_new_head=True to add an untrained head for fine-tuning")
-    return ValueError(f"{what}: its config.json names {name} but the checkpoint holds no such head; "
-                      "restore the config saved with the weights, or fine-tune a head first "
-                      "(python -m kcm_core finetune)")
-
-
-def is_head_key(model: torch.nn.Module, key: str) -> bool:
-    """True when ``key`` names a weight of a task head (``classifier.*``, ``score.*``, ``lm_head.*``,
-    a pooler), not of the backbone: outside the base model's prefix, or in no module of the base model.
-    """
-    base = getattr(model, "base_model", model)
-    prefix = f"{getattr(model, 'base_model_prefix', '')}."
-    if base is not model:
-        if not key.startswith(prefix):
-            return True
-        key = key[len(prefix):]
-    elif key.startswith(prefix) and prefix != ".":
-        key = key[len(prefix):]                   # a head checkpoint's key seen by its bare backbone
-    first = key.split(".")[0]
-    body = {n for n, _ in base.named_children()} | {n for n, _ in base.named_parameters(recurse=False)}
-    return first in HEAD_PARTS_IN_BASE or first not in body
-
-
-def _some(keys: Sequence[str]) -> str:
-    shown = ", ".join(keys[:_KEYS_SHOWN])
-    return f"{shown} and {len(keys) - _KEYS_SHOWN} more" if len(keys) > _KEYS_SHOWN else shown
 
 
 def max_positions(config) -> int | None:
@@ -457,7 +245,7 @@ def fit_max_len(max_len: int | None, config, *, default: int = 128, option: str 
     return max_len
 
 
-def _load_processor(location: str, kwargs: dict[str, Any], vision: bool):
+def load_processor(location: str, kwargs: dict[str, Any], vision: bool):
     from transformers import AutoImageProcessor, AutoTokenizer
     loader = AutoImageProcessor if vision else AutoTokenizer
     kind = "image processor" if vision else "tokenizer"

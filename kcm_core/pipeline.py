@@ -19,71 +19,15 @@ from .arch import ModelShape, model_shape
 from .data import mean_length
 from .distributed import SINGLE, Group
 from .flops import check_budget
-from .hull import HullConfig
 from .plan import KeepPlan
 from .compensation import check_compensable, compensate
 from .realise import slice_model
-from .methods import DEFAULT_METHOD, MethodScores, ScoreDetails, method, score_with
-from .repair import RepairConfig, fit_repair
+from .config import PruneConfig
+from .methods import MethodScores, ScoreDetails, method, score_with
+from .repair import fit_repair
 from .runtime import Batch, Progress, check_finite, take_sequences, tell
-from .scaling import ScaleConfig, fit_scales
-from .select import ALLOCATIONS, refine_with_gradients, select
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """Everything that decides a plan. Validated here, once.
-
-    seq_len: the sequence length the FLOPs budget is counted at; None means the average real length
-        of the unlabeled sample (the paper uses each task's average length).
-    scale_samples: how many of the unlabeled sequences the scaling step (any repair) uses.
-    repair: how the kept neurons make up for the dropped ones (``kcm_core.repair``); "auto" kinds
-        mean the method's own.
-    allocation: how the budget is spread over layers (``kcm_core.select``).
-    label_samples: how many labeled sequences the label-using methods use (None: all given).
-    """
-
-    method: str = DEFAULT_METHOD
-    budget: float = 0.6
-    seq_len: float | None = None
-    seed: int = 0
-    hull: HullConfig = HullConfig()
-    d2: S.D2Config = S.D2Config()
-    scale: ScaleConfig = ScaleConfig()
-    scale_samples: int = 512
-    label_samples: int | None = 512
-    multiple: int = 1
-    min_per_layer: int = 0
-    uniform: bool = False
-    repair: RepairConfig = RepairConfig()
-    allocation: str = "auto"
-
-    def __post_init__(self):
-        method(self.method)
-        if self.allocation not in ("auto",) + ALLOCATIONS:
-            raise ValueError(f"allocation must be auto or one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
-        if not isinstance(self.budget, (int, float)) or not (0 < self.budget <= 1):
-            raise ValueError(f"flops budget must be in (0, 1] (fraction of FLOPs to keep), got {self.budget}")
-        if self.seq_len is not None and not self.seq_len > 0:
-            raise ValueError(f"seq_len must be > 0, got {self.seq_len}")
-        if not (isinstance(self.scale_samples, int) and self.scale_samples >= 1):
-            raise ValueError(f"scale_samples must be a positive integer, got {self.scale_samples!r}")
-        if self.label_samples is not None and not self.label_samples >= 1:
-            raise ValueError(f"label_samples must be a positive integer, got {self.label_samples!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-        return asdict(self)
-
-    @property
-    def resolved_allocation(self) -> str:
-        """The allocation actually used: ``auto`` is the method's own."""
-        return method(self.method).allocation if self.allocation == "auto" else self.allocation
-
-    @property
-    def resolved_repair(self) -> RepairConfig:
-        """The repair actually run: ``auto`` replaced by the method's own."""
-        return self.repair.resolved(method(self.method).own_repair)
+from .scaling import fit_scales
+from .select import refine_with_gradients, select
 
 
 def resolve_seq_len(shape: ModelShape, batches: Sequence[Batch], seq_len: float | None) -> float:

@@ -53,7 +53,7 @@ def mask_copy(model: nn.Module, plan: KeepPlan) -> nn.Module:
             if layer.bias_shift is not None:
                 shift_bias(block.down, layer.bias_shift)
         if plan.has_bias_shift:
-            _give_mlp_biases(masked, family_for_model(masked))
+            give_mlp_biases(masked, family_for_model(masked))
     return masked
 
 
@@ -68,7 +68,7 @@ def shift_bias(layer: nn.Module, shift) -> None:
         layer.bias.add_(torch.as_tensor(shift, dtype=w.dtype, device=w.device))
 
 
-def _give_mlp_biases(model: nn.Module, family) -> None:
+def give_mlp_biases(model: nn.Module, family) -> None:
     """Set the family's MLP-bias switch and give every up/gate/down layer a (zero) bias where it has
     none, so the config and the weights agree and stock ``from_pretrained`` loads the export."""
     if family.mlp_bias_field is None:
@@ -161,7 +161,7 @@ def slice_model(model: nn.Module, plan: KeepPlan) -> nn.Module:
                 shift_bias(down, layer.bias_shift)
             _set_module(sliced, block.down_name, down)
     if plan.has_bias_shift:
-        _give_mlp_biases(sliced, family)
+        give_mlp_biases(sliced, family)
     record_widths(sliced.config, family.width_field[0], plan.kept_counts)
     return sliced
 

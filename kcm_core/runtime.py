@@ -93,3 +93,22 @@ def take_sequences(batches: Sequence[Batch] | None, sequences: int | None) -> li
 def tell(progress: Progress | None, message: str, fraction: float) -> None:
     if progress is not None:
         progress(message, max(0.0, min(1.0, fraction)))
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' progress bars and warnings for the block, then restore the caller's settings.
+
+    The library reports through ``progress`` callbacks; "Loading weights" bars and the notice that a
+    new classification head was initialised would otherwise land on the caller's stderr.
+    """
+    from transformers.utils import logging as hf_logging
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -120,8 +120,8 @@ def _fit(model: nn.Module, plan: KeepPlan, batches: list[Batch], config: ScaleCo
     for li, (block, layer) in enumerate(zip(blocks, plan.layers)):
         tell(progress, f"scaling: layer {li + 1}/{len(blocks)}", li / len(blocks))
         if layer.kept > 0:
-            s = _solve_layer(student, layers, li, block, layer.keep_idx, batches, recorded,
-                             targets[li].to(device), config, group)
+            s = solve_layer(student, layers, li, block, layer.keep_idx, batches, recorded,
+                            targets[li].to(device), config, group)
             if s is None:
                 stopped_at = li
                 break
@@ -149,8 +149,8 @@ def fold_scales(block, keep_idx, s: torch.Tensor) -> None:
             w[:, keep] *= cols[None, :]
 
 
-def _solve_layer(student, layers, li, block, keep_idx, batches, recorded, target,
-                 config: ScaleConfig, group: Group = SINGLE) -> torch.Tensor | None:
+def solve_layer(student, layers, li, block, keep_idx, batches, recorded, target,
+                config: ScaleConfig, group: Group = SINGLE) -> torch.Tensor | None:
     """Accumulate the k x k normal equations of layer ``li`` over all batches (of every rank) and
     solve them."""
     device = model_device(student)

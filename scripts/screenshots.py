@@ -111,7 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.layerwise:
-        from kcm_core import demo_lm
+        from kcm_core.demos import lm as demo_lm
         summary = demo_lm.stored_summary()
         if summary is None:
             raise SystemExit("the LM demo is not prepared: python -m kcm_core demo prepare lm")
@@ -121,7 +121,7 @@ def main() -> None:
             shoot(url, args.out, LAYERWISE_STEPS)
         log(f"wrote {', '.join(name for name, _, _ in LAYERWISE_STEPS)} to {args.out}")
         return
-    from kcm_core.demo import demo_ready
+    from kcm_core.demos.classifier import demo_ready
     if not demo_ready():
         raise SystemExit("the demo is not prepared: python -m kcm_core demo prepare")
     with serve(environment_without_app_choices(), port=args.port) as url:

@@ -1,4 +1,4 @@
-"""A model larger than memory in the app: a local folder opened layer by layer (``kcm_core.stream``).
+"""A model larger than memory in the app: a local folder opened layer by layer (``kcm_core.streamed.passes``).
 
 The parts (R2, activation statistics, one layer's rows) read one layer at a time equal the in-memory
 ones; the app opens such a folder (asked, or by itself when its weights exceed the memory available),
@@ -23,9 +23,9 @@ from kcm_app.testing import finish_background
 from kcm_core import scores as S
 from kcm_core.activations import collect_stats
 from kcm_core.hull import HullConfig
-from kcm_core.layerwise import Skeleton
+from kcm_core.streamed.skeleton import Skeleton
 from kcm_core.pipeline import PruneConfig, compute_scores
-from kcm_core.stream import layer_rows_streamed, prune_streamed, r2_streamed, stats_streamed
+from kcm_core.streamed.passes import layer_rows_streamed, prune_streamed, r2_streamed, stats_streamed
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 TIMEOUT = 180

@@ -2,6 +2,7 @@
 verdicts from intervals over paired rounds (``benchmarks/common.py``): known answers and a drift check."""
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,13 +18,39 @@ import common  # noqa: E402
 import render_readme  # noqa: E402
 
 
-def test_readme_numbers_match_the_results_files():
-    """Fails when a results file changed and README.md was not regenerated (or was edited by hand):
+@pytest.mark.parametrize("name", ["README.md", "benchmarks/README.md"])
+def test_readme_numbers_match_the_results_files(name):
+    """Fails when a results file changed and a README was not regenerated (or was edited by hand):
     run ``python benchmarks/render_readme.py``."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / name).read_text()
     marked = [m["name"] for m in render_readme.MARKER.finditer(text)]
-    assert sorted(marked) == sorted(render_readme.BLOCKS)       # every block in the README, each once
+    assert sorted(marked) == sorted(render_readme.PLACES[name])      # its blocks, each once
     assert render_readme.render(text) == text
+
+
+def test_every_block_has_one_place():
+    placed = [name for names in render_readme.PLACES.values() for name in names]
+    assert sorted(placed) == sorted(render_readme.BLOCKS)
+
+
+def test_no_markdown_link_leaves_the_repository():
+    """Links in the READMEs and docs/ point at files of this repository (or the web), never at a
+    path outside it such as ../shared/."""
+    files = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(files) > 3
+    outside, missing = [], []
+    for path in files:
+        text = path.read_text()
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            resolved = (path.parent / target).resolve()
+            if ROOT.resolve() not in resolved.parents and resolved != ROOT.resolve():
+                outside.append(f"{path.name}: {target}")
+            elif not resolved.exists():
+                missing.append(f"{path.name}: {target}")
+        outside += [f"{path.name}: {m}" for m in re.findall(r"\.\./shared/\S*", text)]
+    assert outside == [] and missing == []
 
 
 def test_render_replaces_only_the_marked_block(tmp_path):

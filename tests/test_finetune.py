@@ -1,4 +1,4 @@
-"""kcm_core.finetune: a tiny BERT learns an easy task; the write is atomic; bad input is refused."""
+"""kcm_core.demos.finetune: a tiny BERT learns an easy task; the write is atomic; bad input is refused."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ from transformers import AutoConfig
 
 from conftest import save_tiny_encoder
 
-import kcm_core.finetune as F
+import kcm_core.demos.finetune as F
 from kcm_core.data import TextData
-from kcm_core.finetune import FinetuneConfig, finetune
+from kcm_core.demos.finetune import FinetuneConfig, finetune
 
 WORDS = "good great fun bad awful dull film movie plot acting very not".split()
 POS = ["good film", "great fun movie", "very good acting", "fun plot"] * 5

@@ -1,4 +1,4 @@
-"""The analytic cost model, checked against PyTorch's own FLOP counter and METHOD.md's known answer."""
+"""The analytic cost model, checked against PyTorch's own FLOP counter and docs/method.md's known answer."""
 import math
 
 import pytest

@@ -125,7 +125,7 @@ def test_hub_offline_and_not_cached(monkeypatch):
 def test_hub_unreachable_is_one_sentence(monkeypatch):
     import huggingface_hub
     import transformers
-    import kcm_core.models as M
+    import kcm_core.hub as H
 
     def refuse(self, repo_id, **kwargs):
         assert kwargs["timeout"] <= 10                  # a short probe, not a retry loop
@@ -134,7 +134,7 @@ def test_hub_unreachable_is_one_sentence(monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("from_pretrained must not run when the probe failed")
 
-    monkeypatch.setattr(M, "hub_offline", lambda: False)
+    monkeypatch.setattr(H, "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", refuse)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", never)
     with pytest.raises(ValueError) as err:
@@ -146,13 +146,13 @@ def test_hub_unreachable_is_one_sentence(monkeypatch):
 def test_hub_unknown_repo(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError
-    import kcm_core.models as M
+    import kcm_core.hub as H
 
     def missing(self, repo_id, **kwargs):
         response = SimpleNamespace(headers={}, request=None, status_code=404)   # stands in for an HTTP reply
         raise RepositoryNotFoundError("404 Client Error", response=response)
 
-    monkeypatch.setattr(M, "hub_offline", lambda: False)
+    monkeypatch.setattr(H, "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", missing)
     with pytest.raises(ValueError, match="no model 'someone/typo' on the Hugging Face hub"):
         load_config("someone/typo")

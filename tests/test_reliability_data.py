@@ -264,7 +264,7 @@ def labeled_csv(path: Path, texts, labels) -> Path:
 def test_finetuned_model_is_evaluated_with_the_names_it_saved(capsys, tmp_path, pos, neg):
     """Fine-tuning on labels pos/neg (or 2/1) saves them as the model's classes; evaluating the saved
     model on a file holding only the positive label matches them by name (once: renumbered to 0, 0%)."""
-    from kcm_core.finetune import FinetuneConfig, finetune
+    from kcm_core.demos.finetune import FinetuneConfig, finetune
     encoder = save_tiny_encoder(tmp_path / "encoder", WORDS)
     train = load_text_data(labeled_csv(tmp_path / "train.csv", POS + NEG, [pos] * 20 + [neg] * 20))
     summary = finetune(str(encoder), train, tmp_path / "clf", FinetuneConfig(**FAST))
@@ -278,7 +278,7 @@ def test_finetuned_model_is_evaluated_with_the_names_it_saved(capsys, tmp_path, 
 
 
 def test_finetune_refuses_eval_names_for_a_head_trained_on_ids(tmp_path):
-    from kcm_core.finetune import FinetuneConfig, finetune
+    from kcm_core.demos.finetune import FinetuneConfig, finetune
     train = TextData(tuple(POS + NEG), labels=(1,) * 20 + (0,) * 20)
     eval_data = load_text_data(labeled_csv(tmp_path / "e.csv", ["good film"], ["pos"]))
     with pytest.raises(ValueError) as err:

@@ -22,7 +22,7 @@ import pytest
 from conftest import save_tiny_encoder
 from test_demo import fake_sdist, never_fetch
 
-from kcm_core import demo
+from kcm_core.demos import artifacts, classifier as demo
 
 WAIT_S = 120        # a safety net against a hang, never a measurement
 NOT_AN_OBJECT = "summary.json is not a JSON object (cut short or overwritten)"
@@ -205,7 +205,7 @@ ALTERED = {"train.jsonl": flip_label("train.jsonl"), "test.jsonl": flip_label("t
 def test_altered_file_is_caught_with_verify(cache, source, name):
     folder = cache / "demo"
     ALTERED[name](folder)
-    problem = f"{name} does not have the sha256 recorded when the demo was built (altered since)"
+    problem = f"{name} does not have the sha256 recorded when it was built (altered since)"
     assert demo.demo_ready(cache)                      # sizes match: the cheap check cannot see it
     assert not demo.demo_ready(cache, verify=True)
     assert demo.demo_status(cache) == dict(demo.demo_status(cache, verify=False), ready=False, problem=problem)
@@ -413,7 +413,7 @@ def test_malformed_hash_is_refused_before_pip(tmp_path, monkeypatch, sha256):
 
 
 def test_missing_setuptools_is_one_sentence(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "_build_backend_available", lambda: False)
+    monkeypatch.setattr(artifacts, "build_backend_available", lambda: False)
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip ran"))
     with pytest.raises(ValueError) as err:
         demo.pip_download(tmp_path)

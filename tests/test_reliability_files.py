@@ -25,15 +25,16 @@ from streamlit.testing.v1 import AppTest
 
 import kcm_core.atomic as A
 import kcm_core.export.saving as S
-import kcm_core.finetune as F
+import kcm_core.demos.finetune as F
 from app_tiny import write_tiny
 from kcm_app import server, sources
 from kcm_app.sources import DataChoice
 from kcm_core import cli
+from kcm_core.cli import common
 from kcm_core.atomic import atomic_folder, clean_stale
 from kcm_core.data import TextData
 from kcm_core.export import save_pruned
-from kcm_core.finetune import FinetuneConfig, finetune
+from kcm_core.demos.finetune import FinetuneConfig, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -388,7 +389,7 @@ def test_json_written_atomically_and_a_full_disk_loses_nothing(tmp_path, capsys,
     monkeypatch.setattr(Path, "write_text", full)
     with pytest.raises(ValueError, match="could not write --json .*report.json: No space left on device "
                                          "\\(the JSON was printed to stdout above\\)"):
-        cli._json_out({"accuracy": 0.5}, str(target))
+        common.json_out({"accuracy": 0.5}, str(target))
     assert json.loads(capsys.readouterr().out) == {"accuracy": 0.5}       # nothing lost
     monkeypatch.undo()
     assert target.read_text() == '{"old": true}\n'                         # nor half-written
@@ -412,7 +413,7 @@ def test_a_full_disk_writing_json_exits_2_with_the_json_on_stdout(tiny, tmp_path
 def test_json_turning_into_a_folder_after_the_check_is_one_sentence(tmp_path, capsys):
     (tmp_path / "report.json").mkdir()
     with pytest.raises(ValueError, match="could not write --json .*report.json: Is a directory"):
-        cli._json_out({"a": 1}, str(tmp_path / "report.json"))
+        common.json_out({"a": 1}, str(tmp_path / "report.json"))
     assert json.loads(capsys.readouterr().out) == {"a": 1}
 
 

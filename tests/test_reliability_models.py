@@ -24,6 +24,7 @@ from streamlit.testing.v1 import AppTest
 
 from app_tiny import GOOD, OTHER, write_tiny
 from kcm_core import cli
+from kcm_core.cli import commands
 from kcm_core.arch import model_shape
 from kcm_core.flops import keep_count, relative_flops
 from kcm_core.models import load_model
@@ -321,7 +322,7 @@ def test_main_turns_os_and_file_errors_into_one_line(tiny, capsys, monkeypatch, 
 
     def fail(args):
         raise error
-    monkeypatch.setattr(cli, "cmd_flops", fail)
+    monkeypatch.setattr(commands, "cmd_flops", fail)
     code, out, err = run_cli(capsys, "flops", "--model", tiny[0])
     assert code == 2 and out == ""
     assert err == line + "\n"

@@ -198,7 +198,7 @@ def test_the_repair_choice_reaches_the_report_through_the_cli(tmp_path, capsys):
     ("qwen2", "refit", "local"), ("qwen2", "refit", "teacher")])
 def test_streamed_repairs_equal_in_memory(tmp_path, family, kind, target):
     from kcm_core.export import load_pruned
-    from kcm_core.stream import prune_streamed
+    from kcm_core.streamed import prune_streamed
     model = build_tiny_model(family, "causal-lm", layers=3)
     model.save_pretrained(tmp_path / "model")
     batches = make_batches(model, labels=False, n_batches=2)

@@ -1,6 +1,6 @@
 """The layer-replay in ``fit_scales`` must give exactly what fitting with full forward passes gives.
 
-The reference below is the plain algorithm of METHOD.md: for each layer, run the whole (masked,
+The reference below is the plain algorithm of docs/method.md: for each layer, run the whole (masked,
 already scaled) student forward, collect the kept activations at that layer's down-projection, solve
 the ridge normal equations, fold the scales in. No replay, no early exit beyond the layer.
 """

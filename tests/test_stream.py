@@ -1,4 +1,4 @@
-"""The streamed mode (``kcm_core.stream``): one layer at a time from the safetensors files, with the
+"""The streamed mode (``kcm_core.streamed.passes``): one layer at a time from the safetensors files, with the
 same plan, scales and outputs (1e-5) as the in-memory path on every family of the adapter table; the
 folder it writes loads like the in-memory export; clear refusals; nothing half-written. Also
 ``load_model`` with accelerate's ``device_map``."""
@@ -13,13 +13,14 @@ import torch
 import transformers as T
 
 from conftest import LM_WORDS, build_tiny_model, make_batches, save_tiny_lm
-from kcm_core import cli, layerwise, stream
+from kcm_core import cli
+from kcm_core.streamed import passes as stream, skeleton as layerwise
 from kcm_core.arch import FAMILIES, model_shape
 from kcm_core.flops import flops_floor
 from kcm_core.export import load_pruned
 from kcm_core.models import load_model
 from kcm_core.pipeline import PruneConfig, prune, resolve_seq_len
-from kcm_core.stream import prune_streamed
+from kcm_core.streamed.passes import prune_streamed
 
 # One representative per family row of kcm_core.arch.FAMILIES, with the task it is pruned for.
 STREAMED = {"bert": "classification", "distilbert": "classification", "gpt2": "causal-lm",

@@ -1,4 +1,4 @@
-"""kcm_core.tasks: the benchmark tasks' parsers on tiny fake inputs (never the network), and the cache check."""
+"""kcm_core.demos.tasks: the benchmark tasks' parsers on tiny fake inputs (never the network), and the cache check."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import rdata                      # requirements-dev.txt: writes the fake R data the parsers read
 
-from kcm_core import demo, tasks
+from kcm_core.demos import classifier as demo, tasks
 
 
 def serialized(tmp_path, obj) -> bytes:

@@ -18,16 +18,16 @@ def layer_points(ws: Workspace, layer: int) -> np.ndarray:
     """``layer``'s down-projection rows (N, d), float32: from the shared model, or, for a model opened
     layer by layer, read alone from its files."""
     if ws.streamed:
-        from kcm_core.stream import layer_rows_streamed
+        from kcm_core.streamed.passes import layer_rows_streamed
         return layer_rows_streamed(skeleton(ws), layer).numpy()
     return projection.layer_points(ws.model, layer)
 
 
 def _layerwise_trimmed(coords: np.ndarray, ws: Workspace) -> np.ndarray:
     """``coords``, with the heap trimmed first for a model opened layer by layer (the projection's
-    float64 temporaries would otherwise stay resident: ``kcm_core.layerwise.trim_heap``)."""
+    float64 temporaries would otherwise stay resident: ``kcm_core.streamed.skeleton.trim_heap``)."""
     if ws.streamed:
-        from kcm_core.layerwise import trim_heap
+        from kcm_core.streamed.skeleton import trim_heap
         trim_heap()
     return coords
 

@@ -13,7 +13,7 @@ from kcm_core.hull import HullFit
 from kcm_core.methods import Method, MethodScores, method, score_with
 from kcm_core.pipeline import PruneConfig
 from kcm_core.runtime import Progress, take_sequences
-from kcm_core.stream import r2_streamed, score_streamed, stats_streamed
+from kcm_core.streamed.passes import r2_streamed, score_streamed, stats_streamed
 
 from .. import disk_cache
 from ..store import SharedStore

@@ -35,7 +35,7 @@ class Workspace:
 
     ``model`` is shared by every session: read it, never change it (see ``kcm_app.engine``). A model
     opened layer by layer (``stream_dir`` set: for a model larger than memory) is the empty skeleton of
-    ``kcm_core.layerwise``: its parameters are on the ``meta`` device, so it gives shapes and counts,
+    ``kcm_core.streamed.skeleton``: its parameters are on the ``meta`` device, so it gives shapes and counts,
     and every computation reads its layers from ``stream_dir`` one at a time (``skeleton``).
     """
 
@@ -77,9 +77,9 @@ class Workspace:
 
 
 def skeleton(ws: Workspace):
-    """A fresh ``kcm_core.layerwise.Skeleton`` of a streamed workspace's folder, private to the caller
+    """A fresh ``kcm_core.streamed.skeleton.Skeleton`` of a streamed workspace's folder, private to the caller
     (filling a layer changes the skeleton, so a shared one would let two sessions' layers collide)."""
-    from kcm_core.layerwise import Skeleton
+    from kcm_core.streamed.skeleton import Skeleton
     from kcm_core.runtime import default_device
     if not ws.streamed:
         raise ValueError("this model is in memory, not opened layer by layer")

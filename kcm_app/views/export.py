@@ -135,7 +135,7 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: b
 
 def layerwise_body(ws: Workspace, target: Path | None, formats: list[str], overwrite: bool, go: bool) -> None:
     """A model opened layer by layer: the plan's counts now; on 'Prune and save', scaled, sliced and
-    written one layer at a time (``kcm_core.stream.prune_streamed``), checked on a probe against the
+    written one layer at a time (``kcm_core.streamed.passes.prune_streamed``), checked on a probe against the
     layers sliced in memory, with the report beside the weights (without an evaluation)."""
     config = ui.prune_config()
     store = resources.store("results")
@@ -154,7 +154,7 @@ def layerwise_body(ws: Workspace, target: Path | None, formats: list[str], overw
         st.error("Layer by layer writes the hf format only: choose hf alone, and convert the pruned folder to "
                  "ONNX afterwards with `python -m kcm_core export` where it fits in memory.")
         return
-    from kcm_core.stream import prune_streamed
+    from kcm_core.streamed.passes import prune_streamed
     result = with_status(target, f"Scaling, slicing and saving layer by layer to {target}", lambda bar: prune_streamed(
         ws.stream_dir, config, ws.unlabeled, target, tokenizer=ws.tokenizer, overwrite=overwrite, progress=bar,
         protected=[ws.info.data_source], report=lambda done, _sk: report.layerwise_report(ws, config, done),
@@ -191,7 +191,7 @@ def with_status(target: Path, label: str, write: Callable[[ui.ProgressBar], T]) 
     """``write(progress)`` inside a status box titled ``label``: "Saved to" once it is done; on a clear
     error (nothing is left behind: exports are atomic) the box says it failed, the error is shown in
     the page's words, and None is returned."""
-    from kcm_core.models import clear_error_types, one_line
+    from kcm_core.errors import clear_error_types, one_line
     with st.status(label, expanded=True) as box:
         bar = ui.ProgressBar("Exporting", container=box.empty())
         try:

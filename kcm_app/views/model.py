@@ -88,12 +88,12 @@ def body(ws: Workspace, score_now: bool) -> None:
         st.subheader("Data")
         st.table(provenance(ws))
         if ws.info.data == DATA_KINDS["demo"]:
-            from kcm_core import demo
+            from kcm_core.demos import classifier as demo
             st.caption(demo.DATA_SOURCE)
             with st.expander("Terms of use"):
                 st.write(demo.DATA_TERMS)
         elif ws.info.data == DATA_KINDS["demo-lm"]:
-            from kcm_core import demo_lm
+            from kcm_core.demos import lm as demo_lm
             st.caption(f"{demo_lm.TEXT_SOURCE}. Model: {demo_lm.MODEL_SOURCE}; the weights are real but "
                        "carry 4-bit quantisation noise.")
             with st.expander("Terms of use"):

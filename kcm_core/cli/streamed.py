@@ -1,5 +1,5 @@
 """The command line's streamed path: ``prune --stream`` prunes a model folder one layer at a time
-(``kcm_core.stream``), for models that do not fit in memory.
+(``kcm_core.streamed``), for models that do not fit in memory.
 
 The same options and the same calibration data as the in-memory ``prune`` (so the same plan, scales
 and output folder); the model is read from its safetensors files, never loaded whole, so the pruned
@@ -26,26 +26,25 @@ class _ConfigOnly:
 
 def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
     """``prune --stream``: the same data path as ``cmd_prune``, then ``stream.prune_streamed``."""
-    from . import data as D
-    from .arch import model_shape
-    from .cli import CLASSIFIER_SAMPLES, _limit, _load_data, _resolve_model_path, _source_paths
-    from .cli_lm import LM_SCALE_BLOCKS, blocks
-    from .flops import relative_flops
-    from .methods import method
-    from .models import _load_processor, fit_max_len, load_config
-    from .report import build_report
-    from .select import check_multiple
-    from .stream import check_streamable, prune_streamed
+    from .. import data as D
+    from ..arch import model_shape
+    from .common import CLASSIFIER_SAMPLES, export_formats, limit, load_data, resolve_model_path, source_paths
+    from .lm import LM_SCALE_BLOCKS, blocks
+    from ..flops import relative_flops
+    from ..methods import method
+    from ..models import fit_max_len, load_config, load_processor
+    from ..report import build_report
+    from ..select import check_multiple
+    from ..streamed.passes import check_streamable, prune_streamed
 
     times: dict[str, float] = {}
     start = time.perf_counter()
     spec = method(config.method)
     check_streamable(spec)                                  # before any data work
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    if formats != ["hf"]:
+    if export_formats(args) != ("hf",):
         raise ValueError(f"--stream writes the hf format only, not {args.format!r}; add ONNX afterwards with "
                          "`python -m kcm_core export` where the pruned model fits in memory")
-    model_path = _resolve_model_path(args.model, progress)
+    model_path = resolve_model_path(args.model, progress)
     if not Path(model_path).is_dir():
         raise ValueError(f"--stream reads the safetensors files of a local model folder; {args.model!r} "
                          "is not one (download it first, e.g. with `hf download`)")
@@ -55,7 +54,7 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
         raise ValueError("image models are not supported by prune yet (no image data path); "
                          "`python -m kcm_core flops` shows their cost")
     check_multiple(args.multiple, shape.ffn_width)
-    tokenizer = _load_processor(model_path, {"local_files_only": True}, vision=False)
+    tokenizer = load_processor(model_path, {"local_files_only": True}, vision=False)
     holder = _ConfigOnly(model_config)
     if shape.head == "lm":
         config = replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)
@@ -64,7 +63,7 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
                 "max_len": args.block_size, "seed": args.seed, "unit": "blocks"}
     else:
         args.max_len = fit_max_len(args.max_len, model_config, option="--max-len")
-        sample = D.labels_for_model(_limit(_load_data(args, progress, "train"),
+        sample = D.labels_for_model(limit(load_data(args, progress, "train"),
                                            args.samples or CLASSIFIER_SAMPLES, args.seed), model_config)
         batches = D.make_batches(sample, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
                                  with_labels=False)
@@ -80,9 +79,9 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
             details=result.details, evaluation=None, seconds={**times, **result.seconds})
 
     result = prune_streamed(model_path, config, batches, out_dir, tokenizer=tokenizer,
-                            overwrite=args.overwrite, progress=progress, protected=_source_paths(args),
+                            overwrite=args.overwrite, progress=progress, protected=source_paths(args),
                             report=report)
-    from .export import REPORT_FILE
+    from ..export import REPORT_FILE
     written = json.loads((out_dir / REPORT_FILE).read_text())
     export = {"out_dir": str(out_dir), "formats": ["hf"], "streamed": True,
               "max_abs_diff": {"hf": result.max_abs_diff}, "tolerance": result.tolerance,

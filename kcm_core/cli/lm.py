@@ -11,25 +11,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .distributed import SINGLE, Group
+from ..distributed import SINGLE, Group
+from .common import DEMO_LM, write_pruned
 
-DEMO_LM = "demo-lm"
 CALIBRATION_BLOCKS = 32        # --samples default for language models: 8,192 tokens at block size 256
 MAX_BATCH = 4
 LM_SCALE_BLOCKS = 8            # --scale-samples default for language models: the first 8 calibration blocks
 
 
 def is_causal_lm(model) -> bool:
-    from .arch import model_shape
+    from ..arch import model_shape
     return model_shape(model.config).head == "lm"
 
 
 def documents(args, progress, *, evaluation: bool):
     """Calibration (or evaluation) documents named by ``--data`` (``--eval-data``)."""
-    from . import data as D
+    from .. import data as D
     source = args.eval_data if evaluation else args.data
     if source == DEMO_LM:
-        from . import demo_lm
+        from ..demos import lm as demo_lm
         demo_lm.prepare_lm_demo(progress=progress)
         return demo_lm.load_lm_split("evaluation" if evaluation else "calibration")
     return D.load_text_data(source, text_column=args.text_column,
@@ -39,13 +39,13 @@ def documents(args, progress, *, evaluation: bool):
 
 def blocks(args, model, tokenizer, progress):
     """(calibration blocks, evaluation blocks), disjoint by document."""
-    from .lm import check_block_size, check_token_ids, split_blocks
+    from ..lm import check_block_size, check_token_ids, split_blocks
     check_block_size(model.config, args.block_size)
     calibration = documents(args, progress, evaluation=False)
     if getattr(args, "eval_data", None):
         evaluation = documents(args, progress, evaluation=True)
     elif args.data == DEMO_LM:
-        from . import demo_lm
+        from ..demos import lm as demo_lm
         evaluation = demo_lm.load_lm_split("evaluation")
     else:
         evaluation = calibration                 # split_blocks halves it by document
@@ -63,17 +63,14 @@ def lm_batch_size(args) -> int:
 
 
 def prune_lm(args, config, model, tokenizer, model_path: str, out_dir: Path | None, times: dict, progress, *,
-             protected=(), group: Group = SINGLE) -> dict | None:
+             group: Group = SINGLE) -> dict | None:
     """``prune`` for a causal LM: calibrate on blocks, evaluate perplexity before and after, save.
     Under a distributed ``group`` the ranks share the calibration; rank 0 alone evaluates and saves
     (the other ranks return None)."""
-    from .export import save_pruned
-    from .flops import count_params, relative_flops
-    from .lm import evaluate_lm, paired_perplexity
-    from .methods import method
-    from .pipeline import prune
-    from .arch import model_shape
-    from .report import Evaluation, build_report
+    from ..lm import evaluate_lm, paired_perplexity
+    from ..methods import method
+    from ..pipeline import prune
+    from ..report import Evaluation
 
     spec = method(config.method)
     if spec.uses_labels:
@@ -90,30 +87,18 @@ def prune_lm(args, config, model, tokenizer, model_path: str, out_dir: Path | No
     evaluation = Evaluation.of_lm(f"{args.eval_data or args.data} (held-out blocks of {args.block_size} tokens)",
                                   before, after, paired_perplexity(after.stats, before.stats, seed=args.seed))
     times["evaluation"] = time.perf_counter() - t
-    shape = model_shape(model.config)
-    report = build_report(
-        model=model, source=args.model,
-        path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-        spec=spec, config=config,
-        data={"source": args.data, "samples": sum(int(b["input_ids"].shape[0]) for b in calibration),
-              "max_len": args.block_size, "seed": args.seed, "unit": "blocks",
-              **group.record()},
-        plan=result.plan, seq_len=result.seq_len,
-        achieved_flops=relative_flops(shape, result.seq_len, result.plan.kept_counts),
-        params_before=count_params(model).total, params_after=count_params(result.model).total,
-        details=result.details, evaluation=evaluation, seconds=times)
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    export = save_pruned(result.model, out_dir, plan=result.plan, report=report, tokenizer=tokenizer,
-                         formats=formats, overwrite=args.overwrite, progress=progress, protected=protected)
-    return {**report.to_dict(), "export": export.to_dict(), "out": str(out_dir)}
+    data = {"source": args.data, "samples": sum(int(b["input_ids"].shape[0]) for b in calibration),
+            "max_len": args.block_size, "seed": args.seed, "unit": "blocks", **group.record()}
+    return write_pruned(args, model, tokenizer, model_path, result, out_dir, spec=spec, config=config, data=data,
+                        evaluation=evaluation, times=times, progress=progress)
 
 
 def evaluate_lm_command(args, model, tokenizer, progress) -> dict:
     """``evaluate`` for a causal LM: perplexity on the held-out blocks."""
-    from .lm import blocks_of, check_block_size, check_token_ids, evaluate_lm, token_stream
+    from ..lm import blocks_of, check_block_size, check_token_ids, evaluate_lm, token_stream
     check_block_size(model.config, args.block_size)
     if args.data == DEMO_LM:
-        from . import demo_lm
+        from ..demos import lm as demo_lm
         demo_lm.prepare_lm_demo(progress=progress)
         docs = demo_lm.load_lm_split("evaluation")
     else:

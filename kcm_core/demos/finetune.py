@@ -17,10 +17,10 @@ from typing import Sequence
 
 import torch
 
-from .atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
-from .data import TextData, check_labels_for_model, labels_for_classes, make_batches, training_classes
-from .evaluate import labels_of, predict
-from .runtime import Progress, default_device, model_inputs, tell
+from ..atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
+from ..data import TextData, check_labels_for_model, labels_for_classes, make_batches, training_classes
+from ..evaluate import labels_of, predict
+from ..runtime import Progress, default_device, model_inputs, tell
 
 # What makes a folder recognisably an earlier fine-tune output, the only thing ``overwrite`` replaces.
 FINETUNE_MARKERS = ("finetune.json", "config.json")
@@ -70,7 +70,7 @@ def finetune(model_path: str | os.PathLike, train: TextData, out_dir: str | os.P
     ``finetune.json`` and ``config.json``); never a file, a link, or ``model_path`` and the
     ``protected`` paths (the data files), nor a folder inside or around them. Returns a JSON-ready summary.
     """
-    from .models import load_model
+    from ..models import load_model
     if not isinstance(config, FinetuneConfig):
         raise ValueError(f"config must be a FinetuneConfig, got {type(config).__name__}")
     if not train.has_labels:
@@ -185,7 +185,7 @@ def accuracy_of(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) 
 
 
 def _save(model, tokenizer, summary: dict, folder: Path) -> None:
-    from .models import quiet_transformers
+    from ..runtime import quiet_transformers
     with quiet_transformers():
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

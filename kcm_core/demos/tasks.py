@@ -25,8 +25,9 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .data import TextData
-from .demo import SDIST_FILENAME, cache_root, inspect_folder, parse_polarity_csv, read_split, split_sentences
+from ..data import TextData
+from .artifacts import cache_root
+from .classifier import SDIST_FILENAME, inspect_folder, parse_polarity_csv, read_split, split_sentences
 from .finetune import FinetuneConfig
 
 DEB_PACKAGE = "r-cran-modeldata"

