@@ -10,7 +10,7 @@ FLAP = ``flap/pooled/bias/teacher`` (its score is already standardised), the pap
 
 Every cell is evaluated on the same held-out blocks (documents calibration never saw) and compared,
 paired over those blocks, with the reference cell (``--reference``, default: the library's default
-recipe) at the same budget: the ratio of perplexities with a 95% bootstrap interval over blocks and the
+recipe for language models) at the same budget: the ratio of perplexities with a 95% bootstrap interval over blocks and the
 bootstrap p of "ratio = 1" (``kcm_core.lm.paired_perplexity``); also against the unpruned model. Each
 pruned layer's relative output error after the repair (``||y_pruned - y_unpruned|| / ||y_unpruned||``
 on the pruned model's own inputs, evaluation blocks) is recorded per layer with ``--layer-errors``.
@@ -42,7 +42,7 @@ from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
 from kcm_core.lm import BlockStats, evaluate_lm, paired_perplexity, split_blocks  # noqa: E402
 from kcm_core.models import load_model  # noqa: E402
-from kcm_core.methods import DEFAULT_METHOD  # noqa: E402
+from kcm_core.methods import DEFAULT_LM_METHOD, METHODS  # noqa: E402
 from kcm_core.pipeline import PruneConfig, compute_scores, prune, resolve_seq_len  # noqa: E402
 from kcm_core.repair import RepairConfig  # noqa: E402
 from common import machine_line, run_environment, write_results  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> int:
     parser.add_argument("--cells", required=False, default="")
     parser.add_argument("--budgets", default="0.95,0.9,0.85,0.8")
     parser.add_argument("--eval-blocks", type=int, default=32)
-    parser.add_argument("--reference", default=DEFAULT_METHOD)
+    parser.add_argument("--reference", default=DEFAULT_LM_METHOD)
     parser.add_argument("--stem", default="lm_grid")
     parser.add_argument("--merge", action="store_true")
     parser.add_argument("--render-only", action="store_true")
@@ -103,6 +103,7 @@ def main() -> int:
     rows = []
     for cell in cells:
         base = cell_config(cell, budgets[0])
+        reused = sorted(set(shared) & METHODS[base.method].needs)     # components another cell computed
         t = time.perf_counter()
         scores = compute_scores(model, base, calibration, shared=shared)
         score_s = time.perf_counter() - t
@@ -114,7 +115,7 @@ def main() -> int:
             t = time.perf_counter()
             ev = evaluate_lm(result.model, evaluation)
             eval_s = time.perf_counter() - t
-            rows.append({"cell": cell, "budget": budget,
+            rows.append({"cell": cell, "budget": budget, "reused": reused,
                          "repair": config.resolved_repair.kind, "target": config.resolved_repair.target,
                          "allocation": config.resolved_allocation,
                          "relative_flops": relative_flops(model_shape(model.config), seq_len, result.plan.kept_counts),

@@ -368,19 +368,89 @@ def chart_draw(results: Path) -> str:
             + f"; {_state(data['environment'])}.\n")
 
 
+def _grid_label(cell: str) -> str:
+    from kcm_core.methods import METHODS
+    if "/" not in cell:
+        return f"{METHODS[cell].label} (`{cell}`)"
+    score, allocation, repair, target = cell.split("/")
+    return f"{METHODS[score].label} score, {allocation}, {repair} ({target})"
+
+
+def _grid_row(data: dict, cell: str, budget: float) -> dict | None:
+    return next((r for r in data["rows"] if r["cell"] == cell and r["budget"] == budget), None)
+
+
+def lm_grid(results: Path) -> str:
+    data = _load(results, "lm_grid.json")
+    s, ref = data["settings"], data["settings"]["reference"]
+    budgets = sorted({r["budget"] for r in data["rows"]}, reverse=True)
+    cells = [ref] + [c for c in dict.fromkeys(r["cell"] for r in data["rows"]) if c != ref]
+    dense = data["unpruned"]["perplexity"]
+    lines = [f"SmolLM2-135M on held-out movie reviews: {s['eval_blocks']} blocks of {s['block']} tokens "
+             f"calibration never saw; {s['calibration_blocks']} calibration blocks; unpruned perplexity "
+             f"{dense['value']:.1f} [{dense['ci95'][0]:.1f}, {dense['ci95'][1]:.1f}]. Each entry: perplexity, then "
+             f"its ratio to `{ref}` on the same blocks [paired 95% bootstrap interval] (below 1: better than "
+             f"`{ref}`); `{ref}`'s own entries give its ratio to the unpruned model.", "",
+             "| which neurons, how repaired | " + " | ".join(str(b) for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for cell in cells:
+        entries = []
+        for b in budgets:
+            row = _grid_row(data, cell, b)
+            if row is None:
+                entries.append("")
+                continue
+            paired = row.get("vs_reference") if cell != ref else row["vs_unpruned"]
+            what = "" if paired is None else (f" (x{paired['ratio']:.2f} [{paired['ci95'][0]:.2f}, "
+                                              f"{paired['ci95'][1]:.2f}]" + (" of unpruned)" if cell == ref else ")"))
+            entries.append(f"{row['perplexity']['value']:,.1f}{what}")
+        lines.append(f"| {_grid_label(cell)} | " + " | ".join(entries) + " |")
+    errors = [(r["cell"], r["budget"], r["layer_errors"]) for r in data["rows"] if r.get("layer_errors")]
+    if errors:
+        lines += ["", "Relative error each pruned layer leaves in its output on the calibration tokens, mean over "
+                  "layers, before -> after the repair: " + "; ".join(
+                      f"`{c}` at {b}: {sum(e[0] for e in errs) / len(errs):.3f} -> {sum(e[1] for e in errs) / len(errs):.3f}"
+                      for c, b, errs in errors) + "."]
+    own = [r for r in data["rows"] if r["cell"] == ref and not r.get("reused")]
+    if own:
+        first = own[0]
+        total = first["seconds"]["scoring"] + first["seconds"]["prune"]
+        lines += ["", f"`{ref}`'s whole run at {first['budget']} (activation statistics, selection, refit, "
+                  f"slicing): {total:.0f} s, {_state(data['environment'])} (goal: under 3 minutes on two idle "
+                  "cores; " + ("met in this run" if total < 180 else "not met in this run") + ")."]
+    lines += ["", f"Command: `{s['command']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def lm_default(results: Path) -> str:
+    data = _load(results, "lm_grid.json")
+    ref = data["settings"]["reference"]
+    parts = []
+    for b in sorted({r["budget"] for r in data["rows"]}, reverse=True):
+        mine, flap = _grid_row(data, ref, b), _grid_row(data, "flap", b)
+        if mine and flap and flap.get("vs_reference"):
+            p = flap["vs_reference"]
+            parts.append(f"{b}: {mine['perplexity']['value']:.1f} against FLAP's {flap['perplexity']['value']:.1f} "
+                         f"(FLAP / ours x{p['ratio']:.2f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}])")
+    dense = data["unpruned"]["perplexity"]["value"]
+    return (f"Held-out perplexity on the LM demo (unpruned {dense:.1f}, {data['settings']['eval_blocks']} blocks, "
+            "paired over the same blocks) at relative FLOPs " + "; ".join(parts) + ".\n")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "engine": engine, "r2_options": r2_options, "speed": speed, "lm": lm, "lm_speed": lm_speed,
     "r2_lm": r2_lm, "r2_memory": r2_memory, "mpnet": mpnet, "app_browser": app_browser,
-    "chart_draw": chart_draw, "headline": headline,
+    "chart_draw": chart_draw, "headline": headline, "lm_grid": lm_grid, "lm_default": lm_default,
     "quality": _quality("quality", (0.6,)),
     "quality-fine-foods": _quality("quality-fine-foods", (0.6, 0.5)),
     "quality-hedge": _quality("quality-hedge", (0.6, 0.5)),
 }
 
 
-# Which file holds which blocks: README.md the headline, benchmarks/README.md all the others.
-PLACES = {"README.md": ("headline",),
-          "benchmarks/README.md": tuple(name for name in BLOCKS if name != "headline")}
+# Which file holds which blocks: README.md the headline and the LM default's two sentences,
+# benchmarks/README.md all the others.
+PLACES = {"README.md": ("headline", "lm_default"),
+          "benchmarks/README.md": tuple(name for name in BLOCKS if name not in ("headline", "lm_default"))}
 
 
 # --------------------------------------------------------------------------- rewriting

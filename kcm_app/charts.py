@@ -244,6 +244,11 @@ def paired_frame(results: Iterable[Any], reference: str, labels: Any = None, see
 BUDGET_OPTIONS = [round(0.05 * i, 2) for i in range(1, 21)]
 
 
+# A language model whose perplexity exceeds this many times the unpruned one is "collapsed": its numbers
+# and text are noise, and the page says so in words (a comparison chart's axis stops there too).
+COLLAPSED_RATIO = 100.0
+
+
 def budget_grid(floor: float, points: int = 5, top: float = 0.9) -> list[float]:
     """Evenly spaced budgets from just above the floor to ``top``, rounded to 0.05 and unique."""
     low = min(top, np.ceil((floor + 0.02) * 20) / 20)

@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 
 from kcm_core.flops import BLOCK_LABELS
 
-from .charts import Density
+from .charts import COLLAPSED_RATIO, Density
 from .theme import (BLOCK_COLORS, DROPPED_COLOR, HULL_COLOR, KEPT_COLOR, METHOD_COLORS, SCORE_COLORS,
                     base_layout, method_label)
 
@@ -260,4 +260,10 @@ def comparison_lm(frame: pd.DataFrame, dense_perplexity: float | None, current: 
                                     xaxis_title="relative FLOPs (% of the unpruned decoder layers' MACs)",
                                     yaxis_title="held-out perplexity (log scale)", height=430))
     fig.update_yaxes(type="log")
+    if dense_perplexity is not None and len(frame) and frame["accuracy"].max() > COLLAPSED_RATIO * dense_perplexity:
+        # the axis stops at "collapsed" (100 x unpruned): points above it are drawn at its edge, said so
+        top = COLLAPSED_RATIO * dense_perplexity
+        fig.update_yaxes(range=[np.log10(min(frame["acc_low"].min(), dense_perplexity) * 0.9), np.log10(top)])
+        fig.add_hline(y=top, line_color="#AA3377", line_dash="dot",
+                      annotation_text=f"collapsed (over {COLLAPSED_RATIO:.0f} x unpruned): cut off")
     return fig

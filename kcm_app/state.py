@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
 
-from kcm_core.methods import DEFAULT_METHOD, METHODS
+from kcm_core.methods import DEFAULT_METHOD, METHODS, default_method
 from kcm_core.repair import REPAIRS
 
 from . import navigation
@@ -67,6 +67,7 @@ LOAD_ERROR = "_load_error"       # why the sidebar's model or data did not load 
 STOPPED = "_stopped"             # the budget key whose evaluation the user stopped (not started again by itself)
 EXPORTED = "_exported"           # the last export this session wrote: (folder, files, what to say), kept across reruns
 BUDGET_CHOSEN = "_budget_chosen"  # a link or the user set the budget (else it follows the model kind's default)
+METHOD_CHOSEN = "_method_chosen"  # a link or the user set the method (else it follows the model kind's default)
 
 # Widget keys: the view's widgets, each copied into its persistent value on change ...
 W_BUDGET, W_METHOD, W_MULTIPLE, W_REPAIR = "w_budget", "w_method", "w_multiple", "w_repair"
@@ -184,6 +185,8 @@ def initialise(values: Mapping[str, Any], notices: list[str] | tuple = ()) -> No
         session.setdefault(key, value)
     if values.get(BUDGET, DEFAULTS.budget) != DEFAULTS.budget:
         session[BUDGET_CHOSEN] = True
+    if values.get(METHOD, DEFAULTS.method) != DEFAULTS.method:
+        session[METHOD_CHOSEN] = True
     for notice in notices:
         add_notice(notice)
     session[INITIALISED] = True
@@ -240,11 +243,14 @@ def workspace() -> Workspace | None:
 
 
 def set_workspace(ws: Workspace | None) -> None:
-    """The loaded model; a budget nobody chose follows the model kind's default (``default_budget``)."""
+    """The loaded model; a budget or method nobody chose follows the model kind's default
+    (``default_budget``, ``kcm_core.methods.default_method``)."""
     session = _session()
     session[WORKSPACE] = ws
     if ws is not None and not session.get(BUDGET_CHOSEN):
         session[BUDGET] = default_budget(ws.is_lm)
+    if ws is not None and not session.get(METHOD_CHOSEN):
+        session[METHOD] = default_method(ws.is_lm)
 
 
 def evaluator():
@@ -349,8 +355,8 @@ def copy_widget(widget_key: str, key: str) -> None:
     """on_change callback: a widget's value becomes the persistent session value."""
     session = _session()
     session[key] = session[widget_key]
-    if key == BUDGET:
-        session[BUDGET_CHOSEN] = True
+    if key in (BUDGET, METHOD):
+        session[BUDGET_CHOSEN if key == BUDGET else METHOD_CHOSEN] = True
 
 
 def mark_entry() -> None:

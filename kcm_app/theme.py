@@ -19,6 +19,7 @@ METHOD_COLORS: dict[str, str] = {
     "kcm-labels": "#009E73",
     "wanda-sp": "#8C564B",
     "flap": "#332288",
+    "fluct-refit": "#117733",
     "dense": "#000000",
 }
 

@@ -9,6 +9,7 @@ from . import scores as S
 from .hull import HullConfig
 from .methods import DEFAULT_METHOD, method
 from .repair import RepairConfig
+from .runtime import take_sequences
 from .scaling import ScaleConfig
 from .select import ALLOCATIONS
 
@@ -19,7 +20,9 @@ class PruneConfig:
 
     seq_len: the sequence length the FLOPs budget is counted at; None means the average real length
         of the unlabeled sample (the paper uses each task's average length).
-    scale_samples: how many of the unlabeled sequences the scaling step (any repair) uses.
+    scale_samples: how many of the unlabeled sequences the scaling step (and every repair but refit) uses.
+    refit_samples: how many the refit repair uses (None: all of them); it fits k x d numbers per layer,
+        so it needs more tokens than one scale per neuron (see ``repair_sample``).
     repair: how the kept neurons make up for the dropped ones (``kcm_core.repair``); "auto" kinds
         mean the method's own.
     allocation: how the budget is spread over layers (``kcm_core.select``).
@@ -34,6 +37,7 @@ class PruneConfig:
     d2: S.D2Config = S.D2Config()
     scale: ScaleConfig = ScaleConfig()
     scale_samples: int = 512
+    refit_samples: int | None = None
     label_samples: int | None = 512
     multiple: int = 1
     min_per_layer: int = 0
@@ -51,6 +55,8 @@ class PruneConfig:
             raise ValueError(f"seq_len must be > 0, got {self.seq_len}")
         if not (isinstance(self.scale_samples, int) and self.scale_samples >= 1):
             raise ValueError(f"scale_samples must be a positive integer, got {self.scale_samples!r}")
+        if self.refit_samples is not None and not (isinstance(self.refit_samples, int) and self.refit_samples >= 1):
+            raise ValueError(f"refit_samples must be a positive integer or None, got {self.refit_samples!r}")
         if self.label_samples is not None and not self.label_samples >= 1:
             raise ValueError(f"label_samples must be a positive integer, got {self.label_samples!r}")
 
@@ -66,3 +72,9 @@ class PruneConfig:
     def resolved_repair(self) -> RepairConfig:
         """The repair actually run: ``auto`` replaced by the method's own."""
         return self.repair.resolved(method(self.method).own_repair)
+
+    def repair_sample(self, unlabeled):
+        """The unlabeled batches the repair step fits on: ``refit_samples`` sequences (all by default)
+        for refit, ``scale_samples`` for the others."""
+        count = self.refit_samples if self.resolved_repair.kind == "refit" else self.scale_samples
+        return take_sequences(unlabeled, count)

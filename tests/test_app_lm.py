@@ -160,3 +160,20 @@ def test_a_restarted_server_reads_a_language_models_budget_from_disk(app, monkey
     at = app("pages/5_prune.py", budget="0.9", method="flap")
     assert not at.exception, [e.value for e in at.exception]
     assert metric(at, "Perplexity") == ppl
+
+
+def test_the_default_lm_export_with_uniform_widths_loads_with_stock_transformers(app, tmp_path):
+    import transformers as T
+    at = app("pages/6_export.py", budget="0.9")
+    assert at.session_state[state.METHOD] == "fluct-refit"            # the language-model default
+    out = tmp_path / "uniform"
+    at.text_input(key="export_dir").set_value(str(out))
+    at.checkbox(key="export_uniform").check().run()
+    at.button(key="export_go").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"]["name"] == "fluct-refit" and report["repair"]["kind"] == "refit"
+    widths = report["neurons"]["kept_per_layer"]
+    assert len(set(widths)) == 1
+    model = T.AutoModelForCausalLM.from_pretrained(out)                  # no project code
+    assert model.config.intermediate_size == widths[0]

@@ -495,3 +495,18 @@ def test_background_work_that_is_not_stopped_runs_every_step():
     work = Precompute([Step("a", lambda p: p("half", 0.5)), Step("b", lambda p: None)])
     work.run()
     assert work.finished == ["a", "b"] and work.stopped == [] and work.done
+
+
+def test_the_lm_comparison_axis_stops_at_collapsed_and_says_so():
+    import numpy as np
+    import pandas as pd
+    from kcm_app import charts, figures
+    frame = pd.DataFrame({"method": ["kcm", "kcm", "flap"], "relative_flops": [0.9, 0.6, 0.9],
+                          "accuracy": [80.0, 1e60, 77.0], "acc_low": [70.0, 1e59, 70.0],
+                          "acc_high": [90.0, 1e61, 85.0], "seeds": [1, 1, 1]})
+    fig = figures.comparison_lm(frame, 64.0, 0.9)
+    top = np.log10(charts.COLLAPSED_RATIO * 64.0)
+    assert fig.layout.yaxis.range[1] == top and fig.layout.yaxis.range[0] < np.log10(64.0)
+    assert any("collapsed" in (a.text or "") for a in fig.layout.annotations)
+    calm = figures.comparison_lm(frame[frame["accuracy"] < 1e3], 64.0, 0.9)
+    assert calm.layout.yaxis.range is None

@@ -102,7 +102,7 @@ def reference(ws: Workspace, store: SharedStore, progress: Progress | None = Non
     return reference_run(ws, store, progress)[0]
 
 
-def teacher(ws: Workspace, scale_samples: int, store: SharedStore,
+def teacher(ws: Workspace, scale_samples: int | None, store: SharedStore,
             progress: Progress | None = None) -> tuple[list[Batch], list[torch.Tensor]]:
     """The scaling sample and the unpruned model's FFN outputs on it (computed once)."""
     batches = take_sequences(ws.unlabeled, scale_samples)
@@ -148,10 +148,11 @@ def scaled_plan(ws: Workspace, scores: MethodScores, config: PruneConfig, store:
     plan = make_plan(ws.model, scores, config, ws.seq_len)
     repair = config.resolved_repair
     if repair.kind != "none":
-        if repair.target == "teacher" and repair.kind != "bias":
-            batches, targets = teacher(ws, config.scale_samples, store, progress)
+        if repair.target == "teacher" and repair.kind != "bias":     # the teacher's outputs, stored once
+            count = config.refit_samples if repair.kind == "refit" else config.scale_samples
+            batches, targets = teacher(ws, count, store, progress)
         else:
-            batches, targets = take_sequences(ws.unlabeled, config.scale_samples), None
+            batches, targets = config.repair_sample(ws.unlabeled), None
         means = scores.means
         if means is None and repair.kind == "bias" and repair.target == "teacher":
             means = list(neuron_stats(ws, store, progress).mean)

@@ -59,8 +59,8 @@ def page() -> None:
     body(ws, *controls())
 
 
-def controls() -> tuple[str, list[str], bool, bool]:
-    """Output folder, formats, overwrite, and whether 'Prune and save' was pressed."""
+def controls() -> tuple[str, list[str], bool, bool, bool]:
+    """Output folder, formats, overwrite, uniform widths, and whether 'Prune and save' was pressed."""
     left, mid, right = st.columns([3, 2, 1])
     out_dir = left.text_input("Output folder", f"out/kcm-{state.method()}-{state.budget():.2f}", key="export_dir",
                               help="Created on this machine; refused if it exists unless you tick Overwrite")
@@ -69,9 +69,13 @@ def controls() -> tuple[str, list[str], bool, bool]:
                                    "onnx: loads anywhere")
     overwrite = right.checkbox("Overwrite", key="export_overwrite",
                                help="Replace an existing folder, only if it holds an earlier export")
+    uniform = right.checkbox("Uniform widths", key="export_uniform",
+                             help="Every layer keeps the same number of neurons, so stock transformers "
+                                  "(AutoModelForCausalLM, AutoModelForSequenceClassification) loads the export "
+                                  "with no project code; per-layer widths need kcm_core.load_pruned")
     go = st.button("Prune and save", type="primary", key="export_go",
                    help="Slices the model physically, saves it, reloads it to check, and offers a zip")
-    return out_dir, formats, overwrite, go
+    return out_dir, formats, overwrite, uniform, go
 
 
 def export_target(out_dir: str) -> Path | None:
@@ -87,14 +91,15 @@ def export_target(out_dir: str) -> Path | None:
     return target
 
 
-def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, go: bool) -> None:
+def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, uniform: bool, go: bool) -> None:
     target = export_target(out_dir)
     if ws.streamed:
         layerwise_body(ws, target, formats, overwrite, go)
         return
-    config = ui.prune_config()
+    config = ui.prune_config(uniform=uniform)
     store = resources.store("results")
-    st.markdown(f"**{METHODS[config.method].label}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page).")
+    st.markdown(f"**{METHODS[config.method].label}** at **{config.budget:.2f}** relative FLOPs (set on the Prune page)"
+                + (", every layer the same width." if uniform else "."))
     with ui.progress("Preparing the plan") as bar, ui.core_errors():
         result = engine.evaluate_budget(ws, config, store, bar)
         accuracy = engine.reference(ws, store).accuracy if ws.eval_batches is not None and not ws.is_lm else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from kcm_core.evaluate import labels_of
-from kcm_core.methods import METHODS
+from kcm_core.methods import METHODS, default_method
 
 from .. import background, charts, engine, figures, live, resources, state, theme, ui
 from ..engine import Workspace
@@ -86,9 +86,10 @@ def compare_controls(ws: Workspace) -> tuple[list[str], list[float], bool]:
 
 def default_methods(options: list[str], lm: bool = False) -> list[str]:
     """The comparison's default lines: KCM against weight magnitude, random, and (with labels)
-    Mask-Tuning; for a language model KCM against the LLM baselines Wanda-sp and FLAP. The other
-    methods can be added."""
-    wanted = ("kcm", "wanda-sp", "flap") if lm else ("kcm", "weight-magnitude", "random", "mask-tuning")
+    Mask-Tuning; for a language model its default (fluctuation + refit) against the paper's KCM and
+    the LLM baselines Wanda-sp and FLAP. The other methods can be added."""
+    wanted = (("fluct-refit", "kcm", "wanda-sp", "flap") if lm
+              else ("kcm", "weight-magnitude", "random", "mask-tuning"))
     return [m for m in wanted if m in options]
 
 
@@ -244,8 +245,9 @@ def lm_readouts(ws: Workspace, slow: engine.BudgetResult, store) -> None:
     ppl, agr, kl = slow.perplexity, slow.agreement, slow.kl
     cols = st.columns(3)
     lo, hi = ppl["ci95"]
-    cols[0].metric("Perplexity", f"{ppl['value']:,.2f}", f"{ppl['value'] / dense.value - 1:+.1%}",
-                   delta_color="inverse",
+    collapsed = ppl["value"] > charts.COLLAPSED_RATIO * dense.value
+    cols[0].metric("Perplexity", "collapsed" if collapsed else f"{ppl['value']:,.2f}",
+                   None if collapsed else f"{ppl['value'] / dense.value - 1:+.1%}", delta_color="inverse",
                    help=f"Held-out perplexity of the sliced model, 95% interval {lo:,.2f} to {hi:,.2f} over "
                         f"{ppl['n']} blocks; unpruned {dense.value:,.2f}")
     cols[1].metric("Agreement with unpruned", _pct(agr["value"]),
@@ -253,6 +255,10 @@ def lm_readouts(ws: Workspace, slow: engine.BudgetResult, store) -> None:
                         "unpruned model's")
     cols[2].metric("KL from unpruned", f"{kl['value']:.3f} nats",
                    help="Mean KL(unpruned || pruned) of the next-token distributions, per token")
+    if collapsed:
+        st.warning(f"The pruned model has collapsed: its perplexity is {ppl['value'] / dense.value:,.0f} times the "
+                   "unpruned model's, so its text is noise. Keep more FLOPs, or try another method or repair "
+                   "(the comparison below shows where each one breaks).")
     st.caption(f"Perplexity {ppl['value']:,.2f} (95% interval {lo:,.2f} to {hi:,.2f}) against "
                f"{dense.value:,.2f} unpruned ({dense.low:,.2f} to {dense.high:,.2f}) on {ws.info.eval_source}; "
                + (f"paired ratio x{slow.paired.ratio:.2f} [{slow.paired.low:.2f}, {slow.paired.high:.2f}]."
@@ -353,7 +359,8 @@ def paired_view(ws: Workspace, methods: list[str], results: list[engine.BudgetRe
     if len(methods) < 2:
         st.caption("Choose two or more methods to see their paired differences.")
         return
-    reference = st.selectbox("Reference method", methods, index=methods.index("kcm") if "kcm" in methods else 0,
+    default = default_method(ws.is_lm)
+    reference = st.selectbox("Reference method", methods, index=methods.index(default) if default in methods else 0,
                              format_func=theme.method_label, key="compare_reference",
                              help="Every other method is compared with this one on the same examples")
     labels = None if ws.is_lm else labels_of(ws.eval_batches)

@@ -12,14 +12,13 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 from ..hull import STOP_RULES
 from .common import (CLASSIFIER_SAMPLES, DEMO, StderrProgress, check_output, export_formats, json_out, limit,
                      load_data, refuse_images, resolve_model_path, source_paths, write_pruned)
-from .lm import LM_SCALE_BLOCKS, evaluate_lm_command, is_causal_lm, prune_lm
+from .lm import evaluate_lm_command, is_causal_lm, lm_config, prune_lm
 
 # --------------------------------------------------------------------------- commands
 
@@ -43,13 +42,14 @@ def cmd_flops(args) -> dict:
 
 
 def _prune_config(args):
+    from ..config import PruneConfig
     from ..hull import HullConfig
-    from ..pipeline import PruneConfig
+    from ..methods import DEFAULT_METHOD
     from ..repair import RepairConfig
     from ..scaling import ScaleConfig
     from ..scores import D2Config
     return PruneConfig(
-        method=args.method, budget=args.flops, seq_len=args.seq_len, seed=args.seed,
+        method=args.method or DEFAULT_METHOD, budget=args.flops, seq_len=args.seq_len, seed=args.seed,
         hull=HullConfig(sigma=args.sigma, sigma_mode=args.sigma_mode, alpha=args.alpha,
                         stop_rule=args.stop_rule, max_iter=args.max_iter, rank_tol=args.rank_tol,
                         top_share=args.top_share),
@@ -99,7 +99,7 @@ def _prune(args, group) -> dict | None:
     times["load"] = time.perf_counter() - start
     refuse_images(model)
     if is_causal_lm(model):
-        config = replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)
+        config = lm_config(config, args)
         return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress, group=group)
     if args.samples is None:
         args.samples = CLASSIFIER_SAMPLES
@@ -292,7 +292,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..methods import METHODS
-    from ..methods import DEFAULT_METHOD
+    from ..methods import DEFAULT_LM_METHOD, DEFAULT_METHOD
     from ..repair import REPAIRS, TARGETS
     from ..select import ALLOCATIONS
     parser = _Parser(prog="python -m kcm_core", description=__doc__,
@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder, hub id, or 'demo'")
     _add_data_args(p)
     p.add_argument("--flops", type=float, required=True, help="fraction of FLOPs to keep, e.g. 0.6")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS),
-                   help=f"which neurons to keep (default {DEFAULT_METHOD}; 'kcm' is the paper's exact recipe)")
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help=f"which neurons to keep (default: {DEFAULT_METHOD}, the paper's exact KCM, for a "
+                        f"classifier; {DEFAULT_LM_METHOD} for a causal language model)")
     p.add_argument("--repair", default="auto", choices=["auto", *REPAIRS],
                    help="how the kept neurons make up for the dropped ones (default: the method's own)")
     p.add_argument("--repair-target", default="auto", choices=["auto", *TARGETS],

@@ -9,9 +9,11 @@ evaluate on); other sources are split by document in half when no ``--eval-data`
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..distributed import SINGLE, Group
+from ..methods import DEFAULT_LM_METHOD
 from .common import DEMO_LM, write_pruned
 
 CALIBRATION_BLOCKS = 32        # --samples default for language models: 8,192 tokens at block size 256
@@ -108,3 +110,10 @@ def evaluate_lm_command(args, model, tokenizer, progress) -> dict:
     result = evaluate_lm(model, batches, seed=args.seed, progress=progress)
     return {"model": args.model, "data": docs.source, "blocks": result.perplexity.n,
             "block_size": args.block_size, **result.to_dict()}
+
+
+def lm_config(config, args):
+    """A causal LM's configuration: its default method unless one was named, and its scaling sample."""
+    if args.method is None:
+        config = replace(config, method=DEFAULT_LM_METHOD)
+    return replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 NOT_EVALUATED = ("not evaluated: --stream never holds the whole model; run `python -m kcm_core evaluate` "
@@ -29,7 +28,7 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
     from .. import data as D
     from ..arch import model_shape
     from .common import CLASSIFIER_SAMPLES, export_formats, limit, load_data, resolve_model_path, source_paths
-    from .lm import LM_SCALE_BLOCKS, blocks
+    from .lm import blocks, lm_config
     from ..flops import relative_flops
     from ..methods import method
     from ..models import fit_max_len, load_config, load_processor
@@ -57,7 +56,7 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
     tokenizer = load_processor(model_path, {"local_files_only": True}, vision=False)
     holder = _ConfigOnly(model_config)
     if shape.head == "lm":
-        config = replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)
+        config = lm_config(config, args)
         batches, _ = blocks(args, holder, tokenizer, progress)
         data = {"source": args.data, "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
                 "max_len": args.block_size, "seed": args.seed, "unit": "blocks"}

@@ -52,7 +52,7 @@ from ..pipeline import PruneConfig, resolve_seq_len
 from ..plan import KeepPlan
 from ..repair import RepairConfig, fit_repair
 from ..realise import give_mlp_biases, mask_copy, record_widths, slice_model
-from ..runtime import Batch, Progress, default_device, model_inputs, take_sequences, tell
+from ..runtime import Batch, Progress, default_device, model_inputs, tell
 from ..scaling import ScaleConfig, solve_layer, fold_scales, teacher_targets
 from ..select import select
 
@@ -303,7 +303,7 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
     count = len(sk.layers)
     repair = config.resolved_repair
     fitted = repair.kind not in ("none", "bias") or repair.target == "local"    # layer by layer on data
-    batches = take_sequences(unlabeled, config.scale_samples) if fitted else []
+    batches = config.repair_sample(unlabeled) if fitted else []
     probe = _probe(sk)
     outside = sk.load_outside_layers(head=False)
     teacher = sk.layer_inputs(batches) if batches else []
