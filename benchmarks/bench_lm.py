@@ -50,6 +50,20 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def load_demo(eval_blocks: int, calibration_blocks: int = CALIBRATION_BLOCKS):
+    """The LM demo's model and tokenizer, its calibration blocks and ``eval_blocks`` held-out blocks
+    (batches of 4 blocks of ``BLOCK`` tokens); None, said on stderr, when the demo is not prepared."""
+    summary = demo_lm.stored_summary()
+    if summary is None:
+        log("the LM demo is not prepared: python -m kcm_core demo prepare lm")
+        return None
+    model, tokenizer = load_model(summary["model_dir"], device="cpu")
+    calibration, evaluation = split_blocks(demo_lm.load_lm_split("calibration"), demo_lm.load_lm_split("evaluation"),
+                                           tokenizer, BLOCK, calibration_blocks=calibration_blocks,
+                                           evaluation_blocks=eval_blocks, batch_size=4)
+    return model, tokenizer, calibration, evaluation
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHOD_NAMES))
@@ -70,16 +84,12 @@ def main() -> int:
     for name in methods:
         method(name)
     budgets = [float(b) for b in args.budgets.split(",")]
-    summary = demo_lm.stored_summary()
-    if summary is None:
-        log("the LM demo is not prepared: python -m kcm_core demo prepare lm")
-        return 2
     load_before = os.getloadavg()
     started = time.perf_counter()
-    model, tokenizer = load_model(summary["model_dir"], device="cpu")
-    calibration, evaluation = split_blocks(demo_lm.load_lm_split("calibration"), demo_lm.load_lm_split("evaluation"),
-                                           tokenizer, BLOCK, calibration_blocks=CALIBRATION_BLOCKS,
-                                           evaluation_blocks=args.eval_blocks, batch_size=4)
+    loaded = load_demo(args.eval_blocks)
+    if loaded is None:
+        return 2
+    model, tokenizer, calibration, evaluation = loaded
     shape = model_shape(model.config)
     seq_len = resolve_seq_len(shape, calibration, None)
     log("unpruned perplexity")

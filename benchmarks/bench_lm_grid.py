@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kcm_core.demos import lm as demo_lm  # noqa: E402
 from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
-from kcm_core.lm import BlockStats, evaluate_lm, paired_perplexity, split_blocks  # noqa: E402
-from kcm_core.models import load_model  # noqa: E402
+from kcm_core.lm import BlockStats, evaluate_lm, paired_perplexity  # noqa: E402
 from kcm_core.methods import DEFAULT_LM_METHOD, METHODS  # noqa: E402
 from kcm_core.pipeline import PruneConfig, compute_scores, prune, resolve_seq_len  # noqa: E402
 from kcm_core.repair import RepairConfig  # noqa: E402
+from bench_lm import load_demo  # noqa: E402
 from common import machine_line, run_environment, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,17 +85,13 @@ def main() -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     for c in cells:
         cell_config(c, budgets[0])           # refuse a bad cell before any work
-    summary = demo_lm.stored_summary()
-    if summary is None:
-        log("the LM demo is not prepared: python -m kcm_core demo prepare lm")
-        return 2
     load_before = os.getloadavg()
     started = time.perf_counter()
     torch.manual_seed(0)
-    model, tokenizer = load_model(summary["model_dir"], device="cpu")
-    calibration, evaluation = split_blocks(demo_lm.load_lm_split("calibration"), demo_lm.load_lm_split("evaluation"),
-                                           tokenizer, BLOCK, calibration_blocks=CALIBRATION_BLOCKS,
-                                           evaluation_blocks=args.eval_blocks, batch_size=4)
+    loaded = load_demo(args.eval_blocks, CALIBRATION_BLOCKS)
+    if loaded is None:
+        return 2
+    model, _, calibration, evaluation = loaded
     seq_len = resolve_seq_len(model_shape(model.config), calibration, None)
     log("unpruned perplexity")
     dense = evaluate_lm(model, evaluation)

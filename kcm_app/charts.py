@@ -1,7 +1,9 @@
 """Chart data as plain DataFrames: what every figure shows, computed without Streamlit or Plotly."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -254,3 +256,20 @@ def budget_grid(floor: float, points: int = 5, top: float = 0.9) -> list[float]:
     low = min(top, np.ceil((floor + 0.02) * 20) / 20)
     grid = np.linspace(low, top, points)
     return sorted({round(float(np.round(g * 20) / 20), 2) for g in grid})
+
+
+LM_GRID_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "lm_grid.json"
+
+
+def lm_default_frame(path: Path = LM_GRID_RESULTS) -> tuple[pd.DataFrame, float] | None:
+    """The measured LM-demo evidence for the language-model default (``benchmarks/bench_lm_grid.py``):
+    perplexity vs relative FLOPs of the methods run under their own recipes, in ``comparison_frame``'s
+    columns, and the unpruned perplexity; None when the results file is not there."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    rows = [{"method": r["cell"], "budget": r["budget"], "relative_flops": r["relative_flops"],
+             "accuracy": r["perplexity"]["value"], "acc_low": r["perplexity"]["ci95"][0],
+             "acc_high": r["perplexity"]["ci95"][1], "agreement": np.nan, "seeds": 1}
+            for r in data["rows"] if "/" not in r["cell"]]
+    return pd.DataFrame(rows).sort_values(["method", "relative_flops"]), data["unpruned"]["perplexity"]["value"]

@@ -177,3 +177,12 @@ def test_the_default_lm_export_with_uniform_widths_loads_with_stock_transformers
     assert len(set(widths)) == 1
     model = T.AutoModelForCausalLM.from_pretrained(out)                  # no project code
     assert model.config.intermediate_size == widths[0]
+
+
+def test_the_landing_page_says_what_the_language_model_default_adds_with_its_measurement(app):
+    from kcm_app import charts
+    at = app()
+    assert any("not the paper's KCM" in i.value for i in at.info)
+    frame, dense = charts.lm_default_frame()                     # the committed results file
+    assert {"fluct-refit", "flap"} <= set(frame["method"]) and dense > 1
+    assert any("Perplexity vs relative FLOPs" in c.proto.spec for c in at.get("plotly_chart"))

@@ -510,3 +510,20 @@ def test_the_lm_comparison_axis_stops_at_collapsed_and_says_so():
     assert any("collapsed" in (a.text or "") for a in fig.layout.annotations)
     calm = figures.comparison_lm(frame[frame["accuracy"] < 1e3], 64.0, 0.9)
     assert calm.layout.yaxis.range is None
+
+
+def test_the_estimated_speedup_of_a_language_model_counts_its_unpruned_head():
+    from types import SimpleNamespace
+    from conftest import tiny_config
+    from kcm_app.engine.readouts import estimated_speedup
+    from kcm_core.arch import model_shape
+    from kcm_core.flops import cost_report
+    config = tiny_config("llama")
+    config.architectures = ["LlamaForCausalLM"]         # as a saved causal LM's config says
+    shape = model_shape(config)
+    lm = SimpleNamespace(is_lm=True, shape=shape, seq_len=16.0)
+    report = cost_report(shape, 16.0)
+    expected = (report.encoder_macs + report.head_macs) / (0.8 * report.encoder_macs + report.head_macs)
+    assert report.head_macs > 0 and estimated_speedup(lm, 0.8) == pytest.approx(expected)
+    assert 1 < estimated_speedup(lm, 0.8) < 1 / 0.8
+    assert estimated_speedup(SimpleNamespace(is_lm=False, shape=shape, seq_len=16.0), 0.8) == pytest.approx(1.25)

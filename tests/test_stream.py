@@ -189,8 +189,11 @@ def test_prune_stream_on_the_command_line_writes_the_in_memory_plan(tmp_path, ca
     assert report["export"]["streamed"] is True and "not evaluated" in report["evaluation_note"]
     plans = [json.loads((tmp_path / name / "kcm_plan.json").read_text()) for name in ("memory", "streamed")]
     assert [l["keep_idx"] for l in plans[0]["layers"]] == [l["keep_idx"] for l in plans[1]["layers"]]
+    assert plans[0]["method"] == plans[1]["method"] == "fluct-refit"     # the language-model default
     for a, b in zip(plans[0]["layers"], plans[1]["layers"]):
-        assert torch.allclose(torch.tensor(a["scales"]), torch.tensor(b["scales"]), atol=1e-5, rtol=0)
+        assert (a["bias_shift"] is None) == (b["bias_shift"] is None)
+        if a["bias_shift"] is not None:
+            assert torch.allclose(torch.tensor(a["bias_shift"]), torch.tensor(b["bias_shift"]), atol=1e-5, rtol=0)
     ids = torch.randint(5, len(LM_WORDS), (2, 12), generator=torch.Generator().manual_seed(0))
     memory, streamed = load_model(tmp_path / "memory")[0], load_model(tmp_path / "streamed")[0]
     with torch.no_grad():

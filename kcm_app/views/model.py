@@ -71,10 +71,27 @@ def page() -> None:
     st.caption("This page shows the loaded model's architecture, where its data came from and how the "
                "unpruned model does.")
     st.markdown(loaded_line(ws))
+    if ws.is_lm:
+        lm_default_note()
     score_now = st.button("Score all neurons with KCM now", key="score_now",
                           help="Runs R2 (kernel hull on the weights) and D2 (activations on the sample) "
                                "once; every page reuses the result.")
     body(ws, score_now)
+
+
+def lm_default_note() -> None:
+    """Two sentences on what the language-model default adds to the paper, and the measurement."""
+    st.info("**For a language model the default is not the paper's KCM.** On the LM demo the paper's KCM "
+            "loses to FLAP at every budget (R2's scale depends on how long its fit ran, so pooled scores gut "
+            "a few layers); the default, *fluctuation + refit*, ranks neurons by FLAP's standardised score and "
+            "then refits every kept down-projection row to what the unpruned layer would output on the "
+            "pruned model's inputs (label-free least squares). The paper's KCM stays one choice away.")
+    found = charts.lm_default_frame()
+    if found is not None:
+        frame, dense = found
+        st.plotly_chart(figures.comparison_lm(frame, dense, None), key="model_lm_default")
+        st.caption("Measured on the LM demo: held-out perplexity by relative FLOPs "
+                   "(`benchmarks/results/lm_grid.json`, written by `benchmarks/bench_lm_grid.py`).")
 
 
 def body(ws: Workspace, score_now: bool) -> None:

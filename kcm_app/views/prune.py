@@ -104,8 +104,10 @@ def readouts(ws: Workspace) -> None:
     state.set_budget(state.clamp_budget(state.budget(), ws.floor))
     budget = st.slider("Relative FLOPs to keep", min_value=low, max_value=1.0, step=0.01, format="%.2f",
                        **state.persistent_widget(state.W_BUDGET),
-                       help="Fraction of the unpruned encoder's FLOPs the pruned model may use, counted at "
-                            f"the sample's mean length s = {ws.seq_len:g} tokens. Only FFN neurons are "
+                       help=f"Fraction of the unpruned {'decoder' if ws.is_lm else 'encoder'} layers' FLOPs the "
+                            f"pruned model may use, counted at "
+                            + (f"the block length s = {ws.seq_len:g} tokens" if ws.is_lm else
+                               f"the sample's mean length s = {ws.seq_len:g} tokens") + ". Only FFN neurons are "
                             f"pruned, so the floor is {ws.floor:.1%}.")
     config = ui.prune_config(budget=float(budget))
     store = resources.store("results")
@@ -127,7 +129,9 @@ def readouts(ws: Workspace) -> None:
                    delta_color="inverse", help="Exact count of the sliced model; the change is in percent of "
                                                "the unpruned model's parameters")
     cols[2].metric("Neurons pruned", _pct(fast.neurons_pruned))
-    cols[3].metric("Estimated speedup", f"{fast.estimated_speedup:.2f}x", help="1 / relative FLOPs")
+    cols[3].metric("Estimated speedup", f"{fast.estimated_speedup:.2f}x",
+                   help="Unpruned over pruned MACs: 1 / relative FLOPs, plus for a language model its "
+                        "unpruned head (hidden x vocabulary per token) on both sides")
     st.plotly_chart(figures.kept_per_layer(charts.kept_frame(fast.plan), config.method), key="prune_kept")
     if ui.layerwise_note(ws, "the pruned model's " + ("perplexity" if ws.is_lm else "accuracy") +
                          ", its measured speed and the method comparison (the export scales the kept neurons "
@@ -298,7 +302,8 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
     elif slow.agreement:
         lo, hi = slow.agreement["ci95"]
         parts.append(f"Agreement of the physically sliced model with the unpruned one on "
-                     f"{ws.info.eval_examples} held-out examples (95% interval {lo:.1%} to {hi:.1%}).")
+                     f"{ws.info.eval_examples} held-out {'blocks' if ws.is_lm else 'examples'} "
+                     f"(95% interval {lo:.1%} to {hi:.1%}).")
     info = slow.plan.info
     unit = "calibration blocks" if ws.is_lm else "unlabeled sequences"
     if info.repair in (None, "none"):

@@ -237,14 +237,7 @@ def _fit_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], teache
             return None, [], []
         scales = s.cpu().tolist()
         fold_scales(block, layer.keep_idx, s)        # as fit_scales does, for the next layer
-    next_student = []
-    if not last:
-        masked.feed(student)
-        with torch.no_grad():
-            for batch in batches:
-                masked(**model_inputs(batch, _device_of(masked)))
-        next_student = next_calls(student, masked.outputs)
-    return scales, next_teacher, next_student
+    return scales, next_teacher, [] if last else _next_student(masked, student, batches)
 
 
 def _repair_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], teacher: list[LayerCall],
@@ -260,15 +253,16 @@ def _repair_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], tea
     repaired = fit_repair(view.feed(student), plan, batches, repair, ridge=config.scale.ridge,
                           bound=config.scale.bound, targets=targets)
     view.feed([])
-    next_student = []
-    if not last:
-        masked = mask_copy(view, repaired)
-        masked.feed(student)
-        with torch.no_grad():
-            for batch in batches:
-                masked(**model_inputs(batch, _device_of(masked)))
-        next_student = next_calls(student, masked.outputs)
-    return repaired, next_teacher, next_student
+    return repaired, next_teacher, [] if last else _next_student(mask_copy(view, repaired), student, batches)
+
+
+def _next_student(masked, student: list[LayerCall], batches: Sequence[Batch]) -> list[LayerCall]:
+    """The next layer's student calls: this layer's pruned and repaired copy run on its student calls."""
+    masked.feed(student)
+    with torch.no_grad():
+        for batch in batches:
+            masked(**model_inputs(batch, _device_of(masked)))
+    return next_calls(student, masked.outputs)
 
 
 def _device_of(model) -> torch.device:
