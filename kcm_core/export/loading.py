@@ -47,7 +47,7 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device | None = Non
         else:
             model = _load_stock(folder, cls)
     if dtype is not None:
-        model = model.to(dtype)
+        cast_parameters(model, dtype)
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -108,9 +108,21 @@ def _load_sliced(folder: Path, config, cls: type) -> nn.Module:
     state = _read_safetensors(folder)
     floats = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(floats) == 1:
-        model = model.to(floats.pop())
+        cast_parameters(model, floats.pop())
     _load_state_strict(model, state, folder)
     return model
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating parameters to ``dtype`` in place, leaving its buffers as they are.
+
+    ``from_pretrained`` does the same: rotary models keep ``inv_freq`` (and their cos/sin tables) in
+    float32 whatever the weights' dtype. ``model.to(bfloat16)`` would round them too, and the reloaded
+    model would drift from the one that was exported, more with every position.
+    """
+    for param in model.parameters():            # each Parameter once: tied weights stay tied
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
