@@ -76,8 +76,7 @@ def model_path(choice: ModelChoice, progress: Progress | None = None) -> str:
     if choice.kind == "demo-lm":
         return str(lm_demo_summary(progress)["model_dir"])
     if choice.kind == "hub":
-        server.check_hub("model")
-        return choice.ref.strip()
+        return server.hub_ref(choice.ref, "model")
     return server.confine(choice.ref, "model folder")
 
 
@@ -85,8 +84,7 @@ def data_source(choice: DataChoice) -> str:
     """The file or hub name to read for ``choice``, checked like ``model_path`` (uploads must be
     files this server process wrote into its private upload folder)."""
     if choice.kind == "hub":
-        server.check_hub("dataset")
-        return choice.ref.strip()
+        return server.hub_ref(choice.ref, "dataset")
     if choice.kind == "upload":
         server.check_uploads()
         if server.settings().shared and not is_upload(choice.ref.strip()):

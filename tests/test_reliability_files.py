@@ -483,6 +483,35 @@ def test_an_upload_ref_must_be_this_servers_upload(tmp_path, monkeypatch):
     assert resources.data_source(DataChoice("upload", str(mine))) == str(mine)
 
 
+@pytest.mark.parametrize("ref", ["/etc", "/etc/passwd", "../outside/model", "~/.ssh", "outside/data.csv",
+                                 "outside", "kcm_core", "data.csv"])
+def test_a_shared_hub_reference_never_resolves_on_this_machine(tmp_path, monkeypatch, ref):
+    """Issue 23 (1): with the hub on, a "hub id" or "hub dataset" was tried as a local path first
+    (``from_pretrained``, ``load_dataset``, ``load_text_data``), so it read any folder or file the server
+    could, past the roots. In shared mode it must be a hub id naming nothing here; refused before any read."""
+    from kcm_app import resources
+    from kcm_app.sources import ModelChoice
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "data.csv").write_text("text\nhi\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kcm_core").mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    for name, value in {"KCM_SHARED_SERVER": "1", "KCM_ALLOWED_ROOTS": str(root), "KCM_ALLOW_HUB": "1"}.items():
+        monkeypatch.setenv(name, value)
+    message = f"hub models must be given as a hub id (name or owner/name) on this shared server; {ref!r} is not one"
+    with pytest.raises(ValueError) as err:
+        resources.model_path(ModelChoice("hub", ref))
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match="hub datasets must be given as a hub id"):
+        resources.data_source(DataChoice("hub", ref))
+    # real hub ids pass; outside shared mode any reference passes as before
+    assert resources.model_path(ModelChoice("hub", " openai-community/gpt2 ")) == "openai-community/gpt2"
+    assert resources.data_source(DataChoice("hub", "stanfordnlp/imdb")) == "stanfordnlp/imdb"
+    monkeypatch.setenv("KCM_SHARED_SERVER", "0")
+    assert resources.model_path(ModelChoice("hub", ref)) == ref
+
+
 # --------------------------------------------------------------------------- uploads
 
 def test_uploads_go_to_a_private_folder_with_private_files(monkeypatch):
