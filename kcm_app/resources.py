@@ -77,7 +77,7 @@ def model_path(choice: ModelChoice, progress: Progress | None = None) -> str:
         return str(lm_demo_summary(progress)["model_dir"])
     if choice.kind == "hub":
         return server.hub_ref(choice.ref, "model")
-    return server.confine(choice.ref, "model folder")
+    return server.confine_folder(choice.ref, "model folder")
 
 
 def data_source(choice: DataChoice) -> str:

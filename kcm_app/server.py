@@ -125,6 +125,25 @@ def check_hub(what: str, config: ServerSettings | None = None) -> None:
                          f"{_alternatives(config)}")
 
 
+def confine_folder(ref: str, what: str, config: ServerSettings | None = None) -> str:
+    """``confine`` for a folder whose files are read (a model folder): shared, every file and folder in
+    it must resolve inside the roots too, so a link inside a root to a file outside it is refused."""
+    config = config or settings()
+    folder = confine(ref, what, config)
+    if not config.shared or ref.strip() in config.trusted or not Path(folder).is_dir():
+        return folder
+    for parent, dirs, files in os.walk(folder):        # links are listed, not followed
+        for name in dirs + files:
+            try:
+                inside = _inside((Path(parent) / name).resolve(), config.roots)
+            except (OSError, RuntimeError):             # a link loop
+                inside = False
+            if not inside:
+                raise ValueError(f"{what}s must lie inside {', '.join(str(r) for r in config.roots)} on this "
+                                 f"shared server; {ref.strip()!r} holds {name}, a link to somewhere else")
+    return folder
+
+
 def hub_ref(ref: str, what: str, config: ServerSettings | None = None) -> str:
     """The hub model id or dataset name to load for ``ref``, refused when the hub is turned off.
 

@@ -16,7 +16,6 @@ method table) sees a one-layer model, and its ``forward`` runs that layer on the
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +83,10 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.exists():
-            self.where: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+        from .export.loading import weight_map
+        where = weight_map(self.folder)        # checked: JSON, weight_map, shards inside and present
+        if where is not None:
+            self.where: dict[str, str] = where
         elif (self.folder / "model.safetensors").exists():
             with self._opened("model.safetensors") as f:
                 self.where = {key: "model.safetensors" for key in f.keys()}

@@ -221,6 +221,9 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
     for key, value in (config_updates or {}).items():
         setattr(config, key, value)
     location, is_local = _resolve(name_or_path)
+    if is_local:
+        from .export.loading import check_shard_indexes
+        check_shard_indexes(location)             # a bad index: one sentence naming it, not a KeyError
     kwargs = {"local_files_only": True} if is_local or hub_offline() else {}
     auto = getattr(transformers, TASKS[task])
     if torch_dtype is not None:  # None keeps transformers' own default

@@ -449,6 +449,33 @@ def test_a_link_inside_a_root_to_a_file_outside_is_refused(tmp_path):
     assert server.confine("sub/data.csv", "data file", config) == str(root.resolve() / "sub/data.csv")
 
 
+def test_a_model_folder_inside_a_root_whose_files_link_out_is_refused(tmp_path, monkeypatch):
+    """Issue 23 (4): the folder itself lay inside the root, so it was read, links and all."""
+    from kcm_app import resources
+    from kcm_app.sources import ModelChoice
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "model").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "model.safetensors").write_bytes(b"secret")
+    (root / "model" / "config.json").write_text("{}")
+    monkeypatch.setenv("KCM_SHARED_SERVER", "1")
+    monkeypatch.setenv("KCM_ALLOWED_ROOTS", str(root))
+    choice = ModelChoice("folder", "model")
+    assert resources.model_path(choice) == str(root.resolve() / "model")
+    (root / "model" / "model.safetensors").symlink_to(outside / "model.safetensors")
+    with pytest.raises(ValueError) as err:
+        resources.model_path(choice)
+    assert str(err.value) == (f"model folders must lie inside {root.resolve()} on this shared server; 'model' "
+                              "holds model.safetensors, a link to somewhere else")
+    (root / "model" / "model.safetensors").unlink()
+    (root / "model" / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match="holds sub, a link to somewhere else"):
+        resources.model_path(choice)
+    # a single user's folders (hub-cache snapshots are links into ../../blobs) are read as they are
+    monkeypatch.setenv("KCM_SHARED_SERVER", "0")
+    assert resources.model_path(ModelChoice("folder", str(root / "model"))) == str(root / "model")
+
+
 @pytest.mark.parametrize("env, call, message", [
     ({"KCM_ALLOWED_ROOTS": ""}, lambda c: server.confine("/x", "model folder", c),
      "model folders on this machine are turned off on this shared server"),

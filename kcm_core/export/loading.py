@@ -40,6 +40,7 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device | None = Non
         raise ValueError(f"{folder} has no config.json.{hint}")
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     cls = _model_class(config)
+    check_shard_indexes(folder)
     from ..models import quiet_transformers
     with quiet_transformers():
         if getattr(config, "kcm_ffn_widths", None):
@@ -125,15 +126,55 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def weight_map(folder: Path, index_name: str = SHARD_INDEXES[0]) -> dict[str, str] | None:
+    """The shard index's tensor -> file table of a model folder, checked; None when it has no index.
+
+    One ``ValueError`` sentence naming the index for a file that is not JSON, an index without a
+    ``weight_map``, a shard named outside the folder (an absolute path or ``..``, refused as
+    ``transformers`` does: hub-cache shards are links, so names are judged, not their targets) and
+    a shard that is not there.
+    """
+    index = Path(folder) / index_name
+    if not index.exists():
+        return None
+    try:
+        table = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"the shard index {index} is not valid JSON ({err}); restore the index saved "
+                         "with the weights") from None
+    where = table.get("weight_map") if isinstance(table, dict) else None
+    if not (isinstance(where, dict) and where and all(isinstance(v, str) for v in where.values())):
+        raise ValueError(f"the shard index {index} has no weight_map (the table naming the file of every "
+                         "tensor); restore the index saved with the weights")
+    for name in sorted(set(where.values())):
+        if Path(name).anchor or ".." in Path(name).parts:
+            raise ValueError(f"the shard index {index} names a file outside the model folder ({name!r}); "
+                             "refused")
+        if not (Path(folder) / name).is_file():
+            raise ValueError(f"the shard index {index} names {name}, which is not in {folder}; copy or "
+                             "download the model again")
+    return dict(where)
+
+
+def check_shard_indexes(folder: str | os.PathLike) -> None:
+    """Every shard index of a local model folder checked (``weight_map``) before ``from_pretrained``
+    reads it (it would raise a bare ``KeyError`` or a JSON error naming no file)."""
+    for name in SHARD_INDEXES:
+        weight_map(Path(folder), name)
+
+
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from ..models import weights_error
 
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    where = weight_map(folder)
+    if where is not None:
+        files = sorted(set(where.values()))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
