@@ -73,3 +73,40 @@ def test_lm_inputs_that_cannot_work_exit_2_with_one_line(lm_dir, capsys, tmp_pat
     code, out, err = run(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_perplexity_is_never_measured_on_the_calibration_text(lm_dir, capsys, tmp_path):
+    """Issue 23 (9): ``prune --data X --eval-data X`` measured on the calibration documents, and
+    ``evaluate --model <pruned> --data X`` on the first blocks, which prune calibrated on. Now the first
+    is split like no ``--eval-data`` and the second skips the documents the prune calibrated on; both
+    say which documents were held out."""
+    model_dir = save_tiny_lm(tmp_path / "llama", "llama")
+    docs = lm_dir / "docs.txt"
+    common = ["prune", "--model", model_dir, "--data", docs, "--flops", 0.9, "--block-size", 16,
+              "--samples", 8, "--eval-blocks", 4]
+    code, out, err = run(capsys, *common, "--out", tmp_path / "split")
+    assert code == 0, err
+    split = json.loads(out)["evaluation"]
+    code, out, err = run(capsys, *common, "--eval-data", str(docs), "--out", tmp_path / "same")
+    assert code == 0, err
+    same = json.loads(out)["evaluation"]
+    assert same["before"] == split["before"] and same["after"] == split["after"]
+    assert same["data"] == split["data"] == (f"held-out blocks of 16 tokens from documents 21-40 of 40 of {docs} "
+                                             "(the first 20 calibrate)")
+
+    # evaluate on the calibration file: only the documents after the calibrated ones (8 blocks of 16
+    # tokens from the first), the same numbers as a file holding just those documents
+    texts = docs.read_text().splitlines()
+    code, out, err = run(capsys, "evaluate", "--model", tmp_path / "split", "--data", docs, "--block-size", 16,
+                         "--eval-blocks", 4)
+    assert code == 0, err
+    measured = json.loads(out)
+    first = int(measured["held_out"].split()[1].split("-")[0]) - 1
+    assert measured["held_out"] == (f"documents {first + 1}-40 of 40 (the prune that wrote this model "
+                                    f"calibrated on the first {first})")
+    assert 0 < first < 20
+    (tmp_path / "rest.txt").write_text("\n".join(texts[first:]) + "\n")
+    code, out, err = run(capsys, "evaluate", "--model", tmp_path / "split", "--data", tmp_path / "rest.txt",
+                         "--block-size", 16, "--eval-blocks", 4)
+    assert code == 0, err
+    assert json.loads(out)["perplexity"] == measured["perplexity"] and "held_out" not in json.loads(out)
