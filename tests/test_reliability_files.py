@@ -183,6 +183,27 @@ def test_a_full_disk_during_the_export_is_one_sentence_and_leaves_nothing(tiny, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_full_disk_seen_by_safetensors_is_the_disk_sentence_not_a_damaged_model(tiny, tmp_path, monkeypatch):
+    """Issue 23 (6): safetensors reports ENOSPC as a ``SafetensorError``, which was let through and worded
+    as "the weights file of the model is damaged ... download the model again"."""
+    import transformers.modeling_utils as MU
+    from safetensors import SafetensorError
+    _, _, model = tiny
+    target = tmp_path / "out"
+
+    def full(state, filename, metadata=None):       # the text safetensors writes for an OS error
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at '
+                              f'path "{filename}"')
+
+    monkeypatch.setattr(MU, "safe_save_file", full)
+    with pytest.raises(ValueError) as err:
+        save_pruned(model, target, verify=False)
+    assert str(err.value) == (f"could not write {target}: No space left on device; nothing was written (free "
+                              "some space or choose another folder)")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- library: fine-tune outputs
 
 def test_finetune_overwrite_spares_someones_folder_and_an_export(tiny, tmp_path):
