@@ -255,6 +255,29 @@ def bootstrap_p_text(p: float, draws: int = RESAMPLES) -> str:
     return f"< {floor:.3f}" if p <= floor + 1e-12 else f"{p:.3g}"
 
 
+def fit_generation(config, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
+    """(prompt tokens to keep, the last ones; new tokens) that fit the model's positions together."""
+    from .models import max_positions
+    limit = max_positions(config)
+    if limit is None or prompt_tokens + new_tokens <= limit:
+        return prompt_tokens, new_tokens
+    # the new tokens keep the room the prompt leaves, at least half the positions (then the prompt is cut)
+    new = max(1, min(new_tokens, max(limit - prompt_tokens, limit // 2)))
+    return min(prompt_tokens, max(1, limit - new)), new
+
+
+def generation_note(model: nn.Module, tokenizer, prompt: str, new_tokens: int) -> str | None:
+    """What ``generate`` leaves out of ``prompt`` to fit the model's positions, for people; None when all fits."""
+    from .models import max_positions
+    tokens = len(tokenizer(prompt)["input_ids"])
+    kept, new = fit_generation(model.config, tokens, new_tokens)
+    if (kept, new) == (tokens, new_tokens):
+        return None
+    fewer = f" and write {new} new tokens, not {new_tokens}" if new < new_tokens else ""
+    return (f"The prompt ({tokens} tokens) and {new_tokens} new tokens exceed this model's "
+            f"{max_positions(model.config)} positions: both models read only its last {kept} tokens{fewer}.")
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     """Greedy continuation of ``prompt`` (deterministic): what a demo audience reads side by side."""
@@ -264,6 +287,9 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40)
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     # only what a causal LM takes (a BERT-style tokenizer adds token_type_ids, which generate refuses)
     enc = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
+    # past the position table a GPT-2 fails with an IndexError: keep the prompt's last tokens that fit
+    kept, max_new_tokens = fit_generation(model.config, int(enc["input_ids"].shape[1]), max_new_tokens)
+    enc = {k: v[:, -kept:] for k, v in enc.items()}
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None)
     with eval_mode(model):
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)

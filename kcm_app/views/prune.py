@@ -250,6 +250,10 @@ def generation_panel(ws: Workspace, config, store) -> None:
                            help=f"Both models continue it greedily with {engine.GENERATION_TOKENS} new tokens")
     with st.spinner("Generating..."), ui.core_errors():
         out = engine.continuations(ws, config, prompt, store)
+    from kcm_core.lm import generation_note
+    cut = generation_note(ws.model, ws.tokenizer, prompt, out.new_tokens)
+    if cut:                              # past the model's positions: the last prompt tokens that fit
+        st.info(cut)
     left, right = st.columns(2)
     with left.container(border=True):
         st.markdown("**Unpruned**")
