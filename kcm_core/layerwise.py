@@ -149,7 +149,8 @@ class Skeleton:
 
         from .models import quiet_transformers
         self.folder, self.device = Path(folder), device
-        self.config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
+        from .models import drop_gguf_record
+        self.config = drop_gguf_record(AutoConfig.from_pretrained(self.folder, local_files_only=True))
         self.family = family_for_config(self.config)
         kinds = set(getattr(self.config, "layer_types", None) or [])
         if len(kinds) > 1:

@@ -158,13 +158,24 @@ def load_config(name_or_path: str | os.PathLike):
     kwargs = _hub_kwargs(location, is_local)
     try:
         with quiet_transformers():
-            return AutoConfig.from_pretrained(location, **kwargs)
+            return drop_gguf_record(AutoConfig.from_pretrained(location, **kwargs))
     except OSError as err:
         if not is_local and kwargs.get("local_files_only"):
             raise _offline_error(location, err) from None
         raise ValueError(f"could not read the config of {location}: {err}") from None
     except ValueError as err:  # unknown model_type, malformed JSON
         raise ValueError(f"could not read the config of {location}: {str(err).splitlines()[0]}") from None
+
+
+def drop_gguf_record(config):
+    """``config`` without a ``quantization_config`` of ``quant_method: gguf``, which a model loaded with
+    ``from_pretrained(..., gguf_file=...)`` leaves behind although its weights are plain dequantised
+    tensors: kept, it would load a GGUF quantizer that refuses to save the pruned model, after all the work."""
+    record = getattr(config, "quantization_config", None)
+    method = record.get("quant_method") if isinstance(record, dict) else getattr(record, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del config.quantization_config
+    return config
 
 
 def task_for_config(config) -> str:

@@ -110,3 +110,18 @@ def test_held_out_perplexity_is_never_measured_on_the_calibration_text(lm_dir, c
                          "--block-size", 16, "--eval-blocks", 4)
     assert code == 0, err
     assert json.loads(out)["perplexity"] == measured["perplexity"] and "held_out" not in json.loads(out)
+
+
+def test_a_folder_saved_from_a_gguf_load_prunes_as_plain_weights(lm_dir, capsys, tmp_path):
+    """Issue 23 (11): a folder whose config.json still carries ``quantization_config`` (``quant_method:
+    gguf``, as ``from_pretrained(..., gguf_file=...)`` leaves it) holds plain tensors; it was scored,
+    scaled and evaluated, then refused at the end ("quantized with gguf and is not serializable")."""
+    model_dir = save_tiny_lm(tmp_path / "llama", "llama")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gguf"}}))
+    code, out, err = run(capsys, "prune", "--model", model_dir, "--data", lm_dir / "docs.txt", "--flops", 0.9,
+                         "--block-size", 16, "--samples", 4, "--eval-blocks", 2, "--out", tmp_path / "pruned")
+    assert code == 0, err
+    assert "quantization_config" not in json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert type(load_pruned(model_dir)).__name__ == "LlamaForCausalLM"
+    assert getattr(load_pruned(model_dir), "hf_quantizer", None) is None

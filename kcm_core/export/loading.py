@@ -38,7 +38,8 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device | None = Non
     if not (folder / "config.json").exists():
         hint = " It holds only ONNX: load model.onnx with onnxruntime." if (folder / ONNX_FILE).exists() else ""
         raise ValueError(f"{folder} has no config.json.{hint}")
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    from ..models import drop_gguf_record
+    config = drop_gguf_record(transformers.AutoConfig.from_pretrained(folder, local_files_only=True))
     cls = _model_class(config)
     check_shard_indexes(folder)
     from ..models import quiet_transformers
@@ -46,7 +47,7 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device | None = Non
         if getattr(config, "kcm_ffn_widths", None):
             model = _load_sliced(folder, config, cls)
         else:
-            model = _load_stock(folder, cls)
+            model = _load_stock(folder, cls, config)
     if dtype is not None:
         cast_parameters(model, dtype)
     if device is not None:
@@ -71,12 +72,12 @@ def _model_class(config) -> type:
     return cls
 
 
-def _load_stock(folder: Path, cls: type) -> nn.Module:
+def _load_stock(folder: Path, cls: type, config=None) -> nn.Module:
     """``cls.from_pretrained``, refusing damaged files and weights that do not all fit (as ``load_model``)."""
     from ..models import check_loading_info, weights_error, weights_error_types
     try:
         # mismatches come back named in the loading info (not as a RuntimeError about a hidden report)
-        model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True,
+        model, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True,
                                           ignore_mismatched_sizes=True)
     except OSError as err:
         raise ValueError(f"could not load the weights of {folder}: {str(err).splitlines()[0]}") from None
