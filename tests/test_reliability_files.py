@@ -9,6 +9,7 @@ stop writes: unwritable places are a path under a regular file, ``/sys`` or a mo
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -246,6 +248,47 @@ def test_finetune_full_disk_is_one_sentence(tiny, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- killed exports
+
+VERIFYING = """
+import sys, types
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import kcm_core.export.verify as V
+V.np.savez = lambda *args, **kwargs: None          # the probe stays the FIFO the test made
+V.verify(Path(sys.argv[1]), ("hf",), "transformers", types.SimpleNamespace(output="logits"), {}, None, 1.0)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_the_verification_child_ends_with_the_export_that_started_it(tmp_path, how):
+    """Issue 23 (10): ``kill -9`` or SIGTERM during an export orphaned the fresh-process check, which kept
+    a second copy of the model in memory while the next export deleted its folder. Here the child blocks
+    reading its probe (a FIFO), so only its parent's end can end it."""
+    import signal
+
+    import psutil
+    os.mkfifo(tmp_path / ".kcm_probe.npz")
+    parent = subprocess.Popen([sys.executable, "-c", VERIFYING, str(tmp_path), str(ROOT)])
+    started = [parent]
+    try:
+        for _ in range(300):
+            children = psutil.Process(parent.pid).children()
+            if children:
+                break
+            time.sleep(0.1)
+        assert children, "the check never started"
+        child = children[0]
+        started.append(child)
+        time.sleep(2)                                   # the child is up and waiting for its probe
+        parent.send_signal(getattr(signal, how))
+        parent.wait(timeout=30)
+        gone, alive = psutil.wait_procs([child], timeout=10)
+        ended = not alive or alive[0].status() == psutil.STATUS_ZOMBIE
+        assert ended, "the verification child outlived its export"
+    finally:
+        for proc in started:                            # only what this test started, by id
+            with contextlib.suppress(Exception):
+                proc.kill()
 
 KILLED = """
 import os, sys
