@@ -40,6 +40,7 @@ HEAD_PARTS_IN_BASE = ("pooler",)
 # Model types whose position ids start after the pad id: the usable length is the table minus pad + 1.
 POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "mpnet")
 _KEYS_SHOWN = 3   # keys named in a loading error; the rest are counted
+GGUF_SUFFIX = ".gguf"
 
 
 # --------------------------------------------------------------------------- quiet transformers
@@ -126,8 +127,10 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, bool]:
             raise ValueError(f"{path} has no config.json; give a model folder saved with save_pretrained "
                              "or a hub id")
         return str(path), True
+    if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:     # llama.cpp / Ollama: read by transformers
+        return str(path), True
     if path.exists():
-        raise ValueError(f"{path} is a file; give a model folder with config.json or a hub id")
+        raise ValueError(f"{path} is a file; give a model folder with config.json, a .gguf file or a hub id")
     if not _looks_like_hub_id(name_or_path):
         raise ValueError(f"no model folder at {name_or_path}; give a local folder with config.json or a "
                          "hub id")
@@ -156,6 +159,8 @@ def load_config(name_or_path: str | os.PathLike):
     from transformers import AutoConfig
     location, is_local = _resolve(name_or_path)
     kwargs = _hub_kwargs(location, is_local)
+    if is_gguf(location):
+        return _gguf_config(location)
     try:
         with quiet_transformers():
             return drop_gguf_record(AutoConfig.from_pretrained(location, **kwargs))
@@ -165,6 +170,68 @@ def load_config(name_or_path: str | os.PathLike):
         raise ValueError(f"could not read the config of {location}: {err}") from None
     except ValueError as err:  # unknown model_type, malformed JSON
         raise ValueError(f"could not read the config of {location}: {str(err).splitlines()[0]}") from None
+
+
+def is_gguf(location: str) -> bool:
+    return str(location).lower().endswith(GGUF_SUFFIX) and Path(location).is_file()
+
+
+def _gguf_needs_package(location) -> None:
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError:
+        raise ValueError(f"reading {location} (a GGUF file) needs the gguf package: pip install gguf") from None
+
+
+def _gguf_config(location: str):
+    """The config of a ``.gguf`` file; GGUF holds causal LMs, so it names the model type's causal-LM class."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    _gguf_needs_package(location)
+    path = Path(location)
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"could not read the GGUF file {location}: {one_line(err)}") from None
+    if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return drop_gguf_record(config)
+
+
+def _load_gguf(location: str, config, task: str, target, torch_dtype):
+    """A ``.gguf`` file dequantised by transformers (``gguf_file=``) and copied into a plain model of the
+    same class: transformers keeps a GGUF quantizer on what it loads, which refuses to save the pruned model."""
+    import transformers
+    try:
+        from transformers.initialization import no_init_weights        # transformers 5
+    except ImportError:                                                 # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    if task != "causal-lm":
+        raise ValueError(f"{location} is a GGUF file, which holds a causal language model; it loads as "
+                         f"causal-lm, not {task}")
+    path = Path(location)
+    cls = getattr(transformers, config.architectures[0])
+    dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+    try:
+        with quiet_transformers():
+            loaded = cls.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=dtype,
+                                         local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                                   local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"could not load the GGUF file {location}: {one_line(err)}") from None
+    drop_gguf_record(loaded.config)
+    with no_init_weights():
+        model = cls(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    del loaded
+    from .export.loading import cast_parameters
+    cast_parameters(model, dtype)            # parameters only: rotary buffers stay float32
+    model.config._name_or_path = str(path)
+    check_finite(model)
+    return _ready(model, tokenizer, target)
 
 
 def drop_gguf_record(config):
@@ -229,6 +296,8 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
     task = task or task_for_config(config)
     if getattr(config, "kcm_ffn_widths", None):
         return _load_per_layer_widths(name_or_path, config, task, target, torch_dtype, family)
+    if is_gguf(_resolve(name_or_path)[0]):
+        return _load_gguf(_resolve(name_or_path)[0], config, task, target, torch_dtype)
     for key, value in (config_updates or {}).items():
         setattr(config, key, value)
     location, is_local = _resolve(name_or_path)
