@@ -669,6 +669,15 @@ def test_shared_app_starts_on_the_operators_model_and_hides_error_details(shared
     assert any("Shared server: local paths inside" in c.value for c in at.sidebar.caption)
 
 
+def test_shared_app_leaves_clearing_the_disk_cache_to_the_operator(shared_app):
+    """Issue 23 (13): every participant saw "Clear the disk cache", one click emptying it for the server."""
+    make, _ = shared_app
+    at = make()
+    assert "Disk cache" in [h.value for h in at.subheader]
+    assert "clear_disk_cache" not in [b.key for b in at.button]
+    assert any("only its operator clears the cache" in c.value for c in at.caption)
+
+
 @pytest.mark.parametrize("kind, key, existing, missing", [
     ("folder", "model_ref", "/etc", "/etc/no-such-folder"),
     ("file", "data_ref", "/etc/passwd", "/etc/no-such-file.csv"),

@@ -7,7 +7,7 @@ import streamlit as st
 
 from kcm_core.flops import cost_report, count_params
 
-from .. import background, charts, disk_cache, engine, figures, resources, ui
+from .. import background, charts, disk_cache, engine, figures, resources, server, ui
 from ..navigation import INTRO
 from ..sources import DATA_KINDS
 from ..engine import Workspace
@@ -143,6 +143,9 @@ def cache_controls() -> None:
                f"{disk_cache.root().parent} ({files} files, {size / 2**20:.1f} MiB), keyed by the weights' "
                "hash, the data and the options, so a restarted app shows them at once. Results already "
                "in this server's memory stay until it restarts.")
+    if server.settings().shared:         # one click would empty it for every participant
+        st.caption("On this shared server only its operator clears the cache (by deleting that folder).")
+        return
     if st.button("Clear the disk cache", key="clear_disk_cache",
                  help="Removes every stored file; the next start computes them again"):
         st.success(f"Removed {disk_cache.clear_all()} cached files.")
