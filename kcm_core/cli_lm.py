@@ -28,6 +28,7 @@ def documents(args, progress, *, evaluation: bool):
     """Calibration (or evaluation) documents named by ``--data`` (``--eval-data``)."""
     from . import data as D
     source = args.eval_data if evaluation else args.data
+    check_lm_options(args, source)
     if source == DEMO_LM:
         from . import demo_lm
         demo_lm.prepare_lm_demo(progress=progress)
@@ -45,6 +46,18 @@ def same_source(a, b) -> bool:
         return True
     first, second = Path(str(a)).expanduser(), Path(str(b)).expanduser()
     return first.exists() and second.exists() and first.resolve() == second.resolve()
+
+
+def check_lm_options(args, source) -> None:
+    """Options a language model's text cannot use are refused, not silently ignored."""
+    if getattr(args, "label_column", None):
+        raise ValueError(f"--label-column {args.label_column!r} does not apply to a language model: it reads "
+                         "text only (perplexity needs no labels); drop the option")
+    if getattr(args, "text_pair_column", None):
+        raise ValueError("--text-pair-column does not apply to a language model: it reads one text column")
+    if getattr(args, "text_column", None) and str(source).lower().endswith(".txt"):
+        raise ValueError(f"--text-column {args.text_column!r} does not apply to {source}: a .txt file has no "
+                         "columns (one document per line); drop the option")
 
 
 def blocks(args, model, tokenizer, progress, notes: dict | None = None):

@@ -249,15 +249,26 @@ def task_for_config(config) -> str:
     """The task a model was saved for, from the class its config names (``config.architectures``).
 
     A config naming a bare backbone (``BertModel``) gives ``base``; one naming no class at all (built
-    by hand, never saved with a model) gives ``sequence-classification``, this project's first task.
+    by hand, never saved with a model) gives ``causal-lm`` for a decoder family and
+    ``sequence-classification``, this project's first task, for the others.
     """
     names = list(getattr(config, "architectures", None) or [])
     if not names:
-        return "sequence-classification"
+        return _task_without_architectures(config)
     for suffix, task in ARCHITECTURE_TASKS:
         if names[0].endswith(suffix):
             return task
     return "base"
+
+
+def _task_without_architectures(config) -> str:
+    """A config that names no class: a decoder family's (LLaMA, Qwen2, Mistral, GPT-2) is a causal LM, the
+    others this project's first task (a LLaMA was loaded as LlamaForSequenceClassification and refused)."""
+    try:
+        decoder = family_for_config(config).decoder
+    except ValueError:
+        decoder = False
+    return "causal-lm" if decoder else "sequence-classification"
 
 
 def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
@@ -350,6 +361,8 @@ def _ready(model: torch.nn.Module, processor, target: torch.device | None) -> tu
         processor.pad_token = processor.eos_token   # our own fresh tokenizer: safe to set
     if getattr(model.config, "pad_token_id", None) is None and getattr(processor, "pad_token_id", None) is not None:
         model.config.pad_token_id = processor.pad_token_id
+    if not getattr(model.config, "architectures", None):    # what it was loaded as: its head is known
+        model.config.architectures = [type(model).__name__]
     if target is not None:
         model.to(target)
     model.eval()

@@ -206,3 +206,29 @@ def test_a_gguf_file_prunes_through_the_cli_and_opens_in_the_app(lm_dir, capsys,
     monkeypatch.delenv("KCM_SHARED_SERVER", raising=False)
     key, app_model, _ = resources.load_model(ModelChoice("folder", str(tmp_path / "tiny.gguf")))
     assert type(app_model).__name__ == "LlamaForCausalLM" and resources.is_causal_lm(app_model)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--label-column", "label"), "--label-column 'label' does not apply to a language model"),
+    (("--text-column", "review"), "--text-column 'review' does not apply to"),
+], ids=["label-column", "txt-text-column"])
+def test_options_a_language_model_cannot_use_are_refused(lm_dir, capsys, tmp_path, extra, message):
+    """Issue 23 (minor): ``--label-column`` and a .txt file's ``--text-column`` were silently ignored."""
+    model_dir = save_tiny_lm(tmp_path / "llama", "llama")
+    code, out, err = run(capsys, "prune", "--model", model_dir, "--data", lm_dir / "docs.txt", "--flops", 0.9,
+                         "--block-size", 16, "--out", tmp_path / "out", *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_causal_lm_config_without_architectures_loads_as_a_causal_lm(tmp_path):
+    """Issue 23 (minor): a LLaMA config naming no class was loaded as LlamaForSequenceClassification and
+    refused for lacking that head."""
+    from kcm_core.cli_lm import is_causal_lm
+    from kcm_core.models import load_model
+    model_dir = save_tiny_lm(tmp_path / "llama", "llama")
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["architectures"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(model_dir, device="cpu")
+    assert type(model).__name__ == "LlamaForCausalLM" and is_causal_lm(model)
