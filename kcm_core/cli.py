@@ -404,26 +404,24 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _seed(text: str) -> int:
-    """A seed numpy and torch both take: a whole number from 0 to 2**32 - 1."""
+def _whole_number(text: str, low: int, high: int | None, wanted: str) -> int:
+    """``text`` as a whole number in [low, high] (high None: no upper bound), else argparse's error."""
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2**32 - 1}, got {text!r}")
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
     return value
+
+
+def _seed(text: str) -> int:
+    """A seed numpy and torch both take."""
+    return _whole_number(text, 0, 2**32 - 1, f"a whole number from 0 to {2**32 - 1}")
 
 
 def _count(text: str) -> int:
-    """A whole number of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text!r}")
-    return value
+    return _whole_number(text, 0, None, "a whole number of at least 0")
 
 
 def _check_format_option(args) -> None:
