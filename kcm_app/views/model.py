@@ -47,6 +47,16 @@ def provenance(ws: Workspace) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["property", "value"]).astype(str).set_index("property")
 
 
+def sample_warning(ws: Workspace) -> str | None:
+    """Said when the data gave fewer sequences (blocks) for scoring than the sidebar asked for."""
+    i = ws.info
+    if not i.asked or i.sample >= i.asked:
+        return None
+    unit = ("calibration block" if ws.is_lm else "sequence") + ("s" if i.sample != 1 else "")
+    return (f"The data holds only {i.sample} {unit} for scoring, fewer than the {i.asked} asked: the scores "
+            "rest on that few. Give more data for scores you can trust.")
+
+
 def loaded_line(ws: Workspace) -> str:
     """What the model and data are, in one sentence."""
     i = ws.info
@@ -71,6 +81,9 @@ def page() -> None:
     st.caption("This page shows the loaded model's architecture, where its data came from and how the "
                "unpruned model does.")
     st.markdown(loaded_line(ws))
+    thin = sample_warning(ws)
+    if thin:
+        st.warning(thin)
     score_now = st.button("Score all neurons with KCM now", key="score_now",
                           help="Runs R2 (kernel hull on the weights) and D2 (activations on the sample) "
                                "once; every page reuses the result.")
