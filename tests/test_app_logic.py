@@ -452,6 +452,22 @@ def test_report_holds_plan_numbers_and_environment(ws):
     assert isinstance(charts.kept_frame(result.plan), pd.DataFrame)
 
 
+def test_the_classifier_reports_paired_difference_is_in_the_apps_export(ws):
+    """Issue 23 (13): the app's classifier report lacked the paired after-minus-before difference that the
+    CLI's report (and the README) give: ``evaluation.paired.accuracy_difference``."""
+    from kcm_core.evaluate import labels_of, paired_difference
+    store = SharedStore()
+    config = PruneConfig(method="kcm", budget=0.8, scale_samples=4)
+    result = engine.evaluate_budget(ws, config, store)
+    dense = engine.reference(ws, store)
+    data = report.build_report(ws, config, result, dense.accuracy.to_dict(), None, dense_hits=dense.hits)
+    after_hits = result.predictions == labels_of(ws.eval_batches)
+    expected = paired_difference(after_hits, dense.hits, ws.info.seed).to_dict()
+    assert json.loads(report.report_json(data))["evaluation"]["paired"]["accuracy_difference"] == \
+        json.loads(json.dumps(expected))
+    assert expected["value"] == pytest.approx(result.accuracy["value"] - dense.accuracy.value)
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_the_model_pages_parameter_bar_adds_up_to_the_model(family):
     from conftest import build_tiny_model
