@@ -510,3 +510,36 @@ def test_background_work_that_is_not_stopped_runs_every_step():
     work = Precompute([Step("a", lambda p: p("half", 0.5)), Step("b", lambda p: None)])
     work.run()
     assert work.finished == ["a", "b"] and work.stopped == [] and work.done
+
+
+EXITS_WHILE_WORKING = """
+import sys, threading, time
+sys.path.insert(0, sys.argv[2])
+from kcm_app import background
+
+def slow(progress):
+    try:
+        while True:                      # long work that reports progress, as every step does
+            progress("working", 0.5)
+            time.sleep(0.01)
+    finally:
+        open(sys.argv[1], "w").write("stopped")
+
+work = background.Precompute([background.Step("slow", slow)])
+threading.Thread(target=work.run, daemon=True, name="kcm-precompute").start()   # as background.start
+time.sleep(1)
+"""
+
+
+def test_a_process_exiting_while_the_background_works_stops_it_first(tmp_path):
+    """Issue 23 (minor): a process running the app (``AppTest``) that exited while the background work
+    ran killed it inside torch's C++ code: "terminate called without an active exception", exit code
+    134. At exit the work is now asked to stop and waited for."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", EXITS_WHILE_WORKING, str(tmp_path / "ended"), str(root)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "ended").read_text() == "stopped"
