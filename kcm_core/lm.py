@@ -79,14 +79,23 @@ def split_blocks(calibration: TextData, evaluation: TextData, tokenizer, block_s
     """Calibration and evaluation blocks from two disjoint sets of documents. When both are the same
     data, its documents are split in two halves first (the first for calibration), so no token is
     in both."""
+    held_out = ""
     if calibration is evaluation:
         half = len(calibration) // 2
         if half == 0:
             raise ValueError("one document cannot be split into calibration and evaluation text; give "
                              "more documents or a separate evaluation source")
+        held_out = (f"the held-out half of the documents ({half + 1}-{len(calibration)} of {len(calibration)}; "
+                    "the split is by document, not by length)")
         calibration, evaluation = calibration.subset(range(half)), calibration.subset(range(half, len(calibration)))
     cal = blocks_of(token_stream(calibration, tokenizer), block_size, batch_size, calibration_blocks)
-    ev = blocks_of(token_stream(evaluation, tokenizer), block_size, batch_size, evaluation_blocks)
+    try:
+        ev = blocks_of(token_stream(evaluation, tokenizer), block_size, batch_size, evaluation_blocks)
+    except ValueError as err:
+        if not held_out:
+            raise
+        raise ValueError(f"{held_out}: {err}; give more documents, or a separate evaluation source "
+                         "(--eval-data)") from None
     return cal, ev
 
 

@@ -234,3 +234,18 @@ def test_generation_past_the_positions_keeps_the_last_prompt_tokens_that_fit(tmp
     assert fit_generation(model.config, 3, 40) == (3, 29)         # a short prompt leaves room for new tokens
     assert fit_generation(model.config, 40, 40) == (16, 16)       # else half the positions each
     assert fit_generation(model.config, 1000, 40) == (16, 16)
+
+
+def test_a_held_out_half_too_short_for_a_block_says_it_is_the_held_out_half():
+    """Issue 23 (minor): a 3,000-word text whose held-out half was one short document was reported as
+    "the text holds 10 tokens, fewer than one block", as if the whole text were that short."""
+    class Tok:
+        eos_token_id = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1 + (hash(w) % 50) for w in text.split()]}
+    data = TextData(texts=(" ".join(["word"] * 3000), "a short last review of ten words or so here"))
+    with pytest.raises(ValueError) as err:
+        split_blocks(data, data, Tok(), 16)
+    assert str(err.value).startswith("the held-out half of the documents (2-2 of 2; the split is by document, "
+                                     "not by length): the text holds 10 tokens, fewer than one block of 16")
