@@ -474,3 +474,9 @@ def test_thin_data_is_said_the_guessed_text_column_and_a_sample_smaller_than_ask
     assert sample_warning(ws) == ("The data holds only 1 sequence for scoring, fewer than the 64 asked: the "
                                   "scores rest on that few. Give more data for scores you can trust.")
     assert provenance(ws).loc["unlabeled sequences for scoring", "value"] == "1"
+    from types import SimpleNamespace
+
+    from kcm_app.views.prune import readout_note
+    slow = SimpleNamespace(accuracy=None, agreement=None, plan=SimpleNamespace(info=SimpleNamespace(scaled_layers=2)))
+    speed = SimpleNamespace(dense_seconds=0.01, pruned_seconds=0.01, timed_on="one batch")
+    assert "Scales fitted on the first 1 unlabeled sequences (2 layers scaled)" in readout_note(ws, slow, speed)

@@ -283,7 +283,8 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
                      f"{ws.info.eval_examples} held-out examples (95% interval {lo:.1%} to {hi:.1%}).")
     scaled = slow.plan.info.scaled_layers
     unit = "calibration blocks" if ws.is_lm else "unlabeled sequences"
-    parts.append(f"Scales fitted on the first {engine.scale_samples(ws)} {unit} ({scaled} layers "
+    fitted = min(engine.scale_samples(ws), ws.info.sample or engine.scale_samples(ws))   # thin data: what there is
+    parts.append(f"Scales fitted on the first {fitted} {unit} ({scaled} layers "
                  "scaled) to keep a new budget quick." if scaled is not None
                  else "This method does not scale.")
     parts.append(f"Speed: {speed.dense_seconds * 1e3:.1f} ms unpruned vs {speed.pruned_seconds * 1e3:.1f} ms "
