@@ -7,8 +7,10 @@ next start. The model is only read; hooks run on private copies (``kcm_app.engin
 """
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -75,6 +77,7 @@ class Precompute:
         return [s.name for s in self.steps]
 
     def run(self) -> None:
+        _RUNNING.add(self)                    # stopped at exit (``stop_all``)
         start = time.perf_counter()
         for i, step in enumerate(self.steps):
             if self._stop.is_set():
@@ -136,6 +139,23 @@ def steps_for(ws: Workspace, seed: int, store: SharedStore) -> list[Step]:
         steps.append(Step(GRADIENTS, lambda p: engine.gradient_scores(ws, fisher, store, p)))
     steps.append(Step(UMAP, lambda p: engine.layer_umap(ws, 0, seed, store)))
     return steps
+
+
+_RUNNING: "weakref.WeakSet[Precompute]" = weakref.WeakSet()
+EXIT_WAIT_S = 60.0
+
+
+@atexit.register
+def stop_all(timeout: float = EXIT_WAIT_S) -> None:
+    """Stop every background work of this process and wait for it to end. Run at exit: the work runs in
+    daemon threads, and one killed by the interpreter's shutdown inside torch's C++ code aborts the
+    process ("terminate called without an active exception", exit code 134)."""
+    works = [work for work in list(_RUNNING) if not work.done]
+    for work in works:
+        work.stop()
+    deadline = time.monotonic() + timeout
+    for work in works:
+        work.wait_done(max(0.0, deadline - time.monotonic()))
 
 
 def start(ws: Workspace, seed: int, store: SharedStore, registry: dict, lock: threading.Lock) -> Precompute:

@@ -18,11 +18,13 @@ from .engine import BudgetResult, SpeedResult, Workspace
 
 def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
                  dense_accuracy: Mapping | None, speed: SpeedResult | None,
-                 dense_lm: LMEval | None = None) -> PruneReport:
+                 dense_lm: LMEval | None = None, dense_hits=None) -> PruneReport:
     """Everything needed to understand (and redo) one pruned model; ``dense_accuracy`` is the unpruned
     model's accuracy (``Rate.to_dict()``) on the same evaluation examples; for a causal language model
     ``dense_lm`` is the unpruned model's evaluation on the same held-out blocks (perplexity before and
-    after, agreement and KL after, the paired perplexity ratio)."""
+    after, agreement and KL after, the paired perplexity ratio). With ``dense_hits`` (the unpruned model's
+    0/1 correctness per evaluation example) a classifier's accuracy after minus before is compared paired
+    over the same examples, as the CLI's report does."""
     evaluation = None
     if result.lm is not None and dense_lm is not None and result.paired is not None:
         evaluation = Evaluation.of_lm(ws.info.eval_source, dense_lm, result.lm, result.paired)
@@ -30,7 +32,8 @@ def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
         after = {name: Metric.from_dict(m) for name, m in
                  (("accuracy", result.accuracy), ("agreement", result.agreement)) if m}
         before = {"accuracy": Metric.from_dict(dense_accuracy)} if dense_accuracy else {}
-        evaluation = Evaluation(ws.info.eval_source, ws.info.eval_examples, before, after)
+        evaluation = Evaluation(ws.info.eval_source, ws.info.eval_examples, before, after,
+                                _paired_accuracy(ws, result, dense_hits))
     speed_record = None if speed is None else {
         "dense_s": speed.dense_seconds, "pruned_s": speed.pruned_seconds, "timed_on": speed.timed_on,
         "measured_speedup": speed.measured_speedup, "estimated_speedup": 1 / result.relative_flops}
@@ -40,6 +43,17 @@ def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
         achieved_flops=result.relative_flops, params_before=count_params(ws.model).total,
         params_after=result.params_after, details=result.details, evaluation=evaluation,
         seconds=result.seconds, speed=speed_record)
+
+
+def _paired_accuracy(ws: Workspace, result: BudgetResult, dense_hits) -> dict:
+    """``{"accuracy_difference": ...}`` (after minus before, paired bootstrap and McNemar) when both
+    models' per-example outcomes on the labeled evaluation examples are known, else empty."""
+    from kcm_core.evaluate import labels_of, paired_difference
+    labels = labels_of(ws.eval_batches) if ws.eval_batches else None
+    if dense_hits is None or result.predictions is None or labels is None:
+        return {}
+    after_hits = result.predictions.cpu() == labels
+    return {"accuracy_difference": paired_difference(after_hits, dense_hits, ws.info.seed).to_dict()}
 
 
 def layerwise_report(ws: Workspace, config: PruneConfig, result: StreamResult) -> PruneReport:

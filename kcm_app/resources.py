@@ -76,17 +76,15 @@ def model_path(choice: ModelChoice, progress: Progress | None = None) -> str:
     if choice.kind == "demo-lm":
         return str(lm_demo_summary(progress)["model_dir"])
     if choice.kind == "hub":
-        server.check_hub("model")
-        return choice.ref.strip()
-    return server.confine(choice.ref, "model folder")
+        return server.hub_ref(choice.ref, "model")
+    return server.confine_folder(choice.ref, "model folder")
 
 
 def data_source(choice: DataChoice) -> str:
     """The file or hub name to read for ``choice``, checked like ``model_path`` (uploads must be
     files this server process wrote into its private upload folder)."""
     if choice.kind == "hub":
-        server.check_hub("dataset")
-        return choice.ref.strip()
+        return server.hub_ref(choice.ref, "dataset")
     if choice.kind == "upload":
         server.check_uploads()
         if server.settings().shared and not is_upload(choice.ref.strip()):
@@ -222,7 +220,7 @@ def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _t
     info = WorkspaceInfo(model_path=key, model_name=_model_name(key), data=data.describe(),
                          data_source=str(getattr(scoring, "source", "")), sample=len(scoring),
                          eval_examples=len(evaluation) if eval_batches else 0, eval_source=eval_source,
-                         max_len=sample.max_len, seed=sample.seed, labels=labeled is not None)
+                         max_len=sample.max_len, seed=sample.seed, labels=labeled is not None, asked=sample.size)
     return Workspace(model_key=key, model=_model, tokenizer=_tokenizer, shape=shape,
                      data_key=batches_fingerprint(unlabeled, labeled, eval_batches),
                      unlabeled=unlabeled, labeled=labeled, eval_batches=eval_batches,
@@ -257,7 +255,7 @@ def _lm_workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any,
                          data_source=str(getattr(calibration, "source", "")), sample=blocks,
                          eval_examples=eval_blocks,
                          eval_source=f"{eval_blocks} held-out blocks of {sample.max_len} tokens, {eval_source}",
-                         max_len=sample.max_len, seed=sample.seed, labels=False)
+                         max_len=sample.max_len, seed=sample.seed, labels=False, asked=sample.size)
     return Workspace(model_key=key, model=_model, tokenizer=_tokenizer, shape=model_shape(_model.config),
                      data_key=batches_fingerprint(unlabeled, None, eval_batches), unlabeled=unlabeled,
                      labeled=None, eval_batches=eval_batches, seq_len=float(sample.max_len), info=info,

@@ -19,11 +19,13 @@ the browser (``client.showErrorDetails = "none"``, set here at run time; ``strea
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")     # name or owner/name
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,44 @@ def check_hub(what: str, config: ServerSettings | None = None) -> None:
     if config.shared and not config.allow_hub:
         raise ValueError(f"hub {what}s are turned off on this shared server (KCM_ALLOW_HUB=0); "
                          f"{_alternatives(config)}")
+
+
+def confine_folder(ref: str, what: str, config: ServerSettings | None = None) -> str:
+    """``confine`` for a folder whose files are read (a model folder): shared, every file and folder in
+    it must resolve inside the roots too, so a link inside a root to a file outside it is refused."""
+    config = config or settings()
+    folder = confine(ref, what, config)
+    if not config.shared or ref.strip() in config.trusted or not Path(folder).is_dir():
+        return folder
+    for parent, dirs, files in os.walk(folder):        # links are listed, not followed
+        for name in dirs + files:
+            try:
+                inside = _inside((Path(parent) / name).resolve(), config.roots)
+            except (OSError, RuntimeError):             # a link loop
+                inside = False
+            if not inside:
+                raise ValueError(f"{what}s must lie inside {', '.join(str(r) for r in config.roots)} on this "
+                                 f"shared server; {ref.strip()!r} holds {name}, a link to somewhere else")
+    return folder
+
+
+def hub_ref(ref: str, what: str, config: ServerSettings | None = None) -> str:
+    """The hub model id or dataset name to load for ``ref``, refused when the hub is turned off.
+
+    Shared: ``ref`` must be a hub id (``name`` or ``owner/name``) that names nothing relative to the
+    server's working folder, because ``from_pretrained`` and ``load_dataset`` try a local path first: a
+    "hub id" would otherwise read any folder or file the server can (confine's roots bypassed). The
+    operator's start-up model and data pass as they are."""
+    config = config or settings()
+    check_hub(what, config)
+    ref = ref.strip()
+    if not config.shared or ref in config.trusted:
+        return ref
+    local = ref and (os.path.lexists(ref) or os.path.lexists(ref.split("/")[0]))
+    if not _HUB_NAME.match(ref) or ".." in ref or local:
+        raise ValueError(f"hub {what}s must be given as a hub id (name or owner/name) on this shared "
+                         f"server; {ref!r} is not one")
+    return ref
 
 
 def check_uploads(config: ServerSettings | None = None) -> None:

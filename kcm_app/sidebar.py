@@ -23,7 +23,8 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
                     on_change=state.follow_model_kind,
                     help="Two embedded demos, prepared on first start: a small sentiment classifier and a "
                          "small causal language model. A local folder holds config.json and weights (a "
-                         "causal LM keeps its LM head); a hub id needs network access.")
+                         "causal LM keeps its LM head), or give a .gguf file (llama.cpp, Ollama; "
+                         "dequantised on load); a hub id needs network access.")
     if kind not in DEMO_KINDS:
         st.text_input("Folder or hub id", key="model_ref", help="e.g. /models/my-bert or bert-base-uncased")
     if kind == "folder":

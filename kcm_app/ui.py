@@ -98,8 +98,12 @@ def require_workspace() -> Workspace:
             st.info("No model is loaded yet. Choose a model and data in the sidebar (the embedded demo "
                     "is the default); this page fills in once they load.")
         st.stop()
-    for notice in state.take_notices():
+    notices = state.notices()            # kept until dismissed: the next rerun (the live readouts,
+    for notice in notices:               # the background work) would otherwise wipe them within a minute
         st.warning(notice)
+    if notices and st.button("Dismiss", key="dismiss_notices", help="Hide the notices above"):
+        state.take_notices()
+        st.rerun()
     return ws
 
 

@@ -294,10 +294,11 @@ class ModelShape:
     mlp_bias: bool               # FFN up (and gate) and down carry biases (dense_bias, or LLaMA's mlp_bias)
     head: str                    # "lm", "classifier", "pooled-classifier" or "none" (from architectures)
     decoder: bool = False        # a causal decoder stack (Family.decoder), else an encoder
+    head_size: int = 0           # the config's explicit head_dim (Mistral-Nemo: 128, not 5120 / 32); 0: none
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
 
 def model_shape(config) -> ModelShape:
@@ -334,7 +335,14 @@ def model_shape(config) -> ModelShape:
         mlp_bias=family.dense_bias or bool(family.mlp_bias_field and getattr(config, family.mlp_bias_field, False)),
         head=_head_kind(config, family),
         decoder=family.decoder,
+        head_size=_explicit_head_dim(config),
     )
+
+
+def _explicit_head_dim(config) -> int:
+    """A config's own ``head_dim`` (LLaMA, Mistral, Qwen2 may set one that is not hidden / heads); 0 if none."""
+    value = getattr(config, "head_dim", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _head_kind(config, family: Family) -> str:

@@ -174,6 +174,7 @@ def check_writable(target: str | os.PathLike, what: str = "output folder") -> No
 def disk_errors(target: str | os.PathLike) -> Iterator[None]:
     """A full disk, an exceeded quota or a refused write while writing ``target`` becomes one
     ``ValueError`` sentence (the atomic writers have already removed their partial output)."""
+    from safetensors import SafetensorError
     try:
         yield
     except OSError as err:
@@ -181,6 +182,19 @@ def disk_errors(target: str | os.PathLike) -> Iterator[None]:
             raise
         raise ValueError(f"could not write {target}: {err.strerror or err}; nothing was written "
                          "(free some space or choose another folder)") from err
+    except SafetensorError as err:       # safetensors words the OS error in its own text
+        code = _safetensors_errno(err)
+        if code not in _DISK_ERRNOS:
+            raise
+        raise ValueError(f"could not write {target}: {os.strerror(code)}; nothing was written "
+                         "(free some space or choose another folder)") from err
+
+
+def _safetensors_errno(err: BaseException) -> int | None:
+    """The OS error number in a ``SafetensorError`` raised while writing ("I/O error: No space left on
+    device (os error 28)", or an older release's "IoError(Os { code: 28, ... })"); None when none."""
+    found = re.search(r"os error (\d+)|Os \{ code: (\d+)", str(err))
+    return int(found.group(1) or found.group(2)) if found else None
 
 
 # --------------------------------------------------------------------------- writing

@@ -418,6 +418,8 @@ def _from_columns(columns: dict[str, list], class_names: dict[str, list[str]], s
         labels, label_names = _map_labels(values, label_col, class_names.get(label_col),
                                           source, explicit=label_column is not None)
     by_name = label_names is not None and label_col not in class_names
+    if text_column is None and text_col not in DEFAULT_TEXT_COLUMNS:     # a guess: say which column it took
+        source = f"{source} (text from its column {text_col!r}: it has no {' or '.join(DEFAULT_TEXT_COLUMNS)} column)"
     return TextData(texts=texts, text_pairs=pairs, labels=labels, label_names=label_names, source=source,
                     labels_by_name=by_name)
 

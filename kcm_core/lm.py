@@ -79,14 +79,23 @@ def split_blocks(calibration: TextData, evaluation: TextData, tokenizer, block_s
     """Calibration and evaluation blocks from two disjoint sets of documents. When both are the same
     data, its documents are split in two halves first (the first for calibration), so no token is
     in both."""
+    held_out = ""
     if calibration is evaluation:
         half = len(calibration) // 2
         if half == 0:
             raise ValueError("one document cannot be split into calibration and evaluation text; give "
                              "more documents or a separate evaluation source")
+        held_out = (f"the held-out half of the documents ({half + 1}-{len(calibration)} of {len(calibration)}; "
+                    "the split is by document, not by length)")
         calibration, evaluation = calibration.subset(range(half)), calibration.subset(range(half, len(calibration)))
     cal = blocks_of(token_stream(calibration, tokenizer), block_size, batch_size, calibration_blocks)
-    ev = blocks_of(token_stream(evaluation, tokenizer), block_size, batch_size, evaluation_blocks)
+    try:
+        ev = blocks_of(token_stream(evaluation, tokenizer), block_size, batch_size, evaluation_blocks)
+    except ValueError as err:
+        if not held_out:
+            raise
+        raise ValueError(f"{held_out}: {err}; give more documents, or a separate evaluation source "
+                         "(--eval-data)") from None
     return cal, ev
 
 
@@ -260,6 +269,29 @@ def bootstrap_p_text(p: float, draws: int = RESAMPLES) -> str:
     return f"< {floor:.3f}" if p <= floor + 1e-12 else f"{p:.3g}"
 
 
+def fit_generation(config, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
+    """(prompt tokens to keep, the last ones; new tokens) that fit the model's positions together."""
+    from .models import max_positions
+    limit = max_positions(config)
+    if limit is None or prompt_tokens + new_tokens <= limit:
+        return prompt_tokens, new_tokens
+    # the new tokens keep the room the prompt leaves, at least half the positions (then the prompt is cut)
+    new = max(1, min(new_tokens, max(limit - prompt_tokens, limit // 2)))
+    return min(prompt_tokens, max(1, limit - new)), new
+
+
+def generation_note(model: nn.Module, tokenizer, prompt: str, new_tokens: int) -> str | None:
+    """What ``generate`` leaves out of ``prompt`` to fit the model's positions, for people; None when all fits."""
+    from .models import max_positions
+    tokens = len(tokenizer(prompt)["input_ids"])
+    kept, new = fit_generation(model.config, tokens, new_tokens)
+    if (kept, new) == (tokens, new_tokens):
+        return None
+    fewer = f" and write {new} new tokens, not {new_tokens}" if new < new_tokens else ""
+    return (f"The prompt ({tokens} tokens) and {new_tokens} new tokens exceed this model's "
+            f"{max_positions(model.config)} positions: both models read only its last {kept} tokens{fewer}.")
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
     """Greedy continuation of ``prompt`` (deterministic): what a demo audience reads side by side."""
@@ -269,6 +301,9 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40)
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     # only what a causal LM takes (a BERT-style tokenizer adds token_type_ids, which generate refuses)
     enc = {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
+    # past the position table a GPT-2 fails with an IndexError: keep the prompt's last tokens that fit
+    kept, max_new_tokens = fit_generation(model.config, int(enc["input_ids"].shape[1]), max_new_tokens)
+    enc = {k: v[:, -kept:] for k, v in enc.items()}
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None)
     with eval_mode(model):
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)

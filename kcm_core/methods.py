@@ -53,11 +53,11 @@ class Method:
         layers) or "standardised" (per-layer z-scores); ``PruneConfig.allocation`` overrides it.
     seeded: whether the score depends on ``PruneConfig.seed``.
     per_layer: whether a layer's score depends on that layer alone (its weights and activation
-        statistics); the streamed mode (``kcm_core.stream``) scores such methods one layer at a time,
+        statistics); the streamed mode (``kcm_core.streamed``) scores such methods one layer at a time,
         the others from the layer widths of the empty model.
     reads_weights: whether ``score`` reads the model's weights itself, beyond its components (the
         magnitudes, Wanda-sp, FLAP); a caller that serves only the components layer by layer (the
-        app on a model larger than memory) scores such a method with ``kcm_core.stream.score_streamed``.
+        app on a model larger than memory) scores such a method with ``kcm_core.streamed.score_streamed``.
     """
 
     name: str

@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from . import hub
 from .arch import family_for_config
-from .errors import check_loading_info, weights_error, weights_error_types
+from .errors import check_loading_info, one_line, weights_error, weights_error_types
 from .runtime import check_finite, default_device, quiet_transformers
 
 # task -> name of the transformers Auto class that builds it
@@ -35,6 +35,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Model types whose position ids start after the pad id: the usable length is the table minus pad + 1.
 POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "camembert", "mpnet")
+GGUF_SUFFIX = ".gguf"
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -57,8 +58,10 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, bool]:
             raise ValueError(f"{path} has no config.json; give a model folder saved with save_pretrained "
                              "or a hub id")
         return str(path), True
+    if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:     # llama.cpp / Ollama: read by transformers
+        return str(path), True
     if path.exists():
-        raise ValueError(f"{path} is a file; give a model folder with config.json or a hub id")
+        raise ValueError(f"{path} is a file; give a model folder with config.json, a .gguf file or a hub id")
     if not _looks_like_hub_id(name_or_path):
         raise ValueError(f"no model folder at {name_or_path}; give a local folder with config.json or a "
                          "hub id")
@@ -87,9 +90,11 @@ def load_config(name_or_path: str | os.PathLike):
     from transformers import AutoConfig
     location, is_local = _resolve(name_or_path)
     kwargs = _hub_kwargs(location, is_local)
+    if is_gguf(location):
+        return _gguf_config(location)
     try:
         with quiet_transformers():
-            return AutoConfig.from_pretrained(location, **kwargs)
+            return drop_gguf_record(AutoConfig.from_pretrained(location, **kwargs))
     except OSError as err:
         if not is_local and kwargs.get("local_files_only"):
             raise _offline_error(location, err) from None
@@ -98,19 +103,103 @@ def load_config(name_or_path: str | os.PathLike):
         raise ValueError(f"could not read the config of {location}: {str(err).splitlines()[0]}") from None
 
 
+def is_gguf(location: str) -> bool:
+    return str(location).lower().endswith(GGUF_SUFFIX) and Path(location).is_file()
+
+
+def _gguf_needs_package(location) -> None:
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError:
+        raise ValueError(f"reading {location} (a GGUF file) needs the gguf package: pip install gguf") from None
+
+
+def _gguf_config(location: str):
+    """The config of a ``.gguf`` file; GGUF holds causal LMs, so it names the model type's causal-LM class."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    _gguf_needs_package(location)
+    path = Path(location)
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"could not read the GGUF file {location}: {one_line(err)}") from None
+    if not getattr(config, "architectures", None) and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    return drop_gguf_record(config)
+
+
+def _load_gguf(location: str, config, task: str, target, torch_dtype):
+    """A ``.gguf`` file dequantised by transformers (``gguf_file=``) and copied into a plain model of the
+    same class: transformers keeps a GGUF quantizer on what it loads, which refuses to save the pruned model."""
+    import transformers
+    try:
+        from transformers.initialization import no_init_weights        # transformers 5
+    except ImportError:                                                 # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    if task != "causal-lm":
+        raise ValueError(f"{location} is a GGUF file, which holds a causal language model; it loads as "
+                         f"causal-lm, not {task}")
+    path = Path(location)
+    cls = getattr(transformers, config.architectures[0])
+    dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+    try:
+        with quiet_transformers():
+            loaded = cls.from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=dtype,
+                                         local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                                   local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"could not load the GGUF file {location}: {one_line(err)}") from None
+    drop_gguf_record(loaded.config)
+    with no_init_weights():
+        model = cls(loaded.config)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    del loaded
+    from .export.loading import cast_parameters
+    cast_parameters(model, dtype)            # parameters only: rotary buffers stay float32
+    model.config._name_or_path = str(path)
+    check_finite(model)
+    return _ready(model, tokenizer, target)
+
+
+def drop_gguf_record(config):
+    """``config`` without a ``quantization_config`` of ``quant_method: gguf``, which a model loaded with
+    ``from_pretrained(..., gguf_file=...)`` leaves behind although its weights are plain dequantised
+    tensors: kept, it would load a GGUF quantizer that refuses to save the pruned model, after all the work."""
+    record = getattr(config, "quantization_config", None)
+    method = record.get("quant_method") if isinstance(record, dict) else getattr(record, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del config.quantization_config
+    return config
+
+
 def task_for_config(config) -> str:
     """The task a model was saved for, from the class its config names (``config.architectures``).
 
     A config naming a bare backbone (``BertModel``) gives ``base``; one naming no class at all (built
-    by hand, never saved with a model) gives ``sequence-classification``, this project's first task.
+    by hand, never saved with a model) gives ``causal-lm`` for a decoder family and
+    ``sequence-classification``, this project's first task, for the others.
     """
     names = list(getattr(config, "architectures", None) or [])
     if not names:
-        return "sequence-classification"
+        return _task_without_architectures(config)
     for suffix, task in ARCHITECTURE_TASKS:
         if names[0].endswith(suffix):
             return task
     return "base"
+
+
+def _task_without_architectures(config) -> str:
+    """A config that names no class: a decoder family's (LLaMA, Qwen2, Mistral, GPT-2) is a causal LM, the
+    others this project's first task (a LLaMA was loaded as LlamaForSequenceClassification and refused)."""
+    try:
+        decoder = family_for_config(config).decoder
+    except ValueError:
+        decoder = False
+    return "causal-lm" if decoder else "sequence-classification"
 
 
 def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
@@ -149,9 +238,14 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
     task = task or task_for_config(config)
     if getattr(config, "kcm_ffn_widths", None):
         return _load_per_layer_widths(name_or_path, config, task, target, torch_dtype, family)
+    if is_gguf(_resolve(name_or_path)[0]):
+        return _load_gguf(_resolve(name_or_path)[0], config, task, target, torch_dtype)
     for key, value in (config_updates or {}).items():
         setattr(config, key, value)
     location, is_local = _resolve(name_or_path)
+    if is_local:
+        from .export.loading import check_shard_indexes
+        check_shard_indexes(location)             # a bad index: one sentence naming it, not a KeyError
     kwargs = {"local_files_only": True} if is_local or hub.hub_offline() else {}
     auto = getattr(transformers, TASKS[task])
     if torch_dtype is not None:  # None keeps transformers' own default
@@ -198,6 +292,8 @@ def _ready(model: torch.nn.Module, processor, target: torch.device | None) -> tu
         processor.pad_token = processor.eos_token   # our own fresh tokenizer: safe to set
     if getattr(model.config, "pad_token_id", None) is None and getattr(processor, "pad_token_id", None) is not None:
         model.config.pad_token_id = processor.pad_token_id
+    if not getattr(model.config, "architectures", None):    # what it was loaded as: its head is known
+        model.config.architectures = [type(model).__name__]
     if target is not None:
         model.to(target)
     model.eval()

@@ -177,7 +177,7 @@ def solve_layer(student, layers, li, block, keep_idx, batches, recorded, target,
     run_layer(student, layers, li, batches, recorded, block.down, stop_hook)
     group.sum_([gram_h, rhs])
     # In place: a layer keeping k = 4,000 neurons has 128 MB per k x k float64 matrix, and the streamed
-    # mode's peak memory is set here (kcm_core.stream).
+    # mode's peak memory is set here (kcm_core.streamed).
     gram = gram_h.mul_(w_kept @ w_kept.t())                              # (k, k)
     gram.diagonal().add_(config.ridge)
     try:

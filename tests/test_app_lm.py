@@ -92,6 +92,11 @@ def test_prune_page_reads_out_perplexity_and_generates_both_continuations(app):
     assert len(texts_after) == 2 and texts_after[0] == texts[0]           # the unpruned one is the same
     at.text_input(key="gen_prompt").set_value("the film").run()
     assert [t.value for t in at.text][0].startswith("the film")
+    # past the model's 64 positions: the last prompt tokens that fit, said on the page (issue 23, 5)
+    at.text_input(key="gen_prompt").set_value(" ".join(WORDS * 3)).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("exceed this model's 64 positions: both models read only its last 34 tokens" in i.value
+               for i in at.info), [i.value for i in at.info]
     assert same_state(ws.model, snapshot)                                   # the shared model is untouched
 
 

@@ -453,6 +453,22 @@ def test_report_holds_plan_numbers_and_environment(ws):
     assert isinstance(charts.kept_frame(result.plan), pd.DataFrame)
 
 
+def test_the_classifier_reports_paired_difference_is_in_the_apps_export(ws):
+    """Issue 23 (13): the app's classifier report lacked the paired after-minus-before difference that the
+    CLI's report (and the README) give: ``evaluation.paired.accuracy_difference``."""
+    from kcm_core.evaluate import labels_of, paired_difference
+    store = SharedStore()
+    config = PruneConfig(method="kcm", budget=0.8, scale_samples=4)
+    result = engine.evaluate_budget(ws, config, store)
+    dense = engine.reference(ws, store)
+    data = report.build_report(ws, config, result, dense.accuracy.to_dict(), None, dense_hits=dense.hits)
+    after_hits = result.predictions == labels_of(ws.eval_batches)
+    expected = paired_difference(after_hits, dense.hits, ws.info.seed).to_dict()
+    assert json.loads(report.report_json(data))["evaluation"]["paired"]["accuracy_difference"] == \
+        json.loads(json.dumps(expected))
+    assert expected["value"] == pytest.approx(result.accuracy["value"] - dense.accuracy.value)
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_the_model_pages_parameter_bar_adds_up_to_the_model(family):
     from conftest import build_tiny_model
@@ -527,3 +543,36 @@ def test_the_estimated_speedup_of_a_language_model_counts_its_unpruned_head():
     assert report.head_macs > 0 and estimated_speedup(lm, 0.8) == pytest.approx(expected)
     assert 1 < estimated_speedup(lm, 0.8) < 1 / 0.8
     assert estimated_speedup(SimpleNamespace(is_lm=False, shape=shape, seq_len=16.0), 0.8) == pytest.approx(1.25)
+
+
+EXITS_WHILE_WORKING = """
+import sys, threading, time
+sys.path.insert(0, sys.argv[2])
+from kcm_app import background
+
+def slow(progress):
+    try:
+        while True:                      # long work that reports progress, as every step does
+            progress("working", 0.5)
+            time.sleep(0.01)
+    finally:
+        open(sys.argv[1], "w").write("stopped")
+
+work = background.Precompute([background.Step("slow", slow)])
+threading.Thread(target=work.run, daemon=True, name="kcm-precompute").start()   # as background.start
+time.sleep(1)
+"""
+
+
+def test_a_process_exiting_while_the_background_works_stops_it_first(tmp_path):
+    """Issue 23 (minor): a process running the app (``AppTest``) that exited while the background work
+    ran killed it inside torch's C++ code: "terminate called without an active exception", exit code
+    134. At exit the work is now asked to stop and waited for."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", EXITS_WHILE_WORKING, str(tmp_path / "ended"), str(root)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "ended").read_text() == "stopped"

@@ -171,6 +171,38 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(workdir, capsys, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--format", "hf,pt"], "error: --format 'hf,pt': unknown export format 'pt'; choose from hf, onnx"),
+    (["prune", "--stream", "--format", "hf,onnx"], "error: --stream writes the hf format only"),
+    (["prune", "--seed", "-1"], "error: argument --seed: must be a whole number from 0 to 4294967295, got '-1'"),
+    (["prune", "--seed", str(2**32)], "error: argument --seed: must be a whole number from 0 to 4294967295"),
+    (["prune", "--min-per-layer", "-2"], "error: argument --min-per-layer: must be a whole number of at least 0"),
+    (["prune", "--scale-samples", "0"], "error: argument --scale-samples: must be a positive whole number"),
+    (["prune", "--label-samples", "0"], "error: argument --label-samples: must be a positive whole number"),
+    (["prune", "--max-iter", "0"], "error: argument --max-iter: must be a positive whole number"),
+    (["evaluate", "--seed", "-1"], "error: argument --seed: must be a whole number from 0"),
+    (["export", "--format", "hf,tflite"], "error: --format 'hf,tflite': unknown export format 'tflite'"),
+    (["finetune", "--epochs", "0"], "error: argument --epochs: must be a positive whole number"),
+], ids=lambda x: "_".join(x) if isinstance(x, list) else None)
+def test_every_option_is_checked_before_anything_is_loaded(workdir, capsys, tmp_path, monkeypatch, argv, message):
+    """Issue 23 (8): ``--format hf,pt`` was refused only when saving (36 s in; under torchrun after the
+    distributed run) and ``--seed -1`` after 25 s by numpy; now each names its option before any load."""
+    import kcm_core.models as M
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+    monkeypatch.setattr(M, "load_model", no_loading)
+    monkeypatch.setattr(M, "load_config", no_loading)
+    command, options = argv[0], argv[1:]
+    common = {"prune": ["--data", workdir / "data.csv", "--flops", "0.8", "--out", tmp_path / "out"],
+              "evaluate": ["--data", workdir / "data.csv"],
+              "export": ["--out", tmp_path / "out"],
+              "finetune": ["--data", workdir / "data.csv", "--out", tmp_path / "out"]}[command]
+    code, out, err = run_cli(capsys, command, "--model", workdir / "tiny", *common, *options)
+    assert (code, out) == (2, "") and err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_is_refused_unless_overwrite(workdir, capsys, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -260,3 +260,44 @@ def test_bad_arguments_fail_at_the_door(tmp_path):
     with pytest.raises(ValueError, match="Unsupported"):
         save_pruned(torch.nn.Linear(2, 2), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+ROPE_CASES = {   # issue 23 (3): what real LLaMA / Qwen2 / Mistral checkpoints ship as
+    "llama-bf16": (T.LlamaConfig, torch.bfloat16, {}),
+    "qwen2-bf16": (T.Qwen2Config, torch.bfloat16, {}),
+    "mistral-head_dim-fp16": (T.MistralConfig, torch.float16, {"head_dim": 16}),
+}
+ROPE_POSITIONS = 64
+
+
+def rope_lm_as_loaded(tmp_path, case: str):
+    """A tiny causal LM saved in float32 and loaded in half precision by ``from_pretrained``, as users
+    load real checkpoints: parameters in bf16 / fp16, the rotary ``inv_freq`` buffer kept in float32."""
+    cls, dtype, extra = ROPE_CASES[case]
+    config = cls(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=WIDTH, max_position_embeddings=ROPE_POSITIONS, pad_token_id=0,
+                 rope_theta=10.0, **extra)     # a short wavelength, so every position turns the rotation
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / f"{case}-source")
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / f"{case}-source", dtype=dtype).eval()
+    assert next(model.parameters()).dtype == dtype
+    assert {b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")} == {torch.float32}
+    return model
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_half_precision_rope_exports_reload_equal_at_every_position(tmp_path, case):
+    """Issue 23 (3): reloading a per-layer export cast the rotary buffers to the weights' dtype, and the
+    reloaded model drifted from the exported one, more with every position. Compared over the model's whole
+    context; the first case also runs save_pruned's own fresh-process verification."""
+    model = rope_lm_as_loaded(tmp_path, case)
+    pruned = slice_model(model, PER_LAYER)
+    result = save_pruned(pruned, tmp_path / case, plan=PER_LAYER, verify=case == "llama-bf16")
+    reloaded = load_pruned(result.out_dir)
+    assert {b.dtype for n, b in reloaded.named_buffers() if n.endswith("inv_freq")} == {torch.float32}
+    assert next(reloaded.parameters()).dtype == next(model.parameters()).dtype
+    ids = torch.randint(1, 99, (2, ROPE_POSITIONS), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(logits(reloaded, {"input_ids": ids}), logits(pruned, {"input_ids": ids}))
+    # load_pruned(dtype=...) casts the same way (parameters only)
+    as_half = load_pruned(result.out_dir, dtype=torch.float16)
+    assert {b.dtype for n, b in as_half.named_buffers() if n.endswith("inv_freq")} == {torch.float32}

@@ -181,3 +181,34 @@ def test_cost_report_uses_measured_params_and_sums_blocks(tiny_model):
     assert [row["neurons"] for row in data["layers"]] == [37, 10, 0]
     assert math.isclose(report.ffn_share,
                         sum(r.ffn for r in report.layers) / report.encoder_macs)
+
+
+def test_explicit_head_dim_counts_the_real_projections_floor_keep_count_and_achieved(tiny_model):
+    """Issue 23 (2): a config whose ``head_dim`` is not hidden / heads (Mistral-Nemo style). A tiny Mistral
+    with head_dim 16 (hidden 32, 4 heads: 8 by division) is measured by ``FlopCounterMode``: per layer,
+    the floor (every neuron removed), the keep count and the achieved relative FLOPs follow the weights."""
+    model = tiny_model("mistral", layers=3, attn="eager", head_dim=16)
+    assert model.model.layers[0].self_attn.q_proj.out_features == 4 * 16
+    inputs, s = one_sequence(model)
+    shape = model_shape(model.config)
+    assert shape.head_dim == 16
+    dense = measured_layer_flops(model, inputs)
+    assert dense == [pytest.approx(2 * row.total, rel=1e-12) for row in layer_costs(shape, s)]
+
+    empty = slice_model(model, KeepPlan(tuple(LayerKeep((), w) for w in shape.ffn_width)))
+    floor = sum(measured_layer_flops(empty, inputs)) / sum(dense)
+    assert flops_floor(shape, s) == pytest.approx(floor, rel=1e-12)
+    with pytest.raises(ValueError, match="below what FFN-only pruning can reach"):
+        keep_count(shape, s, floor - 0.01)
+
+    budget = floor + 0.6 * (1 - floor)
+    k = keep_count(shape, s, budget)
+    counts = [min(k, WIDTH), min(max(k - WIDTH, 0), WIDTH), max(k - 2 * WIDTH, 0)]
+    plan = KeepPlan(tuple(LayerKeep(tuple(range(c)), WIDTH) for c in counts))
+    achieved = sum(measured_layer_flops(slice_model(model, plan), inputs)) / sum(dense)
+    assert relative_flops(shape, s, counts) == pytest.approx(achieved, rel=1e-12)
+    assert achieved <= budget + 1e-12
+    more = list(counts)
+    more[next(i for i, c in enumerate(more) if c < WIDTH)] += 1
+    plan_more = KeepPlan(tuple(LayerKeep(tuple(range(c)), WIDTH) for c in more))
+    assert sum(measured_layer_flops(slice_model(model, plan_more), inputs)) / sum(dense) > budget

@@ -204,3 +204,48 @@ def test_a_pruned_lm_exports_to_onnx_and_matches_in_a_fresh_process(tiny_model, 
                                               for i in range(2)], 40))
     out = save_pruned(pruned, tmp_path / "out", formats=("hf", "onnx"))
     assert out.reloaded_ok and out.max_abs_diff["onnx"] <= 1e-4 and (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_generation_past_the_positions_keeps_the_last_prompt_tokens_that_fit(tmp_path):
+    """Issue 23 (5): the prompt plus the new tokens past a GPT-2's positions was an uncaught IndexError on
+    the Prune page (the default prompt on a 32-position model). The last prompt tokens that fit are kept,
+    and ``generation_note`` says so."""
+    import transformers as T
+
+    from conftest import LM_WORDS, save_tiny_lm
+    from kcm_core.lm import fit_generation, generation_note
+    folder = save_tiny_lm(tmp_path / "gpt2", "gpt2", positions=32)
+    model, tokenizer = T.AutoModelForCausalLM.from_pretrained(folder).eval(), T.AutoTokenizer.from_pretrained(folder)
+    long_prompt = " ".join(LM_WORDS[i % len(LM_WORDS)] for i in range(40))
+    tokens = len(tokenizer(long_prompt)["input_ids"])
+    assert tokens > 32
+    text = generate(model, tokenizer, long_prompt, 20)
+    # the same as generating 16 tokens from the last 16 prompt tokens alone (half the positions each)
+    ids = tokenizer(long_prompt, return_tensors="pt")["input_ids"][:, -16:]
+    with torch.no_grad():
+        alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert text == tokenizer.decode(alone[0, 16:], skip_special_tokens=True)
+    assert generation_note(model, tokenizer, long_prompt, 20) == (
+        f"The prompt ({tokens} tokens) and 20 new tokens exceed this model's 32 positions: both models read "
+        "only its last 16 tokens and write 16 new tokens, not 20.")
+    assert fit_generation(model.config, 30, 10) == (22, 10)      # new tokens within half: the prompt is cut
+    assert generation_note(model, tokenizer, "good film", 20) is None
+    assert fit_generation(model.config, 3, 40) == (3, 29)         # a short prompt leaves room for new tokens
+    assert fit_generation(model.config, 40, 40) == (16, 16)       # else half the positions each
+    assert fit_generation(model.config, 1000, 40) == (16, 16)
+
+
+def test_a_held_out_half_too_short_for_a_block_says_it_is_the_held_out_half():
+    """Issue 23 (minor): a 3,000-word text whose held-out half was one short document was reported as
+    "the text holds 10 tokens, fewer than one block", as if the whole text were that short."""
+    class Tok:
+        eos_token_id = None
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1 + (hash(w) % 50) for w in text.split()]}
+    data = TextData(texts=(" ".join(["word"] * 3000), "a short last review of ten words or so here"))
+    with pytest.raises(ValueError) as err:
+        split_blocks(data, data, Tok(), 16)
+    assert str(err.value).startswith("the held-out half of the documents (2-2 of 2; the split is by document, "
+                                     "not by length): the text holds 10 tokens, fewer than one block of 16")

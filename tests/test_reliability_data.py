@@ -450,3 +450,33 @@ def test_odd_label_and_row_cells_get_one_clear_message(tmp_path, name, text, mes
     with pytest.raises(ValueError) as err:
         load_text_data(path)
     assert message in str(err.value)
+
+
+def test_thin_data_is_said_the_guessed_text_column_and_a_sample_smaller_than_asked(tmp_path, unnamed):
+    """Issue 23 (12): a CSV without a ``text`` column quietly used its ``review`` column, and a one-line
+    text file pruned the classifier on 1 sequence while the app claimed the sample asked for."""
+    from kcm_app import resources
+    from kcm_app.sources import DataChoice, SampleChoice
+    from kcm_core.data import load_text_data
+    from kcm_core.models import load_model
+    (tmp_path / "reviews.csv").write_text("id,review\n1,a good film\n2,a dull plot\n")
+    data = load_text_data(tmp_path / "reviews.csv")
+    assert data.texts == ("a good film", "a dull plot")
+    assert data.source == f"{tmp_path / 'reviews.csv'} (text from its column 'review': it has no text or sentence column)"
+    assert load_text_data(tmp_path / "reviews.csv", text_column="review").source == str(tmp_path / "reviews.csv")
+
+    from kcm_app.views.model import provenance, sample_warning
+    model, tokenizer = load_model(str(unnamed))
+    (tmp_path / "one.txt").write_text("a good film .\n")
+    ws = resources._workspace("folder:tiny", DataChoice("file", str(tmp_path / "one.txt")),
+                              SampleChoice(size=64, max_len=16), model, tokenizer)
+    assert (ws.info.sample, ws.info.asked) == (1, 64)
+    assert sample_warning(ws) == ("The data holds only 1 sequence for scoring, fewer than the 64 asked: the "
+                                  "scores rest on that few. Give more data for scores you can trust.")
+    assert provenance(ws).loc["unlabeled sequences for scoring", "value"] == "1"
+    from types import SimpleNamespace
+
+    from kcm_app.views.prune import readout_note
+    slow = SimpleNamespace(accuracy=None, agreement=None, plan=SimpleNamespace(info=SimpleNamespace(scaled_layers=2)))
+    speed = SimpleNamespace(dense_seconds=0.01, pruned_seconds=0.01, timed_on="one batch")
+    assert "Scales fitted on the first 1 unlabeled sequences (2 layers scaled)" in readout_note(ws, slow, speed)

@@ -9,6 +9,7 @@ stop writes: unwritable places are a path under a regular file, ``/sys`` or a mo
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,6 +17,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +186,27 @@ def test_a_full_disk_during_the_export_is_one_sentence_and_leaves_nothing(tiny, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_full_disk_seen_by_safetensors_is_the_disk_sentence_not_a_damaged_model(tiny, tmp_path, monkeypatch):
+    """Issue 23 (6): safetensors reports ENOSPC as a ``SafetensorError``, which was let through and worded
+    as "the weights file of the model is damaged ... download the model again"."""
+    import transformers.modeling_utils as MU
+    from safetensors import SafetensorError
+    _, _, model = tiny
+    target = tmp_path / "out"
+
+    def full(state, filename, metadata=None):       # the text safetensors writes for an OS error
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at '
+                              f'path "{filename}"')
+
+    monkeypatch.setattr(MU, "safe_save_file", full)
+    with pytest.raises(ValueError) as err:
+        save_pruned(model, target, verify=False)
+    assert str(err.value) == (f"could not write {target}: No space left on device; nothing was written (free "
+                              "some space or choose another folder)")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- library: fine-tune outputs
 
 def test_finetune_overwrite_spares_someones_folder_and_an_export(tiny, tmp_path):
@@ -226,6 +249,47 @@ def test_finetune_full_disk_is_one_sentence(tiny, tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- killed exports
+
+VERIFYING = """
+import sys, types
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import kcm_core.export.verify as V
+V.np.savez = lambda *args, **kwargs: None          # the probe stays the FIFO the test made
+V.verify(Path(sys.argv[1]), ("hf",), "transformers", types.SimpleNamespace(output="logits"), {}, None, 1.0)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_the_verification_child_ends_with_the_export_that_started_it(tmp_path, how):
+    """Issue 23 (10): ``kill -9`` or SIGTERM during an export orphaned the fresh-process check, which kept
+    a second copy of the model in memory while the next export deleted its folder. Here the child blocks
+    reading its probe (a FIFO), so only its parent's end can end it."""
+    import signal
+
+    import psutil
+    os.mkfifo(tmp_path / ".kcm_probe.npz")
+    parent = subprocess.Popen([sys.executable, "-c", VERIFYING, str(tmp_path), str(ROOT)])
+    started = [parent]
+    try:
+        for _ in range(300):
+            children = psutil.Process(parent.pid).children()
+            if children:
+                break
+            time.sleep(0.1)
+        assert children, "the check never started"
+        child = children[0]
+        started.append(child)
+        time.sleep(2)                                   # the child is up and waiting for its probe
+        parent.send_signal(getattr(signal, how))
+        parent.wait(timeout=30)
+        gone, alive = psutil.wait_procs([child], timeout=10)
+        ended = not alive or alive[0].status() == psutil.STATUS_ZOMBIE
+        assert ended, "the verification child outlived its export"
+    finally:
+        for proc in started:                            # only what this test started, by id
+            with contextlib.suppress(Exception):
+                proc.kill()
 
 KILLED = """
 import os, sys
@@ -450,6 +514,33 @@ def test_a_link_inside_a_root_to_a_file_outside_is_refused(tmp_path):
     assert server.confine("sub/data.csv", "data file", config) == str(root.resolve() / "sub/data.csv")
 
 
+def test_a_model_folder_inside_a_root_whose_files_link_out_is_refused(tmp_path, monkeypatch):
+    """Issue 23 (4): the folder itself lay inside the root, so it was read, links and all."""
+    from kcm_app import resources
+    from kcm_app.sources import ModelChoice
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "model").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "model.safetensors").write_bytes(b"secret")
+    (root / "model" / "config.json").write_text("{}")
+    monkeypatch.setenv("KCM_SHARED_SERVER", "1")
+    monkeypatch.setenv("KCM_ALLOWED_ROOTS", str(root))
+    choice = ModelChoice("folder", "model")
+    assert resources.model_path(choice) == str(root.resolve() / "model")
+    (root / "model" / "model.safetensors").symlink_to(outside / "model.safetensors")
+    with pytest.raises(ValueError) as err:
+        resources.model_path(choice)
+    assert str(err.value) == (f"model folders must lie inside {root.resolve()} on this shared server; 'model' "
+                              "holds model.safetensors, a link to somewhere else")
+    (root / "model" / "model.safetensors").unlink()
+    (root / "model" / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(ValueError, match="holds sub, a link to somewhere else"):
+        resources.model_path(choice)
+    # a single user's folders (hub-cache snapshots are links into ../../blobs) are read as they are
+    monkeypatch.setenv("KCM_SHARED_SERVER", "0")
+    assert resources.model_path(ModelChoice("folder", str(root / "model"))) == str(root / "model")
+
+
 @pytest.mark.parametrize("env, call, message", [
     ({"KCM_ALLOWED_ROOTS": ""}, lambda c: server.confine("/x", "model folder", c),
      "model folders on this machine are turned off on this shared server"),
@@ -482,6 +573,35 @@ def test_an_upload_ref_must_be_this_servers_upload(tmp_path, monkeypatch):
         resources.data_source(DataChoice("upload", "/etc/passwd"))
     mine = sources.upload_path("a.csv", b"text\nhi\n", sources.upload_dir())
     assert resources.data_source(DataChoice("upload", str(mine))) == str(mine)
+
+
+@pytest.mark.parametrize("ref", ["/etc", "/etc/passwd", "../outside/model", "~/.ssh", "outside/data.csv",
+                                 "outside", "kcm_core", "data.csv"])
+def test_a_shared_hub_reference_never_resolves_on_this_machine(tmp_path, monkeypatch, ref):
+    """Issue 23 (1): with the hub on, a "hub id" or "hub dataset" was tried as a local path first
+    (``from_pretrained``, ``load_dataset``, ``load_text_data``), so it read any folder or file the server
+    could, past the roots. In shared mode it must be a hub id naming nothing here; refused before any read."""
+    from kcm_app import resources
+    from kcm_app.sources import ModelChoice
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "data.csv").write_text("text\nhi\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "kcm_core").mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    for name, value in {"KCM_SHARED_SERVER": "1", "KCM_ALLOWED_ROOTS": str(root), "KCM_ALLOW_HUB": "1"}.items():
+        monkeypatch.setenv(name, value)
+    message = f"hub models must be given as a hub id (name or owner/name) on this shared server; {ref!r} is not one"
+    with pytest.raises(ValueError) as err:
+        resources.model_path(ModelChoice("hub", ref))
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match="hub datasets must be given as a hub id"):
+        resources.data_source(DataChoice("hub", ref))
+    # real hub ids pass; outside shared mode any reference passes as before
+    assert resources.model_path(ModelChoice("hub", " openai-community/gpt2 ")) == "openai-community/gpt2"
+    assert resources.data_source(DataChoice("hub", "stanfordnlp/imdb")) == "stanfordnlp/imdb"
+    monkeypatch.setenv("KCM_SHARED_SERVER", "0")
+    assert resources.model_path(ModelChoice("hub", ref)) == ref
 
 
 # --------------------------------------------------------------------------- uploads
@@ -548,6 +668,15 @@ def test_shared_app_starts_on_the_operators_model_and_hides_error_details(shared
     assert not errors(at) and str(root) in at.session_state["workspace"].model_key   # not the demo
     assert st_config.get_option("client.showErrorDetails") == "none"
     assert any("Shared server: local paths inside" in c.value for c in at.sidebar.caption)
+
+
+def test_shared_app_leaves_clearing_the_disk_cache_to_the_operator(shared_app):
+    """Issue 23 (13): every participant saw "Clear the disk cache", one click emptying it for the server."""
+    make, _ = shared_app
+    at = make()
+    assert "Disk cache" in [h.value for h in at.subheader]
+    assert "clear_disk_cache" not in [b.key for b in at.button]
+    assert any("only its operator clears the cache" in c.value for c in at.caption)
 
 
 @pytest.mark.parametrize("kind, key, existing, missing", [

@@ -379,3 +379,90 @@ def run_cli(capsys, *argv):
     code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+# --------------------------------------------------------------------------- shard indexes (issue 23, 4 and 7)
+
+def sharded_lm(tmp_path: Path) -> Path:
+    """A tiny LLaMA with a tokenizer, saved in three or more shards with an index."""
+    from conftest import save_tiny_lm
+    folder = save_tiny_lm(tmp_path / "sharded", "llama")
+    model = T.AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="20KB")
+    assert len(list(folder.glob("model-*.safetensors"))) >= 3 and (folder / "model.safetensors.index.json").exists()
+    return folder
+
+
+def per_layer_export(tmp_path: Path) -> Path:
+    """A per-layer-widths export (``load_pruned`` reads its safetensors itself, not transformers)."""
+    from conftest import build_tiny_model
+    from kcm_core import KeepPlan, LayerKeep, save_pruned, slice_model
+    plan = KeepPlan((LayerKeep((0, 3, 7), 37), LayerKeep(tuple(range(20)), 37)))
+    model = slice_model(build_tiny_model("llama", "causal-lm"), plan)
+    return save_pruned(model, tmp_path / "export", plan=plan, verify=False).out_dir
+
+
+def write_index(folder: Path, weight_map) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def readers(folder: Path) -> list:
+    """Everything that reads a model folder's weights: in memory, reloading an export, layer by layer."""
+    from kcm_core.export import load_pruned
+    from kcm_core.streamed.skeleton import Checkpoint
+    return [lambda: Checkpoint(folder), lambda: load_pruned(folder), lambda: load_model(folder, device="cpu")]
+
+
+def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(tmp_path):
+    """Issue 23 (4): ``--stream`` read a layer from ``../outside/...`` and an export whose index named
+    ``../../x`` loaded; names are judged as transformers judges them (hub-cache shards are links)."""
+    folder = sharded_lm(tmp_path)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    moved = sorted(set(index.values()))[1]
+    (tmp_path / "outside").mkdir()
+    shutil.move(folder / moved, tmp_path / "outside" / moved)
+    write_index(folder, {k: (f"../outside/{v}" if v == moved else v) for k, v in index.items()})
+    for read in readers(folder):
+        with pytest.raises(ValueError, match=f"names a file outside the model folder \\('../outside/{moved}'\\)"):
+            read()
+    export = per_layer_export(tmp_path / "e")
+    shutil.move(export / "model.safetensors", tmp_path / "x.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        write_index(export, dict.fromkeys(f.keys(), "../../x.safetensors"))
+    for read in readers(export):
+        with pytest.raises(ValueError, match="names a file outside the model folder \\('../../x.safetensors'\\)"):
+            read()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no-weight-map", "has no weight_map \\(the table naming the file of every tensor\\)"),
+    ("not-json", "is not valid JSON"),
+    ("missing-shard", "names model-00002-of-0000\\d.safetensors, which is not in"),
+])
+def test_a_damaged_shard_index_is_one_sentence_naming_it(tmp_path, capsys, damage, message):
+    """Issue 23 (7): an index without ``weight_map`` was a ``KeyError`` traceback (in memory and
+    ``--stream``), a malformed one a JSON error naming no file, a missing shard under ``--stream``
+    said "fix config.json"."""
+    folder = sharded_lm(tmp_path)
+    index = folder / "model.safetensors.index.json"
+    if damage == "no-weight-map":
+        index.write_text(json.dumps({"metadata": {"total_size": 1}}))
+    elif damage == "not-json":
+        index.write_text('{"weight_map": {')
+    else:
+        sorted(folder.glob("model-*.safetensors"))[1].unlink()
+    for read in readers(folder):
+        with pytest.raises(ValueError, match=message) as err:
+            read()
+        assert str(index) in str(err.value)
+    from conftest import LM_WORDS
+    (tmp_path / "docs.txt").write_text("\n".join(" ".join(LM_WORDS) for _ in range(20)) + "\n")
+    capsys.readouterr()
+    for stream in ([], ["--stream"]):
+        code = cli.main(["prune", "--model", str(folder), "--data", str(tmp_path / "docs.txt"), "--flops", "0.9",
+                         "--block-size", "16", "--samples", "4", "--out", str(tmp_path / "out"), *stream])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: the shard index") and err.count("\n") == 1, err
+        assert str(index) in err and not (tmp_path / "out").exists()

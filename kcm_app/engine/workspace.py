@@ -27,6 +27,7 @@ class WorkspaceInfo:
     max_len: int = 0
     seed: int = 0
     labels: bool = False          # whether the scoring sample has labels
+    asked: int = 0                # the sample size asked for (sequences or blocks); 0: not recorded
 
 
 @dataclass(frozen=True)

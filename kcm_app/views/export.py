@@ -102,11 +102,13 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, unifo
                 + (", every layer the same width." if uniform else "."))
     with ui.progress("Preparing the plan") as bar, ui.core_errors():
         result = engine.evaluate_budget(ws, config, store, bar)
-        accuracy = engine.reference(ws, store).accuracy if ws.eval_batches is not None and not ws.is_lm else None
+        reference = engine.reference(ws, store) if ws.eval_batches is not None and not ws.is_lm else None
+        accuracy = reference.accuracy if reference is not None else None
         dense = accuracy.to_dict() if accuracy is not None else None
         dense_lm = engine.reference_lm(ws, store) if ws.is_lm else None
         speed = engine.measure_speed(ws, config, store)
-    data = report.build_report(ws, config, result, dense, speed, dense_lm)
+    data = report.build_report(ws, config, result, dense, speed, dense_lm,
+                               dense_hits=reference.hits if reference is not None else None)
     name = f"kcm-{config.method}-{config.budget:.2f}"
     cols = st.columns(3)
     cols[0].download_button("Report (JSON)", report.report_json(data), f"{name}.json", "application/json",

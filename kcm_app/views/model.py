@@ -7,7 +7,7 @@ import streamlit as st
 
 from kcm_core.flops import cost_report, count_params
 
-from .. import background, charts, disk_cache, engine, figures, resources, ui
+from .. import background, charts, disk_cache, engine, figures, resources, server, ui
 from ..navigation import INTRO
 from ..sources import DATA_KINDS
 from ..engine import Workspace
@@ -47,6 +47,16 @@ def provenance(ws: Workspace) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["property", "value"]).astype(str).set_index("property")
 
 
+def sample_warning(ws: Workspace) -> str | None:
+    """Said when the data gave fewer sequences (blocks) for scoring than the sidebar asked for."""
+    i = ws.info
+    if not i.asked or i.sample >= i.asked:
+        return None
+    unit = ("calibration block" if ws.is_lm else "sequence") + ("s" if i.sample != 1 else "")
+    return (f"The data holds only {i.sample} {unit} for scoring, fewer than the {i.asked} asked: the scores "
+            "rest on that few. Give more data for scores you can trust.")
+
+
 def loaded_line(ws: Workspace) -> str:
     """What the model and data are, in one sentence."""
     i = ws.info
@@ -73,6 +83,9 @@ def page() -> None:
     st.markdown(loaded_line(ws))
     if ws.is_lm:
         lm_default_note()
+    thin = sample_warning(ws)
+    if thin:
+        st.warning(thin)
     score_now = st.button("Score all neurons with KCM now", key="score_now",
                           help="Runs R2 (kernel hull on the weights) and D2 (activations on the sample) "
                                "once; every page reuses the result.")
@@ -160,6 +173,9 @@ def cache_controls() -> None:
                f"{disk_cache.root().parent} ({files} files, {size / 2**20:.1f} MiB), keyed by the weights' "
                "hash, the data and the options, so a restarted app shows them at once. Results already "
                "in this server's memory stay until it restarts.")
+    if server.settings().shared:         # one click would empty it for every participant
+        st.caption("On this shared server only its operator clears the cache (by deleting that folder).")
+        return
     if st.button("Clear the disk cache", key="clear_disk_cache",
                  help="Removes every stored file; the next start computes them again"):
         st.success(f"Removed {disk_cache.clear_all()} cached files.")

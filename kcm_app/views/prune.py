@@ -276,6 +276,10 @@ def generation_panel(ws: Workspace, config, store) -> None:
                            help=f"Both models continue it greedily with {engine.GENERATION_TOKENS} new tokens")
     with st.spinner("Generating..."), ui.core_errors():
         out = engine.continuations(ws, config, prompt, store)
+    from kcm_core.lm import generation_note
+    cut = generation_note(ws.model, ws.tokenizer, prompt, out.new_tokens)
+    if cut:                              # past the model's positions: the last prompt tokens that fit
+        st.info(cut)
     left, right = st.columns(2)
     with left.container(border=True):
         st.markdown("**Unpruned**")
@@ -306,6 +310,7 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
                      f"(95% interval {lo:.1%} to {hi:.1%}).")
     info = slow.plan.info
     unit = "calibration blocks" if ws.is_lm else "unlabeled sequences"
+    fitted = min(engine.scale_samples(ws), ws.info.sample or engine.scale_samples(ws))   # thin data: what there is
     if info.repair in (None, "none"):
         parts.append("No repair: the kept neurons are used as they were.")
     elif info.repair == "bias" and info.repair_target == "teacher":
@@ -318,8 +323,9 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
         failed = (f" ({info.scaled_layers} of {len(slow.plan.layers)} layers scaled)" if info.scaled_layers is not None
                   else f" (the solve failed in layers {info.repair_failed_layers}: left as selected)"
                   if info.repair_failed_layers else "")
-        parts.append(f"Repair: {what}, fitted to {aim} on the first {engine.scale_samples(ws)} {unit} "
-                     f"to keep a new budget quick{failed}.")
+        where = (f"all {ws.info.sample} {unit}" if info.repair == "refit"
+                 else f"the first {fitted} {unit} to keep a new budget quick")
+        parts.append(f"Repair: {what}, fitted to {aim} on {where}{failed}.")
     parts.append(f"Speed: {speed.dense_seconds * 1e3:.1f} ms unpruned vs {speed.pruned_seconds * 1e3:.1f} ms "
                  f"sliced, {speed.timed_on}; {ui.threads_note()} Other sessions computing at the same time "
                  "disturb it.")

@@ -270,6 +270,37 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _whole_number(text: str, low: int, high: int | None, wanted: str) -> int:
+    """``text`` as a whole number in [low, high] (high None: no upper bound), else argparse's error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A seed numpy and torch both take."""
+    return _whole_number(text, 0, 2**32 - 1, f"a whole number from 0 to {2**32 - 1}")
+
+
+def _count(text: str) -> int:
+    return _whole_number(text, 0, None, "a whole number of at least 0")
+
+
+def _check_format_option(args) -> None:
+    """``--format`` refused at the door (it was checked only when saving, after all the work)."""
+    if getattr(args, "format", None) is None:
+        return
+    from .export.saving import _check_formats
+    try:
+        _check_formats([f for f in args.format.split(",") if f.strip()])
+    except ValueError as err:
+        raise ValueError(f"--format {args.format!r}: {err}") from None
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required,
                    help="'demo', a CSV/TSV/JSON/JSONL/Parquet/TXT file, or a hub dataset name")
@@ -287,7 +318,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="language models: tokens per block (calibration and evaluation text)")
     p.add_argument("--eval-blocks", type=_positive_int, default=32,
                    help="language models: held-out blocks to measure perplexity on")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", help="split of --eval-data when it is a hub dataset")
     p.add_argument("--multiple", type=_positive_int, default=1,
                    help="round kept widths to a multiple (8, 16, 64), at most the widest layer")
-    p.add_argument("--min-per-layer", type=int, default=0, help="neurons every layer keeps at least")
+    p.add_argument("--min-per-layer", type=_count, default=0, help="neurons every layer keeps at least")
     p.add_argument("--uniform", action="store_true",
                    help="same width in every layer (stock from_pretrained can load the result)")
     p.add_argument("--sigma", type=float, default=1.0, help="R2 kernel bandwidth (see --sigma-mode)")
@@ -350,14 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spearman: stop when 1 - rho <= this; topk: when at most this share of the "
                         "top set changed between iterations")
     p.add_argument("--top-share", type=float, default=0.4, help="topk rule: share of neurons compared")
-    p.add_argument("--max-iter", type=int, default=200, help="R2 iteration cap")
+    p.add_argument("--max-iter", type=_positive_int, default=200, help="R2 iteration cap")
     p.add_argument("--d2-statistic", default="auto", choices=["auto", "mean", "mean_abs", "rms"],
                    help="auto: mean for ungated FFNs, mean_abs for gated MLPs (see docs/options.md)")
     p.add_argument("--d2-normalise", default="minmax", choices=["minmax", "zscore", "none"])
     p.add_argument("--ridge", type=float, default=1.0, help="scaling: pull toward scale 1")
-    p.add_argument("--scale-samples", type=int, default=None,
+    p.add_argument("--scale-samples", type=_positive_int, default=None,
                    help="sequences used by scaling (default 512; language models: blocks, default 8)")
-    p.add_argument("--label-samples", type=int, default=512, help="labeled sequences for label methods")
+    p.add_argument("--label-samples", type=_positive_int, default=512, help="labeled sequences for label methods")
     p.add_argument("--format", default="hf", help="comma list of export formats: hf, onnx")
     p.add_argument("--stream", action="store_true",
                    help="models larger than memory: read, prune and write one layer at a time from the "
@@ -387,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=_positive_int, default=2)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--json", dest="json_out")
     p.set_defaults(func=cmd_finetune, max_len=64)
@@ -419,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "prune" and launched():
             raise ValueError(f"only prune runs under torchrun (or accelerate launch); run "
                              f"`python -m kcm_core {args.command} ...` in one process")
+        _check_format_option(args)              # every option before anything is loaded
         result = args.func(args)
         if result is not None:                  # None: a rank other than 0 of a distributed prune
             json_out(result, getattr(args, "json_out", None))

@@ -38,16 +38,18 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device | None = Non
     if not (folder / "config.json").exists():
         hint = " It holds only ONNX: load model.onnx with onnxruntime." if (folder / ONNX_FILE).exists() else ""
         raise ValueError(f"{folder} has no config.json.{hint}")
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    from ..models import drop_gguf_record
+    config = drop_gguf_record(transformers.AutoConfig.from_pretrained(folder, local_files_only=True))
     cls = model_class(config)
+    check_shard_indexes(folder)
     from ..runtime import quiet_transformers
     with quiet_transformers():
         if getattr(config, "kcm_ffn_widths", None):
             model = _load_sliced(folder, config, cls)
         else:
-            model = _load_stock(folder, cls)
+            model = _load_stock(folder, cls, config)
     if dtype is not None:
-        model = model.to(dtype)
+        cast_parameters(model, dtype)
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -71,12 +73,12 @@ def model_class(config) -> type:
     return cls
 
 
-def _load_stock(folder: Path, cls: type) -> nn.Module:
+def _load_stock(folder: Path, cls: type, config=None) -> nn.Module:
     """``cls.from_pretrained``, refusing damaged files and weights that do not all fit (as ``load_model``)."""
     from ..errors import check_loading_info, weights_error, weights_error_types
     try:
         # mismatches come back named in the loading info (not as a RuntimeError about a hidden report)
-        model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True,
+        model, info = cls.from_pretrained(folder, config=config, local_files_only=True, output_loading_info=True,
                                           ignore_mismatched_sizes=True)
     except OSError as err:
         raise ValueError(f"could not load the weights of {folder}: {str(err).splitlines()[0]}") from None
@@ -109,9 +111,61 @@ def _load_sliced(folder: Path, config, cls: type) -> nn.Module:
     state = _read_safetensors(folder)
     floats = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(floats) == 1:
-        model = model.to(floats.pop())
+        cast_parameters(model, floats.pop())
     _load_state_strict(model, state, folder)
     return model
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating parameters to ``dtype`` in place, leaving its buffers as they are.
+
+    ``from_pretrained`` does the same: rotary models keep ``inv_freq`` (and their cos/sin tables) in
+    float32 whatever the weights' dtype. ``model.to(bfloat16)`` would round them too, and the reloaded
+    model would drift from the one that was exported, more with every position.
+    """
+    for param in model.parameters():            # each Parameter once: tied weights stay tied
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def weight_map(folder: Path, index_name: str = SHARD_INDEXES[0]) -> dict[str, str] | None:
+    """The shard index's tensor -> file table of a model folder, checked; None when it has no index.
+
+    One ``ValueError`` sentence naming the index for a file that is not JSON, an index without a
+    ``weight_map``, a shard named outside the folder (an absolute path or ``..``, refused as
+    ``transformers`` does: hub-cache shards are links, so names are judged, not their targets) and
+    a shard that is not there.
+    """
+    index = Path(folder) / index_name
+    if not index.exists():
+        return None
+    try:
+        table = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"the shard index {index} is not valid JSON ({err}); restore the index saved "
+                         "with the weights") from None
+    where = table.get("weight_map") if isinstance(table, dict) else None
+    if not (isinstance(where, dict) and where and all(isinstance(v, str) for v in where.values())):
+        raise ValueError(f"the shard index {index} has no weight_map (the table naming the file of every "
+                         "tensor); restore the index saved with the weights")
+    for name in sorted(set(where.values())):
+        if Path(name).anchor or ".." in Path(name).parts:
+            raise ValueError(f"the shard index {index} names a file outside the model folder ({name!r}); "
+                             "refused")
+        if not (Path(folder) / name).is_file():
+            raise ValueError(f"the shard index {index} names {name}, which is not in {folder}; copy or "
+                             "download the model again")
+    return dict(where)
+
+
+def check_shard_indexes(folder: str | os.PathLike) -> None:
+    """Every shard index of a local model folder checked (``weight_map``) before ``from_pretrained``
+    reads it (it would raise a bare ``KeyError`` or a JSON error naming no file)."""
+    for name in SHARD_INDEXES:
+        weight_map(Path(folder), name)
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -120,9 +174,9 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
     from ..errors import weights_error
 
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    where = weight_map(folder)
+    if where is not None:
+        files = sorted(set(where.values()))
     elif (folder / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:

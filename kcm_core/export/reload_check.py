@@ -38,7 +38,31 @@ def run_job(folder: str, fmt: str, loader: str, output: str, root: str, probe: d
         return getattr(model(**inputs), output).float().numpy()
 
 
+def exit_with_parent() -> None:
+    """End this process when the export that started it ends (``kill -9``, SIGTERM): otherwise it would
+    keep a second copy of the model in memory while the next export deletes its folder. Linux's
+    parent-death signal where it exists, and on any system a thread that watches the parent's pid
+    (``KCM_VERIFY_PARENT``, set by ``export.verify``; read before anything slow)."""
+    import os
+    import threading
+    import time
+    parent = int(os.environ.get("KCM_VERIFY_PARENT") or os.getppid())
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError, TypeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv: list) -> None:
+    exit_with_parent()
     import numpy as np
     folder, jobs, root = argv[0], json.loads(argv[1]), argv[2]
     probe = dict(np.load(folder + "/.kcm_probe.npz"))

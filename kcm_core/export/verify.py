@@ -24,7 +24,7 @@ def verify(folder: Path, formats: tuple[str, ...], loader: str, spec: IOSpec,
     np.savez(folder / PROBE_FILE, **probe)
     jobs = [(fmt, loader if fmt == "hf" else "onnxruntime", spec.output) for fmt in formats]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "KCM_VERIFY_PARENT": str(os.getpid())}   # the child dies with us
     command = [sys.executable, "-I", reload_check.__file__, str(folder), json.dumps(jobs), str(PROJECT_ROOT)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=VERIFY_TIMEOUT_S)

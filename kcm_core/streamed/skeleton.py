@@ -16,7 +16,6 @@ method table) sees a one-layer model, and its ``forward`` runs that layer on the
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +84,10 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.exists():
-            self.where: dict[str, str] = dict(json.loads(index.read_text())["weight_map"])
+        from .export.loading import weight_map
+        where = weight_map(self.folder)        # checked: JSON, weight_map, shards inside and present
+        if where is not None:
+            self.where: dict[str, str] = where
         elif (self.folder / "model.safetensors").exists():
             with self._opened("model.safetensors") as f:
                 self.where = {key: "model.safetensors" for key in f.keys()}
@@ -144,7 +144,8 @@ class Skeleton:
 
         from ..runtime import quiet_transformers
         self.folder, self.device = Path(folder), device
-        self.config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
+        from .models import drop_gguf_record
+        self.config = drop_gguf_record(AutoConfig.from_pretrained(self.folder, local_files_only=True))
         self.family = family_for_config(self.config)
         kinds = set(getattr(self.config, "layer_types", None) or [])
         if len(kinds) > 1:
