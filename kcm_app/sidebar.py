@@ -195,7 +195,8 @@ def _load_with_status(model: ModelChoice, data: DataChoice, sample: SampleChoice
     """(workspace, the sample the sidebar drew, the sample loaded), inside a status box that says
     whether loading succeeded or failed."""
     first_demo = model.kind in DEMO_KINDS and not resources.demo_ready(model.kind)
-    label = (f"Preparing the {'LM' if model.kind == 'demo-lm' else 'classifier'} demo (first start "
+    which = {"demo-lm": "LM", "demo-vision": "vision"}.get(model.kind, "classifier")
+    label = (f"Preparing the {which} demo (first start "
              "only)" if first_demo else "Loading model and data")
     with st.status(label, expanded=first_demo) as box:
         bar = ui.ProgressBar(label, container=box.empty())
