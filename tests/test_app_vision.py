@@ -70,3 +70,17 @@ def test_cost_page_times_the_vit_blocks_on_images(app):
     at.button(key="cost_measure").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("Measured time per block, batch" in c.proto.spec for c in at.get("plotly_chart"))
+
+
+def test_prune_page_shows_test_images_with_both_predictions(app):
+    at = app("pages/5_prune.py")
+    assert any(s.value == "Test images: unpruned vs pruned prediction" for s in at.subheader)
+    captions = [c.value for c in at.caption]
+    assert any("pruned model changes its prediction on" in c for c in captions), captions
+    assert sum("unpruned: " in c and "pruned: " in c for c in captions) == 24
+
+
+def test_model_page_shows_sample_images_with_labels(app):
+    at = app()
+    assert any("Test images as the model reads them" in c.value for c in at.caption)
+    assert sum(c.value in ("boot", "coat", "shirt") for c in at.caption) == 8
