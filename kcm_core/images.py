@@ -190,14 +190,15 @@ def image_batches(data: TextData, processor, model_config, *, batch_size: int = 
     ``labels`` when ``with_labels`` and the data has class ids (map names first with
     ``kcm_core.data.labels_for_model``). Images in another colour mode than the model reads are
     converted, and ``progress`` hears how many."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if len(data) == 0:
-        raise ValueError("no images: the data is empty")
-    if with_labels and data.labels_by_name:
-        raise ValueError(f"the labels of {data.source or 'the data'} are class names, not the model's class "
-                         "ids; map them with kcm_core.data.labels_for_model(data, model.config) first")
     mode = image_mode(model_config)
+    problem = ("no images: the data is empty" if len(data) == 0 else
+               f"batch_size must be a positive integer, got {batch_size!r}"
+               if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 else
+               f"the labels of {data.source or 'the data'} are class names, not the model's class ids; map them "
+               "with kcm_core.data.labels_for_model(data, model.config) first"
+               if with_labels and data.labels_by_name else None)
+    if problem:
+        raise ValueError(problem)
     converted: Counter = Counter()
     batches = []
     for start in range(0, len(data), batch_size):

@@ -39,10 +39,10 @@ def tiny_vision(tmp_path_factory):
 @pytest.fixture
 def app(tiny_vision, monkeypatch, tmp_path):
     model_dir, images = tiny_vision
-    monkeypatch.setenv("KCM_APP_MODEL", str(model_dir))
-    monkeypatch.setenv("KCM_APP_DATA", str(images))
+    # the disk cache in the test's folder, never the user's; AppTest fires no timers, so a run waits
+    for name, value in {"KCM_APP_MODEL": model_dir, "KCM_APP_DATA": images, "KCM_CACHE_DIR": tmp_path / "cache"}.items():
+        monkeypatch.setenv(name, str(value))
     monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
-    monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))
     yield app_runner(TIMEOUT)
     finish_background()
 
