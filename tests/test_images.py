@@ -149,7 +149,7 @@ def test_a_class_the_model_cannot_predict_is_refused_by_name(tmp_path, vit_dir):
 def test_prune_evaluate_export_and_stock_reload_of_a_vit(tmp_path, capsys, vit_dir, image_folder):
     out = tmp_path / "pruned"
     code, stdout, err = run_cli(capsys, "prune", "--model", vit_dir, "--data", image_folder, "--flops", 0.8,
-                                "--uniform", "--out", out, "--batch-size", 8)
+                                "--uniform", "--out", out, "--batch-size", 8, "--format", "hf,onnx")
     assert code == 0, err
     report = json.loads(stdout)
     evaluation = report["evaluation"]
@@ -169,5 +169,10 @@ def test_prune_evaluate_export_and_stock_reload_of_a_vit(tmp_path, capsys, vit_d
     from kcm_core.models import load_model
     ours, _ = load_model(str(out), device="cpu")
     with torch.no_grad():
-        assert torch.allclose(stock(pixel_values=pixels).logits, ours(pixel_values=pixels).logits, atol=1e-5)
+        logits = stock(pixel_values=pixels).logits
+        assert torch.allclose(logits, ours(pixel_values=pixels).logits, atol=1e-5)
+    import onnxruntime as ort                  # the ONNX export reads the same pixels to the same logits
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {"pixel_values": pixels.numpy()})[0]
+    assert np.abs(onnx_logits - logits.numpy()).max() < 1e-4
 
