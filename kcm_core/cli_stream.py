@@ -28,7 +28,7 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
     """``prune --stream``: the same data path as ``cmd_prune``, then ``stream.prune_streamed``."""
     from . import data as D
     from .arch import model_shape
-    from .cli import CLASSIFIER_SAMPLES, _limit, _load_data, _resolve_model_path, _source_paths
+    from .cli import CLASSIFIER_SAMPLES, _batches, _limit, _load_data, _resolve_model_path, _source_paths
     from .cli_lm import LM_SCALE_BLOCKS, blocks
     from .flops import relative_flops
     from .methods import method
@@ -51,11 +51,8 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
                          "is not one (download it first, e.g. with `hf download`)")
     model_config = load_config(model_path)
     shape = model_shape(model_config)
-    if shape.vision:
-        raise ValueError("image models are not supported by prune yet (no image data path); "
-                         "`python -m kcm_core flops` shows their cost")
     check_multiple(args.multiple, shape.ffn_width)
-    tokenizer = _load_processor(model_path, {"local_files_only": True}, vision=False)
+    tokenizer = _load_processor(model_path, {"local_files_only": True}, vision=shape.vision)
     holder = _ConfigOnly(model_config)
     if shape.head == "lm":
         config = replace(config, scale_samples=args.scale_samples or LM_SCALE_BLOCKS)
@@ -64,10 +61,9 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
                 "max_len": args.block_size, "seed": args.seed, "unit": "blocks"}
     else:
         args.max_len = fit_max_len(args.max_len, model_config, option="--max-len")
-        sample = D.labels_for_model(_limit(_load_data(args, progress, "train"),
+        sample = D.labels_for_model(_limit(_load_data(args, progress, "train", images=shape.vision),
                                            args.samples or CLASSIFIER_SAMPLES, args.seed), model_config)
-        batches = D.make_batches(sample, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
-                                 with_labels=False)
+        batches = _batches(sample, tokenizer, holder, args, with_labels=False, progress=progress)
         data = {"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed}
     times["load"] = time.perf_counter() - start
 

@@ -176,3 +176,14 @@ def test_prune_evaluate_export_and_stock_reload_of_a_vit(tmp_path, capsys, vit_d
     onnx_logits = session.run(None, {"pixel_values": pixels.numpy()})[0]
     assert np.abs(onnx_logits - logits.numpy()).max() < 1e-4
 
+
+
+def test_streamed_prune_of_a_vit_reads_its_images_then_says_what_it_cannot_read(tmp_path, capsys, vit_dir,
+                                                                                image_folder):
+    """--stream takes image data now, but reads checkpoints by the class's own tensor names, and
+    transformers 5 renames a ViT's on load: a clear refusal naming the way out, nothing written."""
+    code, _, err = run_cli(capsys, "prune", "--model", vit_dir, "--data", image_folder, "--flops", 0.8,
+                           "--out", tmp_path / "o", "--batch-size", 8, "--stream")
+    assert code == 2 and "converted 6 images to RGB" in err
+    assert "prune it without --stream" in err
+    assert not (tmp_path / "o").exists()
