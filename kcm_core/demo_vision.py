@@ -78,12 +78,12 @@ class VisionRecipe:
     (``benchmarks/results/vision_prepare.md``); tests pass a tiny recipe with their own hashes."""
 
     image_size: int = 56                # working size: (56 / 14)^2 + 1 = 17 tokens
-    train_images: int = 4000            # class-balanced, from the 60,000 training images
+    train_images: int = 8000            # class-balanced, from the 60,000 training images
     test_images: int = 1000             # class-balanced, from the 10,000 test images
     tuned_blocks: int = 4               # the last blocks, the final norm and the head are trained
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 64
-    lr: float = 1e-4                    # blocks and norm; the new head takes head_lr
+    lr: float = 1.5e-4                  # blocks and norm; the new head takes head_lr
     head_lr: float = 1e-3
     weight_decay: float = 0.01
     seed: int = 0
