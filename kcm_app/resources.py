@@ -59,8 +59,17 @@ def lm_demo_summary(_progress: Progress | None = None) -> dict:
     return demo_lm.prepare_lm_demo(progress=_progress)
 
 
+def vision_demo_summary(_progress: Progress | None = None) -> dict:
+    """The prepared vision demo (prepared now, with progress, on a first start)."""
+    from kcm_core.demos import vision as demo_vision
+    return demo_vision.prepare_vision_demo(progress=_progress)
+
+
 def demo_ready(kind: str = "demo") -> bool:
-    """Whether the demo of ``kind`` (``demo`` or ``demo-lm``) is prepared."""
+    """Whether the demo of ``kind`` (``demo``, ``demo-lm`` or ``demo-vision``) is prepared."""
+    if kind == "demo-vision":
+        from kcm_core.demos import vision as demo_vision
+        return bool(demo_vision.vision_demo_ready())
     if kind == "demo-lm":
         from kcm_core.demos import lm as demo_lm
         return bool(demo_lm.lm_demo_ready())
@@ -75,6 +84,8 @@ def model_path(choice: ModelChoice, progress: Progress | None = None) -> str:
         return str(demo_summary(progress)["model_dir"])
     if choice.kind == "demo-lm":
         return str(lm_demo_summary(progress)["model_dir"])
+    if choice.kind == "demo-vision":
+        return str(vision_demo_summary(progress)["model_dir"])
     if choice.kind == "hub":
         return server.hub_ref(choice.ref, "model")
     return server.confine_folder(choice.ref, "model folder")
@@ -156,6 +167,14 @@ def load_data(choice: DataChoice, role: str = "train") -> Any:
         from kcm_core.demos import lm as demo_lm
         lm_demo_summary()                # prepared by the model choice, or now when only the data is chosen
         return demo_lm.load_lm_split("calibration" if role == "train" else "evaluation")
+    if choice.kind == "demo-vision":
+        from kcm_core.demos import vision as demo_vision
+        vision_demo_summary()
+        return demo_vision.load_vision_split("train" if role == "train" else "test")
+    from kcm_core.cli.vision import is_image_source
+    if choice.kind == "file" and is_image_source(choice.ref.strip()):
+        from kcm_core.images import load_image_data
+        return load_image_data(data_source(choice), label_column=choice.label_column)
     from kcm_core.data import load_text_data
     return load_text_data(data_source(choice), text_column=choice.text_column,
                           text_pair_column=choice.text_pair_column, label_column=choice.label_column,
@@ -182,8 +201,8 @@ def split_data(choice: DataChoice, sample: SampleChoice) -> tuple[Any, Any | Non
     if len(train) == 0:
         raise ValueError(f"the data {choice.describe()} holds no examples")
     scoring = train.sample(sample.size, sample.seed)
-    if choice.kind == "demo":
-        return scoring, load_data(choice, "test"), "the demo's test split"
+    if choice.kind in ("demo", "demo-vision"):
+        return scoring, load_data(choice, "test"), f"the {'vision ' if choice.kind == 'demo-vision' else ''}demo's test split"
     chosen = set(seeded_indices(len(train), sample.size, sample.seed))
     rest = [i for i in range(len(train)) if i not in chosen][:EVAL_LIMIT]
     if not getattr(train, "has_labels", False):
@@ -199,23 +218,25 @@ def split_data(choice: DataChoice, sample: SampleChoice) -> tuple[Any, Any | Non
 
 def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _tokenizer: Any,
                _progress: Progress | None = None, stream_dir: str = "") -> Workspace:
-    from kcm_core.data import labels_for_model, make_batches
+    from kcm_core.cli.vision import check_image_data
+    from kcm_core.data import labels_for_model
     tell(_progress, "reading data", 0.6)
     scoring, evaluation, eval_source = split_data(data, sample)
+    check_image_data(scoring, _model)          # text for an image model, or images for a text model
     # The model's class ids, or one clear refusal (a label it cannot predict would score as wrong
     # and break the label-using scores), exactly as the CLI maps them.
     scoring = labels_for_model(scoring, _model.config)
     evaluation = None if evaluation is None else labels_for_model(evaluation, _model.config)
     tell(_progress, "tokenising", 0.8)
-    unlabeled = tuple(make_batches(scoring, _tokenizer, max_len=sample.max_len, batch_size=BATCH_SIZE,
-                                   with_labels=False))
+    make_batches = _batch_maker(_model, _tokenizer, sample, _progress)
+    unlabeled = tuple(make_batches(scoring, BATCH_SIZE, False))
     labeled = eval_batches = None
     if getattr(scoring, "has_labels", False):
-        labeled = tuple(make_batches(scoring, _tokenizer, max_len=sample.max_len,
-                                     batch_size=BATCH_SIZE, with_labels=True))
+        labeled = tuple(make_batches(scoring, BATCH_SIZE, True))
     if evaluation is not None:           # without labels: the agreement with the unpruned model only
-        eval_batches = tuple(make_batches(_by_length(evaluation, _tokenizer), _tokenizer, max_len=sample.max_len,
-                                          batch_size=64, with_labels=getattr(evaluation, "has_labels", False)))
+        if not model_shape(_model.config).vision:     # images all have one length
+            evaluation = _by_length(evaluation, _tokenizer)
+        eval_batches = tuple(make_batches(evaluation, 64, getattr(evaluation, "has_labels", False)))
     shape = model_shape(_model.config)
     info = WorkspaceInfo(model_path=key, model_name=_model_name(key), data=data.describe(),
                          data_source=str(getattr(scoring, "source", "")), sample=len(scoring),
@@ -226,6 +247,18 @@ def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _t
                      unlabeled=unlabeled, labeled=labeled, eval_batches=eval_batches,
                      seq_len=round(resolve_seq_len(shape, unlabeled, None), 2), info=info,
                      weights_hash=weights_hash(key, _model, stream_dir), stream_dir=stream_dir)
+
+
+def _batch_maker(model: Any, processor: Any, sample: SampleChoice, progress: Progress | None):
+    """``make(data, batch_size, with_labels)``: tokenized batches, or an image model's ``pixel_values``
+    from its own image processor (``kcm_core.images``)."""
+    from kcm_core import data as D
+    from kcm_core import images
+    if model_shape(model.config).vision:
+        return lambda data, size, labels: images.image_batches(data, processor, model.config, batch_size=size,
+                                                               with_labels=labels, progress=progress)
+    return lambda data, size, labels: D.make_batches(data, processor, max_len=sample.max_len, batch_size=size,
+                                                     with_labels=labels)
 
 
 def _lm_workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _tokenizer: Any,
@@ -273,7 +306,8 @@ def weights_hash(key: str, model: Any, stream_dir: str = "") -> str:
 
 def _model_name(key: str) -> str:
     kind, _, rest = key.partition(":")
-    return {"demo": "the classifier demo", "demo-lm": "the LM demo"}.get(kind) or rest.split("@")[0]
+    return ({"demo": "the classifier demo", "demo-lm": "the LM demo", "demo-vision": "the vision demo"}.get(kind)
+            or rest.split("@")[0])
 
 
 def is_causal_lm(model: Any) -> bool:
@@ -286,10 +320,6 @@ def workspace(model: ModelChoice, data: DataChoice, sample: SampleChoice,
     if data.kind not in DEMO_KINDS:
         data_source(data)                # refused before any cache lookup, on every run
     key, net, tokenizer = load_model(model, progress)
-    if model_shape(net.config).vision:
-        raise ValueError(f"{type(net).__name__} reads images, and image data is not supported yet: the "
-                         "app needs text data for every page; `python -m kcm_core flops --model ...` "
-                         "shows its cost per block")
     build = _lm_workspace if is_causal_lm(net) else _workspace
     stream_dir = model_path(model) if model.stream else ""
     return store("workspaces").get_or_compute(

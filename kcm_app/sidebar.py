@@ -21,10 +21,10 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
     st.subheader("Model")
     kind = st.radio("Source", list(MODEL_KINDS), format_func=MODEL_KINDS.get, key=state.MODEL_KIND,
                     on_change=state.follow_model_kind,
-                    help="Two embedded demos, prepared on first start: a small sentiment classifier and a "
-                         "small causal language model. A local folder holds config.json and weights (a "
-                         "causal LM keeps its LM head), or give a .gguf file (llama.cpp, Ollama; "
-                         "dequantised on load); a hub id needs network access.")
+                    help="Three embedded demos, prepared on first start: a small sentiment classifier, a "
+                         "small causal language model and a Vision Transformer on photos of clothes. A local "
+                         "folder holds config.json and weights (a causal LM keeps its LM head), or give a .gguf "
+                         "file (llama.cpp, Ollama; dequantised on load); a hub id needs network access.")
     if kind not in DEMO_KINDS:
         st.text_input("Folder or hub id", key="model_ref", help="e.g. /models/my-bert or bert-base-uncased")
     if kind == "folder":
@@ -40,7 +40,8 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
     ref = state.text("data_ref") or ""
     if data_kind in ("file", "hub"):
         st.text_input("Path or dataset name", key="data_ref",
-                      help="CSV, TSV, JSON, JSONL, Parquet or TXT file; or a hub dataset such as glue")
+                      help="CSV, TSV, JSON, JSONL, Parquet or TXT file; a folder of images (one sub-folder "
+                           "per class) for an image model; or a hub dataset such as glue")
         ref = state.text("data_ref") or ""
     elif data_kind == "upload":
         server.check_uploads()           # a shared server may turn them off
@@ -196,7 +197,8 @@ def _load_with_status(model: ModelChoice, data: DataChoice, sample: SampleChoice
     """(workspace, the sample the sidebar drew, the sample loaded), inside a status box that says
     whether loading succeeded or failed."""
     first_demo = model.kind in DEMO_KINDS and not resources.demo_ready(model.kind)
-    label = (f"Preparing the {'LM' if model.kind == 'demo-lm' else 'classifier'} demo (first start "
+    which = {"demo-lm": "LM", "demo-vision": "vision"}.get(model.kind, "classifier")
+    label = (f"Preparing the {which} demo (first start "
              "only)" if first_demo else "Loading model and data")
     with st.status(label, expanded=first_demo) as box:
         bar = ui.ProgressBar(label, container=box.empty())

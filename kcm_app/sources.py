@@ -2,7 +2,8 @@
 
 ``KCM_APP_MODEL=<folder>`` and ``KCM_APP_DATA=<file>`` start the app on a local model and data file
 instead of the embedded demo (the tests use them with a tiny model); ``KCM_APP_MODEL=demo-lm`` starts it
-on the LM demo (model and documents; ``demo`` names the classifier demo). ``KCM_APP_TEXT_COLUMN`` and
+on the LM demo (model and documents; ``demo`` names the classifier demo, ``demo-vision`` the image demo;
+``KCM_APP_DATA`` may name a folder of images, one sub-folder per class). ``KCM_APP_TEXT_COLUMN`` and
 ``KCM_APP_LABEL_COLUMN`` name the file's columns (default: ``text``/``sentence`` and ``label``);
 ``KCM_APP_BLOCK_SIZE`` sets a language model's starting block size; ``KCM_APP_STREAM=1`` opens the
 local folder layer by layer (``kcm_core.streamed.passes``: for a model larger than memory). Loading itself goes through
@@ -26,9 +27,10 @@ import torch
 
 MODEL_KINDS = {"demo": "Classifier demo (MiniLM, sentence polarity)",
                "demo-lm": "LM demo (SmolLM2-135M, movie reviews)",
+               "demo-vision": "Vision demo (DINOv2-S ViT, Fashion-MNIST)",
                "folder": "Local folder", "hub": "Hugging Face hub id"}
-DEMO_KINDS = ("demo", "demo-lm")
-DATA_KINDS = {"demo": "Classifier demo split", "demo-lm": "LM demo documents",
+DEMO_KINDS = ("demo", "demo-lm", "demo-vision")
+DATA_KINDS = {"demo": "Classifier demo split", "demo-lm": "LM demo documents", "demo-vision": "Vision demo images",
               "file": "File on this machine", "upload": "Upload a file", "hub": "Hub dataset"}
 EVAL_LIMIT = 800            # test sentences (the demo's test split has exactly 800)
 BATCH_SIZE = 32
@@ -141,7 +143,7 @@ def env_defaults(environ: Mapping[str, str] = os.environ) -> tuple[ModelChoice, 
                           text_column=environ.get("KCM_APP_TEXT_COLUMN") or None,
                           label_column=environ.get("KCM_APP_LABEL_COLUMN") or None)
     else:
-        data = DataChoice("demo-lm" if model.kind == "demo-lm" else "demo")
+        data = DataChoice(model.kind if model.kind in ("demo-lm", "demo-vision") else "demo")
     return model, data
 
 

@@ -156,8 +156,8 @@ def sidebar_defaults(model: ModelChoice, data: DataChoice, block_size: int = 256
 def demo_data_for(model_kind: str, data_kind: str) -> str:
     """The data kind that goes with a newly chosen model: a demo's own data follows the demo (the LM
     demo reads reviews, the classifier demo its sentences); any other data choice stays."""
-    pairs = {"demo": "demo-lm", "demo-lm": "demo"}
-    if model_kind in pairs and data_kind == pairs[model_kind]:
+    demos = ("demo", "demo-lm", "demo-vision")
+    if model_kind in demos and data_kind in demos:
         return model_kind
     return data_kind
 

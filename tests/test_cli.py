@@ -299,9 +299,9 @@ def test_samples_subset_is_the_shared_seeded_sample(workdir):
     assert common.limit(data, None, 3) is data and common.limit(data, 48, 3) is data
 
 
-def test_an_image_model_loads_with_its_head_and_pruning_says_images_are_not_supported(tmp_path, capsys):
+def test_an_image_model_loads_with_its_head_and_text_data_is_refused_for_it(tmp_path, capsys):
     """A ViT folder loads as ViTForImageClassification (not refused for the wrong task); its cost works
-    from the config; prune and evaluate say plainly that image data is not supported yet."""
+    from the config; prune and evaluate refuse text data for it (image data: tests/test_images.py)."""
     import sys
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import build_tiny_model
@@ -317,5 +317,5 @@ def test_an_image_model_loads_with_its_head_and_pruning_says_images_are_not_supp
     for argv in (["prune", "--model", folder, "--data", tmp_path / "t.txt", "--flops", 0.9, "--out", tmp_path / "o"],
                  ["evaluate", "--model", folder, "--data", tmp_path / "t.txt"]):
         code, out, err = run_cli(capsys, *argv)
-        assert code == 2 and "image data is not supported yet" in err, err
+        assert code == 2 and "neither a folder of images nor a table" in err, err
     assert not (tmp_path / "o").exists()

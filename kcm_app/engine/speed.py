@@ -43,6 +43,11 @@ def timing_batch(ws: Workspace, length: int | None = None) -> dict[str, torch.Te
     ``length`` tokens (default: the sample's mean)."""
     length = max(2, round(ws.seq_len if length is None else length))
     gen = torch.Generator().manual_seed(0)
+    if ws.shape.vision:                  # images: the size the model was configured for (patches + 1 tokens)
+        config = ws.model.config
+        size = int(config.image_size)
+        return {"pixel_values": torch.randn(TIMING_BATCH, int(getattr(config, "num_channels", 3)), size, size,
+                                            generator=gen)}
     vocab = max(ws.shape.vocab_size, 2)
     ids = torch.randint(1, vocab, (LM_TIMING_BATCH if ws.is_lm else TIMING_BATCH, length), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -74,7 +79,8 @@ def measure_speed(ws: Workspace, config: PruneConfig, store: SharedStore) -> Spe
         result = evaluate_budget(ws, config, store)
         batch = timing_batch(ws)
         dense, pruned = paired_seconds(ws.model, slice_model(ws.model, result.plan), batch)
-        timed_on = (f"a batch of {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} tokens, the two models "
-                    f"timed alternately, median of {TIMING_REPEATS}")
+        shape = (batch["pixel_values"].shape[0], ws.shape.image_tokens) if ws.shape.vision else batch["input_ids"].shape
+        timed_on = (f"a batch of {shape[0]} x {shape[1]} {'patch tokens' if ws.shape.vision else 'tokens'}, the two "
+                    f"models timed alternately, median of {TIMING_REPEATS}")
         return SpeedResult(dense, pruned, timed_on)
     return store.get_or_compute(("speed",) + budget_key(ws, config), compute)

@@ -123,10 +123,11 @@ def body(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
         with st.spinner("Timing every block (5 forward passes)..."), ui.core_errors(runtime=True):
             batch = engine.timing_batch(ws, length)
             frame = store.get_or_compute(key, lambda: block_latency(ws.model, batch))
+        rows = len(next(iter(batch.values())))          # input_ids, or an image model's pixel_values
         st.plotly_chart(figures.stacked_blocks(frame, "ms", "milliseconds per forward pass",
-                                               f"Measured time per block, batch {len(batch['input_ids'])} x {length} tokens"),
+                                               f"Measured time per block, batch {rows} x {length} tokens"),
                         key="cost_latency")
-        st.caption(ui.caption_env(length, len(batch["input_ids"])) + " Other sessions running at the same "
+        st.caption(ui.caption_env(length, rows) + " Other sessions running at the same "
                    "time slow the numbers down." + (f" Timed at {length} tokens, the model's longest input."
                                                     if length < round(seq_len) else ""))
     else:

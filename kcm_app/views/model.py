@@ -67,7 +67,8 @@ def loaded_line(ws: Workspace) -> str:
         data = f"review text cut into {i.sample} calibration blocks and {i.eval_examples} held-out blocks"
     else:
         data = f"{i.data} ({i.sample} {'blocks' if ws.is_lm else 'sequences'} for scoring)"
-    kind = "a causal language model" if ws.is_lm else "a text classifier"
+    kind = ("a causal language model" if ws.is_lm else "an image classifier" if ws.shape.vision
+            else "a text classifier")
     return (f"Loaded: {i.model_name}, {kind} ({type(ws.model).__name__}, {ws.shape.layers} layers of "
             f"{ws.shape.ffn_width[0]} FFN neurons), on {data}.")
 
@@ -128,6 +129,16 @@ def body(ws: Workspace, score_now: bool) -> None:
                        "carry 4-bit quantisation noise.")
             with st.expander("Terms of use"):
                 st.write(demo_lm.TEXT_TERMS)
+        elif ws.info.data == DATA_KINDS["demo-vision"]:
+            from kcm_core.demos import vision as demo_vision
+            st.caption(f"{demo_vision.DATA_SOURCE}. Model: {demo_vision.MODEL_SOURCE}.")
+            with st.expander("Terms of use"):
+                st.write(demo_vision.DATA_TERMS)
+        if ws.shape.vision and ws.eval_batches:
+            from .images import sample_images
+            st.caption(f"Test images as the model reads them ({ws.shape.image_tokens - 1} patches + 1 class "
+                       "token each), with their labels:")
+            sample_images(ws)
     st.subheader("Unpruned model")
     if ui.layerwise_note(ws, "the unpruned model's " + ("perplexity" if ws.is_lm else "accuracy")):
         pass

@@ -232,6 +232,9 @@ def slow_readouts(ws: Workspace, config, store, slow: engine.BudgetResult, stale
     if not stale:
         # Accuracy is on screen now; the timing (about half a second on the demo) comes after it.
         speed_readout(ws, config, store, cols[2], slow)
+        if ws.shape.vision and slow.predictions is not None:
+            from .images import prediction_grid
+            prediction_grid(ws, engine.reference(ws, store).predictions, slow.predictions, slow.budget)
 
 
 def speed_readout(ws: Workspace, config, store, container, slow: engine.BudgetResult) -> None:

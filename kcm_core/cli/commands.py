@@ -2,7 +2,8 @@
 
 JSON goes to stdout (or files), progress to stderr. Bad input exits with code 2 and one clear line,
 never a traceback. The word ``demo`` stands for the prepared demo wherever a model or data source
-is expected (its model folder; its train split as the unlabeled sample, its test split for evaluation).
+is expected (its model folder; its train split as the unlabeled sample, its test split for evaluation);
+``demo-lm`` and ``demo-vision`` likewise for the language-model and image demos.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Sequence
 
 from ..hull import STOP_RULES
 from .common import (CLASSIFIER_SAMPLES, DEMO, StderrProgress, check_output, export_formats, json_out, limit,
-                     load_data, refuse_images, resolve_model_path, source_paths, write_pruned)
+                     load_data, model_batches, resolve_model_path, source_paths, write_pruned)
 from .lm import evaluate_lm_command, is_causal_lm, lm_config, prune_lm
+from .vision import DEMO_VISION, check_image_data, is_image_source, is_vision, load_images
 
 # --------------------------------------------------------------------------- commands
 
@@ -97,7 +99,6 @@ def _prune(args, group) -> dict | None:
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before any data work
     check_multiple(args.multiple, model_shape(model.config).ffn_width)             # before scoring
     times["load"] = time.perf_counter() - start
-    refuse_images(model)
     if is_causal_lm(model):
         config = lm_config(config, args)
         return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress, group=group)
@@ -106,19 +107,19 @@ def _prune(args, group) -> dict | None:
 
     # Labels become the model's class ids (or are refused) before any work: scoring and evaluation
     # must agree with what the model predicts.
+    images = is_vision(model)
     sample = group.main_first(lambda: D.labels_for_model(
-        limit(load_data(args, progress, "train"), args.samples, args.seed), model.config))
-    eval_data = group.only_main(lambda: _evaluation_data(args, sample, progress))
+        limit(load_data(args, progress, "train", images=images), args.samples, args.seed), model.config))
+    check_image_data(sample, model)
+    eval_data = group.only_main(lambda: _evaluation_data(args, sample, progress, images))
     eval_data = None if eval_data is None else D.labels_for_model(eval_data, model.config)
-    unlabeled = D.make_batches(sample, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
-                               with_labels=False)
+    unlabeled = model_batches(sample, tokenizer, model, args, with_labels=False, progress=progress)
     spec = method(config.method)
     labeled = None
     if spec.uses_labels:
         if not sample.has_labels:
             raise ValueError(f"method {spec.name!r} needs labels: name the label column with --label-column")
-        labeled = D.make_batches(limit(sample, config.label_samples, args.seed), tokenizer,
-                                 max_len=args.max_len, batch_size=args.batch_size)
+        labeled = model_batches(limit(sample, config.label_samples, args.seed), tokenizer, model, args)
     result = prune(model, config, unlabeled, labeled, progress, group=group)
     if not group.is_main:
         return None
@@ -127,8 +128,7 @@ def _prune(args, group) -> dict | None:
     evaluation = None
     if eval_data is not None:
         t = time.perf_counter()
-        batches = D.make_batches(eval_data, tokenizer, max_len=args.max_len,
-                                 batch_size=args.batch_size)
+        batches = model_batches(eval_data, tokenizer, model, args)
         before = evaluate_classifier(model, batches, seed=args.seed, progress=progress)
         after = evaluate_classifier(result.model, batches, reference=before.predictions,
                                     seed=args.seed, progress=progress)
@@ -142,14 +142,16 @@ def _prune(args, group) -> dict | None:
                         evaluation=evaluation, times=times, progress=progress)
 
 
-def _evaluation_data(args, sample, progress):
+def _evaluation_data(args, sample, progress, images: bool = False):
     """``--eval-data`` (``demo``: the demo's test split), else the demo's test split when ``--data``
     is the demo, else the scoring sample itself when it has labels, else None."""
     if getattr(args, "eval_data", None):
-        return load_data(args, progress, "test", evaluation=True)
+        return load_data(args, progress, "test", evaluation=True, images=images)
     if args.data == DEMO:
         from ..demos import classifier as demo
         return demo.load_demo_split("test")
+    if args.data == DEMO_VISION:
+        return load_images(DEMO_VISION, "test", args, progress)
     return sample if sample.has_labels else None
 
 
@@ -160,17 +162,20 @@ def cmd_evaluate(args) -> dict:
     progress = StderrProgress()
     model_path = resolve_model_path(args.model, progress)
     model, tokenizer = load_model(model_path)                 # refuses damaged and NaN checkpoints
-    refuse_images(model)
     if is_causal_lm(model):
         return evaluate_lm_command(args, model, tokenizer, progress)
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before reading data
-    data = demo_test(progress) if args.data == DEMO else D.load_text_data(
-        args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
-        label_column=args.label_column, split=args.split, config_name=args.data_config)
+    if is_vision(model) or is_image_source(args.data):
+        data = load_images(args.data, "test", args, progress)
+    else:
+        data = demo_test(progress) if args.data == DEMO else D.load_text_data(
+            args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
+            label_column=args.label_column, split=args.split, config_name=args.data_config)
+    check_image_data(data, model)
     if not data.has_labels:
         raise ValueError("evaluate needs labels: name the label column with --label-column")
     data = D.labels_for_model(data, model.config)      # the model's class ids, or a clear refusal
-    batches = D.make_batches(data, tokenizer, max_len=args.max_len, batch_size=args.batch_size)
+    batches = model_batches(data, tokenizer, model, args, progress=progress)
     result = evaluate_classifier(model, batches, seed=args.seed, progress=progress)
     return {"model": args.model, "data": data.source, "examples": len(data), **result.to_dict()}
 
@@ -227,6 +232,7 @@ def cmd_finetune(args) -> dict:
 def cmd_demo(args) -> dict:
     from ..demos import classifier as demo
     from ..demos import lm as demo_lm
+    from ..demos import vision as demo_vision
     which = getattr(args, "which", "classifier")
     out: dict = {}
     if which in ("classifier", "all"):
@@ -237,7 +243,20 @@ def cmd_demo(args) -> dict:
             "ready": demo_lm.lm_demo_ready(), "folder": str(demo_lm.lm_demo_dir()),
             "model_source": demo_lm.MODEL_SOURCE, "text_source": demo_lm.TEXT_SOURCE,
             "text_terms": demo_lm.TEXT_TERMS}
+    if which in ("vision", "all"):
+        out["vision"] = (demo_vision.prepare_vision_demo(progress=StderrProgress(), fetch_deb=_given_deb(args))
+                         if args.action == "prepare" else demo_vision.info())
     return out[which] if which != "all" else out
+
+
+def _given_deb(args):
+    """``--deb PATH``: a downloaded Fashion-MNIST package instead of ``apt-get download``."""
+    if not getattr(args, "deb", None):
+        return None
+    path = Path(args.deb)
+    if not path.is_file():
+        raise ValueError(f"--deb {args.deb} is not a file")
+    return lambda _folder: path
 
 
 # --------------------------------------------------------------------------- parser
@@ -305,6 +324,8 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required,
                    help="'demo', a CSV/TSV/JSON/JSONL/Parquet/TXT file, or a hub dataset name")
     p.add_argument("--text-column", help="column holding the text (default: text or sentence)")
+    p.add_argument("--image-column", help="image models: column holding image paths (default: image, "
+                                          "image_path, path, file or filename)")
     p.add_argument("--text-pair-column", help="second text column for pair tasks (MRPC, QNLI, MNLI)")
     p.add_argument("--label-column", help="column holding labels (enables accuracy, label methods)")
     p.add_argument("--split", help="split of a hub dataset (e.g. train, validation)")
@@ -425,9 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded demos: 'prepare' builds one, 'info' describes it")
     p.add_argument("action", choices=["prepare", "info"])
-    p.add_argument("which", nargs="?", default="classifier", choices=["classifier", "lm", "all"],
+    p.add_argument("which", nargs="?", default="classifier", choices=["classifier", "lm", "vision", "all"],
                    help="classifier (MiniLM on sentence polarity; the default), lm (SmolLM2-135M on "
-                        "movie reviews) or all")
+                        "movie reviews), vision (a DINOv2-S ViT on Fashion-MNIST) or all")
+    p.add_argument("--deb", help="vision: a downloaded dataset-fashion-mnist .deb (else apt-get download)")
     p.add_argument("--json", dest="json_out")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..runtime import Progress
+from .vision import (DEMO_VISION, demo_folder, demo_model_path, image_batches, is_image_source, is_vision,
+                     load_images)
 
 DEMO = "demo"
 DEMO_LM = "demo-lm"
@@ -84,16 +86,9 @@ def source_paths(args) -> list[str]:
     if DEMO_LM in paths:
         from ..demos import lm as demo_lm
         paths.append(str(demo_lm.lm_demo_dir()))
-    return [p for p in paths if p and p not in (DEMO, DEMO_LM)]
-
-
-def refuse_images(model) -> None:
-    """Image models load with their head, but this version has no image data path yet."""
-    from ..arch import model_shape
-    if model_shape(model.config).vision:
-        raise ValueError(f"{type(model).__name__} reads images, and image data is not supported yet: "
-                         "`python -m kcm_core flops --model ...` shows its cost per block; pruning and "
-                         "evaluating it need image data, which a later version adds")
+    if DEMO_VISION in paths:
+        paths.append(demo_folder())
+    return [p for p in paths if p and p not in (DEMO, DEMO_LM, DEMO_VISION)]
 
 
 # --------------------------------------------------------------------------- sources
@@ -105,18 +100,24 @@ def resolve_model_path(name: str, progress: Progress) -> str:
     if name == DEMO_LM:
         from ..demos import lm as demo_lm
         return str(demo_lm.prepare_lm_demo(progress=progress)["model_dir"])
+    if name == DEMO_VISION:
+        return demo_model_path(progress)
     return name
 
 
-def load_data(args, progress: Progress, split: str = "train", *, evaluation: bool = False):
+def load_data(args, progress: Progress, split: str = "train", *, evaluation: bool = False,
+              images: bool = False):
     """``--data`` (or ``--eval-data`` when ``evaluation``) as ``TextData``.
 
     The word ``demo`` means the prepared demo's ``split``. Anything else is a file or a hub dataset
     read with the shared column options and ``--data-config``; the hub split is ``--split`` for
-    ``--data`` and ``--eval-split`` for ``--eval-data``.
+    ``--data`` and ``--eval-split`` for ``--eval-data``. ``demo-vision``, a folder, an image file, or
+    any table when ``images`` (an image model) is read as ``ImageData`` (``kcm_core.images``).
     """
     from .. import data as D
     source = args.eval_data if evaluation else args.data
+    if images or is_image_source(source):
+        return load_images(source, split, args, progress)
     if source == DEMO:
         from ..demos import classifier as demo
         demo.prepare_demo(progress=progress)
@@ -126,6 +127,15 @@ def load_data(args, progress: Progress, split: str = "train", *, evaluation: boo
                             label_column=args.label_column,
                             split=args.eval_split if evaluation else args.split,
                             config_name=args.data_config)
+
+
+def model_batches(data, tokenizer, model, args, *, with_labels: bool = True, progress: Progress | None = None):
+    """Tokenized batches, or for an image model ``pixel_values`` from its image processor."""
+    from .. import data as D
+    if is_vision(model):
+        return image_batches(data, tokenizer, model, args.batch_size, with_labels=with_labels, progress=progress)
+    return D.make_batches(data, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
+                          with_labels=with_labels)
 
 
 def limit(data, samples: int | None, seed: int):

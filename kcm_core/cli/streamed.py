@@ -27,7 +27,8 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
     """``prune --stream``: the same data path as ``cmd_prune``, then ``stream.prune_streamed``."""
     from .. import data as D
     from ..arch import model_shape
-    from .common import CLASSIFIER_SAMPLES, export_formats, limit, load_data, resolve_model_path, source_paths
+    from .common import (CLASSIFIER_SAMPLES, export_formats, limit, load_data, model_batches,
+                         resolve_model_path, source_paths)
     from .lm import blocks, lm_config
     from ..flops import relative_flops
     from ..methods import method
@@ -49,11 +50,8 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
                          "is not one (download it first, e.g. with `hf download`)")
     model_config = load_config(model_path)
     shape = model_shape(model_config)
-    if shape.vision:
-        raise ValueError("image models are not supported by prune yet (no image data path); "
-                         "`python -m kcm_core flops` shows their cost")
     check_multiple(args.multiple, shape.ffn_width)
-    tokenizer = load_processor(model_path, {"local_files_only": True}, vision=False)
+    tokenizer = load_processor(model_path, {"local_files_only": True}, vision=shape.vision)
     holder = _ConfigOnly(model_config)
     if shape.head == "lm":
         config = lm_config(config, args)
@@ -62,10 +60,9 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
                 "max_len": args.block_size, "seed": args.seed, "unit": "blocks"}
     else:
         args.max_len = fit_max_len(args.max_len, model_config, option="--max-len")
-        sample = D.labels_for_model(limit(load_data(args, progress, "train"),
+        sample = D.labels_for_model(limit(load_data(args, progress, "train", images=shape.vision),
                                            args.samples or CLASSIFIER_SAMPLES, args.seed), model_config)
-        batches = D.make_batches(sample, tokenizer, max_len=args.max_len, batch_size=args.batch_size,
-                                 with_labels=False)
+        batches = model_batches(sample, tokenizer, holder, args, with_labels=False, progress=progress)
         data = {"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed}
     times["load"] = time.perf_counter() - start
 

