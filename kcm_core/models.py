@@ -19,6 +19,7 @@ import torch
 from . import hub
 from .arch import family_for_config
 from .errors import check_loading_info, one_line, weights_error, weights_error_types
+from .export.loading import check_shard_indexes, drop_gguf_record
 from .runtime import check_finite, default_device, quiet_transformers
 
 # task -> name of the transformers Auto class that builds it
@@ -165,17 +166,6 @@ def _load_gguf(location: str, config, task: str, target, torch_dtype):
     return _ready(model, tokenizer, target)
 
 
-def drop_gguf_record(config):
-    """``config`` without a ``quantization_config`` of ``quant_method: gguf``, which a model loaded with
-    ``from_pretrained(..., gguf_file=...)`` leaves behind although its weights are plain dequantised
-    tensors: kept, it would load a GGUF quantizer that refuses to save the pruned model, after all the work."""
-    record = getattr(config, "quantization_config", None)
-    method = record.get("quant_method") if isinstance(record, dict) else getattr(record, "quant_method", None)
-    if str(getattr(method, "value", method)).lower() == "gguf":
-        del config.quantization_config
-    return config
-
-
 def task_for_config(config) -> str:
     """The task a model was saved for, from the class its config names (``config.architectures``).
 
@@ -244,7 +234,6 @@ def load_model(name_or_path: str | os.PathLike, *, task: str | None = None,
         setattr(config, key, value)
     location, is_local = _resolve(name_or_path)
     if is_local:
-        from .export.loading import check_shard_indexes
         check_shard_indexes(location)             # a bad index: one sentence naming it, not a KeyError
     kwargs = {"local_files_only": True} if is_local or hub.hub_offline() else {}
     auto = getattr(transformers, TASKS[task])

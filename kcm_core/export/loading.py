@@ -38,7 +38,6 @@ def load_pruned(path: str | os.PathLike, device: str | torch.device | None = Non
     if not (folder / "config.json").exists():
         hint = " It holds only ONNX: load model.onnx with onnxruntime." if (folder / ONNX_FILE).exists() else ""
         raise ValueError(f"{folder} has no config.json.{hint}")
-    from ..models import drop_gguf_record
     config = drop_gguf_record(transformers.AutoConfig.from_pretrained(folder, local_files_only=True))
     cls = model_class(config)
     check_shard_indexes(folder)
@@ -114,6 +113,17 @@ def _load_sliced(folder: Path, config, cls: type) -> nn.Module:
         cast_parameters(model, floats.pop())
     _load_state_strict(model, state, folder)
     return model
+
+
+def drop_gguf_record(config):
+    """``config`` without a ``quantization_config`` of ``quant_method: gguf``, which a model loaded with
+    ``from_pretrained(..., gguf_file=...)`` leaves behind although its weights are plain dequantised
+    tensors: kept, it would load a GGUF quantizer that refuses to save the pruned model, after all the work."""
+    record = getattr(config, "quantization_config", None)
+    method = record.get("quant_method") if isinstance(record, dict) else getattr(record, "quant_method", None)
+    if str(getattr(method, "value", method)).lower() == "gguf":
+        del config.quantization_config
+    return config
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:

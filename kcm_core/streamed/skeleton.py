@@ -144,7 +144,7 @@ class Skeleton:
 
         from ..runtime import quiet_transformers
         self.folder, self.device = Path(folder), device
-        from .models import drop_gguf_record
+        from ..export.loading import drop_gguf_record
         self.config = drop_gguf_record(AutoConfig.from_pretrained(self.folder, local_files_only=True))
         self.family = family_for_config(self.config)
         kinds = set(getattr(self.config, "layer_types", None) or [])
