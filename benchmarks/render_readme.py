@@ -413,7 +413,7 @@ def lm_grid(results: Path) -> str:
                       for c, b, errs in errors) + "."]
     own = [r for r in data["rows"] if r["cell"] == ref and not r.get("reused")]
     if own:
-        first = own[0]
+        first = own[-1]          # the last run's (the environment recorded is that run's)
         total = first["seconds"]["scoring"] + first["seconds"]["prune"]
         lines += ["", f"`{ref}`'s whole run at {first['budget']} (activation statistics, selection, refit, "
                   f"slicing): {total:.0f} s, {_state(data['environment'])} (goal: under 3 minutes on two idle "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, MutableMapping
 
 from kcm_core.methods import DEFAULT_METHOD, METHODS, default_method
 from kcm_core.repair import REPAIRS
@@ -175,7 +175,7 @@ def _session() -> MutableMapping[str, Any]:
     return st.session_state
 
 
-def initialise(values: Mapping[str, Any], notices: list[str] | tuple = ()) -> None:
+def initialise(values: Mapping[str, Any], notices: list[str] | tuple = (), chosen: Iterable[str] = ()) -> None:
     """Write ``values`` where the session has none yet, once per session (a link counts on arrival;
     afterwards the widgets own the values), with the ``notices`` about what the link got wrong."""
     session = _session()
@@ -183,9 +183,10 @@ def initialise(values: Mapping[str, Any], notices: list[str] | tuple = ()) -> No
         return
     for key, value in values.items():
         session.setdefault(key, value)
-    if values.get(BUDGET, DEFAULTS.budget) != DEFAULTS.budget:
+    chosen = set(chosen)             # what the link named: kept, whatever model loads
+    if BUDGET in chosen or values.get(BUDGET, DEFAULTS.budget) != DEFAULTS.budget:
         session[BUDGET_CHOSEN] = True
-    if values.get(METHOD, DEFAULTS.method) != DEFAULTS.method:
+    if METHOD in chosen or values.get(METHOD, DEFAULTS.method) != DEFAULTS.method:
         session[METHOD_CHOSEN] = True
     for notice in notices:
         add_notice(notice)

@@ -57,7 +57,7 @@ def entry_guard() -> bool:
 def init_state() -> None:
     """Defaults first, then whatever a shared link carries (once per session)."""
     params = st.query_params.to_dict()
-    state.initialise(state.initial_values(params), state.link_problems(params))
+    state.initialise(state.initial_values(params), state.link_problems(params), state.parse_query(params))
 
 
 def sync_url() -> None:

@@ -139,7 +139,7 @@ def test_the_prune_page_counts_the_in_memory_plan_and_the_export_writes_it(app, 
     """The streamed workspace's KCM scores and plan equal the in-memory workspace's; the export's
     folder holds that plan and loads."""
     model_dir, docs = tiny_lm
-    at = app("pages/5_prune.py", budget="0.8")
+    at = app("pages/5_prune.py", budget="0.8", method="kcm")     # the paper's KCM, not the LM default
     ws = at.session_state[state.WORKSPACE]
     config = PruneConfig(method="kcm", budget=0.8, scale_samples=evaluations.scale_samples(ws), seed=0)
     store = resources.store("results")
@@ -154,7 +154,7 @@ def test_the_prune_page_counts_the_in_memory_plan_and_the_export_writes_it(app, 
     assert at.metric[2].value == f"{1 - in_memory.total_kept / sum(in_memory.widths):.1%}"
 
     out = tmp_path / "exported"
-    export = app("pages/6_export.py", budget="0.8")
+    export = app("pages/6_export.py", budget="0.8", method="kcm")
     export.text_input(key="export_dir").set_value(str(out)).run()
     export.button(key="export_go").click().run()
     assert not export.exception and not export.error, [e.value for e in export.error]

@@ -66,7 +66,8 @@ def readout(ws: Workspace, scores: MethodScores, config: PruneConfig, store: Sha
     by the export, and changes no count."""
     if ws.streamed:
         plan = select(scores.scores, ws.shape, config.budget, ws.seq_len, multiple=config.multiple,
-                      min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method)
+                      min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method,
+                      allocation=config.resolved_allocation)
     else:
         plan = make_plan(ws.model, scores, config, ws.seq_len)
     total, per_neuron = model_params(ws, store)

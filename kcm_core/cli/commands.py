@@ -313,9 +313,9 @@ def _check_format_option(args) -> None:
     """``--format`` refused at the door (it was checked only when saving, after all the work)."""
     if getattr(args, "format", None) is None:
         return
-    from .export.saving import _check_formats
+    from ..export.saving import check_formats
     try:
-        _check_formats([f for f in args.format.split(",") if f.strip()])
+        check_formats([f for f in args.format.split(",") if f.strip()])
     except ValueError as err:
         raise ValueError(f"--format {args.format!r}: {err}") from None
 

@@ -71,7 +71,7 @@ def save_pruned(model: nn.Module, out_dir: str | os.PathLike, *, plan: KeepPlan 
     The model is not modified. Raises ``ValueError`` for a refused ``out_dir`` (before any work), and
     for a full disk or a refused write during it (leaving nothing).
     """
-    formats = _check_formats(formats)
+    formats = check_formats(formats)
     out_dir = Path(out_dir).expanduser()
     family_for_model(model)                  # unsupported models fail at the door
     _check_target(out_dir, overwrite, [*protected, _loaded_from(model)])
@@ -135,7 +135,7 @@ def _write(model, tmp: Path, out_dir: Path, plan, report, tokenizer, formats, ve
     return result
 
 
-def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+def check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     if isinstance(formats, str):
         formats = (formats,)
     formats = tuple(dict.fromkeys(str(f).strip().lower() for f in formats))

@@ -84,7 +84,7 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        from .export.loading import weight_map
+        from ..export.loading import weight_map
         where = weight_map(self.folder)        # checked: JSON, weight_map, shards inside and present
         if where is not None:
             self.where: dict[str, str] = where
