@@ -55,7 +55,7 @@ class RepairConfig:
     damp: ``refit``'s ridge toward the original rows, relative to the mean diagonal of ``H^T H``.
         SparseGPT and SlimGPT damp by 1% of it on hundreds of thousands of tokens; on the LM demo's 8,192
         calibration tokens 0.01 overfits (FLAP's score + refit at 0.9: perplexity 76.2 with 0.01, 74.3
-        with 1, 74.7 with 4; 8 held-out blocks), so the default is 1.
+        with 1, 74.7 with 4; 8 held-out blocks, benchmarks/results/repair_probe.log), so the default is 1.
     """
 
     kind: str = "auto"
