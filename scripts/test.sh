@@ -9,5 +9,9 @@ if ! command -v chromium >/dev/null 2>&1; then
   # Debian's Chromium drives the real-browser test (never `playwright install`, which downloads).
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
+if ! apt-cache policy dataset-fashion-mnist 2>/dev/null | grep -q "Candidate: [0-9]"; then
+  # The vision demo's test fetches Debian's Fashion-MNIST package (apt-get download): it needs the lists.
+  apt-get update -qq
+fi
 python3 -m pip install -q -r requirements.txt -r requirements-dev.txt
 python3 -m pytest -m "" "$@"
