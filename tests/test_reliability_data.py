@@ -477,6 +477,9 @@ def test_thin_data_is_said_the_guessed_text_column_and_a_sample_smaller_than_ask
     from types import SimpleNamespace
 
     from kcm_app.views.prune import readout_note
-    slow = SimpleNamespace(accuracy=None, agreement=None, plan=SimpleNamespace(info=SimpleNamespace(scaled_layers=2)))
+    from kcm_core.plan import PlanInfo
+    info = PlanInfo(scaled_layers=2, repair="scales", repair_target="teacher")
+    slow = SimpleNamespace(accuracy=None, agreement=None, plan=SimpleNamespace(info=info, layers=[None, None]))
     speed = SimpleNamespace(dense_seconds=0.01, pruned_seconds=0.01, timed_on="one batch")
-    assert "Scales fitted on the first 1 unlabeled sequences (2 layers scaled)" in readout_note(ws, slow, speed)
+    assert ("fitted to the unpruned model's output on the first 1 unlabeled sequences to keep a new budget "
+            "quick (2 of 2 layers scaled)") in readout_note(ws, slow, speed)
