@@ -121,8 +121,14 @@ def test_refit_lowers_every_layers_error_below_the_scaling_steps():
     plan = _plan_dropping(model, set(range(0, 37, 3)))
     refit = fit_repair(model, plan, batches, RepairConfig("refit", "local"))
     scales = fit_repair(model, plan, batches, RepairConfig("scales", "local"))
-    for (before, after_refit), (_, after_scales) in zip(refit.info.repair_errors, scales.info.repair_errors):
-        assert after_refit < after_scales <= before + 1e-9
+    # each run has its own inputs past the first layer (its earlier layers were repaired its own way),
+    # so each repair is compared with its own "before"; on the first layer both see the same inputs
+    (first_before, first_refit), (_, first_scales) = refit.info.repair_errors[0], scales.info.repair_errors[0]
+    assert first_refit < first_scales <= first_before + 1e-9
+    for before, after in refit.info.repair_errors + scales.info.repair_errors:
+        assert after <= before + 1e-9
+    for (_, after_refit), (_, after_scales) in zip(refit.info.repair_errors, scales.info.repair_errors):
+        assert after_refit < after_scales
 
 
 def test_a_refitted_plan_read_back_from_json_says_its_rows_live_in_the_weights():
