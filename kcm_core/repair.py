@@ -131,7 +131,7 @@ def fit_repair(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch], confi
     intercept = can_carry_bias(model)
     student = mask_copy(model, plan.without_repair())
     blocks = ffn_blocks(student)
-    originals = [b.down_rows().detach().double() for b in ffn_blocks(model)]     # (N, d) per layer
+    original_blocks = ffn_blocks(model)      # each layer's unpruned rows are read when it is fitted
     _, layers = transformer_layers(student)
     new_layers, failed, errors = [], [], []
     recorded: list | None = None
@@ -139,16 +139,17 @@ def fit_repair(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch], confi
         tell(progress, f"repair ({config.kind}): layer {li + 1}/{len(blocks)}", li / len(blocks))
         keep = list(layer.keep_idx)
         target = None if targets is None else targets[li]
-        sums = _accumulate(student, layers, li, block, keep, originals[li], batches, recorded, target)
+        original = original_blocks[li].down_rows().detach().double()                # (N, d)
+        sums = _accumulate(student, layers, li, block, keep, original, batches, recorded, target)
         count = torch.tensor([float(sums.tokens)], dtype=torch.float64, device=sums.gram.device)
         sq = sums.t_sq.reshape(1)
         group.sum_([sums.gram, sums.cross, sums.h_sum, sums.t_sum, sq, count])
         sums.t_sq, sums.tokens = sq[0], int(count[0])
-        fitted, scales, bias, ok = solve_layer(config, sums, originals[li][keep], ridge=ridge, bound=bound,
+        fitted, scales, bias, ok = solve_layer(config, sums, original[keep], ridge=ridge, bound=bound,
                                                intercept=intercept)
         if not ok:
             failed.append(li)
-        w_kept = originals[li][keep].to(sums.gram.device)
+        w_kept = original[keep].to(sums.gram.device)
         errors.append([sums.error(w_kept, None), sums.error(fitted.to(sums.gram.device), bias)])
         _write_layer(block, keep, fitted, bias)
         new_layers.append((fitted.float().cpu() if config.kind == "refit" else None,
