@@ -42,10 +42,9 @@ from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
 from kcm_core.lm import BlockStats, evaluate_lm, paired_perplexity  # noqa: E402
 from kcm_core.methods import DEFAULT_LM_METHOD, METHODS  # noqa: E402
-from kcm_core.pipeline import PruneConfig, compute_scores, prune, resolve_seq_len  # noqa: E402
-from kcm_core.repair import RepairConfig  # noqa: E402
+from kcm_core.pipeline import compute_scores, prune, resolve_seq_len  # noqa: E402
 from bench_lm import load_demo  # noqa: E402
-from common import machine_line, run_environment, write_results  # noqa: E402
+from common import cell_config, machine_line, run_environment, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CALIBRATION_BLOCKS, SCALE_BLOCKS, BLOCK = 32, 8, 256
@@ -53,16 +52,6 @@ CALIBRATION_BLOCKS, SCALE_BLOCKS, BLOCK = 32, 8, 256
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cell_config(cell: str, budget: float) -> PruneConfig:
-    """``score/allocation/repair/target`` (or a method name alone: its own recipe) as a PruneConfig."""
-    parts = cell.split("/")
-    if len(parts) == 1:
-        return PruneConfig(method=parts[0], budget=budget, scale_samples=SCALE_BLOCKS)
-    score, allocation, repair, target = parts
-    return PruneConfig(method=score, budget=budget, scale_samples=SCALE_BLOCKS, allocation=allocation,
-                       repair=RepairConfig(repair, target))
 
 
 def main() -> int:
@@ -84,7 +73,7 @@ def main() -> int:
     cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     budgets = [float(b) for b in args.budgets.split(",")]
     for c in cells:
-        cell_config(c, budgets[0])           # refuse a bad cell before any work
+        cell_config(c, budget=budgets[0], scale_samples=SCALE_BLOCKS)           # refuse a bad cell before any work
     load_before = os.getloadavg()
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -98,7 +87,7 @@ def main() -> int:
     shared: dict = {}
     rows = []
     for cell in cells:
-        base = cell_config(cell, budgets[0])
+        base = cell_config(cell, budget=budgets[0], scale_samples=SCALE_BLOCKS)
         reused = sorted(set(shared) & METHODS[base.method].needs)     # components another cell computed
         t = time.perf_counter()
         scores = compute_scores(model, base, calibration, shared=shared)

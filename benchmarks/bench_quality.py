@@ -47,8 +47,8 @@ from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.evaluate import bootstrap_interval, evaluate_classifier, paired_difference  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
 from kcm_core.methods import METHODS, method  # noqa: E402
-from kcm_core.pipeline import PruneConfig, compute_scores, prune  # noqa: E402
-from common import run_environment  # noqa: E402
+from kcm_core.pipeline import compute_scores, prune  # noqa: E402
+from common import cell_config, cell_label, cell_method, run_environment  # noqa: E402
 from quality_tables import HEADLINE, REFERENCE, p_cell, paired_cell, pct, spread_cell  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,7 +76,8 @@ def parse_list(text: str, kind):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="polarity", choices=TASKS, help="default: polarity (the demo)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma list of methods, or cells score/allocation/repair/target (default: every method)")
     parser.add_argument("--budgets", default=None, help="comma list of relative FLOPs (default 0.9,...,0.5)")
     parser.add_argument("--seeds", default=None, help="comma list (default 0,1,2)")
     parser.add_argument("--quick", action="store_true",
@@ -99,7 +100,7 @@ def main() -> int:
         return 2
     methods = parse_list(args.methods, str)
     for name in methods:
-        method(name)                                   # unknown names fail before any work
+        cell_config(name)                              # unknown names fail before any work
     if REFERENCE not in methods:
         log(f"note: {REFERENCE} is not among the methods; the paired columns use its rows from --merge")
     budgets = parse_list(args.budgets, float) if args.budgets else ([HEADLINE] if args.quick else list(BUDGETS))
@@ -175,8 +176,8 @@ def pruned_rows(model, tokenizer, train, test_batches, test_labels, dense_predic
                                        max_len=max_len, batch_size=32)
         shared = dict(run_r2)
         for name in methods:
-            spec = method(name)
-            config = PruneConfig(method=name, budget=budgets[0], seed=seed, scale_samples=scale_samples,
+            spec = method(cell_method(name))
+            config = cell_config(name, budget=budgets[0], seed=seed, scale_samples=scale_samples,
                                  label_samples=labeled)
             log(f"seed {seed}, {name}: scoring")
             reused = sorted(set(shared) & spec.needs)
@@ -289,6 +290,11 @@ def load_task(name: str) -> dict:
             "description": f"MiniLM-L6 fine-tuned on {spec.description}"}
 
 
+def cell_order(cell: str) -> tuple[int, str]:
+    """Rows sort by their score's place in the method table, then a method's own recipe before its cells."""
+    return list(METHODS).index(cell_method(cell)), "" if "/" not in cell else cell
+
+
 def hits_of(row: dict) -> torch.Tensor:
     return torch.tensor([int(c) for c in row["hits"]], dtype=torch.float64)
 
@@ -318,13 +324,13 @@ def summarise(rows: list[dict], dense_hits: torch.Tensor) -> list[dict]:
     for r in rows:
         groups.setdefault((r["method"], r["budget"]), []).append(r)
     out = []
-    for (name, budget), rs in sorted(groups.items(), key=lambda kv: (list(METHODS).index(kv[0][0]), -kv[0][1])):
+    for (name, budget), rs in sorted(groups.items(), key=lambda kv: (*cell_order(kv[0][0]), -kv[0][1])):
         accs = [r["accuracy"]["value"] for r in rs]
         agrees = [r["agreement"]["value"] for r in rs]
         hits = torch.tensor([[int(c) for c in r["hits"]] for r in rs], dtype=torch.float64).mean(0)
         agree = torch.tensor([[int(c) for c in r["agree"]] for r in rs], dtype=torch.float64).mean(0)
         out.append({
-            "method": name, "label": METHODS[name].label, "budget": budget,
+            "method": name, "label": cell_label(name), "budget": budget,
             "seeds": sorted(r["seed"] for r in rs),
             "accuracy_mean": statistics.fmean(accs),
             "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -385,7 +391,7 @@ def markdown(data: dict, quick: bool) -> str:
     dense = data["unpruned"]["accuracy"]
     paper = data.get("paper_bert_base_sst2_at_0.6")
     budgets = sorted({r["budget"] for r in summary}, reverse=True)
-    methods = [m for m in METHODS if any(r["method"] == m for r in summary)]
+    methods = list(dict.fromkeys(r["method"] for r in summary))
     seeds = sorted({r["seed"] for r in rows})
     seq = statistics.fmean(r["seq_len"] for r in rows) if rows else float("nan")
     env = data["environment"]
@@ -441,7 +447,7 @@ def markdown(data: dict, quick: bool) -> str:
             cells.append("" if r is None else
                          f"{pct(r['accuracy_mean'])} [{pct(r['accuracy_ci95'][0])}, {pct(r['accuracy_ci95'][1])}]"
                          + (f" ({pct(r['accuracy_min'])}-{pct(r['accuracy_max'])})" if len(r["seeds"]) > 1 else ""))
-        lines.append(f"| {METHODS[m].label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {cell_label(m)} | " + " | ".join(cells) + " |")
     lines += ["", "## Difference from KCM by budget (points, paired)", "",
               "Mean over seeds of (method minus KCM) [paired 95% CI], then McNemar p per seed.", "",
               "| method | " + " | ".join(str(b) for b in budgets) + " |",
@@ -453,7 +459,7 @@ def markdown(data: dict, quick: bool) -> str:
             key = "unpruned_vs_kcm" if m == REFERENCE else "vs_kcm"
             paired = None if r is None else r[key]
             cells.append("" if paired is None else f"{paired_cell(paired)}; p {p_cell(paired)}")
-        label = "unpruned (vs KCM)" if m == REFERENCE else METHODS[m].label
+        label = "unpruned (vs KCM)" if m == REFERENCE else cell_label(m)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Wall time per method (s, mean over seeds)", "",
               "Scoring once per seed, then selection, scaling and slicing at every budget; evaluation "
@@ -465,7 +471,7 @@ def markdown(data: dict, quick: bool) -> str:
         score = statistics.fmean(r["seconds"]["scoring"] for r in rows if r["method"] == m and
                                  r["budget"] == max(x["budget"] for x in rows if x["method"] == m))
         reused = sorted({c for r in rows if r["method"] == m for c in r.get("reused", [])})
-        lines.append(f"| {METHODS[m].label} | {score:.0f} | {method_wall_time(rows, m):.0f} | "
+        lines.append(f"| {cell_label(m)} | {score:.0f} | {method_wall_time(rows, m):.0f} | "
                      f"{', '.join(reused) or 'nothing'} |")
     before = env.get("load_average_before") or env.get("load_average_1_5_15_before")
     after = env.get("load_average_after") or env.get("load_average_1_5_15_after")

@@ -131,3 +131,32 @@ def perplexity_cell(row: Mapping[str, Any] | None) -> str:
         p = f", p {bootstrap_p_text(vs['p_value'])}" if vs.get("p_value") is not None else ""
         text += f" (x{vs['ratio']:.2f} [{lo:.2f}, {hi:.2f}]{p})"
     return text
+
+
+def cell_config(cell: str, **fields: Any):
+    """A grid cell as a ``PruneConfig``: a method name alone (its own recipe), or
+    ``score/allocation/repair/target`` (the method whose score picks the neurons, how the budget is
+    spread over layers, the repair step and what it fits to). ``fields`` are the other config fields."""
+    from kcm_core.config import PruneConfig
+    from kcm_core.repair import RepairConfig
+    parts = cell.split("/")
+    if len(parts) == 1:
+        return PruneConfig(method=cell, **fields)
+    if len(parts) != 4:
+        raise ValueError(f"a cell is a method name or score/allocation/repair/target, got {cell!r}")
+    score, allocation, repair, target = parts
+    return PruneConfig(method=score, allocation=allocation, repair=RepairConfig(repair, target), **fields)
+
+
+def cell_method(cell: str) -> str:
+    """The method (score) name of a cell."""
+    return cell.split("/")[0]
+
+
+def cell_label(cell: str) -> str:
+    """A cell in words: the method's label, or its score's label with the allocation and repair."""
+    from kcm_core.methods import METHODS
+    if "/" not in cell:
+        return METHODS[cell].label
+    score, allocation, repair, target = cell.split("/")
+    return f"{METHODS[score].label} score, {allocation}, {repair} ({target})"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import goal_verdict, machine_state, perplexity_cell, ratio_interval, ratio_text  # noqa: E402
+from common import cell_label, goal_verdict, machine_state, perplexity_cell, ratio_interval, ratio_text  # noqa: E402
 from quality_tables import HEADLINE, headline_table, p_cell, paired_cell, readme_caption, readme_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,11 +369,7 @@ def chart_draw(results: Path) -> str:
 
 
 def _grid_label(cell: str) -> str:
-    from kcm_core.methods import METHODS
-    if "/" not in cell:
-        return f"{METHODS[cell].label} (`{cell}`)"
-    score, allocation, repair, target = cell.split("/")
-    return f"{METHODS[score].label} score, {allocation}, {repair} ({target})"
+    return cell_label(cell) + ("" if "/" in cell else f" (`{cell}`)")
 
 
 def _grid_row(data: dict, cell: str, budget: float) -> dict | None:
