@@ -76,5 +76,5 @@ class PruneConfig:
     def repair_sample(self, unlabeled):
         """The unlabeled batches the repair step fits on: ``refit_samples`` sequences (all by default)
         for refit, ``scale_samples`` for the others."""
-        count = self.refit_samples if self.resolved_repair.kind == "refit" else self.scale_samples
+        count = self.refit_samples if self.resolved_repair.kind in ("refit", "obs") else self.scale_samples
         return take_sequences(unlabeled, count)

@@ -86,6 +86,8 @@ class PlanInfo:
     # repair's target on the calibration tokens, before and after the repair (kcm_core.repair)
     repair_errors: list[list[float]] | None = None
     allocation: str | None = None         # how the budget was spread over layers (kcm_core.select)
+    # per layer, how many of the selection's neurons the obs repair swapped for others (same count kept)
+    repair_swapped: list[int] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "PlanInfo":
@@ -172,6 +174,13 @@ class KeepPlan:
                        for layer, r, s, b in zip(self.layers, rows, scales, shifts))
         return KeepPlan(layers, method=self.method, info=self.info.updated(**info))
 
+    def with_keep(self, keeps: Sequence[Sequence[int]]) -> "KeepPlan":
+        """The same plan with each layer's kept neurons replaced (its repair cleared): the obs repair
+        re-chooses which neurons a layer keeps, never how many."""
+        layers = tuple(LayerKeep(tuple(sorted(int(i) for i in keep)), layer.width)
+                       for layer, keep in zip(self.layers, keeps))
+        return KeepPlan(layers, method=self.method, info=self.info)
+
     def without_repair(self) -> "KeepPlan":
         """The selection alone: no scales, no bias shifts, no refitted rows."""
         n = len(self.layers)
@@ -179,7 +188,7 @@ class KeepPlan:
 
     def check_realisable(self) -> None:
         """``ValueError`` for a refitted plan read back from JSON (its rows live in the exported weights)."""
-        if self.info.repair == "refit" and not self.has_rows and any(layer.kept for layer in self.layers):
+        if self.info.repair in ("refit", "obs") and not self.has_rows and any(layer.kept for layer in self.layers):
             raise ValueError("this plan's down-projection rows were refitted, and a plan read back from "
                              "JSON does not hold them (the exported weights do); realise the plan that "
                              "prune returned, or load the exported model")

@@ -11,7 +11,14 @@ calibration tokens. For one FFN layer with ``H`` the kept neurons' inputs to the
   by their token means, scales solved, then the bias);
 - ``refit``: every kept row of the down-projection refitted, ``W'`` = the ridge solution of
   ``min ||H W' + b - T||^2 + damp * ||W' - W||^2`` (a k x k system with d right-hand sides, as the
-  reconstruction step of ZipLM, SlimGPT and OSSCAR), plus the intercept ``b``.
+  reconstruction step of ZipLM, SlimGPT and OSSCAR), plus the intercept ``b``;
+- ``obs``: the layer keeps as many neurons as the selection gave it, but *which* ones is decided
+  again by the least-squares problem itself, then ``refit``. Starting from all ``N`` neurons, the one
+  whose removal raises ``||H W' + b - H_full W_full||^2`` least (once the others are refitted:
+  ``||w_i||^2 / [G^-1]_ii`` with ``G`` the centred, damped ``H^T H``) is dropped, the others' rows are
+  updated, and so on (the structured Optimal Brain Surgeon step of ZipLM and SlimGPT). Local target
+  only: the greedy cost is exact for it. The method's score still decides how many neurons each layer
+  keeps (the allocation), so the FLOPs are the selection's to the neuron.
 
 The target ``T`` is either the **teacher** (the unpruned model's FFN output on the unpruned model's own
 inputs, so each layer also tries to undo earlier layers' damage; the paper's and Kwon's choice) or
@@ -40,7 +47,9 @@ from .plan import KeepPlan
 from .realise import mask_copy, shift_bias
 from .runtime import Batch, Progress, model_device, tell, token_mask
 
-REPAIRS = ("none", "bias", "scales", "scales+bias", "refit")
+REPAIRS = ("none", "bias", "scales", "scales+bias", "refit", "obs")
+# the obs repair's removals per layer are spread over at most this many rounds (least_squares_keep)
+OBS_STEPS = 64
 TARGETS = ("teacher", "local")
 
 
@@ -52,7 +61,7 @@ class RepairConfig:
     target: "teacher" (the unpruned model's output) or "local" (the unpruned layer on the pruned
         model's inputs); "auto": local for ``refit``, ``scales+bias`` and a re-targeted bias, teacher
         for ``scales`` (the paper's step) and FLAP's ``bias``.
-    damp: ``refit``'s ridge toward the original rows, relative to the mean diagonal of ``H^T H``.
+    damp: ``refit``'s (and ``obs``'s) ridge toward the original rows, relative to the mean diagonal of ``H^T H``.
         SparseGPT and SlimGPT damp by 1% of it on hundreds of thousands of tokens; on the LM demo's 8,192
         calibration tokens 0.01 overfits (FLAP's score + refit at 0.9: perplexity 76.2 with 0.01, 74.3
         with 1, 74.7 with 4; 8 held-out blocks, benchmarks/results/repair_probe.log), so the default is 1.
@@ -69,6 +78,9 @@ class RepairConfig:
             raise ValueError(f"repair target must be auto, teacher or local, got {self.target!r}")
         if not (isinstance(self.damp, (int, float)) and self.damp > 0):
             raise ValueError(f"refit damp must be > 0, got {self.damp!r}")
+        if self.kind == "obs" and self.target == "teacher":
+            raise ValueError("the obs repair re-chooses neurons by the local least-squares error: its target "
+                             "is local (use --repair-target local or auto)")
 
     def resolved(self, own_kind: str) -> "RepairConfig":
         """``auto`` fields made concrete; ``own_kind`` is the method's own repair."""
@@ -95,6 +107,13 @@ class _LayerSums:
     t_sum: torch.Tensor       # (d,)
     t_sq: torch.Tensor        # ()      sum of T^2
     tokens: int = 0
+
+    def restricted(self, keep: list[int]) -> "_LayerSums":
+        """The sums of the problem over the ``keep`` neurons only, from every neuron's (local target:
+        the target does not depend on which neurons are kept)."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.gram.device)
+        return _LayerSums(self.gram[idx][:, idx], self.cross[idx], self.h_sum[idx], self.t_sum, self.t_sq,
+                          self.tokens)
 
     def error(self, rows: torch.Tensor, bias: torch.Tensor | None) -> float:
         """The relative error ``||H rows + bias - T|| / ||T||`` over the summed tokens, from the sums
@@ -133,35 +152,91 @@ def fit_repair(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch], confi
     blocks = ffn_blocks(student)
     original_blocks = ffn_blocks(model)      # each layer's unpruned rows are read when it is fitted
     _, layers = transformer_layers(student)
-    new_layers, failed, errors = [], [], []
+    new_layers, failed, errors, keeps, swapped = [], [], [], [], []
     recorded: list | None = None
     for li, (block, layer) in enumerate(zip(blocks, plan.layers)):
         tell(progress, f"repair ({config.kind}): layer {li + 1}/{len(blocks)}", li / len(blocks))
         keep = list(layer.keep_idx)
         target = None if targets is None else targets[li]
         original = original_blocks[li].down_rows().detach().double()                # (N, d)
-        sums = _accumulate(student, layers, li, block, keep, original, batches, recorded, target)
-        count = torch.tensor([float(sums.tokens)], dtype=torch.float64, device=sums.gram.device)
-        sq = sums.t_sq.reshape(1)
-        group.sum_([sums.gram, sums.cross, sums.h_sum, sums.t_sum, sq, count])
-        sums.t_sq, sums.tokens = sq[0], int(count[0])
+        if config.kind == "obs":            # every neuron's statistics, then the least-squares choice
+            full = _summed(_accumulate(student, layers, li, block, list(range(original.shape[0])), original,
+                                       batches, recorded, None), group)
+            before = full.restricted(keep)
+            chosen = least_squares_keep(full, original, len(keep), config.damp, intercept)
+            swapped.append(len(set(keep) - set(chosen)))
+            keep = chosen
+            sums = full.restricted(keep)
+        else:
+            sums = before = _summed(_accumulate(student, layers, li, block, keep, original, batches, recorded,
+                                                target), group)
         fitted, scales, bias, ok = solve_layer(config, sums, original[keep], ridge=ridge, bound=bound,
                                                intercept=intercept)
         if not ok:
             failed.append(li)
-        w_kept = original[keep].to(sums.gram.device)
-        errors.append([sums.error(w_kept, None), sums.error(fitted.to(sums.gram.device), bias)])
+        errors.append([before.error(original[list(layer.keep_idx)].to(sums.gram.device), None),
+                       sums.error(fitted.to(sums.gram.device), bias)])
         _write_layer(block, keep, fitted, bias)
-        new_layers.append((fitted.float().cpu() if config.kind == "refit" else None,
+        keeps.append(keep)
+        new_layers.append((fitted.float().cpu() if config.kind in ("refit", "obs") else None,
                            None if scales is None else scales.cpu().tolist(),
                            None if bias is None else bias.cpu().tolist()))
         if li + 1 < len(blocks):
             recorded = record_layer_output(student, layers, li, batches, recorded)
     tell(progress, "repair: done", 1.0)
+    if config.kind == "obs":
+        plan = plan.with_keep(keeps)
     return plan.with_repair([r for r, _, _ in new_layers], [s for _, s, _ in new_layers],
                             [b for _, _, b in new_layers], repair=config.kind,
                             repair_target=config.target, repair_failed_layers=failed or None,
-                            repair_intercept=intercept and config.kind != "scales", repair_errors=errors)
+                            repair_intercept=intercept and config.kind != "scales", repair_errors=errors,
+                            repair_swapped=swapped or None)
+
+
+def _summed(sums: _LayerSums, group: Group) -> _LayerSums:
+    """``sums`` added up over the ranks of ``group`` (unchanged on one process)."""
+    count = torch.tensor([float(sums.tokens)], dtype=torch.float64, device=sums.gram.device)
+    sq = sums.t_sq.reshape(1)
+    group.sum_([sums.gram, sums.cross, sums.h_sum, sums.t_sum, sq, count])
+    sums.t_sq, sums.tokens = sq[0], int(count[0])
+    return sums
+
+
+def least_squares_keep(sums: _LayerSums, w_full: torch.Tensor, k: int, damp: float, intercept: bool,
+                       steps: int = OBS_STEPS) -> list[int]:
+    """The ``k`` neurons (sorted) a layer keeps when neurons are dropped a few at a time, each time those
+    whose removal (with the others' rows refitted) raises the local least-squares error least:
+    ``cost_i = ||w_i||^2 / [G^-1]_ii``; the dropped set ``P`` then updates the rest,
+    ``w -= G^-1[:, P] (G^-1[P, P])^-1 w_P``, and leaves ``G^-1`` (a rank-|P| update). ``sums`` are every
+    neuron's (the local target's); ``G`` is their ``H^T H``, centred when the layer fits an intercept,
+    damped like ``refit``. The ``N - k`` removals are spread over at most ``steps`` rounds (one neuron a
+    round when there are fewer): removing one at a time is exact greedy but costs an ``N x N`` update
+    per neuron. Ties go to the lower index."""
+    n_neurons, n = w_full.shape[0], max(sums.tokens, 1)
+    if k >= n_neurons:
+        return list(range(n_neurons))
+    gram = sums.gram.clone()
+    if intercept:
+        mean_h = sums.h_sum / n
+        gram -= n * torch.outer(mean_h, mean_h)
+    gram.diagonal().add_(damp * float(gram.diagonal().mean().clamp_min(1e-12)))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    w = w_full.to(gram.device, torch.float64).clone()
+    alive = torch.ones(n_neurons, dtype=torch.bool, device=gram.device)
+    left = n_neurons - k
+    per_round = -(-left // max(1, steps))
+    while left:
+        take = min(per_round, left)
+        cost = (w * w).sum(1) / inverse.diagonal().clamp_min(1e-30)
+        cost[~alive] = float("inf")
+        drop = torch.sort(torch.topk(cost, take, largest=False, sorted=True).indices).values
+        columns = inverse[:, drop]                                                  # (N, |P|)
+        block = torch.linalg.inv(columns[drop])                                     # (|P|, |P|)
+        w -= columns @ (block @ w[drop])
+        inverse -= columns @ block @ columns.t()
+        alive[drop] = False
+        left -= take
+    return torch.nonzero(alive).flatten().tolist()
 
 
 def _accumulate(student, layers, li: int, block: FFNBlock, keep: list[int], original: torch.Tensor,
@@ -212,7 +287,7 @@ def solve_layer(config: RepairConfig, sums: _LayerSums, w_kept: torch.Tensor, *,
     the rows stay as they were, with the bias fitted to them)."""
     kind, n = config.kind, max(sums.tokens, 1)
     w = w_kept.to(sums.gram.device, torch.float64)                               # (k, d)
-    with_bias = kind in ("bias", "scales+bias") or (kind == "refit" and intercept)
+    with_bias = kind in ("bias", "scales+bias") or (kind in ("refit", "obs") and intercept)
     gram, cross = sums.gram, sums.cross
     mean_h, mean_t = sums.h_sum / n, sums.t_sum / n
     if with_bias:       # centre: the intercept absorbs the means
@@ -234,7 +309,7 @@ def solve_layer(config: RepairConfig, sums: _LayerSums, w_kept: torch.Tensor, *,
             s, ok = torch.ones(k, dtype=torch.float64, device=w.device), False
         scales = s
         fitted = w * s[:, None]
-    else:               # refit
+    else:               # refit, obs
         damp = config.damp * float(gram.diagonal().mean().clamp_min(1e-12))
         system = gram.clone()
         system.diagonal().add_(damp)
@@ -250,10 +325,16 @@ def solve_layer(config: RepairConfig, sums: _LayerSums, w_kept: torch.Tensor, *,
 
 def _write_layer(block: FFNBlock, keep: list[int], rows: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Put the repaired rows (k, d) and the bias shift into the student's down-projection, in place, so
-    the next layers are fitted on this layer's repaired output."""
+    the next layers are fitted on this layer's repaired output; every other neuron's row is zero."""
     with torch.no_grad():
         w = block.down.weight
         idx = torch.tensor(keep, dtype=torch.long, device=w.device)
+        dropped = torch.ones(w.shape[0] if block.transposed else w.shape[1], dtype=torch.bool, device=w.device)
+        dropped[idx] = False
+        if block.transposed:
+            w[dropped] = 0
+        else:
+            w[:, dropped] = 0
         if len(keep):
             values = rows.to(device=w.device, dtype=w.dtype)
             if block.transposed:

@@ -68,6 +68,45 @@ def test_a_layer_the_kept_neurons_can_represent_is_reproduced_exactly(kind, conf
     assert all(after_err < 1e-4 for _, after_err in repaired.info.repair_errors)
 
 
+def test_obs_re_chooses_the_neurons_the_others_can_carry_and_keeps_the_count():
+    copies = {3: (0, 0.5), 7: (1, -2.0), 11: (2, 1.5)}
+    model = _duplicated_llama(copies)
+    batches = make_batches(model, labels=False, n_batches=2)
+    plan = _plan_dropping(model, {20, 21, 22})          # neurons nothing else can stand in for
+    repaired = fit_repair(model, plan, batches, RepairConfig("obs", "local", damp=1e-9))
+    assert repaired.kept_counts == plan.kept_counts
+    for layer in repaired.layers:
+        dropped = set(layer.drop_idx())
+        assert all(len(dropped & {i, j}) == 1 for j, (i, _) in copies.items())
+    assert repaired.info.repair_swapped == [3, 3]
+    dense, after = _logits(model, batches), _logits(slice_model(model, repaired), batches)
+    assert max(float((a - d).abs().max()) for a, d in zip(after, dense)) < 1e-4
+    for before, after_err in repaired.info.repair_errors:
+        assert before > 1e-2 and after_err < 1e-4
+
+
+@pytest.mark.parametrize("family,task", [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "classification"),
+                                         ("qwen2", "causal-lm")])
+def test_obs_masks_and_slices_alike_at_the_selections_flops(family, task):
+    model = build_tiny_model(family, task, layers=2)
+    batches = make_batches(model, labels=False, n_batches=2)
+    snapshot = state_snapshot(model)
+    selected = prune(model, PruneConfig(method="d2", budget=0.8, repair=RepairConfig("none")), batches)
+    result = prune(model, PruneConfig(method="d2", budget=0.8, repair=RepairConfig("obs")), batches)
+    assert same_state(model, snapshot)
+    assert result.plan.kept_counts == selected.plan.kept_counts
+    assert result.plan.info.repair == "obs" and result.plan.info.repair_target == "local"
+    for a, b in zip(_logits(result.model, batches), _logits(mask_copy(model, result.plan), batches)):
+        assert (a - b).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="rows were refitted"):
+        mask_copy(model, KeepPlan.from_json(result.plan.to_json()))
+
+
+def test_obs_against_the_teacher_is_refused():
+    with pytest.raises(ValueError, match="its target is local"):
+        RepairConfig("obs", "teacher")
+
+
 def test_the_intercept_is_the_dropped_neurons_mean_output_when_the_scales_are_one():
     model = build_tiny_model("llama", "causal-lm", layers=1)
     batches = make_batches(model, labels=False, n_batches=2)
@@ -201,7 +240,7 @@ def test_the_repair_choice_reaches_the_report_through_the_cli(tmp_path, capsys):
 @pytest.mark.parametrize("family,kind,target", [
     *[(f, k, t) for f in ("llama", "gpt2") for k, t in (("refit", "local"), ("refit", "teacher"),
                                                        ("scales+bias", "local"), ("bias", "local"))],
-    ("qwen2", "refit", "local"), ("qwen2", "refit", "teacher")])
+    ("qwen2", "refit", "local"), ("qwen2", "refit", "teacher"), ("llama", "obs", "local"), ("gpt2", "obs", "local")])
 def test_streamed_repairs_equal_in_memory(tmp_path, family, kind, target):
     from kcm_core.export import load_pruned
     from kcm_core.streamed import prune_streamed

@@ -149,7 +149,7 @@ def scaled_plan(ws: Workspace, scores: MethodScores, config: PruneConfig, store:
     repair = config.resolved_repair
     if repair.kind != "none":
         if repair.target == "teacher" and repair.kind != "bias":     # the teacher's outputs, stored once
-            count = config.refit_samples if repair.kind == "refit" else config.scale_samples
+            count = config.refit_samples if repair.kind in ("refit", "obs") else config.scale_samples
             batches, targets = teacher(ws, count, store, progress)
         else:
             batches, targets = config.repair_sample(ws.unlabeled), None

@@ -50,7 +50,8 @@ def method_select(ws: Workspace, container) -> str:
 
 
 REPAIR_LABELS = {"auto": "The method's own", "none": "None", "bias": "Bias (FLAP)",
-                 "scales": "Scales (the paper)", "scales+bias": "Scales + bias", "refit": "Refit the kept rows"}
+                 "scales": "Scales (the paper)", "scales+bias": "Scales + bias", "refit": "Refit the kept rows",
+                 "obs": "Re-choose by least squares, then refit"}
 
 
 def repair_select(container) -> str:
@@ -320,13 +321,15 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
         parts.append("Repair: the dropped neurons' mean output (on the calibration data) added as a bias.")
     else:
         what = {"scales": "one scale per kept neuron", "bias": "a bias", "scales+bias": "scales and a bias",
-                "refit": "every kept down-projection row refitted"}[info.repair]
+                "refit": "every kept down-projection row refitted",
+                "obs": ("each layer's neurons re-chosen (same count) by the least-squares error their removal "
+                        "leaves, then every kept row refitted")}[info.repair]
         aim = ("the unpruned model's output" if info.repair_target == "teacher"
                else "the unpruned layer's output on the pruned model's own inputs")
         failed = (f" ({info.scaled_layers} of {len(slow.plan.layers)} layers scaled)" if info.scaled_layers is not None
                   else f" (the solve failed in layers {info.repair_failed_layers}: left as selected)"
                   if info.repair_failed_layers else "")
-        where = (f"all {ws.info.sample} {unit}" if info.repair == "refit"
+        where = (f"all {ws.info.sample} {unit}" if info.repair in ("refit", "obs")
                  else f"the first {fitted} {unit} to keep a new budget quick")
         parts.append(f"Repair: {what}, fitted to {aim} on {where}{failed}.")
     parts.append(f"Speed: {speed.dense_seconds * 1e3:.1f} ms unpruned vs {speed.pruned_seconds * 1e3:.1f} ms "

@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit each layer to the unpruned model's output (teacher) or to the unpruned "
                         "layer on the pruned model's inputs (local); auto: the repair's own")
     p.add_argument("--refit-damp", type=_positive_float, default=1.0,
-                   help="refit repair: ridge toward the original rows, relative to the mean of diag(H^T H)")
+                   help="refit and obs repairs: ridge toward the original rows, relative to the mean of diag(H^T H)")
     p.add_argument("--allocation", default="auto", choices=["auto", *ALLOCATIONS],
                    help="how the budget is spread over layers: pooled raw scores (the paper) or "
                         "per-layer z-scores (default: the method's own)")

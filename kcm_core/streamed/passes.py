@@ -304,7 +304,7 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
     probe_calls = sk.layer_inputs([probe])
     outside.free()
     student = teacher
-    has_shift = (repair.kind in ("bias", "scales+bias") or (repair.kind == "refit" and sk.family.mlp_bias_field)
+    has_shift = (repair.kind in ("bias", "scales+bias") or (repair.kind in ("refit", "obs") and sk.family.mlp_bias_field)
                  ) and any(layer.kept < layer.width for layer in plan.layers)
     scales: list[list[float] | None] = [None] * count
     repaired_info: dict = {}
