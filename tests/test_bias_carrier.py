@@ -1,16 +1,25 @@
 """Mistral and Qwen2 models given MLP biases by a repair, held by stock LLaMA classes
-(``kcm_core.bias_carrier``): the move keeps the logits at every position and refuses where a sliding window
-would make the two differ."""
+(``kcm_core.bias_carrier``): the move keeps the logits at every position, refuses where a sliding window
+would make the two differ, and the repaired export loads with plain ``transformers``: through the library,
+the CLI and ``--stream``."""
 from __future__ import annotations
+
+import json
+import random
 
 import pytest
 import torch
 import transformers as T
 
-from conftest import build_tiny_model, same_state, state_snapshot
+from conftest import LM_WORDS, build_tiny_model, make_batches, same_state, save_tiny_lm, state_snapshot
+from kcm_core import cli
 from kcm_core.arch import ffn_blocks, transformer_layers
 from kcm_core.bias_carrier import MOVED_FROM, carrier_refusal, into_carrier
+from kcm_core.export import save_pruned
 from kcm_core.export.loading import cast_parameters
+from kcm_core.pipeline import PruneConfig, prune
+from kcm_core.realise import mask_copy
+from kcm_core.repair import RepairConfig
 
 POSITIONS = 64
 # Qwen2 and Mistral configs whose model LLaMA reproduces: (family, config fields)
@@ -100,7 +109,88 @@ def test_a_sliding_window_shorter_than_the_context_is_refused_because_it_changes
     inputs = {"input_ids": _ids()["input_ids"]}
     a, b = _out(windowed, inputs), _out(unwindowed, inputs)
     assert (a[:, :8] - b[:, :8]).abs().max() <= 1e-5 and (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
+    # a bias repair is refused before any work, naming the reason and what to choose instead
+    config = PruneConfig(method="d2", budget=0.85, repair=RepairConfig("bias"), scale_samples=8)
+    with pytest.raises(ValueError, match="sliding window of 8 tokens.*repair that adds no bias"):
+        prune(windowed, config, make_batches(windowed, labels=False))
     # Qwen2: only the layers its layer_types marks slide; Mistral's default window (4096 of 131072)
     qwen2 = _model("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
     assert "layers [1] attend through a sliding window of 8 tokens" in carrier_refusal(qwen2.config)
     assert "sliding window of 4096 tokens" in carrier_refusal(build_tiny_model("mistral", "causal-lm").config)
+
+
+def test_refit_on_a_model_no_stock_class_carries_fits_no_intercept_and_keeps_its_class():
+    model = _model("mistral", sliding_window=8)
+    config = PruneConfig(method="d2", budget=0.85, repair=RepairConfig("refit"), scale_samples=8)
+    result = prune(model, config, make_batches(model, labels=False))
+    assert result.plan.info.repair_intercept is False and not result.plan.has_bias_shift
+    assert type(result.model) is T.MistralForCausalLM
+
+
+@pytest.mark.parametrize("family,fields", [("qwen2", {}), ("mistral", {"sliding_window": None})])
+@pytest.mark.parametrize("kind", ["bias", "refit", "scales+bias"])
+def test_a_repaired_qwen2_or_mistral_exports_as_stock_llama_with_the_pruned_logits(tmp_path, family, fields, kind):
+    model = _model(family, **fields)
+    batches = make_batches(model, labels=False)
+    config = PruneConfig(method="d2", budget=0.85, repair=RepairConfig(kind), scale_samples=8, uniform=True)
+    result = prune(model, config, batches)
+    assert result.plan.has_bias_shift and type(result.model) is T.LlamaForCausalLM
+    assert result.plan.info.repair_intercept is (None if kind == "bias" else True)   # FLAP's bias has none
+    assert type(mask_copy(model, result.plan)) is T.LlamaForCausalLM          # masked and sliced alike
+    export = save_pruned(result.model, tmp_path / "out", plan=result.plan)
+    assert export.loader == "transformers" and export.reloaded_ok
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == ["LlamaForCausalLM"] and written["mlp_bias"] is True
+    assert written[MOVED_FROM] == type(model).__name__
+    note = json.loads((tmp_path / "out" / "export.json").read_text())["class_note"]
+    assert note.startswith(f"The model is LlamaForCausalLM, not {type(model).__name__}: the repair adds biases")
+    assert note in (tmp_path / "out" / "report.md").read_text()
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "out")       # stock transformers only
+    assert type(reloaded) is T.LlamaForCausalLM
+    diff = float((_out(reloaded, _ids()) - _out(result.model, _ids())).abs().max())
+    assert diff <= 1e-5, diff
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("carrier-docs")
+    rng = random.Random(0)
+    (root / "docs.txt").write_text(
+        "\n".join(" ".join(rng.choice(LM_WORDS) for _ in range(30)) for _ in range(40)) + "\n")
+    return root / "docs.txt"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_the_cli_prunes_with_the_bias_repair_in_memory_and_streamed_to_the_same_stock_llama(
+        tmp_path, capsys, docs, family):
+    model_dir = save_tiny_lm(tmp_path / family, family)
+    common = ["prune", "--model", str(model_dir), "--data", str(docs), "--flops", "0.9", "--repair", "bias",
+              "--uniform", "--block-size", "16", "--samples", "8", "--eval-blocks", "4"]
+    assert cli.main(common + ["--out", str(tmp_path / "memory")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["repair"]["kind"] == "bias" and report["export"]["loader"] == "transformers"
+    assert report["model"]["class_note"].startswith("The model is LlamaForCausalLM")
+    assert f"- Class: {report['model']['class_note']}" in (tmp_path / "memory" / "report.md").read_text()
+    assert cli.main(common + ["--out", str(tmp_path / "streamed"), "--stream"]) == 0
+    streamed_report = json.loads(capsys.readouterr().out)
+    assert streamed_report["model"]["class_note"] == report["model"]["class_note"]
+    plans = [json.loads((tmp_path / name / "kcm_plan.json").read_text()) for name in ("memory", "streamed")]
+    for a, b in zip(plans[0]["layers"], plans[1]["layers"]):
+        assert a["keep_idx"] == b["keep_idx"]
+        assert torch.allclose(torch.tensor(a["bias_shift"]), torch.tensor(b["bias_shift"]), atol=1e-5, rtol=0)
+    memory, streamed = (T.AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in ("memory", "streamed"))
+    assert type(memory) is type(streamed) is T.LlamaForCausalLM
+    ids = {"input_ids": torch.randint(5, len(LM_WORDS), (2, 12), generator=torch.Generator().manual_seed(0))}
+    assert (_out(memory, ids) - _out(streamed, ids)).abs().max() <= 1e-5
+
+
+def test_the_cli_refuses_a_bias_repair_where_a_sliding_window_binds_in_one_line(tmp_path, capsys, docs):
+    model_dir = save_tiny_lm(tmp_path / "mistral", "mistral", sliding_window=8)
+    for stream in ([], ["--stream"]):
+        capsys.readouterr()
+        code = cli.main(["prune", "--model", str(model_dir), "--data", str(docs), "--flops", "0.9",
+                         "--repair", "scales+bias", "--block-size", "16", "--samples", "8",
+                         "--out", str(tmp_path / "out"), *stream])
+        err = capsys.readouterr().err
+        assert code == 2 and "sliding window of 8 tokens" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
