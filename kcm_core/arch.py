@@ -314,6 +314,7 @@ class ModelShape:
     head: str                    # "lm", "classifier", "pooled-classifier" or "none" (from architectures)
     decoder: bool = False        # a causal decoder stack (Family.decoder), else an encoder
     head_size: int = 0           # the config's explicit head_dim (Mistral-Nemo: 128, not 5120 / 32); 0: none
+    out_bias: bool = False       # the attention's output projection carries a bias (LLaMA's attention_bias)
 
     @property
     def head_dim(self) -> int:
@@ -355,6 +356,8 @@ def model_shape(config) -> ModelShape:
         head=_head_kind(config, family),
         decoder=family.decoder,
         head_size=_explicit_head_dim(config),
+        out_bias=family.dense_bias or bool(family.attention_bias_field
+                                           and getattr(config, family.attention_bias_field, False)),
     )
 
 
