@@ -43,6 +43,13 @@ class Family:
     # The config switch that gives the MLP's projections biases, where stock code has one (LLaMA's
     # ``mlp_bias``); FLAP's bias compensation needs a down-projection bias that stock code loads.
     mlp_bias_field: str | None = None
+    attention_bias_field: str | None = None   # the switch that gives Q, K, V and O biases (LLaMA)
+    # A family with no MLP-bias switch: the family whose stock class holds its weights plus MLP biases
+    # and computes the same function (kcm_core.bias_carrier moves a model there when a repair adds a bias).
+    bias_carrier: str | None = None
+    # Which layers attend through ``sliding_window``: those ``layer_types`` names "sliding_attention"
+    # (Qwen2), else every layer whenever the window is set (Mistral).
+    window_by_layer_type: bool = False
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -92,9 +99,10 @@ FAMILIES: tuple[Family, ...] = (
         qkv_bias=False,
         dense_bias=False,
         mlp_bias_field="mlp_bias",
+        attention_bias_field="attention_bias",
     ),
     Family(
-        name="mistral",              # LLaMA's layout without the mlp_bias switch
+        name="mistral",              # LLaMA's layout without the mlp_bias switch, plus a sliding window
         decoder=True,
         model_types=("mistral",),
         layers=("layers",),
@@ -104,6 +112,7 @@ FAMILIES: tuple[Family, ...] = (
         kv_heads_field=("num_key_value_heads",),
         qkv_bias=False,
         dense_bias=False,
+        bias_carrier="llama",
     ),
     Family(
         name="qwen2",                # LLaMA's layout, but its Q, K, V projections carry biases
@@ -116,6 +125,8 @@ FAMILIES: tuple[Family, ...] = (
         kv_heads_field=("num_key_value_heads",),
         qkv_bias=True,
         dense_bias=False,
+        bias_carrier="llama",
+        window_by_layer_type=True,
     ),
     Family(
         name="vit",
@@ -141,6 +152,14 @@ def family_for_config(config) -> Family:
         f"KCM Explorer supports model types {', '.join(SUPPORTED_MODEL_TYPES)} "
         "(BERT-family encoders incl. MPNet, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2 gated MLPs, ViT)."
     )
+
+
+def family_named(name: str) -> Family:
+    """The family row called ``name`` (``Family.name``)."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise KeyError(f"no family named {name!r}")
 
 
 def family_for_model(model: nn.Module) -> Family:
@@ -295,6 +314,7 @@ class ModelShape:
     head: str                    # "lm", "classifier", "pooled-classifier" or "none" (from architectures)
     decoder: bool = False        # a causal decoder stack (Family.decoder), else an encoder
     head_size: int = 0           # the config's explicit head_dim (Mistral-Nemo: 128, not 5120 / 32); 0: none
+    out_bias: bool = False       # the attention's output projection carries a bias (LLaMA's attention_bias)
 
     @property
     def head_dim(self) -> int:
@@ -336,6 +356,8 @@ def model_shape(config) -> ModelShape:
         head=_head_kind(config, family),
         decoder=family.decoder,
         head_size=_explicit_head_dim(config),
+        out_bias=family.dense_bias or bool(family.attention_bias_field
+                                           and getattr(config, family.attention_bias_field, False)),
     )
 
 

@@ -198,8 +198,11 @@ def estimate_layer_params(shape: ModelShape, neurons: int) -> int:
     biases = (q_out + 2 * kv_out) if shape.qkv_bias else 0
     if shape.dense_bias:       # output projection, FFN up and down, and the two LayerNorms' biases
         biases += d + up_rows + d + 2 * d
-    elif shape.mlp_bias:       # LLaMA with mlp_bias: FFN gate, up and down only
-        biases += up_rows + d
+    else:
+        if shape.mlp_bias:     # LLaMA with mlp_bias: FFN gate, up and down
+            biases += up_rows + d
+        if shape.out_bias:     # LLaMA with attention_bias: the output projection too
+            biases += d
     norms = 2 * d              # two norm weights (LayerNorm or RMSNorm)
     return weights + biases + norms
 

@@ -5,6 +5,10 @@ the down-projection by its scale (0 for a dropped neuron): same shapes, no speed
 comparison. Slicing builds smaller up/gate/down layers with the kept rows, scales folded in, same dtype
 and device: this is what makes a model faster and smaller. ``tests/test_realise.py`` checks that the two
 agree to 1e-5.
+
+A plan that adds biases to the down-projections (``LayerKeep.bias_shift``) of a family with no MLP-bias
+switch (Mistral, Qwen2) is realised in the stock class that loads them, LLaMA's, with the same outputs
+(``kcm_core.bias_carrier``): masked and sliced alike, so both keep agreeing and the export loads.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 
 from .arch import FFNBlock, family_for_model, ffn_blocks
+from .bias_carrier import carrier_family, into_carrier
 from .plan import KeepPlan
 
 
@@ -28,9 +33,11 @@ def _check_plan(blocks: list[FFNBlock], plan: KeepPlan) -> None:
             )
 
 
-def mask_copy(model: nn.Module, plan: KeepPlan) -> nn.Module:
+def mask_copy(model: nn.Module, plan: KeepPlan, *, carry: bool = True) -> nn.Module:
     """A copy of ``model`` in which dropped neurons output zero and kept ones are scaled (or carry
-    their refitted rows)."""
+    their refitted rows). ``carry``: a plan with bias shifts on a family with no MLP-bias switch gives a
+    model of the carrier class (``kcm_core.bias_carrier``); False keeps the class, its down-projections
+    holding the biases (a one-layer view of the streamed mode, which writes the carrier's files itself)."""
     plan.check_realisable()
     masked = copy.deepcopy(model)
     blocks = ffn_blocks(masked)
@@ -54,7 +61,13 @@ def mask_copy(model: nn.Module, plan: KeepPlan) -> nn.Module:
                 shift_bias(block.down, layer.bias_shift)
         if plan.has_bias_shift:
             give_mlp_biases(masked, family_for_model(masked))
-    return masked
+    return into_carrier(masked) if carry and moves(masked, plan) else masked
+
+
+def moves(model: nn.Module, plan: KeepPlan) -> bool:
+    """Whether realising ``plan`` on ``model`` changes its class: the plan adds biases to the
+    down-projections and the family has no switch for them (``kcm_core.bias_carrier``)."""
+    return plan.has_bias_shift and carrier_family(model.config) is not None
 
 
 def shift_bias(layer: nn.Module, shift) -> None:
@@ -136,11 +149,12 @@ def _emptied_conv1d_class(base: type) -> type:
     return EmptiedConv1D
 
 
-def slice_model(model: nn.Module, plan: KeepPlan) -> nn.Module:
+def slice_model(model: nn.Module, plan: KeepPlan, *, carry: bool = True) -> nn.Module:
     """A new, physically smaller model: each FFN keeps only the plan's neurons, scales folded in.
 
     Its config records the new widths: the family's width field when all layers agree (a stock
     ``from_pretrained`` then loads it), else ``kcm_ffn_widths`` for ``kcm_core.load_pruned``.
+    ``carry``: as in ``mask_copy`` (a Mistral or Qwen2 plan with bias shifts gives a LLaMA-class model).
     """
     plan.check_realisable()
     family = family_for_model(model)
@@ -163,7 +177,7 @@ def slice_model(model: nn.Module, plan: KeepPlan) -> nn.Module:
     if plan.has_bias_shift:
         give_mlp_biases(sliced, family)
     record_widths(sliced.config, family.width_field[0], plan.kept_counts)
-    return sliced
+    return into_carrier(sliced) if carry and moves(sliced, plan) else sliced
 
 
 def record_widths(config, width_field: str, widths: list[int]) -> None:

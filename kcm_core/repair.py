@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .arch import FFNBlock, ffn_blocks, transformer_layers
-from .compensation import can_carry_bias
+from .compensation import can_carry_bias, check_compensable
 from .distributed import SINGLE, Group
 from .layer_replay import StopForward, record_layer_output, run_layer
 from .plan import KeepPlan
@@ -134,6 +134,8 @@ def fit_repair(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch], confi
     ``plan.info.repair_failed_layers``). The caller's model is not modified."""
     if config.kind in ("auto", "none") or config.target == "auto":
         raise ValueError(f"fit_repair needs a concrete repair, got {config}")
+    if config.kind in ("bias", "scales+bias"):
+        check_compensable(model)                 # before any work
     batches = list(batches)
     if not batches:
         raise ValueError("the repair step needs unlabeled data: the sample is empty")
@@ -145,8 +147,9 @@ def fit_repair(model: nn.Module, plan: KeepPlan, batches: Sequence[Batch], confi
         from .scaling import teacher_targets
         tell(progress, "repair: teacher outputs", 0.0)
         targets = teacher_targets(model, batches)
-    # a family whose down-projection cannot carry a bias in stock code (Mistral, Qwen2) is refitted
-    # without the intercept; the pipeline refuses the bias-only repairs there before any work
+    # as on LLaMA, refit fits its intercept wherever stock code can load the bias: Mistral and Qwen2 are
+    # then realised as LLaMA (kcm_core.bias_carrier); where no stock class can (a Mistral whose sliding
+    # window is shorter than its positions) refit runs without it and the bias repairs are refused
     intercept = can_carry_bias(model)
     student = mask_copy(model, plan.without_repair())
     blocks = ffn_blocks(student)

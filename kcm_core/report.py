@@ -175,6 +175,15 @@ class PruneReport:
         return cls(**values)
 
 
+def moved_note(model, plan) -> str | None:
+    """Why the pruned model's class is not ``model``'s (a Mistral or Qwen2 plan that adds biases is
+    realised as LLaMA: ``kcm_core.bias_carrier``), in one sentence; None when it is the same."""
+    from .bias_carrier import can_carry, carrier_note, moved_config
+    if not (plan.has_bias_shift and can_carry(model.config)):
+        return None
+    return carrier_note(moved_config(model.config, type(model).__name__))
+
+
 def build_report(*, model, source: str, path: str | None, spec, config, data: Mapping[str, Any],
                  plan, seq_len: float, achieved_flops: float, params_before: int | None,
                  params_after: int | None, details, evaluation: Evaluation | None = None,
@@ -188,7 +197,8 @@ def build_report(*, model, source: str, path: str | None, spec, config, data: Ma
     from .arch import model_shape
     return PruneReport(
         model={"source": source, "path": path, "class": type(model).__name__,
-               "model_type": model_shape(model.config).model_type},
+               "model_type": model_shape(model.config).model_type,
+               "class_note": moved_note(model, plan)},
         method={"name": spec.name, "label": spec.label, "description": spec.description,
                 "default": spec.name == DEFAULT_METHOD},
         options=config.to_dict(), data=dict(data), seq_len=float(seq_len),
@@ -253,6 +263,7 @@ def render_markdown(report: PruneReport | Mapping[str, Any], heading: str = "#")
     flops, neurons, params, env = r["relative_flops"], r["neurons"], r["params"], r["environment"]
     lines = [f"{heading} Pruned {r['model']['source']} with {r['method']['label']}", "",
              f"- Method: {r['method']['label']} ({r['method']['description']})",
+             *([f"- Class: {r['model']['class_note']}"] if r["model"].get("class_note") else []),
              f"- Relative FLOPs: target {flops['target']:.2f}, achieved {flops['achieved']:.4f} "
              f"({flops['unit']}; s = {r['seq_len']:g})",
              f"- FFN neurons kept: {neurons['kept']:,} of {neurons['total']:,}; per layer "

@@ -187,9 +187,10 @@ def same_state(model, snapshot: dict[str, torch.Tensor]) -> bool:
 LM_WORDS = "the a good bad movie film great awful fun dull plot acting i love hate it was is very not".split()
 
 
-def save_tiny_lm(folder, family: str, *, positions: int = 32, vocab_size: int | None = None):
-    """Save a seeded tiny causal LM of ``family`` (gpt2, llama or qwen2) with a WordPiece tokenizer over
-    ``LM_WORDS`` to ``folder``; the vocabulary has room for the end-of-text id some tokenizers add."""
+def save_tiny_lm(folder, family: str, *, positions: int = 32, vocab_size: int | None = None, **overrides):
+    """Save a seeded tiny causal LM of ``family`` (gpt2, llama, mistral or qwen2) with a WordPiece tokenizer
+    over ``LM_WORDS`` to ``folder``; the vocabulary has room for the end-of-text id some tokenizers add.
+    Mistral's sliding window spans its whole context unless ``overrides`` (config fields) say otherwise."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + LM_WORDS
     folder.mkdir(parents=True)
     vocab_file = folder.parent / f"{folder.name}-vocab.txt"
@@ -200,8 +201,10 @@ def save_tiny_lm(folder, family: str, *, positions: int = 32, vocab_size: int | 
                  intermediate_size=37, max_position_embeddings=positions, initializer_range=0.2)
     config = {"gpt2": lambda: T.GPT2Config(vocab_size=size, n_embd=32, n_layer=2, n_head=4, n_inner=37,
                                            n_positions=positions, initializer_range=0.2),
-              "llama": lambda: T.LlamaConfig(**small, num_key_value_heads=2),
-              "qwen2": lambda: T.Qwen2Config(**small, num_key_value_heads=2)}[family]()
+              "llama": lambda: T.LlamaConfig(**small, num_key_value_heads=2, **overrides),
+              "mistral": lambda: T.MistralConfig(**{**small, "num_key_value_heads": 2, "sliding_window": positions,
+                                                    **overrides}),
+              "qwen2": lambda: T.Qwen2Config(**small, num_key_value_heads=2, **overrides)}[family]()
     torch.manual_seed(0)
     T.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -169,6 +169,14 @@ def test_layer_parameter_estimate_matches_the_real_layers(tiny_model, family):
     assert [estimate_layer_params(shape, WIDTH)] * 2 == list(count_params(model).layers)
 
 
+def test_the_layer_estimate_counts_llamas_attention_and_mlp_biases(tiny_model):
+    # what a Mistral or Qwen2 given MLP biases becomes (kcm_core.bias_carrier): the O projection's bias too
+    model = tiny_model("llama", layers=2, attention_bias=True, mlp_bias=True)
+    shape = model_shape(model.config)
+    assert shape.qkv_bias and shape.out_bias and shape.mlp_bias
+    assert [estimate_layer_params(shape, WIDTH)] * 2 == list(count_params(model).layers)
+
+
 def test_cost_report_uses_measured_params_and_sums_blocks(tiny_model):
     model = tiny_model("bert", layers=3)
     shape = model_shape(model.config)

@@ -147,10 +147,19 @@ def test_flap_compensation_keeps_the_mean_output_of_the_first_layer(tiny_model, 
     assert not torch.allclose(without, full, atol=1e-3)        # the compensation is what keeps it
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_flap_is_refused_where_stock_code_has_no_down_bias(tiny_model, family):
-    model = tiny_model(family, "causal-lm")
-    with pytest.raises(ValueError, match="needs a bias on the down-projection"):
+@pytest.mark.parametrize("family,fields", [("mistral", {"sliding_window": None}), ("qwen2", {})])
+def test_flap_on_a_family_without_an_mlp_bias_switch_gives_a_llama(tiny_model, family, fields):
+    model = tiny_model(family, "causal-lm", initializer_range=0.2, **fields)
+    batches = lm_batches(model)
+    result = prune(model, PruneConfig(method="flap", budget=0.9), batches)
+    assert result.plan.has_bias_shift and type(result.model).__name__ == "LlamaForCausalLM"
+    assert math.isclose(evaluate_lm(result.model, batches).perplexity.value,
+                        evaluate_lm(mask_copy(model, result.plan), batches).perplexity.value, rel_tol=1e-5)
+
+
+def test_flap_is_refused_where_no_stock_class_can_hold_the_down_bias(tiny_model):
+    model = tiny_model("mistral", "causal-lm")      # a sliding window of 4,096 of 131,072 positions
+    with pytest.raises(ValueError, match="needs a bias on the down-projection.*sliding window of 4096"):
         compute_scores(model, PruneConfig(method="flap", budget=0.9), lm_batches(model))
 
 

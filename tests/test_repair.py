@@ -129,27 +129,31 @@ def test_on_the_first_layer_the_teacher_and_the_local_target_are_the_same_proble
     assert not torch.allclose(a.layers[1].rows, b.layers[1].rows, atol=1e-5)   # later layers differ
 
 
+# Mistral and Qwen2 have no MLP-bias switch: a repair that adds a bias realises them as LLaMA
+# (kcm_core.bias_carrier, tests/test_bias_carrier.py); this Mistral's window spans its context
 @pytest.mark.parametrize("family,task", [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "classification"),
-                                         ("qwen2", "causal-lm"), ("distilbert", "classification")])
+                                         ("qwen2", "causal-lm"), ("mistral", "causal-lm"),
+                                         ("distilbert", "classification")])
 @pytest.mark.parametrize("kind", ["none", "bias", "scales", "scales+bias", "refit"])
 @pytest.mark.parametrize("target", ["teacher", "local"])
 def test_every_repair_masks_and_slices_alike_and_leaves_the_model_untouched(family, task, kind, target):
-    model = build_tiny_model(family, task, layers=2)
+    fields = {"sliding_window": None} if family == "mistral" else {}
+    model = build_tiny_model(family, task, layers=2, **fields)
     batches = make_batches(model, labels=False, n_batches=2)
     snapshot = state_snapshot(model)
     config = PruneConfig(method="d2", budget=0.85, repair=RepairConfig(kind, target), scale_samples=8)
-    if family == "qwen2" and kind in ("bias", "scales+bias"):
-        with pytest.raises(ValueError, match="bias on the down-projection"):
-            prune(model, config, batches)
-        return
     result = prune(model, config, batches)
     assert same_state(model, snapshot)
     assert result.plan.info.repair == kind
-    for a, b in zip(_logits(result.model, batches), _logits(mask_copy(model, result.plan), batches)):
+    masked = mask_copy(model, result.plan)
+    assert type(masked) is type(result.model)
+    moved = family in ("qwen2", "mistral") and result.plan.has_bias_shift
+    assert type(result.model).__name__ == ("LlamaForCausalLM" if moved else type(model).__name__)
+    for a, b in zip(_logits(result.model, batches), _logits(masked, batches)):
         assert (a - b).abs().max() <= 1e-5
     if kind == "refit":
         assert result.plan.has_rows
-        assert result.plan.info.repair_intercept == (family != "qwen2")   # Qwen2 has no MLP-bias switch
+        assert result.plan.info.repair_intercept is True       # every family: Mistral and Qwen2 as LLaMA
         for before, after in result.plan.info.repair_errors:
             assert after <= before + 1e-9
 
@@ -236,15 +240,18 @@ def test_the_repair_choice_reaches_the_report_through_the_cli(tmp_path, capsys):
     assert report["method"]["default"] == (DEFAULT_METHOD == "d2")
 
 
-# Qwen2's down-projection carries no bias in stock code, so only refit (without its intercept) runs there
+# Qwen2 and Mistral (its window spanning the context) are written as LLaMA where the repair adds a bias
 @pytest.mark.parametrize("family,kind,target", [
     *[(f, k, t) for f in ("llama", "gpt2") for k, t in (("refit", "local"), ("refit", "teacher"),
                                                        ("scales+bias", "local"), ("bias", "local"))],
-    ("qwen2", "refit", "local"), ("qwen2", "refit", "teacher"), ("llama", "obs", "local"), ("gpt2", "obs", "local")])
+    ("qwen2", "refit", "local"), ("qwen2", "refit", "teacher"), ("qwen2", "bias", "local"),
+    ("qwen2", "scales+bias", "local"), ("mistral", "refit", "local"), ("mistral", "bias", "local"), ("llama", "obs", "local"),
+    ("gpt2", "obs", "local")])
 def test_streamed_repairs_equal_in_memory(tmp_path, family, kind, target):
     from kcm_core.export import load_pruned
     from kcm_core.streamed import prune_streamed
-    model = build_tiny_model(family, "causal-lm", layers=3)
+    fields = {"sliding_window": None} if family == "mistral" else {}
+    model = build_tiny_model(family, "causal-lm", layers=3, **fields)
     model.save_pretrained(tmp_path / "model")
     batches = make_batches(model, labels=False, n_batches=2)
     config = PruneConfig(method="d2", budget=0.8, scale_samples=8, repair=RepairConfig(kind, target),
@@ -257,5 +264,6 @@ def test_streamed_repairs_equal_in_memory(tmp_path, family, kind, target):
                                                         streamed.plan.info.repair_errors):
         assert a_before == pytest.approx(b_before, abs=1e-5) and a_after == pytest.approx(b_after, abs=1e-5)
     loaded = load_pruned(tmp_path / "out")
+    assert type(loaded) is type(reference.model)
     for x, y in zip(_logits(reference.model, batches), _logits(loaded, batches)):
         assert (x - y).abs().max() <= 1e-4

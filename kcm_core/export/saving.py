@@ -15,6 +15,7 @@ from torch import nn
 
 from ..arch import family_for_model, ffn_blocks
 from ..atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
+from ..bias_carrier import carrier_note
 from ..plan import KeepPlan
 from ..realise import record_widths
 from ..report import Environment, PruneReport, render_markdown
@@ -201,6 +202,7 @@ def _write_reports(folder: Path, model: nn.Module, plan: KeepPlan | None, report
         "tolerance": result.tolerance,
         "probe_shape": [PROBE_BATCH] + ([*spec.image] if spec.vision else [PROBE_SEQ]),
         "kept_widths": [block.width for block in ffn_blocks(model)],
+        "class_note": carrier_note(model.config),
         "environment": Environment.here().__dict__,
     }
     (folder / EXPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -214,6 +216,8 @@ def _write_reports(folder: Path, model: nn.Module, plan: KeepPlan | None, report
 
 def _loading_markdown(summary: dict[str, Any]) -> list[str]:
     lines = ["## Loading", ""]
+    if summary.get("class_note"):
+        lines += [summary["class_note"], ""]
     if "hf" in summary["formats"]:
         if summary["loader"] == "transformers":
             lines += ["Every layer has the same width: plain `transformers` loads this folder.", "",

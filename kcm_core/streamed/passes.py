@@ -15,7 +15,9 @@ over the layers, with the selection between them:
    scaling sample: the unpruned model's (teacher: its FFN output is the target) and the pruned one's
    (student: earlier layers already pruned and scaled), as ``kcm_core.scaling`` does in memory. Each
    layer's scales are fitted, folded in, the layer is sliced and written to its own safetensors shard
-   (FLAP's bias shift is computed here, from the layer's weights and the first pass's means).
+   (FLAP's bias shift is computed here, from the layer's weights and the first pass's means). A Mistral
+   or Qwen2 layer given a bias is written as the LLaMA class's layer (its zero biases added), and the
+   config as LLaMA's (``kcm_core.bias_carrier``), as the in-memory export does.
 
 The folder written is the in-memory export's format (``config.json`` with the new widths, a sharded
 safetensors checkpoint with its index, the tokenizer, ``kcm_plan.json``, ``report.json``/``.md``,
@@ -43,7 +45,8 @@ import torch
 from ..activations import NeuronStats, collect_stats
 from ..arch import ffn_blocks, model_shape, transformer_layers
 from ..atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
-from ..compensation import check_compensable, compensate
+from ..bias_carrier import carrier_family, carrier_note, empty_carrier_layer, layer_with_biases, moved_config
+from ..compensation import can_carry_bias, check_compensable, compensate
 from ..flops import check_budget
 from ..hull import HullConfig, HullFit, kernel_hull
 from .skeleton import LayerCall, LayerView, Skeleton, layer_output, next_calls
@@ -166,10 +169,10 @@ def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch]
     if not spec.per_layer:
         result = score_with(spec, _WholeSources(sk.model, config))
         return replace(result, seconds={"scoring": time.perf_counter() - start})
+    if config.resolved_repair.kind in ("bias", "scales+bias"):
+        check_compensable(sk.model)               # before any scoring work
     scores, fits, stats = [], [], []
-    for index, view in enumerate(each_layer(sk, unlabeled, run="stats" in spec.needs, progress=progress)):
-        if index == 0 and config.resolved_repair.kind in ("bias", "scales+bias"):
-            check_compensable(view)
+    for view in each_layer(sk, unlabeled, run="stats" in spec.needs, progress=progress):
         sources = _LayerSources(view, config, unlabeled)
         scores.append(score_with(spec, sources).scores[0])
         if "r2" in spec.needs:
@@ -225,7 +228,7 @@ def _fit_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], teache
     targets = teacher_targets(view.feed(teacher), batches)
     next_teacher = [] if last else next_calls(teacher, view.outputs)
     view.feed([])                                    # nothing recorded is copied with the layer
-    masked = mask_copy(view, plan.without_scales())
+    masked = mask_copy(view, plan.without_scales(), carry=False)
     scales: list[float] = []
     if layer.kept > 0:
         block = ffn_blocks(masked)[0]
@@ -253,7 +256,8 @@ def _repair_layer(view: LayerView, plan: KeepPlan, batches: Sequence[Batch], tea
     repaired = fit_repair(view.feed(student), plan, batches, repair, ridge=config.scale.ridge,
                           bound=config.scale.bound, targets=targets)
     view.feed([])
-    return repaired, next_teacher, [] if last else _next_student(mask_copy(view, repaired), student, batches)
+    return repaired, next_teacher, [] if last else _next_student(mask_copy(view, repaired, carry=False),
+                                                                 student, batches)
 
 
 def _next_student(masked, student: list[LayerCall], batches: Sequence[Batch]) -> list[LayerCall]:
@@ -304,8 +308,9 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
     probe_calls = sk.layer_inputs([probe])
     outside.free()
     student = teacher
-    has_shift = (repair.kind in ("bias", "scales+bias") or (repair.kind in ("refit", "obs") and sk.family.mlp_bias_field)
-                 ) and any(layer.kept < layer.width for layer in plan.layers)
+    has_shift = adds_bias(sk, repair, plan)
+    carried = writes_carrier(sk, repair, plan)
+    carrier_layer = empty_carrier_layer(sk.config, type(sk.model).__name__) if carried else None
     scales: list[list[float] | None] = [None] * count
     repaired_info: dict = {}
     stopped_at = None
@@ -338,7 +343,7 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
                     scales[index] = s
                     layer_plan = layer_plan.with_scales([s])
             layers.append(layer_plan.layers[0])
-            sliced = slice_model(view.feed([]), layer_plan)
+            sliced = slice_model(view.feed([]), layer_plan, carry=False)
             if has_shift:
                 give_mlp_biases(sliced, sk.family)
             new_layer = sliced.get_submodule(sk.layers_path)[0]
@@ -346,9 +351,12 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
                 args, kwargs = probe_calls[0]
                 probe_calls = next_calls(probe_calls, [layer_output(new_layer(*args, **kwargs))])
             name = STREAM_FILE_PATTERN.format(index + 1, count + 1)
-            tensors = {sk.layer_prefix(index) + k: v for k, v in new_layer.state_dict().items()}
+            state = new_layer.state_dict()
+            if carried:          # the carrier's zero biases (Qwen2's O projection, the gate and up)
+                state = layer_with_biases(state, carrier_layer)
+            tensors = {sk.layer_prefix(index) + k: v for k, v in state.items()}
             size += _write_shard(tensors, folder / name)
-            params += sum(p.numel() for p in new_layer.parameters())
+            params += sum(t.numel() for t in state.values())
             weight_map.update(dict.fromkeys(tensors, name))
             del sliced, new_layer, tensors
         finally:
@@ -373,9 +381,26 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
     return new_plan, probe, expected, weight_map, size, params
 
 
-def _write_config(sk: Skeleton, plan: KeepPlan, folder: Path) -> str:
-    """config.json with the kept widths (and the MLP-bias switch FLAP's shift needs); returns the loader."""
-    config = copy.deepcopy(sk.config)
+def adds_bias(sk: Skeleton, repair: RepairConfig, plan: KeepPlan) -> bool:
+    """Whether the second pass gives the down-projections biases (it writes each layer before the
+    plan is complete, so this is decided from the repair and the selection, as the in-memory plan's
+    ``has_bias_shift`` turns out)."""
+    if repair.kind == "bias" and repair.target == "teacher":     # FLAP's: only layers that drop neurons
+        return any(layer.kept < layer.width for layer in plan.layers)
+    # fit_repair gives every layer its bias (or intercept)
+    return repair.kind in ("bias", "scales+bias") or (repair.kind in ("refit", "obs") and can_carry_bias(sk.model))
+
+
+def writes_carrier(sk: Skeleton, repair: RepairConfig, plan: KeepPlan) -> bool:
+    """Whether the layers are written as the carrier class (``kcm_core.bias_carrier``: a Mistral or
+    Qwen2 model given MLP biases is written as LLaMA)."""
+    return adds_bias(sk, repair, plan) and carrier_family(sk.config) is not None
+
+
+def _write_config(sk: Skeleton, plan: KeepPlan, folder: Path, carried: bool) -> str:
+    """config.json with the kept widths (and the MLP-bias switch FLAP's shift needs, or the carrier
+    class's config when the layers were written as that class); returns the loader."""
+    config = moved_config(sk.config, type(sk.model).__name__) if carried else copy.deepcopy(sk.config)
     widths = plan.kept_counts
     record_widths(config, sk.family.width_field[0], widths)
     if plan.has_bias_shift and sk.family.mlp_bias_field:
@@ -383,7 +408,8 @@ def _write_config(sk: Skeleton, plan: KeepPlan, folder: Path) -> str:
     # realise.py swaps in its own module class for emptied GPT-2 Conv1D layers: stock code cannot run them
     if sk.family.transposed and 0 in widths and not getattr(config, "kcm_ffn_widths", None):
         config.kcm_ffn_widths = list(widths)
-    config.architectures = [type(sk.model).__name__]
+    if not carried:
+        config.architectures = [type(sk.model).__name__]
     config.save_pretrained(str(folder))
     generation = sk.folder / "generation_config.json"
     if generation.exists():
@@ -447,6 +473,8 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
     shape = model_shape(sk.config)
     seq_len = resolve_seq_len(shape, unlabeled, config.seq_len)
     check_budget(shape, seq_len, config.budget)             # before any scoring work
+    if config.resolved_repair.kind in ("bias", "scales+bias"):
+        check_compensable(sk.model)
     seconds: dict[str, float] = {}
     if scores is not None and (scores.method != spec.name or len(scores.scores) != len(sk.layers)):
         raise ValueError(f"the scores given are {scores.method!r}'s for {len(scores.scores)} layers, not "
@@ -470,7 +498,8 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
         seconds["scaling_slicing_writing"] = time.perf_counter() - start
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size},
                                                   "weight_map": weight_map}, indent=2) + "\n")
-        loader = _write_config(sk, plan, tmp)
+        carried = writes_carrier(sk, config.resolved_repair, plan)
+        loader = _write_config(sk, plan, tmp, carried)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         tell(progress, "streamed export: reading the written files back", 0.95)
@@ -482,7 +511,8 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
                              f"the probe (tolerance {tolerance:g}); nothing was written")
         result = StreamResult(plan, seq_len, seconds, scored.details, out_dir, params_before, params_after,
                               diff, tolerance, loader)
-        _write_reports(tmp, sk, result, report(result, sk) if report is not None else None)
+        note = carrier_note(moved_config(sk.config, type(sk.model).__name__)) if carried else None
+        _write_reports(tmp, sk, result, report(result, sk) if report is not None else None, note)
         result.files = tuple(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
     tell(progress, "streamed export: done", 1.0)
     return result
@@ -501,8 +531,9 @@ def weight_dtypes(folder: Path) -> set[torch.dtype]:
     return dtypes or {torch.float32}
 
 
-def _write_reports(folder: Path, sk: Skeleton, result: StreamResult, report) -> None:
-    """``kcm_plan.json``, ``report.json`` + ``report.md`` (when a report is given), ``export.json``."""
+def _write_reports(folder: Path, sk: Skeleton, result: StreamResult, report, class_note: str | None) -> None:
+    """``kcm_plan.json``, ``report.json`` + ``report.md`` (when a report is given), ``export.json``;
+    ``class_note``: why the written class is not the model's own (``kcm_core.bias_carrier``), if it is not."""
     from ..export.files import EXPORT_FILE, PLAN_FILE, REPORT_FILE, REPORT_MD
     from ..report import Environment, render_markdown
     (folder / PLAN_FILE).write_text(json.dumps(result.plan.to_dict(), indent=1) + "\n")
@@ -515,12 +546,15 @@ def _write_reports(folder: Path, sk: Skeleton, result: StreamResult, report) -> 
         "max_abs_diff": {"hf": result.max_abs_diff},
         "tolerance": result.tolerance,
         "kept_widths": result.plan.kept_counts,
+        "class_note": class_note,
         "environment": Environment.here().__dict__,
     }
     (folder / EXPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     lines = [render_markdown(report) if report is not None
              else f"# Pruned {type(sk.model).__name__} (streamed)\n\nNo run report was given.\n"]
     lines += ["## Loading", ""]
+    if class_note:
+        lines += [class_note, ""]
     if result.loader == "transformers":
         lines += ["Every layer has the same width: plain `transformers` loads this folder.", ""]
     else:
