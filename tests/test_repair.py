@@ -194,7 +194,7 @@ def test_bad_repair_options_are_refused_with_the_value():
         RepairConfig("refit", damp=0)
     with pytest.raises(ValueError, match="allocation"):
         PruneConfig(allocation="even")
-    assert set(REPAIRS) == {"none", "bias", "scales", "scales+bias", "refit"}
+    assert set(REPAIRS) == {"none", "bias", "scales", "scales+bias", "refit", "obs"}
 
 
 def test_standardised_allocation_does_not_let_one_layers_scale_decide():
