@@ -15,8 +15,9 @@ hold plain tensors, numbers and strings only, read with ``torch.load(weights_onl
 is optional: a failed write (full disk, read-only folder) is logged and the result is still returned.
 
 The serialisation lives here, not in the records: the engine hands over and gets back its typed
-results (``BudgetResult`` with the library's ``Rate`` / ``LMMetric`` / ``PairedPerplexity``, a
-``ClassifierEval``), and the ``encode_*`` / ``decode_*`` pairs below say what each kind's file holds.
+results (hull fits, activation statistics, gradients, UMAP coordinates, a ``ClassifierEval``, a
+``BudgetResult`` with the library's ``Rate`` / ``LMMetric`` / ``PairedPerplexity``), and the
+``encode_*`` / ``decode_*`` pairs below say what each kind's file holds.
 A file of an older layout decodes when it can and is otherwise treated as absent (never an error).
 No Streamlit here.
 """
@@ -26,16 +27,19 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from kcm_core.activations import NeuronStats
 from kcm_core.atomic import remove, temporary_sibling
 from kcm_core.demos.classifier import cache_root
 from kcm_core.evaluate import ClassifierEval, Rate
+from kcm_core.hull import HullFit
 from kcm_core.lm import BlockStats, LMMetric, PairedPerplexity, summarise
 from kcm_core.methods import ScoreDetails
 from kcm_core.plan import KeepPlan
@@ -159,6 +163,44 @@ def clear_all() -> int:
 
 
 # --------------------------------------------------------------------------- what each kind's file holds
+
+def encode_fits(value: tuple[list[torch.Tensor], list[HullFit]]) -> dict:
+    """R2's kernel hull fits, one per layer (kind ``r2``); the scores are each fit's own."""
+    return {"fits": [asdict(fit) for fit in value[1]]}
+
+
+def decode_fits(payload: dict) -> tuple[list[torch.Tensor], list[HullFit]]:
+    fits = [HullFit(**fit) for fit in payload["fits"]]
+    return [fit.scores for fit in fits], fits
+
+
+def encode_stats(stats: NeuronStats) -> dict:
+    """Every neuron's activation statistics (kind ``stats``): its fields, tuples as lists."""
+    return {f.name: list(v) if isinstance(v, tuple) else v
+            for f in fields(NeuronStats) for v in [getattr(stats, f.name)]}
+
+
+def decode_stats(payload: dict) -> NeuronStats:
+    return NeuronStats(**{name: tuple(v) if isinstance(v, list) else v for name, v in payload.items()})
+
+
+def encode_grads(grads: list[torch.Tensor]) -> dict:
+    """Fisher importance per layer (kind ``grads``)."""
+    return {"grads": list(grads)}
+
+
+def decode_grads(payload: dict) -> list[torch.Tensor]:
+    return list(payload["grads"])
+
+
+def encode_coords(coords: np.ndarray) -> dict:
+    """A layer's 2-D UMAP coordinates (kind ``umap``)."""
+    return {"coords": torch.from_numpy(np.ascontiguousarray(coords))}
+
+
+def decode_coords(payload: dict) -> np.ndarray:
+    return payload["coords"].numpy()
+
 
 def _estimate_fields(estimate: Rate | LMMetric | None) -> dict | None:
     """A measured value with its 95% interval: ``{"value", "ci95": [low, high], "n"}`` (None stays None)."""
