@@ -69,11 +69,11 @@ def engine_run(method: str, budgets: list[float], samples: int) -> dict:
                      "new_budget_s": new_s, "new_budget_stages_s": result.seconds,
                      "speed_s": speed_s,
                      "evaluated_budget_ms_max": max(again) * 1e3,
-                     "accuracy": result.accuracy, "agreement": result.agreement,
+                     "accuracy": result.accuracy.to_dict(), "agreement": result.agreement.to_dict(),
                      "measured_speedup": speed.measured_speedup,
                      "estimated_speedup": 1 / result.relative_flops})
         log(f"  {method} @ {budget}: readout {statistics.median(fast) * 1e3:.1f} ms, accuracy after {new_s:.2f} s "
-            f"({result.seconds}), timing +{speed_s:.2f} s, accuracy {result.accuracy['value']:.3f}, "
+            f"({result.seconds}), timing +{speed_s:.2f} s, accuracy {result.accuracy.value:.3f}, "
             f"speedup {speed.measured_speedup:.2f}x")
     return {"method": method, "demo_prepare_s": prep, "workspace_s": load,
             "sample_sequences": ws.info.sample, "eval_examples": ws.info.eval_examples,

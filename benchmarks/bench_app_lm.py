@@ -21,8 +21,9 @@ out["dense_ppl"] = dense.perplexity.to_dict()
 for b in (0.9, 0.85):
     cfg = PruneConfig(method="kcm", budget=b, scale_samples=engine.scale_samples(ws), seed=0)
     t = time.perf_counter(); r = engine.evaluate_budget(ws, cfg, store)
-    out[f"kcm_{b}"] = {"wall_s": time.perf_counter() - t, "seconds": r.seconds, "perplexity": r.perplexity,
-                       "agreement": r.agreement, "kl": r.kl, "relative_flops": r.relative_flops}
+    out[f"kcm_{b}"] = {"wall_s": time.perf_counter() - t, "seconds": r.seconds,
+                       "perplexity": r.perplexity.to_dict(), "agreement": r.agreement.to_dict(),
+                       "kl": r.kl.to_dict(), "relative_flops": r.relative_flops}
     t = time.perf_counter(); g = engine.continuations(ws, cfg, engine.DEFAULT_PROMPT, store)
     out[f"gen_{b}_s"] = time.perf_counter() - t
     out[f"gen_{b}"] = {"dense": g.dense, "pruned": g.pruned}

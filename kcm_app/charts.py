@@ -193,12 +193,12 @@ def comparison_frame(results: Iterable[Any], metric: str = "accuracy") -> pd.Dat
     spread between draws shows as well as the test-set noise."""
     rows = []
     for r in results:
-        acc = getattr(r, metric) or {}
-        agr = r.agreement or {}
-        lo, hi = acc.get("ci95", [np.nan, np.nan])
+        acc, agr = getattr(r, metric), r.agreement       # kcm_core's Rate / LMMetric, or None
         rows.append({"method": r.method, "budget": r.budget, "relative_flops": r.relative_flops,
-                     "accuracy": acc.get("value", np.nan), "acc_low": lo, "acc_high": hi,
-                     "agreement": agr.get("value", np.nan)})
+                     "accuracy": np.nan if acc is None else acc.value,
+                     "acc_low": np.nan if acc is None else acc.low,
+                     "acc_high": np.nan if acc is None else acc.high,
+                     "agreement": np.nan if agr is None else agr.value})
     columns = ["method", "budget", "relative_flops", "accuracy", "acc_low", "acc_high", "agreement", "seeds"]
     if not rows:
         return pd.DataFrame(columns=columns)

@@ -13,26 +13,45 @@ temporary sibling and renamed into place (a reader sees a whole file or none; tw
 write the same bytes), and a file that cannot be read is treated as absent and computed again. Files
 hold plain tensors, numbers and strings only, read with ``torch.load(weights_only=True)``. The cache
 is optional: a failed write (full disk, read-only folder) is logged and the result is still returned.
+
+The serialisation lives here, not in the records: the engine hands over and gets back its typed
+results (hull fits, activation statistics, gradients, UMAP coordinates, a ``ClassifierEval``, a
+``BudgetResult`` with the library's ``Rate`` / ``LMMetric`` / ``PairedPerplexity``), and the
+``encode_*`` / ``decode_*`` pairs below say what each kind's file holds.
+A file of an older layout decodes when it can and is otherwise treated as absent (never an error).
 No Streamlit here.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
+from kcm_core.activations import NeuronStats
 from kcm_core.atomic import remove, temporary_sibling
 from kcm_core.demos.classifier import cache_root
+from kcm_core.evaluate import ClassifierEval, Rate
+from kcm_core.hull import HullFit
+from kcm_core.lm import BlockStats, LMMetric, PairedPerplexity, summarise
+from kcm_core.methods import ScoreDetails
+from kcm_core.plan import KeepPlan
 
 from .live import log
+from .records import BudgetResult
 
 T = TypeVar("T")
 VERSION = 1
+# What a decoder raises on a file of another layout (a missing key, a dict where a string was, a number
+# that is not one): the file is then treated as absent and the result computed again.
+LAYOUT_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
 def root() -> Path:
@@ -117,7 +136,7 @@ def cached(kind: str, parts: tuple, compute: Callable[[], T], encode: Callable[[
             value = decode(payload)
             log.info("read %s from disk", kind)
             return value
-        except (KeyError, TypeError, ValueError) as err:
+        except LAYOUT_ERRORS as err:
             log.warning("ignoring a %s cache file of another layout (%s)", kind, err)
     value = compute()
     log.info("computed %s", kind)
@@ -141,3 +160,116 @@ def clear_all() -> int:
     files, _ = usage()
     shutil.rmtree(root().parent, ignore_errors=True)
     return files
+
+
+# --------------------------------------------------------------------------- what each kind's file holds
+
+def encode_fits(value: tuple[list[torch.Tensor], list[HullFit]]) -> dict:
+    """R2's kernel hull fits, one per layer (kind ``r2``); the scores are each fit's own."""
+    return {"fits": [asdict(fit) for fit in value[1]]}
+
+
+def decode_fits(payload: dict) -> tuple[list[torch.Tensor], list[HullFit]]:
+    fits = [HullFit(**fit) for fit in payload["fits"]]
+    return [fit.scores for fit in fits], fits
+
+
+def encode_stats(stats: NeuronStats) -> dict:
+    """Every neuron's activation statistics (kind ``stats``): its fields, tuples as lists."""
+    return {f.name: list(v) if isinstance(v, tuple) else v
+            for f in fields(NeuronStats) for v in [getattr(stats, f.name)]}
+
+
+def decode_stats(payload: dict) -> NeuronStats:
+    return NeuronStats(**{name: tuple(v) if isinstance(v, list) else v for name, v in payload.items()})
+
+
+def encode_grads(grads: list[torch.Tensor]) -> dict:
+    """Fisher importance per layer (kind ``grads``)."""
+    return {"grads": list(grads)}
+
+
+def decode_grads(payload: dict) -> list[torch.Tensor]:
+    return list(payload["grads"])
+
+
+def encode_coords(coords: np.ndarray) -> dict:
+    """A layer's 2-D UMAP coordinates (kind ``umap``)."""
+    return {"coords": torch.from_numpy(np.ascontiguousarray(coords))}
+
+
+def decode_coords(payload: dict) -> np.ndarray:
+    return payload["coords"].numpy()
+
+
+def _estimate_fields(estimate: Rate | LMMetric | None) -> dict | None:
+    """A measured value with its 95% interval: ``{"value", "ci95": [low, high], "n"}`` (None stays None)."""
+    if estimate is None:
+        return None
+    return {"value": estimate.value, "ci95": [estimate.low, estimate.high], "n": estimate.n}
+
+
+def _estimate(stored: dict | None, record: type[Rate] | type[LMMetric]) -> Rate | LMMetric | None:
+    if stored is None:
+        return None
+    low, high = stored["ci95"]
+    return record(float(stored["value"]), float(low), float(high), int(stored["n"]))
+
+
+def encode_reference(value: tuple[ClassifierEval, float]) -> dict:
+    """The unpruned classifier's evaluation and its wall time (kind ``dense``)."""
+    result, seconds = value
+    rates = {"accuracy": _estimate_fields(result.accuracy), "agreement": _estimate_fields(result.agreement)}
+    return {"predictions": result.predictions, "hits": result.hits, "rates": json.dumps(rates), "seconds": seconds}
+
+
+def decode_reference(payload: dict) -> tuple[ClassifierEval, float]:
+    rates = json.loads(payload["rates"])
+    return (ClassifierEval(accuracy=_estimate(rates["accuracy"], Rate), agreement=_estimate(rates["agreement"], Rate),
+                           predictions=payload["predictions"], hits=payload["hits"]), float(payload["seconds"]))
+
+
+def encode_budget(result: BudgetResult) -> dict:
+    """One evaluated budget (kinds ``budget`` and ``budget-lm``). A language model's per-block statistics
+    are kept, and its metrics rebuilt from them on reading (``kcm_core.lm.summarise``, the same seed)."""
+    paired = result.paired
+    return {"method": result.method, "budget": result.budget, "seed": result.seed, "plan": result.plan.to_json(),
+            "relative_flops": result.relative_flops, "params_after": result.params_after,
+            "accuracy": json.dumps(_estimate_fields(result.accuracy)),
+            "agreement": json.dumps(_estimate_fields(result.agreement)),
+            "seconds": json.dumps(result.seconds), "details": json.dumps(result.details.to_dict()),
+            "predictions": result.predictions,
+            "perplexity": json.dumps(_estimate_fields(result.perplexity)), "kl": json.dumps(_estimate_fields(result.kl)),
+            "lm_stats": None if result.lm is None else {
+                k: None if v is None else torch.from_numpy(v) for k, v in vars(result.lm.stats).items()},
+            "paired": None if paired is None else json.dumps(
+                {"ratio": paired.ratio, "ci95": [paired.low, paired.high], "n": paired.n, "p_value": paired.p_value}),
+            # a refitted plan's rows (kcm_core.repair) are tensors, not JSON: kept beside it
+            "rows": [layer.rows for layer in result.plan.layers] if result.plan.has_rows else None}
+
+
+def decode_budget(payload: dict, seed: int = 0) -> BudgetResult:
+    """``encode_budget``'s payload back as a ``BudgetResult``; ``seed`` is the one the language model's
+    intervals were drawn with (part of the file's key)."""
+    details = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(payload["details"]).items()}
+    common = dict(method=payload["method"], budget=float(payload["budget"]), seed=int(payload["seed"]),
+                  plan=_plan_with_rows(KeepPlan.from_json(payload["plan"]), payload.get("rows")),
+                  relative_flops=float(payload["relative_flops"]), params_after=int(payload["params_after"]),
+                  seconds=json.loads(payload["seconds"]), details=ScoreDetails(**details),
+                  predictions=payload["predictions"])
+    if payload.get("lm_stats") is None:
+        return BudgetResult(accuracy=_estimate(json.loads(payload["accuracy"]), Rate),
+                            agreement=_estimate(json.loads(payload["agreement"]), Rate), **common)
+    stats = BlockStats(**{k: None if v is None else v.numpy() for k, v in payload["lm_stats"].items()})
+    lm = summarise(stats, seed)
+    stored = json.loads(payload["paired"])
+    low, high = stored["ci95"]
+    paired = PairedPerplexity(float(stored["ratio"]), float(low), float(high), int(stored["n"]), stored["p_value"])
+    return BudgetResult(accuracy=None, agreement=lm.agreement, perplexity=lm.perplexity, kl=lm.kl, lm=lm,
+                        paired=paired, **common)
+
+
+def _plan_with_rows(plan: KeepPlan, rows: list | None) -> KeepPlan:
+    if not rows:
+        return plan
+    return replace(plan, layers=tuple(replace(layer, rows=r) for layer, r in zip(plan.layers, rows)))

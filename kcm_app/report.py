@@ -6,6 +6,7 @@ from typing import Mapping
 
 import plotly.graph_objects as go
 
+from kcm_core.evaluate import Rate
 from kcm_core.flops import count_params, relative_flops
 from kcm_core.lm import LMEval
 from kcm_core.methods import method
@@ -17,10 +18,10 @@ from .engine import BudgetResult, SpeedResult, Workspace
 
 
 def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
-                 dense_accuracy: Mapping | None, speed: SpeedResult | None,
+                 dense_accuracy: Rate | None, speed: SpeedResult | None,
                  dense_lm: LMEval | None = None, dense_hits=None) -> PruneReport:
     """Everything needed to understand (and redo) one pruned model; ``dense_accuracy`` is the unpruned
-    model's accuracy (``Rate.to_dict()``) on the same evaluation examples; for a causal language model
+    model's accuracy on the same evaluation examples; for a causal language model
     ``dense_lm`` is the unpruned model's evaluation on the same held-out blocks (perplexity before and
     after, agreement and KL after, the paired perplexity ratio). With ``dense_hits`` (the unpruned model's
     0/1 correctness per evaluation example) a classifier's accuracy after minus before is compared paired
@@ -29,9 +30,9 @@ def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
     if result.lm is not None and dense_lm is not None and result.paired is not None:
         evaluation = Evaluation.of_lm(ws.info.eval_source, dense_lm, result.lm, result.paired)
     elif result.accuracy is not None or result.agreement is not None:
-        after = {name: Metric.from_dict(m) for name, m in
-                 (("accuracy", result.accuracy), ("agreement", result.agreement)) if m}
-        before = {"accuracy": Metric.from_dict(dense_accuracy)} if dense_accuracy else {}
+        after = {name: Metric.of(m) for name, m in
+                 (("accuracy", result.accuracy), ("agreement", result.agreement)) if m is not None}
+        before = {"accuracy": Metric.of(dense_accuracy)} if dense_accuracy is not None else {}
         evaluation = Evaluation(ws.info.eval_source, ws.info.eval_examples, before, after,
                                 _paired_accuracy(ws, result, dense_hits))
     speed_record = None if speed is None else {

@@ -85,6 +85,12 @@ class Metric:
     n: int
 
     @classmethod
+    def of(cls, estimate) -> "Metric":
+        """From a measured value with its interval: ``evaluate.Rate`` or ``lm.LMMetric`` (``value``,
+        ``low``, ``high``, ``n``)."""
+        return cls(float(estimate.value), (float(estimate.low), float(estimate.high)), int(estimate.n))
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Metric":
         lo, hi = data["ci95"]
         return cls(float(data["value"]), (float(lo), float(hi)), int(data["n"]))
@@ -111,7 +117,7 @@ class Evaluation:
 
         def metrics(result) -> dict[str, Metric]:
             rates = {"accuracy": result.accuracy, "agreement": result.agreement}
-            return {name: Metric(r.value, (r.low, r.high), r.n) for name, r in rates.items() if r is not None}
+            return {name: Metric.of(r) for name, r in rates.items() if r is not None}
         paired = {}
         if before.hits is not None and after.hits is not None:
             paired["accuracy_difference"] = paired_difference(after.hits, before.hits, seed).to_dict()
@@ -123,7 +129,7 @@ class Evaluation:
         reference) and their ``PairedPerplexity``."""
         def metrics(result) -> dict[str, Metric]:
             found = {"perplexity": result.perplexity, "agreement": result.agreement, "kl": result.kl}
-            return {name: Metric(m.value, (m.low, m.high), m.n) for name, m in found.items() if m is not None}
+            return {name: Metric.of(m) for name, m in found.items() if m is not None}
         return cls(data, after.perplexity.n, metrics(before), metrics(after),
                    {"perplexity_ratio": paired.to_dict()})
 

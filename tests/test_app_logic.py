@@ -379,10 +379,10 @@ def test_evaluate_budget_is_stored_and_reused(ws):
     assert engine.is_evaluated(ws, config, store)
     assert engine.evaluate_budget(ws, config, store) is first
     dense = engine.reference(ws, store)
-    assert first.accuracy["n"] == first.agreement["n"] == 12
+    assert first.accuracy.n == first.agreement.n == 12
     # agreement is the share of test examples whose pruned prediction is the unpruned one
     same = (first.predictions == dense.predictions).float().mean().item()
-    assert first.agreement["value"] == pytest.approx(same)
+    assert first.agreement.value == pytest.approx(same)
     assert first.plan.info.scaled_layers == 2
     assert first.relative_flops <= 0.8 + 1e-9
 
@@ -417,11 +417,11 @@ def test_comparison_draws_random_with_several_seeds(ws):
     assert len({r.plan.layers[0].keep_idx for r in results}) > 1       # three different draws
     frame = charts.comparison_frame(results)
     row = frame.iloc[0]
-    accs = [r.accuracy["value"] for r in results]
+    accs = [r.accuracy.value for r in results]
     assert len(frame) == 1 and row["seeds"] == 3
     assert row["accuracy"] == pytest.approx(sum(accs) / 3)
-    assert row["acc_low"] == min(r.accuracy["ci95"][0] for r in results)
-    assert row["acc_high"] == max(r.accuracy["ci95"][1] for r in results)
+    assert row["acc_low"] == min(r.accuracy.low for r in results)
+    assert row["acc_high"] == max(r.accuracy.high for r in results)
 
 
 def test_block_latency_has_every_block(ws):
@@ -436,12 +436,12 @@ def test_report_holds_plan_numbers_and_environment(ws):
     config = PruneConfig(method="kcm", budget=0.8, scale_samples=4)
     result = engine.evaluate_budget(ws, config, store)
     dense = engine.reference(ws, store).accuracy
-    data = report.build_report(ws, config, result, dense.to_dict(), engine.measure_speed(ws, config, store))
+    data = report.build_report(ws, config, result, dense, engine.measure_speed(ws, config, store))
     as_json = json.loads(report.report_json(data))
     assert as_json["schema"] == SCHEMA and as_json["method"]["label"] == "KCM (R2D2)"
     assert as_json["neurons"]["kept_per_layer"] == result.plan.kept_counts
     assert as_json["evaluation"]["before"]["accuracy"]["value"] == dense.value
-    assert as_json["evaluation"]["after"]["accuracy"] == result.accuracy
+    assert as_json["evaluation"]["after"]["accuracy"] == result.accuracy.to_dict()
     assert as_json["environment"]["torch"] == torch.__version__
     md = report.report_markdown(data)
     assert "with KCM (R2D2)" in md and f"{result.relative_flops:.4f}" in md
@@ -461,12 +461,12 @@ def test_the_classifier_reports_paired_difference_is_in_the_apps_export(ws):
     config = PruneConfig(method="kcm", budget=0.8, scale_samples=4)
     result = engine.evaluate_budget(ws, config, store)
     dense = engine.reference(ws, store)
-    data = report.build_report(ws, config, result, dense.accuracy.to_dict(), None, dense_hits=dense.hits)
+    data = report.build_report(ws, config, result, dense.accuracy, None, dense_hits=dense.hits)
     after_hits = result.predictions == labels_of(ws.eval_batches)
     expected = paired_difference(after_hits, dense.hits, ws.info.seed).to_dict()
     assert json.loads(report.report_json(data))["evaluation"]["paired"]["accuracy_difference"] == \
         json.loads(json.dumps(expected))
-    assert expected["value"] == pytest.approx(result.accuracy["value"] - dense.accuracy.value)
+    assert expected["value"] == pytest.approx(result.accuracy.value - dense.accuracy.value)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])

@@ -240,7 +240,7 @@ def refuse_hub(*args, **kwargs):
 @pytest.fixture
 def fake_demo(monkeypatch):
     """The prepared demo without a download: small train/test splits; the splits read are recorded."""
-    import kcm_core.data as D
+    import kcm_core.data.readers as readers
     import kcm_core.demos.classifier as demo
     from kcm_core.data import TextData
     read: list[str] = []
@@ -254,7 +254,7 @@ def fake_demo(monkeypatch):
 
     monkeypatch.setattr(demo, "prepare_demo", lambda *a, **k: {})
     monkeypatch.setattr(demo, "load_demo_split", load_split)
-    monkeypatch.setattr(D, "_load_hub", refuse_hub)
+    monkeypatch.setattr(readers, "read_hub", refuse_hub)
     return read
 
 

@@ -4,7 +4,8 @@
 - ``scoring``: neuron scores per method, from shared components;
 - ``readouts``: what a slider move shows at once (plan, FLOPs, parameters; no forward pass);
 - ``evaluations``: a plan scaled, sliced and evaluated (accuracy, agreement; for a causal LM
-  perplexity, agreement, KL), the comparison, and greedy continuations (unpruned and pruned);
+  perplexity, agreement, KL) into a ``BudgetResult`` (``kcm_app.records``: typed, encoded for the
+  disk only by ``kcm_app.disk_cache``), the comparison, and greedy continuations (unpruned and pruned);
 - ``speed``: the sliced plan timed against the unpruned model;
 - ``projections``: PCA and UMAP of a layer's down-projection rows (UMAP also kept on disk).
 
@@ -18,8 +19,9 @@ Isolation rules (STYLE habit 6), applied in these modules:
   method, hyper-parameters, budget) and is never mutated afterwards; sessions differ only in which
   keys they ask for, so two browsers never see each other's numbers.
 """
+from ..records import BudgetResult
 from .evaluations import (APP_LM_SCALE_BLOCKS, APP_SCALE_SAMPLES, DEFAULT_PROMPT, GENERATION_TOKENS,
-                          RANDOM_SEEDS, BudgetResult, Continuations, budget_key, comparison,
+                          RANDOM_SEEDS, Continuations, budget_key, comparison,
                           comparison_configs, continuations, evaluate_budget, generation_key,
                           is_evaluated, reference, reference_lm, reference_run, scale_samples,
                           scaled_plan, teacher)

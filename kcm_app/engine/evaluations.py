@@ -4,18 +4,16 @@ agreement, KL against the unpruned model), stored per (method, hyper-parameters,
 comparison built from them; and greedy continuations of a prompt, unpruned and pruned."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
-from kcm_core.evaluate import ClassifierEval, Rate, evaluate_classifier
-from kcm_core.lm import (BlockStats, LMEval, PairedPerplexity, evaluate_lm, generate, paired_perplexity,
-                         summarise)
+from kcm_core.evaluate import ClassifierEval, evaluate_classifier
+from kcm_core.lm import LMEval, evaluate_lm, generate, paired_perplexity
 from kcm_core.flops import count_params, relative_flops
-from kcm_core.methods import MethodScores, ScoreDetails, method
+from kcm_core.methods import MethodScores, method
 from kcm_core.pipeline import PruneConfig, make_plan, repair_plan
 from kcm_core.plan import KeepPlan
 from kcm_core.realise import slice_model
@@ -23,6 +21,7 @@ from kcm_core.runtime import Batch, Progress, take_sequences, tell
 from kcm_core.scaling import teacher_targets
 
 from .. import disk_cache
+from ..records import BudgetResult
 from ..store import SharedStore
 from .scoring import method_scores, neuron_stats, score_key
 from .workspace import Workspace, not_streamed, private_copy
@@ -76,25 +75,8 @@ def reference_run(ws: Workspace, store: SharedStore,
 
     def compute():        # kept on disk: a restarted app reads the unpruned predictions at once
         return disk_cache.cached("dense", (ws.weights_hash, ws.data_key), evaluate,
-                                 _encode_reference, _decode_reference)
+                                 disk_cache.encode_reference, disk_cache.decode_reference)
     return store.get_or_compute(("dense", ws.model_key, ws.data_key), compute, progress)
-
-
-def _rate(stored: dict | None) -> Rate | None:
-    """A ``Rate`` back from its ``to_dict()`` form."""
-    return None if stored is None else Rate(stored["value"], *stored["ci95"], stored["n"])
-
-
-def _encode_reference(value: tuple[ClassifierEval, float]) -> dict:
-    result, seconds = value
-    return {"predictions": result.predictions, "hits": result.hits, "rates": json.dumps(result.to_dict()),
-            "seconds": seconds}
-
-
-def _decode_reference(payload: dict) -> tuple[ClassifierEval, float]:
-    rates = json.loads(payload["rates"])
-    return (ClassifierEval(accuracy=_rate(rates["accuracy"]), agreement=_rate(rates["agreement"]),
-                           predictions=payload["predictions"], hits=payload["hits"]), float(payload["seconds"]))
 
 
 def reference(ws: Workspace, store: SharedStore, progress: Progress | None = None) -> ClassifierEval:
@@ -110,29 +92,6 @@ def teacher(ws: Workspace, scale_samples: int | None, store: SharedStore,
     def compute():
         return batches, teacher_targets(private_copy(ws.model), batches)
     return store.get_or_compute(("teacher", ws.model_key, ws.data_key, scale_samples), compute, progress)
-
-
-@dataclass(frozen=True)
-class BudgetResult:
-    """A plan realised and evaluated: the accuracy readouts of the Prune page. Speed is measured
-    separately (``engine.speed``), after these are on screen."""
-
-    method: str
-    budget: float
-    seed: int                        # the method's seed (only random selection depends on it)
-    plan: KeepPlan                   # with scales when the method scales
-    relative_flops: float
-    params_after: int
-    accuracy: dict | None            # Rate.to_dict(): value, ci95, n
-    agreement: dict | None           # classifier: same prediction; LM: same top-1 next token
-    seconds: dict                    # wall time of each stage of this evaluation
-    details: ScoreDetails = ScoreDetails()   # how the method's scores were obtained
-    # causal LMs only (LMMetric.to_dict(): value, ci95, n blocks), on the held-out blocks
-    perplexity: dict | None = None
-    kl: dict | None = None           # mean KL(unpruned || pruned) per next token, in nats
-    lm: LMEval | None = None         # the whole evaluation (per-block sums, for the report)
-    paired: PairedPerplexity | None = None   # perplexity after / before on the same blocks
-    predictions: torch.Tensor | None = None  # a classifier's predicted class per test example (paired comparisons)
 
 
 def budget_key(ws: Workspace, config: PruneConfig) -> tuple:
@@ -195,59 +154,20 @@ def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
             method=config.method, budget=config.budget, seed=config.seed, plan=plan,
             relative_flops=relative_flops(ws.shape, ws.seq_len, plan.kept_counts),
             params_after=count_params(pruned).total,
-            accuracy=result.accuracy.to_dict() if result and result.accuracy else None,
-            agreement=(result.agreement.to_dict() if result and result.agreement else
-                       lm_result.agreement.to_dict() if lm_result and lm_result.agreement else None),
+            accuracy=result.accuracy if result else None,
+            agreement=result.agreement if result else lm_result.agreement if lm_result else None,
             seconds=seconds, details=scores.details,
-            perplexity=lm_result.perplexity.to_dict() if lm_result else None,
-            kl=lm_result.kl.to_dict() if lm_result and lm_result.kl else None,
+            perplexity=lm_result.perplexity if lm_result else None,
+            kl=lm_result.kl if lm_result else None,
             lm=lm_result, paired=paired, predictions=result.predictions if result else None)
     def compute_or_read() -> BudgetResult:
         # kept on disk, keyed by the weights and everything the key names: a restarted app shows a
         # stored budget at once (an LM's with its per-block statistics, from which its metrics are rebuilt)
         parts = (ws.weights_hash, ws.data_key, ws.info.seed,
                  repr(tuple(p for p in budget_key(ws, config) if p != ws.model_key)))
-        return disk_cache.cached("budget-lm" if ws.is_lm else "budget", parts, compute, _encode_budget,
-                                 lambda payload: _decode_budget(payload, ws.info.seed))
+        return disk_cache.cached("budget-lm" if ws.is_lm else "budget", parts, compute, disk_cache.encode_budget,
+                                 lambda payload: disk_cache.decode_budget(payload, ws.info.seed))
     return store.get_or_compute(budget_key(ws, config), compute_or_read, progress)
-
-
-def _encode_budget(result: BudgetResult) -> dict:
-    return {"method": result.method, "budget": result.budget, "seed": result.seed, "plan": result.plan.to_json(),
-            "relative_flops": result.relative_flops, "params_after": result.params_after,
-            "accuracy": json.dumps(result.accuracy), "agreement": json.dumps(result.agreement),
-            "seconds": json.dumps(result.seconds), "details": json.dumps(result.details.to_dict()),
-            "predictions": result.predictions,
-            "perplexity": json.dumps(result.perplexity), "kl": json.dumps(result.kl),
-            "lm_stats": None if result.lm is None else {
-                k: None if v is None else torch.from_numpy(v) for k, v in vars(result.lm.stats).items()},
-            "paired": None if result.paired is None else json.dumps(result.paired.to_dict()),
-            # a refitted plan's rows (kcm_core.repair) are tensors, not JSON: kept beside it
-            "rows": [layer.rows for layer in result.plan.layers] if result.plan.has_rows else None}
-
-
-def _decode_budget(payload: dict, seed: int = 0) -> BudgetResult:
-    details = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(payload["details"]).items()}
-    lm = paired = None
-    if payload.get("lm_stats") is not None:
-        lm = summarise(BlockStats(**{k: None if v is None else v.numpy() for k, v in payload["lm_stats"].items()}),
-                       seed)
-        stored = json.loads(payload["paired"])
-        paired = PairedPerplexity(stored["ratio"], *stored["ci95"], stored["n"], stored["p_value"])
-    return BudgetResult(method=payload["method"], budget=float(payload["budget"]), seed=int(payload["seed"]),
-                        plan=_plan_with_rows(KeepPlan.from_json(payload["plan"]), payload.get("rows")),
-                        relative_flops=float(payload["relative_flops"]),
-                        params_after=int(payload["params_after"]), accuracy=json.loads(payload["accuracy"]),
-                        agreement=json.loads(payload["agreement"]), seconds=json.loads(payload["seconds"]),
-                        details=ScoreDetails(**details), predictions=payload["predictions"],
-                        perplexity=json.loads(payload.get("perplexity", "null")),
-                        kl=json.loads(payload.get("kl", "null")), lm=lm, paired=paired)
-
-
-def _plan_with_rows(plan: KeepPlan, rows: list | None) -> KeepPlan:
-    if not rows:
-        return plan
-    return replace(plan, layers=tuple(replace(layer, rows=r) for layer, r in zip(plan.layers, rows)))
 
 
 def is_evaluated(ws: Workspace, config: PruneConfig, store: SharedStore) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .. import disk_cache, projection
 from ..store import SharedStore
@@ -43,6 +42,5 @@ def layer_umap(ws: Workspace, layer: int, seed: int, store: SharedStore) -> np.n
         return disk_cache.cached(
             "umap", (ws.weights_hash, layer, seed),
             lambda: _layerwise_trimmed(projection.umap_2d(layer_points(ws, layer), seed=seed), ws),
-            lambda coords: {"coords": torch.from_numpy(np.ascontiguousarray(coords))},
-            lambda payload: payload["coords"].numpy())
+            disk_cache.encode_coords, disk_cache.decode_coords)
     return store.get_or_compute(umap_key(ws, layer, seed), compute)

@@ -3,8 +3,6 @@ and the activation statistics are shared by KCM, R2, D2 and Output-Magnitude). T
 (``kcm_core.methods``) says which components a method needs; this module only says where they live."""
 from __future__ import annotations
 
-from dataclasses import asdict, fields
-
 import torch
 
 from kcm_core import scores as S
@@ -53,7 +51,8 @@ def r2_fits(ws: Workspace, config: PruneConfig, store: SharedStore,
         return S.r2(ws.model, config.hull, progress)
 
     def compute():
-        return disk_cache.cached("r2", (ws.weights_hash, repr(config.hull)), fit, _encode_fits, _decode_fits)
+        return disk_cache.cached("r2", (ws.weights_hash, repr(config.hull)), fit, disk_cache.encode_fits,
+                                 disk_cache.decode_fits)
     return store.get_or_compute(component_key(ws, config, "r2"), compute, progress)
 
 
@@ -66,7 +65,8 @@ def neuron_stats(ws: Workspace, store: SharedStore, progress: Progress | None = 
         return collect_stats(private_copy(ws.model), ws.unlabeled, progress, len(ws.unlabeled))
 
     def compute() -> NeuronStats:
-        return disk_cache.cached("stats", (ws.weights_hash, ws.data_key), collect, _encode_stats, _decode_stats)
+        return disk_cache.cached("stats", (ws.weights_hash, ws.data_key), collect, disk_cache.encode_stats,
+                                 disk_cache.decode_stats)
     return store.get_or_compute(("stats", ws.model_key, ws.data_key), compute, progress)
 
 
@@ -83,26 +83,8 @@ def gradient_scores(ws: Workspace, config: PruneConfig, store: SharedStore,
             "grads", (ws.weights_hash, ws.data_key, config.label_samples),
             lambda: S.mask_gradients(private_copy(ws.model), batches, squared=True, progress=progress,
                                      total=len(batches)),
-            lambda grads: {"grads": list(grads)}, lambda payload: list(payload["grads"]))
+            disk_cache.encode_grads, disk_cache.decode_grads)
     return store.get_or_compute(component_key(ws, config, "grads"), compute, progress)
-
-
-def _encode_fits(value: tuple[list[torch.Tensor], list[HullFit]]) -> dict:
-    return {"fits": [asdict(fit) for fit in value[1]]}
-
-
-def _decode_fits(payload: dict) -> tuple[list[torch.Tensor], list[HullFit]]:
-    fits = [HullFit(**fit) for fit in payload["fits"]]
-    return [fit.scores for fit in fits], fits
-
-
-def _encode_stats(stats: NeuronStats) -> dict:
-    return {f.name: list(v) if isinstance(v, tuple) else v
-            for f in fields(NeuronStats) for v in [getattr(stats, f.name)]}
-
-
-def _decode_stats(payload: dict) -> NeuronStats:
-    return NeuronStats(**{name: tuple(v) if isinstance(v, list) else v for name, v in payload.items()})
 
 
 class SharedSources:

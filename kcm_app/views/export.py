@@ -103,8 +103,7 @@ def body(ws: Workspace, out_dir: str, formats: list[str], overwrite: bool, unifo
     with ui.progress("Preparing the plan") as bar, ui.core_errors():
         result = engine.evaluate_budget(ws, config, store, bar)
         reference = engine.reference(ws, store) if ws.eval_batches is not None and not ws.is_lm else None
-        accuracy = reference.accuracy if reference is not None else None
-        dense = accuracy.to_dict() if accuracy is not None else None
+        dense = reference.accuracy if reference is not None else None
         dense_lm = engine.reference_lm(ws, store) if ws.is_lm else None
         speed = engine.measure_speed(ws, config, store)
     data = report.build_report(ws, config, result, dense, speed, dense_lm,

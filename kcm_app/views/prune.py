@@ -213,18 +213,18 @@ def slow_readouts(ws: Workspace, config, store, slow: engine.BudgetResult, stale
             generation_panel(ws, config, store)
         return
     cols = st.columns(3)
-    if slow.accuracy:
+    if slow.accuracy is not None:
         dense = engine.reference(ws, store).accuracy
-        change = (slow.accuracy["value"] - dense.value) * 100
-        cols[0].metric("Accuracy" + (f" at {slow.budget:.2f}" if stale else ""), _pct(slow.accuracy["value"]),
+        change = (slow.accuracy.value - dense.value) * 100
+        cols[0].metric("Accuracy" + (f" at {slow.budget:.2f}" if stale else ""), _pct(slow.accuracy.value),
                        f"{change:+.1f} pp",
                        help=f"Change in percentage points vs the unpruned model ({dense.value:.1%})")
         cols[1].metric("Agreement with unpruned" + (f" at {slow.budget:.2f}" if stale else ""),
-                       _pct(slow.agreement["value"]),
+                       _pct(slow.agreement.value),
                        help="Share of test examples where the pruned model predicts what the unpruned one does")
-    elif slow.agreement:
+    elif slow.agreement is not None:
         cols[0].metric("Agreement with unpruned" + (f" at {slow.budget:.2f}" if stale else ""),
-                       _pct(slow.agreement["value"]),
+                       _pct(slow.agreement.value),
                        help="Share of held-out examples where the pruned model predicts what the unpruned one "
                             "does (needs no labels)")
         cols[1].info("No labels: accuracy unavailable.")
@@ -252,22 +252,21 @@ def lm_readouts(ws: Workspace, slow: engine.BudgetResult, store) -> None:
     dense = engine.reference_lm(ws, store).perplexity
     ppl, agr, kl = slow.perplexity, slow.agreement, slow.kl
     cols = st.columns(3)
-    lo, hi = ppl["ci95"]
-    collapsed = ppl["value"] > charts.COLLAPSED_RATIO * dense.value
-    cols[0].metric("Perplexity", "collapsed" if collapsed else f"{ppl['value']:,.2f}",
-                   None if collapsed else f"{ppl['value'] / dense.value - 1:+.1%}", delta_color="inverse",
-                   help=f"Held-out perplexity of the sliced model, 95% interval {lo:,.2f} to {hi:,.2f} over "
-                        f"{ppl['n']} blocks; unpruned {dense.value:,.2f}")
-    cols[1].metric("Agreement with unpruned", _pct(agr["value"]),
+    collapsed = ppl.value > charts.COLLAPSED_RATIO * dense.value
+    cols[0].metric("Perplexity", "collapsed" if collapsed else f"{ppl.value:,.2f}",
+                   None if collapsed else f"{ppl.value / dense.value - 1:+.1%}", delta_color="inverse",
+                   help=f"Held-out perplexity of the sliced model, 95% interval {ppl.low:,.2f} to {ppl.high:,.2f} "
+                        f"over {ppl.n} blocks; unpruned {dense.value:,.2f}")
+    cols[1].metric("Agreement with unpruned", _pct(agr.value),
                    help="Share of next-token positions where the pruned model's top-1 prediction is the "
                         "unpruned model's")
-    cols[2].metric("KL from unpruned", f"{kl['value']:.3f} nats",
+    cols[2].metric("KL from unpruned", f"{kl.value:.3f} nats",
                    help="Mean KL(unpruned || pruned) of the next-token distributions, per token")
     if collapsed:
-        st.warning(f"The pruned model has collapsed: its perplexity is {ppl['value'] / dense.value:,.0f} times the "
+        st.warning(f"The pruned model has collapsed: its perplexity is {ppl.value / dense.value:,.0f} times the "
                    "unpruned model's, so its text is noise. Keep more FLOPs, or try another method or repair "
                    "(the comparison below shows where each one breaks).")
-    st.caption(f"Perplexity {ppl['value']:,.2f} (95% interval {lo:,.2f} to {hi:,.2f}) against "
+    st.caption(f"Perplexity {ppl.value:,.2f} (95% interval {ppl.low:,.2f} to {ppl.high:,.2f}) against "
                f"{dense.value:,.2f} unpruned ({dense.low:,.2f} to {dense.high:,.2f}) on {ws.info.eval_source}; "
                + (f"paired ratio x{slow.paired.ratio:.2f} [{slow.paired.low:.2f}, {slow.paired.high:.2f}]."
                   if slow.paired else ""))
@@ -303,15 +302,13 @@ def generation_panel(ws: Workspace, config, store) -> None:
 def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedResult) -> str:
     """What the slow readouts were measured on."""
     parts = []
-    if slow.accuracy:
-        lo, hi = slow.accuracy["ci95"]
+    if slow.accuracy is not None:
         parts.append(f"Accuracy of the physically sliced model on {ws.info.eval_examples} examples "
-                     f"(95% interval {lo:.1%} to {hi:.1%}).")
-    elif slow.agreement:
-        lo, hi = slow.agreement["ci95"]
+                     f"(95% interval {slow.accuracy.low:.1%} to {slow.accuracy.high:.1%}).")
+    elif slow.agreement is not None:
         parts.append(f"Agreement of the physically sliced model with the unpruned one on "
                      f"{ws.info.eval_examples} held-out {'blocks' if ws.is_lm else 'examples'} "
-                     f"(95% interval {lo:.1%} to {hi:.1%}).")
+                     f"(95% interval {slow.agreement.low:.1%} to {slow.agreement.high:.1%}).")
     info = slow.plan.info
     unit = "calibration blocks" if ws.is_lm else "unlabeled sequences"
     fitted = min(engine.scale_samples(ws), ws.info.sample or engine.scale_samples(ws))   # thin data: what there is
