@@ -233,9 +233,16 @@ def earlier_rows(out_path: Path, settings: dict) -> list[dict]:
     if not out_path.exists():
         return []
     old = json.loads(out_path.read_text())
-    if old.get("settings", {}) != settings:
-        log("--merge: the earlier run used other settings; its rows are not kept")
+    earlier = old.get("settings", {})
+    differ = sorted(k for k in set(earlier) | set(settings)
+                    if k in earlier and k in settings and earlier[k] != settings[k])
+    if differ or set(earlier) - set(settings):
+        log(f"--merge: the earlier run used other settings ({', '.join(differ) or 'other fields'}); "
+            "its rows are not kept")
         return []
+    if set(settings) - set(earlier):       # fields recorded since: the earlier run did not write them
+        log(f"--merge: the earlier run did not record {', '.join(sorted(set(settings) - set(earlier)))}; "
+            "its other settings match, so its rows are kept")
     return old["rows"]
 
 
