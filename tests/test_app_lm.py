@@ -100,6 +100,54 @@ def test_prune_page_reads_out_perplexity_and_generates_both_continuations(app):
     assert same_state(ws.model, snapshot)                                   # the shared model is untouched
 
 
+def test_a_budget_moved_back_to_is_drawn_at_once_and_the_superseded_generation_stops(app, monkeypatch):
+    """Issue 22 (6): the generation panel ran inside the page's run (about 50 s of timing and text on the
+    LM demo), so a slider move waited for it. Now it runs in the session's job after the timing; a
+    stored budget moved back to is drawn while that job is inside a long step, and the job stops at its
+    next token without storing a half pair of continuations."""
+    import threading
+    import time
+
+    from kcm_app import engine, live
+    from kcm_app.engine import evaluations
+    from kcm_core.pipeline import PruneConfig
+    from kcm_core.repair import RepairConfig
+    at = app("pages/5_prune.py", budget="0.9", method="kcm")
+    finish_background()
+    at.run()
+    texts = [t.value for t in at.text]
+    assert len(texts) == 2
+    entered, release, tokens = threading.Event(), threading.Event(), []
+
+    def slow_generate(model, tokenizer, prompt, new_tokens, progress=None):
+        entered.set()
+        release.wait(60)               # a long step that reports nothing (a big model's prompt pass)
+        for i in range(new_tokens * 100):
+            progress(f"new token {i}", i / new_tokens)
+            tokens.append(i)
+            time.sleep(0.01)
+        return "never shown"
+    monkeypatch.setattr(evaluations, "generate", slow_generate)
+    monkeypatch.setattr(live, "FIRST_WAIT_S", 0.0)
+    at.slider(key=state.W_BUDGET).set_value(0.8).run()
+    job = at.session_state[state.EVALUATOR].current
+    deadline = time.time() + 60
+    while not entered.is_set() and time.time() < deadline:
+        time.sleep(0.02)
+    assert entered.is_set(), job.message              # evaluated and timed, now generating in the job
+    at.slider(key=state.W_BUDGET).set_value(0.9).run()        # back to the stored budget
+    assert not at.exception, [e.value for e in at.exception]
+    assert not job.done and job.abandoned                     # drawn without waiting for the job
+    assert [t.value for t in at.text] == texts
+    assert any(c.value == "Readouts at 0.90 relative FLOPs." for c in at.caption)
+    release.set()
+    assert job.wait(30) and isinstance(job.error, live.Abandoned) and tokens == []
+    ws, store = at.session_state[state.WORKSPACE], resources.store("results")
+    left = PruneConfig(method="kcm", budget=0.8, scale_samples=engine.scale_samples(ws), repair=RepairConfig("auto"))
+    assert engine.is_evaluated(ws, left, store) and engine.is_timed(ws, left, store)
+    assert not engine.is_generated(ws, left, engine.DEFAULT_PROMPT, store)      # no half result stored
+
+
 def test_lm_comparison_plots_perplexity_on_a_log_axis(app):
     at = app("pages/5_prune.py", budget="0.9")
     at.multiselect(key="compare_methods").set_value(["kcm", "wanda-sp"])
