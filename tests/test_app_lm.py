@@ -148,6 +148,35 @@ def test_a_budget_moved_back_to_is_drawn_at_once_and_the_superseded_generation_s
     assert not engine.is_generated(ws, left, engine.DEFAULT_PROMPT, store)      # no half result stored
 
 
+def in_page_order(node):
+    """``node`` (an ``AppTest`` block or element) and everything under it, depth first: the order they
+    are drawn in."""
+    yield node
+    for child in getattr(node, "children", {}).values():
+        yield from in_page_order(child)
+
+
+def test_the_readouts_come_right_after_the_slider_before_the_chart_and_the_generation(app):
+    """Issue 22 (7): the LM readouts sat below the kept-neurons chart and the notes, under the fold of a
+    1440 x 1000 window (the real-browser test measures it). Now every readout is drawn right after the
+    slider, and the long notes wait in an expander after them."""
+    at = app("pages/5_prune.py", budget="0.9")
+    order = list(in_page_order(at.main))
+    where = {}
+    for i, element in enumerate(order):
+        name = getattr(element, "label", None) or getattr(element, "value", None)
+        if element.type in ("metric", "slider", "expander", "subheader") and isinstance(name, str):
+            where.setdefault(name, i)
+        elif element.type == "plotly_chart":
+            where.setdefault("first chart", i)
+    readouts = ["Relative FLOPs", "Parameters", "Neurons pruned", "Estimated speedup", "Measured speedup",
+                "Perplexity", "Agreement with unpruned", "KL from unpruned"]
+    assert all(label in where for label in readouts), sorted(where)
+    assert where["Relative FLOPs to keep"] < min(where[label] for label in readouts)
+    last = max(where[label] for label in readouts)
+    assert last < where["How these readouts were measured"] < where["first chart"] < where["Generation"]
+
+
 def test_lm_comparison_plots_perplexity_on_a_log_axis(app):
     at = app("pages/5_prune.py", budget="0.9")
     at.multiselect(key="compare_methods").set_value(["kcm", "wanda-sp"])
