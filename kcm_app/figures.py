@@ -190,6 +190,26 @@ def kept_per_layer(frame: pd.DataFrame, method: str) -> go.Figure:
     return fig
 
 
+def allocation(frame: pd.DataFrame, budget: float) -> go.Figure:
+    """Kept neurons per layer, one bar per method side by side (``charts.allocation_frame``), the
+    layers' widths as a dotted line: where each method spends the same budget."""
+    fig = go.Figure()
+    widths = frame.drop_duplicates("layer").sort_values("layer")
+    fig.add_scatter(x=widths["layer"], y=widths["width"], name="layer width", mode="lines",
+                    line=dict(color="#888888", dash="dot", shape="hvh"), hoverinfo="skip")
+    for name in dict.fromkeys(frame["method"]):
+        rows = frame[frame["method"] == name]
+        label = f"{method_label(name)} ({rows['allocation'].iloc[0]})"
+        fig.add_bar(x=rows["layer"], y=rows["kept"], name=label, marker_color=METHOD_COLORS[name],
+                    customdata=np.c_[rows["width"], rows["share"] * 100],
+                    hovertemplate=label + "<br>layer %{x}: %{y:,} of %{customdata[0]:,} kept "
+                                          "(%{customdata[1]:.0f}%)<extra></extra>")
+    fig.update_layout(**base_layout(barmode="group", title=f"FFN neurons kept per layer at {budget:.2f} relative FLOPs",
+                                    xaxis_title="layer", yaxis_title="neurons kept", height=360,
+                                    xaxis_dtick=1 if frame["layer"].nunique() <= 32 else None))
+    return fig
+
+
 def comparison(frame: pd.DataFrame, dense_accuracy: float | None, current: float | None) -> go.Figure:
     """Accuracy (with 95% intervals) vs relative FLOPs, one line per method."""
     fig = go.Figure()

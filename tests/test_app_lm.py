@@ -177,6 +177,20 @@ def test_the_readouts_come_right_after_the_slider_before_the_chart_and_the_gener
     assert last < where["How these readouts were measured"] < where["first chart"] < where["Generation"]
 
 
+def test_the_scores_page_sets_kcms_pooled_allocation_beside_the_defaults_standardised_one(app):
+    """Issue 22 (7): on a language model the allocation chart opens on the paper's KCM (pooled ranking)
+    and the LM default (standardised), both keeping the same total at the session's budget."""
+    from test_app import points
+    at = app("pages/3_scores.py", budget="0.8")
+    assert (at.selectbox(key="alloc_method_a").value, at.selectbox(key="alloc_method_b").value) == (
+        "kcm", "fluct-refit")
+    chart = next(c for c in at.get("plotly_chart") if "FFN neurons kept per layer at 0.80" in c.proto.spec)
+    bars = [t for t in json.loads(chart.proto.spec)["data"] if t["type"] == "bar"]
+    assert [t["name"] for t in bars] == ["KCM (R2D2) (pooled)", "Fluctuation + refit (standardised)"]
+    totals = {int(points(t["y"]).sum()) for t in bars}
+    assert len(totals) == 1 and 0 < totals.pop() < 2 * 37
+
+
 def test_lm_comparison_plots_perplexity_on_a_log_axis(app):
     at = app("pages/5_prune.py", budget="0.9")
     at.multiselect(key="compare_methods").set_value(["kcm", "wanda-sp"])
