@@ -49,8 +49,9 @@ def param_summary(frame: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def share_curve(frame: pd.DataFrame, current: float) -> go.Figure:
-    """Share of counted MACs per kind of block vs sequence length, the current length marked."""
+def share_curve(frame: pd.DataFrame, current: float, unit: str = "sequence") -> go.Figure:
+    """Share of counted MACs per kind of block vs sequence length (``unit``: "block" for a language
+    model's token blocks), the current length marked."""
     fig = go.Figure()
     colors = {"attention matrix products": BLOCK_COLORS["attn_matmul"],
               "attention projections": BLOCK_COLORS["qkv"], "FFN": BLOCK_COLORS["ffn_up"]}
@@ -61,8 +62,8 @@ def share_curve(frame: pd.DataFrame, current: float) -> go.Figure:
     # a trace, not add_vline: shapes on a log axis take log10 coordinates
     fig.add_scatter(x=[current, current], y=[0, 100], mode="lines", name=f"s = {current:g}",
                     line=dict(color="#555555", dash="dot", width=1.5), hoverinfo="skip")
-    fig.update_layout(**base_layout(title="Where the MACs go as sequences get longer",
-                                    xaxis_title="sequence length s (tokens)", xaxis_type="log",
+    fig.update_layout(**base_layout(title=f"Where the MACs go as {unit}s get longer",
+                                    xaxis_title=f"{unit} length s (tokens)", xaxis_type="log",
                                     yaxis_title="share of counted MACs (%)", yaxis_range=[0, 100]))
     return fig
 

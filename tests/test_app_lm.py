@@ -191,6 +191,41 @@ def test_the_scores_page_sets_kcms_pooled_allocation_beside_the_defaults_standar
     assert len(totals) == 1 and 0 < totals.pop() < 2 * 37
 
 
+def shown_text(at: AppTest) -> list[str]:
+    """Every string a reader of the page may see: values, labels, help texts, chart specs (titles, axes)."""
+    texts = []
+    for element in in_page_order(at._tree):
+        for source in (element, getattr(element, "proto", None)):
+            for name in ("value", "label", "help", "body", "spec"):
+                value = getattr(source, name, None)
+                if isinstance(value, str):
+                    texts.append(value)
+    return texts
+
+
+def test_no_page_calls_a_language_models_blocks_sequences_or_examples(app):
+    """Issue 22 (7): an LM page names its decoder layers and its token blocks, never the classifier's
+    encoder, sequences or examples (the Cost page's axes, the Prune page's paired reference, the Export
+    page's report, the sidebar's data help said so)."""
+    import re
+    wrong = re.compile(r"\b(encoders?|sequences?|examples?)\b", re.IGNORECASE)
+    at = app()
+    found = {}
+    for page in PAGES:
+        at.switch_page(page).run()
+        if page == "pages/5_prune.py":
+            at.multiselect(key="compare_methods").set_value(["kcm", "wanda-sp"])
+            at.multiselect(key="compare_budgets").set_value([0.9])
+            at.button(key="compare_run").click().run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        for text in shown_text(at):
+            for match in wrong.finditer(text):
+                found.setdefault(page, []).append(text[max(0, match.start() - 60):match.end() + 30])
+    assert found == {}
+    assert at.switch_page("pages/5_prune.py").run().main.caption[0].value.startswith(
+        "Choose how much of the FLOPs to keep and see the pruned model's size, speed and perplexity")
+
+
 def test_lm_comparison_plots_perplexity_on_a_log_axis(app):
     at = app("pages/5_prune.py", budget="0.9")
     at.multiselect(key="compare_methods").set_value(["kcm", "wanda-sp"])

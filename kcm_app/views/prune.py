@@ -15,7 +15,9 @@ from ..engine import Workspace
 def page() -> None:
     """The whole page: title, the method and rounding, the live readouts, the comparison."""
     st.title("Prune")
-    st.caption("Choose how much of the FLOPs to keep and see the pruned model's size, speed and accuracy, "
+    loaded = state.workspace()
+    quality = "perplexity" if loaded is not None and loaded.is_lm else "accuracy"
+    st.caption(f"Choose how much of the FLOPs to keep and see the pruned model's size, speed and {quality}, "
                "and how the methods compare.")
     ws = ui.require_workspace()
     left, mid, right = st.columns([3, 2, 1])
@@ -435,14 +437,16 @@ def compare(ws: Workspace, methods: list[str], budgets: list[float], run: bool) 
 
 
 def paired_view(ws: Workspace, methods: list[str], results: list[engine.BudgetResult]) -> None:
-    """Each method minus a reference method (KCM by default) on the same examples, at each budget."""
+    """Each method minus a reference method (the model's default method by default) on the same
+    examples (a language model: held-out blocks), at each budget."""
     if len(methods) < 2:
         st.caption("Choose two or more methods to see their paired differences.")
         return
     default = default_method(ws.is_lm)
     reference = st.selectbox("Reference method", methods, index=methods.index(default) if default in methods else 0,
                              format_func=theme.method_label, key="compare_reference",
-                             help="Every other method is compared with this one on the same examples")
+                             help="Every other method is compared with this one on the same "
+                                  + ("held-out blocks" if ws.is_lm else "examples"))
     labels = None if ws.is_lm else labels_of(ws.eval_batches)
     with ui.core_errors():
         frame = charts.paired_frame(results, reference, labels, seed=state.seed())
