@@ -183,6 +183,16 @@ def kept_frame(plan: KeepPlan) -> pd.DataFrame:
                          "width": plan.widths})
 
 
+def allocation_frame(plans: Mapping[str, KeepPlan]) -> pd.DataFrame:
+    """One row per (method, layer) of each method's plan: kept neurons, the layer's width and the share
+    kept (the allocation: how a budget's kept neurons are spread over the layers), methods in order."""
+    rows = [{"method": name, "layer": i, "kept": kept, "width": width, "share": kept / width if width else 0.0,
+             "allocation": plan.info.allocation}
+            for name, plan in plans.items()
+            for i, (kept, width) in enumerate(zip(plan.kept_counts, plan.widths))]
+    return pd.DataFrame(rows, columns=["method", "layer", "kept", "width", "share", "allocation"])
+
+
 def comparison_frame(results: Iterable[Any], metric: str = "accuracy") -> pd.DataFrame:
     """One row per (method, budget) from ``engine.BudgetResult`` objects, in first-seen order: relative
     FLOPs, ``metric`` (accuracy, or a language model's perplexity) with its 95% interval in the

@@ -49,8 +49,9 @@ def param_summary(frame: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def share_curve(frame: pd.DataFrame, current: float) -> go.Figure:
-    """Share of counted MACs per kind of block vs sequence length, the current length marked."""
+def share_curve(frame: pd.DataFrame, current: float, unit: str = "sequence") -> go.Figure:
+    """Share of counted MACs per kind of block vs sequence length (``unit``: "block" for a language
+    model's token blocks), the current length marked."""
     fig = go.Figure()
     colors = {"attention matrix products": BLOCK_COLORS["attn_matmul"],
               "attention projections": BLOCK_COLORS["qkv"], "FFN": BLOCK_COLORS["ffn_up"]}
@@ -61,8 +62,8 @@ def share_curve(frame: pd.DataFrame, current: float) -> go.Figure:
     # a trace, not add_vline: shapes on a log axis take log10 coordinates
     fig.add_scatter(x=[current, current], y=[0, 100], mode="lines", name=f"s = {current:g}",
                     line=dict(color="#555555", dash="dot", width=1.5), hoverinfo="skip")
-    fig.update_layout(**base_layout(title="Where the MACs go as sequences get longer",
-                                    xaxis_title="sequence length s (tokens)", xaxis_type="log",
+    fig.update_layout(**base_layout(title=f"Where the MACs go as {unit}s get longer",
+                                    xaxis_title=f"{unit} length s (tokens)", xaxis_type="log",
                                     yaxis_title="share of counted MACs (%)", yaxis_range=[0, 100]))
     return fig
 
@@ -187,6 +188,26 @@ def kept_per_layer(frame: pd.DataFrame, method: str) -> go.Figure:
     fig.update_layout(**base_layout(barmode="stack", title="FFN neurons kept per layer",
                                     xaxis_title="layer", yaxis_title="neurons", height=320,
                                     xaxis_dtick=1))
+    return fig
+
+
+def allocation(frame: pd.DataFrame, budget: float) -> go.Figure:
+    """Kept neurons per layer, one bar per method side by side (``charts.allocation_frame``), the
+    layers' widths as a dotted line: where each method spends the same budget."""
+    fig = go.Figure()
+    widths = frame.drop_duplicates("layer").sort_values("layer")
+    fig.add_scatter(x=widths["layer"], y=widths["width"], name="layer width", mode="lines",
+                    line=dict(color="#888888", dash="dot", shape="hvh"), hoverinfo="skip")
+    for name in dict.fromkeys(frame["method"]):
+        rows = frame[frame["method"] == name]
+        label = f"{method_label(name)} ({rows['allocation'].iloc[0]})"
+        fig.add_bar(x=rows["layer"], y=rows["kept"], name=label, marker_color=METHOD_COLORS[name],
+                    customdata=np.c_[rows["width"], rows["share"] * 100],
+                    hovertemplate=label + "<br>layer %{x}: %{y:,} of %{customdata[0]:,} kept "
+                                          "(%{customdata[1]:.0f}%)<extra></extra>")
+    fig.update_layout(**base_layout(barmode="group", title=f"FFN neurons kept per layer at {budget:.2f} relative FLOPs",
+                                    xaxis_title="layer", yaxis_title="neurons kept", height=360,
+                                    xaxis_dtick=1 if frame["layer"].nunique() <= 32 else None))
     return fig
 
 

@@ -3,9 +3,12 @@ newest budget, never each stale one in turn.
 
 Streamlit queues a widget event that arrives while a fragment is running and runs it after the
 running one ends, so an evaluation done inside the script makes each press wait for the one before
-it. Here the page hands the evaluation to a ``LatestOnly`` runner (one per session) and returns at
-once; a newer request abandons the running job at its next progress report (``Abandoned``), waits
-for it to stop (one computation at a time on shared cores), and then runs. The page draws the last
+it. Here the page hands the whole of a budget's slow work (evaluation, timing, and for a language
+model the generation panel's continuations) to a ``LatestOnly`` runner (one per session) and returns at
+once; a newer request abandons the running job at its next progress report (``Abandoned``: between
+two evaluation batches, two timed forward passes, two generated tokens), waits for it to stop (one
+computation at a time on shared cores), and then runs. A view whose results are all stored needs no
+job: it abandons the running one (``keep_only``) and is drawn at once. The page draws the last
 finished result, labelled with its budget, until the newest one arrives. No Streamlit here.
 """
 from __future__ import annotations
@@ -114,12 +117,28 @@ class LatestOnly:
     def current(self) -> Job | None:
         return self._job
 
-    def submit(self, key: Hashable, fn: Callable[[Progress], Any]) -> Job:
-        """The job for ``key``: the running (or finished) one when it is the newest request and was
-        not abandoned, else a new one started after the previous one stops."""
+    def keep_only(self, key: Hashable = None) -> Job | None:
+        """Abandon the running job unless it is for ``key`` (a view that needs no job, such as a budget
+        moved back to whose results are all stored, supersedes it all the same; ``None``: whatever
+        runs); the job abandoned, if any. Returns at once: the job stops at its next progress report,
+        on its own thread."""
         with self._lock:
             job = self._job
-            if job is not None and job.key == key and not job.abandoned:
+            if job is None or job.done or job.key == key or job.abandoned:
+                return None
+            job.cancel()
+        log.info("%s superseded by a stored view: %r", self.name, job.key)
+        return job
+
+    def submit(self, key: Hashable, fn: Callable[[Progress], Any]) -> Job:
+        """The job for ``key``: the running one when it is the newest request and was not abandoned
+        (or the finished one that failed: its error is what the page shows), else a new one started
+        after the previous one stops. A job that finished well is not handed out again: its results
+        are in the shared store, so asking again means they were dropped from it."""
+        with self._lock:
+            job = self._job
+            if (job is not None and job.key == key and not job.abandoned
+                    and (not job.done or job.error is not None)):
                 return job
             if job is not None and not job.done:
                 job.cancel()
@@ -148,3 +167,9 @@ class LatestOnly:
         with self._lock:
             self.finished.append(job.key)
         log.info("%s finished in %.2f s: %r", self.name, job.seconds, job.key)
+
+
+def stage(progress: Progress, name: str, index: int, count: int) -> Progress:
+    """``progress`` for stage ``index`` of ``count`` of one job (its messages start with ``name``, its
+    fractions cover the stage's share of the job); the job's own callback still decides whether to go on."""
+    return lambda message, fraction: progress(f"{name}: {message}", (index + min(max(fraction, 0.0), 1.0)) / count)

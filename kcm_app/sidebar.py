@@ -33,10 +33,15 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
                          "safetensors files (scores, kernel hull, export), never the whole model, so there "
                          "is no accuracy, perplexity or timing. A folder whose weights exceed the memory "
                          "available opens this way by itself.")
+    model_ref = (state.text("model_ref") or "") if kind not in DEMO_KINDS else ""
+    lm = _is_lm(kind, model_ref)
     st.subheader("Data")
     data_kind = st.radio("Unlabeled sample from", list(DATA_KINDS), format_func=DATA_KINDS.get,
-                         key="data_kind", help="Texts the model sees while scoring (labels are optional; "
-                         "with a label column the app also reports accuracy).")
+                         key="data_kind",
+                         help=("Documents the language model sees while scoring, joined and cut into calibration "
+                               "blocks; held-out blocks give the perplexity (no labels needed)." if lm else
+                               "Texts the model sees while scoring (labels are optional; with a label column "
+                               "the app also reports accuracy)."))
     ref = state.text("data_ref") or ""
     if data_kind in ("file", "hub"):
         st.text_input("Path or dataset name", key="data_ref",
@@ -53,12 +58,12 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
         with st.expander("Columns and split"):
             st.text_input("Text column", key="text_column", help="Default: text or sentence")
             st.text_input("Second text column", key="text_pair_column", help="For pair tasks (MRPC, QNLI)")
-            st.text_input("Label column", key="label_column", help="Enables accuracy and label methods")
+            st.text_input("Label column", key="label_column",
+                          help="A language model needs none" if lm else "Enables accuracy and label methods")
             st.text_input("Split", key="data_split", help="Hub datasets: train, validation, ...")
             st.text_input("Config", key="data_config", help="Hub datasets: e.g. sst2 for glue")
     st.subheader("Sample")
-    model_ref = (state.text("model_ref") or "") if kind not in DEMO_KINDS else ""
-    if _is_lm(kind, model_ref):
+    if lm:
         lm_sample_widgets(_positions(kind, model_ref))
     else:
         classifier_sample_widgets(_positions(kind, model_ref))
@@ -68,7 +73,7 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
     data = DataChoice(data_kind, ref if data_kind not in DEMO_KINDS else "", text_column=state.text("text_column"),
                       text_pair_column=state.text("text_pair_column"), label_column=state.text("label_column"),
                       split=state.text("data_split"), config_name=state.text("data_config"))
-    return model, data, sample_choice(_is_lm(kind, model_ref))
+    return model, data, sample_choice(lm)
 
 
 def _fit_choice(key: str, lengths: list[int]) -> None:

@@ -72,6 +72,10 @@ METHOD_CHOSEN = "_method_chosen"  # a link or the user set the method (else it f
 # Widget keys: the view's widgets, each copied into its persistent value on change ...
 W_BUDGET, W_METHOD, W_MULTIPLE, W_REPAIR = "w_budget", "w_method", "w_multiple", "w_repair"
 PERSISTENT = {W_BUDGET: BUDGET, W_METHOD: METHOD, W_MULTIPLE: MULTIPLE, W_REPAIR: REPAIR}
+# ... and the generation panel's prompt, kept the same way (not in the URL): the Prune page keys its
+# background job by it before the panel's text field is drawn, and it survives a visit to another page.
+PROMPT, W_PROMPT = "_prompt", "gen_prompt"
+PERSISTENT[W_PROMPT] = PROMPT
 # ... and the sidebar's, which keep their own keys (drawn on every page; see ``sidebar_defaults``).
 SAMPLE_SIZE, MAX_LEN, SEED = "sample_size", "max_len", "seed"
 # ... a language model's sample: calibration blocks and tokens per block (its own keys, so switching
@@ -222,6 +226,11 @@ def multiple() -> int:
 
 def repair() -> str:
     return str(_session().get(REPAIR, DEFAULTS.repair))
+
+
+def prompt(default: str) -> str:
+    """The generation panel's prompt (``default`` until the user types one)."""
+    return str(_session().setdefault(PROMPT, default))
 
 
 def seed() -> int:

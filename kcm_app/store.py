@@ -21,7 +21,8 @@ WAIT_POLL_S = 0.5
 WAITING_FOR = {"dense": "the unpruned model's evaluation", "dense-lm": "the unpruned model's evaluation",
                "r2": "the kernel hull fits (R2)", "stats": "the activation statistics (D2)",
                "grads": "the Fisher gradients", "teacher": "the unpruned model's FFN outputs",
-               "scores": "the neuron scores", "budget": "this budget's evaluation"}
+               "scores": "the neuron scores", "budget": "this budget's evaluation",
+               "speed": "this budget's timing", "generate": "this budget's continuations"}
 
 
 def describe(key: Hashable) -> str:

@@ -292,9 +292,26 @@ def generation_note(model: nn.Module, tokenizer, prompt: str, new_tokens: int) -
             f"{max_positions(model.config)} positions: both models read only its last {kept} tokens{fewer}.")
 
 
+def token_reporter(progress: Progress | None, prompt_tokens: int, new_tokens: int):
+    """A ``transformers`` stopping criterion that never stops generation but reports each new token to
+    ``progress`` ("new token 3/30"): a progress callback that raises (an abandoned job) ends the
+    generation between two tokens."""
+    from transformers import StoppingCriteria
+
+    class TokenReporter(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+            done = int(input_ids.shape[1]) - prompt_tokens
+            tell(progress, f"new token {done}/{new_tokens}", done / max(new_tokens, 1))
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    return TokenReporter()
+
+
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40) -> str:
-    """Greedy continuation of ``prompt`` (deterministic): what a demo audience reads side by side."""
+def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40,
+             progress: Progress | None = None) -> str:
+    """Greedy continuation of ``prompt`` (deterministic): what a demo audience reads side by side.
+    ``progress`` hears of every new token (``token_reporter``), and may stop the generation there by
+    raising."""
     if not prompt.strip():
         raise ValueError("the prompt is empty; type a few words to continue")
     device = model_device(model)
@@ -305,6 +322,11 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40)
     kept, max_new_tokens = fit_generation(model.config, int(enc["input_ids"].shape[1]), max_new_tokens)
     enc = {k: v[:, -kept:] for k, v in enc.items()}
     pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None)
+    extra = {}
+    if progress is not None:
+        from transformers import StoppingCriteriaList
+        extra["stopping_criteria"] = StoppingCriteriaList(
+            [token_reporter(progress, int(enc["input_ids"].shape[1]), max_new_tokens)])
     with eval_mode(model):
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **extra)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -31,6 +31,7 @@ from .methods import DEFAULT_METHOD
 
 SCHEMA = "kcm-explorer/report/1"
 FLOPS_UNIT = "encoder MACs at seq_len, relative to the unpruned model (FLOPs = 2 x MACs)"
+DECODER_FLOPS_UNIT = "decoder layers' MACs at seq_len, relative to the unpruned model (FLOPs = 2 x MACs)"
 
 
 # --------------------------------------------------------------------------- environment
@@ -201,14 +202,15 @@ def build_report(*, model, source: str, path: str | None, spec, config, data: Ma
     plan: the ``KeepPlan`` (with scales); details: the ``ScoreDetails`` of its scores.
     """
     from .arch import model_shape
+    shape = model_shape(model.config)
     return PruneReport(
         model={"source": source, "path": path, "class": type(model).__name__,
-               "model_type": model_shape(model.config).model_type,
+               "model_type": shape.model_type,
                "class_note": moved_note(model, plan)},
         method={"name": spec.name, "label": spec.label, "description": spec.description,
                 "default": spec.name == DEFAULT_METHOD},
         options=config.to_dict(), data=dict(data), seq_len=float(seq_len),
-        relative_flops={"target": config.budget, "achieved": float(achieved_flops), "unit": FLOPS_UNIT},
+        relative_flops={"target": config.budget, "achieved": float(achieved_flops), "unit": DECODER_FLOPS_UNIT if shape.decoder else FLOPS_UNIT},
         neurons={"kept_per_layer": plan.kept_counts, "width_per_layer": plan.widths,
                  "kept": plan.total_kept, "total": sum(plan.widths)},
         params={"before": params_before, "after": params_after},
@@ -295,8 +297,9 @@ def render_markdown(report: PruneReport | Mapping[str, Any], heading: str = "#")
                      f"forward pass ({speed['timed_on']}; measured {speed['measured_speedup']:.2f}x, "
                      f"estimated {speed['estimated_speedup']:.2f}x)")
     data = r["data"]
-    lines += [f"- Data: {data.get('source')} ({data.get('samples')} unlabeled sequences, max length "
-              f"{data.get('max_len')}, seed {data.get('seed')})",
+    sample = (f"{data.get('samples')} calibration blocks of {data.get('max_len')} tokens" if data.get("unit") == "blocks"
+              else f"{data.get('samples')} unlabeled sequences, max length {data.get('max_len')}")
+    lines += [f"- Data: {data.get('source')} ({sample}, seed {data.get('seed')})",
               f"- Scaling: {_scaling_line(r['scaling'])}",
               f"- Environment: torch {env['torch']}, transformers {env['transformers']}, "
               f"{env['threads']} threads, {env['device']}, Python {env['python']}", "",

@@ -18,6 +18,7 @@ from streamlit.testing.v1 import AppTest
 from app_tiny import write_tiny
 from kcm_app import live, resources, state
 from kcm_app.testing import finish_background
+from kcm_core import scores as S
 from kcm_core.report import SCHEMA
 from conftest import app_runner, same_state, state_snapshot
 
@@ -247,6 +248,36 @@ def test_scores_page_lists_top_and_bottom(app):
     at.checkbox(key="scores_all_layers").check().run()
     scatter = scatter_trace(at)
     assert set(points(scatter["customdata"])[:, 0]) == {0, 1} and len(points(scatter["x"])) == 2 * 37
+
+
+def allocation_traces(at) -> dict[str, dict]:
+    """The Scores page's allocation chart: its bar traces by name, as the browser receives them."""
+    chart = next(c for c in at.get("plotly_chart") if "FFN neurons kept per layer at" in c.proto.spec)
+    return {t["name"]: t for t in json.loads(chart.proto.spec)["data"] if t["type"] == "bar"}
+
+
+def test_scores_page_shows_two_methods_allocations_from_the_stored_scores(app, monkeypatch):
+    """Issue 22 (7): two methods' kept neurons per layer side by side at the session's budget, KCM and
+    (a classifier's default being KCM) weight magnitude first; the scores come from the shared store,
+    so another method built from the same components computes none of them again."""
+    from kcm_app.engine import scoring
+    at = app("pages/3_scores.py", budget="0.7")
+    assert at.selectbox(key="alloc_method_a").value == "kcm"
+    assert at.selectbox(key="alloc_method_b").value == "weight-magnitude"
+    bars = allocation_traces(at)
+    assert list(bars) == ["KCM (R2D2) (pooled)", "Weight magnitude (pooled)"]
+    ws = at.session_state[state.WORKSPACE]
+    kept = {name: points(t["y"]) for name, t in bars.items()}
+    assert all(len(k) == ws.shape.layers and (k <= 37).all() for k in kept.values())
+    assert len({int(k.sum()) for k in kept.values()}) == 1          # the same budget: the same total kept
+    assert any("Allocation is how a budget's kept neurons are spread over the layers: at 0.70" in c.value
+               for c in at.caption)
+    computed: list[str] = []
+    monkeypatch.setattr(S, "r2", lambda *args, **kwargs: computed.append("r2"))
+    monkeypatch.setattr(scoring, "collect_stats", lambda *args, **kwargs: computed.append("stats"))
+    at.selectbox(key="alloc_method_b").set_value("d2").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert list(allocation_traces(at)) == ["KCM (R2D2) (pooled)", "D2 only (pooled)"] and computed == []
 
 
 def scatter_trace(at) -> dict:

@@ -19,7 +19,7 @@ from conftest import app_runner, tiny_config
 from kcm_app import disk_cache, engine, live, projection, resources, state
 from kcm_app.engine import evaluations, scoring
 from kcm_app.testing import finish_background
-from kcm_app.views import cost
+from kcm_app.views import cost, prune
 from kcm_core import scores as S
 from kcm_core.arch import model_shape
 from kcm_core.flops import mac_per_head, mac_per_neuron
@@ -103,6 +103,53 @@ def test_a_failing_job_hands_its_error_to_the_page():
     assert job.wait(5)
     with pytest.raises(ValueError, match="below the floor"):
         job.outcome()
+
+
+def counted_forward_passes(model) -> list:
+    """A list that grows by one at every forward pass of ``model`` (a hook on a model the test owns)."""
+    passes: list = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: passes.append(1), with_kwargs=True)
+    return passes
+
+
+def wait_until(condition, timeout: float = 30) -> bool:
+    deadline = time.time() + timeout
+    while not condition() and time.time() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_superseded_job_stops_between_timed_passes():
+    """Issue 22 (6): the timing was one step without progress, so a newer budget waited for all of its
+    passes. Now each pass reports, and an abandoned timing stops at the next one."""
+    from conftest import build_tiny_model, make_batches
+    dense, pruned = build_tiny_model("bert"), build_tiny_model("bert", seed=1)
+    passes = counted_forward_passes(dense)
+    counted_forward_passes(pruned)
+    batch = {k: v for k, v in make_batches(dense, labels=False)[0].items()}
+    repeats = 10_000                           # minutes of passes unless abandoned
+    runner = live.LatestOnly()
+    timing = runner.submit("0.80", lambda p: engine.paired_seconds(dense, pruned, batch, repeats, progress=p))
+    assert wait_until(lambda: len(passes) >= 3 or timing.done)
+    assert timing.message.startswith(("warm-up pass", "pass")), timing.message
+    newer = runner.submit("0.90", lambda p: "0.90 drawn")
+    assert newer.wait(30) and newer.outcome() == "0.90 drawn"
+    assert isinstance(timing.error, live.Abandoned)
+    assert len(passes) < repeats + 1           # stopped between two passes, far from the end
+
+
+def test_keep_only_abandons_a_job_for_another_view_and_nothing_else():
+    runner, release = live.LatestOnly(), threading.Event()
+
+    def job(progress):
+        while not release.wait(0.01):
+            progress("waiting", 0.0)
+    running = runner.submit("a", job)
+    assert runner.keep_only("a") is None and not running.abandoned       # the view it computes: kept
+    assert runner.keep_only("b") is running and running.abandoned         # a stored view supersedes it
+    assert running.wait(10) and isinstance(running.error, live.Abandoned)
+    assert runner.keep_only("b") is None                                  # nothing left to abandon
+    release.set()
 
 
 # --------------------------------------------------------------------------- the disk cache
@@ -259,7 +306,7 @@ def test_a_burst_of_slider_moves_evaluates_at_most_two_budgets(app, monkeypatch)
     assert runner.current.wait(30)
     evaluated = runner.finished
     final = PruneConfig(method="kcm", budget=burst[-1], scale_samples=engine.APP_SCALE_SAMPLES)
-    assert len(evaluated) <= 2 and evaluated[-1] == engine.budget_key(at.session_state["workspace"], final)
+    assert len(evaluated) <= 2 and evaluated[-1] == prune.view_key(at.session_state["workspace"], final, "")
     monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
     at.run()
     assert any(c.value == f"Readouts at {burst[-1]:.2f} relative FLOPs." for c in at.caption)
@@ -296,6 +343,47 @@ def test_a_running_evaluation_can_be_stopped_and_is_not_restarted_until_asked(ap
     monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
     at.button(key="resume_eval").click().run()                        # asked for: evaluated now
     assert any(c.value == f"Readouts at {budget:.2f} relative FLOPs." for c in at.caption)
+
+
+def test_a_budget_moved_back_to_is_drawn_at_once_and_the_superseded_timing_stops(app, monkeypatch):
+    """Issue 22 (6): the timing ran inside the page's run, so a slider move waited for it, and a stored
+    budget moved back to never abandoned the job of the budget left. Now the timing runs in the
+    session's job, the stored budget is drawn while that job is still inside a long step, and the job
+    stops at its next pass without storing a timing."""
+    from kcm_app.engine import speed
+    at = app("pages/5_prune.py")
+    finish_background()
+    at.run()
+    start = float(at.slider(key="w_budget").value)
+    stored_speed = [m.value for m in at.metric if m.label == "Measured speedup"]
+    assert stored_speed and stored_speed[0].endswith("x")
+    entered, release, passes = threading.Event(), threading.Event(), []
+
+    def slow_timing(dense, pruned, batch, repeats=engine.TIMING_REPEATS, progress=None):
+        entered.set()
+        release.wait(60)               # one long pass that reports nothing (a big model's forward)
+        for i in range(1000):
+            progress(f"pass {i}", i / 1000)
+            passes.append(i)
+            time.sleep(0.01)
+        return 1.0, 1.0
+    monkeypatch.setattr(speed, "paired_seconds", slow_timing)
+    monkeypatch.setattr(live, "FIRST_WAIT_S", 0.0)
+    other = round(start + 0.05, 2)
+    at.slider(key="w_budget").set_value(other).run()
+    job = at.session_state[state.EVALUATOR].current
+    assert wait_until(entered.is_set, 60), job.message          # evaluated, now timing in the job
+    at.slider(key="w_budget").set_value(start).run()           # back to the stored budget
+    assert not at.exception, [e.value for e in at.exception]
+    assert not job.done and job.abandoned                      # drawn without waiting for the job
+    assert any(c.value == f"Readouts at {start:.2f} relative FLOPs." for c in at.caption)
+    assert [m.value for m in at.metric if m.label == "Measured speedup"] == stored_speed
+    release.set()
+    assert job.wait(30) and isinstance(job.error, live.Abandoned)
+    assert passes == []                                         # stopped at its first pass after the long one
+    ws, store = at.session_state[state.WORKSPACE], resources.store("results")
+    left = PruneConfig(method="kcm", budget=other, scale_samples=engine.APP_SCALE_SAMPLES)
+    assert engine.is_evaluated(ws, left, store) and not engine.is_timed(ws, left, store)   # no half timing
 
 
 def test_an_invalid_link_is_corrected_with_a_visible_notice(app):

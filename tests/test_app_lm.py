@@ -100,6 +100,132 @@ def test_prune_page_reads_out_perplexity_and_generates_both_continuations(app):
     assert same_state(ws.model, snapshot)                                   # the shared model is untouched
 
 
+def test_a_budget_moved_back_to_is_drawn_at_once_and_the_superseded_generation_stops(app, monkeypatch):
+    """Issue 22 (6): the generation panel ran inside the page's run (about 50 s of timing and text on the
+    LM demo), so a slider move waited for it. Now it runs in the session's job after the timing; a
+    stored budget moved back to is drawn while that job is inside a long step, and the job stops at its
+    next token without storing a half pair of continuations."""
+    import threading
+    import time
+
+    from kcm_app import engine, live
+    from kcm_app.engine import evaluations
+    from kcm_core.pipeline import PruneConfig
+    from kcm_core.repair import RepairConfig
+    at = app("pages/5_prune.py", budget="0.9", method="kcm")
+    finish_background()
+    at.run()
+    texts = [t.value for t in at.text]
+    assert len(texts) == 2
+    entered, release, tokens = threading.Event(), threading.Event(), []
+
+    def slow_generate(model, tokenizer, prompt, new_tokens, progress=None):
+        entered.set()
+        release.wait(60)               # a long step that reports nothing (a big model's prompt pass)
+        for i in range(new_tokens * 100):
+            progress(f"new token {i}", i / new_tokens)
+            tokens.append(i)
+            time.sleep(0.01)
+        return "never shown"
+    monkeypatch.setattr(evaluations, "generate", slow_generate)
+    monkeypatch.setattr(live, "FIRST_WAIT_S", 0.0)
+    at.slider(key=state.W_BUDGET).set_value(0.8).run()
+    job = at.session_state[state.EVALUATOR].current
+    deadline = time.time() + 60
+    while not entered.is_set() and time.time() < deadline:
+        time.sleep(0.02)
+    assert entered.is_set(), job.message              # evaluated and timed, now generating in the job
+    at.slider(key=state.W_BUDGET).set_value(0.9).run()        # back to the stored budget
+    assert not at.exception, [e.value for e in at.exception]
+    assert not job.done and job.abandoned                     # drawn without waiting for the job
+    assert [t.value for t in at.text] == texts
+    assert any(c.value == "Readouts at 0.90 relative FLOPs." for c in at.caption)
+    release.set()
+    assert job.wait(30) and isinstance(job.error, live.Abandoned) and tokens == []
+    ws, store = at.session_state[state.WORKSPACE], resources.store("results")
+    left = PruneConfig(method="kcm", budget=0.8, scale_samples=engine.scale_samples(ws), repair=RepairConfig("auto"))
+    assert engine.is_evaluated(ws, left, store) and engine.is_timed(ws, left, store)
+    assert not engine.is_generated(ws, left, engine.DEFAULT_PROMPT, store)      # no half result stored
+
+
+def in_page_order(node):
+    """``node`` (an ``AppTest`` block or element) and everything under it, depth first: the order they
+    are drawn in."""
+    yield node
+    for child in getattr(node, "children", {}).values():
+        yield from in_page_order(child)
+
+
+def test_the_readouts_come_right_after_the_slider_before_the_chart_and_the_generation(app):
+    """Issue 22 (7): the LM readouts sat below the kept-neurons chart and the notes, under the fold of a
+    1440 x 1000 window (the real-browser test measures it). Now every readout is drawn right after the
+    slider, and the long notes wait in an expander after them."""
+    at = app("pages/5_prune.py", budget="0.9")
+    order = list(in_page_order(at.main))
+    where = {}
+    for i, element in enumerate(order):
+        name = getattr(element, "label", None) or getattr(element, "value", None)
+        if element.type in ("metric", "slider", "expander", "subheader") and isinstance(name, str):
+            where.setdefault(name, i)
+        elif element.type == "plotly_chart":
+            where.setdefault("first chart", i)
+    readouts = ["Relative FLOPs", "Parameters", "Neurons pruned", "Estimated speedup", "Measured speedup",
+                "Perplexity", "Agreement with unpruned", "KL from unpruned"]
+    assert all(label in where for label in readouts), sorted(where)
+    assert where["Relative FLOPs to keep"] < min(where[label] for label in readouts)
+    last = max(where[label] for label in readouts)
+    assert last < where["How these readouts were measured"] < where["first chart"] < where["Generation"]
+
+
+def test_the_scores_page_sets_kcms_pooled_allocation_beside_the_defaults_standardised_one(app):
+    """Issue 22 (7): on a language model the allocation chart opens on the paper's KCM (pooled ranking)
+    and the LM default (standardised), both keeping the same total at the session's budget."""
+    from test_app import points
+    at = app("pages/3_scores.py", budget="0.8")
+    assert (at.selectbox(key="alloc_method_a").value, at.selectbox(key="alloc_method_b").value) == (
+        "kcm", "fluct-refit")
+    chart = next(c for c in at.get("plotly_chart") if "FFN neurons kept per layer at 0.80" in c.proto.spec)
+    bars = [t for t in json.loads(chart.proto.spec)["data"] if t["type"] == "bar"]
+    assert [t["name"] for t in bars] == ["KCM (R2D2) (pooled)", "Fluctuation + refit (standardised)"]
+    totals = {int(points(t["y"]).sum()) for t in bars}
+    assert len(totals) == 1 and 0 < totals.pop() < 2 * 37
+
+
+def shown_text(at: AppTest) -> list[str]:
+    """Every string a reader of the page may see: values, labels, help texts, chart specs (titles, axes)."""
+    texts = []
+    for element in in_page_order(at._tree):
+        for source in (element, getattr(element, "proto", None)):
+            for name in ("value", "label", "help", "body", "spec"):
+                value = getattr(source, name, None)
+                if isinstance(value, str):
+                    texts.append(value)
+    return texts
+
+
+def test_no_page_calls_a_language_models_blocks_sequences_or_examples(app):
+    """Issue 22 (7): an LM page names its decoder layers and its token blocks, never the classifier's
+    encoder, sequences or examples (the Cost page's axes, the Prune page's paired reference, the Export
+    page's report, the sidebar's data help said so)."""
+    import re
+    wrong = re.compile(r"\b(encoders?|sequences?|examples?)\b", re.IGNORECASE)
+    at = app()
+    found = {}
+    for page in PAGES:
+        at.switch_page(page).run()
+        if page == "pages/5_prune.py":
+            at.multiselect(key="compare_methods").set_value(["kcm", "wanda-sp"])
+            at.multiselect(key="compare_budgets").set_value([0.9])
+            at.button(key="compare_run").click().run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        for text in shown_text(at):
+            for match in wrong.finditer(text):
+                found.setdefault(page, []).append(text[max(0, match.start() - 60):match.end() + 30])
+    assert found == {}
+    assert at.switch_page("pages/5_prune.py").run().main.caption[0].value.startswith(
+        "Choose how much of the FLOPs to keep and see the pruned model's size, speed and perplexity")
+
+
 def test_lm_comparison_plots_perplexity_on_a_log_axis(app):
     at = app("pages/5_prune.py", budget="0.9")
     at.multiselect(key="compare_methods").set_value(["kcm", "wanda-sp"])

@@ -219,3 +219,56 @@ def test_every_burst_ends_on_the_budget_of_its_last_press(served, browser):
         expect(page.get_by_text(f"Readouts at {budget:.2f} relative FLOPs.")).to_be_visible(timeout=120_000)
         assert float(thumb.input_value()) == pytest.approx(budget), f"burst {burst}"
         page.wait_for_function(f"() => window.location.search.includes('budget={budget:.2f}')", timeout=60_000)
+
+
+@pytest.fixture(scope="module")
+def served_lm(tmp_path_factory):
+    """(URL, environment): the tiny LLaMA of the LM app tests (16-token blocks), its cache in a
+    temporary folder."""
+    from conftest import tiny_lm_and_documents
+    tmp_path = tmp_path_factory.mktemp("browser-lm")
+    model_dir, docs = tiny_lm_and_documents(tmp_path)
+    env = {**os.environ, "KCM_APP_MODEL": str(model_dir), "KCM_APP_DATA": str(docs), "KCM_APP_BLOCK_SIZE": "16",
+           "KCM_CACHE_DIR": str(tmp_path / "cache")}
+    with open(tmp_path / "streamlit.log", "w") as log, serve(env, log) as url:
+        yield url, env
+
+
+LM_READOUTS = ("Relative FLOPs", "Parameters", "Estimated speedup", "Measured speedup", "Perplexity",
+               "Agreement with unpruned", "KL from unpruned")
+
+
+def outside_the_window(page, height: int) -> dict:
+    """The slider and each of the LM Prune page's readouts that is not wholly inside the first ``height``
+    pixels of the page (their boxes), so an empty dict means a presenter sees them all without scrolling."""
+    boxes = {label: page.get_by_test_id("stMetric").filter(has_text=label).first.bounding_box()
+             for label in LM_READOUTS}
+    boxes["slider"] = page.get_by_role("slider", name="Relative FLOPs to keep").bounding_box()
+    return {name: box for name, box in boxes.items() if box is None or box["y"] < 0 or box["y"] + box["height"] > height}
+
+
+def test_the_lm_prune_page_shows_the_slider_and_every_readout_above_the_fold(served_lm, browser, tmp_path):
+    """Issue 22 (7): at 1440 x 1000 the LM readouts (perplexity, FLOPs, speedup) sat below the fold, so a
+    presenter scrolled after every slider move. Now the slider and all of them fit in the window, before
+    and after a move, with the page never scrolled."""
+    from playwright.sync_api import expect
+    url, _ = served_lm
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    page.goto(f"{url}/prune?budget=0.90", wait_until="domcontentloaded")
+    expect(page.get_by_text("Readouts at 0.90 relative FLOPs.")).to_be_visible(timeout=180_000)
+    expect(page.get_by_test_id("stMetric").filter(has_text="Tokens per second (pruned)").first).to_be_visible(
+        timeout=180_000)                          # the generation panel: the whole view is drawn
+    expect(page.get_by_test_id("stMetric").filter(has_text="Measured speedup").first
+           .get_by_test_id("stMetricValue")).to_have_text(re.compile(r"^\d+\.\d\dx$"))
+    page.screenshot(path=str(tmp_path / "lm-prune-1440x1000.png"))
+    assert outside_the_window(page, 1000) == {}
+    thumb = page.get_by_role("slider", name="Relative FLOPs to keep")
+    thumb.focus()
+    for _ in range(5):
+        page.keyboard.press("ArrowLeft")
+    expect(page.get_by_text("Readouts at 0.85 relative FLOPs.")).to_be_visible(timeout=180_000)
+    expect(page.get_by_test_id("stMetric").filter(has_text="Measured speedup").first
+           .get_by_test_id("stMetricValue")).to_have_text(re.compile(r"^\d+\.\d\dx$"), timeout=180_000)
+    assert page.evaluate("() => window.scrollY") == 0
+    assert outside_the_window(page, 1000) == {}
+    page.close()

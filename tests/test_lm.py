@@ -215,6 +215,33 @@ def test_a_pruned_lm_exports_to_onnx_and_matches_in_a_fresh_process(tiny_model, 
     assert out.reloaded_ok and out.max_abs_diff["onnx"] <= 1e-4 and (tmp_path / "out" / "model.onnx").is_file()
 
 
+def test_generation_reports_each_new_token_and_stops_where_progress_raises(tmp_path):
+    """Issue 22 (6): a superseded continuation must stop between two tokens, not after all of them.
+    ``generate`` reports every new token; a report that raises ends the generation there."""
+    import transformers as T
+
+    from conftest import save_tiny_lm
+    folder = save_tiny_lm(tmp_path / "gpt2", "gpt2", positions=64)
+    model, tokenizer = T.AutoModelForCausalLM.from_pretrained(folder).eval(), T.AutoTokenizer.from_pretrained(folder)
+    heard: list[tuple[str, float]] = []
+    text = generate(model, tokenizer, "the movie was", 12, lambda message, fraction: heard.append((message, fraction)))
+    assert text == generate(model, tokenizer, "the movie was", 12)          # reporting changes nothing
+    assert [m for m, _ in heard] == [f"new token {i}/12" for i in range(1, 13)]
+    assert heard[-1][1] == 1.0
+
+    class Stop(Exception):
+        pass
+    done: list[str] = []
+
+    def stop_at_third(message: str, fraction: float) -> None:
+        done.append(message)
+        if len(done) == 3:
+            raise Stop
+    with pytest.raises(Stop):
+        generate(model, tokenizer, "the movie was", 12, stop_at_third)
+    assert done == [f"new token {i}/12" for i in range(1, 4)]
+
+
 def test_generation_past_the_positions_keeps_the_last_prompt_tokens_that_fit(tmp_path):
     """Issue 23 (5): the prompt plus the new tokens past a GPT-2's positions was an uncaught IndexError on
     the Prune page (the default prompt on a 32-position model). The last prompt tokens that fit are kept,

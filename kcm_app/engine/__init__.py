@@ -23,13 +23,14 @@ from ..records import BudgetResult
 from .evaluations import (APP_LM_SCALE_BLOCKS, APP_SCALE_SAMPLES, DEFAULT_PROMPT, GENERATION_TOKENS,
                           RANDOM_SEEDS, Continuations, budget_key, comparison,
                           comparison_configs, continuations, evaluate_budget, generation_key,
-                          is_evaluated, reference, reference_lm, reference_run, scale_samples,
+                          is_evaluated, is_generated, reference, reference_lm, reference_run, scale_samples,
                           scaled_plan, teacher)
 from .projections import layer_pca, layer_points, layer_umap, umap_key
 from .readouts import (Readout, budget_for_pruned_fraction, model_params, neurons_for_budget,
                        params_per_neuron, readout)
 from .scoring import component_key, gradient_scores, method_scores, neuron_stats, r2_fits, score_key
-from .speed import LM_TIMING_BATCH, TIMING_BATCH, TIMING_REPEATS, SpeedResult, measure_speed, paired_seconds, timing_batch
+from .speed import (LM_TIMING_BATCH, TIMING_BATCH, TIMING_REPEATS, SpeedResult, is_timed, measure_speed,
+                    paired_seconds, speed_key, timing_batch)
 from .workspace import Workspace, WorkspaceInfo, not_streamed, private_copy, skeleton
 
 __all__ = [
@@ -37,8 +38,8 @@ __all__ = [
     "LM_TIMING_BATCH", "TIMING_BATCH", "TIMING_REPEATS",
     "BudgetResult", "Continuations", "Readout", "SpeedResult", "Workspace", "WorkspaceInfo",
     "budget_for_pruned_fraction", "budget_key", "comparison", "comparison_configs", "continuations", "evaluate_budget", "generation_key",
-    "gradient_scores", "is_evaluated", "measure_speed", "method_scores", "model_params",
+    "gradient_scores", "is_evaluated", "is_generated", "is_timed", "measure_speed", "method_scores", "model_params",
     "neuron_stats", "neurons_for_budget", "paired_seconds", "params_per_neuron", "private_copy",
-    "r2_fits", "readout", "reference", "reference_lm", "reference_run", "scale_samples", "scaled_plan", "score_key", "component_key", "teacher",
+    "r2_fits", "readout", "reference", "reference_lm", "reference_run", "scale_samples", "scaled_plan", "score_key", "component_key", "speed_key", "teacher",
     "timing_batch", "layer_pca", "layer_points", "layer_umap", "umap_key", "not_streamed", "skeleton",
 ]

@@ -219,20 +219,29 @@ def generation_key(ws: Workspace, config: PruneConfig, prompt: str,
     return ("generate",) + budget_key(ws, config) + (prompt, new_tokens)
 
 
-def timed_generation(model, tokenizer, prompt: str, new_tokens: int) -> tuple[str, float]:
+def timed_generation(model, tokenizer, prompt: str, new_tokens: int,
+                     progress: Progress | None = None) -> tuple[str, float]:
     """(continuation, tokens per second): the new tokens (counted by re-tokenising the continuation,
-    which stops early at an end-of-text token) over the wall time of the greedy generation."""
+    which stops early at an end-of-text token) over the wall time of the greedy generation.
+    ``progress`` hears of every new token (and may stop the generation there by raising)."""
     start = time.perf_counter()
-    text = generate(model, tokenizer, prompt, new_tokens)
+    text = generate(model, tokenizer, prompt, new_tokens, progress)
     seconds = time.perf_counter() - start
     tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return text, tokens / seconds if seconds > 0 else 0.0
 
 
+def is_generated(ws: Workspace, config: PruneConfig, prompt: str, store: SharedStore,
+                 new_tokens: int = GENERATION_TOKENS) -> bool:
+    return generation_key(ws, config, prompt, new_tokens) in store
+
+
 def continuations(ws: Workspace, config: PruneConfig, prompt: str, store: SharedStore,
-                  new_tokens: int = GENERATION_TOKENS) -> Continuations:
+                  new_tokens: int = GENERATION_TOKENS, progress: Progress | None = None) -> Continuations:
     """The unpruned and the pruned (the plan of ``config``, sliced again from the shared model)
-    continuations of ``prompt``, each with its tokens per second; stored per (prompt, plan)."""
+    continuations of ``prompt``, each with its tokens per second; stored per (prompt, plan).
+    ``progress`` hears of every new token of either model; a callback that raises (an abandoned job)
+    stops the generation between two tokens, and nothing is stored."""
     if not ws.is_lm:
         raise ValueError("text generation needs a causal language model")
     not_streamed(ws, "text generation")
@@ -240,9 +249,14 @@ def continuations(ws: Workspace, config: PruneConfig, prompt: str, store: Shared
         raise ValueError("the prompt is empty; type a few words to continue")
 
     def compute() -> Continuations:
-        plan = evaluate_budget(ws, config, store).plan
+        plan = evaluate_budget(ws, config, store, progress).plan
         pruned = slice_model(ws.model, plan)          # a new model; the shared one is only read
-        dense_text, dense_rate = timed_generation(ws.model, ws.tokenizer, prompt, new_tokens)
-        pruned_text, pruned_rate = timed_generation(pruned, ws.tokenizer, prompt, new_tokens)
+
+        def half(which: str, offset: float) -> Progress:
+            return lambda message, fraction: tell(progress, f"{which}: {message}", offset + fraction / 2)
+        dense_text, dense_rate = timed_generation(ws.model, ws.tokenizer, prompt, new_tokens,
+                                                  half("unpruned", 0.0))
+        pruned_text, pruned_rate = timed_generation(pruned, ws.tokenizer, prompt, new_tokens,
+                                                    half("pruned", 0.5))
         return Continuations(prompt, dense_text, pruned_text, new_tokens, dense_rate, pruned_rate)
-    return store.get_or_compute(generation_key(ws, config, prompt, new_tokens), compute)
+    return store.get_or_compute(generation_key(ws, config, prompt, new_tokens), compute, progress)

@@ -94,11 +94,11 @@ def body(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
     st.markdown(f"**Why removing x% of neurons saves less than x% of FLOPs.** Only the FFN is pruned and "
                 f"it carries {share:.0%} of the counted MACs at s = {seq_len:g}; removing a fraction x of "
                 f"its neurons saves x x {share:.2f} of the FLOPs. Attention (projections and the s^2 "
-                "matrix products) stays, and its share grows with the sequence length.")
+                f"matrix products) stays, and its share grows with the {per} length.")
     tab_macs, tab_params = st.tabs(["MACs per block", "Parameters per block"])
     with tab_macs:
         frame = charts.cost_frame(report, unit)
-        st.plotly_chart(figures.stacked_blocks(frame, "value", f"{unit} per sequence",
+        st.plotly_chart(figures.stacked_blocks(frame, "value", f"{unit} per {per}",
                                                f"Cost per layer at s = {seq_len:g} tokens"), key="cost_macs")
     with tab_params:
         st.plotly_chart(figures.stacked_blocks(charts.param_frame(report, ws.shape), "value", "parameters",
@@ -106,7 +106,7 @@ def body(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
     left, right = st.columns([3, 2])
     with left:
         lengths = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-        st.plotly_chart(figures.share_curve(charts.attention_share_curve(ws.shape, lengths), seq_len),
+        st.plotly_chart(figures.share_curve(charts.attention_share_curve(ws.shape, lengths), seq_len, per),
                         key="cost_share")
     with right:
         st.dataframe(charts.savings_table(share) * 100, hide_index=True,
@@ -131,5 +131,5 @@ def body(ws: Workspace, seq_len: float, unit: str, measure: bool) -> None:
                    "time slow the numbers down." + (f" Timed at {length} tokens, the model's longest input."
                                                     if length < round(seq_len) else ""))
     else:
-        st.caption("Press 'Measure latency' to time every block of this model at this sequence length.")
+        st.caption(f"Press 'Measure latency' to time every block of this model at this {per} length.")
 

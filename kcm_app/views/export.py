@@ -45,7 +45,7 @@ def page_figures(ws: Workspace, result: engine.BudgetResult) -> dict:
     cost = cost_report(ws.shape, ws.seq_len, kept=result.plan.kept_counts)
     figs = {"Kept neurons per layer": figures.kept_per_layer(charts.kept_frame(result.plan), result.method),
             "Cost of the pruned model per block": figures.stacked_blocks(
-                charts.cost_frame(cost, "MMACs"), "value", "MMACs per sequence",
+                charts.cost_frame(cost, "MMACs"), "value", f"MMACs per {'block' if ws.is_lm else 'sequence'}",
                 f"Pruned model at s = {ws.seq_len:g} tokens" + (" per block" if ws.is_lm else ""))}
     return figs
 

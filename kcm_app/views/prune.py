@@ -15,7 +15,9 @@ from ..engine import Workspace
 def page() -> None:
     """The whole page: title, the method and rounding, the live readouts, the comparison."""
     st.title("Prune")
-    st.caption("Choose how much of the FLOPs to keep and see the pruned model's size, speed and accuracy, "
+    loaded = state.workspace()
+    quality = "perplexity" if loaded is not None and loaded.is_lm else "accuracy"
+    st.caption(f"Choose how much of the FLOPs to keep and see the pruned model's size, speed and {quality}, "
                "and how the methods compare.")
     ws = ui.require_workspace()
     left, mid, right = st.columns([3, 2, 1])
@@ -100,7 +102,11 @@ def _pct(x: float) -> str:
 
 @st.fragment
 def readouts(ws: Workspace) -> None:
-    """Moving the slider reruns only this function, not the page."""
+    """Moving the slider reruns only this function, not the page. Top to bottom: the slider, the
+    instant readouts (with the measured speedup once timed), the evaluated ones and the progress of
+    whatever is still computing, then what they rest on (an expander), the kept neurons per layer and,
+    for a language model, the generation panel: a presenter sees the slider and every readout together
+    (1440 x 1000, tested in a real browser)."""
     low = state.clamp_budget(0.0, ws.floor)
     state.set_budget(state.clamp_budget(state.budget(), ws.floor))
     budget = st.slider("Relative FLOPs to keep", min_value=low, max_value=1.0, step=0.01, format="%.2f",
@@ -111,11 +117,11 @@ def readouts(ws: Workspace) -> None:
                                f"the sample's mean length s = {ws.seq_len:g} tokens") + ". Only FFN neurons are "
                             f"pruned, so the floor is {ws.floor:.1%}.")
     config = ui.prune_config(budget=float(budget))
+    prompt = state.prompt(engine.DEFAULT_PROMPT) if ws.is_lm else ""
     store = resources.store("results")
-    # Start this budget's evaluation before anything else the run draws: a run cut short after this
+    # Start this budget's slow work before anything else the run draws: a run cut short after this
     # point (a newer rerun request) still leaves the newest budget evaluating.
-    if not ws.streamed:
-        start_evaluation(ws, config, store)
+    job = None if ws.streamed else start_view(ws, config, store, prompt)
     ui.sync_url()
     with ui.progress(f"Scoring with {METHODS[config.method].label}") as bar, ui.core_errors():
         ui.follow_background(ws, (background.SCORES,), bar)
@@ -124,8 +130,9 @@ def readouts(ws: Workspace) -> None:
         fast = engine.readout(ws, scores, config, store)
     st.caption(f"= {fast.neurons_pruned:.1%} of FFN neurons pruned ({fast.neurons_kept:,} of "
                f"{fast.neurons_total:,} kept).")
-    cols = st.columns(4)
-    cols[0].metric("Relative FLOPs", _pct(fast.relative_flops), help="Encoder MACs after / before, at s")
+    cols = st.columns(4 if ws.streamed else 5)
+    cols[0].metric("Relative FLOPs", _pct(fast.relative_flops),
+                   help=f"{'Decoder' if ws.is_lm else 'Encoder'} layers' MACs after / before, at s")
     cols[1].metric("Parameters", f"{fast.params_after:,}", f"{fast.relative_params - 1:+.1%}",
                    delta_color="inverse", help="Exact count of the sliced model; the change is in percent of "
                                                "the unpruned model's parameters")
@@ -133,152 +140,207 @@ def readouts(ws: Workspace) -> None:
     cols[3].metric("Estimated speedup", f"{fast.estimated_speedup:.2f}x",
                    help="Unpruned over pruned MACs: 1 / relative FLOPs, plus for a language model its "
                         "unpruned head (hidden x vocabulary per token) on both sides")
-    st.plotly_chart(figures.kept_per_layer(charts.kept_frame(fast.plan), config.method), key="prune_kept")
-    if ui.layerwise_note(ws, "the pruned model's " + ("perplexity" if ws.is_lm else "accuracy") +
-                         ", its measured speed and the method comparison (the export scales the kept neurons "
-                         "and writes the pruned model layer by layer)"):
+    if ws.streamed:
+        kept_chart(fast, config)
+        ui.layerwise_note(ws, "the pruned model's " + ("perplexity" if ws.is_lm else "accuracy") +
+                          ", its measured speed and the method comparison (the export scales the kept "
+                          "neurons and writes the pruned model layer by layer)")
         return
-    slow = live_result(ws, config, store)
+    if job is not None and not job.done:
+        job.wait(live.FIRST_WAIT_S)      # a quick view (the tiny test model) is drawn whole, without flicker
+    parts = view_parts(ws, config, store, prompt)
+    speed_metric(ws, config, store, cols[4], parts)
+    slow = None
+    if parts[0]:
+        slow = engine.evaluate_budget(ws, config, store)      # stored: read, not computed
+        state.set_shown(slow)
+        st.caption(f"Readouts at {slow.budget:.2f} relative FLOPs.")
+        quality_readouts(ws, store, slow)
+    if not all(parts):
+        view_status(ws, config, store, prompt, job, parts)
     if slow is not None:
-        slow_readouts(ws, config, store, slow)
+        with st.expander("How these readouts were measured"):
+            if ws.is_lm:
+                st.caption(perplexity_note(ws, store, slow))
+            st.caption(readout_note(ws, slow, engine.measure_speed(ws, config, store) if parts[1] else None))
+    kept_chart(fast, config)
+    if ws.is_lm:
+        generation_panel(ws, config, store, prompt, parts, job)
+    elif slow is not None and ws.shape.vision and slow.predictions is not None:
+        from .images import prediction_grid
+        prediction_grid(ws, engine.reference(ws, store).predictions, slow.predictions, slow.budget)
 
 
-def live_result(ws: Workspace, config, store) -> engine.BudgetResult | None:
-    """This budget's evaluation, or None while it runs in the background (then a pending view that
-    shows the previous budget's readouts is drawn, and the page reruns itself when it is done).
+def kept_chart(fast: engine.Readout, config) -> None:
+    st.plotly_chart(figures.kept_per_layer(charts.kept_frame(fast.plan), config.method), key="prune_kept")
 
-    The evaluation runs on the session's latest-only runner (``kcm_app.live``): a newer slider value
-    abandons it, so a burst of presses evaluates the last budget, not each one in turn."""
-    if engine.is_evaluated(ws, config, store):
-        return engine.evaluate_budget(ws, config, store)
-    job = start_evaluation(ws, config, store)
-    if job is None and engine.is_evaluated(ws, config, store):      # finished in the meantime
-        return engine.evaluate_budget(ws, config, store)
+
+# What a budget's slow work computes, in order: each part is stored on its own, and the page draws
+# whichever are stored while the job computes the rest (a language model adds the generation panel).
+STAGES = ("evaluation", "timing", "generation")
+
+
+def view_key(ws: Workspace, config, prompt: str) -> tuple:
+    """The job key of one view: the budget's configuration, and for a language model the prompt."""
+    return ("view",) + engine.budget_key(ws, config) + ((prompt,) if ws.is_lm else ())
+
+
+def view_parts(ws: Workspace, config, store, prompt: str) -> tuple[bool, ...]:
+    """Which of ``STAGES`` are stored for this view (the evaluation, the timing, the continuations)."""
+    parts = (engine.is_evaluated(ws, config, store), engine.is_timed(ws, config, store))
+    return parts + ((engine.is_generated(ws, config, prompt, store),) if ws.is_lm else ())
+
+
+def view_job(ws: Workspace, config, store, prompt: str):
+    """The job that computes what this view lacks, one stage after the other, each stored as soon as it
+    is done. Every stage reports its steps (evaluation batches, timed passes, generated tokens), where an
+    abandoned job stops; an abandoned stage stores nothing (``SharedStore.get_or_compute``)."""
+    stages = [("evaluation", lambda p: engine.evaluate_budget(ws, config, store, p)),
+              ("timing", lambda p: engine.measure_speed(ws, config, store, p))]
+    if ws.is_lm:
+        stages.append(("generation", lambda p: engine.continuations(ws, config, prompt, store, progress=p)))
+
+    def run(progress) -> None:
+        for i, (name, compute) in enumerate(stages):
+            compute(live.stage(progress, name, i, len(stages)))
+    return run
+
+
+def start_view(ws: Workspace, config, store, prompt: str) -> live.Job | None:
+    """This view's job on the session's latest-only runner (the running one when it is the newest
+    request), or None when it needs none: everything is stored (then the running job, for another
+    budget, is abandoned: nobody will look at it), or the user stopped it."""
+    key = view_key(ws, config, prompt)
+    runner = state.evaluator()
+    if all(view_parts(ws, config, store, prompt)) or state.stopped() == key:
+        runner.keep_only(key)
+        return None
+    return runner.submit(key, view_job(ws, config, store, prompt))
+
+
+def view_status(ws: Workspace, config, store, prompt: str, job: live.Job | None, parts: tuple[bool, ...]) -> None:
+    """Where this view's job is: its progress (with a Stop button) while it runs, or why it is not
+    running (stopped by the user, or failed: an evaluation that failed stops the page)."""
+    stage = STAGES[parts.index(False)]
     if job is None:
-        st.info(f"The evaluation of {config.budget:.2f} relative FLOPs was stopped. Move the slider, or "
+        st.info(f"The {stage} of {config.budget:.2f} relative FLOPs was stopped. Move the slider, or "
                 "evaluate this budget after all.")
         if st.button("Evaluate this budget", key="resume_eval"):
             state.set_stopped(None)
             ui.rerun_page()
-        return None
-    if job.wait(live.FIRST_WAIT_S):
-        with ui.core_errors():
-            return job.outcome()
-    st.fragment(pending_readouts, run_every=live.POLL_S)(ws, config, store, job)
-    return None
-
-
-def start_evaluation(ws: Workspace, config, store) -> live.Job | None:
-    """This budget's job on the session's latest-only runner (the running one when it is the newest
-    request), or None when it needs none (already evaluated) or the user stopped it."""
-    key = engine.budget_key(ws, config)
-    if engine.is_evaluated(ws, config, store) or state.stopped() == key:
-        return None
-    return state.evaluator().submit(key, lambda progress: engine.evaluate_budget(ws, config, store, progress))
-
-
-def pending_readouts(ws: Workspace, config, store, job: live.Job) -> None:
-    """While ``job`` evaluates this budget: its progress and the last budget's readouts, labelled as
-    such. Reruns every ``live.POLL_S``; once the job is done, the whole page reruns (which stops this
-    timer and draws the new readouts)."""
+        return
     if job.done:
+        if isinstance(job.error, live.Abandoned):
+            return                       # superseded; the next run draws the newer view
+        with ui.core_errors(stop=stage == "evaluation", runtime=stage == "generation"):
+            job.outcome()
+        return
+    st.fragment(pending_view, run_every=live.POLL_S)(ws, config, store, prompt, job, parts)
+
+
+def pending_view(ws: Workspace, config, store, prompt: str, job: live.Job, drawn: tuple[bool, ...]) -> None:
+    """While ``job`` computes this view: its progress and, until this budget is evaluated, the last
+    budget's readouts, labelled as such. Reruns every ``live.POLL_S``; once the job stored another part
+    (or ended), the whole page reruns, which stops this timer and draws what is new."""
+    if job.done or view_parts(ws, config, store, prompt) != drawn:
         ui.rerun_page()
-    st.progress(min(max(job.fraction, 0.0), 1.0), text=f"Evaluating {config.budget:.2f} relative FLOPs: {job.message}")
-    if st.button("Stop", key="stop_eval", help="Stop this evaluation at its next step (a big model's scoring "
-                                                "or scaling can take minutes); the slider stays where it is"):
+    st.progress(min(max(job.fraction, 0.0), 1.0), text=f"{config.budget:.2f} relative FLOPs, {job.message}")
+    if st.button("Stop", key="stop_eval", help="Stop this budget's evaluation, timing or generation at its next "
+                                                "step (a big model's scoring or scaling can take minutes); the "
+                                                "slider stays where it is"):
         job.cancel()
         state.set_stopped(job.key)
         ui.rerun_page()
+    if drawn[0]:
+        return
     shown = state.shown()
     if shown is not None and shown.method == config.method:
-        slow_readouts(ws, config, store, shown, stale=True)
-    else:
-        st.caption("Accuracy appears here once this budget is evaluated.")
-
-
-def slow_readouts(ws: Workspace, config, store, slow: engine.BudgetResult, stale: bool = False) -> None:
-    """The evaluated readouts of ``slow`` (a stale one, while a newer budget runs, says so and is not
-    timed again)."""
-    if not stale:
-        state.set_shown(slow)
-    if stale:
-        st.caption(f"Showing the readouts at {slow.budget:.2f} relative FLOPs until {config.budget:.2f} "
+        st.caption(f"Showing the readouts at {shown.budget:.2f} relative FLOPs until {config.budget:.2f} "
                    "is evaluated.")
+        quality_readouts(ws, store, shown, stale=True)
     else:
-        st.caption(f"Readouts at {slow.budget:.2f} relative FLOPs.")
+        st.caption(("Perplexity" if ws.is_lm else "Accuracy") + " appears here once this budget is evaluated.")
+
+
+def speed_metric(ws: Workspace, config, store, container, parts: tuple[bool, ...]) -> None:
+    """The measured speedup beside the estimated one, once the timing is stored (the job times the
+    sliced model after its evaluation); a dash until then."""
+    help_text = "Wall time of the unpruned / the sliced model on this machine, measured after the evaluation"
+    if parts[1]:
+        speed = engine.measure_speed(ws, config, store)           # stored: read, not computed
+        container.metric("Measured speedup", f"{speed.measured_speedup:.2f}x", help=f"{help_text}: {speed.timed_on}")
+    else:
+        container.metric("Measured speedup", "\u2014", help=help_text)
+
+
+def quality_readouts(ws: Workspace, store, slow: engine.BudgetResult, stale: bool = False) -> None:
+    """The evaluated readouts of ``slow`` in one row: a classifier's accuracy and agreement, a language
+    model's perplexity, agreement and KL (a stale one, while a newer budget runs, names its budget)."""
+    at = f" at {slow.budget:.2f}" if stale else ""
     if ws.is_lm:
-        lm_readouts(ws, slow, store)
-        if not stale:
-            speed_readout(ws, config, store, st.columns(3)[0], slow)
-            generation_panel(ws, config, store)
+        lm_readouts(ws, slow, store, at)
         return
     cols = st.columns(3)
     if slow.accuracy is not None:
         dense = engine.reference(ws, store).accuracy
         change = (slow.accuracy.value - dense.value) * 100
-        cols[0].metric("Accuracy" + (f" at {slow.budget:.2f}" if stale else ""), _pct(slow.accuracy.value),
-                       f"{change:+.1f} pp",
+        cols[0].metric("Accuracy" + at, _pct(slow.accuracy.value), f"{change:+.1f} pp",
                        help=f"Change in percentage points vs the unpruned model ({dense.value:.1%})")
-        cols[1].metric("Agreement with unpruned" + (f" at {slow.budget:.2f}" if stale else ""),
-                       _pct(slow.agreement.value),
+        cols[1].metric("Agreement with unpruned" + at, _pct(slow.agreement.value),
                        help="Share of test examples where the pruned model predicts what the unpruned one does")
     elif slow.agreement is not None:
-        cols[0].metric("Agreement with unpruned" + (f" at {slow.budget:.2f}" if stale else ""),
-                       _pct(slow.agreement.value),
+        cols[0].metric("Agreement with unpruned" + at, _pct(slow.agreement.value),
                        help="Share of held-out examples where the pruned model predicts what the unpruned one "
                             "does (needs no labels)")
         cols[1].info("No labels: accuracy unavailable.")
     else:
         cols[0].info("No labels: accuracy unavailable.")
-    if not stale:
-        # Accuracy is on screen now; the timing (about half a second on the demo) comes after it.
-        speed_readout(ws, config, store, cols[2], slow)
-        if ws.shape.vision and slow.predictions is not None:
-            from .images import prediction_grid
-            prediction_grid(ws, engine.reference(ws, store).predictions, slow.predictions, slow.budget)
 
 
-def speed_readout(ws: Workspace, config, store, container, slow: engine.BudgetResult) -> None:
-    """The measured speedup (timed after the quality readouts are on screen) and what they rest on."""
-    with container, st.spinner("Timing the sliced model..."), ui.core_errors():
-        speed = engine.measure_speed(ws, config, store)
-    container.metric("Measured speedup", f"{speed.measured_speedup:.2f}x",
-                     help=f"Wall time of the unpruned / the sliced model, {speed.timed_on}")
-    st.caption(readout_note(ws, slow, speed))
-
-
-def lm_readouts(ws: Workspace, slow: engine.BudgetResult, store) -> None:
-    """Perplexity (with its interval and the change), agreement and KL against the unpruned model."""
+def lm_readouts(ws: Workspace, slow: engine.BudgetResult, store, at: str = "") -> None:
+    """Perplexity (with the change), agreement and KL against the unpruned model, and a warning when the
+    pruned model has collapsed."""
     dense = engine.reference_lm(ws, store).perplexity
     ppl, agr, kl = slow.perplexity, slow.agreement, slow.kl
     cols = st.columns(3)
     collapsed = ppl.value > charts.COLLAPSED_RATIO * dense.value
-    cols[0].metric("Perplexity", "collapsed" if collapsed else f"{ppl.value:,.2f}",
+    cols[0].metric("Perplexity" + at, "collapsed" if collapsed else f"{ppl.value:,.2f}",
                    None if collapsed else f"{ppl.value / dense.value - 1:+.1%}", delta_color="inverse",
                    help=f"Held-out perplexity of the sliced model, 95% interval {ppl.low:,.2f} to {ppl.high:,.2f} "
                         f"over {ppl.n} blocks; unpruned {dense.value:,.2f}")
-    cols[1].metric("Agreement with unpruned", _pct(agr.value),
+    cols[1].metric("Agreement with unpruned" + at, _pct(agr.value),
                    help="Share of next-token positions where the pruned model's top-1 prediction is the "
                         "unpruned model's")
-    cols[2].metric("KL from unpruned", f"{kl.value:.3f} nats",
+    cols[2].metric("KL from unpruned" + at, f"{kl.value:.3f} nats",
                    help="Mean KL(unpruned || pruned) of the next-token distributions, per token")
-    if collapsed:
+    if collapsed and not at:
         st.warning(f"The pruned model has collapsed: its perplexity is {ppl.value / dense.value:,.0f} times the "
                    "unpruned model's, so its text is noise. Keep more FLOPs, or try another method or repair "
                    "(the comparison below shows where each one breaks).")
-    st.caption(f"Perplexity {ppl.value:,.2f} (95% interval {ppl.low:,.2f} to {ppl.high:,.2f}) against "
-               f"{dense.value:,.2f} unpruned ({dense.low:,.2f} to {dense.high:,.2f}) on {ws.info.eval_source}; "
-               + (f"paired ratio x{slow.paired.ratio:.2f} [{slow.paired.low:.2f}, {slow.paired.high:.2f}]."
-                  if slow.paired else ""))
 
 
-def generation_panel(ws: Workspace, config, store) -> None:
-    """The same prompt continued greedily by the unpruned and the pruned model, side by side."""
+def perplexity_note(ws: Workspace, store, slow: engine.BudgetResult) -> str:
+    """The perplexity readout's interval, the unpruned one's, the blocks, and the paired ratio."""
+    dense = engine.reference_lm(ws, store).perplexity
+    ppl = slow.perplexity
+    return (f"Perplexity {ppl.value:,.2f} (95% interval {ppl.low:,.2f} to {ppl.high:,.2f}) against "
+            f"{dense.value:,.2f} unpruned ({dense.low:,.2f} to {dense.high:,.2f}) on {ws.info.eval_source}; "
+            + (f"paired ratio x{slow.paired.ratio:.2f} [{slow.paired.low:.2f}, {slow.paired.high:.2f}]."
+               if slow.paired else ""))
+
+
+def generation_panel(ws: Workspace, config, store, prompt: str, parts: tuple[bool, ...],
+                     job: live.Job | None) -> None:
+    """The same prompt continued greedily by the unpruned and the pruned model, side by side (made by
+    this view's job after the timing; until then the prompt can already be changed)."""
     st.subheader("Generation")
-    prompt = st.text_input("Prompt", engine.DEFAULT_PROMPT, key="gen_prompt",
-                           help=f"Both models continue it greedily with {engine.GENERATION_TOKENS} new tokens")
-    with st.spinner("Generating..."), ui.core_errors():
-        out = engine.continuations(ws, config, prompt, store)
+    st.text_input("Prompt", **state.persistent_widget(state.W_PROMPT),
+                  help=f"Both models continue it greedily with {engine.GENERATION_TOKENS} new tokens")
+    if not parts[2]:
+        if job is None or not job.done:
+            st.caption("The continuations appear here once this budget is evaluated and timed (progress above).")
+        return
+    out = engine.continuations(ws, config, prompt, store)         # stored: read, not computed
     from kcm_core.lm import generation_note
     cut = generation_note(ws.model, ws.tokenizer, prompt, out.new_tokens)
     if cut:                              # past the model's positions: the last prompt tokens that fit
@@ -299,8 +361,8 @@ def generation_panel(ws: Workspace, config, store) -> None:
                f"on this machine ({ui.threads_note()} Other sessions computing at the same time disturb it).")
 
 
-def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedResult) -> str:
-    """What the slow readouts were measured on."""
+def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedResult | None) -> str:
+    """What the slow readouts were measured on (the speed once it is timed)."""
     parts = []
     if slow.accuracy is not None:
         parts.append(f"Accuracy of the physically sliced model on {ws.info.eval_examples} examples "
@@ -329,9 +391,10 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
         where = (f"all {ws.info.sample} {unit}" if info.repair in ("refit", "obs")
                  else f"the first {fitted} {unit} to keep a new budget quick")
         parts.append(f"Repair: {what}, fitted to {aim} on {where}{failed}.")
-    parts.append(f"Speed: {speed.dense_seconds * 1e3:.1f} ms unpruned vs {speed.pruned_seconds * 1e3:.1f} ms "
-                 f"sliced, {speed.timed_on}; {ui.threads_note()} Other sessions computing at the same time "
-                 "disturb it.")
+    if speed is not None:
+        parts.append(f"Speed: {speed.dense_seconds * 1e3:.1f} ms unpruned vs {speed.pruned_seconds * 1e3:.1f} ms "
+                     f"sliced, {speed.timed_on}; {ui.threads_note()} Other sessions computing at the same time "
+                     "disturb it.")
     return " ".join(parts)
 
 
@@ -350,6 +413,10 @@ def compare(ws: Workspace, methods: list[str], budgets: list[float], run: bool) 
         st.caption(f"{len(configs)} evaluations (each method at each budget, random with "
                    f"{engine.RANDOM_SEEDS} seeds); press 'Compare' to run those not stored yet.")
         return
+    if not done:
+        # one computation at a time on shared cores: the slider's job (its budget is one of the points
+        # here) is abandoned, and the readouts start it again for what is still missing afterwards
+        state.evaluator().keep_only()
     with ui.progress("Comparing methods") as bar, ui.core_errors():
         results = engine.comparison(ws, methods, budgets, base, store, bar)
     left, right = st.columns(2)
@@ -369,14 +436,16 @@ def compare(ws: Workspace, methods: list[str], budgets: list[float], run: bool) 
 
 
 def paired_view(ws: Workspace, methods: list[str], results: list[engine.BudgetResult]) -> None:
-    """Each method minus a reference method (KCM by default) on the same examples, at each budget."""
+    """Each method minus a reference method (the model's default method by default) on the same
+    examples (a language model: held-out blocks), at each budget."""
     if len(methods) < 2:
         st.caption("Choose two or more methods to see their paired differences.")
         return
     default = default_method(ws.is_lm)
     reference = st.selectbox("Reference method", methods, index=methods.index(default) if default in methods else 0,
                              format_func=theme.method_label, key="compare_reference",
-                             help="Every other method is compared with this one on the same examples")
+                             help="Every other method is compared with this one on the same "
+                                  + ("held-out blocks" if ws.is_lm else "examples"))
     labels = None if ws.is_lm else labels_of(ws.eval_batches)
     with ui.core_errors():
         frame = charts.paired_frame(results, reference, labels, seed=state.seed())

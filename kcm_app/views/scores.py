@@ -1,13 +1,16 @@
-"""Page 3 body: R2, D2, R2D2 and the baselines per neuron."""
+"""Page 3 body: R2, D2, R2D2 and the baselines per neuron, and two methods' allocations (kept neurons
+per layer) side by side at the session's budget."""
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
 from kcm_core import scores as S
+from kcm_core.methods import METHODS, default_method
 
-from .. import background, charts, engine, figures, resources, state, ui
+from .. import background, charts, engine, figures, resources, state, theme, ui
 from ..engine import Workspace
+from .prune import default_methods, method_options
 
 SCORES = {"r2d2": "R2D2 (KCM)", "r2": "R2 (kernel hull, weights)", "d2": "D2 (activations)",
           "weight_magnitude": "Weight magnitude", "output_magnitude": "Output magnitude",
@@ -86,6 +89,7 @@ def body(ws: Workspace, column: str, layer: int, top_n: int, every_layer: bool) 
         st.dataframe(readable(picked), hide_index=True, height=220)
     matrix, centres = charts.rank_heatmap(frame, column)
     st.plotly_chart(figures.rank_heatmap(matrix, centres, column, label=SCORES[column]), key="scores_heatmap")
+    allocation(ws)
     best, worst = charts.top_bottom(frame, layer, column, top_n)
     listed = ["neuron"] + list(dict.fromkeys([column, "r2", "d2"]))
     left, right = st.columns(2)
@@ -98,3 +102,42 @@ def body(ws: Workspace, column: str, layer: int, top_n: int, every_layer: bool) 
 def readable(frame: pd.DataFrame) -> pd.DataFrame:
     """Score columns under their labels ("R2D2 (KCM)"), not their internal names."""
     return frame.rename(columns={**SCORES, "layer": "Layer", "neuron": "Neuron"})
+
+
+def allocation_defaults(ws: Workspace, options: list[str]) -> tuple[str, str]:
+    """The paper's KCM and the model's default method (a language model: fluctuation + refit); where
+    the default is KCM itself (a classifier), the comparison's next default method (weight magnitude)."""
+    first = "kcm" if "kcm" in options else options[0]
+    default = default_method(ws.is_lm)
+    if default == first or default not in options:
+        default = next((m for m in default_methods(options, ws.is_lm) + options if m != first), first)
+    return first, default
+
+
+def allocation(ws: Workspace) -> None:
+    """Two methods' kept neurons per layer at the session's budget, side by side. Their scores come from
+    the store the rest of the app uses (KCM's components are the ones scored above) and their plans from
+    the Prune page's instant readout (a selection: no model is run)."""
+    st.subheader("Allocation: kept neurons per layer")
+    options = method_options(ws)
+    if ws.streamed:          # as above: a method that reads the weights would be one more pass over every layer
+        options = [m for m in options if not METHODS[m].reads_weights]
+    first, second = allocation_defaults(ws, options)
+    left, right = st.columns(2)
+    a = left.selectbox("Method", options, index=options.index(first), format_func=theme.method_label,
+                       key="alloc_method_a", help="The first method's bars")
+    b = right.selectbox("Against", options, index=options.index(second), format_func=theme.method_label,
+                        key="alloc_method_b", help="The second method's bars")
+    budget = state.clamp_budget(state.budget(), ws.floor)
+    store = resources.store("results")
+    plans = {}
+    with ui.progress("Scoring for the allocation") as bar, ui.core_errors():
+        for name in dict.fromkeys((a, b)):
+            config = ui.prune_config(method=name, budget=budget)
+            plans[name] = engine.readout(ws, engine.method_scores(ws, config, store, bar), config, store).plan
+    st.plotly_chart(figures.allocation(charts.allocation_frame(plans), budget), key="scores_allocation")
+    st.caption(f"Allocation is how a budget's kept neurons are spread over the layers: at {budget:.2f} relative "
+               "FLOPs (the Prune page's slider) every method keeps the same total, but a pooled ranking (the "
+               "paper's KCM) compares raw scores across all layers and can empty the layers whose scores run "
+               "low, while a standardised one (per-layer z-scores) compares each neuron with its own layer "
+               "and cuts every layer more evenly.")
