@@ -9,7 +9,6 @@ import plotly.graph_objects as go
 from kcm_core.evaluate import Rate
 from kcm_core.flops import count_params, relative_flops
 from kcm_core.lm import LMEval
-from kcm_core.methods import method
 from kcm_core.pipeline import PruneConfig
 from kcm_core.report import Evaluation, Metric, PruneReport, build_report as core_report, render_markdown
 from kcm_core.streamed.passes import StreamResult
@@ -39,7 +38,7 @@ def build_report(ws: Workspace, config: PruneConfig, result: BudgetResult,
         "dense_s": speed.dense_seconds, "pruned_s": speed.pruned_seconds, "timed_on": speed.timed_on,
         "measured_speedup": speed.measured_speedup, "estimated_speedup": 1 / result.relative_flops}
     return core_report(
-        model=ws.model, source=ws.info.model_name, path=ws.info.model_path, spec=method(config.method),
+        model=ws.model, source=ws.info.model_name, path=ws.info.model_path,
         config=config, data=data_record(ws), plan=result.plan, seq_len=ws.seq_len,
         achieved_flops=result.relative_flops, params_before=count_params(ws.model).total,
         params_after=result.params_after, details=result.details, evaluation=evaluation,
@@ -61,7 +60,7 @@ def layerwise_report(ws: Workspace, config: PruneConfig, result: StreamResult) -
     """The report of a model pruned layer by layer (``kcm_core.streamed.passes.prune_streamed``): the same
     schema, without an evaluation (the whole model was never in memory)."""
     return core_report(
-        model=ws.model, source=ws.info.model_name, path=ws.info.model_path, spec=method(config.method),
+        model=ws.model, source=ws.info.model_name, path=ws.info.model_path,
         config=config, data=data_record(ws), plan=result.plan, seq_len=result.seq_len,
         achieved_flops=relative_flops(ws.shape, result.seq_len, result.plan.kept_counts),
         params_before=result.params_before, params_after=result.params_after, details=result.details,

@@ -3,11 +3,12 @@ default, and a bad value raises ``ValueError`` naming it)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 from . import scores as S
 from .hull import HullConfig
-from .methods import DEFAULT_METHOD, method
+from .methods import DEFAULT_METHOD, Method, method
 from .repair import RepairConfig
 from .runtime import take_sequences
 from .scaling import ScaleConfig
@@ -46,7 +47,7 @@ class PruneConfig:
     allocation: str = "auto"
 
     def __post_init__(self):
-        method(self.method)
+        self.spec                                  # an unknown method name raises here, naming the known ones
         if self.allocation not in ("auto",) + ALLOCATIONS:
             raise ValueError(f"allocation must be auto or one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if not isinstance(self.budget, (int, float)) or not (0 < self.budget <= 1):
@@ -63,18 +64,28 @@ class PruneConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @cached_property
+    def spec(self) -> Method:
+        """The method's row (``kcm_core.methods``), looked up once and carried with the configuration
+        (not a field: it is no option, and stays out of ``to_dict``, equality and hashing)."""
+        return method(self.method)
+
     @property
     def resolved_allocation(self) -> str:
         """The allocation actually used: ``auto`` is the method's own."""
-        return method(self.method).allocation if self.allocation == "auto" else self.allocation
+        return self.spec.allocation if self.allocation == "auto" else self.allocation
 
     @property
     def resolved_repair(self) -> RepairConfig:
         """The repair actually run: ``auto`` replaced by the method's own."""
-        return self.repair.resolved(method(self.method).own_repair)
+        return self.repair.resolved(self.spec.own_repair)
+
+    @property
+    def repair_samples(self) -> int | None:
+        """How many unlabeled sequences the repair step fits on: ``refit_samples`` (None: all) for refit
+        and obs, ``scale_samples`` for the others."""
+        return self.refit_samples if self.resolved_repair.kind in ("refit", "obs") else self.scale_samples
 
     def repair_sample(self, unlabeled):
-        """The unlabeled batches the repair step fits on: ``refit_samples`` sequences (all by default)
-        for refit, ``scale_samples`` for the others."""
-        count = self.refit_samples if self.resolved_repair.kind in ("refit", "obs") else self.scale_samples
-        return take_sequences(unlabeled, count)
+        """The unlabeled batches the repair step fits on (the first ``repair_samples`` sequences)."""
+        return take_sequences(unlabeled, self.repair_samples)

@@ -1,14 +1,17 @@
-"""The verbs chained: score -> select (-> refine) -> scale -> slice, for the methods of
-``kcm_core.methods``.
+"""The verbs chained, once for every caller: score -> select (-> refine) -> repair -> slice, for the
+methods of ``kcm_core.methods``.
 
-``compute_scores`` depends on the method and data only, not the budget, so callers (the app, the
-benchmarks) compute it once and call ``make_plan`` for every budget.
+``prune`` is the one chain: the CLI calls it bare, the app with the results it keeps between runs
+(``Store``: the teacher's outputs, the activation statistics; its scores are passed in) and without the
+slicing, which it times apart. Each step is also a verb of its own: ``compute_scores`` depends on the
+method and data only, not the budget, so callers (the app, the benchmarks) compute it once and call
+``make_plan`` (select, no repair) for every budget; ``repair_plan`` fits the repair to a plan.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -23,7 +26,7 @@ from .plan import KeepPlan
 from .compensation import check_compensable, compensate
 from .realise import slice_model
 from .config import PruneConfig
-from .methods import MethodScores, ScoreDetails, method, score_with
+from .methods import MethodScores, ScoreDetails, score_with
 from .repair import fit_repair
 from .runtime import Batch, Progress, check_finite, take_sequences, tell
 from .scaling import fit_scales
@@ -86,7 +89,7 @@ def compute_scores(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Ba
     filled in as they are computed; the caller keeps one only while the model, the data, the hull
     options and ``label_samples`` stay the same (R2 depends on the weights and hull options alone).
     Reused components take no time in ``seconds``."""
-    spec = method(config.method)
+    spec = config.spec
     check_finite(model)
     if config.resolved_repair.kind in ("bias", "scales+bias"):
         check_compensable(model)                  # before any scoring work
@@ -104,13 +107,13 @@ def compute_scores(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Ba
 
 def make_plan(model: nn.Module, method_scores: MethodScores, config: PruneConfig,
               seq_len: float) -> KeepPlan:
-    """Select (and for kcm-labels refine) under ``config.budget``; no scaling yet."""
+    """Select (and for kcm-labels refine) under ``config.budget``; no repair yet. ``model`` is read for
+    its config alone (the empty skeleton of a streamed model serves)."""
     shape = model_shape(model.config)
     plan = select(method_scores.scores, shape, config.budget, seq_len, multiple=config.multiple,
                   min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method,
                   allocation=config.resolved_allocation)
-    spec = method(config.method)
-    if spec.refine:
+    if config.spec.refine:
         plan = refine_with_gradients(plan, method_scores.scores, method_scores.grad_scores,
                                      within_layer=config.uniform or config.multiple > 1)
     return plan
@@ -119,33 +122,54 @@ def make_plan(model: nn.Module, method_scores: MethodScores, config: PruneConfig
 def repair_plan(model: nn.Module, plan: KeepPlan, config: PruneConfig, batches: Sequence[Batch],
                 means: Sequence[torch.Tensor] | None = None, progress: Progress | None = None,
                 targets: list[torch.Tensor] | None = None, group: Group = SINGLE) -> KeepPlan:
-    """``plan`` with ``config``'s repair (``kcm_core.repair``) fitted on ``batches`` (the scaling sample).
+    """``plan`` with ``config``'s repair (``kcm_core.repair``) fitted on ``batches`` (the repair sample).
 
     ``means``: the unpruned model's mean neuron inputs (FLAP's bias needs them; collected here when not
     given). ``targets``: the teacher's outputs on ``batches`` (``teacher_targets``), to reuse them."""
     repair = config.resolved_repair
-    info = dict(repair=repair.kind, repair_target=None if repair.kind == "none" else repair.target)
-    if repair.kind == "none":
-        return replace(plan, info=plan.info.updated(**info))
+    step = repair.step
+    if step == "none":
+        return replace(plan, info=plan.info.updated(**repair.plan_info()))
     if not batches:
         raise ValueError(f"method {config.method!r} with the {repair.kind} repair fits on unlabeled data, "
                          "and none was given")
-    if repair.kind == "bias" and repair.target == "teacher":
+    if step == "compensate":
         if means is None:
             means = collect_stats(model, batches, progress, len(batches), group).mean
         plan = compensate(model, plan, means)
-    elif repair.kind == "scales" and repair.target == "teacher":
+    elif step == "scales":
         plan = fit_scales(model, plan, batches, config.scale, progress, targets=targets, group=group)
     else:
         plan = fit_repair(model, plan, batches, repair, ridge=config.scale.ridge, bound=config.scale.bound,
                           progress=progress, targets=targets, group=group)
-    return replace(plan, info=plan.info.updated(**info))
+    return replace(plan, info=plan.info.updated(**repair.plan_info()))
+
+
+@dataclass(frozen=True)
+class Store:
+    """What a caller keeps between runs of ``prune`` and hands it instead of computing it again; each
+    hook is optional (``NO_STORE``: everything computed in place, on the caller's model). The app passes
+    hooks into its store shared by every browser session (``kcm_app.engine.evaluations.pipeline_store``),
+    under its own keys, so a second budget computes neither again.
+
+    teacher: the unpruned model's FFN outputs on the repair sample (``config.repair_sample``), asked only
+        by a repair fitted against the teacher (``RepairConfig.needs_teacher``); without it the fit
+        computes them (under a distributed group: each rank on its share).
+    means: the unpruned model's mean neuron inputs, asked only by FLAP's bias (the ``compensate`` step)
+        when the scores carry none; without it they are collected on the repair sample.
+    """
+
+    teacher: Callable[[], list[torch.Tensor]] | None = None
+    means: Callable[[], Sequence[torch.Tensor]] | None = None
+
+
+NO_STORE = Store()
 
 
 @dataclass
 class PruneResult:
     plan: KeepPlan
-    model: nn.Module            # physically sliced
+    model: nn.Module | None     # physically sliced; None when ``prune`` was asked not to realise the plan
     seq_len: float
     seconds: dict[str, float]
     details: ScoreDetails
@@ -153,11 +177,16 @@ class PruneResult:
 
 def prune(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = (),
           labeled: Sequence[Batch] | None = None, progress: Progress | None = None,
-          method_scores: MethodScores | None = None, group: Group = SINGLE) -> PruneResult:
-    """Score, select, scale and slice. Returns a new model; ``model`` is left as it was.
+          method_scores: MethodScores | None = None, group: Group = SINGLE,
+          store: Store = NO_STORE, realise: bool = True) -> PruneResult:
+    """Score, select, repair and slice: the pipeline, chained here once for every caller. Returns a new
+    model; ``model`` is left as it was.
 
-    Under a distributed ``group`` (``kcm_core.distributed``) every rank passes the same data and
-    gets the same plan; scoring and scaling are split between ranks, selection and slicing are not."""
+    ``method_scores``: ``config``'s scores of ``model`` on this data, computed already (not scored
+    again). ``store``: what the caller keeps between runs (``Store``). ``realise=False`` stops at the
+    repaired plan (``PruneResult.model`` is None). Under a distributed ``group``
+    (``kcm_core.distributed``) every rank passes the same data and gets the same plan; scoring and
+    the repair fit are split between ranks, selection and slicing are not."""
     unlabeled = list(unlabeled)
     shape = model_shape(model.config)
     seq_len = resolve_seq_len(shape, unlabeled, config.seq_len)
@@ -169,13 +198,20 @@ def prune(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = ()
     plan = make_plan(model, method_scores, config, seq_len)
     seconds["selection"] = time.perf_counter() - start
     start = time.perf_counter()
-    plan = repair_plan(model, plan, config, config.repair_sample(unlabeled), method_scores.means, progress,
-                       group=group)
-    if config.resolved_repair.kind != "none":
+    repair = config.resolved_repair
+    means = method_scores.means
+    if means is None and repair.step == "compensate" and store.means is not None:
+        means = store.means()
+    targets = store.teacher() if repair.needs_teacher and store.teacher is not None else None
+    plan = repair_plan(model, plan, config, config.repair_sample(unlabeled), means, progress,
+                       targets=targets, group=group)
+    if repair.kind != "none":
         seconds["scaling"] = time.perf_counter() - start
-    start = time.perf_counter()
-    tell(progress, "slicing", 0.0)
-    pruned = slice_model(model, plan)
-    seconds["slicing"] = time.perf_counter() - start
+    pruned = None
+    if realise:
+        start = time.perf_counter()
+        tell(progress, "slicing", 0.0)
+        pruned = slice_model(model, plan)
+        seconds["slicing"] = time.perf_counter() - start
     plan = replace(plan, info=plan.info.updated(seq_len=seq_len))
     return PruneResult(plan, pruned, seq_len, seconds, method_scores.details)

@@ -96,6 +96,29 @@ class RepairConfig:
             return "none"
         return f"{self.kind} ({self.target} target)"
 
+    @property
+    def step(self) -> str:
+        """Which code runs this (resolved) repair, in memory (``kcm_core.pipeline.repair_plan``) and layer
+        by layer (``kcm_core.streamed``) alike: "none"; "compensate", FLAP's bias against the teacher
+        (``kcm_core.compensation``, from the unpruned model's mean inputs); "scales", the paper's scaling
+        against the teacher (``kcm_core.scaling``); "fit", every other combination (``fit_repair``)."""
+        if "auto" in (self.kind, self.target):
+            raise ValueError(f"resolve the repair before running it, got {self}")
+        if self.kind == "none":
+            return "none"
+        if self.target == "teacher" and self.kind in ("bias", "scales"):
+            return "compensate" if self.kind == "bias" else "scales"
+        return "fit"
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the step fits on the unpruned model's FFN outputs (``scaling.teacher_targets``)."""
+        return self.step in ("scales", "fit") and self.target == "teacher"
+
+    def plan_info(self) -> dict[str, str | None]:
+        """What a repaired plan records of its repair (``PlanInfo.repair``, ``repair_target``)."""
+        return dict(repair=self.kind, repair_target=None if self.kind == "none" else self.target)
+
 
 @dataclass
 class _LayerSums:

@@ -191,18 +191,19 @@ def moved_note(model, plan) -> str | None:
     return carrier_note(moved_config(model.config, type(model).__name__))
 
 
-def build_report(*, model, source: str, path: str | None, spec, config, data: Mapping[str, Any],
+def build_report(*, model, source: str, path: str | None, config, data: Mapping[str, Any],
                  plan, seq_len: float, achieved_flops: float, params_before: int | None,
                  params_after: int | None, details, evaluation: Evaluation | None = None,
                  seconds: Mapping[str, float] | None = None,
                  speed: Mapping[str, Any] | None = None) -> PruneReport:
     """The report of one run, from the objects every caller already holds (CLI and app alike).
 
-    model: the unpruned model; spec: its ``kcm_core.methods.Method``; config: the ``PruneConfig``;
-    plan: the ``KeepPlan`` (with scales); details: the ``ScoreDetails`` of its scores.
+    model: the unpruned model; config: the ``PruneConfig`` (its method row, ``config.spec``, is
+    described); plan: the ``KeepPlan`` (with scales); details: the ``ScoreDetails`` of its scores.
     """
     from .arch import model_shape
     shape = model_shape(model.config)
+    spec = config.spec
     return PruneReport(
         model={"source": source, "path": path, "class": type(model).__name__,
                "model_type": shape.model_type,

@@ -20,7 +20,7 @@ from kcm_app import disk_cache, engine, live, projection, resources, state
 from kcm_app.engine import evaluations, scoring
 from kcm_app.testing import finish_background
 from kcm_app.views import cost, prune
-from kcm_core import scores as S
+from kcm_core import pipeline, scores as S
 from kcm_core.arch import model_shape
 from kcm_core.flops import mac_per_head, mac_per_neuron
 from kcm_core.pipeline import PruneConfig
@@ -242,7 +242,7 @@ def test_a_second_server_start_reads_the_slow_parts_from_disk(app, monkeypatch, 
     forbid(monkeypatch, S, "mask_gradients", computed)
     forbid(monkeypatch, projection, "umap_2d", computed)
     forbid(monkeypatch, evaluations, "evaluate_classifier", computed)     # unpruned and pruned alike
-    forbid(monkeypatch, evaluations, "repair_plan", computed)          # the repair step (scaling, for KCM)
+    forbid(monkeypatch, pipeline, "repair_plan", computed)             # the repair step (scaling, for KCM)
     at = app("pages/5_prune.py")             # the default budget's readouts, read back, the same values
     assert [(m.value, m.delta) for m in at.metric if m.label.startswith("Accuracy")] == accuracy
     at.switch_page("pages/3_scores.py").run()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,9 @@ from kcm_app.theme import METHOD_COLORS
 from kcm_core.arch import ffn_blocks, model_shape
 from kcm_core.flops import cost_report, count_params, relative_flops
 from kcm_core.methods import DEFAULT_METHOD, METHODS
-from kcm_core.pipeline import PruneConfig, compute_scores, resolve_seq_len
+from kcm_core.pipeline import PruneConfig, compute_scores, prune, resolve_seq_len
 from kcm_core.realise import slice_model
+from kcm_core.repair import RepairConfig
 from kcm_core.report import SCHEMA
 
 
@@ -385,6 +387,50 @@ def test_evaluate_budget_is_stored_and_reused(ws):
     assert first.agreement.value == pytest.approx(same)
     assert first.plan.info.scaled_layers == 2
     assert first.relative_flops <= 0.8 + 1e-9
+
+
+@pytest.mark.parametrize("name, repair", [("kcm", "auto"), ("flap", "auto"), ("weight-magnitude", "bias"),
+                                          ("fluct-refit", "auto"), ("d2", "scales+bias")])
+def test_scaled_plan_is_the_pipelines_plan(ws, name, repair):
+    """The app's plan is ``kcm_core.pipeline.prune``'s, its scores, teacher outputs and statistics served
+    from the shared store: the same neurons, scales, bias shifts and refitted rows. (The repair sample is
+    the whole scoring sample here: FLAP's bias means of a method that collects no statistics are the
+    whole sample's in the app, the repair sample's in the CLI.)"""
+    config = PruneConfig(method=name, budget=0.8, repair=RepairConfig(repair))
+    store = SharedStore()
+    ours = engine.scaled_plan(ws, engine.method_scores(ws, config, store), config, store)
+    theirs = prune(ws.model, replace(config, seq_len=ws.seq_len), ws.unlabeled, ws.labeled).plan
+    assert ours == theirs
+    for a, b in zip(ours.layers, theirs.layers):
+        assert (a.rows is None) == (b.rows is None) and (a.rows is None or torch.equal(a.rows, b.rows))
+
+
+@pytest.mark.parametrize("name, repair, computed", [
+    ("kcm", "auto", ["collect_stats", "r2", "teacher_targets"]),      # scores from both, scales on the teacher
+    ("weight-magnitude", "bias", ["collect_stats"]),                  # FLAP's bias from the stored statistics
+])
+def test_a_second_budget_computes_no_step_again(ws, monkeypatch, name, repair, computed):
+    """``scaled_plan`` gives the pipeline the store's steps under the keys the app has always used: the
+    first budget computes each once, another budget of the same method none again."""
+    from kcm_app.engine import evaluations, scoring
+    from kcm_core import pipeline, scaling, scores as S
+    calls: list[str] = []
+
+    def count(module, attribute):
+        original = getattr(module, attribute)
+        monkeypatch.setattr(module, attribute, lambda *a, **k: calls.append(attribute) or original(*a, **k))
+    for module, attribute in ((S, "r2"), (scoring, "collect_stats"), (pipeline, "collect_stats"),
+                              (evaluations, "teacher_targets"), (scaling, "teacher_targets")):
+        count(module, attribute)
+    store = SharedStore()
+    config = PruneConfig(method=name, budget=0.8, scale_samples=4, repair=RepairConfig(repair))
+    engine.evaluate_budget(ws, config, store)
+    assert sorted(calls) == computed
+    assert ("stats", ws.model_key, ws.data_key) in store
+    assert (("teacher", ws.model_key, ws.data_key, 4) in store) == ("teacher_targets" in computed)
+    calls.clear()
+    engine.evaluate_budget(ws, replace(config, budget=0.85), store)
+    assert calls == []
 
 
 def test_speed_is_measured_apart_and_stored(ws):

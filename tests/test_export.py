@@ -14,7 +14,7 @@ import transformers as T
 
 import kcm_core.export.saving as S
 import kcm_core.export.verify as V
-from kcm_core import (KeepPlan, LayerKeep, PruneConfig, count_params, ffn_blocks, load_pruned, method,
+from kcm_core import (KeepPlan, LayerKeep, PruneConfig, count_params, ffn_blocks, load_pruned,
                       save_pruned, slice_model)
 from kcm_core.methods import ScoreDetails
 from kcm_core.report import SCHEMA, build_report
@@ -94,7 +94,7 @@ def exports(tmp_path_factory):
 
 def run_report(model, pruned, plan):
     """The report the CLI would write for this plan (real producer; no evaluation data)."""
-    return build_report(model=model, source="tiny", path=None, spec=method("random"),
+    return build_report(model=model, source="tiny", path=None,
                         config=PruneConfig(method="random", budget=0.9), data={"source": "none"},
                         plan=plan, seq_len=9.0, achieved_flops=0.9, params_before=count_params(model).total,
                         params_after=count_params(pruned).total, details=ScoreDetails())

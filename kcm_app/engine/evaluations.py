@@ -13,8 +13,8 @@ import torch
 from kcm_core.evaluate import ClassifierEval, evaluate_classifier
 from kcm_core.lm import LMEval, evaluate_lm, generate, paired_perplexity
 from kcm_core.flops import count_params, relative_flops
-from kcm_core.methods import MethodScores, method
-from kcm_core.pipeline import PruneConfig, make_plan, repair_plan
+from kcm_core.methods import MethodScores
+from kcm_core.pipeline import PruneConfig, Store, prune
 from kcm_core.plan import KeepPlan
 from kcm_core.realise import slice_model
 from kcm_core.runtime import Batch, Progress, take_sequences, tell
@@ -100,23 +100,23 @@ def budget_key(ws: Workspace, config: PruneConfig) -> tuple:
         config.min_per_layer, config.uniform, config.resolved_repair, config.resolved_allocation)
 
 
+def pipeline_store(ws: Workspace, config: PruneConfig, store: SharedStore,
+                   progress: Progress | None = None) -> Store:
+    """``kcm_core.pipeline.Store`` hooks into the shared store, under the keys the app has always used:
+    the teacher's outputs on the repair sample (``teacher``, kept per sample size: a private copy runs
+    them) and the activation statistics of the whole scoring sample (``neuron_stats``, kept on disk too),
+    whose means FLAP's bias takes when the scores carry none."""
+    return Store(teacher=lambda: teacher(ws, config.repair_samples, store, progress)[1],
+                 means=lambda: list(neuron_stats(ws, store, progress).mean))
+
+
 def scaled_plan(ws: Workspace, scores: MethodScores, config: PruneConfig, store: SharedStore,
                 progress: Progress | None = None) -> KeepPlan:
-    """Select, then repair as the configuration says (the teacher's outputs and the activation
-    statistics come from the shared store; the shared model is only read)."""
-    plan = make_plan(ws.model, scores, config, ws.seq_len)
-    repair = config.resolved_repair
-    if repair.kind != "none":
-        if repair.target == "teacher" and repair.kind != "bias":     # the teacher's outputs, stored once
-            count = config.refit_samples if repair.kind in ("refit", "obs") else config.scale_samples
-            batches, targets = teacher(ws, count, store, progress)
-        else:
-            batches, targets = config.repair_sample(ws.unlabeled), None
-        means = scores.means
-        if means is None and repair.kind == "bias" and repair.target == "teacher":
-            means = list(neuron_stats(ws, store, progress).mean)
-        plan = repair_plan(ws.model, plan, config, batches, means, progress, targets=targets)
-    return replace(plan, info=plan.info.updated(seq_len=ws.seq_len))
+    """Select, then repair as the configuration says: ``kcm_core.pipeline.prune`` up to the plan, at the
+    workspace's sequence length, with what it reuses served from the shared store (the shared model is
+    only read; ``evaluate_budget`` slices the plan in its own timed step)."""
+    return prune(ws.model, replace(config, seq_len=ws.seq_len), ws.unlabeled, progress=progress,
+                 method_scores=scores, store=pipeline_store(ws, config, store, progress), realise=False).plan
 
 
 def evaluate_budget(ws: Workspace, config: PruneConfig, store: SharedStore,
@@ -192,7 +192,7 @@ def comparison(ws: Workspace, methods: Sequence[str], budgets: Sequence[float], 
     configs = comparison_configs(methods, budgets, base, random_seeds)
     results = []
     for i, config in enumerate(configs):
-        label = method(config.method).label + (f" (seed {config.seed})" if config.method == "random" else "")
+        label = config.spec.label + (f" (seed {config.seed})" if config.method == "random" else "")
 
         def step(message: str, fraction: float, i=i, label=label, budget=config.budget) -> None:
             tell(progress, f"{label} at {budget:.2f}: {message}", (i + fraction) / len(configs))

@@ -10,7 +10,6 @@ from kcm_core.flops import cost_report, count_params, keep_count, relative_flops
 from kcm_core.methods import MethodScores
 from kcm_core.pipeline import PruneConfig, make_plan
 from kcm_core.plan import KeepPlan
-from kcm_core.select import select
 
 from ..store import SharedStore
 from .workspace import Workspace
@@ -61,15 +60,11 @@ def model_params(ws: Workspace, store: SharedStore) -> tuple[int, tuple[int, ...
 
 
 def readout(ws: Workspace, scores: MethodScores, config: PruneConfig, store: SharedStore) -> Readout:
-    """Select under ``config.budget`` and count; milliseconds, no model is run. On a model opened layer
-    by layer the plan is the selection alone: FLAP's bias shift (which reads the weights) is computed
-    by the export, and changes no count."""
-    if ws.streamed:
-        plan = select(scores.scores, ws.shape, config.budget, ws.seq_len, multiple=config.multiple,
-                      min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method,
-                      allocation=config.resolved_allocation)
-    else:
-        plan = make_plan(ws.model, scores, config, ws.seq_len)
+    """Select under ``config.budget`` and count; milliseconds, no model is run (on a model opened layer
+    by layer too: the selection reads the skeleton's config alone). The plan is the selection alone:
+    the repair (FLAP's bias shift, the scales) comes with the evaluation or the export, and changes no
+    count."""
+    plan = make_plan(ws.model, scores, config, ws.seq_len)
     total, per_neuron = model_params(ws, store)
     removed = sum((w - k) * p for w, k, p in zip(plan.widths, plan.kept_counts, per_neuron))
     rel = relative_flops(ws.shape, ws.seq_len, plan.kept_counts)

@@ -8,7 +8,7 @@ import torch
 from kcm_core import scores as S
 from kcm_core.activations import NeuronStats, collect_stats
 from kcm_core.hull import HullFit
-from kcm_core.methods import Method, MethodScores, method, score_with
+from kcm_core.methods import MethodScores, score_with
 from kcm_core.pipeline import PruneConfig
 from kcm_core.runtime import Progress, take_sequences
 from kcm_core.streamed.passes import r2_streamed, score_streamed, stats_streamed
@@ -31,7 +31,7 @@ def component_key(ws: Workspace, config: PruneConfig, component: str) -> tuple:
 
 def score_key(ws: Workspace, config: PruneConfig) -> tuple:
     """What a method's scores depend on: its components' keys, plus D2's options or the seed."""
-    spec = method(config.method)
+    spec = config.spec
     key: tuple = (ws.model_key, config.method)
     for component in sorted(spec.needs):
         key += component_key(ws, config, component)
@@ -109,7 +109,7 @@ def method_scores(ws: Workspace, config: PruneConfig, store: SharedStore,
                   progress: Progress | None = None) -> MethodScores:
     """``kcm_core.pipeline.compute_scores``'s result from shared components (equal to it: tested in
     ``tests/test_app_logic.py``)."""
-    spec: Method = method(config.method)
+    spec = config.spec
     if ws.streamed and spec.reads_weights:     # its own pass over the layers (the weights are on disk)
         return store.get_or_compute(("scores",) + score_key(ws, config),
                                     lambda: score_streamed(skeleton(ws), config, ws.unlabeled, progress), progress)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from ..hull import STOP_RULES
 from .common import (CLASSIFIER_SAMPLES, DEMO, StderrProgress, check_output, export_formats, json_out, limit,
-                     load_data, model_batches, resolve_model_path, source_paths, write_pruned)
+                     load_data, model_batches, resolve_model_path, sample_record, source_paths, write_pruned)
 from .lm import evaluate_lm_command, is_causal_lm, lm_config, prune_lm
 from .vision import DEMO_VISION, check_image_data, is_image_source, is_vision, load_images
 
@@ -76,7 +76,6 @@ def _prune(args, group) -> dict | None:
     from .. import data as D
     from ..evaluate import evaluate_classifier
     from ..arch import model_shape
-    from ..methods import method
     from ..models import fit_max_len, load_model
     from ..pipeline import prune
     from ..select import check_multiple
@@ -114,7 +113,7 @@ def _prune(args, group) -> dict | None:
     eval_data = group.only_main(lambda: _evaluation_data(args, sample, progress, images))
     eval_data = None if eval_data is None else D.labels_for_model(eval_data, model.config)
     unlabeled = model_batches(sample, tokenizer, model, args, with_labels=False, progress=progress)
-    spec = method(config.method)
+    spec = config.spec
     labeled = None
     if spec.uses_labels:
         if not sample.has_labels:
@@ -136,9 +135,8 @@ def _prune(args, group) -> dict | None:
                                                 seed=args.seed)
         times["evaluation"] = time.perf_counter() - t
 
-    data = {"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed,
-            **group.record()}
-    return write_pruned(args, model, tokenizer, model_path, result, out_dir, spec=spec, config=config, data=data,
+    data = {**sample_record(args, sample), **group.record()}
+    return write_pruned(args, model, tokenizer, model_path, result, out_dir, config=config, data=data,
                         evaluation=evaluation, times=times, progress=progress)
 
 

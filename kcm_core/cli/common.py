@@ -1,6 +1,6 @@
 """What the commands share: progress on stderr, the JSON out, the checks of ``--out`` and ``--json``,
-the word ``demo`` resolved to the prepared demos, the data sources, and the one tail of ``prune`` that
-writes the report and the export (classifiers and language models alike)."""
+the word ``demo`` resolved to the prepared demos, the data sources, and the one tail of ``prune``: the
+report (in memory and streamed alike) and the export (classifiers and language models alike)."""
 from __future__ import annotations
 
 import json
@@ -143,6 +143,11 @@ def limit(data, samples: int | None, seed: int):
     return data.sample(samples, seed)
 
 
+def sample_record(args, sample) -> dict:
+    """The report's ``data`` for a classifier: the scoring sample and how it was drawn."""
+    return {"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed}
+
+
 def export_formats(args) -> tuple[str, ...]:
     """``--format`` as a tuple of format names (``"hf,onnx"`` -> ``("hf", "onnx")``)."""
     return tuple(f.strip() for f in args.format.split(",") if f.strip())
@@ -150,22 +155,33 @@ def export_formats(args) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- the tail of prune
 
-def write_pruned(args, model, tokenizer, model_path: str, result, out_dir: Path | None, *, spec, config,
+def run_report(args, model, model_path: str, config, result, *, data: dict, params_before: int,
+               params_after: int, evaluation, seconds: dict):
+    """The report of a pruning ``result`` (``pipeline.PruneResult`` or ``streamed.StreamResult``: a plan,
+    its sequence length and score details) of ``model`` (a streamed run's empty skeleton serves):
+    what every ``prune`` writes, in memory and streamed."""
+    from ..arch import model_shape
+    from ..flops import relative_flops
+    from ..report import build_report
+    shape = model_shape(model.config)
+    return build_report(
+        model=model, source=args.model,
+        path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+        config=config, data=data, plan=result.plan, seq_len=result.seq_len,
+        achieved_flops=relative_flops(shape, result.seq_len, result.plan.kept_counts),
+        params_before=params_before, params_after=params_after,
+        details=result.details, evaluation=evaluation, seconds=seconds)
+
+
+def write_pruned(args, model, tokenizer, model_path: str, result, out_dir: Path | None, *, config,
                  data: dict, evaluation, times: dict, progress: Progress | None) -> dict:
     """The report of a pruning ``result`` of ``model`` and its export to ``out_dir``: the end of every
     in-memory ``prune`` (classifiers and language models); returns what the command prints."""
-    from ..arch import model_shape
     from ..export import save_pruned
-    from ..flops import count_params, relative_flops
-    from ..report import build_report
-    shape = model_shape(model.config)
-    report = build_report(
-        model=model, source=args.model,
-        path=str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-        spec=spec, config=config, data=data, plan=result.plan, seq_len=result.seq_len,
-        achieved_flops=relative_flops(shape, result.seq_len, result.plan.kept_counts),
-        params_before=count_params(model).total, params_after=count_params(result.model).total,
-        details=result.details, evaluation=evaluation, seconds=times)
+    from ..flops import count_params
+    report = run_report(args, model, model_path, config, result, data=data,
+                        params_before=count_params(model).total, params_after=count_params(result.model).total,
+                        evaluation=evaluation, seconds=times)
     export = save_pruned(result.model, out_dir, plan=result.plan, report=report, tokenizer=tokenizer,
                          formats=export_formats(args), overwrite=args.overwrite, progress=progress,
                          protected=source_paths(args))

@@ -93,6 +93,12 @@ def blocks(args, model, tokenizer, progress, notes: dict | None = None):
     return cal, ev
 
 
+def blocks_record(args, calibration) -> dict:
+    """The report's ``data`` for a causal LM: the calibration blocks and where they came from."""
+    return {"source": args.data, "samples": sum(int(b["input_ids"].shape[0]) for b in calibration),
+            "max_len": args.block_size, "seed": args.seed, "unit": "blocks"}
+
+
 def lm_batch_size(args) -> int:
     """Blocks per forward pass: at most 4, since a batch's logits take B x block x vocabulary floats
     (4 x 256 x 49,152 x 4 bytes = 200 MB for the LM demo)."""
@@ -105,11 +111,10 @@ def prune_lm(args, config, model, tokenizer, model_path: str, out_dir: Path | No
     Under a distributed ``group`` the ranks share the calibration; rank 0 alone evaluates and saves
     (the other ranks return None)."""
     from ..lm import evaluate_lm, paired_perplexity
-    from ..methods import method
     from ..pipeline import prune
     from ..report import Evaluation
 
-    spec = method(config.method)
+    spec = config.spec
     if spec.uses_labels:
         raise ValueError(f"method {spec.name!r} needs labeled data, which a language model's text does "
                          "not have; choose a label-free method (kcm, wanda-sp, flap, ...)")
@@ -125,9 +130,8 @@ def prune_lm(args, config, model, tokenizer, model_path: str, out_dir: Path | No
     evaluation = Evaluation.of_lm(f"held-out blocks of {args.block_size} tokens from {notes['held_out']}",
                                   before, after, paired_perplexity(after.stats, before.stats, seed=args.seed))
     times["evaluation"] = time.perf_counter() - t
-    data = {"source": args.data, "samples": sum(int(b["input_ids"].shape[0]) for b in calibration),
-            "max_len": args.block_size, "seed": args.seed, "unit": "blocks", **group.record()}
-    return write_pruned(args, model, tokenizer, model_path, result, out_dir, spec=spec, config=config, data=data,
+    data = {**blocks_record(args, calibration), **group.record()}
+    return write_pruned(args, model, tokenizer, model_path, result, out_dir, config=config, data=data,
                         evaluation=evaluation, times=times, progress=progress)
 
 

@@ -28,19 +28,15 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
     from .. import data as D
     from ..arch import model_shape
     from .common import (CLASSIFIER_SAMPLES, export_formats, limit, load_data, model_batches,
-                         resolve_model_path, source_paths)
-    from .lm import blocks, lm_config
-    from ..flops import relative_flops
-    from ..methods import method
+                         resolve_model_path, run_report, sample_record, source_paths)
+    from .lm import blocks, blocks_record, lm_config
     from ..models import fit_max_len, load_config, load_processor
-    from ..report import build_report
     from ..select import check_multiple
     from ..streamed.passes import check_streamable, prune_streamed
 
     times: dict[str, float] = {}
     start = time.perf_counter()
-    spec = method(config.method)
-    check_streamable(spec)                                  # before any data work
+    check_streamable(config.spec)                                  # before any data work
     if export_formats(args) != ("hf",):
         raise ValueError(f"--stream writes the hf format only, not {args.format!r}; add ONNX afterwards with "
                          "`python -m kcm_core export` where the pruned model fits in memory")
@@ -56,23 +52,19 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
     if shape.head == "lm":
         config = lm_config(config, args)
         batches, _ = blocks(args, holder, tokenizer, progress)
-        data = {"source": args.data, "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
-                "max_len": args.block_size, "seed": args.seed, "unit": "blocks"}
+        data = blocks_record(args, batches)
     else:
         args.max_len = fit_max_len(args.max_len, model_config, option="--max-len")
         sample = D.labels_for_model(limit(load_data(args, progress, "train", images=shape.vision),
                                            args.samples or CLASSIFIER_SAMPLES, args.seed), model_config)
         batches = model_batches(sample, tokenizer, holder, args, with_labels=False, progress=progress)
-        data = {"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed}
+        data = sample_record(args, sample)
     times["load"] = time.perf_counter() - start
 
     def report(result, skeleton):
-        return build_report(
-            model=skeleton.model, source=args.model, path=str(Path(model_path).resolve()), spec=spec,
-            config=config, data=data, plan=result.plan, seq_len=result.seq_len,
-            achieved_flops=relative_flops(shape, result.seq_len, result.plan.kept_counts),
-            params_before=result.params_before, params_after=result.params_after,
-            details=result.details, evaluation=None, seconds={**times, **result.seconds})
+        return run_report(args, skeleton.model, model_path, config, result, data=data,
+                          params_before=result.params_before, params_after=result.params_after,
+                          evaluation=None, seconds={**times, **result.seconds})
 
     result = prune_streamed(model_path, config, batches, out_dir, tokenizer=tokenizer,
                             overwrite=args.overwrite, progress=progress, protected=source_paths(args),

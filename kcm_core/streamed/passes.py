@@ -10,7 +10,7 @@ over the layers, with the selection between them:
 1. **Scores.** Layer by layer on the unpruned model's hidden states: the method's per-layer score
    (R2 on the layer's weights, activation statistics for D2, Wanda-sp, FLAP, ...), kept as one small
    vector per layer. Methods that read no data need no forward pass here.
-2. **Selection**, on the pooled vectors, exactly as in memory (``kcm_core.select.select``).
+2. **Selection**, on the pooled vectors, exactly as in memory (``kcm_core.pipeline.make_plan``).
 3. **Scaling, slicing, writing.** Layer by layer again, carrying two sets of hidden states on the
    scaling sample: the unpruned model's (teacher: its FFN output is the target) and the pruned one's
    (student: earlier layers already pruned and scaled), as ``kcm_core.scaling`` does in memory. Each
@@ -50,14 +50,13 @@ from ..compensation import can_carry_bias, check_compensable, compensate
 from ..flops import check_budget
 from ..hull import HullConfig, HullFit, kernel_hull
 from .skeleton import LayerCall, LayerView, Skeleton, layer_output, next_calls
-from ..methods import Method, MethodScores, ScoreDetails, method, score_with
-from ..pipeline import PruneConfig, resolve_seq_len
+from ..methods import Method, MethodScores, ScoreDetails, score_with
+from ..pipeline import PruneConfig, make_plan, resolve_seq_len
 from ..plan import KeepPlan
 from ..repair import RepairConfig, fit_repair
 from ..realise import give_mlp_biases, mask_copy, record_widths, slice_model
 from ..runtime import Batch, Progress, default_device, model_inputs, tell
 from ..scaling import ScaleConfig, solve_layer, fold_scales, teacher_targets
-from ..select import select
 
 STREAM_FILE_PATTERN = "model-{:05d}-of-{:05d}.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -164,7 +163,7 @@ def each_layer(sk: Skeleton, unlabeled: Sequence[Batch], *, run: bool, progress:
 def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch],
                    progress: Progress | None = None) -> MethodScores:
     """The first pass: every layer's scores, one layer in memory at a time (see the module doc)."""
-    spec = method(config.method)
+    spec = config.spec
     start = time.perf_counter()
     if not spec.per_layer:
         result = score_with(spec, _WholeSources(sk.model, config))
@@ -294,13 +293,14 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: KeepPlan, means,
+def _slice_and_write(sk: Skeleton, config: PruneConfig, plan: KeepPlan, means,
                      unlabeled: Sequence[Batch], folder: Path, progress: Progress | None):
     """The second pass. Returns the plan with scales and bias shifts, the probe batch, the sliced
     model's output on it, the weight map, and the bytes and parameters written."""
     count = len(sk.layers)
     repair = config.resolved_repair
-    fitted = repair.kind not in ("none", "bias") or repair.target == "local"    # layer by layer on data
+    step = repair.step                               # the in-memory repair_plan's choice, layer by layer
+    fitted = step in ("scales", "fit")               # fitted on data, layer by layer
     batches = config.repair_sample(unlabeled) if fitted else []
     probe = _probe(sk)
     outside = sk.load_outside_layers(head=False)
@@ -324,9 +324,9 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
         try:
             view = LayerView(sk.config, sk.layers_path, loaded.module)
             layer_plan = KeepPlan((plan.layers[index],), method=plan.method, info=plan.info)
-            if repair.kind == "bias" and repair.target == "teacher":
+            if step == "compensate":
                 layer_plan = compensate(view, layer_plan, [means[index]])
-            elif fitted and not (repair.kind == "scales" and repair.target == "teacher"):
+            elif step == "fit":
                 layer_plan, teacher, student = _repair_layer(view, layer_plan, batches, teacher, student,
                                                              repair, config, last=index == count - 1)
                 for key in ("repair_failed_layers", "repair_errors"):
@@ -334,7 +334,7 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
                     repaired_info.setdefault(key, []).extend(
                         [index + v for v in value] if key == "repair_failed_layers" else value)
                 repaired_info["repair_intercept"] = layer_plan.info.repair_intercept
-            elif active:
+            elif step == "scales" and active:
                 s, teacher, student = _fit_layer(view, layer_plan, batches, teacher, student, config.scale,
                                                  last=index == count - 1)
                 if s is None:
@@ -371,8 +371,8 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, spec: Method, plan: Keep
         weight_map.update(dict.fromkeys(tensors, name))
     finally:
         outside.free()
-    info: dict = dict(repair=repair.kind, repair_target=None if repair.kind == "none" else repair.target)
-    if repair.kind == "scales" and repair.target == "teacher":
+    info: dict = repair.plan_info()
+    if step == "scales":
         info.update(scaled_layers=sum(1 for s in scales if s is not None), scaling_stopped_at=stopped_at,
                     scale_ridge=config.scale.ridge)
     elif repaired_info:
@@ -385,7 +385,7 @@ def adds_bias(sk: Skeleton, repair: RepairConfig, plan: KeepPlan) -> bool:
     """Whether the second pass gives the down-projections biases (it writes each layer before the
     plan is complete, so this is decided from the repair and the selection, as the in-memory plan's
     ``has_bias_shift`` turns out)."""
-    if repair.kind == "bias" and repair.target == "teacher":     # FLAP's: only layers that drop neurons
+    if repair.step == "compensate":                 # FLAP's: only layers that drop neurons
         return any(layer.kept < layer.width for layer in plan.layers)
     # fit_repair gives every layer its bias (or intercept)
     return repair.kind in ("bias", "scales+bias") or (repair.kind in ("refit", "obs") and can_carry_bias(sk.model))
@@ -458,7 +458,7 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
     from ..export.saving import EXPORT_MARKERS
     unlabeled = list(unlabeled)
     out_dir = Path(out_dir).expanduser()
-    spec = method(config.method)
+    spec = config.spec
     check_streamable(spec)
     if (spec.uses_data or config.resolved_repair.kind != "none") and not unlabeled:
         raise ValueError(f"method {spec.name!r} needs unlabeled data, and none was given")
@@ -485,15 +485,13 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
     scored = scores if scores is not None else score_streamed(sk, config, unlabeled, progress)
     seconds.update(scored.seconds or {})
     start = time.perf_counter()
-    plan = select(scored.scores, shape, config.budget, seq_len, multiple=config.multiple,
-                  min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method,
-                  allocation=config.resolved_allocation)
+    plan = make_plan(sk.model, scored, config, seq_len)     # the in-memory selection, on the pooled scores
     seconds["selection"] = time.perf_counter() - start
     params_before = sum(p.numel() for p in sk.model.parameters())
     with disk_errors(out_dir), atomic_folder(out_dir, overwrite=overwrite, markers=EXPORT_MARKERS) as tmp:
         start = time.perf_counter()
         plan, probe, expected, weight_map, size, params_after = _slice_and_write(
-            sk, config, spec, plan, scored.means, unlabeled, tmp, progress)
+            sk, config, plan, scored.means, unlabeled, tmp, progress)
         plan = replace(plan, info=plan.info.updated(seq_len=seq_len))
         seconds["scaling_slicing_writing"] = time.perf_counter() - start
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size},
