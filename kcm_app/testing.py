@@ -62,13 +62,17 @@ def serve(env: Mapping[str, str], log: IO | None = None, port: int | None = None
             proc.wait()
 
 
-def finish_background(timeout: float = 600) -> None:
+def finish_background(timeout: float = 600, stop: bool = False) -> None:
     """Wait for every background precompute this process started (``kcm_app.background``), so none
-    writes into a test's temporary cache folder after the test."""
+    writes into a test's temporary cache folder after the test. ``stop``: ask each to stop at its next
+    progress report first (a test's teardown, which needs none of its results)."""
     from .resources import _precompute_registry
     registry, lock = _precompute_registry()
     with lock:
         works = list(registry.values())
+    if stop:
+        for work in works:
+            work.stop()
     for work in works:
         if not work.wait_done(timeout):
             raise TimeoutError(f"background work still running after {timeout} s: {work.current}")

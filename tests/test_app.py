@@ -43,7 +43,7 @@ def app(tiny_files, monkeypatch, tmp_path):
     monkeypatch.setenv("KCM_CACHE_DIR", str(tmp_path / "cache"))      # the disk cache, never the user's
 
     yield app_runner(TIMEOUT)
-    finish_background()          # no background thread outlives the test's cache folder
+    finish_background(stop=True)          # no background thread outlives the test's cache folder
 
 
 def metric(at: AppTest, label: str) -> str:

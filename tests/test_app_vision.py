@@ -44,7 +44,7 @@ def app(tiny_vision, monkeypatch, tmp_path):
         monkeypatch.setenv(name, str(value))
     monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
     yield app_runner(TIMEOUT)
-    finish_background()
+    finish_background(stop=True)
 
 
 def test_the_vision_demo_is_offered_and_named_by_the_environment():
