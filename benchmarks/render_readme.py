@@ -433,7 +433,33 @@ def lm_default(results: Path) -> str:
             "paired over the same blocks) at relative FLOPs " + "; ".join(parts) + ".\n")
 
 
+def classifier_default(results: Path) -> str:
+    """Per candidate for the classifier default, each task's verdict against every other label-free row
+    at 0.9 and 0.6 (accuracy, paired), and the issue's two goals (``classifier_default.py``)."""
+    data = _load(results, "classifier_default.json")
+    lines = ["| candidate | task | behind (accuracy, paired) | at 0.6: ahead of | at 0.6: not shown different from |",
+             "|---|---|---|---|---|"]
+    for cand in data["candidates"]:
+        for task, t in data["tasks"].items():
+            per_budget = t["candidates"].get(cand)
+            if per_budget is None:
+                continue
+            behind = [f"{o} at {b}" for b, others in per_budget.items() for o, c in others.items()
+                      if c and c["ci95"][1] < 0]
+            at = {o: c for o, c in per_budget.get("0.6", {}).items() if c}
+            ahead = [o for o, c in at.items() if c["ci95"][0] > 0]
+            same = [o for o, c in at.items() if c["ci95"][0] <= 0 <= c["ci95"][1]]
+            lines.append(f"| `{cand}` | {task} | {', '.join(behind) or 'none'} | {', '.join(ahead) or 'none'} | "
+                         f"{', '.join(same) or 'none'} |")
+    goals = "; ".join(f"`{c}`: behind random or KCM on {sum(bool(x['behind_anchor']) for x in g['never_behind_random_or_kcm'])} "
+                      f"of {len(g['never_behind_random_or_kcm'])} tasks, ahead of every other row at 0.6 on "
+                      f"{g['tasks_ahead_of_all_at_0.6']} of {len(g['ahead_at_0.6'])}"
+                      for c, g in data["goals"].items())
+    return "\n".join(lines) + f"\n\nGoals (`benchmarks/results/classifier_default.md`): {goals}.\n"
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
+    "classifier_default": classifier_default,
     "engine": engine, "r2_options": r2_options, "speed": speed, "lm": lm, "lm_speed": lm_speed,
     "r2_lm": r2_lm, "r2_memory": r2_memory, "mpnet": mpnet, "app_browser": app_browser,
     "chart_draw": chart_draw, "headline": headline, "lm_grid": lm_grid, "lm_default": lm_default,
