@@ -190,7 +190,7 @@ def earlier_file(data: dict) -> dict | None:
     old_loss, new_loss = (d["model"]["finetune"].get("final_loss") for d in (old, data))
     same_loss = old_loss == new_loss or (None not in (old_loss, new_loss) and abs(old_loss - new_loss) <= 1e-5 * abs(old_loss))
     same_model = old["unpruned"]["hits"] == data["unpruned"]["hits"] and same_loss
-    if same_model and old_loss != new_loss:
+    if same_settings and same_model and old_loss != new_loss:
         log(f"--merge: the fine-tuning loss is {new_loss} here and {old_loss} in the earlier file (within 1e-5, "
             "identical unpruned predictions): its rows are kept")
     if not (same_settings and same_model):
