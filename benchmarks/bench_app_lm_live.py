@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,13 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine_line, run_environment, write_results  # noqa: E402
-
-
-def timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
+from common import machine_line, run_environment, on_lm_demo, timed, write_results  # noqa: E402
 
 
 def abandoned_in(stage: str, ws, config, store, prompt: str, timeout: float = 1800) -> dict:
@@ -118,13 +111,10 @@ def main() -> int:
     parser.add_argument("--method", default="wanda-sp")
     parser.add_argument("--repair", default="none")
     args = parser.parse_args()
-    from kcm_core.demos import lm as demo_lm
-    if demo_lm.stored_summary() is None:
-        print("the LM demo is not prepared: python -m kcm_core demo prepare lm", file=sys.stderr)
+    measured = on_lm_demo(lambda cache: measure(args.method, args.repair, cache))
+    if measured is None:
         return 2
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="kcm-app-cache-") as tmp:
-        result = measure(args.method, args.repair, Path(tmp))
+    result, load_before = measured
     data = {"settings": vars(args), "result": result, "environment": run_environment(load_before)}
     print(write_results("app_lm_live", data, markdown(data)))
     return 0

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -24,14 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import machine_line, run_environment, write_results  # noqa: E402
+from common import machine_line, run_environment, on_lm_demo, timed, write_results  # noqa: E402
 
-
-
-def timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
 
 
 def measure(layer: int, cache: Path) -> dict:
@@ -78,13 +70,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layer", type=int, default=0)
     args = parser.parse_args()
-    from kcm_core.demos import lm as demo_lm
-    if demo_lm.stored_summary() is None:
-        print("the LM demo is not prepared: python -m kcm_core demo prepare lm", file=sys.stderr)
+    measured = on_lm_demo(lambda cache: measure(args.layer, cache))
+    if measured is None:
         return 2
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="kcm-app-cache-") as tmp:
-        result = measure(args.layer, Path(tmp))
+    result, load_before = measured
     data = {"settings": {"layer": args.layer, "command": " ".join(["python"] + sys.argv)},
             "result": result, "environment": run_environment(load_before)}
     print(write_results("app_lm_pages", data, markdown(data)))

@@ -17,9 +17,10 @@ import json
 import os
 import shlex
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -160,3 +161,23 @@ def cell_label(cell: str) -> str:
         return METHODS[cell].label
     score, allocation, repair, target = cell.split("/")
     return f"{METHODS[score].label} score, {allocation}, {repair} ({target})"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()`` and the seconds it took."""
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def on_lm_demo(measure: Callable[[Path], Any]) -> tuple[Any, Sequence[float]] | None:
+    """``measure(cache)`` on the prepared LM demo, with a temporary app cache folder of its own, and the
+    load average before it; None (said on stderr) when the LM demo is not prepared."""
+    import tempfile
+    from kcm_core.demos import lm as demo_lm
+    if demo_lm.stored_summary() is None:
+        print("the LM demo is not prepared: python -m kcm_core demo prepare lm", file=sys.stderr)
+        return None
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="kcm-app-cache-") as tmp:
+        return measure(Path(tmp)), load_before
