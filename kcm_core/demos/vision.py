@@ -14,9 +14,10 @@ wheel and a Debian package (``python -m kcm_core demo prepare vision``).
   subset of the official test set is the held-out evaluation split. Both are written as PNG files in
   the ImageFolder layout, so the demo reads through the same path as a user's image folder.
 - **Classifier:** a stock ``ViTForImageClassification`` (with its ``ViTImageProcessor``) whose last
-  ``tuned_blocks`` blocks (``VisionRecipe``), final norm and head are fine-tuned on the frozen lower blocks' outputs
-  (computed once). Working size, subset sizes and schedule were picked by measurement on two cores:
-  see ``benchmarks/results/vision_prepare.md``.
+  ``tuned_blocks`` blocks (``VisionRecipe``: the last one, at 84 px), final norm and head are fine-tuned on
+  the frozen lower blocks' outputs (computed once). Working size, subset sizes and schedule were picked
+  by measurement on two cores (``benchmarks/probe_vision_recipes.py``, validation images held out of the
+  training subset): see ``benchmarks/results/vision_prepare.md``.
 
 Same guarantees as the other demos: idempotent, atomic (``kcm_core.atomic``), one build at a time per
 cache (``kcm_core.demo``'s lock), hash-checked downloads, a ``summary.json`` written last that records
@@ -79,13 +80,13 @@ class VisionRecipe:
     """How the demo is built. The defaults were picked by measurement on two cores
     (``benchmarks/results/vision_prepare.md``); tests pass a tiny recipe with their own hashes."""
 
-    image_size: int = 56                # working size: (56 / 14)^2 + 1 = 17 tokens
+    image_size: int = 84                # working size: (84 / 14)^2 + 1 = 37 tokens
     train_images: int = 8000            # class-balanced, from the 60,000 training images
     test_images: int = 1000             # class-balanced, from the 10,000 test images
-    tuned_blocks: int = 4               # the last blocks, the final norm and the head are trained
-    epochs: int = 2
+    tuned_blocks: int = 1               # the last blocks, the final norm and the head are trained
+    epochs: int = 6
     batch_size: int = 64
-    lr: float = 1.5e-4                  # blocks and norm; the new head takes head_lr
+    lr: float = 8e-4                    # blocks and norm; the new head takes head_lr
     head_lr: float = 1e-3
     weight_decay: float = 0.01
     seed: int = 0
