@@ -21,8 +21,9 @@ with the load average, on a shared machine.
     python benchmarks/bench_vision.py --smoke        # a tiny random ViT and images: checks the script runs
 
 Exits with code 2 when the vision demo is not prepared. Writes benchmarks/results/vision.json and
-vision.md (``--smoke``: into a temporary folder, printed and removed); ``--merge`` keeps an earlier run's rows for other (cell, budget,
-seed) combinations with the same settings, so seeds can be added later. Progress on stderr.
+vision.md (``--smoke``: into a temporary folder, printed and removed); ``--merge`` keeps an earlier
+run's rows for other (cell, budget, seed) combinations with the same settings, so seeds can be added
+later. Progress on stderr.
 """
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def parse_list(text: str, kind):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cells", default=",".join(CELLS), help="comma list of methods or score/allocation/repair/target")
+    parser.add_argument("--cells", default=",".join(CELLS),
+                        help="comma list of methods or score/allocation/repair/target")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--seeds", default="0", help="comma list (the target is 0,1,2; add seeds with --merge)")
     parser.add_argument("--samples", type=int, default=512, help="unlabeled calibration images per seed")
@@ -270,13 +272,15 @@ def markdown(data: dict) -> str:
         first = max(x["budget"] for x in rows if x["method"] == m)
         score = statistics.fmean(r["seconds"]["scoring"] for r in rows if r["method"] == m and r["budget"] == first)
         reused = sorted({c for r in rows if r["method"] == m for c in r.get("reused", [])})
-        lines.append(f"| {cell_label(m)} | {score:.0f} | {method_wall_time(rows, m):.0f} | {', '.join(reused) or 'nothing'} |")
+        lines.append(f"| {cell_label(m)} | {score:.0f} | {method_wall_time(rows, m):.0f} | "
+                     f"{', '.join(reused) or 'nothing'} |")
     kcm = method_wall_time(rows, REFERENCE)
     before, after = env["load_average_before"], env["load_average_after"]
     lines += ["", f"KCM's whole run (scoring, then every budget): {kcm:.0f} s, mean over seeds.", "",
               "## Environment", "",
               f"{env.get('cpu')}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, "
-              f"Python {env['python']}. Load average (1/5/15 min) before {before[0]:.1f}/{before[1]:.1f}/{before[2]:.1f}, "
+              f"Python {env['python']}. Load average (1/5/15 min) before "
+              f"{before[0]:.1f}/{before[1]:.1f}/{before[2]:.1f}, "
               f"after {after[0]:.1f}/{after[1]:.1f}/{after[2]:.1f}: {env['machine_state']}; the times above are "
               f"wall times on that machine. Wall time of this run {data['wall_seconds_this_run']:.0f} s.", "",
               f"Command: `{data['command']}`.", ""]
