@@ -285,12 +285,16 @@ def finetune_top(model, pixel_batches: Iterable, labels, recipe: VisionRecipe = 
     model.eval()
     start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        hidden = []
+        hidden, done = [], 0
         for pixels in pixel_batches:
             h = base.embeddings(pixels)                            # (B, T, D)
             for layer in layers[:frozen]:
                 h = _hidden(layer(h))
             hidden.append(h)
+            done += len(h)
+            if len(hidden) % 10 == 0:
+                tell(progress, f"demo-vision: the frozen {frozen} blocks' outputs for {done:,} of {len(labels):,} "
+                               "images", 0.2 + 0.15 * done / max(1, len(labels)))
         hidden = torch.cat(hidden)                                 # (N, T, D)
     if len(hidden) != len(labels):
         raise ValueError(f"{len(hidden)} images but {len(labels)} labels")
@@ -443,8 +447,8 @@ def _build(work: Path, progress: Progress | None, fetch_wheel: Fetch, fetch_deb:
     from ..models import load_model
     model, _ = load_model(str(model_dir), device="cpu")
     with _stage(stages, "finetune"):
-        tell(progress, f"demo-vision: fine-tuning the last {recipe.tuned_blocks} blocks on {len(train_idx)} images",
-             0.2)
+        blocks = "block" if recipe.tuned_blocks == 1 else f"{recipe.tuned_blocks} blocks"
+        tell(progress, f"demo-vision: fine-tuning the last {blocks} on {len(train_idx):,} images", 0.2)
         labels = torch.as_tensor(train_y[train_idx].astype(np.int64))
         finetune = finetune_top(model, _pixel_batches(processor, train_x, train_idx), labels, recipe, progress)
         model.save_pretrained(model_dir)
