@@ -241,7 +241,7 @@ def markdown(data: dict) -> str:
     seq = statistics.fmean(r["seq_len"] for r in rows) if rows else float("nan")
     lines = [
         "# Quality on the vision demo: methods and repair options at four budgets", "",
-        f"{s['task']} (test accuracy {pct(s['model_test_accuracy_at_preparation'] or float('nan'))} on its "
+        f"{s['task']} (test accuracy {pct(s['model_test_accuracy_at_preparation'] or float('nan'))}% on its "
         f"1,000 test images at preparation); here {s['test']} of those test images (a seed-0 draw). Calibration: "
         f"{s['samples']} training images per seed (seed-dependent draw), {s['labeled']} of them labeled for "
         f"label-using methods, scaling on {s['scale_samples']}. Seeds {seeds}. Budgets are relative FLOPs "
@@ -288,7 +288,7 @@ def markdown(data: dict) -> str:
     before, after = env["load_average_before"], env["load_average_after"]
     lines += ["", f"KCM's whole run (scoring, then every budget): {kcm:.0f} s, mean over seeds.", "",
               "## Environment", "",
-              f"{env.get('cpu')}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, "
+              f"{env.get('cpu')}, {env['threads']} thread{'' if env['threads'] == 1 else 's'}, torch {env['torch']}, transformers {env['transformers']}, "
               f"Python {env['python']}. Load average (1/5/15 min) before "
               f"{before[0]:.1f}/{before[1]:.1f}/{before[2]:.1f}, "
               f"after {after[0]:.1f}/{after[1]:.1f}/{after[2]:.1f}: {env['machine_state']}; the times above are "
