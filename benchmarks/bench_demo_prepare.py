@@ -154,8 +154,8 @@ def probe_markdown(rows: list[dict]) -> list[str]:
              "machine). Test: the demo's 1,000 test images through the stock blocks; validation: the 2,000 "
              "cached training images outside the 8,000 (none at 10,000), which chose nothing on the test "
              "images. Train CPU: the training alone (the frozen features cost extra: "
-             "11 blocks of 8,000 images take about 187 CPU s at 84 px and 82 s at 56 px, scaled from 12 blocks of "
-             "10,000 images: 255 and 111 CPU s). Rows are in the order "
+             "11 blocks of 8,000 images take about 187, 151 and 82 CPU s at 84, 70 and 56 px, scaled from 12 blocks "
+             "of 10,000 images: 255, 206 and 111 CPU s). Rows are in the order "
              "they were run; load is the 1-minute load average at the end.", "",
              "| # | size | images | trained | last block | epochs | lr (head) | other | test | validation | "
              "train CPU (s) | load |",

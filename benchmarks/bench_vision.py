@@ -23,7 +23,8 @@ with the load average, on a shared machine.
 Exits with code 2 when the vision demo is not prepared. Writes benchmarks/results/vision.json and
 vision.md (``--smoke``: into a temporary folder, printed and removed); ``--merge`` keeps an earlier
 run's rows for other (cell, budget, seed) combinations with the same settings, so seeds can be added
-later. Progress on stderr.
+later; ``--report-only`` rewrites the summary and Markdown from the stored rows (and the ``notes``
+list of the JSON, for what a reader must know about a row). Progress on stderr.
 """
 from __future__ import annotations
 
@@ -83,7 +84,16 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--merge", action="store_true", help="keep earlier rows for other combinations")
     parser.add_argument("--smoke", action="store_true", help="a tiny random ViT and images instead of the demo")
+    parser.add_argument("--report-only", action="store_true",
+                        help="recompute the summary and Markdown of results/vision.json from its rows; run nothing")
     args = parser.parse_args()
+    if args.report_only:
+        path = RESULTS / "vision.json"
+        if not path.exists():
+            log(f"--report-only: {path} does not exist; run the benchmark first")
+            return 2
+        save(path, json.loads(path.read_text()))
+        return 0
     cells = parse_list(args.cells, str)
     for cell in cells:
         cell_config(cell)                              # unknown names fail before any work
@@ -158,7 +168,7 @@ def run(args, task: dict, cells: list[str], budgets: list[float], seeds: list[in
     kept = earlier_rows(out_path, settings) if args.merge else []
     data = {"command": " ".join(["python", "benchmarks/bench_vision.py", *sys.argv[1:]]), "settings": settings,
             "unpruned": {"accuracy": dense.accuracy.to_dict(), "hits": "".join(map(str, dense_hits.tolist()))},
-            "rows": kept}
+            "rows": kept, "notes": json.loads(out_path.read_text()).get("notes", []) if kept else []}
     rows = []
     for row in pruned_rows(model, processor, train, test_batches, test.labels, dense.predictions, cells=cells,
                            budgets=budgets, seeds=seeds, samples=args.samples, labeled=args.labeled,
@@ -231,7 +241,7 @@ def markdown(data: dict) -> str:
     seq = statistics.fmean(r["seq_len"] for r in rows) if rows else float("nan")
     lines = [
         "# Quality on the vision demo: methods and repair options at four budgets", "",
-        f"{s['task']} (test accuracy {pct(s['model_test_accuracy_at_preparation'] or float('nan'))} on its "
+        f"{s['task']} (test accuracy {pct(s['model_test_accuracy_at_preparation'] or float('nan'))}% on its "
         f"1,000 test images at preparation); here {s['test']} of those test images (a seed-0 draw). Calibration: "
         f"{s['samples']} training images per seed (seed-dependent draw), {s['labeled']} of them labeled for "
         f"label-using methods, scaling on {s['scale_samples']}. Seeds {seeds}. Budgets are relative FLOPs "
@@ -278,12 +288,13 @@ def markdown(data: dict) -> str:
     before, after = env["load_average_before"], env["load_average_after"]
     lines += ["", f"KCM's whole run (scoring, then every budget): {kcm:.0f} s, mean over seeds.", "",
               "## Environment", "",
-              f"{env.get('cpu')}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}, "
+              f"{env.get('cpu')}, {env['threads']} thread{'' if env['threads'] == 1 else 's'}, torch {env['torch']}, transformers {env['transformers']}, "
               f"Python {env['python']}. Load average (1/5/15 min) before "
               f"{before[0]:.1f}/{before[1]:.1f}/{before[2]:.1f}, "
               f"after {after[0]:.1f}/{after[1]:.1f}/{after[2]:.1f}: {env['machine_state']}; the times above are "
               f"wall times on that machine. Wall time of this run {data['wall_seconds_this_run']:.0f} s.", "",
               f"Command: `{data['command']}`.", ""]
+    lines += [f"- {note}" for note in data.get("notes", [])] + ([""] if data.get("notes") else [])
     return "\n".join(lines)
 
 
