@@ -458,8 +458,34 @@ def classifier_default(results: Path) -> str:
     return "\n".join(lines) + f"\n\nGoals (`benchmarks/results/classifier_default.md`): {goals}.\n"
 
 
+def vision_default(results: Path) -> str:
+    """The image default against the paper's KCM and FLAP on the vision demo, accuracy, paired
+    (``bench_vision.py``'s summary, ``classifier_default.py --family image``'s differences)."""
+    vision, paired = _load(results, "vision.json"), _load(results, "vision_default.json")
+    cand = paired["candidates"][0]
+    per_budget = paired["tasks"]["vision demo"]["candidates"][cand]
+    acc = {(r["method"], r["budget"]): r for r in vision["summary"]}
+
+    def vs(other: str, b: str) -> str:
+        c = per_budget[b].get(other)
+        return "" if c is None else (f" ({100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, "
+                                     f"{100 * c['ci95'][1]:+.1f}] points, {len(c['seeds'])} seed"
+                                     f"{'s' if len(c['seeds']) > 1 else ''})")
+    parts = []
+    for b in per_budget:
+        mine, kcm, flap = (acc.get((m, float(b))) for m in (cand, "kcm", "flap"))
+        if mine and kcm and flap:
+            parts.append(f"{b}: {100 * mine['accuracy_mean']:.1f}% against the paper's KCM's "
+                         f"{100 * kcm['accuracy_mean']:.1f}%{vs('kcm', b)} and FLAP's {100 * flap['accuracy_mean']:.1f}%"
+                         f"{vs('flap', b)}")
+    dense = vision["unpruned"]["accuracy"]["value"]
+    return (f"Test accuracy of `{cand}` on the vision demo (unpruned {100 * dense:.1f}%, "
+            f"{vision['settings']['test']} test images, paired on the same images) at relative FLOPs "
+            + "; ".join(parts) + ".\n")
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
-    "classifier_default": classifier_default,
+    "classifier_default": classifier_default, "vision_default": vision_default,
     "engine": engine, "r2_options": r2_options, "speed": speed, "lm": lm, "lm_speed": lm_speed,
     "r2_lm": r2_lm, "r2_memory": r2_memory, "mpnet": mpnet, "app_browser": app_browser,
     "chart_draw": chart_draw, "headline": headline, "lm_grid": lm_grid, "lm_default": lm_default,
@@ -469,10 +495,11 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
 }
 
 
-# Which file holds which blocks: README.md the headline and the LM default's two sentences,
+# Which file holds which blocks: README.md the headline and the LM and image defaults' sentences,
 # benchmarks/README.md all the others.
-PLACES = {"README.md": ("headline", "lm_default"),
-          "benchmarks/README.md": tuple(name for name in BLOCKS if name not in ("headline", "lm_default"))}
+PLACES = {"README.md": ("headline", "lm_default", "vision_default"),
+          "benchmarks/README.md": tuple(name for name in BLOCKS
+                                        if name not in ("headline", "lm_default", "vision_default"))}
 
 
 # --------------------------------------------------------------------------- rewriting

@@ -115,9 +115,8 @@ class Precompute:
 
 def default_config(ws: Workspace, seed: int) -> PruneConfig:
     """The configuration a new session's Prune page opens on (KCM at the default budget)."""
-    from kcm_core.methods import default_method
     from .state import DEFAULTS, clamp_budget, default_budget
-    return PruneConfig(method=default_method(ws.is_lm), budget=clamp_budget(default_budget(ws.is_lm), ws.floor),
+    return PruneConfig(method=ws.default_method, budget=clamp_budget(default_budget(ws.is_lm), ws.floor),
                        multiple=DEFAULTS.multiple, scale_samples=engine.scale_samples(ws), seed=seed)
 
 

@@ -269,6 +269,7 @@ def budget_grid(floor: float, points: int = 5, top: float = 0.9) -> list[float]:
 
 
 LM_GRID_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "lm_grid.json"
+VISION_RESULTS = LM_GRID_RESULTS.with_name("vision.json")
 
 
 def lm_default_frame(path: Path = LM_GRID_RESULTS) -> tuple[pd.DataFrame, float] | None:
@@ -283,3 +284,21 @@ def lm_default_frame(path: Path = LM_GRID_RESULTS) -> tuple[pd.DataFrame, float]
              "acc_high": r["perplexity"]["ci95"][1], "agreement": np.nan, "seeds": 1}
             for r in data["rows"] if "/" not in r["cell"]]
     return pd.DataFrame(rows).sort_values(["method", "relative_flops"]), data["unpruned"]["perplexity"]["value"]
+
+
+def vision_default_frame(path: Path = VISION_RESULTS,
+                         methods: tuple[str, ...] = ("fluct-refit", "kcm", "flap", "random")
+                         ) -> tuple[pd.DataFrame, float] | None:
+    """The measured vision-demo evidence for the image default (``benchmarks/bench_vision.py``): test
+    accuracy vs relative FLOPs of ``methods`` (seed means, with the interval of the seed-averaged
+    accuracy), in ``comparison_frame``'s columns, and the unpruned accuracy; None without the file."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    rows = [{"method": r["method"], "budget": r["budget"], "relative_flops": r["relative_flops_mean"],
+             "accuracy": r["accuracy_mean"], "acc_low": r["accuracy_ci95"][0], "acc_high": r["accuracy_ci95"][1],
+             "agreement": r["agreement_mean"], "seeds": len(r["seeds"])}
+            for r in data["summary"] if r["method"] in methods]
+    if not rows:
+        return None
+    return pd.DataFrame(rows).sort_values(["method", "relative_flops"]), data["unpruned"]["accuracy"]["value"]

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, MutableMapping
 
-from kcm_core.methods import DEFAULT_METHOD, METHODS, default_method
+from kcm_core.methods import DEFAULT_METHOD, METHODS
 from kcm_core.repair import REPAIRS
 
 from . import navigation
@@ -254,13 +254,13 @@ def workspace() -> Workspace | None:
 
 def set_workspace(ws: Workspace | None) -> None:
     """The loaded model; a budget or method nobody chose follows the model kind's default
-    (``default_budget``, ``kcm_core.methods.default_method``)."""
+    (``default_budget``, ``Workspace.default_method``)."""
     session = _session()
     session[WORKSPACE] = ws
     if ws is not None and not session.get(BUDGET_CHOSEN):
         session[BUDGET] = default_budget(ws.is_lm)
     if ws is not None and not session.get(METHOD_CHOSEN):
-        session[METHOD] = default_method(ws.is_lm)
+        session[METHOD] = ws.default_method
 
 
 def evaluator():

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .methods import DEFAULT_METHOD
+from .methods import default_method
 
 SCHEMA = "kcm-explorer/report/1"
 FLOPS_UNIT = "encoder MACs at seq_len, relative to the unpruned model (FLOPs = 2 x MACs)"
@@ -209,7 +209,7 @@ def build_report(*, model, source: str, path: str | None, config, data: Mapping[
                "model_type": shape.model_type,
                "class_note": moved_note(model, plan)},
         method={"name": spec.name, "label": spec.label, "description": spec.description,
-                "default": spec.name == DEFAULT_METHOD},
+                "default": spec.name == default_method(shape.head == "lm", shape.vision)},
         options=config.to_dict(), data=dict(data), seq_len=float(seq_len),
         relative_flops={"target": config.budget, "achieved": float(achieved_flops), "unit": DECODER_FLOPS_UNIT if shape.decoder else FLOPS_UNIT},
         neurons={"kept_per_layer": plan.kept_counts, "width_per_layer": plan.widths,

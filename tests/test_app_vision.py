@@ -84,3 +84,12 @@ def test_model_page_shows_sample_images_with_labels(app):
     at = app()
     assert any("Test images as the model reads them" in c.value for c in at.caption)
     assert sum(c.value in ("boot", "coat", "shirt") for c in at.caption) == 8
+    # the image default and why, with the measured chart when the results file is there
+    assert any("For an image classifier the default is not the paper's KCM" in i.value for i in at.info)
+
+
+def test_an_image_model_opens_on_its_own_default_method(app):
+    from kcm_core.methods import DEFAULT_METHOD, DEFAULT_VISION_METHOD
+    at = app("pages/5_prune.py")
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state["method"] == DEFAULT_VISION_METHOD != DEFAULT_METHOD

@@ -233,3 +233,24 @@ def test_readme_paired_cell_is_points_with_the_paired_interval_and_mcnemar_p():
     assert render_readme._paired(paired) == "-1.2 [-3.0, +0.5], p 0.042"
     assert render_readme._paired({**paired, "mcnemar_p": [3e-6]}).endswith("p 3e-06")
     assert render_readme._paired(None) == ""
+
+
+def test_image_default_goal_counts_only_plain_methods_at_and_below_0_7(tmp_path, monkeypatch):
+    """``classifier_default.py --family image``: a candidate is ahead of a row only where the paired
+    interval clears 0, repair cells of one score do not count against the goal, and 0.9 is not checked."""
+    import classifier_default as cd
+    n = 200
+    base = "1" * 150 + "0" * 50
+    rows = [{"method": "fluct-refit", "seed": 0, "budget": b, "hits": "1" * 190 + "0" * 10, "agree": base}
+            for b in (0.9, 0.7)]
+    rows += [{"method": m, "seed": 0, "budget": b, "hits": h, "agree": base}
+             for b in (0.9, 0.7)
+             for m, h in (("kcm", base), ("flap", "1" * 189 + "0" * 11), ("kcm/pooled/refit/local", base))]
+    assert all(len(r["hits"]) == n for r in rows)
+    (tmp_path / "vision.json").write_text(json.dumps({"rows": rows}))
+    monkeypatch.setattr(cd, "RESULTS", tmp_path)
+    data = cd.analyse(["fluct-refit"], {"vision demo": "vision.json"})
+    per = data["tasks"]["vision demo"]["candidates"]["fluct-refit"]
+    assert cd.verdict(per["0.7"]["kcm"]) == "ahead" and cd.verdict(per["0.7"]["flap"]) == "not shown different"
+    goal = cd.image_goal(data)["fluct-refit"][0]
+    assert goal["not_ahead"] == ["0.7 vs flap (not shown different)"]       # not the cell, not 0.9

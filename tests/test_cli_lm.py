@@ -10,6 +10,7 @@ import pytest
 from conftest import LM_WORDS, save_tiny_lm
 from kcm_core import cli
 from kcm_core.export import load_pruned
+from kcm_core.methods import DEFAULT_LM_METHOD
 from kcm_core.report import SCHEMA
 
 WORDS = LM_WORDS
@@ -32,15 +33,18 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("family,method", [("gpt2", "kcm"), ("llama", "flap"), ("qwen2", "wanda-sp")])
+@pytest.mark.parametrize("family,method", [("gpt2", "kcm"), ("llama", "flap"), ("qwen2", "wanda-sp"), ("llama", None)])
 def test_prune_a_tiny_lm_reports_perplexity_agreement_and_kl(lm_dir, capsys, tmp_path, family, method):
     model_dir = save_tiny_lm(tmp_path / family, family)
     out_dir = tmp_path / "pruned"
     code, out, err = run(capsys, "prune", "--model", model_dir, "--data", lm_dir / "docs.txt",
-                         "--flops", 0.9, "--method", method, "--block-size", 16, "--samples", 8,
-                         "--eval-blocks", 6, "--out", out_dir)
+                         "--flops", 0.9, *(("--method", method) if method else ()), "--block-size", 16,
+                         "--samples", 8, "--eval-blocks", 6, "--out", out_dir)
     assert code == 0, err
     report = json.loads(out)
+    # without --method a language model gets its own default, and the report says it is the default
+    assert report["method"]["name"] == (method or DEFAULT_LM_METHOD)
+    assert report["method"]["default"] is (method is None)
     ev = report["evaluation"]
     assert report["schema"] == SCHEMA and ev["examples"] == 6
     assert set(ev["before"]) == {"perplexity"} and set(ev["after"]) == {"perplexity", "agreement", "kl"}

@@ -18,6 +18,7 @@ from conftest import build_tiny_model  # noqa: E402
 from kcm_core import cli  # noqa: E402
 from kcm_core.data import labels_for_model  # noqa: E402
 from kcm_core.images import ImageData, image_batches, load_image_data  # noqa: E402
+from kcm_core.methods import DEFAULT_METHOD, DEFAULT_VISION_METHOD  # noqa: E402
 
 CLASSES = ("cat", "dog", "fish")
 
@@ -152,6 +153,8 @@ def test_prune_evaluate_export_and_stock_reload_of_a_vit(tmp_path, capsys, vit_d
                                 "--uniform", "--out", out, "--batch-size", 8, "--format", "hf,onnx")
     assert code == 0, err
     report = json.loads(stdout)
+    # an image classifier's default (not the text classifiers' kcm), recorded as the default
+    assert report["method"]["name"] == DEFAULT_VISION_METHOD != DEFAULT_METHOD and report["method"]["default"]
     evaluation = report["evaluation"]
     assert evaluation["examples"] == 24
     assert set(evaluation["after"]) == {"accuracy", "agreement"} and "accuracy" in evaluation["before"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from kcm_core.arch import ModelShape
 from kcm_core.flops import flops_floor
+from kcm_core.methods import default_method
 from kcm_core.runtime import Batch
 
 
@@ -63,6 +64,11 @@ class Workspace:
     def is_lm(self) -> bool:
         """A causal language model: blocks instead of sentences, perplexity instead of accuracy."""
         return self.shape.head == "lm"
+
+    @property
+    def default_method(self) -> str:
+        """The model kind's default method (``kcm_core.methods.default_method``)."""
+        return default_method(self.is_lm, self.shape.vision)
 
     @property
     def has_labels(self) -> bool:

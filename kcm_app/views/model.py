@@ -84,6 +84,8 @@ def page() -> None:
     st.markdown(loaded_line(ws))
     if ws.is_lm:
         lm_default_note()
+    elif ws.shape.vision:
+        vision_default_note()
     thin = sample_warning(ws)
     if thin:
         st.warning(thin)
@@ -106,6 +108,22 @@ def lm_default_note() -> None:
         st.plotly_chart(figures.comparison_lm(frame, dense, None), key="model_lm_default")
         st.caption("Measured on the LM demo: held-out perplexity by relative FLOPs "
                    "(`benchmarks/results/lm_grid.json`, written by `benchmarks/bench_lm_grid.py`).")
+
+
+def vision_default_note() -> None:
+    """Two sentences on what the image-classifier default adds to the paper, and the measurement."""
+    st.info("**For an image classifier the default is not the paper's KCM.** On the vision demo the "
+            "paper's KCM (one scale per kept neuron) loses most of its accuracy below 0.7 of the FLOPs; the "
+            "default, *fluctuation + refit*, ranks neurons by FLAP's standardised score and then refits every "
+            "kept row of `fc2` to what the unpruned layer would output on the pruned model's inputs "
+            "(label-free least squares). The paper's KCM stays one choice away.")
+    found = charts.vision_default_frame()
+    if found is not None:
+        frame, dense = found
+        st.plotly_chart(figures.comparison(frame, dense, None), key="model_vision_default")
+        st.caption("Measured on the vision demo: test accuracy on 500 held-out images by relative FLOPs "
+                   "(`benchmarks/results/vision.json`, written by `benchmarks/bench_vision.py`; paired "
+                   "differences in `benchmarks/results/vision_default.md`).")
 
 
 def body(ws: Workspace, score_now: bool) -> None:

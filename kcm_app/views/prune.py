@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from kcm_core.evaluate import labels_of
-from kcm_core.methods import METHODS, default_method
+from kcm_core.methods import METHODS
 
 from .. import background, charts, engine, figures, live, resources, state, theme, ui
 from ..engine import Workspace
@@ -77,7 +77,7 @@ def compare_controls(ws: Workspace) -> tuple[list[str], list[float], bool]:
     """Methods, budgets (those above this model's floor, ascending), and whether 'Compare' was pressed."""
     left, mid, right = st.columns([3, 2, 1])
     options = method_options(ws)
-    methods = left.multiselect("Methods", options, default=default_methods(options, ws.is_lm),
+    methods = left.multiselect("Methods", options, default=default_methods(options, ws.is_lm, ws.shape.vision),
                                format_func=theme.method_label, key="compare_methods", help="One line per method")
     budgets = mid.multiselect("Relative FLOPs", charts.BUDGET_OPTIONS,
                               default=charts.budget_grid(ws.floor, points=3), key="compare_budgets",
@@ -87,11 +87,13 @@ def compare_controls(ws: Workspace) -> tuple[list[str], list[float], bool]:
     return methods, sorted({b for b in budgets if b >= ws.floor} | {round(state.budget(), 2)}), run
 
 
-def default_methods(options: list[str], lm: bool = False) -> list[str]:
+def default_methods(options: list[str], lm: bool = False, vision: bool = False) -> list[str]:
     """The comparison's default lines: KCM against weight magnitude, random, and (with labels)
     Mask-Tuning; for a language model its default (fluctuation + refit) against the paper's KCM and
-    the LLM baselines Wanda-sp and FLAP. The other methods can be added."""
+    the LLM baselines Wanda-sp and FLAP; for an image model its default (fluctuation + refit) against
+    the paper's KCM, FLAP and random. The other methods can be added."""
     wanted = (("fluct-refit", "kcm", "wanda-sp", "flap") if lm
+              else ("fluct-refit", "kcm", "flap", "random") if vision
               else ("kcm", "weight-magnitude", "random", "mask-tuning"))
     return [m for m in wanted if m in options]
 
@@ -441,7 +443,7 @@ def paired_view(ws: Workspace, methods: list[str], results: list[engine.BudgetRe
     if len(methods) < 2:
         st.caption("Choose two or more methods to see their paired differences.")
         return
-    default = default_method(ws.is_lm)
+    default = ws.default_method
     reference = st.selectbox("Reference method", methods, index=methods.index(default) if default in methods else 0,
                              format_func=theme.method_label, key="compare_reference",
                              help="Every other method is compared with this one on the same "

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from kcm_core import scores as S
-from kcm_core.methods import METHODS, default_method
+from kcm_core.methods import METHODS
 
 from .. import background, charts, engine, figures, resources, state, theme, ui
 from ..engine import Workspace
@@ -108,9 +108,9 @@ def allocation_defaults(ws: Workspace, options: list[str]) -> tuple[str, str]:
     """The paper's KCM and the model's default method (a language model: fluctuation + refit); where
     the default is KCM itself (a classifier), the comparison's next default method (weight magnitude)."""
     first = "kcm" if "kcm" in options else options[0]
-    default = default_method(ws.is_lm)
+    default = ws.default_method
     if default == first or default not in options:
-        default = next((m for m in default_methods(options, ws.is_lm) + options if m != first), first)
+        default = next((m for m in default_methods(options, ws.is_lm, ws.shape.vision) + options if m != first), first)
     return first, default
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..hull import STOP_RULES
-from .common import (CLASSIFIER_SAMPLES, DEMO, StderrProgress, check_output, export_formats, json_out, limit,
+from .common import (DEMO, classifier_config, StderrProgress, check_output, export_formats, json_out, limit,
                      load_data, model_batches, resolve_model_path, sample_record, source_paths, write_pruned)
 from .lm import evaluate_lm_command, is_causal_lm, lm_config, prune_lm
 from .vision import DEMO_VISION, check_image_data, is_image_source, is_vision, load_images
@@ -101,12 +101,11 @@ def _prune(args, group) -> dict | None:
     if is_causal_lm(model):
         config = lm_config(config, args)
         return prune_lm(args, config, model, tokenizer, model_path, out_dir, times, progress, group=group)
-    if args.samples is None:
-        args.samples = CLASSIFIER_SAMPLES
+    images = is_vision(model)
+    config = classifier_config(config, args, images)
 
     # Labels become the model's class ids (or are refused) before any work: scoring and evaluation
     # must agree with what the model predicts.
-    images = is_vision(model)
     sample = group.main_first(lambda: D.labels_for_model(
         limit(load_data(args, progress, "train", images=images), args.samples, args.seed), model.config))
     check_image_data(sample, model)
@@ -342,7 +341,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..methods import METHODS
-    from ..methods import DEFAULT_LM_METHOD, DEFAULT_METHOD
+    from ..methods import DEFAULT_LM_METHOD, DEFAULT_METHOD, DEFAULT_VISION_METHOD
     from ..repair import REPAIRS, TARGETS
     from ..select import ALLOCATIONS
     parser = _Parser(prog="python -m kcm_core", description=__doc__,
@@ -363,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flops", type=float, required=True, help="fraction of FLOPs to keep, e.g. 0.6")
     p.add_argument("--method", default=None, choices=list(METHODS),
                    help=f"which neurons to keep (default: {DEFAULT_METHOD}, the paper's exact KCM, for a "
-                        f"classifier; {DEFAULT_LM_METHOD} for a causal language model)")
+                        f"text classifier; {DEFAULT_LM_METHOD} for a causal language model; "
+                        f"{DEFAULT_VISION_METHOD} for an image classifier)")
     p.add_argument("--repair", default="auto", choices=["auto", *REPAIRS],
                    help="how the kept neurons make up for the dropped ones (default: the method's own)")
     p.add_argument("--repair-target", default="auto", choices=["auto", *TARGETS],

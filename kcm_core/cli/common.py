@@ -14,7 +14,19 @@ from .vision import (DEMO_VISION, demo_folder, demo_model_path, image_batches, i
 
 DEMO = "demo"
 DEMO_LM = "demo-lm"
-CLASSIFIER_SAMPLES = 2048      # --samples default for classifiers (sequences); LMs: see cli.lm
+CLASSIFIER_SAMPLES = 2048      # --samples default for text classifiers (sequences); LMs: see cli.lm
+IMAGE_SAMPLES = 512            # --samples default for image classifiers: the vision benchmark's calibration size
+
+
+def classifier_config(config, args, vision: bool):
+    """A classifier's configuration, with ``args.samples`` resolved: an image model's default method
+    (``kcm_core.methods.DEFAULT_VISION_METHOD``) unless ``--method`` named one, and its sample size."""
+    from dataclasses import replace
+
+    from ..methods import DEFAULT_VISION_METHOD
+    if args.samples is None:
+        args.samples = IMAGE_SAMPLES if vision else CLASSIFIER_SAMPLES
+    return replace(config, method=DEFAULT_VISION_METHOD) if vision and args.method is None else config
 
 
 class StderrProgress:

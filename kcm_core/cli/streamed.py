@@ -27,7 +27,7 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
     """``prune --stream``: the same data path as ``cmd_prune``, then ``stream.prune_streamed``."""
     from .. import data as D
     from ..arch import model_shape
-    from .common import (CLASSIFIER_SAMPLES, export_formats, limit, load_data, model_batches,
+    from .common import (classifier_config, export_formats, limit, load_data, model_batches,
                          resolve_model_path, run_report, sample_record, source_paths)
     from .lm import blocks, blocks_record, lm_config
     from ..models import fit_max_len, load_config, load_processor
@@ -55,8 +55,9 @@ def prune_streamed_command(args, config, out_dir: Path, progress) -> dict:
         data = blocks_record(args, batches)
     else:
         args.max_len = fit_max_len(args.max_len, model_config, option="--max-len")
+        config = classifier_config(config, args, shape.vision)
         sample = D.labels_for_model(limit(load_data(args, progress, "train", images=shape.vision),
-                                           args.samples or CLASSIFIER_SAMPLES, args.seed), model_config)
+                                           args.samples, args.seed), model_config)
         batches = model_batches(sample, tokenizer, holder, args, with_labels=False, progress=progress)
         data = sample_record(args, sample)
     times["load"] = time.perf_counter() - start
