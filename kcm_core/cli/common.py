@@ -117,7 +117,8 @@ def load_data(args, progress: Progress, split: str = "train", *, evaluation: boo
     from .. import data as D
     source = args.eval_data if evaluation else args.data
     if images or is_image_source(source):
-        return load_images(source, split, args, progress)
+        return load_images(source, split, args, progress,
+                           hub_split=getattr(args, "eval_split" if evaluation else "split", None))
     if source == DEMO:
         from ..demos import classifier as demo
         demo.prepare_demo(progress=progress)
