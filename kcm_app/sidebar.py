@@ -1,17 +1,20 @@
 """The shared sidebar: model, data, sample settings; loading them (with progress) into the session."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 
 import streamlit as st
 
 from . import live, resources, server, state, ui
+from .image_uploads import UPLOAD_TYPES, image_upload_folder
 from .sources import (DATA_KINDS, DEMO_KINDS, LM_CALIBRATION_BLOCKS, MODEL_KINDS, DataChoice, ModelChoice,
                       SampleChoice, env_block_size, env_defaults, max_len_choices, nearest_choice,
                       upload_dir, upload_path)
 
 MAX_LENS = [32, 64, 128, 256, 512]
 BLOCK_SIZES = [16, 32, 64, 128, 256, 512, 1024]     # a language model's tokens per block
+UPLOAD_SESSION = "image_upload_session"
 
 
 def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
@@ -54,13 +57,26 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
                                   key="data_upload", help="Kept on this machine in a private temporary "
                                   "folder, removed when the server stops.")
         ref = str(upload_path(upload.name, upload.getvalue(), upload_dir())) if upload else ""
-    if data_kind not in DEMO_KINDS:
+    elif data_kind == "images":
+        server.check_uploads()
+        uploads = st.file_uploader("Images", type=UPLOAD_TYPES, accept_multiple_files=True, key="image_upload",
+                                   help="A zip of an image folder (one sub-folder per class, named as the "
+                                        "model's classes; images without sub-folders are unlabeled), or a few "
+                                        "image files for a quick look. Kept on this machine in a private "
+                                        "temporary folder of this session, removed when the server stops.")
+        ref = str(image_upload_folder([(f.name, f.getvalue()) for f in uploads], upload_dir(),
+                                      _upload_session())) if uploads else ""
+    if data_kind not in DEMO_KINDS and data_kind != "images":
+        vision = _is_vision(kind, model_ref)
         with st.expander("Columns and split"):
-            st.text_input("Text column", key="text_column", help="Default: text or sentence")
+            st.text_input("Image column" if vision else "Text column", key="text_column",
+                          help="Default: the datasets.Image column (a Hugging Face dataset) or image, path, "
+                               "file (a table of image paths)" if vision else "Default: text or sentence")
             st.text_input("Second text column", key="text_pair_column", help="For pair tasks (MRPC, QNLI)")
             st.text_input("Label column", key="label_column",
                           help="A language model needs none" if lm else "Enables accuracy and label methods")
-            st.text_input("Split", key="data_split", help="Hub datasets: train, validation, ...")
+            st.text_input("Split", key="data_split", help="Hub datasets (and a saved DatasetDict): train, "
+                                                          "validation, ...")
             st.text_input("Config", key="data_config", help="Hub datasets: e.g. sst2 for glue")
     st.subheader("Sample")
     if lm:
@@ -120,6 +136,19 @@ def _session_model(kind: str, ref: str):
     if ws is None or not (ws.model_key == key or ws.model_key.startswith((key + "@", key + "#"))):
         return None
     return ws
+
+
+def _upload_session() -> str:
+    """This browser session's own name for its uploaded images' folder (``kcm_app.image_uploads``)."""
+    return st.session_state.setdefault(UPLOAD_SESSION, uuid.uuid4().hex)
+
+
+def _is_vision(kind: str, ref: str) -> bool:
+    """Whether the chosen model reads images, as far as is known before loading it (as ``_is_lm``)."""
+    if kind in DEMO_KINDS:
+        return kind == "demo-vision"
+    ws = _session_model(kind, ref)
+    return ws is not None and ws.shape.vision
 
 
 def _is_lm(kind: str, ref: str) -> bool:

@@ -2,7 +2,11 @@
 the entry point (``AppTest``); the real vision demo and the network are never touched."""
 from __future__ import annotations
 
+import io
+import stat
+import zipfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -10,7 +14,8 @@ import transformers as T
 from PIL import Image
 
 from conftest import app_runner, build_tiny_model
-from kcm_app import live, sources
+from kcm_app import image_uploads, live, sources
+from kcm_core.images import load_image_data
 from kcm_app.testing import finish_background
 
 PAGES = ["pages/1_model.py", "pages/2_cost.py", "pages/3_scores.py", "pages/4_hull.py",
@@ -84,3 +89,110 @@ def test_model_page_shows_sample_images_with_labels(app):
     at = app()
     assert any("Test images as the model reads them" in c.value for c in at.caption)
     assert sum(c.value in ("boot", "coat", "shirt") for c in at.caption) == 8
+
+
+# --------------------------------------------------------------------------- image uploads
+
+def _png(value: int, size=(14, 14)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full(size, value, dtype=np.uint8), mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _zip(members: dict[str, bytes], links: Sequence[str] = ()) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+        for name in links:
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, "/etc/passwd")
+    return buffer.getvalue()
+
+
+def _image_folder_zip(root: str = "clothes/") -> bytes:
+    members = {f"{root}{name}/{i}.png": _png(60 * k + i) for k, name in enumerate(CLASSES) for i in range(30)}
+    members.update({"__MACOSX/._x": b"junk", f"{root}.DS_Store": b"junk", f"{root}boot/notes.txt": b"hi"})
+    return _zip(members)
+
+
+def test_a_zip_of_an_image_folder_is_extracted_once_per_session_and_reads_as_labeled_images(tmp_path):
+    upload = _image_folder_zip()
+    folder = image_uploads.image_upload_folder([("clothes.zip", upload)], tmp_path, "session-a")
+    assert folder.name == "images" and folder.parent.parent == tmp_path
+    assert sorted(p.name for p in folder.iterdir()) == list(CLASSES)      # the top folder unwrapped
+    assert stat.S_IMODE(folder.parent.stat().st_mode) == 0o700
+    data = load_image_data(folder)
+    assert len(data) == 90 and data.label_names == CLASSES and "skipped 1 files" in data.source
+    again = image_uploads.image_upload_folder([("clothes.zip", upload)], tmp_path, "session-a")
+    other = image_uploads.image_upload_folder([("clothes.zip", upload)], tmp_path, "session-b")
+    assert again == folder and other != folder                 # one folder per session, written once
+    assert not [p for p in folder.parent.iterdir() if p.name.endswith(".part")]
+
+
+def test_single_images_are_unlabeled_and_keep_both_of_two_alike_names(tmp_path):
+    folder = image_uploads.image_upload_folder([("a.png", _png(1)), ("sub/a.png", _png(2)), ("b.jpg", _png(3))],
+                                               tmp_path, "s")
+    assert sorted(p.name for p in folder.iterdir()) == ["a-2.png", "a.png", "b.jpg"]
+    data = load_image_data(folder)
+    assert len(data) == 3 and data.labels is None
+
+
+@pytest.mark.parametrize("files, message", [
+    ([("evil.zip", _zip({"../outside.png": _png(1)}))], r"evil.zip: member '../outside.png' points outside"),
+    ([("evil.zip", _zip({"/etc/x.png": _png(1)}))], r"member '/etc/x.png' points outside"),
+    ([("evil.zip", _zip({"a/1.png": _png(1)}, links=["a/link.png"]))], r"member 'a/link.png' is a link"),
+    ([("bad.zip", _zip({"cat/1.png": _png(1), "cat/2.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 40}))],
+     r"bad.zip: cat/2.png is not a readable image"),
+    ([("notes.zip", _zip({"readme.txt": b"hi"}))], r"notes.zip holds no images"),
+    ([("fake.zip", b"not a zip")], r"fake.zip is not a readable zip archive"),
+    ([("a.zip", _zip({"x/1.png": _png(1)})), ("b.png", _png(2))], r"upload one zip \(a.zip\) on its own"),
+    ([("photo.png", b"hello")], r"photo.png is not a readable image"),
+    ([("table.csv", b"a,b")], r"table.csv is not an image file"),
+], ids=["dot-dot", "absolute", "link", "corrupt-image", "no-images", "not-a-zip", "zip-and-image",
+        "corrupt-single", "not-an-image"])
+def test_bad_uploads_are_refused_naming_the_file_and_leave_nothing(tmp_path, files, message):
+    with pytest.raises(ValueError, match=message):
+        image_uploads.image_upload_folder(files, tmp_path / "uploads", "s")
+    assert not (tmp_path / "outside.png").exists()
+    assert not list((tmp_path / "uploads").rglob("*.png"))        # nothing half-extracted stays
+
+
+def test_a_zip_larger_than_the_limit_or_a_damaged_member_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_uploads, "MAX_BYTES", 1000)
+    with pytest.raises(ValueError, match="big.zip extracts to more than"):
+        image_uploads.image_upload_folder([("big.zip", _zip({"a/1.png": _png(1, (200, 200)) + b"\0" * 2000}))],
+                                          tmp_path, "s")
+    monkeypatch.setattr(image_uploads, "MAX_BYTES", 512 * 2**20)
+    content = bytearray(_zip({"cat/1.png": _png(7, (64, 64))}))
+    start = content.index(b"cat/1.png") + len("cat/1.png")            # the local header's name, then data
+    content[start + 5] ^= 0xFF                                         # flip a byte of the compressed data
+    with pytest.raises(ValueError, match=r"damaged.zip: member 'cat/1.png' is damaged"):
+        image_uploads.image_upload_folder([("damaged.zip", bytes(content))], tmp_path, "s")
+
+
+@pytest.mark.slow            # about 65 s on two shared cores: three workspaces and their background work
+def test_the_sidebar_takes_a_zip_of_an_image_folder_and_single_images(app):
+    at = app()
+    at.radio(key="data_kind").set_value("images").run()
+    assert not at.exception
+    assert any("no images uploaded yet" in e.value for e in at.error)
+    at.file_uploader(key="image_upload").set_value(("clothes.zip", _image_folder_zip(), "application/zip")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    ws = at.session_state["workspace"]
+    assert "90 images in 3 classes" in ws.info.data_source and ws.info.eval_examples > 0
+    assert any(m.label == "Accuracy (unpruned)" and m.value.endswith("%") for m in at.metric)
+    # a few single images: unlabeled, a quick look at the pages
+    at.file_uploader(key="image_upload").set_value([(f"{i}.png", _png(40 * i), "image/png") for i in range(3)]).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "unlabeled images" in at.session_state["workspace"].info.data_source
+    for page in PAGES[1:]:
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert not at.error, (page, [e.value for e in at.error])
+    # a corrupt image in the zip is named on the page
+    bad = _zip({"boot/1.png": _png(1), "boot/2.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 40})
+    at.switch_page(PAGES[0]).run()
+    at.file_uploader(key="image_upload").set_value(("bad.zip", bad, "application/zip")).run()
+    assert any("bad.zip: boot/2.png is not a readable image" in e.value for e in at.error), [e.value for e in at.error]
