@@ -196,3 +196,22 @@ def test_the_sidebar_takes_a_zip_of_an_image_folder_and_single_images(app):
     at.switch_page(PAGES[0]).run()
     at.file_uploader(key="image_upload").set_value(("bad.zip", bad, "application/zip")).run()
     assert any("bad.zip: boot/2.png is not a readable image" in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_the_app_reads_hf_image_datasets_for_an_image_model(tmp_path, monkeypatch):
+    """A ``save_to_disk`` folder ("File on this machine", with its split) and a hub name ("Hub dataset";
+    ``hub_dataset`` replaced here, no network) are read as images when the model reads images."""
+    import datasets
+
+    from kcm_app import resources
+    from kcm_core.data import readers
+    from kcm_core.images import ImageData
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["coat", "boot"])})
+    dataset = datasets.Dataset.from_dict({"image": [{"bytes": _png(9 * i), "path": None} for i in range(4)],
+                                          "label": [0, 1, 1, 0]}, features=features)
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "saved"))
+    data = resources.load_data(sources.DataChoice("file", str(tmp_path / "saved"), split="train"), "train", True)
+    assert isinstance(data, ImageData) and data.labels == (0, 1, 1, 0) and data.label_names == ("coat", "boot")
+    monkeypatch.setattr(readers, "hub_dataset", lambda name, config, split: (dataset, f"hub:{name} [{split}]"))
+    data = resources.load_data(sources.DataChoice("hub", "someone/clothes", split="test"), "train", True)
+    assert isinstance(data, ImageData) and data.source == "hub:someone/clothes [test] (4 images, 2 classes)"
