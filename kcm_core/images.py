@@ -87,8 +87,8 @@ def load_image_data(source: str | os.PathLike, *, image_column: str | None = Non
     if path.is_dir():
         return _from_folder(path)
     if not path.exists():
-        from .data.loading import _looks_like_path
-        if _looks_like_path(str(source)):
+        from .data.loading import looks_like_path
+        if looks_like_path(str(source)):
             raise ValueError(f"image data {source} does not exist")
         from .data.readers import hub_dataset
         dataset, label = hub_dataset(str(source), config_name, split)
@@ -248,8 +248,8 @@ def from_hf_dataset(dataset, source: str, *, image_column: str | None = None,
     if len(dataset) == 0:
         raise ValueError(f"{source} has no rows: no images to read")
     if isinstance(features.get(column), datasets.Image):
-        from .data.readers import _quiet_datasets
-        with _quiet_datasets():
+        from .data.readers import quiet_datasets
+        with quiet_datasets():
             cells = dataset.cast_column(column, datasets.Image(decode=False))[column]
     else:
         cells = dataset[column]

@@ -257,7 +257,7 @@ def hub_dataset(name: str, config_name: str | None = None, split: str | None = N
         hub.check_hub(name, kind="dataset", what=f"load dataset {label!r}")
     import datasets
     # Hub downloads go to the ordinary `datasets` cache, so a second run (or HF_HUB_OFFLINE=1) reuses them.
-    with _quiet_datasets():
+    with quiet_datasets():
         try:
             loaded = datasets.load_dataset(name, config_name, split=split,
                                            download_config=datasets.DownloadConfig(max_retries=1))
@@ -279,7 +279,7 @@ def hub_dataset(name: str, config_name: str | None = None, split: str | None = N
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
+def quiet_datasets() -> Iterator[None]:
     """Silence ``datasets`` progress bars for the block (the library never prints), then restore."""
     import datasets
     was_disabled = datasets.are_progress_bars_disabled()
