@@ -3,6 +3,7 @@ the entry point (``AppTest``); the real vision demo and the network are never to
 from __future__ import annotations
 
 import io
+import re
 import stat
 import zipfile
 from pathlib import Path
@@ -58,23 +59,62 @@ def test_the_vision_demo_is_offered_and_named_by_the_environment():
     assert (model.kind, data.kind) == ("demo-vision", "demo-vision")
 
 
-def test_every_page_runs_on_an_image_classifier(app):
+# Text-model wording where an image model's inputs are meant (a ViT reads images of patches + 1 tokens)
+TEXT_WORDING = re.compile(r"(?i)\bsequences?\b|\bsentences?\b|tokens of text|\btexts\b|text column|"
+                          r"max(imum)? length")
+
+
+def page_words(at) -> list[str]:
+    """Every string a page shows (values, labels, help, chart specs), sidebar included."""
+    found = []
+
+    def walk(node):
+        for attr in ("value", "label", "help", "body", "placeholder"):
+            value = getattr(node, attr, None)
+            if isinstance(value, str):
+                found.append(value)
+        spec = getattr(getattr(node, "proto", None), "spec", None)
+        if isinstance(spec, str):
+            found.append(spec)
+        for child in (getattr(node, "children", None) or {}).values():
+            walk(child)
+
+    walk(at._tree)
+    return found
+
+
+@pytest.mark.slow            # about 13 s, then about 35 s for its background work to stop, on two shared cores
+def test_every_page_runs_on_an_image_classifier_and_speaks_of_images(app):
     at = app()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     accuracy = [m.value for m in at.metric if m.label == "Accuracy (unpruned)"]
     assert accuracy and accuracy[0].endswith("%")
-    for page in PAGES[1:]:
-        at.switch_page(page).run()
+    assert [n.label for n in at.sidebar.number_input][0] == "Unlabeled images"
+    for page in PAGES:
+        if page != PAGES[0]:
+            at.switch_page(page).run()
         assert not at.exception, (page, [e.value for e in at.exception])
         assert not at.error, (page, [e.value for e in at.error])
+        wording = [m.group(0) + ": " + text[max(0, m.start() - 60):m.end() + 60]
+                   for text in page_words(at) for m in TEXT_WORDING.finditer(text)]
+        assert not wording, (page, wording)
 
 
-def test_cost_page_times_the_vit_blocks_on_images(app):
+def test_cost_page_counts_the_vit_blocks_at_patches_plus_one_and_times_them_on_images(app):
     at = app("pages/2_cost.py")
+    # the tiny ViT reads 16 x 16 images in 4 x 4 patches: 16 patches + the class token
+    assert any("Tokens per image s = (16/4)^2 + 1 = 17" in m.value for m in at.markdown)
+    assert any("s = (16/4)^2 + 1 = 17 tokens per image" in c.value for c in at.caption)
+    assert not [s for s in at.select_slider if s.key == "cost_seq_len"]      # nothing to choose for images
+    assert [m.label for m in at.metric][0] == "Encoder cost per image"
+    specs = [c.proto.spec for c in at.get("plotly_chart")]
+    assert any("Cost per layer at s = 17 tokens" in s for s in specs)
+    assert any("tokens per image s (patches + 1)" in s for s in specs)
     at.button(key="cost_measure").click().run()
     assert not at.exception, [e.value for e in at.exception]
-    assert any("Measured time per block, batch" in c.proto.spec for c in at.get("plotly_chart"))
+    assert any("Measured time per block, batch 16 images x 17 tokens" in c.proto.spec
+               for c in at.get("plotly_chart"))
 
 
 def test_prune_page_shows_test_images_with_both_predictions(app):

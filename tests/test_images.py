@@ -157,6 +157,9 @@ def test_prune_evaluate_export_and_stock_reload_of_a_vit(tmp_path, capsys, vit_d
     assert set(evaluation["after"]) == {"accuracy", "agreement"} and "accuracy" in evaluation["before"]
     assert "accuracy_difference" in evaluation["paired"]
     assert "converted 6 images to RGB" in err
+    assert report["data"]["unit"] == "images" and report["data"]["samples"] == 24
+    from kcm_core.report import render_markdown
+    assert "(24 unlabeled images, seed 0)" in render_markdown(report)
     code, stdout, err = run_cli(capsys, "evaluate", "--model", out, "--data", image_folder)
     assert code == 0, err
     assert json.loads(stdout)["accuracy"]["value"] == pytest.approx(evaluation["after"]["accuracy"]["value"])

@@ -146,7 +146,9 @@ def limit(data, samples: int | None, seed: int):
 
 def sample_record(args, sample) -> dict:
     """The report's ``data`` for a classifier: the scoring sample and how it was drawn."""
-    return {"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed}
+    from ..images import ImageData
+    return {"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed,
+            **({"unit": "images"} if isinstance(sample, ImageData) else {})}
 
 
 def export_formats(args) -> tuple[str, ...]:
