@@ -255,3 +255,16 @@ def test_the_app_reads_hf_image_datasets_for_an_image_model(tmp_path, monkeypatc
     monkeypatch.setattr(readers, "hub_dataset", lambda name, config, split: (dataset, f"hub:{name} [{split}]"))
     data = resources.load_data(sources.DataChoice("hub", "someone/clothes", split="test"), "train", True)
     assert isinstance(data, ImageData) and data.source == "hub:someone/clothes [test] (4 images, 2 classes)"
+
+
+def test_a_shared_server_takes_only_its_own_image_upload_folders(tmp_path, monkeypatch):
+    from kcm_app import resources
+    monkeypatch.setenv("KCM_SHARED_SERVER", "1")
+    monkeypatch.setenv("KCM_ALLOWED_ROOTS", str(tmp_path))
+    with pytest.raises(ValueError, match="that upload is no longer on this server"):
+        resources.data_source(sources.DataChoice("images", str(tmp_path)))
+    mine = image_uploads.image_upload_folder([("a.png", _png(5))], sources.upload_dir(), "s")
+    assert resources.data_source(sources.DataChoice("images", str(mine))) == str(mine)
+    monkeypatch.setenv("KCM_ALLOW_UPLOADS", "0")
+    with pytest.raises(ValueError, match="uploads are turned off"):
+        resources.data_source(sources.DataChoice("images", str(mine)))
