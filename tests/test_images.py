@@ -297,3 +297,11 @@ def test_pil_images_without_labels_and_a_hub_name_go_through_load_dataset(monkey
     assert asked == [("beans", None, "train")]
     assert data.labels is None and len(data.images) == 3 and data.source == "hub:beans [train] (3 images, unlabeled)"
     assert data.texts[1] == "hub:beans [train] row 1"
+
+
+def test_the_text_demo_as_data_for_an_image_model_is_refused_without_a_hub_lookup(tmp_path, capsys, vit_dir,
+                                                                                  monkeypatch):
+    from kcm_core.data import readers
+    monkeypatch.setattr(readers, "hub_dataset", lambda *a, **k: pytest.fail("looked up on the hub"))
+    code, _, err = run_cli(capsys, "evaluate", "--model", vit_dir, "--data", "demo")
+    assert code == 2 and "'demo' holds text, but an image model reads images" in err

@@ -41,6 +41,9 @@ def load_images(source: str, split: str, args, progress: Progress | None, hub_sp
         from ..demos import vision as demo_vision
         demo_vision.prepare_vision_demo(progress=progress)
         return demo_vision.load_vision_split(split)
+    if source in ("demo", "demo-lm"):        # the text demos: never looked up as a hub dataset name
+        raise ValueError(f"'{source}' holds text, but an image model reads images; pass '{DEMO_VISION}', an image "
+                         "folder (one sub-folder per class), a table of image paths or a Hugging Face image dataset")
     from ..images import load_image_data
     return load_image_data(source, image_column=getattr(args, "image_column", None),
                            label_column=getattr(args, "label_column", None), split=hub_split,
