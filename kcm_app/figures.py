@@ -51,7 +51,7 @@ def param_summary(frame: pd.DataFrame) -> go.Figure:
 
 def share_curve(frame: pd.DataFrame, current: float, unit: str = "sequence") -> go.Figure:
     """Share of counted MACs per kind of block vs sequence length (``unit``: "block" for a language
-    model's token blocks), the current length marked."""
+    model's token blocks, "image" for a ViT's tokens per image), the current length marked."""
     fig = go.Figure()
     colors = {"attention matrix products": BLOCK_COLORS["attn_matmul"],
               "attention projections": BLOCK_COLORS["qkv"], "FFN": BLOCK_COLORS["ffn_up"]}
@@ -62,8 +62,11 @@ def share_curve(frame: pd.DataFrame, current: float, unit: str = "sequence") -> 
     # a trace, not add_vline: shapes on a log axis take log10 coordinates
     fig.add_scatter(x=[current, current], y=[0, 100], mode="lines", name=f"s = {current:g}",
                     line=dict(color="#555555", dash="dot", width=1.5), hoverinfo="skip")
-    fig.update_layout(**base_layout(title=f"Where the MACs go as {unit}s get longer",
-                                    xaxis_title=f"{unit} length s (tokens)", xaxis_type="log",
+    image = unit == "image"             # a ViT: s is patches + 1, set by the image and patch size
+    fig.update_layout(**base_layout(title="Where the MACs go as images get more patches" if image
+                                    else f"Where the MACs go as {unit}s get longer",
+                                    xaxis_title="tokens per image s (patches + 1)" if image
+                                    else f"{unit} length s (tokens)", xaxis_type="log",
                                     yaxis_title="share of counted MACs (%)", yaxis_range=[0, 100]))
     return fig
 

@@ -22,7 +22,7 @@ PAGES = (
 INTRO = """**KCM Explorer** removes feed-forward (FFN) neurons from a transformer and shows what that
 saves and what it costs in accuracy (for a language model: perplexity). Kernelized Convex Masking (KCM; Nova, Dai and Schuurmans, ICML 2023)
 ranks each FFN neuron by R2, how hard its output weights are to rebuild from the other neurons' (a kernel
-convex hull, weights only), times D2, how strongly it fires on unlabeled text. It keeps the best-ranked
+convex hull, weights only), times D2, how strongly it fires on unlabeled data. It keeps the best-ranked
 neurons under a FLOPs budget, rescales them so each layer's output stays close to the unpruned one, and
 slices the layers smaller: no labels, no gradients, no retraining. **Where to start:** open **Prune** and
 move the budget slider; **Neuron scores** shows the ranking, **Kernel hull** shows R2 on one layer,

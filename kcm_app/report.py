@@ -70,7 +70,8 @@ def layerwise_report(ws: Workspace, config: PruneConfig, result: StreamResult) -
 def data_record(ws: Workspace) -> dict:
     """The report's ``data``: where the scoring sample came from and how it was drawn."""
     return {"source": ws.info.data_source or ws.info.data, "samples": ws.info.sample,
-            "max_len": ws.info.max_len, "seed": ws.info.seed, **({"unit": "blocks"} if ws.is_lm else {})}
+            "max_len": ws.info.max_len, "seed": ws.info.seed,
+            **({"unit": "blocks"} if ws.is_lm else {"unit": "images"} if ws.shape.vision else {})}
 
 
 def report_markdown(report: PruneReport, heading: str = "#") -> str:

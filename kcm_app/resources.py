@@ -21,7 +21,7 @@ from kcm_core.runtime import Progress, tell
 from . import background, disk_cache, server
 from .engine import Workspace, WorkspaceInfo
 from .sources import (BATCH_SIZE, DEMO_KINDS, EVAL_LIMIT, LM_BATCH, LM_EVAL_BLOCKS, DataChoice,
-                      ModelChoice, SampleChoice, batches_fingerprint, is_upload, model_key)
+                      ModelChoice, SampleChoice, UPLOAD_KINDS, batches_fingerprint, is_upload, model_key)
 from .store import SharedStore
 
 
@@ -96,7 +96,7 @@ def data_source(choice: DataChoice) -> str:
     files this server process wrote into its private upload folder)."""
     if choice.kind == "hub":
         return server.hub_ref(choice.ref, "dataset")
-    if choice.kind == "upload":
+    if choice.kind in UPLOAD_KINDS:
         server.check_uploads()
         if server.settings().shared and not is_upload(choice.ref.strip()):
             raise ValueError("that upload is no longer on this server; upload the file again")
@@ -157,9 +157,10 @@ def load_model(choice: ModelChoice, progress: Progress | None = None) -> tuple[s
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def load_data(choice: DataChoice, role: str = "train") -> Any:
+def load_data(choice: DataChoice, role: str = "train", images: bool = False) -> Any:
     """The chosen data as ``kcm_core.data.TextData`` (the demo's train or test split; the LM demo's
-    calibration or evaluation documents)."""
+    calibration or evaluation documents); ``images`` (an image model's data): ``ImageData`` from a
+    folder, table, uploaded images or a Hugging Face image dataset (``kcm_core.images``)."""
     if choice.kind == "demo":
         from kcm_core.demos import classifier as demo
         return demo.load_demo_split("train" if role == "train" else "test")
@@ -172,9 +173,11 @@ def load_data(choice: DataChoice, role: str = "train") -> Any:
         vision_demo_summary()
         return demo_vision.load_vision_split("train" if role == "train" else "test")
     from kcm_core.cli.vision import is_image_source
-    if choice.kind == "file" and is_image_source(choice.ref.strip()):
+    if images or choice.kind == "images" or (choice.kind == "file" and is_image_source(choice.ref.strip())):
         from kcm_core.images import load_image_data
-        return load_image_data(data_source(choice), label_column=choice.label_column)
+        return load_image_data(data_source(choice), image_column=choice.text_column,
+                               label_column=choice.label_column, split=choice.split,
+                               config_name=choice.config_name)
     from kcm_core.data import load_text_data
     return load_text_data(data_source(choice), text_column=choice.text_column,
                           text_pair_column=choice.text_pair_column, label_column=choice.label_column,
@@ -189,7 +192,7 @@ def _by_length(data: Any, tokenizer: Any) -> Any:
     return data.subset(order)
 
 
-def split_data(choice: DataChoice, sample: SampleChoice) -> tuple[Any, Any | None, str]:
+def split_data(choice: DataChoice, sample: SampleChoice, images: bool = False) -> tuple[Any, Any | None, str]:
     """(scoring sample, labeled evaluation data or None, where the evaluation data came from).
 
     The scoring sample is ``TextData.sample(size, seed)``, the same subset the CLI's ``--samples``
@@ -197,12 +200,12 @@ def split_data(choice: DataChoice, sample: SampleChoice) -> tuple[Any, Any | Non
     are held out for evaluation.
     """
     from kcm_core.data import seeded_indices
-    train = load_data(choice, "train")
+    train = load_data(choice, "train", images)
     if len(train) == 0:
         raise ValueError(f"the data {choice.describe()} holds no examples")
     scoring = train.sample(sample.size, sample.seed)
     if choice.kind in ("demo", "demo-vision"):
-        return scoring, load_data(choice, "test"), f"the {'vision ' if choice.kind == 'demo-vision' else ''}demo's test split"
+        return scoring, load_data(choice, "test", images), f"the {'vision ' if choice.kind == 'demo-vision' else ''}demo's test split"
     chosen = set(seeded_indices(len(train), sample.size, sample.seed))
     rest = [i for i in range(len(train)) if i not in chosen][:EVAL_LIMIT]
     if not getattr(train, "has_labels", False):
@@ -221,7 +224,7 @@ def _workspace(key: str, data: DataChoice, sample: SampleChoice, _model: Any, _t
     from kcm_core.cli.vision import check_image_data
     from kcm_core.data import labels_for_model
     tell(_progress, "reading data", 0.6)
-    scoring, evaluation, eval_source = split_data(data, sample)
+    scoring, evaluation, eval_source = split_data(data, sample, model_shape(_model.config).vision)
     check_image_data(scoring, _model)          # text for an image model, or images for a text model
     # The model's class ids, or one clear refusal (a label it cannot predict would score as wrong
     # and break the label-using scores), exactly as the CLI maps them.

@@ -1,17 +1,20 @@
 """The shared sidebar: model, data, sample settings; loading them (with progress) into the session."""
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 
 import streamlit as st
 
 from . import live, resources, server, state, ui
+from .image_uploads import UPLOAD_TYPES, image_upload_folder
 from .sources import (DATA_KINDS, DEMO_KINDS, LM_CALIBRATION_BLOCKS, MODEL_KINDS, DataChoice, ModelChoice,
                       SampleChoice, env_block_size, env_defaults, max_len_choices, nearest_choice,
                       upload_dir, upload_path)
 
 MAX_LENS = [32, 64, 128, 256, 512]
 BLOCK_SIZES = [16, 32, 64, 128, 256, 512, 1024]     # a language model's tokens per block
+UPLOAD_SESSION = "image_upload_session"
 
 
 def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
@@ -35,11 +38,14 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
                          "available opens this way by itself.")
     model_ref = (state.text("model_ref") or "") if kind not in DEMO_KINDS else ""
     lm = _is_lm(kind, model_ref)
+    vision = _is_vision(kind, model_ref)
     st.subheader("Data")
     data_kind = st.radio("Unlabeled sample from", list(DATA_KINDS), format_func=DATA_KINDS.get,
                          key="data_kind",
                          help=("Documents the language model sees while scoring, joined and cut into calibration "
                                "blocks; held-out blocks give the perplexity (no labels needed)." if lm else
+                               "Images the model sees while scoring (labels are optional: with one sub-folder "
+                               "per class, or a label column, the app also reports accuracy)." if vision else
                                "Texts the model sees while scoring (labels are optional; with a label column "
                                "the app also reports accuracy)."))
     ref = state.text("data_ref") or ""
@@ -54,19 +60,32 @@ def choices() -> tuple[ModelChoice, DataChoice, SampleChoice]:
                                   key="data_upload", help="Kept on this machine in a private temporary "
                                   "folder, removed when the server stops.")
         ref = str(upload_path(upload.name, upload.getvalue(), upload_dir())) if upload else ""
-    if data_kind not in DEMO_KINDS:
+    elif data_kind == "images":
+        server.check_uploads()
+        uploads = st.file_uploader("Images", type=UPLOAD_TYPES, accept_multiple_files=True, key="image_upload",
+                                   help="A zip of an image folder (one sub-folder per class, named as the "
+                                        "model's classes; images without sub-folders are unlabeled), or a few "
+                                        "image files for a quick look. Kept on this machine in a private "
+                                        "temporary folder of this session, removed when the server stops.")
+        ref = str(image_upload_folder([(f.name, f.getvalue()) for f in uploads], upload_dir(),
+                                      _upload_session())) if uploads else ""
+    if data_kind not in DEMO_KINDS and data_kind != "images":
         with st.expander("Columns and split"):
-            st.text_input("Text column", key="text_column", help="Default: text or sentence")
-            st.text_input("Second text column", key="text_pair_column", help="For pair tasks (MRPC, QNLI)")
+            st.text_input("Image column" if vision else "Text column", key="text_column",
+                          help="Default: the datasets.Image column (a Hugging Face dataset) or image, path, "
+                               "file (a table of image paths)" if vision else "Default: text or sentence")
+            if not vision:
+                st.text_input("Second text column", key="text_pair_column", help="For pair tasks (MRPC, QNLI)")
             st.text_input("Label column", key="label_column",
                           help="A language model needs none" if lm else "Enables accuracy and label methods")
-            st.text_input("Split", key="data_split", help="Hub datasets: train, validation, ...")
+            st.text_input("Split", key="data_split", help="Hub datasets (and a saved DatasetDict): train, "
+                                                          "validation, ...")
             st.text_input("Config", key="data_config", help="Hub datasets: e.g. sst2 for glue")
     st.subheader("Sample")
     if lm:
         lm_sample_widgets(_positions(kind, model_ref))
     else:
-        classifier_sample_widgets(_positions(kind, model_ref))
+        classifier_sample_widgets(_positions(kind, model_ref), vision)
     st.number_input("Seed", min_value=0, max_value=2**31 - 1, step=1, key=state.SEED,
                     help="Draws the sample and seeds the random baseline.")
     model = ModelChoice(kind, model_ref, stream=kind == "folder" and bool(st.session_state.get(state.MODEL_STREAM)))
@@ -83,10 +102,15 @@ def _fit_choice(key: str, lengths: list[int]) -> None:
         st.session_state[key] = nearest_choice(state.integer(key), lengths)
 
 
-def classifier_sample_widgets(positions: int | None) -> None:
-    st.number_input("Unlabeled sequences", min_value=8, max_value=4096, step=64, key=state.SAMPLE_SIZE,
-                    help="How many sequences the scorers see (the paper: 2048; 512 to 4096 give the same "
-                         "result).")
+def classifier_sample_widgets(positions: int | None, vision: bool = False) -> None:
+    """The sample size and, for text, the length sequences are cut to (an image is always its patches
+    plus one token: nothing to choose)."""
+    what = "images" if vision else "sequences"
+    st.number_input(f"Unlabeled {what}", min_value=8, max_value=4096, step=64, key=state.SAMPLE_SIZE,
+                    help=f"How many {what} the scorers see (the paper: 2048; 512 to 4096 give the "
+                         "same result).")
+    if vision:
+        return
     lengths = max_len_choices(MAX_LENS, positions)
     _fit_choice(state.MAX_LEN, lengths)
     st.select_slider("Max sequence length (tokens)", lengths, key=state.MAX_LEN,
@@ -120,6 +144,19 @@ def _session_model(kind: str, ref: str):
     if ws is None or not (ws.model_key == key or ws.model_key.startswith((key + "@", key + "#"))):
         return None
     return ws
+
+
+def _upload_session() -> str:
+    """This browser session's own name for its uploaded images' folder (``kcm_app.image_uploads``)."""
+    return st.session_state.setdefault(UPLOAD_SESSION, uuid.uuid4().hex)
+
+
+def _is_vision(kind: str, ref: str) -> bool:
+    """Whether the chosen model reads images, as far as is known before loading it (as ``_is_lm``)."""
+    if kind in DEMO_KINDS:
+        return kind == "demo-vision"
+    ws = _session_model(kind, ref)
+    return ws is not None and ws.shape.vision
 
 
 def _is_lm(kind: str, ref: str) -> bool:
@@ -164,6 +201,7 @@ def load() -> None:
             if config.shared:
                 st.caption(config.describe())
             model, data, sample = choices()
+            drawn_vision = _is_vision(model.kind, model.ref)     # what the widgets were drawn for
             model = layerwise_if_needed(model)
             state.set_workspace(None)
             ws, drawn, sample = _load_with_status(model, data, sample)
@@ -174,8 +212,8 @@ def load() -> None:
             state.set_workspace(None)    # never the previous choice's workspace under a failed one
             return
         state.set_workspace(ws)
-        if sample != drawn and _positions(model.kind, model.ref) is not None:
-            st.rerun()   # once: the sample widgets are drawn again for this model (kind, lengths)
+        if (sample != drawn and _positions(model.kind, model.ref) is not None) or ws.shape.vision != drawn_vision:
+            st.rerun()   # once: the sample widgets are drawn again for this model (kind, lengths, images)
         # a shared link (or the default 0.6) may ask for less than this model can reach
         budget = state.budget()
         state.set_budget(state.clamp_budget(budget, ws.floor))

@@ -31,7 +31,9 @@ MODEL_KINDS = {"demo": "Classifier demo (MiniLM, sentence polarity)",
                "folder": "Local folder", "hub": "Hugging Face hub id"}
 DEMO_KINDS = ("demo", "demo-lm", "demo-vision")
 DATA_KINDS = {"demo": "Classifier demo split", "demo-lm": "LM demo documents", "demo-vision": "Vision demo images",
-              "file": "File on this machine", "upload": "Upload a file", "hub": "Hub dataset"}
+              "file": "File on this machine", "upload": "Upload a file",
+              "images": "Upload images (a zip or files)", "hub": "Hub dataset"}
+UPLOAD_KINDS = ("upload", "images")     # written by this server process into its private upload folder
 EVAL_LIMIT = 800            # test sentences (the demo's test split has exactly 800)
 BATCH_SIZE = 32
 
@@ -71,7 +73,8 @@ class ModelChoice:
 
 @dataclass(frozen=True)
 class DataChoice:
-    kind: str = "demo"                  # demo | file | upload | hub (an upload is saved as a file)
+    kind: str = "demo"                  # demo | file | upload | images | hub (an upload is saved as a
+                                        # file, uploaded images as a folder: kcm_app.image_uploads)
     ref: str = ""
     text_column: str | None = None
     text_pair_column: str | None = None
@@ -85,6 +88,9 @@ class DataChoice:
         if self.kind == "upload" and not self.ref.strip():
             raise ValueError("no file uploaded yet: drop a CSV, TSV, JSON, JSONL, Parquet or TXT file on the "
                              "uploader (one text per row; a label column enables accuracy)")
+        if self.kind == "images" and not self.ref.strip():
+            raise ValueError("no images uploaded yet: drop a zip of an image folder (one sub-folder per class; "
+                             "images without sub-folders are unlabeled) or a few image files on the uploader")
         if self.kind not in DEMO_KINDS and not self.ref.strip():
             raise ValueError(f"name the {DATA_KINDS[self.kind].lower()} to read")
 
@@ -204,7 +210,8 @@ def upload_dir() -> Path:
 
 
 def is_upload(path: str | os.PathLike) -> bool:
-    """True for a file that ``upload_path`` wrote into ``upload_dir()``."""
+    """True for a file that ``upload_path`` wrote into ``upload_dir()`` (or the folder that
+    ``kcm_app.image_uploads.image_upload_folder`` wrote there)."""
     return _uploads is not None and Path(path).resolve().parent.parent == _uploads.resolve()
 
 

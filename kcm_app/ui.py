@@ -190,5 +190,6 @@ def threads_note() -> str:
             f"{'GPU' if torch.cuda.is_available() else 'CPU'}.")
 
 
-def caption_env(seq_len: float, batch: int) -> str:
-    return f"Measured on this machine: batch {batch} x {seq_len:g} tokens, {threads_note()}"
+def caption_env(seq_len: float, batch: int, what: str = "") -> str:
+    """``what``: what the batch holds ("images"), when not token sequences."""
+    return f"Measured on this machine: batch {batch}{' ' + what if what else ''} x {seq_len:g} tokens, {threads_note()}"

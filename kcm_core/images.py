@@ -7,7 +7,12 @@
 - a folder of images without class sub-folders: unlabeled images (enough for scoring and the scaling
   step; accuracy needs labels);
 - a CSV / TSV / JSON lines / Parquet table with an image-path column (paths relative to the table's
-  folder) and an optional label column.
+  folder) and an optional label column;
+- a Hugging Face image dataset: a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a
+  ``DatasetDict`` and a ``split``), or a hub name (``beans`` with ``split="train"``, needs the network
+  or the ``datasets`` cache). Its image column is the ``datasets.Image`` feature (or a column of PIL
+  images), its labels an optional ``ClassLabel`` (or integer / string) column; the images stay encoded
+  in memory (``ImageData.images``) and are named ``<dataset> row <i>`` in messages.
 
 ``ImageData`` is a ``TextData`` whose "texts" are the image files, so the seeded ``sample``, ``subset``
 and the label matching of ``kcm_core.data`` (``labels_for_model``: class names to the model's ids, or a
@@ -25,7 +30,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -43,11 +49,27 @@ DEFAULT_LABEL_COLUMNS = ("label", "labels", "class")
 @dataclass(frozen=True)
 class ImageData(TextData):
     """Images as file paths (held in ``texts``, also named ``paths``) with optional labels: see
-    ``TextData`` for the labels' conventions. Nothing is decoded until ``image_batches``."""
+    ``TextData`` for the labels' conventions. Nothing is decoded until ``image_batches``.
+
+    ``images``, when set, holds each image's encoded bytes (a Hugging Face dataset's rows); ``texts``
+    then only name them for messages (``beans [train] row 12``)."""
+
+    images: tuple[bytes, ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.images is not None and len(self.images) != len(self.texts):
+            raise ValueError(f"images has {len(self.images)} entries but texts has {len(self.texts)}")
 
     @property
     def paths(self) -> tuple[str, ...]:
         return self.texts
+
+    def subset(self, indices: Sequence[int]) -> ImageData:
+        if self.images is None:
+            return super().subset(indices)
+        whole = replace(self, images=None).subset(indices)     # checks the indices
+        return replace(whole, images=tuple(self.images[int(i)] for i in indices))
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -55,13 +77,22 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 
 def load_image_data(source: str | os.PathLike, *, image_column: str | None = None,
-                    label_column: str | None = None) -> ImageData:
-    """``source`` (a folder or a table file, see the module docstring) as ``ImageData``."""
+                    label_column: str | None = None, split: str | None = None,
+                    config_name: str | None = None) -> ImageData:
+    """``source`` (a folder, a table file, a ``save_to_disk`` folder or a hub dataset name, see the
+    module docstring) as ``ImageData``. ``split`` and ``config_name`` apply to Hugging Face datasets."""
     path = Path(source).expanduser()
+    if path.is_dir() and is_saved_dataset(path):
+        return _from_saved(path, split, image_column, label_column)
     if path.is_dir():
         return _from_folder(path)
     if not path.exists():
-        raise ValueError(f"image data {source} does not exist")
+        from .data.loading import looks_like_path
+        if looks_like_path(str(source)):
+            raise ValueError(f"image data {source} does not exist")
+        from .data.readers import hub_dataset
+        dataset, label = hub_dataset(str(source), config_name, split)
+        return from_hf_dataset(dataset, label, image_column=image_column, label_column=label_column)
     if path.suffix.lower() in TABLE_SUFFIXES:
         return _from_table(path, image_column, label_column)
     if is_image_file(path):
@@ -159,14 +190,124 @@ def _pick_column(columns, wanted: str | None, defaults: Sequence[str], what: str
     return found
 
 
+# --------------------------------------------------------------------------- Hugging Face datasets
+
+def is_saved_dataset(folder: str | os.PathLike) -> bool:
+    """True for a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``)."""
+    folder = Path(folder)
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file())
+
+
+def _from_saved(folder: Path, split: str | None, image_column: str | None, label_column: str | None) -> ImageData:
+    import datasets
+    try:
+        loaded = datasets.load_from_disk(str(folder), keep_in_memory=False)
+    except Exception as err:  # datasets raises several types for a damaged folder
+        raise ValueError(f"{folder} cannot be read as a saved Hugging Face dataset ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in loaded:
+            what = "choose one with split (--split)" if split is None else f"there is no split {split!r}"
+            raise ValueError(f"{folder} holds the splits {', '.join(splits)}; {what}")
+        return from_hf_dataset(loaded[split], f"{folder} [{split}]", image_column=image_column,
+                               label_column=label_column)
+    if split is not None:
+        raise ValueError(f"{folder} is a single saved split (a Dataset, not a DatasetDict); leave the split "
+                         f"out (got {split!r})")
+    return from_hf_dataset(loaded, str(folder), image_column=image_column, label_column=label_column)
+
+
+def from_hf_dataset(dataset, source: str, *, image_column: str | None = None,
+                    label_column: str | None = None) -> ImageData:
+    """A ``datasets.Dataset`` with an image column as ``ImageData``: every image's encoded bytes (a PNG
+    for a PIL image without them), labels from ``label_column`` (default ``label``, ``labels``,
+    ``class``; a ``ClassLabel`` keeps its names for ``labels_for_model``). ``source`` names the dataset
+    in messages and reports."""
+    import datasets
+
+    from .data.labels import label_ids
+    features = dataset.features
+    names = list(dataset.column_names)
+    if image_column is not None:
+        if image_column not in names:
+            raise ValueError(f"{source} has no column {image_column!r} (columns: {', '.join(names)})")
+        column = image_column
+    else:
+        found = [c for c in names if isinstance(features.get(c), datasets.Image)]
+        if not found and len(dataset):
+            found = [c for c in names if _is_pil(dataset[0][c])]
+        if not found:
+            raise ValueError(f"{source} has no image column (a datasets.Image feature or PIL images; columns: "
+                             f"{', '.join(f'{c} ({_feature_name(features.get(c))})' for c in names)}); "
+                             "name it with --image-column")
+        column = found[0]
+    if len(dataset) == 0:
+        raise ValueError(f"{source} has no rows: no images to read")
+    if isinstance(features.get(column), datasets.Image):
+        from .data.readers import quiet_datasets
+        with quiet_datasets():
+            cells = dataset.cast_column(column, datasets.Image(decode=False))[column]
+    else:
+        cells = dataset[column]
+    rows = [f"{source} row {i}" for i in range(len(cells))]
+    blobs = tuple(_encoded(cell, row) for cell, row in zip(cells, rows))
+    label = label_column or next((c for c in DEFAULT_LABEL_COLUMNS if c in names), None)
+    if label is not None and label not in names:
+        raise ValueError(f"{source} has no column {label!r} (columns: {', '.join(names)})")
+    about = f"{source} ({len(blobs)} images"
+    if label is None:
+        return ImageData(texts=tuple(rows), images=blobs, source=about + ", unlabeled)")
+    feature = features.get(label)
+    class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    labels, label_names = label_ids(list(dataset[label]), label, class_names, source, label_column is not None)
+    if labels is None:
+        return ImageData(texts=tuple(rows), images=blobs, source=about + ", unlabeled)")
+    by_name = class_names is None and label_names is not None
+    classes = len(label_names) if label_names is not None else len(set(labels))
+    return ImageData(texts=tuple(rows), images=blobs, labels=labels, label_names=label_names,
+                     labels_by_name=by_name, source=f"{about}, {classes} classes)")
+
+
+def _is_pil(value) -> bool:
+    from PIL import Image
+    return isinstance(value, Image.Image)
+
+
+def _feature_name(feature) -> str:
+    return getattr(feature, "dtype", None) or type(feature).__name__
+
+
+def _encoded(cell, row: str) -> bytes:
+    """One image cell as encoded bytes: an undecoded ``datasets.Image`` cell (bytes, or a local path),
+    or a PIL image (saved as PNG)."""
+    if _is_pil(cell):
+        buffer = io.BytesIO()
+        cell.save(buffer, format="PNG")
+        return buffer.getvalue()
+    if isinstance(cell, dict):
+        if cell.get("bytes"):
+            return bytes(cell["bytes"])
+        if cell.get("path"):
+            try:
+                return Path(cell["path"]).read_bytes()
+            except OSError as err:
+                raise ValueError(f"{row}: image file {cell['path']} cannot be read ({err.strerror})") from None
+    raise ValueError(f"{row} holds {type(cell).__name__}, not an image")
+
+
 # --------------------------------------------------------------------------- decoding
 
-def open_image(path: str | os.PathLike, mode: str):
-    """``(image, its original mode)``: the image at ``path`` decoded and converted to ``mode`` ("RGB" or
-    "L"); a ``ValueError`` naming the file when it cannot be read as an image."""
+def open_image(path: str | os.PathLike, mode: str, encoded: bytes | None = None):
+    """``(image, its original mode)``: the image at ``path`` (or ``encoded``, bytes that ``path`` only
+    names) decoded and converted to ``mode`` ("RGB" or "L"); a ``ValueError`` naming it when it cannot
+    be read as an image."""
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(path) as image:
+        with Image.open(path if encoded is None else io.BytesIO(encoded)) as image:
             image.load()
             return (image if image.mode == mode else image.convert(mode)), image.mode
     except FileNotFoundError:
@@ -203,8 +344,9 @@ def image_batches(data: TextData, processor, model_config, *, batch_size: int = 
     batches = []
     for start in range(0, len(data), batch_size):
         images = []
-        for path in data.texts[start:start + batch_size]:
-            image, original = open_image(path, mode)
+        blobs = getattr(data, "images", None)
+        for i, path in enumerate(data.texts[start:start + batch_size], start):
+            image, original = open_image(path, mode, None if blobs is None else blobs[i])
             images.append(image)
             if original != mode:
                 converted[original] += 1

@@ -299,6 +299,7 @@ def render_markdown(report: PruneReport | Mapping[str, Any], heading: str = "#")
                      f"estimated {speed['estimated_speedup']:.2f}x)")
     data = r["data"]
     sample = (f"{data.get('samples')} calibration blocks of {data.get('max_len')} tokens" if data.get("unit") == "blocks"
+              else f"{data.get('samples')} unlabeled images" if data.get("unit") == "images"
               else f"{data.get('samples')} unlabeled sequences, max length {data.get('max_len')}")
     lines += [f"- Data: {data.get('source')} ({sample}, seed {data.get('seed')})",
               f"- Scaling: {_scaling_line(r['scaling'])}",

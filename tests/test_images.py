@@ -160,6 +160,9 @@ def test_prune_evaluate_export_and_stock_reload_of_a_vit(tmp_path, capsys, vit_d
     assert set(evaluation["after"]) == {"accuracy", "agreement"} and "accuracy" in evaluation["before"]
     assert "accuracy_difference" in evaluation["paired"]
     assert "converted 6 images to RGB" in err
+    assert report["data"]["unit"] == "images" and report["data"]["samples"] == 24
+    from kcm_core.report import render_markdown
+    assert "(24 unlabeled images, seed 0)" in render_markdown(report)
     code, stdout, err = run_cli(capsys, "evaluate", "--model", out, "--data", image_folder)
     assert code == 0, err
     assert json.loads(stdout)["accuracy"]["value"] == pytest.approx(evaluation["after"]["accuracy"]["value"])
@@ -190,3 +193,118 @@ def test_streamed_prune_of_a_vit_reads_its_images_then_says_what_it_cannot_read(
     assert code == 2 and "converted 6 images to RGB" in err
     assert "prune it without --stream" in err
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- Hugging Face image datasets
+
+def _hf_dataset(names, labels, seed=4, corrupt_row=None):
+    """A ``datasets.Dataset`` built in memory: a ``datasets.Image`` column of RGB images (``corrupt_row``:
+    that row's bytes are not an image) and a ``ClassLabel`` column with ``names``."""
+    import datasets
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(len(labels)):
+        buffer = __import__("io").BytesIO()
+        _image(rng, "RGB").save(buffer, format="PNG")
+        images.append({"bytes": b"not a png at all" if i == corrupt_row else buffer.getvalue(), "path": None})
+    features = datasets.Features({"picture": datasets.Image(), "label": datasets.ClassLabel(names=list(names))})
+    return datasets.Dataset.from_dict({"picture": images, "label": list(labels)}, features=features)
+
+
+def test_a_saved_hf_dataset_maps_its_class_names_to_the_model_and_runs_through_the_cli(tmp_path, capsys, vit_dir):
+    from kcm_core.models import load_model
+    # ClassLabel order differs from the model's ids: names, not positions, decide
+    folder = tmp_path / "saved"
+    _hf_dataset(("fish", "cat", "dog"), [0, 1, 2, 1, 0, 2, 2, 1, 0]).save_to_disk(str(folder))
+    data = load_image_data(folder)
+    assert isinstance(data, ImageData) and len(data) == 9 and len(data.images) == 9
+    assert data.label_names == ("fish", "cat", "dog") and data.texts[3] == f"{folder} row 3"
+    model, processor = load_model(str(vit_dir), device="cpu")
+    mapped = labels_for_model(data, model.config)
+    assert mapped.labels == (2, 0, 1, 0, 2, 1, 1, 0, 2)        # fish=2, cat=0, dog=1 in the model
+    sub = mapped.sample(4, seed=0)
+    batches = image_batches(sub, processor, model.config, batch_size=3)
+    assert [tuple(b["pixel_values"].shape) for b in batches] == [(3, 3, 16, 16), (1, 3, 16, 16)]
+    assert torch.cat([b["labels"] for b in batches]).tolist() == list(sub.labels)
+    # the same image decoded from the saved bytes and from a PNG file gives the same pixels
+    png = tmp_path / "row0.png"
+    png.write_bytes(data.images[0])
+    from_file = image_batches(ImageData(texts=(str(png),)), processor, model.config, with_labels=False)
+    assert torch.equal(from_file[0]["pixel_values"], image_batches(data.subset([0]), processor, model.config,
+                                                                   with_labels=False)[0]["pixel_values"])
+    code, stdout, err = run_cli(capsys, "evaluate", "--model", vit_dir, "--data", folder)
+    assert code == 0, err
+    assert json.loads(stdout)["examples"] == 9
+
+
+def test_a_saved_dataset_dict_needs_a_split_and_names_its_splits(tmp_path, capsys, vit_dir):
+    import datasets
+    folder = tmp_path / "dict"
+    datasets.DatasetDict({"train": _hf_dataset(CLASSES, [0, 1, 2, 0]),
+                          "test": _hf_dataset(CLASSES, [2, 1], seed=5)}).save_to_disk(str(folder))
+    with pytest.raises(ValueError, match="holds the splits train, test; choose one"):
+        load_image_data(folder)
+    with pytest.raises(ValueError, match="there is no split 'validation'"):
+        load_image_data(folder, split="validation")
+    assert load_image_data(folder, split="test").labels == (2, 1)
+    code, stdout, err = run_cli(capsys, "evaluate", "--model", vit_dir, "--data", folder, "--split", "test")
+    assert code == 0, err
+    assert json.loads(stdout)["examples"] == 2
+
+
+def test_a_hf_dataset_without_an_image_column_lists_its_columns(tmp_path):
+    import datasets
+    folder = tmp_path / "text"
+    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]}).save_to_disk(str(folder))
+    with pytest.raises(ValueError, match=r"has no image column .*columns: text \(string\), label \(int64\)"):
+        load_image_data(folder)
+    with pytest.raises(ValueError, match=r"has no column 'photo' \(columns: text, label\)"):
+        load_image_data(folder, image_column="photo")
+
+
+def test_a_hf_class_the_model_cannot_predict_is_refused_by_name(tmp_path, vit_dir):
+    from kcm_core.models import load_model
+    model, _ = load_model(str(vit_dir), device="cpu")
+    folder = tmp_path / "zoo"
+    _hf_dataset(("cat", "zebra"), [0, 1, 1]).save_to_disk(str(folder))
+    with pytest.raises(ValueError, match=r"label 'zebra' is not one of the model's 3 classes"):
+        labels_for_model(load_image_data(folder), model.config)
+
+
+def test_a_corrupt_image_in_a_hf_dataset_is_named_by_row(tmp_path, vit_dir):
+    from kcm_core.models import load_model
+    model, processor = load_model(str(vit_dir), device="cpu")
+    folder = tmp_path / "bad"
+    _hf_dataset(CLASSES, [0, 1, 2], corrupt_row=2).save_to_disk(str(folder))
+    data = labels_for_model(load_image_data(folder), model.config)
+    with pytest.raises(ValueError, match=rf"{folder} row 2 is not a readable image"):
+        image_batches(data, processor, model.config)
+
+
+def test_pil_images_without_labels_and_a_hub_name_go_through_load_dataset(monkeypatch):
+    """A hub name (no such local path) is read with ``datasets.load_dataset`` at the given split and
+    config; here ``hub_dataset`` is replaced, so no network is touched: the real hub path is not tested."""
+    import datasets
+
+    from kcm_core.data import readers
+    rng = np.random.default_rng(6)
+    dataset = datasets.Dataset.from_dict({"img": [_image(rng, "L") for _ in range(3)]})
+    asked = []
+
+    def fake_hub(name, config_name=None, split=None):
+        asked.append((name, config_name, split))
+        return dataset, f"hub:{name} [{split}]"
+
+    monkeypatch.setattr(readers, "hub_dataset", fake_hub)
+    data = load_image_data("beans", split="train")
+    assert asked == [("beans", None, "train")]
+    assert data.labels is None and len(data.images) == 3 and data.source == "hub:beans [train] (3 images, unlabeled)"
+    assert data.texts[1] == "hub:beans [train] row 1"
+
+
+def test_the_text_demo_as_data_for_an_image_model_is_refused_without_a_hub_lookup(tmp_path, capsys, vit_dir,
+                                                                                  monkeypatch):
+    from kcm_core.data import readers
+    monkeypatch.setattr(readers, "hub_dataset", lambda *a, **k: pytest.fail("looked up on the hub"))
+    code, _, err = run_cli(capsys, "evaluate", "--model", vit_dir, "--data", "demo")
+    assert code == 2 and "'demo' holds text, but an image model reads images" in err

@@ -45,8 +45,10 @@ def page_figures(ws: Workspace, result: engine.BudgetResult) -> dict:
     cost = cost_report(ws.shape, ws.seq_len, kept=result.plan.kept_counts)
     figs = {"Kept neurons per layer": figures.kept_per_layer(charts.kept_frame(result.plan), result.method),
             "Cost of the pruned model per block": figures.stacked_blocks(
-                charts.cost_frame(cost, "MMACs"), "value", f"MMACs per {'block' if ws.is_lm else 'sequence'}",
-                f"Pruned model at s = {ws.seq_len:g} tokens" + (" per block" if ws.is_lm else ""))}
+                charts.cost_frame(cost, "MMACs"), "value",
+                f"MMACs per {'block' if ws.is_lm else 'image' if ws.shape.vision else 'sequence'}",
+                f"Pruned model at s = {ws.seq_len:g} tokens"
+                + (" per block" if ws.is_lm else " per image" if ws.shape.vision else ""))}
     return figs
 
 
@@ -71,7 +73,8 @@ def controls() -> tuple[str, list[str], bool, bool, bool]:
                                help="Replace an existing folder, only if it holds an earlier export")
     uniform = right.checkbox("Uniform widths", key="export_uniform",
                              help="Every layer keeps the same number of neurons, so stock transformers "
-                                  "(AutoModelForCausalLM, AutoModelForSequenceClassification) loads the export "
+                                  "(AutoModelForCausalLM, AutoModelForSequenceClassification, "
+                                  "AutoModelForImageClassification) loads the export "
                                   "with no project code; per-layer widths need kcm_core.load_pruned")
     go = st.button("Prune and save", type="primary", key="export_go",
                    help="Slices the model physically, saves it, reloads it to check, and offers a zip")

@@ -38,6 +38,13 @@ def provenance(ws: Workspace) -> pd.DataFrame:
                 ("seed", i.seed), ("labels", "none (a language model needs none)"),
                 ("evaluation data", i.eval_source)]
         return pd.DataFrame(rows, columns=["property", "value"]).astype(str).set_index("property")
+    if ws.shape.vision:
+        rows = [("source chosen", i.data), ("data read from", i.data_source or i.data),
+                ("unlabeled images for scoring", i.sample),
+                ("tokens per image (patches + 1; FLOPs are counted at this length)", f"{ws.seq_len:g}"),
+                ("seed", i.seed), ("labels", "yes" if i.labels else "no"),
+                ("evaluation data", f"{i.eval_examples} images: {i.eval_source}")]
+        return pd.DataFrame(rows, columns=["property", "value"]).astype(str).set_index("property")
     rows = [("source chosen", i.data), ("data read from", i.data_source or i.data),
             ("unlabeled sequences for scoring", i.sample),
             ("mean real tokens per sequence (FLOPs are counted at this length)", f"{ws.seq_len:g}"),
@@ -52,7 +59,8 @@ def sample_warning(ws: Workspace) -> str | None:
     i = ws.info
     if not i.asked or i.sample >= i.asked:
         return None
-    unit = ("calibration block" if ws.is_lm else "sequence") + ("s" if i.sample != 1 else "")
+    unit = ("calibration block" if ws.is_lm else "image" if ws.shape.vision else "sequence") + (
+        "s" if i.sample != 1 else "")
     return (f"The data holds only {i.sample} {unit} for scoring, fewer than the {i.asked} asked: the scores "
             "rest on that few. Give more data for scores you can trust.")
 
@@ -66,7 +74,8 @@ def loaded_line(ws: Workspace) -> str:
     elif i.data == DATA_KINDS["demo-lm"]:
         data = f"review text cut into {i.sample} calibration blocks and {i.eval_examples} held-out blocks"
     else:
-        data = f"{i.data} ({i.sample} {'blocks' if ws.is_lm else 'sequences'} for scoring)"
+        unit = "blocks" if ws.is_lm else "images" if ws.shape.vision else "sequences"
+        data = f"{i.data} ({i.sample} {unit} for scoring)"
     kind = ("a causal language model" if ws.is_lm else "an image classifier" if ws.shape.vision
             else "a text classifier")
     return (f"Loaded: {i.model_name}, {kind} ({type(ws.model).__name__}, {ws.shape.layers} layers of "

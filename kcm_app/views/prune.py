@@ -116,6 +116,7 @@ def readouts(ws: Workspace) -> None:
                        help=f"Fraction of the unpruned {'decoder' if ws.is_lm else 'encoder'} layers' FLOPs the "
                             f"pruned model may use, counted at "
                             + (f"the block length s = {ws.seq_len:g} tokens" if ws.is_lm else
+                               f"s = {ws.seq_len:g} tokens per image (patches + 1)" if ws.shape.vision else
                                f"the sample's mean length s = {ws.seq_len:g} tokens") + ". Only FFN neurons are "
                             f"pruned, so the floor is {ws.floor:.1%}.")
     config = ui.prune_config(budget=float(budget))
@@ -374,7 +375,7 @@ def readout_note(ws: Workspace, slow: engine.BudgetResult, speed: engine.SpeedRe
                      f"{ws.info.eval_examples} held-out {'blocks' if ws.is_lm else 'examples'} "
                      f"(95% interval {slow.agreement.low:.1%} to {slow.agreement.high:.1%}).")
     info = slow.plan.info
-    unit = "calibration blocks" if ws.is_lm else "unlabeled sequences"
+    unit = "calibration blocks" if ws.is_lm else "unlabeled images" if ws.shape.vision else "unlabeled sequences"
     fitted = min(engine.scale_samples(ws), ws.info.sample or engine.scale_samples(ws))   # thin data: what there is
     if info.repair in (None, "none"):
         parts.append("No repair: the kept neurons are used as they were.")

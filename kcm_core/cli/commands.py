@@ -163,7 +163,7 @@ def cmd_evaluate(args) -> dict:
         return evaluate_lm_command(args, model, tokenizer, progress)
     args.max_len = fit_max_len(args.max_len, model.config, option="--max-len")   # before reading data
     if is_vision(model) or is_image_source(args.data):
-        data = load_images(args.data, "test", args, progress)
+        data = load_images(args.data, "test", args, progress, hub_split=args.split)
     else:
         data = demo_test(progress) if args.data == DEMO else D.load_text_data(
             args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
@@ -319,13 +319,16 @@ def _check_format_option(args) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--data", required=required,
-                   help="'demo', a CSV/TSV/JSON/JSONL/Parquet/TXT file, or a hub dataset name")
+                   help="'demo', a CSV/TSV/JSON/JSONL/Parquet/TXT file, or a hub dataset name; image models: "
+                        "'demo-vision', an image folder, a table of image paths, a save_to_disk folder "
+                        "or a hub image dataset")
     p.add_argument("--text-column", help="column holding the text (default: text or sentence)")
     p.add_argument("--image-column", help="image models: column holding image paths (default: image, "
-                                          "image_path, path, file or filename)")
+                                          "image_path, path, file or filename), or a Hugging Face "
+                                          "dataset's image column (default: its datasets.Image column)")
     p.add_argument("--text-pair-column", help="second text column for pair tasks (MRPC, QNLI, MNLI)")
     p.add_argument("--label-column", help="column holding labels (enables accuracy, label methods)")
-    p.add_argument("--split", help="split of a hub dataset (e.g. train, validation)")
+    p.add_argument("--split", help="split of a hub dataset or a saved DatasetDict (e.g. train, validation)")
     p.add_argument("--data-config", help="config of a hub dataset (e.g. sst2 for glue)")
     p.add_argument("--max-len", type=_positive_int,
                    help="truncate texts to this many tokens (default 128, or the model's positions when "

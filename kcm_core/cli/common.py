@@ -129,7 +129,8 @@ def load_data(args, progress: Progress, split: str = "train", *, evaluation: boo
     from .. import data as D
     source = args.eval_data if evaluation else args.data
     if images or is_image_source(source):
-        return load_images(source, split, args, progress)
+        return load_images(source, split, args, progress,
+                           hub_split=getattr(args, "eval_split" if evaluation else "split", None))
     if source == DEMO:
         from ..demos import classifier as demo
         demo.prepare_demo(progress=progress)
@@ -157,7 +158,9 @@ def limit(data, samples: int | None, seed: int):
 
 def sample_record(args, sample) -> dict:
     """The report's ``data`` for a classifier: the scoring sample and how it was drawn."""
-    return {"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed}
+    from ..images import ImageData
+    return {"source": sample.source, "samples": len(sample), "max_len": args.max_len, "seed": args.seed,
+            **({"unit": "images"} if isinstance(sample, ImageData) else {})}
 
 
 def export_formats(args) -> tuple[str, ...]:

@@ -33,15 +33,21 @@ def demo_folder() -> str:
     return str(demo_vision.vision_demo_dir())
 
 
-def load_images(source: str, split: str, args, progress: Progress | None):
-    """``source`` as ``ImageData``: the vision demo's ``split``, or a folder / table / image file."""
+def load_images(source: str, split: str, args, progress: Progress | None, hub_split: str | None = None):
+    """``source`` as ``ImageData``: the vision demo's ``split``, or a folder / table / image file, or a
+    Hugging Face image dataset (a ``save_to_disk`` folder or a hub name) read at ``hub_split`` with
+    ``--data-config``."""
     if source == DEMO_VISION:
         from ..demos import vision as demo_vision
         demo_vision.prepare_vision_demo(progress=progress)
         return demo_vision.load_vision_split(split)
+    if source in ("demo", "demo-lm"):        # the text demos: never looked up as a hub dataset name
+        raise ValueError(f"'{source}' holds text, but an image model reads images; pass '{DEMO_VISION}', an image "
+                         "folder (one sub-folder per class), a table of image paths or a Hugging Face image dataset")
     from ..images import load_image_data
     return load_image_data(source, image_column=getattr(args, "image_column", None),
-                           label_column=getattr(args, "label_column", None))
+                           label_column=getattr(args, "label_column", None), split=hub_split,
+                           config_name=getattr(args, "data_config", None))
 
 
 def image_batches(data, processor, model, batch_size: int, *, with_labels: bool = True,

@@ -48,7 +48,7 @@ def load_text_data(source: str | os.PathLike, *, text_column: str | None = None,
         raise ValueError(f"{source} is a folder; give a data file ({', '.join(readers.SUPPORTED_SUFFIXES)})")
     if path.is_file():
         data = _load_local(path, text_column, text_pair_column, label_column)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise ValueError(f"no data file at {source}; give an existing {'/'.join(readers.SUPPORTED_SUFFIXES)} "
                          "file or a hub dataset name")
     else:
@@ -60,7 +60,7 @@ def load_text_data(source: str | os.PathLike, *, text_column: str | None = None,
     return data
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """True for strings that can only mean a local file (a suffix we read, a separator we know)."""
     if Path(source).suffix.lower() in readers.SUPPORTED_SUFFIXES or source.startswith((".", "/", "~", "\\")):
         return True

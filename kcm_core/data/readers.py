@@ -234,6 +234,17 @@ def read_hub(name: str, config_name: str | None = None,
              split: str | None = None) -> tuple[dict[str, list], dict[str, list[str]], str]:
     """A hub dataset split through ``datasets.load_dataset``, failing fast and clearly offline:
     (its columns, the class names of each ``ClassLabel`` column, a source line for reports)."""
+    import datasets
+    loaded, source = hub_dataset(name, config_name, split)
+    class_names = {col: list(feat.names) for col, feat in loaded.features.items()
+                   if isinstance(feat, datasets.ClassLabel)}
+    return loaded.to_dict(), class_names, source
+
+
+def hub_dataset(name: str, config_name: str | None = None, split: str | None = None):
+    """(one split of a hub dataset as a ``datasets.Dataset``, a source line for reports), through
+    ``datasets.load_dataset``, failing fast and clearly offline; a dataset with several splits and no
+    ``split`` is refused with their names."""
     from .. import hub
     label = f"{name}/{config_name}" if config_name else name
     if hub.hub_offline():
@@ -246,7 +257,7 @@ def read_hub(name: str, config_name: str | None = None,
         hub.check_hub(name, kind="dataset", what=f"load dataset {label!r}")
     import datasets
     # Hub downloads go to the ordinary `datasets` cache, so a second run (or HF_HUB_OFFLINE=1) reuses them.
-    with _quiet_datasets():
+    with quiet_datasets():
         try:
             loaded = datasets.load_dataset(name, config_name, split=split,
                                            download_config=datasets.DownloadConfig(max_retries=1))
@@ -264,14 +275,11 @@ def read_hub(name: str, config_name: str | None = None,
             raise ValueError(f"hub dataset {label!r} has splits {', '.join(splits)}; choose one with split")
         split = splits[0]
         loaded = loaded[split]
-    class_names = {col: list(feat.names) for col, feat in loaded.features.items()
-                   if isinstance(feat, datasets.ClassLabel)}
-    source = f"hub:{label}" + (f" [{split}]" if split else "")
-    return loaded.to_dict(), class_names, source
+    return loaded, f"hub:{label}" + (f" [{split}]" if split else "")
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
+def quiet_datasets() -> Iterator[None]:
     """Silence ``datasets`` progress bars for the block (the library never prints), then restore."""
     import datasets
     was_disabled = datasets.are_progress_bars_disabled()
