@@ -155,8 +155,8 @@ class Store:
     teacher: the unpruned model's FFN outputs on the repair sample (``config.repair_sample``), asked only
         by a repair fitted against the teacher (``RepairConfig.needs_teacher``); without it the fit
         computes them (under a distributed group: each rank on its share).
-    means: the unpruned model's mean neuron inputs, asked only by FLAP's bias (the ``compensate`` step)
-        when the scores carry none; without it they are collected on the repair sample.
+    means: the unpruned model's mean neuron inputs on the whole scoring sample, asked only by FLAP's bias
+        (the ``compensate`` step) when the scores carry none; without it they are collected here.
     """
 
     teacher: Callable[[], list[torch.Tensor]] | None = None
@@ -200,8 +200,11 @@ def prune(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = ()
     start = time.perf_counter()
     repair = config.resolved_repair
     means = method_scores.means
-    if means is None and repair.step == "compensate" and store.means is not None:
-        means = store.means()
+    if means is None and repair.step == "compensate":
+        # FLAP's bias reads the mean input of every neuron over the whole scoring sample, as the methods
+        # whose scores carry it (their activation statistics) do, not over the smaller repair sample
+        means = (store.means() if store.means is not None
+                 else collect_stats(model, unlabeled, progress, len(unlabeled), group).mean)
     targets = store.teacher() if repair.needs_teacher and store.teacher is not None else None
     plan = repair_plan(model, plan, config, config.repair_sample(unlabeled), means, progress,
                        targets=targets, group=group)

@@ -20,6 +20,7 @@ from kcm_core.flops import flops_floor
 from kcm_core.export import load_pruned
 from kcm_core.models import load_model
 from kcm_core.pipeline import PruneConfig, prune, resolve_seq_len
+from kcm_core.repair import RepairConfig
 from kcm_core.streamed.passes import prune_streamed
 
 # One representative per family row of kcm_core.arch.FAMILIES, with the task it is pruned for.
@@ -79,6 +80,28 @@ def test_streamed_label_free_methods_equal_in_memory(tmp_path, method):
     config = PruneConfig(method=method, budget=0.8, scale_samples=4, seed=3)
     _assert_same(prune(model, config, batches), prune_streamed(folder, config, batches, tmp_path / "out"),
                  batches, load_pruned(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("method", ["random", "weight-magnitude"])
+def test_a_bias_on_scores_without_statistics_reads_the_whole_sample_in_memory_and_streamed(tmp_path, method):
+    """FLAP's bias needs every neuron's mean input; a method whose scores carry none gets it from the
+    whole scoring sample (as the app's store and the methods with statistics do), not the repair sample."""
+    from kcm_core.activations import collect_stats
+    from kcm_core.compensation import compensate
+    from kcm_core.pipeline import make_plan, compute_scores
+    model, folder = _saved(tmp_path, "llama", "causal-lm")
+    batches = make_batches(model, labels=False, n_batches=3)
+    config = PruneConfig(method=method, budget=0.8, scale_samples=2, seed=3, repair=RepairConfig(kind="bias"))
+    reference = prune(model, config, batches)
+    scored = compute_scores(model, config, batches)
+    plan = make_plan(model, scored, config, resolve_seq_len(model_shape(model.config), batches, None))
+    whole = compensate(model, plan, collect_stats(model, batches).mean)
+    part = compensate(model, plan, collect_stats(model, config.repair_sample(batches)).mean)
+    shifts = lambda p: torch.cat([torch.tensor(l.bias_shift) for l in p.layers])
+    assert torch.allclose(shifts(reference.plan), shifts(whole), atol=1e-6)
+    assert not torch.allclose(shifts(whole), shifts(part), atol=1e-4)      # the two samples differ here
+    _assert_same(reference, prune_streamed(folder, config, batches, tmp_path / "out"), batches,
+                 load_pruned(tmp_path / "out"))
 
 
 def test_uniform_widths_load_with_stock_transformers_and_chunked_reads_change_nothing(tmp_path, monkeypatch):

@@ -479,11 +479,11 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
     if scores is not None and (scores.method != spec.name or len(scores.scores) != len(sk.layers)):
         raise ValueError(f"the scores given are {scores.method!r}'s for {len(scores.scores)} layers, not "
                          f"{spec.name!r}'s for this model's {len(sk.layers)}")
-    if scores is not None and config.resolved_repair.kind == "bias" and scores.means is None:
-        raise ValueError(f"method {spec.name!r} folds the dropped neurons' mean into a bias, and the "
-                         "scores given carry no means; omit them to score here")
     scored = scores if scores is not None else score_streamed(sk, config, unlabeled, progress)
     seconds.update(scored.seconds or {})
+    means = scored.means
+    if means is None and config.resolved_repair.step == "compensate":      # as kcm_core.pipeline.prune
+        means = list(stats_streamed(sk, unlabeled, progress).mean)
     start = time.perf_counter()
     plan = make_plan(sk.model, scored, config, seq_len)     # the in-memory selection, on the pooled scores
     seconds["selection"] = time.perf_counter() - start
@@ -491,7 +491,7 @@ def prune_streamed(model_dir: str | os.PathLike, config: PruneConfig, unlabeled:
     with disk_errors(out_dir), atomic_folder(out_dir, overwrite=overwrite, markers=EXPORT_MARKERS) as tmp:
         start = time.perf_counter()
         plan, probe, expected, weight_map, size, params_after = _slice_and_write(
-            sk, config, plan, scored.means, unlabeled, tmp, progress)
+            sk, config, plan, means, unlabeled, tmp, progress)
         plan = replace(plan, info=plan.info.updated(seq_len=seq_len))
         seconds["scaling_slicing_writing"] = time.perf_counter() - start
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": size},
