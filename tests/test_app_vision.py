@@ -6,7 +6,6 @@ import io
 import re
 import stat
 import zipfile
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
