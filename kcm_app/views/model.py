@@ -106,33 +106,38 @@ def page() -> None:
 
 def lm_default_note() -> None:
     """Two sentences on what the language-model default adds to the paper, and the measurement."""
-    st.info("**For a language model the default is not the paper's KCM.** On the LM demo the paper's KCM "
-            "loses to FLAP at every budget (R2's scale depends on how long its fit ran, so pooled scores gut "
-            "a few layers); the default, *fluctuation + refit*, ranks neurons by FLAP's standardised score and "
-            "then refits every kept down-projection row to what the unpruned layer would output on the "
-            "pruned model's inputs (label-free least squares). The paper's KCM stays one choice away.")
-    found = charts.lm_default_frame()
-    if found is not None:
-        frame, dense = found
-        st.plotly_chart(figures.comparison_lm(frame, dense, None), key="model_lm_default")
-        st.caption("Measured on the LM demo: held-out perplexity by relative FLOPs "
-                   "(`benchmarks/results/lm_grid.json`, written by `benchmarks/bench_lm_grid.py`).")
+    _default_note(
+        "**For a language model the default is not the paper's KCM.** On the LM demo the paper's KCM "
+        "loses to FLAP at every budget (R2's scale depends on how long its fit ran, so pooled scores gut "
+        "a few layers); the default, *fluctuation + refit*, ranks neurons by FLAP's standardised score and "
+        "then refits every kept down-projection row to what the unpruned layer would output on the "
+        "pruned model's inputs (label-free least squares). The paper's KCM stays one choice away.",
+        charts.lm_default_frame(), figures.comparison_lm, "model_lm_default",
+        "Measured on the LM demo: held-out perplexity by relative FLOPs "
+        "(`benchmarks/results/lm_grid.json`, written by `benchmarks/bench_lm_grid.py`).")
 
 
 def vision_default_note() -> None:
     """Two sentences on what the image-classifier default adds to the paper, and the measurement."""
-    st.info("**For an image classifier the default is not the paper's KCM.** On the vision demo the "
-            "paper's KCM (one scale per kept neuron) loses most of its accuracy below 0.7 of the FLOPs; the "
-            "default, *fluctuation + refit*, ranks neurons by FLAP's standardised score and then refits every "
-            "kept row of `fc2` to what the unpruned layer would output on the pruned model's inputs "
-            "(label-free least squares). The paper's KCM stays one choice away.")
-    found = charts.vision_default_frame()
+    _default_note(
+        "**For an image classifier the default is not the paper's KCM.** On the vision demo the "
+        "paper's KCM (one scale per kept neuron) loses most of its accuracy below 0.7 of the FLOPs; the "
+        "default, *fluctuation + refit*, ranks neurons by FLAP's standardised score and then refits every "
+        "kept row of `fc2` to what the unpruned layer would output on the pruned model's inputs "
+        "(label-free least squares). The paper's KCM stays one choice away.",
+        charts.vision_default_frame(), figures.comparison, "model_vision_default",
+        "Measured on the vision demo: test accuracy on 500 held-out images by relative FLOPs "
+        "(`benchmarks/results/vision.json`, written by `benchmarks/bench_vision.py`; paired "
+        "differences in `benchmarks/results/vision_default.md`).")
+
+
+def _default_note(message: str, found, figure, key: str, caption: str) -> None:
+    """``message``, then the measured chart (``figure`` of ``found``'s frame) when its results file is there."""
+    st.info(message)
     if found is not None:
         frame, dense = found
-        st.plotly_chart(figures.comparison(frame, dense, None), key="model_vision_default")
-        st.caption("Measured on the vision demo: test accuracy on 500 held-out images by relative FLOPs "
-                   "(`benchmarks/results/vision.json`, written by `benchmarks/bench_vision.py`; paired "
-                   "differences in `benchmarks/results/vision_default.md`).")
+        st.plotly_chart(figure(frame, dense, None), key=key)
+        st.caption(caption)
 
 
 def body(ws: Workspace, score_now: bool) -> None:
