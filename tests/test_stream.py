@@ -24,7 +24,7 @@ from kcm_core.streamed.passes import prune_streamed
 
 # One representative per family row of kcm_core.arch.FAMILIES, with the task it is pruned for.
 STREAMED = {"bert": "classification", "distilbert": "classification", "gpt2": "causal-lm",
-            "llama": "causal-lm", "mistral": "causal-lm", "qwen2": "causal-lm"}
+            "llama": "causal-lm", "mistral": "causal-lm", "qwen2": "causal-lm", "vit": "classification"}
 
 
 def _saved(tmp_path, family, task, **kw):
@@ -55,7 +55,7 @@ def _assert_same(reference, streamed, batches, loaded):
 
 
 def test_every_family_of_the_adapter_table_is_covered_or_refused():
-    assert {f.name for f in FAMILIES} == set(STREAMED) | {"vit"}
+    assert {f.name for f in FAMILIES} == set(STREAMED)
 
 
 @pytest.mark.parametrize("family", sorted(STREAMED))
@@ -95,6 +95,34 @@ def test_uniform_widths_load_with_stock_transformers_and_chunked_reads_change_no
     assert {"config.json", "model.safetensors.index.json", "kcm_plan.json", "export.json",
             "report.md"} <= names
     assert json.loads((tmp_path / "out" / "export.json").read_text())["verified_streamed"] is True
+
+
+def _tensor_names(folder) -> set[str]:
+    from safetensors import safe_open
+    names = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def test_a_uniform_vit_is_written_under_the_stock_names_and_loads_with_the_stock_class(tmp_path):
+    """transformers 5 renames ViT's tensors on load (``encoder.layer.N.intermediate.dense`` ->
+    ``layers.N.mlp.fc1``) and back on save: the streamed folder holds the names stock save_pretrained
+    writes, and the stock class loads it with the in-memory model's logits."""
+    model, folder = _saved(tmp_path, "vit", "classification")
+    batches = make_batches(model, labels=False, n_batches=3)
+    config = PruneConfig(method="kcm", budget=0.8, uniform=True, scale_samples=8)
+    reference = prune(model, config, batches)
+    streamed = prune_streamed(folder, config, batches, tmp_path / "out")
+    assert streamed.loader == "transformers" and streamed.plan.info.scaled_layers == 3
+    reference.model.save_pretrained(tmp_path / "stock")
+    written = _tensor_names(tmp_path / "out")
+    assert written == _tensor_names(tmp_path / "stock")
+    assert "vit.encoder.layer.0.intermediate.dense.weight" in written          # the saved name, not mlp.fc1
+    stock = T.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
+    assert stock.config.intermediate_size == streamed.plan.kept_counts[0] < model.config.intermediate_size
+    _assert_same(reference, streamed, batches, stock)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
@@ -138,9 +166,14 @@ def test_bad_targets_and_models_are_refused_before_any_work(tmp_path):
         prune_streamed(folder, config, batches, tmp_path / "taken")
     with pytest.raises(ValueError, match="needs unlabeled data"):
         prune_streamed(folder, config, [], tmp_path / "out")
+    from safetensors.torch import load_file, save_file
     vit = build_tiny_model("vit")
     vit.save_pretrained(tmp_path / "vit")
-    with pytest.raises(ValueError, match="renames this one's on load"):
+    tensors = load_file(tmp_path / "vit" / "model.safetensors")
+    del tensors["vit.encoder.layer.1.output.dense.weight"]          # loaded as vit.layers.1.mlp.fc2.weight
+    save_file(tensors, tmp_path / "vit" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights that ViTForImageClassification needs "
+                                         r"\(vit\.layers\.1\.mlp\.fc2\.weight\).*restore the config.json"):
         prune_streamed(tmp_path / "vit", config, make_batches(vit, labels=False), tmp_path / "out")
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="damaged or incomplete"):

@@ -49,7 +49,7 @@ from ..bias_carrier import carrier_family, carrier_note, empty_carrier_layer, la
 from ..compensation import can_carry_bias, check_compensable, compensate
 from ..flops import check_budget
 from ..hull import HullConfig, HullFit, kernel_hull
-from .skeleton import LayerCall, LayerView, Skeleton, layer_output, next_calls
+from .skeleton import LayerCall, LayerView, Skeleton, layer_output, next_calls, saved_names
 from ..methods import Method, MethodScores, ScoreDetails, score_with
 from ..pipeline import PruneConfig, make_plan, resolve_seq_len
 from ..plan import KeepPlan
@@ -318,6 +318,10 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, plan: KeepPlan, means,
     layers = []
     weight_map: dict[str, str] = {}
     size = params = 0
+    # A folder stock from_pretrained loads gets the names stock save_pretrained writes (transformers 5
+    # renames ViT's tensors on load and back on save); one for load_pruned keeps the model's own, as the
+    # in-memory export does.
+    stock = stock_loadable(sk, plan.kept_counts)
     for index in range(count):
         tell(progress, f"streamed scaling and slicing: layer {index + 1}/{count}", index / count)
         loaded = sk.load_layer(index)
@@ -355,6 +359,8 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, plan: KeepPlan, means,
             if carried:          # the carrier's zero biases (Qwen2's O projection, the gate and up)
                 state = layer_with_biases(state, carrier_layer)
             tensors = {sk.layer_prefix(index) + k: v for k, v in state.items()}
+            if stock:
+                tensors = saved_names(sk.model, tensors)
             size += _write_shard(tensors, folder / name)
             params += sum(t.numel() for t in state.values())
             weight_map.update(dict.fromkeys(tensors, name))
@@ -366,6 +372,8 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, plan: KeepPlan, means,
         expected = _model_output(sk.finish([probe], [probe_calls[0][0][0]]))
         name = STREAM_FILE_PATTERN.format(count + 1, count + 1)
         tensors = sk.outside_layer_tensors()
+        if stock:
+            tensors = saved_names(sk.model, tensors)
         size += _write_shard(tensors, folder / name)
         params += sum(t.numel() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))
@@ -395,6 +403,12 @@ def writes_carrier(sk: Skeleton, repair: RepairConfig, plan: KeepPlan) -> bool:
     """Whether the layers are written as the carrier class (``kcm_core.bias_carrier``: a Mistral or
     Qwen2 model given MLP biases is written as LLaMA)."""
     return adds_bias(sk, repair, plan) and carrier_family(sk.config) is not None
+
+
+def stock_loadable(sk: Skeleton, widths: Sequence[int]) -> bool:
+    """Whether the folder written for these kept widths loads with stock ``from_pretrained`` (one
+    width for every layer, and no emptied GPT-2 Conv1D layer), as ``_write_config`` records it."""
+    return len(set(widths)) == 1 and not (sk.family.transposed and 0 in widths)
 
 
 def _write_config(sk: Skeleton, plan: KeepPlan, folder: Path, carried: bool) -> str:
