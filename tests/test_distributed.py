@@ -53,6 +53,7 @@ def _cases():
     bert = build_tiny_model("bert", layers=3)
     llama = build_tiny_model("llama", "causal-lm", layers=3)
     vit = build_tiny_model("vit", layers=3)
+    dinov2 = build_tiny_model("dinov2", layers=3)
     hull = HullConfig(max_iter=40)
     return [
         # r2 (3 layers over 2 ranks), stats (5 batches: 3 + 2), grads (3 batches), scaling (5 batches)
@@ -67,6 +68,8 @@ def _cases():
         # images: 5 batches of pixel_values (3 + 2), scaling on 3 of them
         ("vit-kcm", vit, PruneConfig(method="kcm", budget=0.8, hull=hull, scale_samples=12),
          make_batches(vit, n_batches=5, labels=False, seed=4), None),
+        ("dinov2-flap", dinov2, PruneConfig(method="flap", budget=0.8),
+         make_batches(dinov2, n_batches=3, labels=False, seed=5), None),
     ]
 
 

@@ -24,7 +24,8 @@ from kcm_core.streamed.passes import prune_streamed
 
 # One representative per family row of kcm_core.arch.FAMILIES, with the task it is pruned for.
 STREAMED = {"bert": "classification", "distilbert": "classification", "gpt2": "causal-lm",
-            "llama": "causal-lm", "mistral": "causal-lm", "qwen2": "causal-lm", "vit": "classification"}
+            "llama": "causal-lm", "mistral": "causal-lm", "qwen2": "causal-lm", "vit": "classification",
+            "dinov2": "classification"}
 
 
 def _saved(tmp_path, family, task, **kw):

@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..activations import NeuronStats, collect_stats
-from ..arch import ffn_blocks, model_shape, transformer_layers
+from ..arch import ffn_blocks, model_shape, set_ffn_width, transformer_layers
 from ..atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
 from ..bias_carrier import carrier_family, carrier_note, empty_carrier_layer, layer_with_biases, moved_config
 from ..compensation import can_carry_bias, check_compensable, compensate
@@ -408,7 +408,9 @@ def writes_carrier(sk: Skeleton, repair: RepairConfig, plan: KeepPlan) -> bool:
 def stock_loadable(sk: Skeleton, widths: Sequence[int]) -> bool:
     """Whether the folder written for these kept widths loads with stock ``from_pretrained`` (one
     width for every layer, and no emptied GPT-2 Conv1D layer), as ``_write_config`` records it."""
-    return len(set(widths)) == 1 and not (sk.family.transposed and 0 in widths)
+    config = copy.deepcopy(sk.config)
+    return (len(set(widths)) == 1 and set_ffn_width(config, sk.family, widths[0])
+            and not (sk.family.transposed and 0 in widths))
 
 
 def _write_config(sk: Skeleton, plan: KeepPlan, folder: Path, carried: bool) -> str:
@@ -416,7 +418,7 @@ def _write_config(sk: Skeleton, plan: KeepPlan, folder: Path, carried: bool) -> 
     class's config when the layers were written as that class); returns the loader."""
     config = moved_config(sk.config, type(sk.model).__name__) if carried else copy.deepcopy(sk.config)
     widths = plan.kept_counts
-    record_widths(config, sk.family.width_field[0], widths)
+    record_widths(config, sk.family, widths)
     if plan.has_bias_shift and sk.family.mlp_bias_field:
         setattr(config, sk.family.mlp_bias_field, True)
     # realise.py swaps in its own module class for emptied GPT-2 Conv1D layers: stock code cannot run them
@@ -570,8 +572,9 @@ def _write_reports(folder: Path, sk: Skeleton, result: StreamResult, report, cla
     if result.loader == "transformers":
         lines += ["Every layer has the same width: plain `transformers` loads this folder.", ""]
     else:
-        lines += ["Layers have different widths (`kcm_ffn_widths` in `config.json`); load with "
-                  "`kcm_core.load_pruned(folder)`.", ""]
+        lines += ["The FFN widths are recorded in `kcm_ffn_widths` (`config.json`), which stock `transformers` "
+                  "does not read (layers of different widths, or a width the stock config cannot state, as "
+                  "DINOv2's integer `mlp_ratio`); load with `kcm_core.load_pruned(folder)`.", ""]
     lines += ["## Verification", "",
               f"Written layer by layer (streamed mode), then read back layer by layer and run on a fixed "
               f"probe: max abs difference {result.max_abs_diff:.2e} from the layers sliced in memory "

@@ -24,7 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..arch import base_model, family_for_config, first_module, transformer_layers
+from ..arch import (base_model, config_ffn_width, family_for_config, first_module, set_ffn_width,
+                    transformer_layers)
 from ..export.loading import model_class
 from ..runtime import Batch, eval_mode, hooks, model_inputs
 from ..layer_replay import detached
@@ -321,9 +322,10 @@ def _empty_model(config, family) -> nn.Module:
         return model_class(config)(config)
     build = copy.deepcopy(config)
     del build.kcm_ffn_widths
-    setattr(build, family.width_field[0], max(widths))
+    set_ffn_width(build, family, max(widths))
+    built = config_ffn_width(build, family)     # the widest layer's, or more (DINOv2: a multiple of hidden)
     full = model_class(config)(build)
-    plan = KeepPlan(tuple(LayerKeep(tuple(range(w)), max(widths)) for w in widths), method="reload")
+    plan = KeepPlan(tuple(LayerKeep(tuple(range(w)), built) for w in widths), method="reload")
     return slice_model(full, plan)
 
 
