@@ -54,7 +54,7 @@ class Family:
     window_by_layer_type: bool = False
     layer_scales: bool = False       # two per-channel scales per layer (DINOv2's layer_scale1/2)
     head_inputs: int = 1             # hidden-size vectors the classifier reads (DINOv2: CLS and patch mean)
-    # Config switches that select a layout this row does not describe: (field, why, what to do).
+    # Config switches that select a layout this row does not describe: (field, why it is refused).
     refused: tuple[tuple[str, str], ...] = ()
 
 
@@ -143,9 +143,10 @@ FAMILIES: tuple[Family, ...] = (
         vision=True,
     ),
     Family(
-        # ViT's layout with layer scales after attention and MLP (folded into nothing: they stay, and
-        # the FFN's output is scaled after fc2), a width given as mlp_ratio, and a classifier on the
-        # class token concatenated with the mean of the patch tokens (2 x hidden inputs).
+        # ViT's layout plus a layer scale after attention and after the MLP (left in place: the FFN's
+        # output is scaled after fc2, so fc2's output, which scaling and repair fit, is unchanged), a
+        # width given as mlp_ratio, and a classifier on the class token concatenated with the mean of
+        # the patch tokens (2 x hidden inputs).
         name="dinov2",
         model_types=("dinov2",),
         layers=("encoder.layer",),

@@ -182,6 +182,17 @@ def test_bad_targets_and_models_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_tensors_transformers_splits_on_load_are_refused_by_name():
+    """DINOv2's old fused SwiGLU tensor ``mlp.weights_in`` is chunked into gate and up on load (a
+    converter, not a renaming): the streamed reader cannot do that one tensor at a time."""
+    model = build_tiny_model("dinov2")
+    keys = ["dinov2.encoder.layer.0.attention.attention.query.weight", "dinov2.encoder.layer.0.mlp.weights_in.weight"]
+    assert layerwise.loaded_names(model, keys[:1]) == {"dinov2.encoder.layer.0.attention.q_proj.weight": keys[0]}
+    with pytest.raises(ValueError, match=r"converts the tensor dinov2\.encoder\.layer\.0\.mlp\.weights_in\.weight "
+                                         r"on load.*prune it without --stream"):
+        layerwise.loaded_names(model, keys, "folder")
+
+
 def test_overwrite_replaces_an_earlier_export_only(tmp_path):
     model, folder = _saved(tmp_path, "llama", "causal-lm")
     batches = make_batches(model, labels=False)
