@@ -15,8 +15,8 @@ import transformers as T
 from conftest import LM_WORDS, build_tiny_model, make_batches, save_tiny_lm
 from kcm_core import cli
 from kcm_core.streamed import passes as stream, skeleton as layerwise
-from kcm_core.arch import FAMILIES, model_shape
-from kcm_core.flops import flops_floor
+from kcm_core.arch import FAMILIES, ffn_blocks, model_shape
+from kcm_core.flops import flops_floor, relative_flops
 from kcm_core.export import load_pruned
 from kcm_core.models import load_model
 from kcm_core.pipeline import PruneConfig, prune, resolve_seq_len
@@ -107,22 +107,34 @@ def _tensor_names(folder) -> set[str]:
     return names
 
 
-def test_a_uniform_vit_is_written_under_the_stock_names_and_loads_with_the_stock_class(tmp_path):
-    """transformers 5 renames ViT's tensors on load (``encoder.layer.N.intermediate.dense`` ->
-    ``layers.N.mlp.fc1``) and back on save: the streamed folder holds the names stock save_pretrained
-    writes, and the stock class loads it with the in-memory model's logits."""
-    model, folder = _saved(tmp_path, "vit", "classification")
+# family -> (stock class, a renamed tensor under its saved name). DINOv2's budget keeps 32 of 64 neurons
+# per layer: its int mlp_ratio states only multiples of the hidden size (32), as a stock folder needs.
+STOCK_NAMES = {"vit": (T.ViTForImageClassification, "vit.encoder.layer.0.intermediate.dense.weight"),
+               "dinov2": (T.Dinov2ForImageClassification, "dinov2.encoder.layer.0.attention.attention.query.weight")}
+
+
+@pytest.mark.parametrize("family", sorted(STOCK_NAMES))
+def test_a_uniform_image_model_is_written_under_the_stock_names_and_loads_with_the_stock_class(tmp_path, family):
+    """transformers 5 renames ViT's and DINOv2's tensors on load (``encoder.layer.N.intermediate.dense``
+    -> ``layers.N.mlp.fc1``, ``attention.attention.query`` -> ``attention.q_proj``) and back on save: the
+    streamed folder holds the names stock save_pretrained writes, and the stock class loads it with the
+    in-memory model's logits."""
+    cls, saved_name = STOCK_NAMES[family]
+    model, folder = _saved(tmp_path, family, "classification")
     batches = make_batches(model, labels=False, n_batches=3)
-    config = PruneConfig(method="kcm", budget=0.8, uniform=True, scale_samples=8)
+    shape = model_shape(model.config)
+    budget = 0.8 if family == "vit" else relative_flops(shape, shape.image_tokens, [32] * 3) + 1e-9
+    config = PruneConfig(method="kcm", budget=budget, uniform=True, scale_samples=8)
     reference = prune(model, config, batches)
     streamed = prune_streamed(folder, config, batches, tmp_path / "out")
     assert streamed.loader == "transformers" and streamed.plan.info.scaled_layers == 3
     reference.model.save_pretrained(tmp_path / "stock")
     written = _tensor_names(tmp_path / "out")
     assert written == _tensor_names(tmp_path / "stock")
-    assert "vit.encoder.layer.0.intermediate.dense.weight" in written          # the saved name, not mlp.fc1
-    stock = T.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
-    assert stock.config.intermediate_size == streamed.plan.kept_counts[0] < model.config.intermediate_size
+    assert saved_name in written
+    stock = cls.from_pretrained(tmp_path / "out").eval()
+    assert [b.width for b in ffn_blocks(stock)] == streamed.plan.kept_counts
+    assert streamed.plan.kept_counts[0] < shape.ffn_width[0]
     _assert_same(reference, streamed, batches, stock)
 
 
