@@ -368,8 +368,7 @@ def loaded_names(model: nn.Module, keys: Iterable[str], folder: Path | str = "")
         if converted is not None:
             raise ValueError(f"{folder}: transformers converts the tensor {key} on load (it splits or merges "
                              f"tensors matching {converted!r}), which the streamed mode cannot do one "
-                             "tensor at a time; prune it without --stream, or load and save it once with "
-                             "this transformers release")
+                             "tensor at a time; prune it without --stream")
         if name in out:
             raise ValueError(f"{folder}: the tensors {out[name]} and {key} both load as {name}; "
                              "the checkpoint is ambiguous, prune it without --stream")
