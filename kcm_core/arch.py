@@ -376,6 +376,13 @@ class ModelShape:
     out_bias: bool = False       # the attention's output projection carries a bias (LLaMA's attention_bias)
     layer_scales: bool = False   # two per-channel scales per layer (DINOv2)
     head_inputs: int = 1         # hidden-size vectors the classifier reads (DINOv2: 2)
+    patch: int = 0               # vision: the patch side in pixels; else 0
+
+    def tokens_for_image(self, height: int, width: int) -> int:
+        """Tokens of one image of ``height`` x ``width`` pixels (patches + the class token). DINOv2
+        interpolates its position grid, so its processor may feed another size than ``image_size``
+        (the hub's DINOv2 configs say 518 px, their processors crop 224 px)."""
+        return (int(height) // self.patch) * (int(width) // self.patch) + 1
 
     @property
     def head_dim(self) -> int:
@@ -419,6 +426,7 @@ def model_shape(config) -> ModelShape:
                                            and getattr(config, family.attention_bias_field, False)),
         layer_scales=family.layer_scales,
         head_inputs=family.head_inputs,
+        patch=int(config.patch_size) if family.vision else 0,
     )
 
 

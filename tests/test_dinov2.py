@@ -21,7 +21,7 @@ from kcm_core.arch import family_for_config, family_for_model, ffn_blocks, trans
 from kcm_core.export import load_pruned, save_pruned
 from kcm_core.flops import cost_report, estimate_layer_params, layer_costs
 from kcm_core.models import load_model
-from kcm_core.pipeline import PruneConfig, prune
+from kcm_core.pipeline import resolve_seq_len
 from kcm_core.plan import KeepPlan, LayerKeep
 from kcm_core.realise import mask_copy
 
@@ -106,6 +106,20 @@ def test_masked_equals_sliced_in_logits_and_the_cost_model_matches_the_flop_coun
     assert list(counted.layers) == [estimate_layer_params(shape, DINOV2_WIDTH)] * 3
     assert [a - b for a, b in zip(counted.layers, after.layers)] == [
         (DINOV2_WIDTH - k) * (2 * HIDDEN + 1) for k in (0, 23, 50)]
+
+
+def test_the_sequence_length_is_that_of_the_images_fed_not_the_configs_image_size():
+    """DINOv2 interpolates its position grid, so its processor may crop another size than the config's
+    image_size (the hub's configs say 518 px, their processors 224 px): the FLOPs model counts the tokens
+    the model runs on, measured here by the FLOP counter on 8 x 12 px images (2 x 3 patches + 1)."""
+    model = build_tiny_model("dinov2", layers=2, attn="eager")
+    shape = model_shape(model.config)
+    small = [{"pixel_values": torch.randn(1, 3, 8, 12, generator=torch.Generator().manual_seed(0))}]
+    assert resolve_seq_len(shape, small, None) == 7.0
+    assert resolve_seq_len(shape, make_batches(model, labels=False), None) == TOKENS
+    assert resolve_seq_len(shape, [], None) == TOKENS                     # no images: the config's size
+    measured = _layer_flops(model, small[0]["pixel_values"])
+    assert measured == [pytest.approx(2 * row.total, rel=1e-12) for row in layer_costs(shape, 7)]
 
 
 def test_a_uniform_width_that_mlp_ratio_states_loads_with_the_stock_class(tmp_path):
