@@ -381,7 +381,7 @@ class ModelShape:
     def tokens_for_image(self, height: int, width: int) -> int:
         """Tokens of one image of ``height`` x ``width`` pixels (patches + the class token). DINOv2
         interpolates its position grid, so its processor may feed another size than ``image_size``
-        (the hub's DINOv2 configs say 518 px, their processors crop 224 px)."""
+        (DINOv2's released configs say 518 px, their processors crop 224 px)."""
         return (int(height) // self.patch) * (int(width) // self.patch) + 1
 
     @property
