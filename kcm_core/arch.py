@@ -34,6 +34,8 @@ class Family:
     width_field: tuple[str, ...] = ("intermediate_size",)
     # What to use when the width field is None (GPT-2's n_inner=None means 4 * n_embd).
     width_default_factor: int = 4
+    # The width field is a multiple of the hidden size, the width int(hidden * ratio) (DINOv2's mlp_ratio).
+    width_is_ratio: bool = False
     vision: bool = False             # sequence length is patches + 1, no padding
     decoder: bool = False            # a causal decoder stack (GPT-2, LLaMA, ...), else an encoder
     # Parameter layout, for estimates from a config alone (no weights read):
@@ -50,6 +52,10 @@ class Family:
     # Which layers attend through ``sliding_window``: those ``layer_types`` names "sliding_attention"
     # (Qwen2), else every layer whenever the window is set (Mistral).
     window_by_layer_type: bool = False
+    layer_scales: bool = False       # two per-channel scales per layer (DINOv2's layer_scale1/2)
+    head_inputs: int = 1             # hidden-size vectors the classifier reads (DINOv2: CLS and patch mean)
+    # Config switches that select a layout this row does not describe: (field, why it is refused).
+    refused: tuple[tuple[str, str], ...] = ()
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -136,6 +142,26 @@ FAMILIES: tuple[Family, ...] = (
         down=("mlp.fc2", "output.dense"),
         vision=True,
     ),
+    Family(
+        # ViT's layout plus a layer scale after attention and after the MLP (left in place: the FFN's
+        # output is scaled after fc2, so fc2's output, which scaling and repair fit, is unchanged), a
+        # width given as mlp_ratio, and a classifier on the class token concatenated with the mean of
+        # the patch tokens (2 x hidden inputs).
+        name="dinov2",
+        model_types=("dinov2",),
+        layers=("encoder.layer",),
+        up=("mlp.fc1",),
+        down=("mlp.fc2",),
+        width_field=("mlp_ratio",),
+        width_is_ratio=True,
+        vision=True,
+        layer_scales=True,
+        head_inputs=2,
+        refused=(("use_swiglu_ffn",
+                  "its SwiGLU FFN (gate_proj, up_proj, down_proj) rounds its width to a multiple of 8 from "
+                  "mlp_ratio, so a pruned width could not be written into a config that stock "
+                  "Dinov2 code rebuilds; only the plain MLP (use_swiglu_ffn=False, fc1/fc2) is supported"),),
+    ),
 )
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
@@ -146,11 +172,16 @@ def family_for_config(config) -> Family:
     model_type = getattr(config, "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
+            for field, why in family.refused:
+                if getattr(config, field, False):
+                    raise ValueError(f"Unsupported {type(config).__name__} with {field}={getattr(config, field)!r}: "
+                                     f"{why}.")
             return family
     raise ValueError(
         f"Unsupported architecture: model_type {model_type!r} ({type(config).__name__}). "
         f"KCM Explorer supports model types {', '.join(SUPPORTED_MODEL_TYPES)} "
-        "(BERT-family encoders incl. MPNet, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2 gated MLPs, ViT)."
+        "(BERT-family encoders incl. MPNet, DistilBERT, GPT-2, LLaMA/Mistral/Qwen2 gated MLPs, ViT, "
+        "DINOv2 with its plain MLP)."
     )
 
 
@@ -198,6 +229,34 @@ def config_value(config, fields: tuple[str, ...], default=None):
         if hasattr(config, name):
             return getattr(config, name)
     return default
+
+
+def config_ffn_width(config, family: Family) -> int:
+    """The FFN width a config builds (before any per-layer ``kcm_ffn_widths``)."""
+    width = config_value(config, family.width_field)
+    hidden = int(config_value(config, family.hidden_field))
+    if width is None:
+        return family.width_default_factor * hidden
+    if family.width_is_ratio:
+        return int(hidden * width)                     # as the modeling code: int(hidden_size * mlp_ratio)
+    return int(width)
+
+
+def set_ffn_width(config, family: Family, width: int) -> bool:
+    """Write ``width`` into the family's width field; returns whether the stock class now builds
+    exactly ``width`` neurons.
+
+    A ratio field (DINOv2's ``mlp_ratio``, width ``int(hidden * mlp_ratio)``) is a strict ``int`` in
+    transformers 5's ``Dinov2Config``, so it can state only multiples of the hidden size: any other
+    width gets the next multiple up (the class then builds at least ``width``, and ``kcm_ffn_widths``
+    must say the real width: ``record_widths`` writes it, ``load_pruned`` slices to it)."""
+    field = family.width_field[0]
+    if not family.width_is_ratio:
+        setattr(config, field, int(width))
+        return True
+    hidden = int(config_value(config, family.hidden_field))
+    setattr(config, field, -(-int(width) // hidden))               # ceil(width / hidden), an int
+    return int(width) % hidden == 0
 
 
 @dataclass(frozen=True)
@@ -315,6 +374,15 @@ class ModelShape:
     decoder: bool = False        # a causal decoder stack (Family.decoder), else an encoder
     head_size: int = 0           # the config's explicit head_dim (Mistral-Nemo: 128, not 5120 / 32); 0: none
     out_bias: bool = False       # the attention's output projection carries a bias (LLaMA's attention_bias)
+    layer_scales: bool = False   # two per-channel scales per layer (DINOv2)
+    head_inputs: int = 1         # hidden-size vectors the classifier reads (DINOv2: 2)
+    patch: int = 0               # vision: the patch side in pixels; else 0
+
+    def tokens_for_image(self, height: int, width: int) -> int:
+        """Tokens of one image of ``height`` x ``width`` pixels (patches + the class token). DINOv2
+        interpolates its position grid, so its processor may feed another size than ``image_size``
+        (DINOv2's released configs say 518 px, their processors crop 224 px)."""
+        return (int(height) // self.patch) * (int(width) // self.patch) + 1
 
     @property
     def head_dim(self) -> int:
@@ -327,9 +395,7 @@ def model_shape(config) -> ModelShape:
     hidden = int(config_value(config, family.hidden_field))
     heads = int(config_value(config, family.heads_field))
     kv_heads = int(config_value(config, family.kv_heads_field, heads) or heads)
-    width = config_value(config, family.width_field)
-    if width is None:
-        width = family.width_default_factor * hidden
+    width = config_ffn_width(config, family)
     widths = tuple(int(w) for w in getattr(config, "kcm_ffn_widths", None) or [width] * layers)
     image_tokens = 0
     if family.vision:
@@ -358,6 +424,9 @@ def model_shape(config) -> ModelShape:
         head_size=_explicit_head_dim(config),
         out_bias=family.dense_bias or bool(family.attention_bias_field
                                            and getattr(config, family.attention_bias_field, False)),
+        layer_scales=family.layer_scales,
+        head_inputs=family.head_inputs,
+        patch=int(config.patch_size) if family.vision else 0,
     )
 
 

@@ -204,7 +204,8 @@ def estimate_layer_params(shape: ModelShape, neurons: int) -> int:
         if shape.out_bias:     # LLaMA with attention_bias: the output projection too
             biases += d
     norms = 2 * d              # two norm weights (LayerNorm or RMSNorm)
-    return weights + biases + norms
+    scales = 2 * d if shape.layer_scales else 0      # DINOv2's layer_scale1 and layer_scale2
+    return weights + biases + norms + scales
 
 
 def cost_report(shape: ModelShape, seq_len: float, kept: Sequence[int] | None = None,
@@ -216,12 +217,12 @@ def cost_report(shape: ModelShape, seq_len: float, kept: Sequence[int] | None = 
     head_macs = {
         "lm": seq_len * d * shape.vocab_size,                   # logits for every position
         "pooled-classifier": d * d + d * shape.num_labels,      # pooler + classifier on one token
-        "classifier": d * shape.num_labels,
+        "classifier": shape.head_inputs * d * shape.num_labels,   # DINOv2: class token and patch mean
     }.get(shape.head, 0.0)
     if params is None:
         layer_params = tuple(estimate_layer_params(shape, row.neurons) for row in rows)
         embedding_params = (shape.vocab_size + shape.max_positions) * d
-        head_params = d * max(shape.num_labels, 0)
+        head_params = shape.head_inputs * d * max(shape.num_labels, 0)
     else:
         layer_params, embedding_params, head_params = params.layers, params.embeddings, params.head
     return CostReport(

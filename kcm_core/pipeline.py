@@ -36,8 +36,9 @@ from .select import refine_with_gradients, select
 def resolve_seq_len(shape: ModelShape, batches: Sequence[Batch], seq_len: float | None) -> float:
     if seq_len is not None:
         return float(seq_len)
-    if shape.vision:
-        return float(shape.image_tokens)
+    if shape.vision:            # the images as the processor made them, else the config's image_size
+        pixels = next((b["pixel_values"] for b in batches if "pixel_values" in b), None)
+        return float(shape.image_tokens if pixels is None else shape.tokens_for_image(*pixels.shape[-2:]))
     length = mean_length(batches)
     if length <= 0:
         raise ValueError("the unlabeled sample has no real tokens; cannot infer a sequence length")

@@ -18,7 +18,7 @@ import functools
 import torch
 from torch import nn
 
-from .arch import FFNBlock, family_for_model, ffn_blocks
+from .arch import FFNBlock, Family, family_for_model, ffn_blocks, set_ffn_width
 from .bias_carrier import carrier_family, into_carrier
 from .plan import KeepPlan
 
@@ -176,16 +176,17 @@ def slice_model(model: nn.Module, plan: KeepPlan, *, carry: bool = True) -> nn.M
             _set_module(sliced, block.down_name, down)
     if plan.has_bias_shift:
         give_mlp_biases(sliced, family)
-    record_widths(sliced.config, family.width_field[0], plan.kept_counts)
+    record_widths(sliced.config, family, plan.kept_counts)
     return into_carrier(sliced) if carry and moves(sliced, plan) else sliced
 
 
-def record_widths(config, width_field: str, widths: list[int]) -> None:
-    """Write per-layer FFN widths into ``config`` (stock field when uniform, else kcm_ffn_widths)."""
-    if len(set(widths)) == 1:
-        setattr(config, width_field, widths[0])
+def record_widths(config, family: Family, widths: list[int]) -> None:
+    """Write per-layer FFN widths into ``config``: the stock field alone when every layer has one width
+    that the field can state, else the widest layer's (or more) there and the real widths in
+    ``kcm_ffn_widths`` (DINOv2's int ``mlp_ratio`` states only multiples of the hidden size)."""
+    exact = set_ffn_width(config, family, max(widths))
+    if len(set(widths)) == 1 and exact:
         if hasattr(config, "kcm_ffn_widths"):
             delattr(config, "kcm_ffn_widths")
     else:
-        setattr(config, width_field, max(widths))
         config.kcm_ffn_widths = list(widths)

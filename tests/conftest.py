@@ -7,14 +7,16 @@ Fixtures (each returns a factory, so one test can build several models):
 
 ``tiny_model(family, task="classification", *, layers=2, dtype=None, attn=None, seed=0)``
     A freshly built, seeded model in eval mode. ``family`` is one of ``TINY_FAMILIES`` (bert, roberta,
-    electra, xlm-roberta, mpnet, distilbert, gpt2, llama, mistral, qwen2, vit). ``task`` is
-    "classification" (``*ForSequenceClassification`` / ``ViTForImageClassification``, 2 labels),
+    electra, xlm-roberta, mpnet, distilbert, gpt2, llama, mistral, qwen2, vit), or dinov2 (64 neurons per
+    layer, see ``DINOV2_WIDTH``; its layer scales drawn in [0.5, 1.5]). ``task`` is
+    "classification" (``*ForSequenceClassification`` / ``ViTForImageClassification`` /
+    ``Dinov2ForImageClassification``, 2 labels),
     "base" (the bare backbone, ``AutoModel``) or "causal-lm" (decoder families only).
     ``attn="eager"`` forces eager attention (``FlopCounterMode`` does not see SDPA on CPU).
 
 ``tiny_batches(model, *, n_batches=2, batch_size=4, seq_len=9, labels=True, seed=0)``
     A list of batches for ``model``: ``input_ids`` with ``attention_mask`` (right padding on some
-    rows, padded positions hold the pad id) and ``labels``; ``pixel_values`` (and labels) for ViT.
+    rows, padded positions hold the pad id) and ``labels``; ``pixel_values`` (and labels) for ViT and DINOv2.
 
 The same factories are importable as plain functions (``from conftest import build_tiny_model``)
 for module-level parametrisation.
@@ -51,6 +53,10 @@ TEXT_FAMILIES = ("bert", "roberta", "electra", "xlm-roberta", "mpnet", "distilbe
                  "mistral", "qwen2")
 DECODER_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 TINY_FAMILIES = TEXT_FAMILIES + ("vit",)
+VISION_FAMILIES = ("vit", "dinov2")
+# DINOv2's width is hidden x mlp_ratio, and transformers 5's Dinov2Config takes mlp_ratio as an int: its
+# tiny model has 64 neurons per layer, not WIDTH, so it is not among TINY_FAMILIES (tests/test_dinov2.py).
+DINOV2_WIDTH = 2 * HIDDEN
 
 
 def tiny_config(family: str, layers: int = 2, attn: str | None = None, **overrides):
@@ -85,6 +91,10 @@ def tiny_config(family: str, layers: int = 2, attn: str | None = None, **overrid
         kw = dict(hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
                   intermediate_size=WIDTH, image_size=IMAGE, patch_size=PATCH, num_channels=3)
         cls = T.ViTConfig
+    elif family == "dinov2":
+        kw = dict(hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
+                  mlp_ratio=DINOV2_WIDTH // HIDDEN, image_size=IMAGE, patch_size=PATCH, num_channels=3)
+        cls = T.Dinov2Config
     else:
         raise KeyError(f"no tiny config for family {family!r}")
     kw = {**kw, **overrides}
@@ -102,6 +112,8 @@ def build_tiny_model(family: str, task: str = "classification", *, layers: int =
     if task == "classification":
         if family == "vit":
             model = T.ViTForImageClassification(config)
+        elif family == "dinov2":
+            model = T.Dinov2ForImageClassification(config)
         else:
             model = T.AutoModelForSequenceClassification.from_config(config)
     elif task == "base":
@@ -112,6 +124,11 @@ def build_tiny_model(family: str, task: str = "classification", *, layers: int =
         model = T.AutoModelForCausalLM.from_config(config)
     else:
         raise KeyError(f"unknown task {task!r}")
+    if family == "dinov2":                    # layer scales of 1.0 would hide a scale applied twice or never
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("lambda1"):
+                    param.uniform_(0.5, 1.5)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
@@ -146,7 +163,7 @@ def make_batches(model, *, n_batches: int = 2, batch_size: int = 4, seq_len: int
     batches = []
     for _ in range(n_batches):
         batch: dict[str, torch.Tensor] = {}
-        if model.config.model_type == "vit":
+        if model.config.model_type in VISION_FAMILIES:
             size = model.config.image_size
             batch["pixel_values"] = torch.randn(batch_size, 3, size, size, generator=gen)
         else:

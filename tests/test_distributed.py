@@ -52,6 +52,8 @@ def _cases():
     """(name, model, config, unlabeled, labeled): rebuilt identically in every process."""
     bert = build_tiny_model("bert", layers=3)
     llama = build_tiny_model("llama", "causal-lm", layers=3)
+    vit = build_tiny_model("vit", layers=3)
+    dinov2 = build_tiny_model("dinov2", layers=3)
     hull = HullConfig(max_iter=40)
     return [
         # r2 (3 layers over 2 ranks), stats (5 batches: 3 + 2), grads (3 batches), scaling (5 batches)
@@ -63,6 +65,11 @@ def _cases():
          make_batches(llama, n_batches=3, labels=False, seed=3), None),
         ("llama-flap", llama, PruneConfig(method="flap", budget=0.8),
          make_batches(llama, n_batches=3, labels=False, seed=3), None),
+        # images: 5 batches of pixel_values (3 + 2), scaling on 3 of them
+        ("vit-kcm", vit, PruneConfig(method="kcm", budget=0.8, hull=hull, scale_samples=12),
+         make_batches(vit, n_batches=5, labels=False, seed=4), None),
+        ("dinov2-flap", dinov2, PruneConfig(method="flap", budget=0.8),
+         make_batches(dinov2, n_batches=3, labels=False, seed=5), None),
     ]
 
 
@@ -218,7 +225,24 @@ def sources(tmp_path_factory):
     (root / "data.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
     docs = [" ".join(rng.choice(LM_WORDS) for _ in range(rng.randint(20, 40))) for _ in range(40)]
     (root / "docs.txt").write_text("\n".join(docs) + "\n")
+    _save_vision(root)
     return root
+
+
+def _save_vision(root: Path) -> None:
+    """A tiny 3-class ViT with its image processor, and an ImageFolder of 3 x 7 random images."""
+    import numpy as np
+    import transformers as T
+    from PIL import Image
+    classes = ("cat", "dog", "fish")
+    build_tiny_model("vit", layers=3, num_labels=3, id2label=dict(enumerate(classes)),
+                     label2id={c: i for i, c in enumerate(classes)}).save_pretrained(root / "vit")
+    T.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(root / "vit")
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(7):
+            Image.fromarray(rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
 
 
 PRUNE_ARGS = {
@@ -228,6 +252,8 @@ PRUNE_ARGS = {
     "lm": lambda src: ["--model", src / "llama", "--data", src / "docs.txt", "--method", "kcm",
                        "--flops", 0.85, "--block-size", 16, "--samples", 10, "--batch-size", 2,
                        "--scale-samples", 6, "--eval-blocks", 4, "--max-iter", 40],
+    "vision": lambda src: ["--model", src / "vit", "--data", src / "images", "--method", "kcm",
+                           "--flops", 0.8, "--batch-size", 4, "--max-iter", 40],
 }
 
 
@@ -249,7 +275,7 @@ def _writers(stderr: str) -> set[str]:
 # on two shared cores, so they are in the slow tier; the gloo-ranks test above keeps the equivalence
 # of one process and two ranks in the fast tier.
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["classifier", "lm"])
+@pytest.mark.parametrize("kind", ["classifier", "lm", "vision"])
 def test_torchrun_prune_writes_once_on_rank_0_the_plan_of_one_process(sources, tmp_path, capsys, kind):
     args = PRUNE_ARGS[kind](sources)
     assert cli.main(["prune", *map(str, args), "--out", str(tmp_path / "single")]) == 0

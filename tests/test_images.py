@@ -184,15 +184,26 @@ def test_prune_evaluate_export_and_stock_reload_of_a_vit(tmp_path, capsys, vit_d
 
 
 
-def test_streamed_prune_of_a_vit_reads_its_images_then_says_what_it_cannot_read(tmp_path, capsys, vit_dir,
-                                                                                image_folder):
-    """--stream takes image data now, but reads checkpoints by the class's own tensor names, and
-    transformers 5 renames a ViT's on load: a clear refusal naming the way out, nothing written."""
-    code, _, err = run_cli(capsys, "prune", "--model", vit_dir, "--data", image_folder, "--flops", 0.8,
-                           "--out", tmp_path / "o", "--batch-size", 8, "--stream")
-    assert code == 2 and "converted 6 images to RGB" in err
-    assert "prune it without --stream" in err
-    assert not (tmp_path / "o").exists()
+@pytest.mark.slow           # two CLI runs, each exported and verified in a fresh process: about 25 s
+def test_streamed_prune_of_a_vit_writes_the_in_memory_plan(tmp_path, capsys, vit_dir, image_folder):
+    """--stream on a ViT folder (whose tensors transformers 5 renames on load) reads the same images and
+    writes the plan and the model of the in-memory run."""
+    common = ["prune", "--model", vit_dir, "--data", image_folder, "--flops", 0.8, "--batch-size", 8]
+    code, _, err = run_cli(capsys, *common, "--out", tmp_path / "memory")
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, *common, "--out", tmp_path / "streamed", "--stream")
+    assert code == 0, err
+    assert "converted 6 images to RGB" in err
+    report = json.loads(stdout)
+    assert report["export"]["streamed"] is True and "not evaluated" in report["evaluation_note"]
+    plans = [json.loads((tmp_path / name / "kcm_plan.json").read_text()) for name in ("memory", "streamed")]
+    assert [l["keep_idx"] for l in plans[0]["layers"]] == [l["keep_idx"] for l in plans[1]["layers"]]
+    assert any(len(l["keep_idx"]) < 37 for l in plans[1]["layers"])
+    from kcm_core.models import load_model
+    pixels = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    memory, streamed = load_model(tmp_path / "memory")[0], load_model(tmp_path / "streamed")[0]
+    with torch.no_grad():
+        assert (memory(pixel_values=pixels).logits - streamed(pixel_values=pixels).logits).abs().max() <= 1e-5
 
 
 # --------------------------------------------------------------------------- Hugging Face image datasets

@@ -15,8 +15,8 @@ import transformers as T
 from conftest import LM_WORDS, build_tiny_model, make_batches, save_tiny_lm
 from kcm_core import cli
 from kcm_core.streamed import passes as stream, skeleton as layerwise
-from kcm_core.arch import FAMILIES, model_shape
-from kcm_core.flops import flops_floor
+from kcm_core.arch import FAMILIES, ffn_blocks, model_shape
+from kcm_core.flops import flops_floor, relative_flops
 from kcm_core.export import load_pruned
 from kcm_core.models import load_model
 from kcm_core.pipeline import PruneConfig, prune, resolve_seq_len
@@ -25,7 +25,8 @@ from kcm_core.streamed.passes import prune_streamed
 
 # One representative per family row of kcm_core.arch.FAMILIES, with the task it is pruned for.
 STREAMED = {"bert": "classification", "distilbert": "classification", "gpt2": "causal-lm",
-            "llama": "causal-lm", "mistral": "causal-lm", "qwen2": "causal-lm"}
+            "llama": "causal-lm", "mistral": "causal-lm", "qwen2": "causal-lm", "vit": "classification",
+            "dinov2": "classification"}
 
 
 def _saved(tmp_path, family, task, **kw):
@@ -56,7 +57,7 @@ def _assert_same(reference, streamed, batches, loaded):
 
 
 def test_every_family_of_the_adapter_table_is_covered_or_refused():
-    assert {f.name for f in FAMILIES} == set(STREAMED) | {"vit"}
+    assert {f.name for f in FAMILIES} == set(STREAMED)
 
 
 @pytest.mark.parametrize("family", sorted(STREAMED))
@@ -120,6 +121,46 @@ def test_uniform_widths_load_with_stock_transformers_and_chunked_reads_change_no
     assert json.loads((tmp_path / "out" / "export.json").read_text())["verified_streamed"] is True
 
 
+def _tensor_names(folder) -> set[str]:
+    from safetensors import safe_open
+    names = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(f.keys())
+    return names
+
+
+# family -> (stock class, a renamed tensor under its saved name). DINOv2's budget keeps 32 of 64 neurons
+# per layer: its int mlp_ratio states only multiples of the hidden size (32), as a stock folder needs.
+STOCK_NAMES = {"vit": (T.ViTForImageClassification, "vit.encoder.layer.0.intermediate.dense.weight"),
+               "dinov2": (T.Dinov2ForImageClassification, "dinov2.encoder.layer.0.attention.attention.query.weight")}
+
+
+@pytest.mark.parametrize("family", sorted(STOCK_NAMES))
+def test_a_uniform_image_model_is_written_under_the_stock_names_and_loads_with_the_stock_class(tmp_path, family):
+    """transformers 5 renames ViT's and DINOv2's tensors on load (``encoder.layer.N.intermediate.dense``
+    -> ``layers.N.mlp.fc1``, ``attention.attention.query`` -> ``attention.q_proj``) and back on save: the
+    streamed folder holds the names stock save_pretrained writes, and the stock class loads it with the
+    in-memory model's logits."""
+    cls, saved_name = STOCK_NAMES[family]
+    model, folder = _saved(tmp_path, family, "classification")
+    batches = make_batches(model, labels=False, n_batches=3)
+    shape = model_shape(model.config)
+    budget = 0.8 if family == "vit" else relative_flops(shape, shape.image_tokens, [32] * 3) + 1e-9
+    config = PruneConfig(method="kcm", budget=budget, uniform=True, scale_samples=8)
+    reference = prune(model, config, batches)
+    streamed = prune_streamed(folder, config, batches, tmp_path / "out")
+    assert streamed.loader == "transformers" and streamed.plan.info.scaled_layers == 3
+    reference.model.save_pretrained(tmp_path / "stock")
+    written = _tensor_names(tmp_path / "out")
+    assert written == _tensor_names(tmp_path / "stock")
+    assert saved_name in written
+    stock = cls.from_pretrained(tmp_path / "out").eval()
+    assert [b.width for b in ffn_blocks(stock)] == streamed.plan.kept_counts
+    assert streamed.plan.kept_counts[0] < shape.ffn_width[0]
+    _assert_same(reference, streamed, batches, stock)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_layers_emptied_by_the_budget_stream_like_in_memory(tmp_path, family):
     model, folder = _saved(tmp_path, family, STREAMED[family])
@@ -161,14 +202,30 @@ def test_bad_targets_and_models_are_refused_before_any_work(tmp_path):
         prune_streamed(folder, config, batches, tmp_path / "taken")
     with pytest.raises(ValueError, match="needs unlabeled data"):
         prune_streamed(folder, config, [], tmp_path / "out")
+    from safetensors.torch import load_file, save_file
     vit = build_tiny_model("vit")
     vit.save_pretrained(tmp_path / "vit")
-    with pytest.raises(ValueError, match="renames this one's on load"):
+    tensors = load_file(tmp_path / "vit" / "model.safetensors")
+    del tensors["vit.encoder.layer.1.output.dense.weight"]          # loaded as vit.layers.1.mlp.fc2.weight
+    save_file(tensors, tmp_path / "vit" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks weights that ViTForImageClassification needs "
+                                         r"\(vit\.layers\.1\.mlp\.fc2\.weight\).*restore the config.json"):
         prune_streamed(tmp_path / "vit", config, make_batches(vit, labels=False), tmp_path / "out")
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="damaged or incomplete"):
         prune_streamed(folder, config, batches, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_tensors_transformers_splits_on_load_are_refused_by_name():
+    """DINOv2's old fused SwiGLU tensor ``mlp.weights_in`` is chunked into gate and up on load (a
+    converter, not a renaming): the streamed reader cannot do that one tensor at a time."""
+    model = build_tiny_model("dinov2")
+    keys = ["dinov2.encoder.layer.0.attention.attention.query.weight", "dinov2.encoder.layer.0.mlp.weights_in.weight"]
+    assert layerwise.loaded_names(model, keys[:1]) == {"dinov2.encoder.layer.0.attention.q_proj.weight": keys[0]}
+    with pytest.raises(ValueError, match=r"converts the tensor dinov2\.encoder\.layer\.0\.mlp\.weights_in\.weight "
+                                         r"on load.*prune it without --stream"):
+        layerwise.loaded_names(model, keys, "folder")
 
 
 def test_overwrite_replaces_an_earlier_export_only(tmp_path):

@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..arch import family_for_config, ffn_blocks
+from ..arch import config_ffn_width, family_for_config, ffn_blocks, set_ffn_width
 from ..plan import KeepPlan, LayerKeep
 from ..realise import slice_model
 from .files import ONNX_FILE
@@ -98,13 +98,14 @@ def _load_sliced(folder: Path, config, cls: type) -> nn.Module:
     widths = [int(w) for w in config.kcm_ffn_widths]
     build = copy.deepcopy(config)
     del build.kcm_ffn_widths
-    setattr(build, family.width_field[0], max(widths))
+    set_ffn_width(build, family, max(widths))
+    built = config_ffn_width(build, family)     # the widest layer's, or more (DINOv2: a multiple of hidden)
     with no_init_weights():                 # every tensor is overwritten below
         full = cls(build)
     layers = len(ffn_blocks(full))
     if layers != len(widths):
         raise ValueError(f"{folder}: config records {len(widths)} FFN widths for {layers} layers")
-    keep_plan = KeepPlan(tuple(LayerKeep(tuple(range(w)), max(widths)) for w in widths), method="reload")
+    keep_plan = KeepPlan(tuple(LayerKeep(tuple(range(w)), built) for w in widths), method="reload")
     model = slice_model(full, keep_plan)    # also records the widths in model.config
     del full
     state = _read_safetensors(folder)

@@ -159,7 +159,7 @@ def _export_config(model: nn.Module):
     family = family_for_model(model)
     widths = [block.width for block in ffn_blocks(model)]
     config = copy.deepcopy(model.config)
-    record_widths(config, family.width_field[0], widths)
+    record_widths(config, family, widths)
     # realise.py swaps in its own module class for emptied GPT-2 Conv1D layers: stock code cannot run them.
     custom = any(type(m).__module__.startswith("kcm_core.") for m in model.modules())
     if custom and not getattr(config, "kcm_ffn_widths", None):
@@ -225,7 +225,9 @@ def _loading_markdown(summary: dict[str, Any]) -> list[str]:
                       "cfg = transformers.AutoConfig.from_pretrained(folder)",
                       "model = getattr(transformers, cfg.architectures[0]).from_pretrained(folder)", "```"]
         else:
-            lines += ["Layers have different widths (`kcm_ffn_widths` in `config.json`); load with:", "",
+            lines += ["The FFN widths are recorded in `kcm_ffn_widths` (`config.json`), which stock `transformers` "
+                      "does not read (layers of different widths, or a width the stock config cannot state, as "
+                      "DINOv2's integer `mlp_ratio`); load with:", "",
                       "```python", "from kcm_core import load_pruned", "model = load_pruned(folder)", "```"]
     if "onnx" in summary["formats"]:
         lines += ["", f"`{ONNX_FILE}` ({summary['onnx_exporter']} exporter): inputs "

@@ -43,13 +43,13 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..activations import NeuronStats, collect_stats
-from ..arch import ffn_blocks, model_shape, transformer_layers
+from ..arch import ffn_blocks, model_shape, set_ffn_width, transformer_layers
 from ..atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
 from ..bias_carrier import carrier_family, carrier_note, empty_carrier_layer, layer_with_biases, moved_config
 from ..compensation import can_carry_bias, check_compensable, compensate
 from ..flops import check_budget
 from ..hull import HullConfig, HullFit, kernel_hull
-from .skeleton import LayerCall, LayerView, Skeleton, layer_output, next_calls
+from .skeleton import LayerCall, LayerView, Skeleton, layer_output, next_calls, saved_names
 from ..methods import Method, MethodScores, ScoreDetails, score_with
 from ..pipeline import PruneConfig, make_plan, resolve_seq_len
 from ..plan import KeepPlan
@@ -318,6 +318,10 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, plan: KeepPlan, means,
     layers = []
     weight_map: dict[str, str] = {}
     size = params = 0
+    # A folder stock from_pretrained loads gets the names stock save_pretrained writes (transformers 5
+    # renames ViT's tensors on load and back on save); one for load_pruned keeps the model's own, as the
+    # in-memory export does.
+    stock = stock_loadable(sk, plan.kept_counts)
     for index in range(count):
         tell(progress, f"streamed scaling and slicing: layer {index + 1}/{count}", index / count)
         loaded = sk.load_layer(index)
@@ -355,6 +359,8 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, plan: KeepPlan, means,
             if carried:          # the carrier's zero biases (Qwen2's O projection, the gate and up)
                 state = layer_with_biases(state, carrier_layer)
             tensors = {sk.layer_prefix(index) + k: v for k, v in state.items()}
+            if stock:
+                tensors = saved_names(sk.model, tensors)
             size += _write_shard(tensors, folder / name)
             params += sum(t.numel() for t in state.values())
             weight_map.update(dict.fromkeys(tensors, name))
@@ -366,6 +372,8 @@ def _slice_and_write(sk: Skeleton, config: PruneConfig, plan: KeepPlan, means,
         expected = _model_output(sk.finish([probe], [probe_calls[0][0][0]]))
         name = STREAM_FILE_PATTERN.format(count + 1, count + 1)
         tensors = sk.outside_layer_tensors()
+        if stock:
+            tensors = saved_names(sk.model, tensors)
         size += _write_shard(tensors, folder / name)
         params += sum(t.numel() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, name))
@@ -397,12 +405,20 @@ def writes_carrier(sk: Skeleton, repair: RepairConfig, plan: KeepPlan) -> bool:
     return adds_bias(sk, repair, plan) and carrier_family(sk.config) is not None
 
 
+def stock_loadable(sk: Skeleton, widths: Sequence[int]) -> bool:
+    """Whether the folder written for these kept widths loads with stock ``from_pretrained`` (one
+    width for every layer, and no emptied GPT-2 Conv1D layer), as ``_write_config`` records it."""
+    config = copy.deepcopy(sk.config)
+    return (len(set(widths)) == 1 and set_ffn_width(config, sk.family, widths[0])
+            and not (sk.family.transposed and 0 in widths))
+
+
 def _write_config(sk: Skeleton, plan: KeepPlan, folder: Path, carried: bool) -> str:
     """config.json with the kept widths (and the MLP-bias switch FLAP's shift needs, or the carrier
     class's config when the layers were written as that class); returns the loader."""
     config = moved_config(sk.config, type(sk.model).__name__) if carried else copy.deepcopy(sk.config)
     widths = plan.kept_counts
-    record_widths(config, sk.family.width_field[0], widths)
+    record_widths(config, sk.family, widths)
     if plan.has_bias_shift and sk.family.mlp_bias_field:
         setattr(config, sk.family.mlp_bias_field, True)
     # realise.py swaps in its own module class for emptied GPT-2 Conv1D layers: stock code cannot run them
@@ -556,8 +572,9 @@ def _write_reports(folder: Path, sk: Skeleton, result: StreamResult, report, cla
     if result.loader == "transformers":
         lines += ["Every layer has the same width: plain `transformers` loads this folder.", ""]
     else:
-        lines += ["Layers have different widths (`kcm_ffn_widths` in `config.json`); load with "
-                  "`kcm_core.load_pruned(folder)`.", ""]
+        lines += ["The FFN widths are recorded in `kcm_ffn_widths` (`config.json`), which stock `transformers` "
+                  "does not read (layers of different widths, or a width the stock config cannot state, as "
+                  "DINOv2's integer `mlp_ratio`); load with `kcm_core.load_pruned(folder)`.", ""]
     lines += ["## Verification", "",
               f"Written layer by layer (streamed mode), then read back layer by layer and run on a fixed "
               f"probe: max abs difference {result.max_abs_diff:.2e} from the layers sliced in memory "

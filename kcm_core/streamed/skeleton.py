@@ -24,7 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..arch import base_model, family_for_config, first_module, transformer_layers
+from ..arch import (base_model, config_ffn_width, family_for_config, first_module, set_ffn_width,
+                    transformer_layers)
 from ..export.loading import model_class
 from ..runtime import Batch, eval_mode, hooks, model_inputs
 from ..layer_replay import detached
@@ -165,9 +166,11 @@ class Skeleton:
     # ---------------------------------------------------------------- names
     def _match_keys(self) -> dict[str, str]:
         """Each parameter name of the model -> its key in the checkpoint; refuses any that are missing,
-        and checkpoint tensors the model does not use (as ``check_loading_info`` does)."""
+        and checkpoint tensors the model does not use (as ``check_loading_info`` does). A checkpoint key
+        is matched under the name ``from_pretrained`` gives it (``loaded_names``: transformers 5 renames
+        ViT's ``encoder.layer.N.intermediate.dense`` to ``layers.N.mlp.fc1``, ...)."""
         prefix = f"{getattr(self.model, 'base_model_prefix', '')}."
-        have = self.checkpoint.where
+        have = loaded_names(self.model, self.checkpoint.where, self.folder)     # loaded name -> key
         keys: dict[str, str] = {}
         missing = []
         groups = self._tie_groups()
@@ -176,7 +179,7 @@ class Skeleton:
             for name in names:
                 for key in (name, name[len(prefix):] if name.startswith(prefix) else None, prefix + name):
                     if key and key in have:
-                        found = key
+                        found = have[key]
                         break
                 if found:
                     break
@@ -186,14 +189,14 @@ class Skeleton:
                 keys[name] = found
         if missing:
             raise ValueError(f"{self.folder} lacks weights that {type(self.model).__name__} needs "
-                             f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): the streamed "
-                             "mode reads checkpoints whose tensor names are the class's own, and transformers "
-                             "renames this one's on load (as it does for ViT) or it is incomplete; prune it "
-                             "without --stream")
+                             f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): the checkpoint "
+                             "is incomplete or was saved for another config; restore the config.json saved "
+                             "with these weights, or prune it without --stream")
         used = set(keys.values())
         for name in self.model.state_dict():         # persistent buffers a checkpoint may hold
-            used.update((name, name[len(prefix):] if name.startswith(prefix) else name, prefix + name))
-        unused = sorted(k for k in have if k not in used)
+            for key in (name, name[len(prefix):] if name.startswith(prefix) else name, prefix + name):
+                used.add(have.get(key, key))
+        unused = sorted(k for k in self.checkpoint.where if k not in used)
         if unused:
             raise ValueError(f"{self.folder} holds weights that {type(self.model).__name__} does not use "
                              f"({', '.join(unused[:3])}); restore the config.json saved with these weights")
@@ -319,12 +322,71 @@ def _empty_model(config, family) -> nn.Module:
         return model_class(config)(config)
     build = copy.deepcopy(config)
     del build.kcm_ffn_widths
-    setattr(build, family.width_field[0], max(widths))
+    set_ffn_width(build, family, max(widths))
+    built = config_ffn_width(build, family)     # the widest layer's, or more (DINOv2: a multiple of hidden)
     full = model_class(config)(build)
-    plan = KeepPlan(tuple(LayerKeep(tuple(range(w)), max(widths)) for w in widths), method="reload")
+    plan = KeepPlan(tuple(LayerKeep(tuple(range(w)), built) for w in widths), method="reload")
     return slice_model(full, plan)
 
 
+
+
+def _weight_transforms(model: nn.Module, *, add_legacy: bool = True):
+    """transformers 5's renamings and converters for ``model`` (what ``from_pretrained`` applies to a
+    checkpoint's keys, and ``save_pretrained`` reverts), or ``None`` under transformers 4 (no renames)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:                                                 # transformers 4
+        return None
+    transforms = get_model_conversion_mapping(model, add_legacy=add_legacy)
+    return ([t for t in transforms if isinstance(t, WeightRenaming)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
+
+
+def loaded_names(model: nn.Module, keys: Iterable[str], folder: Path | str = "") -> dict[str, str]:
+    """Each checkpoint key under the name ``from_pretrained`` loads it as -> the key.
+
+    The same renaming ``transformers.core_model_loading`` applies on load (its ``rename_source_key`` with
+    the model's ``get_model_conversion_mapping``), including its fallback to the key itself when the
+    model already has that name (a folder written with the loaded names). Keys that a converter would
+    split or merge (e.g. DINOv2's fused SwiGLU ``mlp.weights_in``) cannot be read one tensor at a time as
+    saved: refused, naming the key."""
+    keys = list(keys)
+    found = _weight_transforms(model)
+    if found is None:
+        return {key: key for key in keys}
+    from transformers.core_model_loading import rename_source_key
+    renamings, converters = found
+    prefix = getattr(model, "base_model_prefix", None) or None
+    meta = model.state_dict()
+    out: dict[str, str] = {}
+    for key in keys:
+        name, converted = rename_source_key(key, renamings, converters, prefix, meta)
+        if name not in meta and key in meta:              # as transformers: keep a name the model has
+            name, converted = rename_source_key(key, [], [], prefix, meta)
+        if converted is not None:
+            raise ValueError(f"{folder}: transformers converts the tensor {key} on load (it splits or merges "
+                             f"tensors matching {converted!r}), which the streamed mode cannot do one "
+                             "tensor at a time; prune it without --stream")
+        if name in out:
+            raise ValueError(f"{folder}: the tensors {out[name]} and {key} both load as {name}; "
+                             "the checkpoint is ambiguous, prune it without --stream")
+        out[name] = key
+    return out
+
+
+def saved_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (named as ``model`` holds them) under the names stock ``save_pretrained`` writes:
+    transformers 5 reverts its load-time renames on save (ViT's ``layers.N.mlp.fc1`` is written as
+    ``encoder.layer.N.intermediate.dense``), so older readers find them. Renamings only; unchanged under
+    transformers 4."""
+    found = _weight_transforms(model, add_legacy=False)
+    if found is None or not found[0]:
+        return tensors
+    from transformers.core_model_loading import rename_source_key
+    reverse = [t.reverse_transform() for t in found[0][::-1]]
+    return {rename_source_key(name, reverse, [], reverse=True)[0]: t for name, t in tensors.items()}
 
 
 @dataclass
