@@ -272,3 +272,53 @@ def tiny_lm_and_documents(root):
     docs = [" ".join(rng.choice(LM_WORDS) for _ in range(rng.randint(20, 40))) for _ in range(80)]
     (root / "docs.txt").write_text("\n".join(docs) + "\n")
     return save_tiny_lm(root / "model", "llama", positions=64), root / "docs.txt"
+
+
+# --------------------------------------------------------------------------- export reload, two ways
+
+def _reload_in_this_process(command, **_):
+    """Stand-in for ``subprocess.run`` in ``kcm_core.export.verify``: the same reload jobs
+    (``reload_check.run_job``: the user's loader, the probe, the output) run in this process. A fresh
+    interpreter costs about 10 CPU seconds on the test machine (torch and transformers imported again).
+    What only a fresh process shows (the export needs nothing this process holds; the stock loader
+    imports no project code) is checked by the ``fresh`` variants in the full run and by
+    tests/test_export.py, whose fixture and stock-loading test always start fresh processes."""
+    import json
+    import subprocess
+
+    import numpy as np
+
+    from kcm_core.export import reload_check
+    from kcm_core.export.files import PROBE_FILE, PROBE_OUT_FILE
+    folder, jobs, root = command[-3], json.loads(command[-2]), command[-1]
+    probe = dict(np.load(f"{folder}/{PROBE_FILE}"))
+    results, notes, path = {}, {}, list(sys.path)
+    try:
+        for fmt, loader, output in jobs:
+            results[fmt] = reload_check.run_job(folder, fmt, loader, output, root, probe, notes)
+    finally:
+        sys.path[:] = path                                  # run_job puts ROOT first for load_pruned
+    notes["project_code_imported"] = False                  # always true here; only a fresh process can tell
+    np.savez(f"{folder}/{PROBE_OUT_FILE}", **results)
+    return subprocess.CompletedProcess(command, 0, json.dumps(notes) + "\n", "")
+
+
+@pytest.fixture(params=[pytest.param("fresh", marks=pytest.mark.slow), "in-process"])
+def export_reload(request, monkeypatch):
+    """Parametrises a test over how ``save_pruned`` reloads its export: in a fresh process, as users get
+    it (the slow tier), and in this process through the same reload code (the fast tier). For tests
+    whose subject is not the fresh process itself (a CLI run, a pipeline that ends in an export)."""
+    if request.param == "in-process":
+        reload_in_process(monkeypatch)
+    return request.param
+
+
+def reload_in_process(monkeypatch) -> None:
+    """Make ``save_pruned`` reload its export in this process (``_reload_in_this_process``) until
+    ``monkeypatch`` undoes it; for module fixtures that only need an export as their input."""
+    import subprocess
+    import types
+
+    import kcm_core.export.verify as V
+    monkeypatch.setattr(V, "subprocess", types.SimpleNamespace(run=_reload_in_this_process,
+                                                               TimeoutExpired=subprocess.TimeoutExpired))

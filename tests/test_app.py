@@ -306,7 +306,7 @@ def test_missing_model_explains_what_to_do(app, monkeypatch, tmp_path):
     assert not any("No model is loaded yet" in i.value for i in at.info)
 
 
-def test_export_saves_a_loadable_model_and_offers_downloads(app, tmp_path):
+def test_export_saves_a_loadable_model_and_offers_downloads(export_reload, app, tmp_path):
     at = app("pages/6_export.py", budget="0.8")
     out = tmp_path / "pruned"
     at.text_input(key="export_dir").set_value(str(out))
@@ -337,7 +337,7 @@ def test_export_saves_a_loadable_model_and_offers_downloads(app, tmp_path):
     assert any("It exists" in c.value for c in at.caption)
 
 
-def test_an_exported_per_layer_model_opens_and_prunes_again(app, tmp_path, monkeypatch):
+def test_an_exported_per_layer_model_opens_and_prunes_again(export_reload, app, tmp_path, monkeypatch):
     """One loader: the app's local folder takes an export with per-layer widths."""
     at = app("pages/6_export.py", budget="0.8")
     out = tmp_path / "pruned"

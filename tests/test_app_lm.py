@@ -242,7 +242,7 @@ def test_lm_comparison_plots_perplexity_on_a_log_axis(app):
     assert spec["layout"]["yaxis"]["type"] == "log"
 
 
-def test_export_writes_a_causal_lm_with_perplexity_before_and_after(app, tmp_path):
+def test_export_writes_a_causal_lm_with_perplexity_before_and_after(export_reload, app, tmp_path):
     at = app("pages/6_export.py", budget="0.9", method="kcm")
     out = tmp_path / "export"
     at.text_input(key="export_dir").set_value(str(out))
@@ -293,7 +293,7 @@ def test_a_restarted_server_reads_a_language_models_budget_from_disk(app, monkey
     assert metric(at, "Perplexity") == ppl
 
 
-def test_the_default_lm_export_with_uniform_widths_loads_with_stock_transformers(app, tmp_path):
+def test_the_default_lm_export_with_uniform_widths_loads_with_stock_transformers(export_reload, app, tmp_path):
     import transformers as T
     at = app("pages/6_export.py", budget="0.9")
     assert at.session_state[state.METHOD] == "fluct-refit"            # the language-model default

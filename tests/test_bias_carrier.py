@@ -129,7 +129,8 @@ def test_refit_on_a_model_no_stock_class_carries_fits_no_intercept_and_keeps_its
 
 @pytest.mark.parametrize("family,fields", [("qwen2", {}), ("mistral", {"sliding_window": None})])
 @pytest.mark.parametrize("kind", ["bias", "refit", "scales+bias"])
-def test_a_repaired_qwen2_or_mistral_exports_as_stock_llama_with_the_pruned_logits(tmp_path, family, fields, kind):
+def test_a_repaired_qwen2_or_mistral_exports_as_stock_llama_with_the_pruned_logits(export_reload, tmp_path, family,
+                                                                                 fields, kind):
     model = _model(family, **fields)
     batches = make_batches(model, labels=False)
     config = PruneConfig(method="d2", budget=0.85, repair=RepairConfig(kind), scale_samples=8, uniform=True)
@@ -162,7 +163,7 @@ def docs(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["qwen2", "mistral"])
 def test_the_cli_prunes_with_the_bias_repair_in_memory_and_streamed_to_the_same_stock_llama(
-        tmp_path, capsys, docs, family):
+        export_reload, tmp_path, capsys, docs, family):
     model_dir = save_tiny_lm(tmp_path / family, family)
     common = ["prune", "--model", str(model_dir), "--data", str(docs), "--flops", "0.9", "--repair", "bias",
               "--uniform", "--block-size", "16", "--samples", "8", "--eval-blocks", "4"]

@@ -59,7 +59,7 @@ def test_flops_on_a_folder_with_only_a_config(workdir, capsys):
     assert sum(row["total"] for row in report["layers"]) == report["encoder_macs"]
 
 
-def test_prune_writes_a_loadable_folder_and_a_full_report(workdir, capsys, tmp_path):
+def test_prune_writes_a_loadable_folder_and_a_full_report(export_reload, workdir, capsys, tmp_path):
     out_dir = tmp_path / "pruned"
     code, out, err = run_cli(capsys, "prune", "--model", workdir / "tiny", "--data", workdir / "data.csv",
                              "--label-column", "label", "--flops", 0.8, "--method", "kcm",
@@ -95,7 +95,7 @@ def test_prune_writes_a_loadable_folder_and_a_full_report(workdir, capsys, tmp_p
     assert f"McNemar exact p = {diff['mcnemar_p']:.3g}" in markdown
 
 
-def test_a_pruned_folder_with_per_layer_widths_evaluates_and_prunes_again(workdir, capsys, tmp_path):
+def test_a_pruned_folder_with_per_layer_widths_evaluates_and_prunes_again(export_reload, workdir, capsys, tmp_path):
     """One loader: the per-layer export goes through load_pruned wherever a model is named."""
     first, second = tmp_path / "first", tmp_path / "second"
     code, out, err = run_cli(capsys, "prune", "--model", workdir / "tiny", "--data", workdir / "data.csv",
@@ -122,7 +122,7 @@ def test_a_pruned_folder_with_per_layer_widths_evaluates_and_prunes_again(workdi
     (["--stop-rule", "topk", "--rank-tol", "0.02", "--top-share", "0.25"],
      {"stop_rule": "topk", "rank_tol": 0.02, "top_share": 0.25}),
 ])
-def test_r2_stop_options_reach_the_fit_and_the_report(workdir, capsys, tmp_path, argv, hull):
+def test_r2_stop_options_reach_the_fit_and_the_report(export_reload, workdir, capsys, tmp_path, argv, hull):
     code, out, err = run_cli(capsys, "prune", "--model", workdir / "tiny", "--data", workdir / "data.csv",
                              "--flops", 0.85, "--method", "r2", "--out", tmp_path / "out", *argv)
     assert code == 0, err
@@ -135,7 +135,7 @@ def test_r2_stop_options_reach_the_fit_and_the_report(workdir, capsys, tmp_path,
         assert all(i >= 2 for i in iterations)      # a ranking rule compares two iterates
 
 
-def test_prune_is_deterministic_for_a_seed(workdir, capsys, tmp_path):
+def test_prune_is_deterministic_for_a_seed(export_reload, workdir, capsys, tmp_path):
     plans = []
     for name in ("a", "b"):
         code, _, err = run_cli(capsys, "prune", "--model", workdir / "tiny", "--data", workdir / "data.csv",
@@ -203,7 +203,7 @@ def test_every_option_is_checked_before_anything_is_loaded(workdir, capsys, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_is_refused_unless_overwrite(workdir, capsys, tmp_path):
+def test_existing_output_is_refused_unless_overwrite(export_reload, workdir, capsys, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("mine")

@@ -34,7 +34,7 @@ def run(capsys, *argv):
 
 
 @pytest.mark.parametrize("family,method", [("gpt2", "kcm"), ("llama", "flap"), ("qwen2", "wanda-sp"), ("llama", None)])
-def test_prune_a_tiny_lm_reports_perplexity_agreement_and_kl(lm_dir, capsys, tmp_path, family, method):
+def test_prune_a_tiny_lm_reports_perplexity_agreement_and_kl(export_reload, lm_dir, capsys, tmp_path, family, method):
     model_dir = save_tiny_lm(tmp_path / family, family)
     out_dir = tmp_path / "pruned"
     code, out, err = run(capsys, "prune", "--model", model_dir, "--data", lm_dir / "docs.txt",
@@ -79,7 +79,7 @@ def test_lm_inputs_that_cannot_work_exit_2_with_one_line(lm_dir, capsys, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_held_out_perplexity_is_never_measured_on_the_calibration_text(lm_dir, capsys, tmp_path):
+def test_held_out_perplexity_is_never_measured_on_the_calibration_text(export_reload, lm_dir, capsys, tmp_path):
     """Issue 23 (9): ``prune --data X --eval-data X`` measured on the calibration documents, and
     ``evaluate --model <pruned> --data X`` on the first blocks, which prune calibrated on. Now the first
     is split like no ``--eval-data`` and the second skips the documents the prune calibrated on; both
@@ -116,7 +116,7 @@ def test_held_out_perplexity_is_never_measured_on_the_calibration_text(lm_dir, c
     assert json.loads(out)["perplexity"] == measured["perplexity"] and "held_out" not in json.loads(out)
 
 
-def test_a_folder_saved_from_a_gguf_load_prunes_as_plain_weights(lm_dir, capsys, tmp_path):
+def test_a_folder_saved_from_a_gguf_load_prunes_as_plain_weights(export_reload, lm_dir, capsys, tmp_path):
     """Issue 23 (11): a folder whose config.json still carries ``quantization_config`` (``quant_method:
     gguf``, as ``from_pretrained(..., gguf_file=...)`` leaves it) holds plain tensors; it was scored,
     scaled and evaluated, then refused at the end ("quantized with gguf and is not serializable")."""
@@ -184,7 +184,7 @@ def write_tiny_gguf(path, seed: int = 0):
     return model
 
 
-def test_a_gguf_file_prunes_through_the_cli_and_opens_in_the_app(lm_dir, capsys, tmp_path, monkeypatch):
+def test_a_gguf_file_prunes_through_the_cli_and_opens_in_the_app(export_reload, lm_dir, capsys, tmp_path, monkeypatch):
     """Issue 23 (11): GGUF is what llama.cpp and Ollama users hold; a ``.gguf`` file is accepted as
     ``--model`` and as the app's local model (transformers dequantises it with ``gguf_file=``)."""
     import torch

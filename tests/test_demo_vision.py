@@ -182,7 +182,7 @@ def test_real_vision_demo_reaches_its_accuracy(tmp_path):
     assert summary["test_accuracy"] >= 0.875, json.dumps(summary, indent=1)
 
 
-def test_demo_vision_names_model_and_data_in_the_cli(tmp_path, sources, monkeypatch, capsys):
+def test_demo_vision_names_model_and_data_in_the_cli(export_reload, tmp_path, sources, monkeypatch, capsys):
     """Once prepared, ``demo-vision`` works as --model and --data: scored on its train images, evaluated on
     its test images, with the classifier's evaluation block."""
     from kcm_core import cli

@@ -147,7 +147,7 @@ def test_a_class_the_model_cannot_predict_is_refused_by_name(tmp_path, vit_dir):
 
 # --------------------------------------------------------------------------- CLI
 
-def test_prune_evaluate_export_and_stock_reload_of_a_vit(tmp_path, capsys, vit_dir, image_folder):
+def test_prune_evaluate_export_and_stock_reload_of_a_vit(export_reload, tmp_path, capsys, vit_dir, image_folder):
     out = tmp_path / "pruned"
     code, stdout, err = run_cli(capsys, "prune", "--model", vit_dir, "--data", image_folder, "--flops", 0.8,
                                 "--uniform", "--out", out, "--batch-size", 8, "--format", "hf,onnx")

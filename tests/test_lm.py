@@ -165,7 +165,7 @@ def test_flap_is_refused_where_no_stock_class_can_hold_the_down_bias(tiny_model)
 
 @pytest.mark.parametrize("family,method", [("gpt2", "kcm"), ("llama", "flap"), ("llama", "wanda-sp"),
                                            ("qwen2", "kcm"), ("qwen2", "wanda-sp")])
-def test_tiny_lms_prune_export_and_reload(tiny_model, tmp_path, family, method):
+def test_tiny_lms_prune_export_and_reload(export_reload, tiny_model, tmp_path, family, method):
     model = tiny_model(family, "causal-lm", initializer_range=0.1)
     batches = lm_batches(model)
     result = prune(model, PruneConfig(method=method, budget=0.9, scale_samples=8), batches)
@@ -205,8 +205,10 @@ def test_generation_is_greedy_and_deterministic(tiny_model):
     assert np.isfinite([float(x) for x in first.split()]).all()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_a_pruned_lm_exports_to_onnx_and_matches_in_a_fresh_process(tiny_model, tmp_path, family):
+# A dynamo ONNX export costs 30 to 50 s on two shared cores: gpt2 keeps a decoder's export in the fast
+# tier, llama's (rotary, grouped-query attention) is checked in the full run.
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+def test_a_pruned_lm_exports_to_onnx_and_matches_on_reload(export_reload, tiny_model, tmp_path, family):
     """ONNX of a decoder: the full-sequence logits (no KV cache), dynamic batch and sequence axes."""
     model = tiny_model(family, "causal-lm")
     pruned = slice_model(model, select_top_k([torch.rand(WIDTH, generator=torch.Generator().manual_seed(i))

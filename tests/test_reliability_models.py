@@ -186,9 +186,14 @@ def test_a_bare_encoder_gets_a_head_only_when_asked(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def pruned(tiny, tmp_path_factory):
+    """A per-layer export, the input of the damage tests (its reload check runs in this process: the
+    fresh one is tested in test_export.py)."""
+    from conftest import reload_in_process
     out = tmp_path_factory.mktemp("pruned") / "pruned"
-    code = cli.main(["prune", "--model", str(tiny[0]), "--data", str(tiny[1]), "--flops", "0.9",
-                     "--max-len", "32", "--out", str(out)])
+    with pytest.MonkeyPatch.context() as patch:
+        reload_in_process(patch)
+        code = cli.main(["prune", "--model", str(tiny[0]), "--data", str(tiny[1]), "--flops", "0.9",
+                         "--max-len", "32", "--out", str(out)])
     assert code == 0
     assert json.loads((out / "config.json").read_text()).get("kcm_ffn_widths")     # the per-layer loader
     return out

@@ -219,7 +219,7 @@ def test_the_method_row_brings_its_own_repair_and_allocation_and_the_config_over
     assert PruneConfig().method == DEFAULT_METHOD
 
 
-def test_the_repair_choice_reaches_the_report_through_the_cli(tmp_path, capsys):
+def test_the_repair_choice_reaches_the_report_through_the_cli(export_reload, tmp_path, capsys):
     from conftest import save_tiny_lm, LM_WORDS
     folder = tmp_path / "lm"
     save_tiny_lm(folder, "llama")

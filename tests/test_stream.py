@@ -255,7 +255,7 @@ def test_a_failed_check_of_the_written_files_leaves_nothing(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
 
 
-def test_prune_stream_on_the_command_line_writes_the_in_memory_plan(tmp_path, capsys):
+def test_prune_stream_on_the_command_line_writes_the_in_memory_plan(export_reload, tmp_path, capsys):
     rng = random.Random(0)
     (tmp_path / "docs.txt").write_text(
         "\n".join(" ".join(rng.choice(LM_WORDS) for _ in range(30)) for _ in range(40)) + "\n")

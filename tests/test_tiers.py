@@ -35,3 +35,16 @@ def test_the_full_command_clears_the_marker_expression():
                                             ("test_distributed.py", "@pytest.mark.slow\ndef test_accelerate_launch")])
 def test_the_real_downloads_browser_and_launchers_are_in_the_slow_tier(module, marked):
     assert marked in (ROOT / "tests" / module).read_text()
+
+
+def test_the_fast_tier_reloads_exports_in_process_but_keeps_one_fresh_process():
+    """Tests that end in an export run twice (``export_reload``): with save_pruned's fresh-process reload
+    in the slow tier, with the same reload code in this process in the fast tier. test_export.py keeps
+    real fresh processes in the fast tier: its fixture's bert check and the stock-loading process."""
+    conftest = (ROOT / "tests" / "conftest.py").read_text()
+    assert '@pytest.fixture(params=[pytest.param("fresh", marks=pytest.mark.slow), "in-process"])\n' \
+           "def export_reload(" in conftest
+    export = (ROOT / "tests" / "test_export.py").read_text()
+    assert 'VERIFIED = ("bert",)' in export
+    assert "\ndef test_stock_transformers_loads_uniform_exports_without_project_code(exports, tmp_path)" in export
+    assert "@pytest.mark.slow\ndef test_stock_transformers_loads" not in export
