@@ -49,7 +49,7 @@ from kcm_core.flops import relative_flops  # noqa: E402
 from kcm_core.methods import METHODS, method  # noqa: E402
 from kcm_core.pipeline import compute_scores, prune  # noqa: E402
 from common import cell_config, cell_label, cell_method, run_environment  # noqa: E402
-from quality_tables import HEADLINE, REFERENCE, p_cell, paired_cell, pct, spread_cell  # noqa: E402
+from quality_tables import HEADLINE, REFERENCE, accuracy_cell, p_cell, paired_cell, pct, spread_cell  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
@@ -451,9 +451,7 @@ def markdown(data: dict, quick: bool) -> str:
         cells = []
         for b in budgets:
             r = next((x for x in summary if x["method"] == m and x["budget"] == b), None)
-            cells.append("" if r is None else
-                         f"{pct(r['accuracy_mean'])} [{pct(r['accuracy_ci95'][0])}, {pct(r['accuracy_ci95'][1])}]"
-                         + (f" ({pct(r['accuracy_min'])}-{pct(r['accuracy_max'])})" if len(r["seeds"]) > 1 else ""))
+            cells.append(accuracy_cell(r))
         lines.append(f"| {cell_label(m)} | " + " | ".join(cells) + " |")
     lines += ["", "## Difference from KCM by budget (points, paired)", "",
               "Mean over seeds of (method minus KCM) [paired 95% CI], then McNemar p per seed.", "",

@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from bench_quality import earlier_rows, measured_row, method_wall_time, summarise  # noqa: E402
 from common import RESULTS, cell_config, cell_label, cell_method, run_environment  # noqa: E402
-from quality_tables import REFERENCE, p_cell, paired_cell, pct, spread_cell  # noqa: E402
+from quality_tables import REFERENCE, accuracy_cell, p_cell, paired_cell, pct, spread_cell  # noqa: E402
 from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.evaluate import evaluate_classifier  # noqa: E402
 from kcm_core.methods import method  # noqa: E402
@@ -258,9 +258,7 @@ def markdown(data: dict) -> str:
         out = []
         for b in budgets:
             r = next((x for x in summary if x["method"] == m and x["budget"] == b), None)
-            out.append("" if r is None else
-                       f"{pct(r['accuracy_mean'])} [{pct(r['accuracy_ci95'][0])}, {pct(r['accuracy_ci95'][1])}]"
-                       + (f" ({pct(r['accuracy_min'])}-{pct(r['accuracy_max'])})" if len(r["seeds"]) > 1 else ""))
+            out.append(accuracy_cell(r))
         lines.append(f"| {cell_label(m)} | " + " | ".join(out) + " |")
     lines += ["", "## Difference from KCM by budget (points, paired)", "",
               "| cell | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]

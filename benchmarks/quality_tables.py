@@ -61,6 +61,16 @@ def _vs_cell(row: Mapping[str, Any] | None) -> str:
     return "" if paired is None else f"{paired_cell(paired)}; {p_cell(paired)}"
 
 
+def accuracy_cell(r: Mapping[str, Any] | None) -> str:
+    """One summary row's accuracy: mean over seeds [interval of the seed-averaged accuracy], and the
+    seeds' min-max when there are several; "" when not measured."""
+    if r is None:
+        return ""
+    lo, hi = r["accuracy_ci95"]
+    spread = f" ({pct(r['accuracy_min'])}-{pct(r['accuracy_max'])})" if len(r["seeds"]) > 1 else ""
+    return f"{pct(r['accuracy_mean'])} [{pct(lo)}, {pct(hi)}]{spread}"
+
+
 def readme_table(data: Mapping[str, Any], compared_at: Sequence[float] = (HEADLINE,)) -> str:
     """The README's table of one quality results file: accuracy per method and budget (mean over seeds;
     at the headline budget with its interval and the seeds' spread), the paired comparison with KCM at
