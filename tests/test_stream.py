@@ -105,6 +105,24 @@ def test_a_bias_on_scores_without_statistics_reads_the_whole_sample_in_memory_an
                  load_pruned(tmp_path / "out"))
 
 
+@pytest.mark.parametrize("family,task", [("vit", "classification"), ("llama", "causal-lm")])
+def test_streamed_overwrite_never_replaces_a_folder_that_is_not_an_export(tmp_path, family, task):
+    """--stream --overwrite writes through the same guard as the in-memory export: a user's folder
+    without our markers is refused, and nothing in it or beside it changes."""
+    model, folder = _saved(tmp_path, family, task)
+    batches = make_batches(model, labels=False, n_batches=2)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "important.txt").write_text("only copy")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match="is not an earlier export"):
+        prune_streamed(folder, PruneConfig(method="d2", budget=0.8, scale_samples=4), batches, victim,
+                       overwrite=True)
+    assert [p.name for p in victim.iterdir()] == ["important.txt"]
+    assert (victim / "important.txt").read_text() == "only copy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before          # no half-written folder beside it
+
+
 def test_uniform_widths_load_with_stock_transformers_and_chunked_reads_change_nothing(tmp_path, monkeypatch):
     model, folder = _saved(tmp_path, "gpt2", "causal-lm")
     batches = make_batches(model, labels=False)
