@@ -69,6 +69,18 @@ def compare(rows: list[dict], a: str, b: str, budget: float, key: str = "hits") 
             "mcnemar_p": [p.p_value for p in per_seed]}
 
 
+def versus_unpruned(rows: list[dict], unpruned_hits: str, method: str, budget: float) -> dict | None:
+    """``method``'s accuracy minus the unpruned model's on the same test texts at ``budget`` (seed-averaged
+    per-text difference, paired interval); None if the method was not measured there."""
+    mine = [r for r in rows if r["method"] == method and r["budget"] == budget]
+    if not mine:
+        return None
+    base = hits({"hits": unpruned_hits})
+    diff = np.mean([hits(r) - base for r in mine], axis=0)
+    lo, hi = bootstrap_interval(diff, seed=0)
+    return {"seeds": sorted(r["seed"] for r in mine), "difference": float(diff.mean()), "ci95": [lo, hi]}
+
+
 def verdict(c: dict | None) -> str:
     if c is None:
         return "not measured"
@@ -93,7 +105,10 @@ def analyse(candidates: list[str], files: dict[str, str] = FILES) -> dict:
                                   if other != cand and label_free(other)} for b in budgets}
             agreement[cand] = {str(b): {other: compare(rows, cand, other, b, "agree") for other in methods
                                         if other != cand and label_free(other)} for b in budgets}
-        tasks[task] = {"file": name, "candidates": out, "agreement": agreement}
+        base = json.loads(path.read_text()).get("unpruned", {}).get("hits")
+        unpruned = {} if base is None else {m: {str(b): versus_unpruned(rows, base, m, b) for b in budgets}
+                                            for m in dict.fromkeys([*ANCHORS, *out]) if m in methods}
+        tasks[task] = {"file": name, "candidates": out, "agreement": agreement, "vs_unpruned": unpruned}
     goals = {}
     for cand in candidates:
         never_behind, ahead_at_06 = [], []
@@ -101,8 +116,8 @@ def analyse(candidates: list[str], files: dict[str, str] = FILES) -> dict:
             per_budget = t["candidates"].get(cand)
             if per_budget is None:
                 continue
-            behind = [f"{b} vs {o}" for b, others in per_budget.items() for o, c in others.items()
-                      if o in ANCHORS and verdict(c) == "behind"]
+            behind = [f"{b} vs {o}{_above_unpruned(t, o, b)}" for b, others in per_budget.items()
+                      for o, c in others.items() if o in ANCHORS and verdict(c) == "behind"]
             never_behind.append({"task": task, "behind_anchor": behind})
             at = per_budget.get(str(HEADLINE), {})
             measured = {o: verdict(c) for o, c in at.items() if c is not None}
@@ -111,6 +126,16 @@ def analyse(candidates: list[str], files: dict[str, str] = FILES) -> dict:
         goals[cand] = {"never_behind_random_or_kcm": never_behind, "ahead_at_0.6": ahead_at_06,
                        "tasks_ahead_of_all_at_0.6": sum(x["ahead_of_all"] for x in ahead_at_06)}
     return {"candidates": candidates, "tasks": tasks, "goals": goals}
+
+
+def _above_unpruned(task: dict, method: str, budget: str) -> str:
+    """A note when ``method`` at ``budget`` is itself more accurate than the unpruned model (interval
+    above 0): being behind it then means being less lucky than it, not pruning worse."""
+    c = task.get("vs_unpruned", {}).get(method, {}).get(budget)
+    if c is None or verdict(c) != "ahead":
+        return ""
+    return (f", which is itself {100 * c['difference']:+.1f} [{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}]"
+            " points above the unpruned model")
 
 
 def image_goal(data: dict) -> dict:
@@ -128,10 +153,10 @@ def image_goal(data: dict) -> dict:
     return out
 
 
-def _table(task: str, file: str, title: str, per_budget: dict) -> list[str]:
+def _table(task: str, file: str, title: str, per_budget: dict, first: str = "vs") -> list[str]:
     budgets = list(per_budget)
     others = list(dict.fromkeys(o for b in budgets for o in per_budget[b]))
-    lines = [f"**{task}**, {title} (`{file}`)", "", "| vs | " + " | ".join(budgets) + " |",
+    lines = [f"**{task}**, {title} (`{file}`)", "", f"| {first} | " + " | ".join(budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     for o in others:
         cells = []
@@ -145,6 +170,12 @@ def _table(task: str, file: str, title: str, per_budget: dict) -> list[str]:
             cells.append(f"**{text}**" if verdict(c) in ("ahead", "behind") else text)
         lines.append(f"| {cell_label(o)} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def _by_budget(per_method: dict) -> dict:
+    """{method: {budget: c}} turned into {budget: {method: c}} for ``_table``."""
+    budgets = list(dict.fromkeys(b for per in per_method.values() for b in per))
+    return {b: {m: per.get(b) for m, per in per_method.items()} for b in budgets}
 
 
 def markdown(data: dict) -> str:
@@ -162,6 +193,12 @@ def markdown(data: dict) -> str:
             for metric, title in (("candidates", "accuracy"), ("agreement", "agreement with the unpruned model")):
                 if cand in t[metric]:
                     lines += _table(task, t["file"], title, t[metric][cand])
+        if not image:
+            for task, t in data["tasks"].items():
+                rows_ = {m: per for m, per in t.get("vs_unpruned", {}).items() if m in (*ANCHORS, cand)}
+                if cand in rows_:
+                    lines += _table(task, t["file"], "accuracy minus the unpruned model's on the same texts",
+                                    _by_budget(rows_), first="method")
         if image:
             for x in data["image_goal"].get(cand, []):
                 lines += [f"Goal ({x['task']}), ahead of every plain label-free method at {IMAGE_BUDGETS} and below: "

@@ -254,3 +254,24 @@ def test_image_default_goal_counts_only_plain_methods_at_and_below_0_7(tmp_path,
     assert cd.verdict(per["0.7"]["kcm"]) == "ahead" and cd.verdict(per["0.7"]["flap"]) == "not shown different"
     goal = cd.image_goal(data)["fluct-refit"][0]
     assert goal["not_ahead"] == ["0.7 vs flap (not shown different)"]       # not the cell, not 0.9
+
+
+def test_an_anchor_above_the_unpruned_model_is_named_in_the_text_goal(tmp_path, monkeypatch):
+    """``classifier_default.py``: each method's accuracy minus the unpruned model's, paired on the same
+    texts (a known answer), and a goal-1 miss against an anchor that is itself above the unpruned model
+    says so."""
+    import classifier_default as cd
+    unpruned = "1" * 100 + "0" * 100                       # 50%
+    lucky = "1" * 160 + "0" * 40                           # random, 80%: +30 points on the same texts
+    faithful = unpruned                                    # the candidate copies the unpruned model
+    rows = [{"method": "random", "seed": 0, "budget": 0.9, "hits": lucky, "agree": "1" * 200},
+            {"method": "kcm", "seed": 0, "budget": 0.9, "hits": faithful, "agree": "1" * 200}]
+    (tmp_path / "quality-x.json").write_text(json.dumps({"rows": rows, "unpruned": {"hits": unpruned}}))
+    monkeypatch.setattr(cd, "RESULTS", tmp_path)
+    data = cd.analyse(["kcm"], {"x": "quality-x.json"})
+    above = data["tasks"]["x"]["vs_unpruned"]
+    assert above["random"]["0.9"]["difference"] == pytest.approx(0.3)
+    assert above["kcm"]["0.9"]["difference"] == 0.0 and cd.verdict(above["random"]["0.9"]) == "ahead"
+    text = cd.markdown({**data, "family": "text"})
+    assert "0.9 vs random, which is itself +30.0 [" in text
+    assert "accuracy minus the unpruned model's on the same texts" in text
