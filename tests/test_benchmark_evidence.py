@@ -275,3 +275,15 @@ def test_an_anchor_above_the_unpruned_model_is_named_in_the_text_goal(tmp_path, 
     text = cd.markdown({**data, "family": "text"})
     assert "0.9 vs random, which is itself +30.0 [" in text
     assert "accuracy minus the unpruned model's on the same texts" in text
+
+
+def test_the_allocation_blend_keeps_the_total_and_moves_toward_uniform():
+    """``bench_lm_allocation_blend.blended_counts``: alpha 0 is the allocation itself, alpha 1 a uniform
+    cut, and every blend keeps the total (so the FLOPs) and no layer above its width."""
+    from bench_lm_allocation_blend import blended_counts
+    counts, widths = [10, 0, 5], [10, 10, 10]
+    assert blended_counts(counts, widths, 0.0) == counts
+    assert blended_counts(counts, widths, 1.0) == [5, 5, 5]
+    assert blended_counts(counts, widths, 0.5) == [8, 2, 5]          # 7.5, 2.5, 5: the tie goes to the first
+    assert blended_counts([10, 10, 1], [10, 10, 10], 0.4) == [9, 9, 3]  # 8.8, 8.8, 3.4 rounded to total 21
+    assert blended_counts([10, 10, 10], [10, 10, 10], 0.7) == [10, 10, 10]
