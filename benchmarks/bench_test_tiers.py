@@ -2,6 +2,7 @@
 
     python benchmarks/bench_test_tiers.py --label after            # runs the fast tier (plain pytest)
     python benchmarks/bench_test_tiers.py --label full --tier full  # runs everything (pytest -m "")
+    python benchmarks/bench_test_tiers.py --label xdist --workers 2 # the fast tier on two pytest-xdist workers
     python benchmarks/bench_test_tiers.py --label before --from-logs TIME_V.txt PYTEST.txt LOAD0 LOAD1
 
 CPU seconds are the children's user + system time (``resource.getrusage(RUSAGE_CHILDREN)``: pytest and
@@ -44,16 +45,17 @@ def collected(tier: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def run_tier(tier: str) -> dict:
-    """One pytest run of ``tier``, timed; its output is kept beside the results."""
+def run_tier(tier: str, workers: int = 0) -> dict:
+    """One pytest run of ``tier``, timed (``workers`` > 0: spread over that many pytest-xdist workers,
+    whose CPU time counts too: they are the pytest process's children)."""
     load_before = os.getloadavg()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=30",
-                           *TIERS[tier]], cwd=ROOT, capture_output=True, text=True)
+                           *TIERS[tier], *(["-n", str(workers)] if workers else [])], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"tier": tier, "wall_s": round(wall, 1),
+    return {"tier": tier, "workers": workers, "wall_s": round(wall, 1),
             "cpu_s": round(after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime, 1),
             "exit_code": done.returncode, "summary": counts(done.stdout),
             "load_average_before": [round(x, 2) for x in load_before],
@@ -86,7 +88,8 @@ def render(runs: dict) -> str:
             "Load after |", "|---|---|---|---|---|---|---|---|"]
     for label, run in runs.items():
         summary = ", ".join(f"{n} {k}" for k, n in run["summary"].items())
-        rows.append(f"| {label} | {run['tier']} | {run.get('commit', '?')} | {summary} | "
+        tier = run["tier"] + (f", {run['workers']} workers" if run.get("workers") else "")
+        rows.append(f"| {label} | {tier} | {run.get('commit', '?')} | {summary} | "
                     f"{run['wall_s'] / 60:.1f} min | {run['cpu_s']:.0f} s ({run['cpu_s'] / 60:.1f} min) | "
                     f"{' / '.join(f'{x:.2f}' for x in run['load_average_before'])} | "
                     f"{' / '.join(f'{x:.2f}' for x in run['load_average_after'])} |")
@@ -106,6 +109,7 @@ def main() -> None:
     parser.add_argument("--tier", choices=list(TIERS), default="fast")
     parser.add_argument("--from-logs", nargs=4, metavar=("TIME_V", "PYTEST_LOG", "LOAD_BEFORE", "LOAD_AFTER"))
     parser.add_argument("--commit", default=None, help="the commit measured (default: HEAD)")
+    parser.add_argument("--workers", type=int, default=0, help="pytest-xdist workers (default: none, one process)")
     parser.add_argument("--count", action="store_true", help="also count the tests each tier selects")
     args = parser.parse_args()
     path = RESULTS / "test_tiers.json"
@@ -114,7 +118,7 @@ def main() -> None:
         time_v, log, before, after = args.from_logs
         run = from_logs(Path(time_v), Path(log), before, after)
     else:
-        run = run_tier(args.tier)
+        run = run_tier(args.tier, args.workers)
     run["commit"] = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                                   capture_output=True, text=True).stdout.strip()
     if args.count:

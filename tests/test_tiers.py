@@ -48,3 +48,9 @@ def test_the_fast_tier_reloads_exports_in_process_but_keeps_one_fresh_process():
     assert 'VERIFIED = ("bert",)' in export
     assert "\ndef test_stock_transformers_loads_uniform_exports_without_project_code(exports, tmp_path)" in export
     assert "@pytest.mark.slow\ndef test_stock_transformers_loads" not in export
+
+
+def test_the_fast_command_runs_on_two_xdist_workers_that_the_dev_requirements_install():
+    readme = (ROOT / "README.md").read_text()
+    assert "\npython3 -m pytest -n 2\n" in readme
+    assert any(line.startswith("pytest-xdist") for line in (ROOT / "requirements-dev.txt").read_text().splitlines())
