@@ -27,20 +27,19 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.demos import lm as demo_lm  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
-from kcm_core.lm import BlockStats, evaluate_lm, paired_perplexity  # noqa: E402
+from kcm_core.lm import evaluate_lm, paired_perplexity  # noqa: E402
 from kcm_core.methods import DEFAULT_LM_METHOD  # noqa: E402
 from kcm_core.pipeline import compute_scores, make_plan, repair_plan, resolve_seq_len  # noqa: E402
 from kcm_core.plan import KeepPlan  # noqa: E402
 from kcm_core.realise import slice_model  # noqa: E402
 from kcm_core.select import standardised  # noqa: E402
 from bench_lm import load_demo  # noqa: E402
-from bench_lm_grid import BLOCK, CALIBRATION_BLOCKS, SCALE_BLOCKS  # noqa: E402
+from bench_lm_grid import BLOCK, CALIBRATION_BLOCKS, SCALE_BLOCKS, block_stats  # noqa: E402
 from common import RESULTS, cell_config, machine_line, run_environment, write_results  # noqa: E402
 
 STEM = "lm_allocation_blend"
@@ -70,15 +69,19 @@ def plan_with_counts(z: list[torch.Tensor], counts: list[int], like: KeepPlan) -
     return KeepPlan.from_masks(masks, method=like.method, info=like.info)
 
 
-def _stats(row: dict) -> BlockStats:
-    return BlockStats(np.asarray(row["block_nll"]), np.asarray(row["block_tokens"]), None, None)
-
-
 def pair_rows(data: dict) -> None:
-    ref = {r["budget"]: _stats(r) for r in data["rows"] if r["alpha"] == 0}
+    ref = {r["budget"]: block_stats(r) for r in data["rows"] if r["alpha"] == 0}
     for row in data["rows"]:
         if row["alpha"] != 0 and row["budget"] in ref:
-            row["vs_default"] = paired_perplexity(_stats(row), ref[row["budget"]]).to_dict()
+            row["vs_default"] = paired_perplexity(block_stats(row), ref[row["budget"]]).to_dict()
+
+
+def _entry(row: dict) -> str:
+    text = f"{row['perplexity']:.2f}"
+    if "vs_default" in row:
+        p = row["vs_default"]
+        text += f" (x{p['ratio']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}])"
+    return f"{text}; {min(row['kept'])}"
 
 
 def markdown(data: dict) -> str:
@@ -95,18 +98,9 @@ def markdown(data: dict) -> str:
              "Each entry: perplexity (ratio to alpha 0 at the same budget on the same blocks [paired 95% bootstrap "
              "interval]); fewest neurons kept in one layer after the semicolon.", "",
              "| alpha | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    rows = {(r["alpha"], r["budget"]): r for r in data["rows"]}
     for a in alphas:
-        cells = []
-        for b in budgets:
-            row = next((r for r in data["rows"] if r["alpha"] == a and r["budget"] == b), None)
-            if row is None:
-                cells.append("")
-                continue
-            text = f"{row['perplexity']:.2f}"
-            if "vs_default" in row:
-                p = row["vs_default"]
-                text += f" (x{p['ratio']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}])"
-            cells.append(f"{text}; {min(row['kept'])}")
+        cells = [_entry(rows[(a, b)]) if (a, b) in rows else "" for b in budgets]
         label = {0: "0 (default: standardised)", 1: "1 (uniform)"}.get(a, f"{a:g}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", machine_line(data["environment"]),

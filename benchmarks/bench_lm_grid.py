@@ -139,16 +139,17 @@ def main() -> int:
     return 0
 
 
-def _stats(row: dict) -> BlockStats:
+def block_stats(row: dict) -> BlockStats:
+    """A stored row's per-block NLL and token counts, for ``paired_perplexity``."""
     return BlockStats(np.asarray(row["block_nll"]), np.asarray(row["block_tokens"]), None, None)
 
 
 def pair_rows(data: dict) -> None:
     """Each row's ratio to the reference cell at its budget, paired over the same blocks."""
-    ref = {r["budget"]: _stats(r) for r in data["rows"] if r["cell"] == data["settings"]["reference"]}
+    ref = {r["budget"]: block_stats(r) for r in data["rows"] if r["cell"] == data["settings"]["reference"]}
     for row in data["rows"]:
         if row["budget"] in ref and row["cell"] != data["settings"]["reference"]:
-            row["vs_reference"] = paired_perplexity(_stats(row), ref[row["budget"]]).to_dict()
+            row["vs_reference"] = paired_perplexity(block_stats(row), ref[row["budget"]]).to_dict()
         else:
             row.pop("vs_reference", None)
 
