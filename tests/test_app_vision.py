@@ -100,6 +100,39 @@ def test_every_page_runs_on_an_image_classifier_and_speaks_of_images(app):
         assert not wording, (page, wording)
 
 
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    """A 3-class tiny DINOv2 with the BitImageProcessor its checkpoints ship (resize, centre crop)."""
+    folder = tmp_path_factory.mktemp("dinov2") / "model"
+    build_tiny_model("dinov2", layers=3, num_labels=3, id2label=dict(enumerate(CLASSES)),
+                     label2id={c: i for i, c in enumerate(CLASSES)}).save_pretrained(folder)
+    T.BitImageProcessor.from_dict({"size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16},
+                                   "do_convert_rgb": True}).save_pretrained(folder)
+    return folder
+
+
+def test_every_page_runs_on_a_dinov2_and_the_prune_page_prunes_it(tiny_dinov2, tiny_vision, monkeypatch, tmp_path):
+    for name, value in {"KCM_APP_MODEL": tiny_dinov2, "KCM_APP_DATA": tiny_vision[1],
+                        "KCM_CACHE_DIR": tmp_path / "cache"}.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setattr(live, "FIRST_WAIT_S", TIMEOUT)
+    try:
+        at = app_runner(TIMEOUT)()
+        assert "Dinov2ForImageClassification" in " ".join(str(t.value.to_dict()) for t in at.table)
+        for page in PAGES:
+            if page != PAGES[0]:
+                at.switch_page(page).run()
+            assert not at.exception, (page, [e.value for e in at.exception])
+            assert not at.error, (page, [e.value for e in at.error])
+            if page == "pages/5_prune.py":
+                flops = [m.value for m in at.metric if m.label == "Relative FLOPs"]
+                assert flops and float(flops[0].rstrip("%")) < 100, flops
+                accuracy = [m.value for m in at.metric if m.label == "Accuracy"]
+                assert accuracy and accuracy[0].endswith("%"), [m.label for m in at.metric]
+    finally:
+        finish_background(stop=True)
+
+
 def test_cost_page_counts_the_vit_blocks_at_patches_plus_one_and_times_them_on_images(app):
     at = app("pages/2_cost.py")
     # the tiny ViT reads 16 x 16 images in 4 x 4 patches: 16 patches + the class token
