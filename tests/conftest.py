@@ -204,6 +204,16 @@ def same_state(model, snapshot: dict[str, torch.Tensor]) -> bool:
 LM_WORDS = "the a good bad movie film great awful fun dull plot acting i love hate it was is very not".split()
 
 
+def save_tiny_dinov2(folder, classes: tuple[str, ...]):
+    """A tiny 3-layer DINOv2 classifier over ``classes`` saved in ``folder`` with the processor DINOv2
+    checkpoints ship (``BitImageProcessor``: resize the shortest edge, centre crop, RGB)."""
+    build_tiny_model("dinov2", layers=3, num_labels=len(classes), id2label=dict(enumerate(classes)),
+                     label2id={c: i for i, c in enumerate(classes)}).save_pretrained(folder)
+    T.BitImageProcessor.from_dict({"size": {"shortest_edge": IMAGE}, "crop_size": {"height": IMAGE, "width": IMAGE},
+                                   "do_convert_rgb": True}).save_pretrained(folder)
+    return folder
+
+
 def save_tiny_lm(folder, family: str, *, positions: int = 32, vocab_size: int | None = None, **overrides):
     """Save a seeded tiny causal LM of ``family`` (gpt2, llama, mistral or qwen2) with a WordPiece tokenizer
     over ``LM_WORDS`` to ``folder``; the vocabulary has room for the end-of-text id some tokenizers add.

@@ -13,7 +13,7 @@ import pytest
 import transformers as T
 from PIL import Image
 
-from conftest import app_runner, build_tiny_model
+from conftest import app_runner, build_tiny_model, save_tiny_dinov2
 from kcm_app import image_uploads, live, sources
 from kcm_core.images import load_image_data
 from kcm_app.testing import finish_background
@@ -103,12 +103,7 @@ def test_every_page_runs_on_an_image_classifier_and_speaks_of_images(app):
 @pytest.fixture(scope="module")
 def tiny_dinov2(tmp_path_factory):
     """A 3-class tiny DINOv2 with the BitImageProcessor its checkpoints ship (resize, centre crop)."""
-    folder = tmp_path_factory.mktemp("dinov2") / "model"
-    build_tiny_model("dinov2", layers=3, num_labels=3, id2label=dict(enumerate(CLASSES)),
-                     label2id={c: i for i, c in enumerate(CLASSES)}).save_pretrained(folder)
-    T.BitImageProcessor.from_dict({"size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16},
-                                   "do_convert_rgb": True}).save_pretrained(folder)
-    return folder
+    return save_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "model", CLASSES)
 
 
 def test_every_page_runs_on_a_dinov2_and_the_prune_page_prunes_it(tiny_dinov2, tiny_vision, monkeypatch, tmp_path):

@@ -15,7 +15,8 @@ import transformers as T
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import DINOV2_WIDTH, HIDDEN, IMAGE, PATCH, build_tiny_model, make_batches, tiny_config
+from conftest import (DINOV2_WIDTH, HIDDEN, IMAGE, PATCH, build_tiny_model, make_batches, save_tiny_dinov2,
+                      tiny_config)
 from kcm_core import cli, count_params, model_shape, relative_flops, slice_model
 from kcm_core.arch import family_for_config, family_for_model, ffn_blocks, transformer_layers
 from kcm_core.export import load_pruned, save_pruned
@@ -159,14 +160,7 @@ def test_a_width_mlp_ratio_cannot_state_is_recorded_for_load_pruned(tmp_path):
 @pytest.fixture(scope="module")
 def dinov2_dir(tmp_path_factory):
     """A 3-class tiny DINOv2 with a BitImageProcessor built from a dict (the class DINOv2 checkpoints use)."""
-    folder = tmp_path_factory.mktemp("dinov2") / "model"
-    build_tiny_model("dinov2", layers=3, num_labels=3, id2label=dict(enumerate(CLASSES)),
-                     label2id={c: i for i, c in enumerate(CLASSES)}).save_pretrained(folder)
-    processor = T.BitImageProcessor.from_dict({"size": {"shortest_edge": IMAGE},
-                                               "crop_size": {"height": IMAGE, "width": IMAGE},
-                                               "do_convert_rgb": True})
-    processor.save_pretrained(folder)
-    return folder
+    return save_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "model", CLASSES)
 
 
 @pytest.fixture(scope="module")
