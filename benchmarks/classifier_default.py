@@ -195,10 +195,10 @@ def markdown(data: dict) -> str:
                     lines += _table(task, t["file"], title, t[metric][cand])
         if not image:
             for task, t in data["tasks"].items():
-                rows_ = {m: per for m, per in t.get("vs_unpruned", {}).items() if m in (*ANCHORS, cand)}
-                if cand in rows_:
+                shown = {m: per for m, per in t.get("vs_unpruned", {}).items() if m in (*ANCHORS, cand)}
+                if cand in shown:
                     lines += _table(task, t["file"], "accuracy minus the unpruned model's on the same texts",
-                                    _by_budget(rows_), first="method")
+                                    _by_budget(shown), first="method")
         if image:
             for x in data["image_goal"].get(cand, []):
                 lines += [f"Goal ({x['task']}), ahead of every plain label-free method at {IMAGE_BUDGETS} and below: "
