@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (refused if it exists, see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--samples", type=_positive_int, default=None,
-                   help="unlabeled sequences to score with (default 2048; language models: calibration "
+                   help="unlabeled sequences to score with (default 512 texts or images; language models: calibration "
                         "blocks, default 32)")
     p.add_argument("--seq-len", type=_positive_float, help="sequence length for FLOPs (default: sample mean)")
     p.add_argument("--eval-data", help="labeled data for accuracy (default: demo test split, or --data)")
