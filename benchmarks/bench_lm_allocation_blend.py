@@ -33,7 +33,6 @@ from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.demos import lm as demo_lm  # noqa: E402
 from kcm_core.flops import relative_flops  # noqa: E402
 from kcm_core.lm import evaluate_lm, paired_perplexity  # noqa: E402
-from kcm_core.methods import DEFAULT_LM_METHOD  # noqa: E402
 from kcm_core.pipeline import compute_scores, make_plan, repair_plan, resolve_seq_len  # noqa: E402
 from kcm_core.plan import KeepPlan  # noqa: E402
 from kcm_core.realise import slice_model  # noqa: E402
@@ -42,6 +41,7 @@ from bench_lm import load_demo  # noqa: E402
 from bench_lm_grid import BLOCK, CALIBRATION_BLOCKS, SCALE_BLOCKS, block_stats  # noqa: E402
 from common import RESULTS, cell_config, machine_line, run_environment, write_results  # noqa: E402
 
+BASE_METHOD = "fluct-refit"          # the recipe measured: standardised allocation, refit (local)
 STEM = "lm_allocation_blend"
 
 
@@ -132,7 +132,7 @@ def main() -> int:
     shape = model_shape(model.config)
     seq_len = resolve_seq_len(shape, calibration, None)
     dense = evaluate_lm(model, evaluation)
-    base = cell_config(DEFAULT_LM_METHOD, budget=0.9, scale_samples=SCALE_BLOCKS)
+    base = cell_config(BASE_METHOD, budget=0.9, scale_samples=SCALE_BLOCKS)
     scores = compute_scores(model, base, calibration)
     z = standardised(scores.scores)
     rows = []
@@ -151,7 +151,7 @@ def main() -> int:
                          "vs_unpruned": paired_perplexity(ev.stats, dense.stats).to_dict(),
                          "layer_errors": plan.info.repair_errors, "seconds": time.perf_counter() - t})
             print(f"{budget} alpha {alpha}: perplexity {ev.perplexity.value:.2f}", file=sys.stderr, flush=True)
-    data = {"settings": {"method": DEFAULT_LM_METHOD, "model": demo_lm.MODEL_SOURCE, "block": BLOCK,
+    data = {"settings": {"method": BASE_METHOD, "model": demo_lm.MODEL_SOURCE, "block": BLOCK,
                          "calibration_blocks": CALIBRATION_BLOCKS, "eval_blocks": args.eval_blocks,
                          "seq_len": seq_len, "command": " ".join(["python"] + sys.argv)},
             "unpruned": {"perplexity": dense.perplexity.to_dict(), "block_nll": dense.stats.nll.tolist(),

@@ -20,6 +20,7 @@ METHOD_COLORS: dict[str, str] = {
     "wanda-sp": "#8C564B",
     "flap": "#332288",
     "fluct-refit": "#117733",
+    "fluct-refit-curve": "#DDCC77",
     "dense": "#000000",
 }
 

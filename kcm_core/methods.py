@@ -36,6 +36,8 @@ class ScoreSources(Protocol):
 
     def grads(self) -> LayerScores: ...
 
+    def curves(self, scores: LayerScores) -> LayerScores: ...
+
 
 @dataclass(frozen=True)
 class Method:
@@ -50,7 +52,8 @@ class Method:
         (``scaled``) nor FLAP's bias (``compensate``), e.g. "refit"; any method's repair can be changed
         with ``PruneConfig.repair``.
     allocation: how its scores spread the budget over layers: "pooled" (the raw scores ranked over all
-        layers) or "standardised" (per-layer z-scores); ``PruneConfig.allocation`` overrides it.
+        layers), "standardised" (per-layer z-scores) or "curve" (from each layer's refit-error curve,
+        ``kcm_core.curves``); ``PruneConfig.allocation`` overrides it.
     seeded: whether the score depends on ``PruneConfig.seed``.
     per_layer: whether a layer's score depends on that layer alone (its weights and activation
         statistics); the streamed mode (``kcm_core.streamed``) scores such methods one layer at a time,
@@ -142,8 +145,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fluct-refit", "Fluctuation + refit",
            "FLAP's fluctuation score, standardised per layer, then every kept down-projection row refitted "
            "by least squares to the unpruned layer's output on the pruned model's own inputs (the "
-           "language-model default)", frozenset({"stats"}), lambda src: S.flap(src.model, src.stats()),
+           "image-classifier default)", frozenset({"stats"}), lambda src: S.flap(src.model, src.stats()),
            reads_weights=True, repair="refit", allocation="standardised"),
+    Method("fluct-refit-curve", "Fluctuation + refit, curve allocation",
+           "fluct-refit with each layer's kept count halfway between the standardised allocation and the "
+           "counts that minimise the layers' refit error (their error curves on the calibration tokens; "
+           "the language-model default)",
+           frozenset({"stats"}), lambda src: S.flap(src.model, src.stats()),
+           reads_weights=True, repair="refit", allocation="curve"),
     Method("random", "Random", "uniform random scores from the seed", frozenset(),
            lambda src: S.random_scores([b.width for b in ffn_blocks(src.model)], src.config.seed),
            seeded=True, per_layer=False),      # one generator runs through all layers
@@ -158,12 +167,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 # The default method of the CLI and the app for a text classifier (and of a bare PruneConfig): the
 # paper's KCM. A causal language model's default is DEFAULT_LM_METHOD: on the LM demo the paper's KCM
-# loses to FLAP at every budget, and FLAP's score with the refit repair beats FLAP
-# (benchmarks/results/lm_grid.md). An image classifier's is DEFAULT_VISION_METHOD: on the vision demo the
-# paper's KCM keeps 30% accuracy at 0.6 of the FLOPs and fluctuation + refit 86% (benchmarks/results/vision.md);
-# on the text classifiers KCM stays ahead of it on one task (benchmarks/results/classifier_default.md).
+# loses to FLAP at every budget, FLAP's score with the refit repair beats FLAP (benchmarks/results/lm_grid.md),
+# and allocating by the layers' refit-error curves beats the standardised allocation at every budget
+# (benchmarks/results/lm_allocation_error.md). An image classifier's is DEFAULT_VISION_METHOD: on the vision
+# demo the paper's KCM keeps 30% accuracy at 0.6 of the FLOPs and fluctuation + refit 86%
+# (benchmarks/results/vision.md); on the text classifiers KCM stays ahead of it on one task
+# (benchmarks/results/classifier_default.md).
 DEFAULT_METHOD = "kcm"
-DEFAULT_LM_METHOD = "fluct-refit"
+DEFAULT_LM_METHOD = "fluct-refit-curve"
 DEFAULT_VISION_METHOD = "fluct-refit"
 
 
@@ -225,13 +236,18 @@ class MethodScores:
     means: LayerScores | None = None            # mean neuron inputs (methods that collect statistics)
     details: ScoreDetails = ScoreDetails()
     seconds: dict[str, float] | None = None     # wall time per component computed for this call
+    curves: LayerScores | None = None           # per layer, the refit error at every kept count (the
+                                                # curve allocation's; kcm_core.curves)
 
 
 def score_with(spec: Method, sources: ScoreSources, seconds: dict[str, float] | None = None) -> MethodScores:
-    """Run ``spec``'s row against ``sources`` and record what was used."""
+    """Run ``spec``'s row against ``sources`` and record what was used; with the curve allocation, the
+    error curves of the scores' order come with them."""
     scores = spec.score(sources)
+    curves = sources.curves(scores) if sources.config.resolved_allocation == "curve" else None
     grads = sources.grads() if spec.refine else None
     fits = sources.r2()[1] if "r2" in spec.needs else None
     stats = sources.stats() if "stats" in spec.needs else None
     means = list(stats.mean) if stats is not None else None
-    return MethodScores(spec.name, scores, grads, means, ScoreDetails.of(fits, stats), dict(seconds or {}))
+    return MethodScores(spec.name, scores, grads, means, ScoreDetails.of(fits, stats), dict(seconds or {}),
+                        curves)

@@ -26,6 +26,7 @@ from .plan import KeepPlan
 from .compensation import check_compensable, compensate
 from .realise import slice_model
 from .config import PruneConfig
+from .curves import error_curves
 from .methods import MethodScores, ScoreDetails, score_with
 from .repair import fit_repair
 from .runtime import Batch, Progress, check_finite, take_sequences, tell
@@ -78,6 +79,17 @@ class LocalSources:
             self.model, take_sequences(self._labeled, self.config.label_samples), squared=True,
             progress=self._progress, group=self._group))
 
+    def curves(self, scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The refit-error curves of ``scores``' order (``kcm_core.curves``); they depend on the method's
+        scores, so they are never kept in the ``shared`` components."""
+        if not self._unlabeled:
+            raise ValueError("the curve allocation fits on unlabeled data, and none was given")
+        start = time.perf_counter()
+        curves = error_curves(self.model, scores, self._unlabeled, self.config.repair.damp, self._progress,
+                              self._group)
+        self.seconds["curves"] = self.seconds.get("curves", 0.0) + time.perf_counter() - start
+        return curves
+
 
 def compute_scores(model: nn.Module, config: PruneConfig, unlabeled: Sequence[Batch] = (),
                    labeled: Sequence[Batch] | None = None,
@@ -113,7 +125,7 @@ def make_plan(model: nn.Module, method_scores: MethodScores, config: PruneConfig
     shape = model_shape(model.config)
     plan = select(method_scores.scores, shape, config.budget, seq_len, multiple=config.multiple,
                   min_per_layer=config.min_per_layer, uniform=config.uniform, method=config.method,
-                  allocation=config.resolved_allocation)
+                  allocation=config.resolved_allocation, curves=method_scores.curves)
     if config.spec.refine:
         plan = refine_with_gradients(plan, method_scores.scores, method_scores.grad_scores,
                                      within_layer=config.uniform or config.multiple > 1)

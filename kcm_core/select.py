@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 
 from .arch import ModelShape
+from .curves import curve_counts, halfway
+from .curves import layer_order as _layer_order   # best to worst, ties to the lower index
 from .flops import keep_count
 from .plan import KeepPlan, LayerKeep, PlanInfo
 
@@ -21,12 +23,9 @@ def _check_scores(scores: Sequence[torch.Tensor], widths: Sequence[int]) -> None
             raise ValueError(f"layer {i}: scores contain NaN or infinite values")
 
 
-def _layer_order(score: torch.Tensor) -> torch.Tensor:
-    """Neuron indices from best to worst; a stable sort sends ties to the lower index."""
-    return torch.sort(-score.double(), stable=True).indices
-
-
-ALLOCATIONS = ("pooled", "standardised")
+# pooled: the raw scores ranked over all layers (the paper); standardised: per-layer z-scores ranked
+# together (FLAP); curve: from each layer's refit-error curve, averaged with standardised (kcm_core.curves)
+ALLOCATIONS = ("pooled", "standardised", "curve")
 
 
 def standardised(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -75,7 +74,8 @@ def check_multiple(multiple: int, widths: Sequence[int]) -> None:
 
 def select(scores: Sequence[torch.Tensor], shape: ModelShape, budget: float, seq_len: float, *,
            multiple: int = 1, min_per_layer: int = 0, uniform: bool = False,
-           method: str = "", allocation: str = "pooled") -> KeepPlan:
+           method: str = "", allocation: str = "pooled",
+           curves: Sequence[torch.Tensor] | None = None) -> KeepPlan:
     """Turn per-layer scores into a plan that fits ``budget`` relative FLOPs at ``seq_len``.
 
     multiple: round each layer's kept width to a multiple of this (8, 16, 64 help real speed);
@@ -83,7 +83,10 @@ def select(scores: Sequence[torch.Tensor], shape: ModelShape, budget: float, seq
     min_per_layer: each layer keeps at least this many (its best) neurons.
     uniform: every layer keeps the same width (needed for a stock ``from_pretrained`` export).
     allocation: how the pooled ranking compares layers: "pooled" ranks the raw scores (the paper),
-        "standardised" ranks per-layer z-scores (see ``standardised``).
+        "standardised" ranks per-layer z-scores (see ``standardised``), "curve" averages the standardised
+        counts with those that minimise the layers' refit-error ``curves`` (``kcm_core.curves``; the
+        neurons within a layer still go by their z-scores).
+    curves: per layer, the refit error for every kept count (``MethodScores.curves``); needed by "curve".
     """
     check_multiple(multiple, shape.ffn_width)
     if allocation not in ALLOCATIONS:
@@ -95,9 +98,20 @@ def select(scores: Sequence[torch.Tensor], shape: ModelShape, budget: float, seq
     k = keep_count(shape, seq_len, budget)
     info = PlanInfo(budget=budget, seq_len=seq_len, k=k, multiple=multiple,
                     min_per_layer=min_per_layer, uniform=uniform, allocation=allocation)
-    if allocation == "standardised":
+    if allocation in ("standardised", "curve"):
         scores = standardised(scores)
-    if uniform:
+    if allocation == "curve" and not uniform:
+        if curves is None or len(curves) != len(widths) or any(c.numel() != w + 1 for c, w in zip(curves, widths)):
+            raise ValueError("the curve allocation needs each layer's refit-error curve (MethodScores.curves): "
+                             "score with allocation='curve' (compute_scores computes them)")
+        floors = [min(min_per_layer, w) for w in widths]
+        if k < sum(floors):
+            raise ValueError(f"min_per_layer={min_per_layer} needs {sum(floors)} neurons but the budget keeps only {k}")
+        pooled = select_top_k(scores, k, min_per_layer=min_per_layer).kept_counts
+        counts = halfway(pooled, curve_counts(curves, k, floors))
+        if multiple > 1:
+            counts = _round_counts(counts, scores, widths, k, multiple, min_per_layer)
+    elif uniform:
         width = min(k // len(widths), min(widths))
         width = max(width - width % multiple, 0)
         if width < min_per_layer:

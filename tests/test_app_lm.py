@@ -14,6 +14,7 @@ from conftest import LM_WORDS, app_runner, same_state, state_snapshot, tiny_lm_a
 from kcm_app import resources, state
 from kcm_app.testing import finish_background
 from kcm_app.sources import LM_CALIBRATION_BLOCKS, ModelChoice, env_defaults
+from kcm_core.methods import DEFAULT_LM_METHOD
 
 PAGES = ["pages/1_model.py", "pages/2_cost.py", "pages/3_scores.py", "pages/4_hull.py",
          "pages/5_prune.py", "pages/6_export.py"]
@@ -179,14 +180,14 @@ def test_the_readouts_come_right_after_the_slider_before_the_chart_and_the_gener
 
 def test_the_scores_page_sets_kcms_pooled_allocation_beside_the_defaults_standardised_one(app):
     """Issue 22 (7): on a language model the allocation chart opens on the paper's KCM (pooled ranking)
-    and the LM default (standardised), both keeping the same total at the session's budget."""
+    and the LM default (curve), both keeping the same total at the session's budget."""
     from test_app import points
     at = app("pages/3_scores.py", budget="0.8")
     assert (at.selectbox(key="alloc_method_a").value, at.selectbox(key="alloc_method_b").value) == (
-        "kcm", "fluct-refit")
+        "kcm", DEFAULT_LM_METHOD)
     chart = next(c for c in at.get("plotly_chart") if "FFN neurons kept per layer at 0.80" in c.proto.spec)
     bars = [t for t in json.loads(chart.proto.spec)["data"] if t["type"] == "bar"]
-    assert [t["name"] for t in bars] == ["KCM (R2D2) (pooled)", "Fluctuation + refit (standardised)"]
+    assert [t["name"] for t in bars] == ["KCM (R2D2) (pooled)", "Fluctuation + refit, curve allocation (curve)"]
     totals = {int(points(t["y"]).sum()) for t in bars}
     assert len(totals) == 1 and 0 < totals.pop() < 2 * 37
 
@@ -296,14 +297,14 @@ def test_a_restarted_server_reads_a_language_models_budget_from_disk(app, monkey
 def test_the_default_lm_export_with_uniform_widths_loads_with_stock_transformers(export_reload, app, tmp_path):
     import transformers as T
     at = app("pages/6_export.py", budget="0.9")
-    assert at.session_state[state.METHOD] == "fluct-refit"            # the language-model default
+    assert at.session_state[state.METHOD] == DEFAULT_LM_METHOD        # the language-model default
     out = tmp_path / "uniform"
     at.text_input(key="export_dir").set_value(str(out))
     at.checkbox(key="export_uniform").check().run()
     at.button(key="export_go").click().run()
     assert not at.exception, [e.value for e in at.exception]
     report = json.loads((out / "report.json").read_text())
-    assert report["method"]["name"] == "fluct-refit" and report["repair"]["kind"] == "refit"
+    assert report["method"]["name"] == DEFAULT_LM_METHOD and report["repair"]["kind"] == "refit"
     widths = report["neurons"]["kept_per_layer"]
     assert len(set(widths)) == 1
     model = T.AutoModelForCausalLM.from_pretrained(out)                  # no project code
@@ -315,5 +316,5 @@ def test_the_landing_page_says_what_the_language_model_default_adds_with_its_mea
     at = app()
     assert any("not the paper's KCM" in i.value for i in at.info)
     frame, dense = charts.lm_default_frame()                     # the committed results file
-    assert {"fluct-refit", "flap"} <= set(frame["method"]) and dense > 1
+    assert {DEFAULT_LM_METHOD, "flap"} <= set(frame["method"]) and dense > 1
     assert any("Perplexity vs relative FLOPs" in c.proto.spec for c in at.get("plotly_chart"))

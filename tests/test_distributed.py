@@ -65,6 +65,9 @@ def _cases():
          make_batches(llama, n_batches=3, labels=False, seed=3), None),
         ("llama-flap", llama, PruneConfig(method="flap", budget=0.8),
          make_batches(llama, n_batches=3, labels=False, seed=3), None),
+        # the curve allocation: each rank's share of the weighted H^T H, summed before the curves
+        ("llama-curve", llama, PruneConfig(method="weight-magnitude", budget=0.8, allocation="curve"),
+         make_batches(llama, n_batches=3, labels=False, seed=3), None),
         # images: 5 batches of pixel_values (3 + 2), scaling on 3 of them
         ("vit-kcm", vit, PruneConfig(method="kcm", budget=0.8, hull=hull, scale_samples=12),
          make_batches(vit, n_batches=5, labels=False, seed=4), None),
@@ -77,7 +80,7 @@ def _summary(model, config, unlabeled, labeled, group: Group = SINGLE) -> dict:
     scores = compute_scores(model, config, unlabeled, labeled, group=group)
     result = prune(model, config, unlabeled, labeled, method_scores=scores, group=group)
     return {"scores": [s.clone() for s in scores.scores], "plan": result.plan.to_json(),
-            "details": scores.details.to_dict()}
+            "details": scores.details.to_dict(), "curves": scores.curves}
 
 
 def _library_worker(rank: int, port: int, out_dir: str) -> None:
@@ -131,6 +134,9 @@ def test_two_gloo_ranks_give_the_single_process_scores_plan_and_scales(tmp_path)
             for a, b in zip(single["scores"], got["scores"]):
                 assert torch.allclose(b, a, rtol=0, atol=1e-5), name
             assert got["details"] == single["details"], name
+            assert (got["curves"] is None) == (single["curves"] is None), name
+            for a, b in zip(single["curves"] or [], got["curves"] or []):
+                assert torch.allclose(b, a, rtol=1e-5, atol=1e-6 * float(a[0])), name
             _assert_same_plan(single_plan, KeepPlan.from_json(got["plan"]))
 
 

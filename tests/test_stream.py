@@ -17,6 +17,7 @@ from kcm_core import cli
 from kcm_core.streamed import passes as stream, skeleton as layerwise
 from kcm_core.arch import FAMILIES, ffn_blocks, model_shape
 from kcm_core.flops import flops_floor, relative_flops
+from kcm_core.methods import DEFAULT_LM_METHOD
 from kcm_core.export import load_pruned
 from kcm_core.models import load_model
 from kcm_core.pipeline import PruneConfig, prune, resolve_seq_len
@@ -74,11 +75,14 @@ def test_streamed_kcm_equals_in_memory_on_every_family(tmp_path, family):
 
 
 @pytest.mark.parametrize("method", ["flap", "wanda-sp", "random", "weight-magnitude-scale", "d2", "r2",
-                                   "output-magnitude"])
+                                   "output-magnitude", "fluct-refit-curve", "weight-magnitude/curve"])
 def test_streamed_label_free_methods_equal_in_memory(tmp_path, method):
+    """Every label-free method, and the curve allocation (its error curves are a second run of each
+    layer in the streamed mode, with the method's statistics or, for weight magnitude, without any)."""
+    method, _, allocation = method.partition("/")
     model, folder = _saved(tmp_path, "llama", "causal-lm")
     batches = make_batches(model, labels=False, n_batches=2)
-    config = PruneConfig(method=method, budget=0.8, scale_samples=4, seed=3)
+    config = PruneConfig(method=method, budget=0.8, scale_samples=4, seed=3, allocation=allocation or "auto")
     _assert_same(prune(model, config, batches), prune_streamed(folder, config, batches, tmp_path / "out"),
                  batches, load_pruned(tmp_path / "out"))
 
@@ -287,7 +291,8 @@ def test_prune_stream_on_the_command_line_writes_the_in_memory_plan(export_reloa
     assert report["export"]["streamed"] is True and "not evaluated" in report["evaluation_note"]
     plans = [json.loads((tmp_path / name / "kcm_plan.json").read_text()) for name in ("memory", "streamed")]
     assert [l["keep_idx"] for l in plans[0]["layers"]] == [l["keep_idx"] for l in plans[1]["layers"]]
-    assert plans[0]["method"] == plans[1]["method"] == "fluct-refit"     # the language-model default
+    assert plans[0]["method"] == plans[1]["method"] == DEFAULT_LM_METHOD     # the language-model default
+    assert plans[0]["info"]["allocation"] == plans[1]["info"]["allocation"] == "curve"
     for a, b in zip(plans[0]["layers"], plans[1]["layers"]):
         assert (a["bias_shift"] is None) == (b["bias_shift"] is None)
         if a["bias_shift"] is not None:
@@ -318,3 +323,20 @@ def test_load_model_refuses_weights_offloaded_out_of_memory(tmp_path):
     folder = save_tiny_lm(tmp_path / "lm", "llama")
     with pytest.raises(ValueError, match="prune --stream"):
         load_model(folder, device_map="auto", max_memory={"cpu": "40KB"}, offload_folder=str(tmp_path / "off"))
+
+
+def test_streamed_error_curves_equal_in_memory(tmp_path):
+    """The curve allocation's curves, computed one layer at a time from the checkpoint, are the
+    in-memory ones (whether or not the method's statistics ran the layer first)."""
+    from kcm_core.pipeline import compute_scores
+    from kcm_core.streamed.passes import score_streamed
+    from kcm_core.streamed.skeleton import Skeleton
+    model, folder = _saved(tmp_path, "llama", "causal-lm")
+    batches = make_batches(model, labels=False, n_batches=2)
+    for config in (PruneConfig(method="fluct-refit-curve", budget=0.8),
+                   PruneConfig(method="weight-magnitude", budget=0.8, allocation="curve")):
+        memory = compute_scores(model, config, batches).curves
+        streamed = score_streamed(Skeleton(folder, torch.device("cpu")), config, batches).curves
+        assert len(streamed) == len(memory) == model.config.num_hidden_layers
+        for a, b in zip(memory, streamed):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(a[0]))

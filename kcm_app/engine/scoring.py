@@ -7,6 +7,7 @@ import torch
 
 from kcm_core import scores as S
 from kcm_core.activations import NeuronStats, collect_stats
+from kcm_core.curves import error_curves
 from kcm_core.hull import HullFit
 from kcm_core.methods import MethodScores, score_with
 from kcm_core.pipeline import PruneConfig
@@ -39,6 +40,8 @@ def score_key(ws: Workspace, config: PruneConfig) -> tuple:
         key += (config.d2,)
     if spec.seeded:
         key += (config.seed,)
+    if config.resolved_allocation == "curve":      # the curves come with the scores
+        key += ("curves", ws.data_key, config.repair.damp)
     return key
 
 
@@ -103,6 +106,12 @@ class SharedSources:
 
     def grads(self) -> list[torch.Tensor]:
         return gradient_scores(self._ws, self.config, self._store, self._progress)
+
+    def curves(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The curve allocation's refit-error curves, on a private copy (they are kept with the scores)."""
+        not_streamed(self._ws, "the curve allocation with a method scored from shared components")
+        return error_curves(private_copy(self._ws.model), scores, self._ws.unlabeled, self.config.repair.damp,
+                            self._progress)
 
 
 def method_scores(ws: Workspace, config: PruneConfig, store: SharedStore,

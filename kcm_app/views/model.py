@@ -109,9 +109,11 @@ def lm_default_note() -> None:
     _default_note(
         "**For a language model the default is not the paper's KCM.** On the LM demo the paper's KCM "
         "loses to FLAP at every budget (R2's scale depends on how long its fit ran, so pooled scores gut "
-        "a few layers); the default, *fluctuation + refit*, ranks neurons by FLAP's standardised score and "
-        "then refits every kept down-projection row to what the unpruned layer would output on the "
-        "pruned model's inputs (label-free least squares). The paper's KCM stays one choice away.",
+        "a few layers); the default, *fluctuation + refit, curve allocation*, ranks neurons by FLAP's "
+        "standardised score, gives each layer as many as the least-squares refit of its rows needs "
+        "(each layer's refit error on the calibration text, averaged with FLAP's counts), then refits "
+        "every kept down-projection row to what the unpruned layer would output on the pruned model's "
+        "inputs (label-free least squares). The paper's KCM stays one choice away.",
         charts.lm_default_frame(), figures.comparison_lm, "model_lm_default",
         "Measured on the LM demo: held-out perplexity by relative FLOPs "
         "(`benchmarks/results/lm_grid.json`, written by `benchmarks/bench_lm_grid.py`).")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from kcm_core.evaluate import labels_of
-from kcm_core.methods import METHODS
+from kcm_core.methods import DEFAULT_LM_METHOD, METHODS
 
 from .. import background, charts, engine, figures, live, resources, state, theme, ui
 from ..engine import Workspace
@@ -89,10 +89,10 @@ def compare_controls(ws: Workspace) -> tuple[list[str], list[float], bool]:
 
 def default_methods(options: list[str], lm: bool = False, vision: bool = False) -> list[str]:
     """The comparison's default lines: KCM against weight magnitude, random, and (with labels)
-    Mask-Tuning; for a language model its default (fluctuation + refit) against the paper's KCM and
-    the LLM baselines Wanda-sp and FLAP; for an image model its default (fluctuation + refit) against
-    the paper's KCM, FLAP and random. The other methods can be added."""
-    wanted = (("fluct-refit", "kcm", "wanda-sp", "flap") if lm
+    Mask-Tuning; for a language model its default (fluctuation + refit, curve allocation) against the
+    paper's KCM and the LLM baselines Wanda-sp and FLAP; for an image model its default (fluctuation +
+    refit) against the paper's KCM, FLAP and random. The other methods can be added."""
+    wanted = ((DEFAULT_LM_METHOD, "kcm", "wanda-sp", "flap") if lm
               else ("fluct-refit", "kcm", "flap", "random") if vision
               else ("kcm", "weight-magnitude", "random", "mask-tuning"))
     return [m for m in wanted if m in options]

@@ -375,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-damp", type=_positive_float, default=1.0,
                    help="refit and obs repairs: ridge toward the original rows, relative to the mean of diag(H^T H)")
     p.add_argument("--allocation", default="auto", choices=["auto", *ALLOCATIONS],
-                   help="how the budget is spread over layers: pooled raw scores (the paper) or "
-                        "per-layer z-scores (default: the method's own)")
+                   help="how the budget is spread over layers: pooled raw scores (the paper), per-layer "
+                        "z-scores, or curve (halfway to the counts that minimise the layers' refit error; "
+                        "default: the method's own)")
     p.add_argument("--out", required=True, help="output folder (refused if it exists, see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--samples", type=_positive_int, default=None,

@@ -47,6 +47,7 @@ from ..arch import ffn_blocks, model_shape, set_ffn_width, transformer_layers
 from ..atomic import atomic_folder, check_protected, check_replaceable, check_writable, disk_errors
 from ..bias_carrier import carrier_family, carrier_note, empty_carrier_layer, layer_with_biases, moved_config
 from ..compensation import can_carry_bias, check_compensable, compensate
+from ..curves import error_curves
 from ..flops import check_budget
 from ..hull import HullConfig, HullFit, kernel_hull
 from .skeleton import LayerCall, LayerView, Skeleton, layer_output, next_calls, saved_names
@@ -110,6 +111,14 @@ class _LayerSources:
     def grads(self):
         raise ValueError("the streamed mode computes no gradients")
 
+    def curves(self, scores) -> list[torch.Tensor]:
+        """This layer's refit-error curve: a second run of the layer over the calibration calls it was
+        fed (``LayerView.again``), the outputs of the first kept for the next layer."""
+        if "curves" not in self._cache:
+            with self.model.again():
+                self._cache["curves"] = error_curves(self.model, scores, self._batches, self.config.repair.damp)
+        return self._cache["curves"]
+
 
 class _WholeSources:
     """Sources for a method whose score is not per layer (it reads only the layer widths, e.g. Random):
@@ -121,6 +130,10 @@ class _WholeSources:
     def _per_layer(self):
         raise ValueError("a score that reads weights or data is made layer by layer in the streamed mode; "
                          "mark its method per_layer=True in kcm_core.methods")
+
+    def curves(self, scores):
+        raise ValueError(f"the curve allocation reads each layer's activations; method {self.config.method!r} "
+                         "is not scored layer by layer, so under --stream choose --allocation standardised")
 
     r2 = stats = grads = _per_layer
 
@@ -170,10 +183,14 @@ def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch]
         return replace(result, seconds={"scoring": time.perf_counter() - start})
     if config.resolved_repair.kind in ("bias", "scales+bias"):
         check_compensable(sk.model)               # before any scoring work
-    scores, fits, stats = [], [], []
-    for view in each_layer(sk, unlabeled, run="stats" in spec.needs, progress=progress):
+    scores, fits, stats, curves = [], [], [], []
+    with_curves = config.resolved_allocation == "curve"
+    for view in each_layer(sk, unlabeled, run="stats" in spec.needs or with_curves, progress=progress):
         sources = _LayerSources(view, config, unlabeled)
-        scores.append(score_with(spec, sources).scores[0])
+        layer_scores = score_with(spec, sources)
+        scores.append(layer_scores.scores[0])
+        if with_curves:
+            curves.append(layer_scores.curves[0])
         if "r2" in spec.needs:
             fits.append(sources.r2()[1][0])
         if "stats" in spec.needs:
@@ -181,7 +198,7 @@ def score_streamed(sk: Skeleton, config: PruneConfig, unlabeled: Sequence[Batch]
     merged = _merge_stats(stats) if stats else None
     return MethodScores(spec.name, scores, None, list(merged.mean) if merged is not None else None,
                         ScoreDetails.of(fits or None, merged),
-                        {"scoring": time.perf_counter() - start})
+                        {"scoring": time.perf_counter() - start}, curves if with_curves else None)
 
 
 def r2_streamed(sk: Skeleton, config: HullConfig,

@@ -16,10 +16,11 @@ method table) sees a one-layer model, and its ``forward`` runs that layer on the
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -433,6 +434,21 @@ class LayerView(nn.Module):
         """Set the calls the next forward passes run; clears ``outputs``. Feed nothing before copying."""
         self._calls, self._cursor, self.outputs = list(calls), 0, []
         return self
+
+    @contextlib.contextmanager
+    def again(self) -> Iterator["LayerView"]:
+        """Run the calls fed last once more in the block (a second pass over the same layer inputs);
+        afterwards ``outputs`` are those of the first pass, for the next layer. When nothing ran yet,
+        the block's pass is the first one and its outputs are kept."""
+        calls, cursor, outputs = self._calls, self._cursor, self.outputs
+        if cursor == 0:
+            yield self
+            return
+        self.feed(calls)
+        try:
+            yield self
+        finally:
+            self._calls, self._cursor, self.outputs = calls, cursor, outputs
 
     def forward(self, **_batch):
         args, kwargs = self._calls[self._cursor]
