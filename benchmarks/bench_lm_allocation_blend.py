@@ -1,13 +1,13 @@
-"""Does the default LM recipe gain from a smoother allocation across layers? Perplexity on the LM demo.
+"""Does ``fluct-refit`` gain from a smoother allocation across layers? Perplexity on the LM demo.
 
-The default (``fluct-refit``) spreads the budget over layers as FLAP does: per-layer z-scores of the
+``fluct-refit`` (the LM default when this was measured; now ``fluct-refit-curve``) spreads the budget over layers as FLAP does: per-layer z-scores of the
 fluctuation score ranked together (``standardised``), which on the LM demo keeps ten layers whole and cuts
 others to 923 of 1,536 at 0.9. This script keeps the score, the neurons' order within each layer and the
 repair (``refit``, local target), and changes only how many neurons each layer keeps:
 
     kept_l = alpha * k / L + (1 - alpha) * standardised_l        (rounded; the total k is unchanged)
 
-alpha 0 is the default itself, alpha 1 a uniform cut, between them a blend. Same FLOPs at every alpha
+alpha 0 is ``fluct-refit`` itself, alpha 1 a uniform cut, between them a blend. Same FLOPs at every alpha
 (every layer has the same width). Settings as ``bench_lm_grid.py`` (32 calibration blocks, 32 held-out
 blocks); each row is paired over the same blocks with alpha 0 at its budget, and with the unpruned model.
 
@@ -19,7 +19,6 @@ Needs the LM demo (``python -m kcm_core demo prepare lm``). Writes benchmarks/re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ from kcm_core.realise import slice_model  # noqa: E402
 from kcm_core.select import standardised  # noqa: E402
 from bench_lm import load_demo  # noqa: E402
 from bench_lm_grid import BLOCK, CALIBRATION_BLOCKS, SCALE_BLOCKS, block_stats  # noqa: E402
-from common import RESULTS, cell_config, machine_line, run_environment, write_results  # noqa: E402
+from common import cell_config, machine_line, rerender, run_environment, write_results  # noqa: E402
 
 BASE_METHOD = "fluct-refit"          # the recipe measured: standardised allocation, refit (local)
 STEM = "lm_allocation_blend"
@@ -88,10 +87,10 @@ def markdown(data: dict) -> str:
     s, dense = data["settings"], data["unpruned"]["perplexity"]
     budgets = sorted({r["budget"] for r in data["rows"]}, reverse=True)
     alphas = sorted({r["alpha"] for r in data["rows"]})
-    lines = ["# The default LM recipe with a smoother allocation across layers", "",
+    lines = ["# Fluctuation + refit with a smoother allocation across layers", "",
              f"`{s['method']}` (fluctuation score, refit repair on the local target) on the LM demo, with each "
              "layer's kept count moved a fraction alpha of the way from the standardised (FLAP) allocation "
-             "(alpha 0, the default) to a uniform cut (alpha 1); the neurons' order in each layer, the repair "
+             "(alpha 0, `fluct-refit` itself) to a uniform cut (alpha 1); the neurons' order in each layer, the repair "
              f"and the FLOPs stay the same. Calibration: {s['calibration_blocks']} blocks of {s['block']} tokens; "
              f"evaluation: {s['eval_blocks']} held-out blocks (the grid's, `bench_lm_grid.py`). "
              f"Unpruned perplexity {dense['value']:.2f}.", "",
@@ -101,7 +100,7 @@ def markdown(data: dict) -> str:
     rows = {(r["alpha"], r["budget"]): r for r in data["rows"]}
     for a in alphas:
         cells = [_entry(rows[(a, b)]) if (a, b) in rows else "" for b in budgets]
-        label = {0: "0 (default: standardised)", 1: "1 (uniform)"}.get(a, f"{a:g}")
+        label = {0: "0 (`fluct-refit`: standardised)", 1: "1 (uniform)"}.get(a, f"{a:g}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", machine_line(data["environment"]),
               f"Command: `{s['command']}`; wall time {data['wall_seconds']:.0f} s.", ""]
@@ -116,10 +115,7 @@ def main() -> int:
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     if args.render_only:
-        data = json.loads((RESULTS / f"{STEM}.json").read_text())
-        pair_rows(data)
-        print(write_results(STEM, data, markdown(data)))
-        return 0
+        return rerender(STEM, pair_rows, markdown)
     alphas = [float(a) for a in args.alphas.split(",")]
     if 0.0 not in alphas:
         alphas = [0.0] + alphas                   # the reference every row is paired with

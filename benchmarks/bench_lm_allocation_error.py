@@ -52,7 +52,7 @@ from kcm_core.select import standardised  # noqa: E402
 from bench_lm import load_demo  # noqa: E402
 from bench_lm_allocation_blend import plan_with_counts  # noqa: E402
 from bench_lm_grid import BLOCK, CALIBRATION_BLOCKS, SCALE_BLOCKS, block_stats  # noqa: E402
-from common import RESULTS, cell_config, machine_line, run_environment, write_results  # noqa: E402
+from common import RESULTS, cell_config, machine_line, rerender, run_environment, write_results  # noqa: E402
 
 BASE_METHOD = "fluct-refit"          # the recipe measured: standardised allocation, refit (local)
 STEM = "lm_allocation_error"
@@ -177,10 +177,7 @@ def main() -> int:
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     if args.render_only:
-        data = json.loads((RESULTS / f"{STEM}.json").read_text())
-        pair_rows(data)
-        print(write_results(STEM, data, markdown(data)))
-        return 0
+        return rerender(STEM, pair_rows, markdown)
     load_before, started = os.getloadavg(), time.perf_counter()
     torch.manual_seed(0)
     model, _, calibration, evaluation = load_demo(args.eval_blocks, CALIBRATION_BLOCKS)

@@ -41,6 +41,15 @@ def write_results(stem: str, data: Mapping[str, Any], markdown: str, indent: int
     return markdown
 
 
+def rerender(stem: str, pair: Callable[[dict], None], markdown: Callable[[dict], str]) -> int:
+    """``--render-only``: ``results/<stem>.json`` paired again (``pair``) and both files rewritten, nothing
+    measured; prints the Markdown."""
+    data = json.loads((RESULTS / f"{stem}.json").read_text())
+    pair(data)
+    print(write_results(stem, data, markdown(data)))
+    return 0
+
+
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that produced a results file, as one would type it again."""
     argv = sys.argv if argv is None else argv
