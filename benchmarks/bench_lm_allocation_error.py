@@ -168,7 +168,7 @@ def markdown(data: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--allocations", default="standardised,relative,residual")
+    parser.add_argument("--allocations", default="standardised,normalised,normalised-half")
     parser.add_argument("--budgets", default="0.9,0.8")
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--damp", type=float, default=1.0)
