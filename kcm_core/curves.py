@@ -140,12 +140,10 @@ def curve_counts(curves: Sequence[torch.Tensor], k: int, floors: Sequence[int]) 
     if not sum(floors) <= k <= sum(widths):
         raise ValueError(f"cannot keep {k} neurons in layers of {widths} with at least {list(floors)} each")
 
+    steps = torch.arange(max(widths, default=0) + 1, dtype=torch.float64)
+
     def counts_at(price: float) -> list[int]:
-        out = []
-        for c, f in zip(curves, floors):
-            steps = torch.arange(c.numel(), dtype=torch.float64)
-            out.append(f + int(torch.argmin((c + price * steps)[f:])))
-        return out
+        return [f + int(torch.argmin((c + price * steps[:c.numel()])[f:])) for c, f in zip(curves, floors)]
 
     lo, hi = 0.0, max((float(c[0]) for c in curves), default=0.0) + 1.0
     for _ in range(100):

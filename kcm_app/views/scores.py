@@ -105,9 +105,9 @@ def readable(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def allocation_defaults(ws: Workspace, options: list[str]) -> tuple[str, str]:
-    """The paper's KCM and the model's default method (a language model: fluctuation + refit,
-    curve allocation); where
-    the default is KCM itself (a classifier), the comparison's next default method (weight magnitude)."""
+    """The paper's KCM and the model's default method (a language model: fluctuation + refit, curve
+    allocation); where the default is KCM itself (a classifier), the comparison's next default method
+    (weight magnitude)."""
     first = "kcm" if "kcm" in options else options[0]
     default = ws.default_method
     if default == first or default not in options:
