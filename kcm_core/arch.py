@@ -26,6 +26,9 @@ class Family:
     up: tuple[str, ...]              # relative to one layer
     down: tuple[str, ...]
     gate: tuple[str, ...] = ()       # gated MLPs only (LLaMA-style)
+    # Post-LN layers only (BERT, DistilBERT): the LayerNorm, relative to one layer, whose input is the
+    # FFN's output plus the residual. A pre-LN layer's output goes on to the next layer's norm as it is.
+    post_norm: tuple[str, ...] = ()
     transposed: bool = False         # GPT-2's Conv1D stores weights as (in, out)
     hidden_field: tuple[str, ...] = ("hidden_size",)
     layers_field: tuple[str, ...] = ("num_hidden_layers",)
@@ -67,6 +70,7 @@ FAMILIES: tuple[Family, ...] = (
         layers=("encoder.layer",),
         up=("intermediate.dense",),
         down=("output.dense",),
+        post_norm=("output.LayerNorm",),
         pooler=True,
     ),
     Family(
@@ -75,6 +79,7 @@ FAMILIES: tuple[Family, ...] = (
         layers=("transformer.layer",),
         up=("ffn.lin1",),
         down=("ffn.lin2",),
+        post_norm=("output_layer_norm",),
         hidden_field=("dim",),
         layers_field=("n_layers",),
         heads_field=("n_heads",),
@@ -310,6 +315,19 @@ def transformer_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             "this transformers release may have changed the layout."
         )
     return _module_prefix(model, base) + layers_path, layers
+
+
+def post_norms(model: nn.Module) -> list[nn.Module] | None:
+    """Per layer, the LayerNorm that divides the FFN's output (with the residual) in a post-LN model;
+    None for a pre-LN model (there the layer's output reaches the next layer's norm unchanged)."""
+    family = family_for_model(model)
+    if not family.post_norm:
+        return None
+    _, layers = transformer_layers(model)
+    norms = [first_module(layer, family.post_norm)[1] for layer in layers]
+    if any(n is None for n in norms):
+        raise ValueError(f"{type(model).__name__}: a layer has no LayerNorm at {family.post_norm}")
+    return norms
 
 
 def ffn_blocks(model: nn.Module) -> list[FFNBlock]:

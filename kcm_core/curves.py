@@ -9,9 +9,10 @@ their rows as ``kcm_core.repair``'s ``refit`` does leaves the ridge least-square
 (the augmented form: the last term is what the dropped rows took with them, so ``F`` is nested in
 ``k``). Every ``k`` comes from one Cholesky of the layer's centred, damped ``H^T H`` in that order:
 ``F(k) = F(0) - sum_{j<k} ||(L^-1 C)_j||^2`` with ``C`` the augmented cross term. Each token is weighted
-by ``a_t = 1 / ||x_t||^2``, ``x_t`` the residual stream after the layer: the next layer's norm divides by
-it, so that is the share of a token's error the rest of the model sees, and a handful of tokens with
-massive activations no longer outweigh the rest. ``lam`` is the refit's damping.
+by ``a_t = 1 / ||x_t||^2``, ``x_t`` what the next norm divides by: in a pre-LN model (LLaMA, GPT-2, ViT)
+the residual stream after the layer, in a post-LN one (BERT) the centred input of the layer's own
+LayerNorm (the FFN's output plus the residual). That is the share of a token's error the rest of the
+model sees, and a handful of tokens with massive activations no longer outweigh the rest. ``lam`` is the refit's damping.
 
 The allocation then takes, for the same total, the counts that minimise ``sum_l F_l(k_l)`` and
 averages them with the standardised allocation's counts (FLAP's per-layer z-scores ranked together).
@@ -27,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .arch import ffn_blocks, transformer_layers
+from .arch import ffn_blocks, post_norms, transformer_layers
 from .distributed import SINGLE, Group
 from .runtime import Batch, Progress, eval_mode, hooks, model_device, model_inputs, tell, token_mask
 
@@ -88,20 +89,30 @@ def _weighted_sums(model, blocks, chunk: list[int], batches, progress, c: int, n
             held[i] = h[token_mask(current["batch"], h.shape, h.device)].float()          # (tokens, N)
         return hook
 
-    def layer_hook(i: int):
+    def add(i: int, x: torch.Tensor) -> None:
+        x = x[token_mask(current["batch"], x.shape, x.device)].float()
+        h = held.pop(i)
+        a = 1.0 / (x * x).sum(1).clamp_min(1e-12)                                          # (tokens,)
+        ha = h * a[:, None]
+        sums[i][0].add_((ha.t() @ h).double().cpu())
+        sums[i][1].add_(ha.sum(0).double().cpu())
+        sums[i][2].add_(a.double().sum().cpu())
+
+    def layer_hook(i: int):              # pre-LN: the residual stream after the layer, as the next norm sees it
         def hook(_module, _args, out):
-            x = out[0] if isinstance(out, tuple) else out
-            x = x[token_mask(current["batch"], x.shape, x.device)].float()
-            h = held.pop(i)
-            a = 1.0 / (x * x).sum(1).clamp_min(1e-12)                                      # (tokens,)
-            ha = h * a[:, None]
-            sums[i][0].add_((ha.t() @ h).double().cpu())
-            sums[i][1].add_(ha.sum(0).double().cpu())
-            sums[i][2].add_(a.double().sum().cpu())
+            add(i, out[0] if isinstance(out, tuple) else out)
         return hook
 
+    def norm_hook(i: int):               # post-LN: the layer's own LayerNorm input, centred as it centres it
+        def hook(_module, args):
+            u = args[0]
+            add(i, u - u.mean(-1, keepdim=True))
+        return hook
+
+    norms = post_norms(model)
     handles = [blocks[i].down.register_forward_pre_hook(ffn_hook(i)) for i in chunk]
-    handles += [layers[i].register_forward_hook(layer_hook(i)) for i in chunk]
+    handles += ([norms[i].register_forward_pre_hook(norm_hook(i)) for i in chunk] if norms is not None else
+                [layers[i].register_forward_hook(layer_hook(i)) for i in chunk])
     with hooks(handles), eval_mode(model), torch.no_grad():
         for step, batch in enumerate(batches):
             current["batch"] = batch

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from kcm_core import PruneConfig, compute_scores, make_plan, model_shape, prune
+from kcm_core.arch import ffn_blocks, transformer_layers
+from kcm_core.runtime import model_inputs, token_mask
 from kcm_core.curves import curve, curve_counts, error_curves, halfway, layer_order
 from kcm_core.flops import keep_count, relative_flops
 from kcm_core.pipeline import resolve_seq_len
@@ -116,6 +118,46 @@ def test_error_curves_on_a_model_leave_it_unchanged_and_cover_every_layer(tiny_m
     assert all((c[1:] <= c[:-1] + 1e-6 * c[0]).all() and c[-1] <= 1e-6 * c[0] for c in curves)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("family, task", [("bert", "classification"), ("mpnet", "classification"),
+                                          ("distilbert", "classification"), ("llama", "causal-lm"),
+                                          ("gpt2", "causal-lm")])
+def test_each_token_is_weighted_by_what_the_next_norm_divides(tiny_model, tiny_batches, family, task):
+    """Post-LN (BERT, MPNet, DistilBERT): the centred input of the layer's own LayerNorm, FFN output plus
+    residual; pre-LN (LLaMA, GPT-2): the residual stream the layer hands on. Recomputed here from hooks
+    on the modules named directly, then the curve of those sums."""
+    model = tiny_model(family, task=task)
+    batches = tiny_batches(model, labels=False)
+    blocks = ffn_blocks(model)
+    _, layers = transformer_layers(model)
+    norms = {"bert": lambda l: l.output.LayerNorm, "mpnet": lambda l: l.output.LayerNorm,
+             "distilbert": lambda l: l.output_layer_norm}.get(family)
+    seen = {i: {"h": [], "x": []} for i in range(len(blocks))}
+    handles = []
+    for i, (block, layer) in enumerate(zip(blocks, layers)):
+        handles.append(block.down.register_forward_pre_hook(lambda m, a, i=i: seen[i]["h"].append(a[0])))
+        if norms is not None:
+            handles.append(norms(layer).register_forward_pre_hook(
+                lambda m, a, i=i: seen[i]["x"].append(a[0] - a[0].mean(-1, keepdim=True))))
+        else:
+            handles.append(layer.register_forward_hook(
+                lambda m, a, out, i=i: seen[i]["x"].append(out[0] if isinstance(out, tuple) else out)))
+    with torch.no_grad():
+        for batch in batches:
+            model(**model_inputs(batch, torch.device("cpu")))
+    for h in handles:
+        h.remove()
+    scores = [torch.randn(b.width, generator=torch.Generator().manual_seed(i)) for i, b in enumerate(blocks)]
+    curves = error_curves(model, scores, batches, damp=1.0)
+    for i, block in enumerate(blocks):
+        masks = [token_mask(b, x.shape, x.device) for b, x in zip(batches, seen[i]["x"])]
+        h = torch.cat([x[m] for x, m in zip(seen[i]["h"], masks)]).double()
+        x = torch.cat([x[m] for x, m in zip(seen[i]["x"], masks)]).double()
+        a = 1.0 / (x * x).sum(1)
+        expected = curve((h * a[:, None]).t() @ h, (h * a[:, None]).sum(0), float(a.sum()),
+                         block.down_rows().detach(), layer_order(scores[i]), 1.0)
+        assert torch.allclose(curves[i], expected, rtol=1e-4, atol=1e-6 * float(expected[0])), (family, i)
 
 
 def test_the_curve_method_prunes_deterministically_within_the_budget(tiny_model, tiny_batches):
