@@ -30,7 +30,6 @@ Needs the LM demo (``python -m kcm_core demo prepare lm``). Writes benchmarks/re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -52,7 +51,8 @@ from kcm_core.select import standardised  # noqa: E402
 from bench_lm import load_demo  # noqa: E402
 from bench_lm_allocation_blend import plan_with_counts  # noqa: E402
 from bench_lm_grid import BLOCK, CALIBRATION_BLOCKS, SCALE_BLOCKS, block_stats  # noqa: E402
-from common import RESULTS, cell_config, machine_line, rerender, run_environment, write_results  # noqa: E402
+from common import (RESULTS, cell_config, machine_line, merge_budgets, rerender, run_environment,  # noqa: E402
+                    write_results)
 
 BASE_METHOD = "fluct-refit"          # the recipe measured: standardised allocation, refit (local)
 STEM = "lm_allocation_error"
@@ -238,12 +238,8 @@ def main() -> int:
             "rows": rows, "environment": run_environment(load_before),
             "wall_seconds": time.perf_counter() - started}
     path = RESULTS / f"{STEM}.json"
-    if args.merge and path.exists():
-        old = json.loads(path.read_text())
-        ran = {r["budget"] for r in rows}
-        data["rows"] = [r for r in old["rows"] if r["budget"] not in ran] + rows
-        data["settings"]["command"] = old["settings"]["command"] + "; " + data["settings"]["command"]
-        data["wall_seconds"] += old["wall_seconds"]
+    if args.merge:
+        merge_budgets(data, path)
     pair_rows(data)
     print(write_results(STEM, data, markdown(data)))
     return 0

@@ -50,6 +50,18 @@ def rerender(stem: str, pair: Callable[[dict], None], markdown: Callable[[dict],
     return 0
 
 
+def merge_budgets(data: dict, path: Path) -> None:
+    """``--merge``: ``data`` keeps the rows ``path`` holds for budgets this run did not measure, and says
+    both commands and both wall times."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    ran = {r["budget"] for r in data["rows"]}
+    data["rows"] = [r for r in old["rows"] if r["budget"] not in ran] + data["rows"]
+    data["settings"]["command"] = old["settings"]["command"] + "; " + data["settings"]["command"]
+    data["wall_seconds"] += old["wall_seconds"]
+
+
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that produced a results file, as one would type it again."""
     argv = sys.argv if argv is None else argv
