@@ -173,8 +173,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 # demo the paper's KCM keeps 30% accuracy at 0.6 of the FLOPs and fluctuation + refit 86%
 # (benchmarks/results/vision.md); on the text classifiers KCM stays ahead of it on one task
 # (benchmarks/results/classifier_default.md). fluct-refit-curve is ahead of every other label-free row at
-# 0.6 on MPNet and level elsewhere but on hedge (docs/repair.md); it does not replace KCM as the text
-# default until its whole run on the demo is measured against the 60-second goal.
+# 0.6 on MPNet, level elsewhere but behind KCM on hedge, and faster on the demo (docs/repair.md); it is
+# the candidate to replace KCM as the text default.
 DEFAULT_METHOD = "kcm"
 DEFAULT_LM_METHOD = "fluct-refit-curve"
 DEFAULT_VISION_METHOD = "fluct-refit"
