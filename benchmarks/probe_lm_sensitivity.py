@@ -34,10 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
+from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.curves import curve_counts, halfway  # noqa: E402
 from kcm_core.lm import evaluate_lm, paired_perplexity  # noqa: E402
 from kcm_core.pipeline import compute_scores, make_plan, repair_plan, resolve_seq_len  # noqa: E402
-from kcm_core.arch import model_shape  # noqa: E402
 from kcm_core.plan import KeepPlan, LayerKeep  # noqa: E402
 from kcm_core.realise import slice_model  # noqa: E402
 from kcm_core.select import standardised  # noqa: E402
@@ -139,8 +139,7 @@ def main() -> int:
                          "command": " ".join(["python"] + sys.argv)},
             "unpruned": {"perplexity": dense.perplexity.to_dict()}, "rows": rows,
             "weights": {"probe_budget": args.probe_budget, "kl_blocks": args.kl_blocks, "read_from": args.weights,
-                        "layer_kl": kl,
-                        "layer_weight": weights, "seconds": kl_seconds},
+                        "layer_kl": kl, "layer_weight": weights, "seconds": kl_seconds},
             "environment": run_environment(load_before), "wall_seconds": time.perf_counter() - started}
     path = RESULTS / "probe_lm_sensitivity.json"
     if args.merge:

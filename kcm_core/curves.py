@@ -12,7 +12,8 @@ their rows as ``kcm_core.repair``'s ``refit`` does leaves the ridge least-square
 by ``a_t = 1 / ||x_t||^2``, ``x_t`` what the next norm divides by: in a pre-LN model (LLaMA, GPT-2, ViT)
 the residual stream after the layer, in a post-LN one (BERT) the centred input of the layer's own
 LayerNorm (the FFN's output plus the residual). That is the share of a token's error the rest of the
-model sees, and a handful of tokens with massive activations no longer outweigh the rest. ``lam`` is the refit's damping.
+model sees, and a handful of tokens with massive activations no longer outweigh the rest. ``lam`` is the
+refit's damping.
 
 The allocation then takes, for the same total, the counts that minimise ``sum_l F_l(k_l)`` and
 averages them with the standardised allocation's counts (FLAP's per-layer z-scores ranked together).
